@@ -1,0 +1,107 @@
+"""Resolve Hub ids (datasets and tokenizers) to a local mirror folder or the Hub itself.
+
+A mirror root ``DIR`` holds each Hub repo ``org/name`` at ``DIR/org/name``, the layout that
+``huggingface-cli download --repo-type dataset org/name --local-dir DIR/org/name`` produces, so
+the same ``datasets.load_dataset`` / ``from_pretrained`` call works on either.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+MIRROR_ENV = "MOE_HUB_MIRROR"
+
+# Hub ids that no longer exist, mapped to a working replacement.
+REMOVED_DATASETS = {
+    "hendrycks/competition_math": (
+        "was taken off the Hugging Face Hub in 2025 (DMCA notice); use its parquet mirror "
+        "'EleutherAI/hendrycks_math' (one config per subject) instead"
+    ),
+}
+
+
+class HubUnavailableError(ConnectionError):
+    """The Hub cannot be reached and no mirror holds the requested repo."""
+
+
+def default_mirror() -> str | None:
+    """The mirror root from ``$MOE_HUB_MIRROR``, or None."""
+    return os.environ.get(MIRROR_ENV) or None
+
+
+def _hub_is_offline() -> bool:
+    value = os.environ.get("HF_HUB_OFFLINE", "") or os.environ.get("HF_DATASETS_OFFLINE", "")
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _how_to_fix(repo_id: str, kind: str) -> str:
+    repo_type = " --repo-type dataset" if kind == "dataset" else ""
+    return (
+        f"Download it once where the Hub is reachable with `huggingface-cli download{repo_type} "
+        f"{repo_id} --local-dir <mirror>/{repo_id}` and pass `--hub-mirror <mirror>` "
+        f"(config: data.hub_mirror, env: {MIRROR_ENV})."
+    )
+
+
+def check_hub_reachable(repo_id: str, kind: str = "dataset", timeout_s: float = 3.0) -> None:
+    """Raise HubUnavailableError at once when the Hub can't serve ``repo_id``.
+
+    Checks ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` and opens one TCP connection to the
+    endpoint, so that a machine without network fails in seconds rather than after the
+    libraries' ~25 s of retries.
+    """
+    if _hub_is_offline():
+        raise HubUnavailableError(
+            f"Cannot load {kind} '{repo_id}': offline mode is on (HF_HUB_OFFLINE/"
+            f"HF_DATASETS_OFFLINE) and no hub mirror is set. {_how_to_fix(repo_id, kind)}"
+        )
+    endpoint = urlparse(_hub_endpoint())
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise HubUnavailableError(
+            f"Cannot load {kind} '{repo_id}': the Hub at {host}:{port} is unreachable ({exc}) "
+            f"and no hub mirror is set. {_how_to_fix(repo_id, kind)}"
+        ) from exc
+
+
+def resolve_repo(repo_id: str, mirror: str | os.PathLike | None, kind: str = "dataset") -> str:
+    """Return what to pass to ``load_dataset`` / ``from_pretrained`` for ``repo_id``.
+
+    - an existing local folder is used as it is;
+    - with a mirror root, ``<mirror>/<repo_id>`` (which must exist);
+    - otherwise the Hub id itself, after checking the Hub is reachable.
+    Removed Hub ids raise ValueError naming a replacement.
+    """
+    if repo_id in REMOVED_DATASETS:
+        raise ValueError(f"Dataset '{repo_id}' {REMOVED_DATASETS[repo_id]}.")
+    if Path(repo_id).is_dir():
+        return str(repo_id)
+    if mirror is not None:
+        root = Path(mirror)
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"Hub mirror root '{mirror}' is not a folder. Pass an existing folder to "
+                f"--hub-mirror (config: data.hub_mirror, env: {MIRROR_ENV})."
+            )
+        local = root / repo_id
+        if not local.is_dir():
+            raise FileNotFoundError(
+                f"{kind.capitalize()} '{repo_id}' is not in the hub mirror '{mirror}' "
+                f"(looked for '{local}'). {_how_to_fix(repo_id, kind)}"
+            )
+        return str(local)
+    check_hub_reachable(repo_id, kind)
+    return repo_id

@@ -1,0 +1,72 @@
+"""The data pipeline's settings, checked before anything is loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moe_emergence.data.hub import default_mirror
+from moe_emergence.data.sources import DEFAULT_SOURCES, MAX_EXAMPLE_CHARS, check_filters
+from moe_emergence.data.tokenize import DEFAULT_TOKENIZER
+
+
+@dataclass
+class DataSettings:
+    """What to load and how to pack it.
+
+    size_mb: per-domain budget in MiB of characters (size_mb * 1024 * 1024 chars).
+    block_size: tokens per block. max_example_chars: texts must be shorter than this.
+    hub_mirror: folder holding Hub repos as <mirror>/<org>/<name> (default $MOE_HUB_MIRROR).
+    """
+
+    size_mb: float = 10.0
+    block_size: int = 512
+    balance_tokens: bool = False
+    seed: int = 42
+    max_example_chars: int = MAX_EXAMPLE_CHARS
+    tokenizer: str = DEFAULT_TOKENIZER
+    hub_mirror: str | None = dataclasses.field(default_factory=default_mirror)
+
+    def validate(self) -> DataSettings:
+        """Raise ValueError naming the flag and the fix for the first bad value."""
+        if (
+            not isinstance(self.size_mb, numbers.Real)
+            or isinstance(self.size_mb, bool)
+            or not self.size_mb > 0
+        ):
+            raise ValueError(
+                f"--size-mb must be a number > 0 (MiB per domain), got {self.size_mb!r}."
+            )
+        if not _is_int(self.block_size) or self.block_size < 2:
+            raise ValueError(f"--block-size must be an integer ≥ 2, got {self.block_size!r}.")
+        if not _is_int(self.max_example_chars):
+            raise ValueError(
+                f"--max-example-chars must be an integer, got {self.max_example_chars!r}."
+            )
+        for domain, sources in DEFAULT_SOURCES.items():
+            try:
+                check_filters(sources, self.max_example_chars, domain)
+            except ValueError as exc:
+                raise ValueError(f"--max-example-chars: {exc}") from None
+        if not isinstance(self.balance_tokens, bool):
+            raise ValueError(
+                f"--balance-tokens must be true or false, got {self.balance_tokens!r}."
+            )
+        if not _is_int(self.seed):
+            raise ValueError(f"--seed must be an integer, got {self.seed!r}.")
+        if self.hub_mirror is not None and not Path(self.hub_mirror).is_dir():
+            raise ValueError(
+                f"--hub-mirror '{self.hub_mirror}' is not a folder: pass a folder that holds "
+                f"<org>/<name> copies of the Hub repos, or leave it unset to use the Hub."
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -1,0 +1,291 @@
+"""Stream each domain's texts from its datasets, filter by length, stop at a character budget.
+
+A domain is an ordered list of :class:`Source`; the next source is opened only when the ones
+before it ran out below the budget. Within a source, several configs (e.g. MATH's subjects) are
+read round-robin, one kept text from each in turn. Texts are used exactly as the template makes
+them (no stripping). Lengths and budgets are in characters (``len(str)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import string
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from moe_emergence.data.hub import HubUnavailableError, resolve_repo
+
+log = logging.getLogger(__name__)
+
+MAX_EXAMPLE_CHARS = 10_000
+MATH_SUBJECTS = (
+    "algebra",
+    "counting_and_probability",
+    "geometry",
+    "intermediate_algebra",
+    "number_theory",
+    "prealgebra",
+    "precalculus",
+)
+MATH_TEMPLATE = "Problem: {problem}\n\nSolution: {solution}"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One dataset read for a domain.
+
+    ``text`` is a ``str.format`` template over the example's fields (``"{content}"`` for a
+    plain field). A text is kept when ``min_chars < len(text) < max_example_chars``
+    (``min_chars=None``: no lower bound beyond non-empty).
+    """
+
+    dataset: str
+    text: str
+    configs: tuple[str | None, ...] = (None,)
+    split: str = "train"
+    min_chars: int | None = None
+    revision: str | None = None
+
+    @property
+    def fields(self) -> list[str]:
+        """Example fields the template reads."""
+        return [f for _, f, _, _ in string.Formatter().parse(self.text) if f]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+DEFAULT_SOURCES: dict[str, tuple[Source, ...]] = {
+    "code": (Source("codeparrot/codeparrot-clean", "{content}", min_chars=100),),
+    "math": (
+        Source("openai/gsm8k", "Problem: {question}\n\nSolution: {answer}", configs=("main",)),
+        Source("EleutherAI/hendrycks_math", MATH_TEMPLATE, configs=MATH_SUBJECTS),
+    ),
+    "prose": (
+        Source("Salesforce/wikitext", "{text}", configs=("wikitext-103-raw-v1",), min_chars=200),
+    ),
+}
+DOMAINS = tuple(DEFAULT_SOURCES)
+
+
+@dataclass
+class StreamStats:
+    """What was read from one (dataset, config) stream; one entry of a domain's metadata."""
+
+    dataset: str
+    config: str | None
+    split: str
+    location: str
+    revision: str | None
+    builder_name: str | None = None
+    version: str | None = None
+    num_examples: int = 0
+    num_rows_read: int = 0
+    total_chars: int = 0
+    min_example_chars: int | None = None
+    max_example_chars: int | None = None
+    exhausted: bool = False
+    text_template: str = ""
+
+
+@dataclass
+class _OpenStream:
+    stats: StreamStats
+    rows: Iterator[Mapping[str, Any]]
+    template: str
+    min_chars: int
+    max_chars: int
+
+    def next_text(self) -> str | None:
+        """The next text passing the length filter, or None once the stream ran out."""
+        for row in self.rows:
+            self.stats.num_rows_read += 1
+            text = self.template.format_map(row)
+            if self.min_chars < len(text) < self.max_chars:
+                return text
+        self.stats.exhausted = True
+        return None
+
+
+def budget_chars(size_mb: float) -> int:
+    """A domain's character budget: ``size_mb * 1024 * 1024``."""
+    return int(size_mb * 1024 * 1024)
+
+
+def check_filters(sources: Sequence[Source], max_example_chars: int, domain: str) -> None:
+    """Raise ValueError when a length filter keeps nothing (max ≤ min)."""
+    for source in sources:
+        low = source.min_chars or 0
+        if max_example_chars <= low:
+            raise ValueError(
+                f"max_example_chars={max_example_chars} keeps no {domain} text: it must be "
+                f"greater than the minimum length {low} of '{source.dataset}'. "
+                f"Raise --max-example-chars."
+            )
+
+
+def _open(source: Source, config: str | None, location: str, max_chars: int) -> _OpenStream:
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(
+            location, config, split=source.split, streaming=True, revision=source.revision
+        )
+    except ConnectionError as exc:
+        raise HubUnavailableError(
+            f"Cannot load dataset '{source.dataset}' (config {config!r}): {exc}. Pass "
+            f"--hub-mirror <mirror> (config: data.hub_mirror) with a local copy."
+        ) from exc
+    if ds.features is not None:  # known up front for parquet/json; else fail on first row
+        columns = list(ds.features)
+        missing = [f for f in source.fields if f not in columns]
+        if missing:
+            raise ValueError(
+                f"Dataset '{source.dataset}' (config {config!r}) has no field(s) {missing} "
+                f"used by the text template {source.text!r}; its fields are {columns}."
+            )
+        ds = ds.select_columns(source.fields)
+    info = ds.info
+    stats = StreamStats(
+        dataset=source.dataset,
+        config=config,
+        split=source.split,
+        location=location,
+        revision=source.revision,
+        builder_name=getattr(info, "builder_name", None),
+        version=str(info.version) if getattr(info, "version", None) is not None else None,
+        min_example_chars=source.min_chars,
+        max_example_chars=max_chars,
+        text_template=source.text,
+    )
+    return _OpenStream(stats, iter(ds), source.text, source.min_chars or 0, max_chars)
+
+
+def load_domain(
+    domain: str,
+    sources: Sequence[Source],
+    size_mb: float,
+    max_example_chars: int = MAX_EXAMPLE_CHARS,
+    hub_mirror: str | None = None,
+    show_progress: bool = True,
+) -> tuple[list[str], dict[str, Any]]:
+    """Read ``sources`` in order until ``size_mb`` worth of characters are taken.
+
+    A text is taken while the running total is below the budget (the one that crosses it is
+    kept). Returns ``(texts, metadata)``; ``metadata["sources"]`` holds one
+    :class:`StreamStats` dict per (dataset, config) opened, in reading order.
+    """
+    if size_mb <= 0:
+        raise ValueError(f"size_mb={size_mb} must be > 0 (--size-mb, data.size_mb).")
+    check_filters(sources, max_example_chars, domain)
+    # Resolve every location first: a missing mirror folder or no network fails here, in
+    # seconds, before anything is streamed.
+    locations = [resolve_repo(s.dataset, hub_mirror, kind="dataset") for s in sources]
+    budget = budget_chars(size_mb)
+    texts: list[str] = []
+    total = 0
+    opened: list[StreamStats] = []
+    bar = tqdm(
+        total=budget, unit="char", unit_scale=True, desc=f"stream {domain}",
+        disable=not show_progress, leave=False,
+    )  # fmt: skip
+    with bar:
+        for source, location in zip(sources, locations, strict=True):
+            if total >= budget:
+                break
+            streams = [_open(source, c, location, max_example_chars) for c in source.configs]
+            opened.extend(s.stats for s in streams)
+            while streams and total < budget:
+                for stream in list(streams):
+                    if total >= budget:
+                        break
+                    text = stream.next_text()
+                    if text is None:
+                        streams.remove(stream)
+                        continue
+                    texts.append(text)
+                    stream.stats.num_examples += 1
+                    stream.stats.total_chars += len(text)
+                    total += len(text)
+                    bar.update(len(text))
+    metadata = {
+        "domain": domain,
+        "size_mb": size_mb,
+        "budget_chars": budget,
+        "num_texts": len(texts),
+        "total_chars": total,
+        "budget_met": total >= budget,
+        "sources": [dataclasses.asdict(s) for s in opened],
+    }
+    if total < budget:
+        log.warning(
+            "%s: sources ran out at %s of %s budgeted characters (%s).",
+            domain, f"{total:,}", f"{budget:,}",
+            ", ".join(f"{s.dataset}[{s.config}] exhausted" for s in opened if s.exhausted),
+        )  # fmt: skip
+    return texts, metadata
+
+
+def _with_min(sources: tuple[Source, ...], min_chars: int | None) -> tuple[Source, ...]:
+    return tuple(dataclasses.replace(s, min_chars=min_chars) for s in sources)
+
+
+def load_code_data(
+    max_size_mb: float = 10.0,
+    max_example_chars: int = MAX_EXAMPLE_CHARS,
+    min_example_chars: int = 100,
+    *,
+    hub_mirror: str | None = None,
+    show_progress: bool = True,
+) -> tuple[list[str], dict[str, Any]]:
+    """Python files from codeparrot-clean, ``min < len < max`` characters."""
+    sources = _with_min(DEFAULT_SOURCES["code"], min_example_chars)
+    return load_domain("code", sources, max_size_mb, max_example_chars, hub_mirror, show_progress)
+
+
+def load_math_data(
+    max_size_mb: float = 10.0,
+    max_example_chars: int = MAX_EXAMPLE_CHARS,
+    *,
+    hub_mirror: str | None = None,
+    show_progress: bool = True,
+) -> tuple[list[str], dict[str, Any]]:
+    """GSM8K, then MATH's subjects round-robin if GSM8K ran out below the budget."""
+    return load_domain(
+        "math", DEFAULT_SOURCES["math"], max_size_mb, max_example_chars, hub_mirror, show_progress
+    )
+
+
+def load_prose_data(
+    max_size_mb: float = 10.0,
+    max_example_chars: int = MAX_EXAMPLE_CHARS,
+    min_example_chars: int = 200,
+    *,
+    hub_mirror: str | None = None,
+    show_progress: bool = True,
+) -> tuple[list[str], dict[str, Any]]:
+    """WikiText-103 raw lines, ``min < len < max`` characters."""
+    sources = _with_min(DEFAULT_SOURCES["prose"], min_example_chars)
+    return load_domain("prose", sources, max_size_mb, max_example_chars, hub_mirror, show_progress)
+
+
+DOMAIN_LOADERS = {"code": load_code_data, "math": load_math_data, "prose": load_prose_data}
+
+__all__ = [
+    "DEFAULT_SOURCES",
+    "DOMAINS",
+    "DOMAIN_LOADERS",
+    "MATH_SUBJECTS",
+    "MAX_EXAMPLE_CHARS",
+    "Source",
+    "StreamStats",
+    "budget_chars",
+    "load_code_data",
+    "load_domain",
+    "load_math_data",
+    "load_prose_data",
+]
