@@ -21,6 +21,32 @@ from moe_emergence.data.settings import DataSettings
 log = logging.getLogger("moe_emergence.data")
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes each record to the current ``sys.stdout`` (which tests and notebooks swap)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def log_to_stdout() -> None:
+    """Show the package's INFO lines (report, balance line) as bare messages on stdout.
+
+    Attached to the ``moe_emergence`` logger, not the root, so that it works where the root
+    logger is already configured (pytest, notebooks); records still propagate.
+    """
+    package = logging.getLogger("moe_emergence")
+    package.setLevel(logging.INFO)
+    if not any(isinstance(h, _StdoutHandler) for h in package.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package.addHandler(handler)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[DataSettings, argparse.Namespace]:
     defaults = DataSettings()
     parser = argparse.ArgumentParser(
@@ -107,7 +133,7 @@ def check_dataset(dataset: PackedMixedDomainDataset, pad_token_id: int | None) -
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the data CLI; returns the exit status."""
     settings, args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    log_to_stdout()
     prepared = prepare_domains(settings, show_progress=not args.no_progress)
     log.info(report_table(prepared, settings.block_size))
     dataset = PackedMixedDomainDataset.from_token_streams(

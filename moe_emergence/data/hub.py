@@ -32,9 +32,20 @@ def default_mirror() -> str | None:
     return os.environ.get(MIRROR_ENV) or None
 
 
-def _hub_is_offline() -> bool:
-    value = os.environ.get("HF_HUB_OFFLINE", "") or os.environ.get("HF_DATASETS_OFFLINE", "")
+def _env_flag(name: str) -> bool | None:
+    value = os.environ.get(name)
+    if value is None or not value.strip():
+        return None
     return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_is_offline(kind: str) -> bool:
+    """The libraries' own rule: a dataset-specific / transformers switch, else HF_HUB_OFFLINE."""
+    hub = bool(_env_flag("HF_HUB_OFFLINE"))
+    if kind == "dataset":
+        own = _env_flag("HF_DATASETS_OFFLINE")
+        return hub if own is None else own
+    return hub or bool(_env_flag("TRANSFORMERS_OFFLINE"))
 
 
 def _hub_endpoint() -> str:
@@ -59,7 +70,7 @@ def check_hub_reachable(repo_id: str, kind: str = "dataset", timeout_s: float = 
     endpoint, so that a machine without network fails in seconds rather than after the
     libraries' ~25 s of retries.
     """
-    if _hub_is_offline():
+    if _hub_is_offline(kind):
         raise HubUnavailableError(
             f"Cannot load {kind} '{repo_id}': offline mode is on (HF_HUB_OFFLINE/"
             f"HF_DATASETS_OFFLINE) and no hub mirror is set. {_how_to_fix(repo_id, kind)}"
@@ -80,15 +91,14 @@ def check_hub_reachable(repo_id: str, kind: str = "dataset", timeout_s: float = 
 def resolve_repo(repo_id: str, mirror: str | os.PathLike | None, kind: str = "dataset") -> str:
     """Return what to pass to ``load_dataset`` / ``from_pretrained`` for ``repo_id``.
 
-    - an existing local folder is used as it is;
-    - with a mirror root, ``<mirror>/<repo_id>`` (which must exist);
-    - otherwise the Hub id itself, after checking the Hub is reachable.
+    - with a mirror root, ``<mirror>/<repo_id>`` when it exists;
+    - else an existing local folder named ``repo_id``, used as it is;
+    - else, with a mirror, FileNotFoundError; without, the Hub id itself, after checking
+      that the Hub is reachable.
     Removed Hub ids raise ValueError naming a replacement.
     """
     if repo_id in REMOVED_DATASETS:
         raise ValueError(f"Dataset '{repo_id}' {REMOVED_DATASETS[repo_id]}.")
-    if Path(repo_id).is_dir():
-        return str(repo_id)
     if mirror is not None:
         root = Path(mirror)
         if not root.is_dir():
@@ -97,11 +107,14 @@ def resolve_repo(repo_id: str, mirror: str | os.PathLike | None, kind: str = "da
                 f"--hub-mirror (config: data.hub_mirror, env: {MIRROR_ENV})."
             )
         local = root / repo_id
-        if not local.is_dir():
+        if local.is_dir():
+            return str(local)
+        if not Path(repo_id).is_dir():
             raise FileNotFoundError(
                 f"{kind.capitalize()} '{repo_id}' is not in the hub mirror '{mirror}' "
                 f"(looked for '{local}'). {_how_to_fix(repo_id, kind)}"
             )
-        return str(local)
+    if Path(repo_id).is_dir():
+        return str(repo_id)
     check_hub_reachable(repo_id, kind)
     return repo_id

@@ -9,7 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from moe_emergence.data.hub import default_mirror
-from moe_emergence.data.sources import DEFAULT_SOURCES, MAX_EXAMPLE_CHARS, check_filters
+from moe_emergence.data.sources import (
+    DEFAULT_SOURCES,
+    MAX_EXAMPLE_CHARS,
+    check_filters,
+    check_size_mb,
+)
 from moe_emergence.data.tokenize import DEFAULT_TOKENIZER
 
 
@@ -32,14 +37,10 @@ class DataSettings:
 
     def validate(self) -> DataSettings:
         """Raise ValueError naming the flag and the fix for the first bad value."""
-        if (
-            not isinstance(self.size_mb, numbers.Real)
-            or isinstance(self.size_mb, bool)
-            or not self.size_mb > 0
-        ):
-            raise ValueError(
-                f"--size-mb must be a number > 0 (MiB per domain), got {self.size_mb!r}."
-            )
+        try:
+            check_size_mb(self.size_mb)
+        except ValueError as exc:
+            raise ValueError(f"--size-mb: {exc}") from None
         if not _is_int(self.block_size) or self.block_size < 2:
             raise ValueError(f"--block-size must be an integer ≥ 2, got {self.block_size!r}.")
         if not _is_int(self.max_example_chars):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import numbers
 import string
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -117,15 +119,29 @@ def budget_chars(size_mb: float) -> int:
 
 
 def check_filters(sources: Sequence[Source], max_example_chars: int, domain: str) -> None:
-    """Raise ValueError when a length filter keeps nothing (max ≤ min)."""
+    """Raise ValueError when a length filter ``min < len < max`` can keep nothing."""
     for source in sources:
         low = source.min_chars or 0
-        if max_example_chars <= low:
+        if max_example_chars <= low + 1:
             raise ValueError(
-                f"max_example_chars={max_example_chars} keeps no {domain} text: it must be "
-                f"greater than the minimum length {low} of '{source.dataset}'. "
-                f"Raise --max-example-chars."
+                f"max_example_chars={max_example_chars} keeps no {domain} text: "
+                f"'{source.dataset}' has minimum length {low} and keeps "
+                f"{low} < len < {max_example_chars}. Set --max-example-chars to {low + 2} or more."
             )
+
+
+def check_size_mb(size_mb: float) -> None:
+    """Raise ValueError unless ``size_mb`` is a finite number giving a budget of ≥ 1 char."""
+    if (
+        not isinstance(size_mb, numbers.Real)
+        or isinstance(size_mb, bool)
+        or not math.isfinite(size_mb)
+        or budget_chars(size_mb) < 1
+    ):
+        raise ValueError(
+            f"size_mb={size_mb!r} must be a finite number > 0 (MiB of characters per domain, "
+            f"at least 1 character): set --size-mb / data.size_mb, e.g. 1, 5 or 10."
+        )
 
 
 def _open(source: Source, config: str | None, location: str, max_chars: int) -> _OpenStream:
@@ -179,8 +195,7 @@ def load_domain(
     kept). Returns ``(texts, metadata)``; ``metadata["sources"]`` holds one
     :class:`StreamStats` dict per (dataset, config) opened, in reading order.
     """
-    if size_mb <= 0:
-        raise ValueError(f"size_mb={size_mb} must be > 0 (--size-mb, data.size_mb).")
+    check_size_mb(size_mb)
     check_filters(sources, max_example_chars, domain)
     # Resolve every location first: a missing mirror folder or no network fails here, in
     # seconds, before anything is streamed.
@@ -284,6 +299,8 @@ __all__ = [
     "Source",
     "StreamStats",
     "budget_chars",
+    "check_filters",
+    "check_size_mb",
     "load_code_data",
     "load_domain",
     "load_math_data",

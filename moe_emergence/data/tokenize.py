@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -88,6 +88,35 @@ def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
+def iter_token_batches(
+    texts: Iterable[str], tokenizer, batch_size: int = ENCODE_BATCH_TEXTS
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Encode ``texts`` in batches (Rust, all cores); yield ``(tokens, lengths)`` per batch.
+
+    ``tokens`` holds the batch's ids with EOS after each text (stream dtype); ``lengths`` (int64)
+    each text's token count including its EOS. No special token but EOS is added. Ids exist as
+    Python ints for one batch at a time.
+    """
+    backend = _untruncated_backend(tokenizer)
+    eos = tokenizer.eos_token_id
+    dtype = token_dtype(len(tokenizer))
+    for batch in _batches(texts, batch_size):
+        ids = [e.ids for e in backend.encode_batch_fast(batch, add_special_tokens=False)]
+        for text_ids in ids:
+            text_ids.append(eos)
+        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+        yield np.fromiter(chain.from_iterable(ids), dtype, int(lengths.sum())), lengths
+
+
+def offsets_from_lengths(lengths: Iterable[np.ndarray]) -> np.ndarray:
+    """``[0, l0, l0 + l1, ...]`` (int64) from per-batch text lengths."""
+    parts = list(lengths)
+    flat = np.concatenate(parts) if parts else np.empty(0, np.int64)
+    offsets = np.zeros(len(flat) + 1, dtype=np.int64)
+    np.cumsum(flat, out=offsets[1:])
+    return offsets
+
+
 def encode_texts(
     texts: Iterable[str],
     tokenizer,
@@ -96,31 +125,15 @@ def encode_texts(
     show_progress: bool = False,
     desc: str = "tokenize",
 ) -> TokenStream:
-    """Encode ``texts`` in batches (Rust, all cores), appending EOS after each text.
-
-    No special tokens other than EOS are added. Ids live as Python ints one batch at a time.
-    """
-    backend = _untruncated_backend(tokenizer)
-    eos = tokenizer.eos_token_id
-    dtype = token_dtype(len(tokenizer))
+    """Encode ``texts`` into one in-memory :class:`TokenStream` (see :func:`iter_token_batches`)."""
     chunks: list[np.ndarray] = []
     lengths: list[np.ndarray] = []
     total = len(texts) if hasattr(texts, "__len__") else None
     with tqdm(total=total, unit="text", desc=desc, disable=not show_progress, leave=False) as bar:
-        for batch in _batches(texts, batch_size):
-            encodings = backend.encode_batch_fast(batch, add_special_tokens=False)
-            sizes = np.fromiter((len(e.ids) + 1 for e in encodings), np.int64, len(encodings))
-            flat = np.empty(int(sizes.sum()), dtype=dtype)
-            ends = np.cumsum(sizes)
-            for encoding, end in zip(encodings, ends, strict=True):
-                ids = encoding.ids
-                flat[end - 1 - len(ids) : end - 1] = ids
-            flat[ends - 1] = eos
-            chunks.append(flat)
+        for tokens, sizes in iter_token_batches(texts, tokenizer, batch_size):
+            chunks.append(tokens)
             lengths.append(sizes)
-            bar.update(len(batch))
+            bar.update(len(sizes))
+    dtype = token_dtype(len(tokenizer))
     tokens = np.concatenate(chunks) if chunks else np.empty(0, dtype=dtype)
-    offsets = np.zeros(sum(len(s) for s in lengths) + 1, dtype=np.int64)
-    if lengths:
-        np.cumsum(np.concatenate(lengths), out=offsets[1:])
-    return TokenStream(tokens=tokens, doc_offsets=offsets)
+    return TokenStream(tokens=tokens, doc_offsets=offsets_from_lengths(lengths))
