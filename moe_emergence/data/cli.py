@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from moe_emergence.data.dataset import PackedMixedDomainDataset, collate_packed
+from moe_emergence.data.hub import HubUnavailableError
 from moe_emergence.data.prepare import prepare_domains
 from moe_emergence.data.report import build_report, report_table, write_report
 from moe_emergence.data.settings import DataSettings
@@ -134,7 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the data CLI; returns the exit status."""
     settings, args = parse_args(argv)
     log_to_stdout()
-    prepared = prepare_domains(settings, show_progress=not args.no_progress)
+    try:
+        prepared = prepare_domains(settings, show_progress=not args.no_progress)
+    except (HubUnavailableError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     log.info(report_table(prepared, settings.block_size))
     dataset = PackedMixedDomainDataset.from_token_streams(
         prepared.streams, settings.block_size, settings.balance_tokens, settings.seed

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from moe_emergence.data.hub import resolve_repo
 from moe_emergence.data.settings import DataSettings
 from moe_emergence.data.sources import DEFAULT_SOURCES, load_domain
 from moe_emergence.data.tokenize import TokenStream, encode_texts, load_tokenizer
@@ -35,6 +36,11 @@ def tokenizer_info(tokenizer, name: str) -> dict[str, Any]:
 def prepare_domains(settings: DataSettings, show_progress: bool = True) -> PreparedDomains:
     """Validate ``settings``, then stream and tokenize each domain."""
     settings.validate()
+    # Every dataset's location is resolved before anything is streamed, so a missing mirror
+    # folder or an unreachable Hub fails in seconds.
+    for sources in DEFAULT_SOURCES.values():
+        for source in sources:
+            resolve_repo(source.dataset, settings.hub_mirror, kind="dataset")
     tokenizer = load_tokenizer(settings.tokenizer, settings.hub_mirror)
     streams: dict[str, TokenStream] = {}
     metadata: dict[str, dict[str, Any]] = {}

@@ -48,7 +48,7 @@ def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER, hub_mirror: str | None
     """A fast (Rust-backed) tokenizer by Hub name, mirror or local folder; it must define EOS."""
     from transformers import AutoTokenizer
 
-    location = resolve_repo(name_or_path, hub_mirror, kind="model")
+    location = resolve_repo(name_or_path, hub_mirror, kind="tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
     except OSError as exc:

@@ -195,3 +195,12 @@ def test_real_data_counts_match_gpt2_recount(real_hub, tmp_path, caplog, capsys)
         assert report["token_counts"][domain] == sum(counts), domain
         assert report["block_counts"][domain] == sum(counts) // 256, domain
     assert max(per_text["code"]) > 51  # a code text over GPT-2's saved 50-token truncation
+
+
+def test_no_network_and_no_mirror_is_one_clear_error(capsys):
+    status = cli.main(["--size-mb", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.startswith("error: Cannot load dataset 'codeparrot/codeparrot-clean'")
+    assert "--hub-mirror" in err
+    assert "Traceback" not in err
