@@ -117,6 +117,12 @@ def default_mirror_content() -> dict:
     return {"code": code, "gsm8k": gsm8k, "math": math, "wiki": wiki}
 
 
+@pytest.fixture(autouse=True)
+def _private_cache_dir(tmp_path, monkeypatch):
+    """Every test gets its own token cache root (never the repo's .cache)."""
+    monkeypatch.setenv("MOE_CACHE_DIR", str(tmp_path / "token-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_mirror(tmp_path_factory) -> Path:
     """A mirror root with all four default sources (see :func:`default_mirror_content`)."""

@@ -94,6 +94,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[DataSettings, argpars
         default=defaults.tokenizer,
         help="tokenizer Hub name or folder (default %(default)s)",
     )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="token cache root (default: $MOE_CACHE_DIR, else .cache/moe_emergence)",
+    )
+    parser.add_argument(
+        "--rebuild-cache", action="store_true", help="tokenize again even on a cache hit"
+    )
     parser.add_argument("--report", default=None, help="write the JSON report to this file")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
@@ -105,6 +113,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[DataSettings, argpars
         max_example_chars=args.max_example_chars,
         tokenizer=args.tokenizer,
         hub_mirror=args.hub_mirror,
+        cache_dir=args.cache_dir,
+        rebuild_cache=args.rebuild_cache,
     )
     try:
         settings.validate()

@@ -34,6 +34,7 @@ def build_report(
     counts = dataset.token_counts.values()
     report["imbalance_ratio"] = round(max(counts) / max(min(counts), 1), 4)
     report["num_blocks"] = len(dataset)
+    report["cache"] = {"path": str(prepared.cache_path), "from_cache": prepared.from_cache}
     report["metadata"] = meta
     return report
 

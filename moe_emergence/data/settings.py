@@ -25,6 +25,8 @@ class DataSettings:
     size_mb: per-domain budget in MiB of characters (size_mb * 1024 * 1024 chars).
     block_size: tokens per block. max_example_chars: texts must be shorter than this.
     hub_mirror: folder holding Hub repos as <mirror>/<org>/<name> (default $MOE_HUB_MIRROR).
+    cache_dir: token cache root (None: $MOE_CACHE_DIR, else .cache/moe_emergence in the cwd).
+    rebuild_cache: tokenize again even when the cache holds these settings' tokens.
     """
 
     size_mb: float = 10.0
@@ -34,6 +36,8 @@ class DataSettings:
     max_example_chars: int = MAX_EXAMPLE_CHARS
     tokenizer: str = DEFAULT_TOKENIZER
     hub_mirror: str | None = dataclasses.field(default_factory=default_mirror)
+    cache_dir: str | None = None
+    rebuild_cache: bool = False
 
     def validate(self) -> DataSettings:
         """Raise ValueError naming the flag and the fix for the first bad value."""
@@ -52,10 +56,12 @@ class DataSettings:
                 check_filters(sources, self.max_example_chars, domain)
             except ValueError as exc:
                 raise ValueError(f"--max-example-chars: {exc}") from None
-        if not isinstance(self.balance_tokens, bool):
-            raise ValueError(
-                f"--balance-tokens must be true or false, got {self.balance_tokens!r}."
-            )
+        for flag, value in (
+            ("--balance-tokens", self.balance_tokens),
+            ("--rebuild-cache", self.rebuild_cache),
+        ):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be true or false, got {value!r}.")
         if not _is_int(self.seed):
             raise ValueError(f"--seed must be an integer, got {self.seed!r}.")
         if self.hub_mirror is not None and not Path(self.hub_mirror).is_dir():
