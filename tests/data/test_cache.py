@@ -1,0 +1,249 @@
+"""The token cache: hits and misses, concurrency, damage, interruption, faithful read-back."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from filelock import FileLock
+
+from moe_emergence.data import prepare as prepare_module
+from moe_emergence.data.cache import fingerprint, tokenizer_identity
+from moe_emergence.data.dataset import PackedMixedDomainDataset
+from moe_emergence.data.prepare import cache_inputs, prepare_domains, source_entries
+from moe_emergence.data.settings import DataSettings
+from moe_emergence.data.sources import DEFAULT_SOURCES, Source, load_domain
+from moe_emergence.data.tokenize import encode_texts, load_tokenizer
+
+
+@pytest.fixture
+def settings(tiny_mirror, tiny_tokenizer_dir, tmp_path) -> DataSettings:
+    return DataSettings(
+        size_mb=1.0,
+        block_size=32,
+        tokenizer=str(tiny_tokenizer_dir),
+        hub_mirror=str(tiny_mirror),
+        cache_dir=str(tmp_path / "cache"),
+    )
+
+
+def prep(settings: DataSettings, **changes):
+    return prepare_domains(dataclasses.replace(settings, **changes), show_progress=False)
+
+
+def cache_key(settings: DataSettings) -> str:
+    tokenizer = load_tokenizer(settings.tokenizer, settings.hub_mirror)
+    info = tokenizer_identity(tokenizer, settings.tokenizer)
+    return fingerprint(cache_inputs(settings, source_entries(settings), info))
+
+
+@pytest.mark.parametrize(
+    "change", [{"block_size": 64}, {"seed": 7}, {"balance_tokens": True}, {"rebuild_cache": False}]
+)
+def test_hit_when_only_post_cache_settings_change(settings, change):
+    first = prep(settings)
+    second = prep(settings, **change)
+    assert not first.from_cache and second.from_cache
+    assert second.cache_path == first.cache_path
+
+
+def test_miss_when_size_filter_or_tokenizer_changes(settings, tmp_path, tiny_tokenizer_dir):
+    base = prep(settings).cache_path
+    other_tok = tmp_path / "tok2"
+    other_tok.mkdir()
+    for f in tiny_tokenizer_dir.iterdir():
+        (other_tok / f.name).write_bytes(f.read_bytes())
+    data = json.loads((other_tok / "tokenizer.json").read_text())
+    data["model"]["merges"] = data["model"]["merges"][:-20]  # same name shape, other merges
+    (other_tok / "tokenizer.json").write_text(json.dumps(data))
+    paths = {
+        "size": prep(settings, size_mb=0.5).cache_path,
+        "filter": prep(settings, max_example_chars=5000).cache_path,
+        "tokenizer": prep(settings, tokenizer=str(other_tok)).cache_path,
+    }
+    assert base not in paths.values()
+    assert len(set(paths.values())) == 3
+
+
+def test_miss_when_a_source_changes(settings, monkeypatch):
+    base = prep(settings).cache_path
+    changed = dict(DEFAULT_SOURCES)
+    changed["code"] = (Source("codeparrot/codeparrot-clean", "# {content}", min_chars=100),)
+    monkeypatch.setattr(prepare_module, "DEFAULT_SOURCES", changed)
+    other = prep(settings)
+    assert not other.from_cache and other.cache_path != base
+
+
+def test_cache_read_back_equals_fresh_tokenization(settings, tiny_tokenizer):
+    prepared = prep(settings)
+    again = prep(settings)
+    assert again.from_cache
+    for domain, sources in DEFAULT_SOURCES.items():
+        texts, meta = load_domain(domain, sources, 1.0, hub_mirror=settings.hub_mirror,
+                                  show_progress=False)  # fmt: skip
+        fresh = encode_texts(texts, tiny_tokenizer)
+        cached = again.streams[domain]
+        assert isinstance(cached.tokens, np.memmap) and cached.tokens.dtype == np.uint16
+        np.testing.assert_array_equal(cached.tokens, fresh.tokens)
+        np.testing.assert_array_equal(cached.doc_offsets, fresh.doc_offsets)
+        assert again.metadata[domain] == json.loads(json.dumps(meta))
+    assert again.metadata == prepared.metadata
+
+
+def test_cache_hit_is_logged_with_the_rebuild_hint(settings, caplog):
+    prep(settings)
+    with caplog.at_level(logging.INFO, logger="moe_emergence"):
+        prep(settings)
+    assert any("skipping streaming and tokenizing" in m and "--rebuild-cache" in m
+               for m in caplog.messages)  # fmt: skip
+
+
+def test_rebuild_flag_tokenizes_again(settings, monkeypatch):
+    prep(settings)
+    calls = []
+    real = prepare_module.load_domain
+    monkeypatch.setattr(
+        prepare_module, "load_domain", lambda *a, **k: calls.append(a) or real(*a, **k)
+    )
+    rebuilt = prep(settings, rebuild_cache=True)
+    assert not rebuilt.from_cache and len(calls) == 3
+
+
+def test_hit_does_not_stream(settings, monkeypatch):
+    prep(settings)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a cache hit must not stream")
+
+    monkeypatch.setattr(prepare_module, "load_domain", fail)
+    assert prep(settings, block_size=16).from_cache
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_file_is_detected_and_rebuilt(settings, caplog, damage):
+    first = prep(settings)
+    expected = {d: np.array(s.tokens) for d, s in first.streams.items()}
+    victim = first.cache_path / "math.tokens.bin"
+    data = bytearray(victim.read_bytes())
+    if damage == "truncate":
+        data = data[:-10]
+    else:
+        data[7] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        second = prep(settings)
+    assert not second.from_cache
+    assert any("damaged" in m and "rebuilding" in m for m in caplog.messages)
+    for domain, tokens in expected.items():
+        np.testing.assert_array_equal(second.streams[domain].tokens, tokens)
+
+
+def test_interrupted_prepare_leaves_nothing_behind(settings, monkeypatch):
+    real = prepare_module.load_domain
+
+    def interrupt(domain, *args, **kwargs):
+        if domain == "math":
+            raise KeyboardInterrupt
+        return real(domain, *args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "load_domain", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        prep(settings)
+    root = Path(settings.cache_dir)
+    assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == []
+    monkeypatch.setattr(prepare_module, "load_domain", real)
+    assert not prep(settings).from_cache
+
+
+KILL_MIDWAY = """
+import os, signal, sys
+from moe_emergence.data import cache
+from moe_emergence.data.prepare import prepare_domains
+from moe_emergence.data.settings import DataSettings
+
+real = cache._write_domain
+def write_then_die(folder, domain, *args):
+    entry = real(folder, domain, *args)
+    if domain.name == "math":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return entry
+cache._write_domain = write_then_die
+prepare_domains(DataSettings(size_mb=1.0, block_size=32, tokenizer=sys.argv[1],
+                             hub_mirror=sys.argv[2], cache_dir=sys.argv[3]), show_progress=False)
+"""
+
+
+def test_killed_prepare_leaves_no_usable_partial_cache(settings):
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_MIDWAY, settings.tokenizer, settings.hub_mirror,
+         settings.cache_dir],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == -9, proc.stderr
+    root = Path(settings.cache_dir)
+    key = cache_key(settings)
+    assert not (root / key).exists()
+    assert [p for p in root.glob(f".{key}.tmp-*") if (p / "code.tokens.bin").exists()]
+    rebuilt = prep(settings)
+    assert not rebuilt.from_cache and rebuilt.cache_path == root / key
+    assert not list(root.glob(f".{key}.tmp-*"))  # the stale partial build was cleared
+
+
+PREPARE_AND_REPORT = """
+import json, logging, sys
+import numpy as np
+from moe_emergence.data.prepare import prepare_domains
+from moe_emergence.data.settings import DataSettings
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+p = prepare_domains(DataSettings(size_mb=1.0, block_size=32, tokenizer=sys.argv[1],
+                                 hub_mirror=sys.argv[2], cache_dir=sys.argv[3]),
+                    show_progress=False)
+sums = {d: int(np.asarray(s.tokens, dtype=np.int64).sum()) for d, s in p.streams.items()}
+print(json.dumps({"built": not p.from_cache, "path": str(p.cache_path), "sums": sums}))
+"""
+
+
+def test_two_processes_build_once_and_agree(settings, tmp_path):
+    root = Path(settings.cache_dir)
+    root.mkdir(parents=True)
+    key = cache_key(settings)
+    args = [settings.tokenizer, settings.hub_mirror, settings.cache_dir]
+    logs = [tmp_path / f"p{i}.log" for i in range(2)]
+    with FileLock(str(root / f"{key}.lock")):  # hold the lock until both are waiting on it
+        procs = [
+            subprocess.Popen([sys.executable, "-c", PREPARE_AND_REPORT, *args],
+                             stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+            for log in logs
+        ]  # fmt: skip
+        deadline = time.monotonic() + 120
+        while not all("Waiting for another process" in log.read_text() for log in logs):
+            assert time.monotonic() < deadline, [log.read_text() for log in logs]
+            assert all(p.poll() is None for p in procs), [log.read_text() for log in logs]
+            time.sleep(0.2)
+    results = [json.loads(p.communicate(timeout=120)[0].splitlines()[-1]) for p in procs]
+    assert sorted(r["built"] for r in results) == [False, True]
+    assert results[0]["path"] == results[1]["path"] == str(root / key)
+    assert results[0]["sums"] == results[1]["sums"]
+
+
+def test_cached_streams_pack_into_the_dataset(settings):
+    prepared = prep(settings)
+    ds = PackedMixedDomainDataset.from_token_streams(prepared.streams, 32, True, 0)
+    assert len(ds) == 3 * min(s.num_tokens // 32 for s in prepared.streams.values())
+    assert ds[0]["input_ids"].shape == (32,)
+
+
+def test_default_cache_dir_comes_from_env(monkeypatch, tmp_path, settings):
+    monkeypatch.setenv("MOE_CACHE_DIR", str(tmp_path / "from-env"))
+    path = prep(settings, cache_dir=None).cache_path
+    assert path.parent == tmp_path / "from-env"
+    assert os.access(path / "manifest.json", os.R_OK)
