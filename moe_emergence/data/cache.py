@@ -33,7 +33,7 @@ from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from moe_emergence.data.files import atomic_write_text
-from moe_emergence.data.tokenize import TokenStream, iter_token_batches, token_dtype
+from moe_emergence.data.tokenize import TokenStream, iter_token_batches, token_dtype, untruncated
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +58,15 @@ def tokenizer_identity(tokenizer, name: str) -> dict[str, Any]:
 
     Truncation and padding are left out of the hash: packing turns both off.
     """
-    definition = json.loads(tokenizer.backend_tokenizer.to_str())
-    definition.pop("truncation", None)
-    definition.pop("padding", None)
-    blob = json.dumps(definition, sort_keys=True, ensure_ascii=False).encode()
+    with untruncated(tokenizer) as backend:
+        definition = backend.to_str().encode()
     return {
         "name": name,
         "class": type(tokenizer).__name__,
         "vocab_size": len(tokenizer),
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
-        "sha256": hashlib.sha256(blob).hexdigest(),
+        "sha256": hashlib.sha256(definition).hexdigest(),
     }
 
 

@@ -7,10 +7,13 @@ with its EOS is ``tokens[doc_offsets[i]:doc_offsets[i + 1]]``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain, islice
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -68,18 +71,24 @@ def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER, hub_mirror: str | None
     return tokenizer
 
 
-def _untruncated_backend(tokenizer):
-    """A copy of the Rust tokenizer with truncation and padding off.
+@contextlib.contextmanager
+def untruncated(tokenizer) -> Iterator[Any]:
+    """The tokenizer's Rust backend with truncation and padding off; both restored after.
 
     GPT-2's tokenizer.json is saved with a 50-token truncation that the raw ``tokenizers``
-    object applies silently; transformers overrides it per call, we must do it ourselves.
+    object applies silently (transformers resets it on each of its own calls). No copy is made.
     """
-    from tokenizers import Tokenizer
-
-    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend = tokenizer.backend_tokenizer
+    truncation, padding = backend.truncation, backend.padding
     backend.no_truncation()
     backend.no_padding()
-    return backend
+    try:
+        yield backend
+    finally:
+        if truncation:
+            backend.enable_truncation(**truncation)
+        if padding:
+            backend.enable_padding(**padding)
 
 
 def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -97,15 +106,26 @@ def iter_token_batches(
     each text's token count including its EOS. No special token but EOS is added. Ids exist as
     Python ints for one batch at a time.
     """
-    backend = _untruncated_backend(tokenizer)
     eos = tokenizer.eos_token_id
     dtype = token_dtype(len(tokenizer))
-    for batch in _batches(texts, batch_size):
-        ids = [e.ids for e in backend.encode_batch_fast(batch, add_special_tokens=False)]
-        for text_ids in ids:
-            text_ids.append(eos)
-        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-        yield np.fromiter(chain.from_iterable(ids), dtype, int(lengths.sum())), lengths
+    with untruncated(tokenizer) as backend, ThreadPoolExecutor(max_workers=1) as encoder:
+
+        def encode(batch: list[str]):
+            backend.no_truncation()  # again: a transformers call in between may have set it
+            return backend.encode_batch_fast(batch, add_special_tokens=False)
+
+        # The Rust encoder (GIL released) works on batch k+1 while Python converts batch k.
+        batches = _batches(texts, batch_size)
+        pending = encoder.submit(encode, first) if (first := next(batches, None)) else None
+        while pending is not None:
+            encodings = pending.result()
+            pending = encoder.submit(encode, nxt) if (nxt := next(batches, None)) else None
+            ids = [e.ids for e in encodings]
+            del encodings
+            for text_ids in ids:
+                text_ids.append(eos)
+            lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+            yield np.fromiter(chain.from_iterable(ids), dtype, int(lengths.sum())), lengths
 
 
 def offsets_from_lengths(lengths: Iterable[np.ndarray]) -> np.ndarray:

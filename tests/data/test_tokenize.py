@@ -75,4 +75,6 @@ def test_real_gpt2_counts_match_transformers(real_hub):
     assert tokenizer.eos_token_id == 50256
     texts = ["Hello world", "def f():\n    return 1\n" * 30]
     assert tokenizer.backend_tokenizer.truncation["max_length"] == 50  # as saved on the Hub
-    assert encode_texts(texts, tokenizer).tokens.tolist() == recount(tokenizer, texts)
+    stream = encode_texts(texts, tokenizer)
+    assert tokenizer.backend_tokenizer.truncation["max_length"] == 50  # restored after
+    assert stream.tokens.tolist() == recount(tokenizer, texts)
