@@ -23,6 +23,7 @@ __all__ = [
     "DOMAINS",
     "DataSettings",
     "HubUnavailableError",
+    "MixedDomainDataModule",
     "PackedMixedDomainDataset",
     "Source",
     "TokenStream",
@@ -35,3 +36,12 @@ __all__ = [
     "main",
     "pack_sequences",
 ]
+
+
+def __getattr__(name: str):
+    # Lightning is imported only when the datamodule is asked for (the data CLI needs none).
+    if name == "MixedDomainDataModule":
+        from moe_emergence.data.datamodule import MixedDomainDataModule
+
+        return MixedDomainDataModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

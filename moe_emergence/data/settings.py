@@ -40,34 +40,39 @@ class DataSettings:
     rebuild_cache: bool = False
 
     def validate(self) -> DataSettings:
-        """Raise ValueError naming the flag and the fix for the first bad value."""
+        """Raise ValueError naming the flag / config key and the fix for the first bad value."""
         try:
             check_size_mb(self.size_mb)
         except ValueError as exc:
-            raise ValueError(f"--size-mb: {exc}") from None
+            raise ValueError(f"{option('size_mb')}: {exc}") from None
         if not _is_int(self.block_size) or self.block_size < 2:
-            raise ValueError(f"--block-size must be an integer ≥ 2, got {self.block_size!r}.")
+            raise ValueError(
+                f"{option('block_size')} must be an integer ≥ 2, got {self.block_size!r}."
+            )
         if not _is_int(self.max_example_chars):
             raise ValueError(
-                f"--max-example-chars must be an integer, got {self.max_example_chars!r}."
+                f"{option('max_example_chars')} must be an integer, got {self.max_example_chars!r}."
             )
         for domain, sources in DEFAULT_SOURCES.items():
             try:
                 check_filters(sources, self.max_example_chars, domain)
             except ValueError as exc:
-                raise ValueError(f"--max-example-chars: {exc}") from None
-        for flag, value in (
-            ("--balance-tokens", self.balance_tokens),
-            ("--rebuild-cache", self.rebuild_cache),
-        ):
+                raise ValueError(f"{option('max_example_chars')}: {exc}") from None
+        for key in ("balance_tokens", "rebuild_cache"):
+            value = getattr(self, key)
             if not isinstance(value, bool):
-                raise ValueError(f"{flag} must be true or false, got {value!r}.")
+                raise ValueError(f"{option(key)} must be true or false, got {value!r}.")
         if not _is_int(self.seed):
-            raise ValueError(f"--seed must be an integer, got {self.seed!r}.")
+            raise ValueError(f"{option('seed')} must be an integer, got {self.seed!r}.")
+        for key in ("tokenizer", "hub_mirror", "cache_dir"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str | Path):
+                raise ValueError(f"{option(key)} must be a string, got {value!r}.")
         if self.hub_mirror is not None and not Path(self.hub_mirror).is_dir():
             raise ValueError(
-                f"--hub-mirror '{self.hub_mirror}' is not a folder: pass a folder that holds "
-                f"<org>/<name> copies of the Hub repos, or leave it unset to use the Hub."
+                f"{option('hub_mirror')} '{self.hub_mirror}' is not a folder: pass a folder "
+                f"that holds <org>/<name> copies of the Hub repos, or leave it unset (null) to "
+                f"use the Hub."
             )
         return self
 
@@ -77,3 +82,8 @@ class DataSettings:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def option(key: str) -> str:
+    """The CLI flag and config key that set ``key``: ``--size-mb (data.size_mb)``."""
+    return f"--{key.replace('_', '-')} (data.{key})"

@@ -1,0 +1,57 @@
+"""The Hydra config tree: where it lives, its resolvers, and composing it outside an app."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_ENV = "MOE_CONFIG_DIR"
+CONFIG_NAME = "config"
+
+
+def config_dir() -> Path:
+    """``$MOE_CONFIG_DIR``, else the repo's ``conf/`` (beside the package)."""
+    found = os.environ.get(CONFIG_ENV)
+    path = Path(found) if found else Path(__file__).resolve().parents[1] / "conf"
+    if not (path / f"{CONFIG_NAME}.yaml").is_file():
+        raise FileNotFoundError(
+            f"No {CONFIG_NAME}.yaml in '{path}'. Run from a clone of the repo (pip install -e .) "
+            f"or set {CONFIG_ENV} to its conf/ folder."
+        )
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def tokenizer_vocab_size(name: str, hub_mirror: str | None = None) -> int:
+    """Resolver ``${vocab_size:${data.tokenizer},${data.hub_mirror}}``: the tokenizer's size."""
+    from moe_emergence.data.hub import default_mirror
+    from moe_emergence.data.tokenize import load_tokenizer
+
+    return len(load_tokenizer(name, hub_mirror if hub_mirror is not None else default_mirror()))
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("vocab_size"):
+        OmegaConf.register_new_resolver("vocab_size", tokenizer_vocab_size)
+
+
+def compose_config(
+    overrides: Sequence[str] = (), directory: str | os.PathLike | None = None
+) -> DictConfig:
+    """Compose ``config.yaml`` with command-line style ``overrides`` (no Hydra app needed).
+
+    ``${hydra:...}`` values (run dirs) are not available here; the data and model nodes use none.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_resolvers()
+    path = Path(directory) if directory is not None else config_dir()
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(path.resolve()), version_base="1.3"):
+        return compose(CONFIG_NAME, overrides=list(overrides))

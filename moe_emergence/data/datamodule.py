@@ -1,0 +1,248 @@
+"""MixedDomainDataModule: the packed multi-domain dataset as a LightningDataModule.
+
+``prepare_data`` streams and tokenizes into the token cache (once per node, keeps no state);
+``setup`` opens the cache, splits off the held-out texts, packs, balances and shuffles (every
+rank, cheap, safe to call twice); ``train_dataloader`` yields ``collate_packed`` batches of
+``batch_size`` blocks per device. ``val_dataloader`` exists only when ``eval_fraction > 0``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from moe_emergence.data.dataset import PackedMixedDomainDataset, collate_packed
+from moe_emergence.data.hub import default_mirror
+from moe_emergence.data.packing import split_by_document
+from moe_emergence.data.prepare import PreparedDomains, prepare_domains
+from moe_emergence.data.report import build_report, report_table, write_report
+from moe_emergence.data.settings import DataSettings
+from moe_emergence.data.sources import MAX_EXAMPLE_CHARS
+from moe_emergence.data.tokenize import DEFAULT_TOKENIZER, TokenStream, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("hub",)
+REPORT_FILE = "data_report.json"
+
+
+class MixedDomainDataModule(L.LightningDataModule):
+    """Code, math and prose blocks of ``block_size`` tokens with their domain labels.
+
+    ``batch_size`` is per device (per DDP rank): the global batch is
+    ``batch_size * devices * num_nodes``. ``hub_mirror=None`` falls back to ``$MOE_HUB_MIRROR``.
+    ``eval_fraction`` of each domain's texts (chosen with ``eval_seed``, fixed across ``seed``
+    sweeps) is held out whole for validation and never balanced. ``report_dir`` (default: the
+    trainer's ``default_root_dir``) receives ``data_report.json``.
+    """
+
+    def __init__(
+        self,
+        size_mb: float = 10.0,
+        block_size: int = 512,
+        balance_tokens: bool = False,
+        seed: int = 42,
+        max_example_chars: int = MAX_EXAMPLE_CHARS,
+        tokenizer: str = DEFAULT_TOKENIZER,
+        hub_mirror: str | None = None,
+        cache_dir: str | None = None,
+        rebuild_cache: bool = False,
+        source: str = "hub",
+        batch_size: int = 8,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool | None = None,
+        eval_fraction: float = 0.0,
+        eval_seed: int = 0,
+        report_dir: str | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        super().__init__()
+        self.settings = DataSettings(
+            size_mb=size_mb,
+            block_size=block_size,
+            balance_tokens=balance_tokens,
+            seed=seed,
+            max_example_chars=max_example_chars,
+            tokenizer=tokenizer,
+            hub_mirror=hub_mirror if hub_mirror is not None else default_mirror(),
+            cache_dir=cache_dir,
+            rebuild_cache=rebuild_cache,
+        ).validate()
+        _check_loader_args(source, batch_size, num_workers, eval_fraction, eval_seed)
+        for key, value in (("pin_memory", pin_memory), ("persistent_workers", persistent_workers)):
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"data.{key} must be true, false or null, got {value!r}.")
+        self.source = source
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.persistent_workers = (
+            num_workers > 0
+            if persistent_workers is None
+            else persistent_workers and num_workers > 0
+        )
+        self.eval_fraction = float(eval_fraction)
+        self.eval_seed = eval_seed
+        self.report_dir = report_dir
+        self.show_progress = show_progress
+        self.save_hyperparameters()
+        if self.eval_fraction == 0:
+            # No held-out split: hide the hook so that Lightning runs no validation loop.
+            self.val_dataloader = super().val_dataloader  # type: ignore[method-assign]
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: PackedMixedDomainDataset | None = None
+        self.eval_text_ids: dict[str, np.ndarray] = {}
+        self.report: dict[str, Any] | None = None
+        self._tokenizer = None
+
+    @classmethod
+    def from_config(
+        cls, overrides: Sequence[str] = (), config_dir: str | os.PathLike | None = None
+    ) -> MixedDomainDataModule:
+        """Compose the project's Hydra config (outside ``@hydra.main``) and build the data node.
+
+        ``overrides`` use the command-line syntax, e.g. ``["data/size=1mb",
+        "data.block_size=128", "data.hub_mirror=../shared/hub"]``.
+        """
+        from hydra.utils import instantiate
+
+        from moe_emergence.config import compose_config
+
+        cfg = compose_config(overrides, config_dir)
+        return instantiate(cfg.data)
+
+    @property
+    def tokenizer(self):
+        """The tokenizer the blocks were made with (loaded on first use)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.settings.tokenizer, self.settings.hub_mirror)
+        return self._tokenizer
+
+    def prepare_data(self) -> None:
+        """Fill the token cache (streams and tokenizes only when it is missing)."""
+        prepared = prepare_domains(self.settings, show_progress=self.show_progress)
+        log.info(report_table(prepared, self.settings.block_size))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        prepared = prepare_domains(self.settings, show_progress=self.show_progress)
+        train_streams: dict[str, Any] = dict(prepared.streams)
+        eval_streams: dict[str, Any] = {}
+        if self.eval_fraction > 0:
+            train_streams, eval_streams = self._split(prepared.streams)
+        s = self.settings
+        dataset = PackedMixedDomainDataset.from_token_streams(
+            train_streams, s.block_size, s.balance_tokens, s.seed
+        )
+        if eval_streams:
+            try:
+                self.val_dataset = PackedMixedDomainDataset.from_token_streams(
+                    eval_streams, s.block_size, balance_tokens=False, seed=s.seed
+                )
+            except ValueError as exc:
+                raise ValueError(
+                    f"Held-out split too small: {exc} Raise data.eval_fraction "
+                    f"(now {self.eval_fraction}) or data.size_mb."
+                ) from None
+        self.train_dataset = self._trim_for_ranks(dataset)
+        self.report = self._report(prepared, dataset)
+        self._write_report()
+
+    def _split(self, streams: dict[str, TokenStream]) -> tuple[dict, dict]:
+        train, held_out = {}, {}
+        for domain, stream in streams.items():
+            train[domain], held_out[domain], is_eval = split_by_document(
+                stream.tokens, stream.doc_offsets, self.eval_fraction, self.eval_seed
+            )
+            self.eval_text_ids[domain] = np.flatnonzero(is_eval)
+        return train, held_out
+
+    def _trim_for_ranks(self, dataset: PackedMixedDomainDataset) -> Dataset:
+        """Drop the last (< world size) blocks so that DDP ranks get equal, disjoint shares."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        extra = len(dataset) % world
+        if not extra:
+            return dataset
+        log.info("Dropping %d of %d blocks so that %d ranks get equal shares.",
+                 extra, len(dataset), world)  # fmt: skip
+        return Subset(dataset, range(len(dataset) - extra))
+
+    def _report(
+        self, prepared: PreparedDomains, dataset: PackedMixedDomainDataset
+    ) -> dict[str, Any]:
+        report = build_report(prepared, dataset, self.settings)
+        report["source"] = self.source
+        report["eval_fraction"] = self.eval_fraction
+        if self.val_dataset is not None:
+            # token_counts / block_counts above describe the training side only.
+            report["all_token_counts"] = {d: s.num_tokens for d, s in prepared.streams.items()}
+            report["eval_seed"] = self.eval_seed
+            report["eval_num_texts"] = {d: len(i) for d, i in self.eval_text_ids.items()}
+            report["eval_token_counts"] = dict(self.val_dataset.token_counts)
+            report["eval_block_counts"] = dict(self.val_dataset.block_counts)
+        report["train_blocks_used"] = len(self.train_dataset)
+        return report
+
+    def _write_report(self) -> None:
+        trainer = self.trainer
+        if trainer is not None and not trainer.is_global_zero:
+            return
+        folder = self.report_dir or (trainer.default_root_dir if trainer is not None else None)
+        if folder is not None and self.report is not None:
+            path = write_report(self.report, Path(folder) / REPORT_FILE)
+            log.info("Data report written to %s", path)
+
+    def _loader(self, dataset: Dataset) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=False,  # blocks are already shuffled with the seed
+            collate_fn=collate_packed,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            raise RuntimeError("Call setup('fit') before train_dataloader().")
+        return self._loader(self.train_dataset)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_dataset is None:
+            raise RuntimeError("Call setup('fit') before val_dataloader().")
+        return self._loader(self.val_dataset)
+
+
+def _check_loader_args(
+    source: str, batch_size: int, num_workers: int, eval_fraction: float, eval_seed: int
+) -> None:
+    if source not in SOURCES:
+        raise ValueError(f"data.source={source!r} is not one of {SOURCES} (data/source=...).")
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"data.batch_size must be an integer ≥ 1, got {batch_size!r}.")
+    if not _is_int(num_workers) or num_workers < 0:
+        raise ValueError(f"data.num_workers must be an integer ≥ 0, got {num_workers!r}.")
+    if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, int | float):
+        raise ValueError(f"data.eval_fraction must be a number, got {eval_fraction!r}.")
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"data.eval_fraction must be in [0, 1), got {eval_fraction!r}.")
+    if not _is_int(eval_seed):
+        raise ValueError(f"data.eval_seed must be an integer, got {eval_seed!r}.")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+__all__ = ["MixedDomainDataModule"]

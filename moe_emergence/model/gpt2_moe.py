@@ -1,0 +1,207 @@
+"""GPT-2 with MoE layers: build the dense model, swap chosen blocks' MLPs for MoE layers whose
+experts start as copies of that MLP, and gather the MoE layers' aux losses and routing.
+
+Blocks are indexed 0..n_layer-1 as in ``model.transformer.h``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from moe_emergence.data.hub import HubUnavailableError, resolve_repo
+from moe_emergence.model.moe import MoELayer
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+SCRATCH_HINT = "To train from scratch instead, set model.pretrained=null."
+
+
+def build_gpt2(
+    pretrained: str | None = "gpt2",
+    hub_mirror: str | None = None,
+    vocab_size: int | None = None,
+    n_positions: int = 1024,
+    n_embd: int = 768,
+    n_layer: int = 12,
+    n_head: int = 12,
+    dropout: float = 0.0,
+) -> GPT2LMHeadModel:
+    """A dense GPT-2 (float32): pretrained weights, or random init from the size arguments.
+
+    pretrained: Hub id or local folder (looked up in ``hub_mirror`` first), or None for a
+    fresh model of ``vocab_size`` (default 50257) x ``n_positions`` x ``n_embd`` x ``n_layer``
+    x ``n_head``. For a pretrained model the size arguments are ignored, except that a larger
+    ``vocab_size`` grows the token embeddings and an ``n_positions`` above the checkpoint's
+    raises ValueError. ``dropout`` sets the residual, embedding and attention dropout of both.
+    """
+    dropouts = {"resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout}
+    if pretrained is None:
+        vocab_size = vocab_size or 50257
+        special = 50256 if vocab_size > 50256 else None  # GPT-2's <|endoftext|>, if it fits
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            bos_token_id=special,
+            eos_token_id=special,
+            n_positions=n_positions,
+            n_embd=n_embd,
+            n_layer=n_layer,
+            n_head=n_head,
+            **dropouts,
+        )
+        return GPT2LMHeadModel(config)
+
+    try:
+        source = resolve_repo(pretrained, hub_mirror, kind="model")
+    except (HubUnavailableError, FileNotFoundError) as exc:
+        raise type(exc)(f"{exc} {SCRATCH_HINT}") from exc
+    if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in WEIGHT_FILES):
+        raise FileNotFoundError(
+            f"Model '{pretrained}' resolved to '{source}', which holds no weights (none of "
+            f"{', '.join(WEIGHT_FILES)}); a mirror with only config/tokenizer files cannot "
+            f"give a pretrained model. Download the weights with `huggingface-cli download "
+            f"{pretrained} --local-dir <mirror>/{pretrained}`. {SCRATCH_HINT}"
+        )
+    config = GPT2Config.from_pretrained(source, **dropouts)
+    if n_positions > config.n_positions:
+        raise ValueError(
+            f"n_positions={n_positions} exceeds the {config.n_positions} positions of the "
+            f"pretrained model '{pretrained}'; use a block size <= {config.n_positions}."
+        )
+    model = GPT2LMHeadModel.from_pretrained(source, config=config, dtype=torch.float32)
+    if vocab_size is not None and vocab_size > config.vocab_size:
+        model.resize_token_embeddings(vocab_size)
+    return model
+
+
+def install_moe_layers(
+    model: GPT2LMHeadModel,
+    layers: Sequence[int],
+    n_experts: int,
+    top_k: int = 1,
+    noise_std: float = 1.0,
+    noise_anneal_steps: int = 1000,
+    init_noise: float = 0.0,
+    seed: int = 0,
+) -> list[MoELayer]:
+    """Replace ``model.transformer.h[i].mlp`` for each i in ``layers`` by an MoE layer (in place).
+
+    Each expert is a copy of that block's dense MLP plus Gaussian noise of std
+    ``init_noise * std(parameter)`` per parameter. With ``init_noise=0`` and no router noise
+    (eval mode) the model computes the dense model's logits, for any top_k. Expert noise and
+    router init draw from a generator seeded with ``seed``. Returns the layers in ``layers``
+    order.
+    """
+    blocks = model.transformer.h
+    n_layer = len(blocks)
+    seen: set[int] = set()
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layer:
+            raise ValueError(
+                f"MoE layer index {i!r} is out of range: the model has n_layer={n_layer}"
+            )
+        if i in seen:
+            raise ValueError(f"MoE layer index {i} is listed twice (model n_layer={n_layer})")
+        if isinstance(blocks[i].mlp, MoELayer):
+            raise ValueError(f"Block {i} already has an MoE layer (model n_layer={n_layer})")
+        seen.add(i)
+    if init_noise < 0:
+        raise ValueError(f"init_noise must be >= 0, got {init_noise}")
+
+    generator = torch.Generator().manual_seed(seed)
+    installed = []
+    for i in layers:
+        dense = blocks[i].mlp
+        experts = torch.nn.ModuleList(copy.deepcopy(dense) for _ in range(n_experts))
+        if init_noise > 0:
+            for expert in experts:
+                _perturb(expert, init_noise, generator)
+        moe = MoELayer(experts, model.config.n_embd, top_k, noise_std, noise_anneal_steps)
+        moe.router.reset_parameters(generator)
+        reference = next(dense.parameters())
+        moe.router.to(device=reference.device, dtype=reference.dtype)
+        blocks[i].mlp = moe
+        installed.append(moe)
+    return installed
+
+
+@torch.no_grad()
+def _perturb(module: torch.nn.Module, scale: float, generator: torch.Generator) -> None:
+    """Add N(0, (scale * std(p))^2) noise to every parameter p with more than one element."""
+    for p in module.parameters():
+        if p.numel() < 2:
+            continue
+        noise = torch.randn(p.shape, generator=generator).to(device=p.device, dtype=p.dtype)
+        p.add_(noise * (scale * p.float().std()).to(p.dtype))
+
+
+def moe_layers(model: GPT2LMHeadModel) -> dict[int, MoELayer]:
+    """Block index -> MoE layer, for the blocks whose MLP is an MoE layer."""
+    return {i: b.mlp for i, b in enumerate(model.transformer.h) if isinstance(b.mlp, MoELayer)}
+
+
+def set_router_step(model: GPT2LMHeadModel, step: int) -> None:
+    """Advance every router's noise annealing to ``step`` (the trainer's global step)."""
+    for layer in moe_layers(model).values():
+        layer.router.set_step(step)
+
+
+@dataclass
+class AuxOutputs:
+    """The MoE layers' state from the model's last forward.
+
+    lb_loss, z_loss: scalar means over MoE layers, with grad (0 when there are none).
+    routing: block index -> (indices [N, k] long, probs [N, E]), detached.
+    """
+
+    lb_loss: Tensor
+    z_loss: Tensor
+    routing: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+
+def collect_aux_outputs(model: GPT2LMHeadModel) -> AuxOutputs:
+    """Gather aux losses and routing of every MoE layer after a forward."""
+    layers = moe_layers(model)
+    if not layers:
+        zero = torch.zeros((), device=model.device)
+        return AuxOutputs(lb_loss=zero, z_loss=zero.clone())
+    missing = [i for i, layer in layers.items() if layer.last_lb_loss is None]
+    if missing:
+        raise RuntimeError(f"MoE layers {missing} have not run a forward yet")
+    lb = torch.stack([layer.last_lb_loss for layer in layers.values()]).mean()
+    z = torch.stack([layer.last_z_loss for layer in layers.values()]).mean()
+    routing = {i: (layer.last_indices, layer.last_probs) for i, layer in layers.items()}
+    return AuxOutputs(lb_loss=lb, z_loss=z, routing=routing)
+
+
+def count_parameters(model: GPT2LMHeadModel) -> dict[str, int]:
+    """Parameter counts (tied weights once).
+
+    total; experts (all experts of all MoE layers); per_expert (one expert); routers;
+    active: parameters one token uses (total minus the experts it does not visit).
+    """
+    total = sum(p.numel() for p in model.parameters())
+    experts = routers = inactive = per_expert = 0
+    for layer in moe_layers(model).values():
+        sizes = [sum(p.numel() for p in e.parameters()) for e in layer.experts]
+        per_expert = sizes[0]
+        experts += sum(sizes)
+        inactive += (layer.n_experts - layer.top_k) * sizes[0]
+        routers += sum(p.numel() for p in layer.router.parameters())
+    return {
+        "total": total,
+        "experts": experts,
+        "per_expert": per_expert,
+        "routers": routers,
+        "active": total - inactive,
+    }

@@ -1,0 +1,208 @@
+"""Mixture-of-Experts building blocks: a noisy top-k router, its auxiliary losses, and a layer
+that dispatches tokens to experts.
+
+Shapes: N tokens (batch x time, flattened), E experts, k experts per token, d model width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ROUTER_INIT_STD = 0.02  # GPT-2's initializer_range: small logits, so early routing is near uniform
+
+
+@dataclass
+class RouterOutput:
+    """One routing decision for N tokens.
+
+    logits:  [N, E] clean router logits (before noise), float32; input of the z-loss.
+    probs:   [N, E] softmax of the logits used for selection (noisy in training); input of
+             the load-balancing loss.
+    weights: [N, k] combine weights of the selected experts (top-1: exactly 1.0 forward,
+             straight-through gradient; top-k > 1: softmax over the selected logits).
+    indices: [N, k] long, selected experts, best first.
+    """
+
+    logits: Tensor
+    probs: Tensor
+    weights: Tensor
+    indices: Tensor
+
+
+class Router(nn.Module):
+    """Noisy top-k gating: a bias-free linear ``d_model -> n_experts`` plus Gaussian noise.
+
+    In training the logits get noise of std :attr:`current_noise_std` before top-k; the std
+    falls linearly from ``noise_std`` at step 0 to 0 at ``noise_anneal_steps`` (0 steps: no
+    noise at all). The step lives in the ``step`` buffer, advanced by the owner with
+    :meth:`set_step`, so it follows the trainer's global step and is saved in checkpoints.
+    Eval mode adds no noise.
+    """
+
+    step: Tensor
+
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        top_k: int = 1,
+        noise_std: float = 1.0,
+        noise_anneal_steps: int = 1000,
+    ) -> None:
+        super().__init__()
+        if n_experts < 1:
+            raise ValueError(f"n_experts must be >= 1, got {n_experts}")
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"top_k must be in [1, n_experts={n_experts}], got {top_k}")
+        if noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        if noise_anneal_steps < 0:
+            raise ValueError(f"noise_anneal_steps must be >= 0, got {noise_anneal_steps}")
+        self.n_experts = n_experts
+        self.top_k = top_k
+        self.noise_std = float(noise_std)
+        self.noise_anneal_steps = int(noise_anneal_steps)
+        self.gate = nn.Linear(d_model, n_experts, bias=False)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, 0.02) gate weights; pass a CPU ``generator`` for a seeded init."""
+        weight = torch.empty(self.gate.weight.shape)
+        nn.init.normal_(weight, std=ROUTER_INIT_STD, generator=generator)
+        with torch.no_grad():
+            self.gate.weight.copy_(weight)
+
+    def set_step(self, step: int) -> None:
+        """Set the annealing step (the trainer's global step, >= 0)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        self.step.fill_(int(step))
+
+    def _noise_scale(self) -> Tensor:
+        """The noise std at the current step, as a 0-d tensor (no host sync)."""
+        if self.noise_anneal_steps == 0:
+            return torch.zeros((), device=self.step.device)
+        remaining = 1.0 - self.step.float() / self.noise_anneal_steps
+        return self.noise_std * remaining.clamp(min=0.0)
+
+    @property
+    def current_noise_std(self) -> float:
+        """Std of the training noise at the current step (the eval std is always 0)."""
+        return float(self._noise_scale())
+
+    def forward(self, x: Tensor) -> RouterOutput:
+        """Route ``x`` [N, d_model] to ``top_k`` of ``n_experts`` experts."""
+        logits = self.gate(x).float()  # selection and softmax in float32, also under autocast
+        noisy = logits
+        if self.training and self.noise_std > 0:
+            noisy = logits + torch.randn_like(logits) * self._noise_scale()
+        probs = noisy.softmax(dim=-1)
+        top_logits, indices = noisy.topk(self.top_k, dim=-1)
+        if self.top_k == 1:
+            # Straight-through: forward value exactly 1.0, gradient d(weight) = d(p_selected).
+            p_sel = probs.gather(-1, indices)
+            weights = p_sel - p_sel.detach() + 1.0
+        else:
+            weights = top_logits.softmax(dim=-1)
+        return RouterOutput(logits=logits, probs=probs, weights=weights, indices=indices)
+
+
+def load_balancing_loss(probs: Tensor, indices: Tensor, n_experts: int) -> Tensor:
+    """Switch Transformer balance loss ``E * sum_i f_i * P_i`` (scalar).
+
+    probs: [N, E] router probabilities; indices: [N, k] selected experts. f_i is the fraction
+    of the N * k assignments sent to expert i (no gradient), P_i the mean probability of i.
+    Equals 1.0 for uniform routing and grows as routing concentrates.
+    """
+    assignments = F.one_hot(indices.reshape(-1), n_experts).to(probs.dtype)  # [N*k, E]
+    fraction = assignments.mean(dim=0)
+    mean_prob = probs.mean(dim=0)
+    return n_experts * (fraction * mean_prob).sum()
+
+
+def z_loss(logits: Tensor) -> Tensor:
+    """Router z-loss (ST-MoE): mean over tokens of ``logsumexp(logits) ** 2``; logits [N, E]."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+class MoELayer(nn.Module):
+    """Replace a dense MLP: route each token to ``top_k`` experts and sum their weighted outputs.
+
+    Experts map [n, d] -> [n, d]. Tokens are grouped by expert (one loop over experts, with
+    index_select / index_add_), so the cost is one expert call per expert, not per token.
+
+    After each forward the layer keeps, for the training loss and for analysis:
+    ``last_indices`` [N, k] long and ``last_probs`` [N, E] (both detached), and the scalar
+    aux losses ``last_lb_loss`` and ``last_z_loss`` (with grad). Copies and pickles of the
+    layer drop this state.
+    """
+
+    def __init__(
+        self,
+        experts: nn.ModuleList,
+        d_model: int,
+        top_k: int = 1,
+        noise_std: float = 1.0,
+        noise_anneal_steps: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.experts = experts
+        self.d_model = d_model
+        self.router = Router(d_model, len(experts), top_k, noise_std, noise_anneal_steps)
+        self._clear_state()
+
+    @property
+    def n_experts(self) -> int:
+        return self.router.n_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+    def _clear_state(self) -> None:
+        self.last_indices: Tensor | None = None
+        self.last_probs: Tensor | None = None
+        self.last_lb_loss: Tensor | None = None
+        self.last_z_loss: Tensor | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The last losses hold the autograd graph, which deepcopy and pickle refuse.
+        state = super().__getstate__()
+        state.update(last_indices=None, last_probs=None, last_lb_loss=None, last_z_loss=None)
+        return state
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """hidden [B, T, d] -> [B, T, d]."""
+        shape = hidden.shape
+        x = hidden.reshape(-1, self.d_model)  # [N, d]
+        route = self.router(x)
+
+        # One row per (token, slot) assignment, sorted by expert: [N * k].
+        expert_of = route.indices.reshape(-1)
+        order = torch.argsort(expert_of, stable=True)
+        token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)[order]
+        weight_of = route.weights.reshape(-1)[order]
+        counts = torch.bincount(expert_of, minlength=self.n_experts).tolist()
+
+        out = torch.zeros_like(x)
+        # Every expert runs, on zero rows if it got none, so all stay in the autograd graph.
+        for expert, tokens, weights in zip(
+            self.experts, token_of.split(counts), weight_of.split(counts), strict=True
+        ):
+            y = expert(x.index_select(0, tokens)) * weights.unsqueeze(-1)
+            out.index_add_(0, tokens, y.to(out.dtype))
+
+        self.last_indices = route.indices.detach()
+        self.last_probs = route.probs.detach()
+        self.last_lb_loss = load_balancing_loss(route.probs, route.indices, self.n_experts)
+        self.last_z_loss = z_loss(route.logits)
+        return out.reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"n_experts={self.n_experts}, top_k={self.top_k}"

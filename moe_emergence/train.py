@@ -1,0 +1,75 @@
+"""Compose -> instantiate -> fit: the body of ``train.py``, importable for tests and notebooks."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+def _strategy_name(strategy: Any) -> str:
+    if isinstance(strategy, str):
+        return strategy
+    if isinstance(strategy, DictConfig | dict):
+        return str(strategy.get("_target_", ""))
+    return type(strategy).__name__
+
+
+def check_launch(cfg: DictConfig, multirun: bool) -> None:
+    """Refuse Lightning's ``ddp`` inside a Hydra multirun: it re-launches the script per rank
+    and every rank would start its own sweep."""
+    name = _strategy_name(cfg.trainer.get("strategy", "auto")).lower()
+    if multirun and "ddp" in name and "spawn" not in name:
+        raise ValueError(
+            f"trainer.strategy={name!r} cannot run inside a Hydra multirun (-m): Lightning's "
+            f"ddp re-launches the script per rank and each would start its own sweep. Use "
+            f"trainer.strategy=ddp_spawn for sweeps, or run single jobs without -m."
+        )
+
+
+def train(cfg: DictConfig, multirun: bool = False) -> dict[str, Any]:
+    """Seed, build datamodule, model and trainer from ``cfg``, fit; return where outputs are."""
+    check_launch(cfg, multirun)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    run_dir = Path(trainer.default_root_dir)
+    outputs = {
+        "run_dir": run_dir,
+        "checkpoints": trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None,
+        "metrics": Path(trainer.logger.log_dir) / "metrics.csv" if trainer.logger else None,
+        "routing_png": run_dir / "routing.png",
+        "data_report": run_dir / "data_report.json",
+        "global_step": trainer.global_step,
+        "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+    }
+    if trainer.is_global_zero:
+        _print_summary(outputs)
+    return outputs
+
+
+def _print_summary(outputs: dict[str, Any]) -> None:
+    domain_losses = {
+        k.removeprefix("train/loss_"): v
+        for k, v in outputs["final_metrics"].items()
+        if k.startswith("train/loss_")
+    }
+    lines = [f"Finished at step {outputs['global_step']}. Outputs in {outputs['run_dir']}:"]
+    if domain_losses:
+        lines.append("  final train loss per domain: " + ", ".join(
+            f"{d} {v:.3f}" for d, v in sorted(domain_losses.items())))  # fmt: skip
+    for key in ("checkpoints", "metrics", "routing_png", "data_report"):
+        if outputs[key] is not None:
+            lines.append(f"  {key:<12} {outputs[key]}")
+    print("\n".join(lines))

@@ -1,0 +1,123 @@
+"""MixedDomainDataModule on a tiny fixture mirror: batches, idempotent setup, held-out split."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from moe_emergence.data import MixedDomainDataModule
+from moe_emergence.data.packing import split_by_document
+from moe_emergence.data.sources import DOMAINS
+
+
+def overrides(mirror, tokenizer, *extra):
+    return [
+        f"data.hub_mirror={mirror}",
+        f"data.tokenizer={tokenizer}",
+        "data/size=1mb",
+        "data.block_size=32",
+        "data.batch_size=4",
+        "data.show_progress=false",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def dm(tiny_mirror, tiny_tokenizer_dir, tmp_path):
+    dm = MixedDomainDataModule.from_config(
+        overrides(tiny_mirror, tiny_tokenizer_dir, f"data.report_dir={tmp_path}")
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_batch_shape_and_domain_labels(dm):
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == (4, 32) and batch["input_ids"].dtype == torch.long
+    assert len(batch["domains"]) == 4 and set(batch["domains"]) <= set(DOMAINS)
+
+
+def test_setup_twice_is_harmless(dm):
+    dataset = dm.train_dataset
+    first = [dataset[i]["input_ids"].tolist() for i in range(len(dataset))]
+    dm.setup("fit")
+    assert dm.train_dataset is dataset
+    assert [dm.train_dataset[i]["input_ids"].tolist() for i in range(len(dataset))] == first
+
+
+def test_report_written_like_the_cli(dm, tmp_path):
+    report = json.loads((tmp_path / "data_report.json").read_text())
+    for key in ("num_texts", "total_chars", "token_counts", "block_counts", "metadata"):
+        assert set(report[key]) == set(DOMAINS), key
+    assert report["settings"]["block_size"] == 32
+    assert report["block_counts"] == {d: c // 32 for d, c in report["token_counts"].items()}
+
+
+def test_no_validation_without_eval_fraction(dm):
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    assert dm.val_dataset is None
+    assert not is_overridden("val_dataloader", dm)
+
+
+def test_loader_settings():
+    dm = MixedDomainDataModule(num_workers=2, batch_size=3)
+    assert dm.persistent_workers is True and dm.pin_memory == torch.cuda.is_available()
+    assert MixedDomainDataModule(num_workers=0).persistent_workers is False
+
+
+def test_eval_split_holds_out_whole_texts(tiny_mirror, tiny_tokenizer_dir, tmp_path):
+    dm = MixedDomainDataModule.from_config(
+        overrides(
+            tiny_mirror,
+            tiny_tokenizer_dir,
+            "data.eval_fraction=0.1",
+            "data/balance=on",
+            "data.block_size=8",
+        )
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    assert is_overridden("val_dataloader", dm)
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["input_ids"].shape[1] == 8
+    report = dm.report
+    for domain in DOMAINS:
+        held_out = dm.eval_text_ids[domain]
+        assert 0 < len(held_out) < report["num_texts"][domain]
+        # the eval side is never balanced; the train side is
+        assert dm.val_dataset.balanced_block_counts is None
+        train_tokens = dm.train_dataset.token_counts[domain]
+        assert train_tokens == report["token_counts"][domain]
+        eval_tokens = dm.val_dataset.token_counts[domain]
+        assert train_tokens + eval_tokens == report["all_token_counts"][domain]
+    assert len(set(dm.train_dataset.balanced_block_counts.values())) == 1
+
+
+def test_split_by_document_keeps_texts_whole():
+    lengths = np.array([3, 5, 2, 4, 6, 1, 3, 2, 5, 4])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    tokens = np.repeat(np.arange(len(lengths)), lengths).astype(np.uint16)  # token = its text id
+    train, held_out, is_eval = split_by_document(tokens, offsets, 0.3, seed=1)
+    assert is_eval.sum() == 3
+    assert set(np.unique(held_out)) == set(np.flatnonzero(is_eval))
+    assert set(np.unique(train)).isdisjoint(np.unique(held_out))
+    assert len(train) + len(held_out) == len(tokens)
+    assert np.all(np.diff(train.astype(int)) >= 0)  # each side keeps stream order
+    again = split_by_document(tokens, offsets, 0.3, seed=1)[2]
+    other = split_by_document(tokens, offsets, 0.3, seed=2)[2]
+    assert again.tolist() == is_eval.tolist() and other.tolist() != is_eval.tolist()
+
+
+def test_eval_split_too_small_is_a_clear_error(tiny_mirror, tiny_tokenizer_dir):
+    dm = MixedDomainDataModule.from_config(
+        overrides(tiny_mirror, tiny_tokenizer_dir, "data.eval_fraction=0.01", "data.block_size=512")
+    )
+    with pytest.raises(ValueError, match=r"Held-out split too small.*data\.eval_fraction"):
+        dm.setup("fit")

@@ -1,0 +1,121 @@
+"""The Hydra config tree: every option of every group composes and instantiates the datamodule;
+overrides land on the documented keys; bad values fail before any data is read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import HydraException, MissingConfigException
+from hydra.utils import instantiate
+
+from moe_emergence.config import compose_config, config_dir
+from moe_emergence.data import datamodule as datamodule_module
+from moe_emergence.data.datamodule import MixedDomainDataModule
+
+CONF = config_dir()
+GROUPS = ["data/size", "data/balance", "data/source", "model", "trainer", "logger", "paths",
+          "callbacks", "experiment"]  # fmt: skip
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.fixture
+def no_data_reads(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("configuration errors must fire before any data is read")
+
+    monkeypatch.setattr(datamodule_module, "prepare_domains", fail)
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert options(group), group
+    assert options("data/size") == ["10mb", "1mb", "5mb"]
+    assert options("trainer") == ["cpu", "ddp", "default", "gpu"]
+    assert {"gpt2_moe", "tiny_moe", "dense"} <= set(options("model"))
+
+
+@pytest.mark.parametrize(
+    "override", [f"{g}={o}" for g in GROUPS for o in options(g)], ids=lambda s: s
+)
+def test_every_option_composes_and_instantiates_the_datamodule(override, no_data_reads):
+    cfg = compose_config([override])
+    dm = instantiate(cfg.data)
+    assert isinstance(dm, MixedDomainDataModule)
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    assert cfg.model._target_.endswith("MoEGPT2Module")
+    assert dm.settings.seed == cfg.seed
+
+
+def test_documented_overrides_set_their_keys():
+    cfg = compose_config(["data/size=10mb", "data.balance_tokens=true"])
+    assert cfg.data.size_mb == 10 and cfg.data.balance_tokens is True
+    cfg = compose_config(["data/size=1mb", "data/balance=on", "data.block_size=128", "seed=7"])
+    assert (cfg.data.size_mb, cfg.data.balance_tokens, cfg.data.block_size) == (1, True, 128)
+    assert cfg.data.seed == 7  # follows the top-level seed
+    cfg = compose_config(["data/balance=off", "data.seed=3"])
+    assert cfg.data.balance_tokens is False and cfg.data.seed == 3 and cfg.seed == 42
+    defaults = compose_config([]).data
+    assert (defaults.size_mb, defaults.block_size, defaults.max_example_chars) == (10, 512, 10000)
+    assert defaults.eval_fraction == 0.0 and defaults.tokenizer == "gpt2"
+
+
+def test_hub_mirror_defaults_to_the_environment(monkeypatch, tmp_path):
+    assert compose_config([]).data.hub_mirror is None
+    monkeypatch.setenv("MOE_HUB_MIRROR", str(tmp_path))
+    assert compose_config([]).data.hub_mirror == str(tmp_path)
+
+
+def test_experiment_is_a_diff_of_the_defaults():
+    cfg = compose_config(["experiment=tiny_cpu"])
+    assert cfg.model.pretrained is None and cfg.trainer.accelerator == "cpu"
+    assert cfg.data.size_mb == 1 and cfg.data.block_size == 128
+
+
+def test_unknown_size_lists_the_options():
+    with pytest.raises(MissingConfigException) as excinfo:
+        compose_config(["data/size=2mb"])
+    message = str(excinfo.value)
+    assert "Available options in 'data/size'" in message
+    for option in ("1mb", "5mb", "10mb"):
+        assert option in message
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("data.balance_tokens=off", "data.balance_tokens"),
+        ("data.size_mb=-1", "data.size_mb"),
+        ("data.block_size=1", "data.block_size"),
+        ("data.max_example_chars=150", "data.max_example_chars"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("data.eval_fraction=1.5", "data.eval_fraction"),
+        ("data.source=sample_text", "data.source"),
+        ("+data.bogus_key=1", "bogus_key"),
+    ],
+)
+def test_typed_config_errors_name_the_key_before_reading_data(override, named, no_data_reads):
+    cfg = compose_config([override])
+    with pytest.raises(HydraException) as excinfo:
+        instantiate(cfg.data)
+    assert named in str(excinfo.value)
+
+
+def test_unknown_key_without_plus_is_refused_at_compose():
+    with pytest.raises(HydraException, match="bogus_key"):
+        compose_config(["data.bogus_key=1"])
+
+
+def test_data_and_model_nodes_need_no_hydra_runtime():
+    cfg = compose_config(["model=tiny_moe"])
+    from omegaconf import OmegaConf
+
+    OmegaConf.to_container(cfg.data, resolve=True)
+    assert "hydra:" not in OmegaConf.to_yaml(cfg.model)
+
+
+def test_config_dir_is_the_repos_conf():
+    assert Path(__file__).resolve().parents[1] / "conf" == CONF

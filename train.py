@@ -1,0 +1,25 @@
+"""Train the MoE GPT-2 on the packed code/math/prose data.
+
+python train.py                                   # defaults (conf/config.yaml)
+python train.py data/size=10mb data.balance_tokens=true
+python train.py -m seed=1,2 data.block_size=128,256
+"""
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from moe_emergence.config import register_resolvers
+from moe_emergence.train import train
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    train(cfg, multirun=HydraConfig.get().mode == RunMode.MULTIRUN)
+
+
+if __name__ == "__main__":
+    main()
