@@ -18,7 +18,12 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    train(cfg, multirun=HydraConfig.get().mode == RunMode.MULTIRUN)
+    hydra_cfg = HydraConfig.get()
+    train(
+        cfg,
+        multirun=hydra_cfg.mode == RunMode.MULTIRUN,
+        launcher=str(hydra_cfg.launcher.get("_target_", "")),
+    )
 
 
 if __name__ == "__main__":

@@ -21,11 +21,13 @@ def _strategy_name(strategy: Any) -> str:
     return type(strategy).__name__
 
 
-def check_launch(cfg: DictConfig, multirun: bool) -> None:
-    """Refuse Lightning's ``ddp`` inside a Hydra multirun: it re-launches the script per rank
-    and every rank would start its own sweep."""
+def check_launch(cfg: DictConfig, multirun: bool, launcher: str = "BasicLauncher") -> None:
+    """Refuse Lightning's ``ddp`` inside a multirun of Hydra's basic (in-process) launcher: it
+    re-launches the script per rank and every rank would start its own sweep. Cluster
+    launchers (submitit: one SLURM job per sweep point, ranks started by SLURM) are fine."""
     name = _strategy_name(cfg.trainer.get("strategy", "auto")).lower()
-    if multirun and "ddp" in name and "spawn" not in name:
+    in_process = "basiclauncher" in launcher.lower()
+    if multirun and in_process and "ddp" in name and "spawn" not in name:
         raise ValueError(
             f"trainer.strategy={name!r} cannot run inside a Hydra multirun (-m): Lightning's "
             f"ddp re-launches the script per rank and each would start its own sweep. Use "
@@ -33,9 +35,14 @@ def check_launch(cfg: DictConfig, multirun: bool) -> None:
         )
 
 
-def train(cfg: DictConfig, multirun: bool = False) -> dict[str, Any]:
-    """Seed, build datamodule, model and trainer from ``cfg``, fit; return where outputs are."""
-    check_launch(cfg, multirun)
+def train(
+    cfg: DictConfig, multirun: bool = False, launcher: str = "BasicLauncher"
+) -> dict[str, Any]:
+    """Seed, build datamodule, model and trainer from ``cfg``, fit; return where outputs are.
+
+    ``multirun`` / ``launcher``: whether this is a sweep job and the Hydra launcher's target.
+    """
+    check_launch(cfg, multirun, launcher)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)

@@ -87,6 +87,8 @@ def test_ddp_inside_multirun_is_refused():
         check_launch(cfg, multirun=True)
     check_launch(cfg, multirun=False)
     check_launch(compose_config(["trainer=ddp", "trainer.strategy=ddp_spawn"]), multirun=True)
+    slurm = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    check_launch(cfg, multirun=True, launcher=slurm)
 
 
 def run_train(*args, cwd, env_extra=None, timeout=600):
