@@ -34,9 +34,17 @@ def tokenizer_vocab_size(name: str, hub_mirror: str | None = None) -> int:
     return len(load_tokenizer(name, hub_mirror if hub_mirror is not None else default_mirror()))
 
 
+def path_safe(text: str) -> str:
+    """Resolver ``${path_safe:...}``: ``/`` (from group overrides such as ``data/size=1mb``)
+    would nest sweep folders; it becomes ``-``."""
+    return str(text).replace("/", "-")
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("vocab_size"):
         OmegaConf.register_new_resolver("vocab_size", tokenizer_vocab_size)
+    if not OmegaConf.has_resolver("path_safe"):
+        OmegaConf.register_new_resolver("path_safe", path_safe)
 
 
 def compose_config(

@@ -99,7 +99,7 @@ def run_train(*args, cwd, env_extra=None, timeout=600):
 
 def test_multirun_of_two_jobs_tokenizes_once(tiny_mirror, tiny_tokenizer_dir, tmp_path):
     args = [a for a in tiny_overrides(tiny_mirror, tiny_tokenizer_dir, "x") if "run_dir" not in a]
-    proc = run_train("-m", "seed=1,2", *args, "trainer.max_steps=2",
+    proc = run_train("-m", "seed=1,2", "data/size=1mb", *args, "trainer.max_steps=2",
                      f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
@@ -109,6 +109,7 @@ def test_multirun_of_two_jobs_tokenizes_once(tiny_mirror, tiny_tokenizer_dir, tm
     assert len(jobs) == 2
     assert jobs[0].startswith("0_") and "seed=1" in jobs[0]
     assert jobs[1].startswith("1_") and "seed=2" in jobs[1]
+    assert "data-size=1mb" in jobs[0]  # a group override does not nest folders
     for job in jobs:
         assert (tmp_path / "sweep" / job / "routing.csv").exists()
 

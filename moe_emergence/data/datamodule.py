@@ -135,7 +135,9 @@ class MixedDomainDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
             return
-        prepared = prepare_domains(self.settings, show_progress=self.show_progress)
+        prepared = prepare_domains(
+            self.settings, show_progress=self.show_progress, announce_hit=False
+        )
         train_streams: dict[str, Any] = dict(prepared.streams)
         eval_streams: dict[str, Any] = {}
         if self.eval_fraction > 0:

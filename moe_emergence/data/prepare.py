@@ -61,11 +61,14 @@ def cache_inputs(
     }
 
 
-def prepare_domains(settings: DataSettings, show_progress: bool = True) -> PreparedDomains:
+def prepare_domains(
+    settings: DataSettings, show_progress: bool = True, announce_hit: bool = True
+) -> PreparedDomains:
     """Validate ``settings``; open the token cache, streaming and tokenizing only on a miss.
 
     Every dataset's location is resolved first, so a missing mirror folder or an unreachable
-    Hub fails in seconds, before anything is streamed.
+    Hub fails in seconds, before anything is streamed. ``announce_hit=False`` keeps a cache hit
+    quiet (setup after prepare_data has already said so).
     """
     settings.validate()
     sources = source_entries(settings)
@@ -95,7 +98,7 @@ def prepare_domains(settings: DataSettings, show_progress: bool = True) -> Prepa
     )
     if cache.built_now:
         log.info("Token cache written to %s", cache.path)
-    else:
+    elif announce_hit:
         log.info(
             "Found token cache %s (built %s): skipping streaming and tokenizing; %s.",
             cache.path, cache.manifest["created_at"], REBUILD_HINT,
