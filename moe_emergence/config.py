@@ -26,12 +26,16 @@ def config_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=8)
-def tokenizer_vocab_size(name: str, hub_mirror: str | None = None) -> int:
-    """Resolver ``${vocab_size:${data.tokenizer},${data.hub_mirror}}``: the tokenizer's size."""
+def tokenizer_vocab_size(
+    name: str, hub_mirror: str | None = None, cache_dir: str | None = None
+) -> int:
+    """Resolver ``${vocab_size:${data.tokenizer},${data.hub_mirror},${data.cache_dir}}``:
+    the number of ids of the tokenizer the data is made with."""
     from moe_emergence.data.hub import default_mirror
     from moe_emergence.data.tokenize import load_tokenizer
 
-    return len(load_tokenizer(name, hub_mirror if hub_mirror is not None else default_mirror()))
+    mirror = hub_mirror if hub_mirror is not None else default_mirror()
+    return len(load_tokenizer(name, mirror, cache_dir))
 
 
 def path_safe(text: str) -> str:

@@ -60,6 +60,7 @@ def train(
         "data_report": run_dir / "data_report.json",
         "global_step": trainer.global_step,
         "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        "domain_losses": getattr(model, "recent_domain_losses", dict)(),
     }
     if trainer.is_global_zero:
         _print_summary(outputs)
@@ -67,15 +68,10 @@ def train(
 
 
 def _print_summary(outputs: dict[str, Any]) -> None:
-    domain_losses = {
-        k.removeprefix("train/loss_"): v
-        for k, v in outputs["final_metrics"].items()
-        if k.startswith("train/loss_")
-    }
     lines = [f"Finished at step {outputs['global_step']}. Outputs in {outputs['run_dir']}:"]
-    if domain_losses:
-        lines.append("  final train loss per domain: " + ", ".join(
-            f"{d} {v:.3f}" for d, v in sorted(domain_losses.items())))  # fmt: skip
+    if outputs["domain_losses"]:
+        lines.append("  final train loss per domain (mean of the last 50 steps): " + ", ".join(
+            f"{d} {v:.3f}" for d, v in outputs["domain_losses"].items()))  # fmt: skip
     for key in ("checkpoints", "metrics", "routing_png", "data_report"):
         if outputs[key] is not None:
             lines.append(f"  {key:<12} {outputs[key]}")

@@ -21,18 +21,15 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
-from moe_emergence.data.files import atomic_write_text
+from moe_emergence.data.files import atomic_write_text, build_folder_once
 from moe_emergence.data.tokenize import TokenStream, iter_token_batches, token_dtype, untruncated
 
 log = logging.getLogger(__name__)
@@ -233,20 +230,6 @@ def build_cache(
     return manifest
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    lock = FileLock(str(lock_path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.info("Waiting for another process preparing this cache (lock %s)...", lock_path)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
-
-
 def _try_open(path: Path) -> dict[str, Any] | None:
     """The verified manifest, None when there is no cache; warns and returns None if corrupt."""
     if not (path / MANIFEST).exists():
@@ -256,14 +239,6 @@ def _try_open(path: Path) -> dict[str, Any] | None:
     except (CacheCorruptError, OSError, ValueError, KeyError) as exc:
         log.warning("Token cache %s is damaged (%s); rebuilding it.", path, exc)
         return None
-
-
-def _discard(path: Path) -> None:
-    """Move ``path`` aside (atomically) and delete it, if it exists."""
-    if path.exists():
-        trash = path.with_name(f".{path.name}.trash-{uuid.uuid4().hex[:8]}")
-        os.replace(path, trash)
-        shutil.rmtree(trash, ignore_errors=True)
 
 
 def ensure_cache(
@@ -280,23 +255,15 @@ def ensure_cache(
     several processes at once: one builds, the others wait on the lock, then read.
     """
     root = resolve_cache_dir(cache_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    key = fingerprint(inputs)
-    path = root / key
-    if not rebuild and (manifest := _try_open(path)) is not None:
-        return TokenCache(path, manifest, built_now=False)
-    with _locked(root / f"{key}.lock"):
-        if not rebuild and (manifest := _try_open(path)) is not None:
-            return TokenCache(path, manifest, built_now=False)  # built while we waited
-        for stale in root.glob(f".{key}.tmp-*"):  # left by a killed build; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = root / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            manifest = build_cache(tmp, make_domains(), tokenizer, inputs, show_progress)
-            _discard(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return TokenCache(path, manifest, built_now=True)
+    path = root / fingerprint(inputs)
+    found: dict[str, Any] = {}
+
+    def ready(folder: Path) -> bool:
+        found["manifest"] = _try_open(folder)
+        return found["manifest"] is not None
+
+    def build(folder: Path) -> None:
+        found["manifest"] = build_cache(folder, make_domains(), tokenizer, inputs, show_progress)
+
+    built = build_folder_once(path, build, ready, rebuild=rebuild)
+    return TokenCache(path, found["manifest"], built_now=built)

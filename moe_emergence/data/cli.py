@@ -92,7 +92,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[DataSettings, argpars
     parser.add_argument(
         "--tokenizer",
         default=defaults.tokenizer,
-        help="tokenizer Hub name or folder (default %(default)s)",
+        help="tokenizer Hub name or folder, or sample_bpe (default %(default)s)",
+    )
+    parser.add_argument(
+        "--source",
+        choices=["hub", "sample"],
+        default=defaults.source,
+        help="hub: the datasets (through --hub-mirror if set); sample: the offline corpus "
+        "(pair it with --tokenizer sample_bpe)",
     )
     parser.add_argument(
         "--cache-dir",
@@ -115,6 +122,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[DataSettings, argpars
         hub_mirror=args.hub_mirror,
         cache_dir=args.cache_dir,
         rebuild_cache=args.rebuild_cache,
+        source=args.source,
     )
     try:
         settings.validate()

@@ -30,7 +30,6 @@ from moe_emergence.data.tokenize import DEFAULT_TOKENIZER, TokenStream, load_tok
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("hub",)
 REPORT_FILE = "data_report.json"
 
 
@@ -76,12 +75,12 @@ class MixedDomainDataModule(L.LightningDataModule):
             hub_mirror=hub_mirror if hub_mirror is not None else default_mirror(),
             cache_dir=cache_dir,
             rebuild_cache=rebuild_cache,
+            source=source,
         ).validate()
-        _check_loader_args(source, batch_size, num_workers, eval_fraction, eval_seed)
+        _check_loader_args(batch_size, num_workers, eval_fraction, eval_seed)
         for key, value in (("pin_memory", pin_memory), ("persistent_workers", persistent_workers)):
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"data.{key} must be true, false or null, got {value!r}.")
-        self.source = source
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -124,7 +123,8 @@ class MixedDomainDataModule(L.LightningDataModule):
     def tokenizer(self):
         """The tokenizer the blocks were made with (loaded on first use)."""
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.settings.tokenizer, self.settings.hub_mirror)
+            s = self.settings
+            self._tokenizer = load_tokenizer(s.tokenizer, s.hub_mirror, s.cache_dir)
         return self._tokenizer
 
     def prepare_data(self) -> None:
@@ -183,7 +183,6 @@ class MixedDomainDataModule(L.LightningDataModule):
         self, prepared: PreparedDomains, dataset: PackedMixedDomainDataset
     ) -> dict[str, Any]:
         report = build_report(prepared, dataset, self.settings)
-        report["source"] = self.source
         report["eval_fraction"] = self.eval_fraction
         if self.val_dataset is not None:
             # token_counts / block_counts above describe the training side only.
@@ -227,10 +226,8 @@ class MixedDomainDataModule(L.LightningDataModule):
 
 
 def _check_loader_args(
-    source: str, batch_size: int, num_workers: int, eval_fraction: float, eval_seed: int
+    batch_size: int, num_workers: int, eval_fraction: float, eval_seed: int
 ) -> None:
-    if source not in SOURCES:
-        raise ValueError(f"data.source={source!r} is not one of {SOURCES} (data/source=...).")
     if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"data.batch_size must be an integer ≥ 1, got {batch_size!r}.")
     if not _is_int(num_workers) or num_workers < 0:

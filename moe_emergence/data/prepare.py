@@ -39,6 +39,10 @@ def source_entries(settings: DataSettings) -> dict[str, list[dict[str, Any]]]:
     """Every domain's sources with their resolved location: the absolute mirror folder or
     ``hub:<id>``, so that a mirror and the Hub never share a cache entry. Resolving checks
     that each one is reachable (mirror folder present, or Hub online)."""
+    if settings.source == "sample":
+        from moe_emergence.data.sample import sample_identity
+
+        return {domain: [{"sample": sample_identity()}] for domain in DEFAULT_SOURCES}
     entries: dict[str, list[dict[str, Any]]] = {}
     for domain, domain_sources in DEFAULT_SOURCES.items():
         entries[domain] = []
@@ -54,6 +58,7 @@ def cache_inputs(
 ) -> dict[str, Any]:
     """Everything that changes the tokens, and nothing applied after tokenization."""
     return {
+        "source": settings.source,
         "budget_chars": budget_chars(settings.size_mb),
         "max_example_chars": settings.max_example_chars,
         "sources": sources,
@@ -72,12 +77,21 @@ def prepare_domains(
     """
     settings.validate()
     sources = source_entries(settings)
-    tokenizer = load_tokenizer(settings.tokenizer, settings.hub_mirror)
+    tokenizer = load_tokenizer(settings.tokenizer, settings.hub_mirror, settings.cache_dir)
     info = tokenizer_identity(tokenizer, settings.tokenizer)
     inputs = cache_inputs(settings, sources, info)
 
     def load_all() -> Iterator[DomainInput]:
         for domain, sources in DEFAULT_SOURCES.items():
+            if settings.source == "sample":
+                from moe_emergence.data.sample import load_sample_domain
+
+                texts, meta = load_sample_domain(
+                    domain, settings.size_mb, settings.max_example_chars,
+                    show_progress=show_progress,
+                )  # fmt: skip
+                yield DomainInput(domain, texts, meta)
+                continue
             texts, meta = load_domain(
                 domain,
                 sources,

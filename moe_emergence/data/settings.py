@@ -17,6 +17,8 @@ from moe_emergence.data.sources import (
 )
 from moe_emergence.data.tokenize import DEFAULT_TOKENIZER
 
+SOURCES = ("hub", "sample")
+
 
 @dataclass
 class DataSettings:
@@ -27,6 +29,7 @@ class DataSettings:
     hub_mirror: folder holding Hub repos as <mirror>/<org>/<name> (default $MOE_HUB_MIRROR).
     cache_dir: token cache root (None: $MOE_CACHE_DIR, else .cache/moe_emergence in the cwd).
     rebuild_cache: tokenize again even when the cache holds these settings' tokens.
+    source: "hub" (the datasets, through hub_mirror if set) or "sample" (the offline corpus).
     """
 
     size_mb: float = 10.0
@@ -38,6 +41,7 @@ class DataSettings:
     hub_mirror: str | None = dataclasses.field(default_factory=default_mirror)
     cache_dir: str | None = None
     rebuild_cache: bool = False
+    source: str = "hub"
 
     def validate(self) -> DataSettings:
         """Raise ValueError naming the flag / config key and the fix for the first bad value."""
@@ -64,6 +68,11 @@ class DataSettings:
                 raise ValueError(f"{option(key)} must be true or false, got {value!r}.")
         if not _is_int(self.seed):
             raise ValueError(f"{option('seed')} must be an integer, got {self.seed!r}.")
+        if self.source not in SOURCES:
+            raise ValueError(
+                f"{option('source')} must be one of {list(SOURCES)} (data/source=...), "
+                f"got {self.source!r}."
+            )
         for key in ("tokenizer", "hub_mirror", "cache_dir"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, str | Path):

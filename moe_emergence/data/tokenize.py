@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,11 +48,23 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size < 2**16 else np.dtype(np.uint32)
 
 
-def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER, hub_mirror: str | None = None):
-    """A fast (Rust-backed) tokenizer by Hub name, mirror or local folder; it must define EOS."""
+def load_tokenizer(
+    name_or_path: str = DEFAULT_TOKENIZER,
+    hub_mirror: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+):
+    """A fast (Rust-backed) tokenizer by Hub name, mirror or local folder; it must define EOS.
+
+    ``sample_bpe`` is the offline tokenizer trained on the sample corpus (kept in ``cache_dir``).
+    """
     from transformers import AutoTokenizer
 
-    location = resolve_repo(name_or_path, hub_mirror, kind="tokenizer")
+    from moe_emergence.data.sample_tokenizer import SAMPLE_TOKENIZER, ensure_sample_tokenizer
+
+    if name_or_path == SAMPLE_TOKENIZER:
+        location = str(ensure_sample_tokenizer(cache_dir))
+    else:
+        location = resolve_repo(name_or_path, hub_mirror, kind="tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
     except OSError as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from moe_emergence.model.routing import (
 log = logging.getLogger(__name__)
 
 DOMAINS = ("code", "math", "prose")
+RECENT_STEPS = 50
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -94,6 +96,7 @@ class MoEGPT2Module(L.LightningModule):
             counts = torch.zeros(len(self.domains), moe_layer.n_experts, dtype=torch.long)
             self.register_buffer(f"routing_counts_{layer}", counts)
         self._step_started: float | None = None
+        self._recent_losses = {d: deque(maxlen=RECENT_STEPS) for d in self.domains}
 
     # ------------------------------------------------------------------ forward and losses
 
@@ -128,6 +131,8 @@ class MoEGPT2Module(L.LightningModule):
         for d, domain in enumerate(self.domains):
             mask = domain_ids == d
             if mask.any():
+                if prefix == "train":
+                    self._recent_losses[domain].append(float(per_block[mask].mean()))
                 self.log(f"{prefix}/loss_{domain}", per_block[mask].mean(), on_step=on_step,
                          on_epoch=not on_step, batch_size=int(mask.sum()))  # fmt: skip
 
@@ -182,6 +187,10 @@ class MoEGPT2Module(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def recent_domain_losses(self) -> dict[str, float]:
+        """Per domain, the mean train LM loss over its last (up to 50) logged steps."""
+        return {d: sum(v) / len(v) for d, v in self._recent_losses.items() if v}
 
     # ------------------------------------------------------------------ routing analysis
 

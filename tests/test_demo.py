@@ -1,0 +1,75 @@
+"""The offline first run: the sample_bpe tokenizer and `experiment=demo`, shortened."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moe_emergence.config import compose_config
+from moe_emergence.data.sample import load_sample_domain
+from moe_emergence.data.sample_tokenizer import VOCAB_SIZE, sample_tokenizer_dir
+from moe_emergence.data.tokenize import encode_texts, load_tokenizer
+from moe_emergence.train import train
+
+
+@pytest.fixture(scope="session")
+def sample_cache(tmp_path_factory):
+    """One cache dir for the session, so that sample_bpe is trained once."""
+    return tmp_path_factory.mktemp("sample-cache")
+
+
+@pytest.fixture(scope="session")
+def sample_bpe(sample_cache):
+    return load_tokenizer("sample_bpe", cache_dir=sample_cache)
+
+
+def test_sample_tokenizer_round_trips_every_domain(sample_bpe):
+    assert len(sample_bpe) == VOCAB_SIZE
+    assert sample_bpe.convert_ids_to_tokens(sample_bpe.eos_token_id) == "<|endoftext|>"
+    for domain in ("code", "math", "prose"):
+        texts = load_sample_domain(domain, 0.02)[0][:5]
+        for text in texts:
+            ids = sample_bpe(text, add_special_tokens=False)["input_ids"]
+            assert sample_bpe.decode(ids, clean_up_tokenization_spaces=False) == text
+        stream = encode_texts(texts, sample_bpe)
+        assert stream.tokens.max() < VOCAB_SIZE
+        assert (stream.tokens == sample_bpe.eos_token_id).sum() == len(texts)
+
+
+def test_sample_tokenizer_is_trained_once_and_reused(sample_bpe, sample_cache):
+    folder = sample_tokenizer_dir(sample_cache)
+    made = (folder / "tokenizer.json").stat().st_mtime_ns
+    again = load_tokenizer("sample_bpe", cache_dir=sample_cache)
+    assert (folder / "tokenizer.json").stat().st_mtime_ns == made
+    assert again.get_vocab() == sample_bpe.get_vocab()
+
+
+def test_demo_composes_as_documented():
+    cfg = compose_config(["experiment=demo"])
+    assert cfg.data.source == "sample" and cfg.data.tokenizer == "sample_bpe"
+    assert cfg.model.pretrained is None and cfg.trainer.accelerator == "cpu"
+
+
+def test_demo_runs_a_few_steps(sample_cache, tmp_path):
+    cfg = compose_config(
+        [
+            "experiment=demo",
+            "trainer.max_steps=3",
+            "data.size_mb=0.05",
+            "data.block_size=64",
+            "data.show_progress=false",
+            f"data.cache_dir={sample_cache}",
+            f"paths.run_dir={tmp_path}",
+            "trainer.enable_progress_bar=false",
+            "~callbacks.progress_bar",
+        ]
+    )
+    out = train(cfg)
+    assert out["global_step"] == 3
+    assert set(out["domain_losses"]) == {"code", "math", "prose"}
+    report = json.loads((tmp_path / "data_report.json").read_text())
+    assert report["settings"]["source"] == "sample"
+    assert report["tokenizer"]["vocab_size"] == VOCAB_SIZE
+    assert {m["source"] for m in report["metadata"].values()} == {"sample"}
+    assert (tmp_path / "routing.png").exists()
