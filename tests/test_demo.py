@@ -73,3 +73,17 @@ def test_demo_runs_a_few_steps(sample_cache, tmp_path):
     assert report["tokenizer"]["vocab_size"] == VOCAB_SIZE
     assert {m["source"] for m in report["metadata"].values()} == {"sample"}
     assert (tmp_path / "routing.png").exists()
+
+
+def test_data_cli_on_the_sample_source(sample_cache, tmp_path):
+    from moe_emergence.data.cli import main
+
+    report_path = tmp_path / "r.json"
+    argv = ["--source", "sample", "--tokenizer", "sample_bpe", "--size-mb", "0.05",
+            "--block-size", "32", "--cache-dir", str(sample_cache), "--no-progress",
+            "--report", str(report_path)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(report_path.read_text())
+    assert report["settings"]["source"] == "sample"
+    assert all(report["num_texts"][d] > 0 for d in ("code", "math", "prose"))
+    assert all(m["source"] == "sample" for m in report["metadata"].values())
