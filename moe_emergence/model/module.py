@@ -201,6 +201,22 @@ class MoEGPT2Module(L.LightningModule):
             for layer in moe_layers(self.model)
         }
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the routing counts summed over DDP ranks (called on every rank)."""
+        if self.trainer.world_size > 1:
+            for layer, counts in self.routing_counts().items():
+                total = self.all_gather(counts.to(self.device)).sum(0).cpu()
+                checkpoint["state_dict"][f"routing_counts_{layer}"] = total
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rank 0 resumes the summed counts; the other ranks start from zero, so that the sum
+        gathered at the end of fit counts every routing assignment once."""
+        trainer = self._trainer
+        if trainer is not None and trainer.global_rank != 0:
+            for key, value in checkpoint["state_dict"].items():
+                if key.startswith("routing_counts_"):
+                    checkpoint["state_dict"][key] = torch.zeros_like(value)
+
     def on_fit_end(self) -> None:
         counts = self.routing_counts()
         if counts:

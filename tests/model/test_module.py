@@ -76,3 +76,19 @@ def test_unknown_batch_domain_is_a_clear_error():
     batch = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "domains": ["code", "poetry"]}
     with pytest.raises(ValueError, match="poetry"):
         module.training_step(batch, 0)
+
+
+def test_resumed_routing_counts_are_kept_once_across_ranks():
+    from types import SimpleNamespace
+
+    optimizer = functools.partial(torch.optim.AdamW, lr=1e-3)
+    kwargs = dict(optimizer=optimizer, block_size=8, pretrained=None, vocab_size=32,
+                  n_positions=8, n_embd=16, n_layer=2, n_head=2,
+                  moe={"layers": [1], "n_experts": 2})  # fmt: skip
+    saved = {"state_dict": {"routing_counts_1": torch.tensor([[5, 1], [2, 2], [0, 3]])}}
+    for rank, expected in ((0, [[5, 1], [2, 2], [0, 3]]), (1, [[0, 0], [0, 0], [0, 0]])):
+        module = MoEGPT2Module(**kwargs)
+        module._trainer = SimpleNamespace(global_rank=rank)
+        checkpoint = {"state_dict": dict(saved["state_dict"])}
+        module.on_load_checkpoint(checkpoint)
+        assert checkpoint["state_dict"]["routing_counts_1"].tolist() == expected
