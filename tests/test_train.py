@@ -4,12 +4,15 @@ step count, routing outputs are written, sweeps share one tokenization, ddp unde
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
+from omegaconf import open_dict
 
 from moe_emergence.config import compose_config
 from moe_emergence.train import check_launch, train
@@ -62,23 +65,47 @@ def test_thirty_steps_lower_the_loss_and_write_routing(tiny_mirror, tiny_tokeniz
     assert (tmp_path / "data_report.json").exists()
 
 
-def test_resume_continues_the_global_step(tiny_mirror, tiny_tokenizer_dir, tmp_path):
-    first = tmp_path / "first"
-    every_3 = "callbacks.model_checkpoint.every_n_train_steps=3"
-    overrides = tiny_overrides(
-        tiny_mirror, tiny_tokenizer_dir, first, "trainer.max_steps=6", every_3
-    )
+class RecordBatches(L.Callback):
+    """Writes (global step, first ids of every block) of each training batch to ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.seen = path, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append([trainer.global_step, batch["input_ids"][:, :4].tolist()])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        Path(self.path).write_text(json.dumps(self.seen))
+
+
+def run_recorded(overrides: list[str], record: Path) -> dict:
     cfg = compose_config(overrides)
-    train(cfg)
-    checkpoint = first / "checkpoints" / "last.ckpt"
+    with open_dict(cfg):
+        cfg.callbacks.record = {"_target_": f"{__name__}.RecordBatches", "path": str(record)}
+    return train(cfg)
+
+
+def test_resume_mid_epoch_continues_step_and_batches(tiny_mirror, tiny_tokenizer_dir, tmp_path):
+    """Like an uninterrupted run: same global steps, and the same batches after the restore."""
+    base = lambda run_dir, *extra: tiny_overrides(  # noqa: E731
+        tiny_mirror, tiny_tokenizer_dir, run_dir,
+        "callbacks.model_checkpoint.every_n_train_steps=3", *extra,
+    )  # fmt: skip
+    run_recorded(base(tmp_path / "full", "trainer.max_steps=9"), tmp_path / "full.json")
+    run_recorded(base(tmp_path / "first", "trainer.max_steps=6"), tmp_path / "first.json")
+    checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
     assert checkpoint.exists()
-    second = tmp_path / "second"
-    resume = [f"ckpt_path={checkpoint}", "trainer.max_steps=9"]
-    cfg = compose_config(tiny_overrides(tiny_mirror, tiny_tokenizer_dir, second, *resume))
-    out = train(cfg)
+    out = run_recorded(
+        base(tmp_path / "second", "trainer.max_steps=9", f"ckpt_path={checkpoint}"),
+        tmp_path / "second.json",
+    )
     assert out["global_step"] == 9
-    steps = [int(r["step"]) for r in read_metrics(second) if r.get("train/lm_loss")]
-    assert min(steps) >= 6  # training went on from step 6, not from 0
+    full = json.loads((tmp_path / "full.json").read_text())
+    resumed = json.loads((tmp_path / "second.json").read_text())
+    assert [step for step, _ in resumed] == [6, 7, 8]
+    assert resumed == full[6:]  # the batches an uninterrupted run saw at steps 6-8
+    steps = [int(r["step"]) for r in read_metrics(tmp_path / "second") if r.get("train/lm_loss")]
+    assert min(steps) >= 6
 
 
 def test_ddp_inside_multirun_is_refused():

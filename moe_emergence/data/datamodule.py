@@ -33,6 +33,35 @@ log = logging.getLogger(__name__)
 REPORT_FILE = "data_report.json"
 
 
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning can resume mid-epoch.
+
+    ``state_dict`` records how many batches of the current epoch the training loop has
+    processed (``batches_done()``, asked of the trainer); after ``load_state_dict``, the next
+    iteration skips that many batches, so a restored run sees the same batches as an
+    uninterrupted one. Skipping reads the skipped blocks but runs no model.
+    """
+
+    def __init__(self, *args: Any, batches_done: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+        self._skip = 0
+
+    def state_dict(self) -> dict[str, int]:
+        done = int(self.batches_done()) if self.batches_done is not None else 0
+        return {"batches_done": done if done < len(self) else 0}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = int(state.get("batches_done", 0))
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        skip, self._skip = self._skip, 0
+        for _ in range(skip):
+            next(iterator, None)
+        return iterator
+
+
 class MixedDomainDataModule(L.LightningDataModule):
     """Code, math and prose blocks of ``block_size`` tokens with their domain labels.
 
@@ -203,9 +232,21 @@ class MixedDomainDataModule(L.LightningDataModule):
             path = write_report(self.report, Path(folder) / REPORT_FILE)
             log.info("Data report written to %s", path)
 
-    def _loader(self, dataset: Dataset) -> DataLoader:
-        return DataLoader(
-            dataset,
+    def _batches_done(self) -> int:
+        """Batches of the current epoch the training loop has processed (0 without a trainer)."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def _loader(self, dataset: Dataset, resumable: bool = False) -> DataLoader:
+        if resumable:
+            return ResumableDataLoader(
+                dataset, batches_done=self._batches_done, **self._loader_kwargs()
+            )
+        return DataLoader(dataset, **self._loader_kwargs())
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return dict(
             batch_size=self.batch_size,
             shuffle=False,  # blocks are already shuffled with the seed
             collate_fn=collate_packed,
@@ -217,7 +258,7 @@ class MixedDomainDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise RuntimeError("Call setup('fit') before train_dataloader().")
-        return self._loader(self.train_dataset)
+        return self._loader(self.train_dataset, resumable=True)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_dataset is None:
