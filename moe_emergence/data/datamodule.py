@@ -24,7 +24,7 @@ from moe_emergence.data.hub import default_mirror
 from moe_emergence.data.packing import split_by_document
 from moe_emergence.data.prepare import PreparedDomains, prepare_domains
 from moe_emergence.data.report import build_report, report_table, write_report
-from moe_emergence.data.settings import DataSettings
+from moe_emergence.data.settings import DataSettings, is_int
 from moe_emergence.data.sources import MAX_EXAMPLE_CHARS
 from moe_emergence.data.tokenize import DEFAULT_TOKENIZER, TokenStream, load_tokenizer
 
@@ -269,20 +269,16 @@ class MixedDomainDataModule(L.LightningDataModule):
 def _check_loader_args(
     batch_size: int, num_workers: int, eval_fraction: float, eval_seed: int
 ) -> None:
-    if not _is_int(batch_size) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"data.batch_size must be an integer ≥ 1, got {batch_size!r}.")
-    if not _is_int(num_workers) or num_workers < 0:
+    if not is_int(num_workers) or num_workers < 0:
         raise ValueError(f"data.num_workers must be an integer ≥ 0, got {num_workers!r}.")
     if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, int | float):
         raise ValueError(f"data.eval_fraction must be a number, got {eval_fraction!r}.")
     if not 0 <= eval_fraction < 1:
         raise ValueError(f"data.eval_fraction must be in [0, 1), got {eval_fraction!r}.")
-    if not _is_int(eval_seed):
+    if not is_int(eval_seed):
         raise ValueError(f"data.eval_seed must be an integer, got {eval_seed!r}.")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 __all__ = ["MixedDomainDataModule"]

@@ -49,11 +49,11 @@ class DataSettings:
             check_size_mb(self.size_mb)
         except ValueError as exc:
             raise ValueError(f"{option('size_mb')}: {exc}") from None
-        if not _is_int(self.block_size) or self.block_size < 2:
+        if not is_int(self.block_size) or self.block_size < 2:
             raise ValueError(
                 f"{option('block_size')} must be an integer ≥ 2, got {self.block_size!r}."
             )
-        if not _is_int(self.max_example_chars):
+        if not is_int(self.max_example_chars):
             raise ValueError(
                 f"{option('max_example_chars')} must be an integer, got {self.max_example_chars!r}."
             )
@@ -66,7 +66,7 @@ class DataSettings:
             value = getattr(self, key)
             if not isinstance(value, bool):
                 raise ValueError(f"{option(key)} must be true or false, got {value!r}.")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ValueError(f"{option('seed')} must be an integer, got {self.seed!r}.")
         if self.source not in SOURCES:
             raise ValueError(
@@ -89,7 +89,8 @@ class DataSettings:
         return dataclasses.asdict(self)
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
