@@ -75,7 +75,7 @@ def test_demo_runs_a_few_steps(sample_cache, tmp_path):
     assert (tmp_path / "routing.png").exists()
 
 
-def test_data_cli_on_the_sample_source(sample_cache, tmp_path):
+def test_data_cli_on_the_sample_source(sample_cache, tmp_path, capsys):
     from moe_emergence.data.cli import main
 
     report_path = tmp_path / "r.json"
@@ -83,6 +83,7 @@ def test_data_cli_on_the_sample_source(sample_cache, tmp_path):
             "--block-size", "32", "--cache-dir", str(sample_cache), "--no-progress",
             "--report", str(report_path)]  # fmt: skip
     assert main(argv) == 0
+    assert "Source: sample (offline corpus built on this machine)" in capsys.readouterr().out
     report = json.loads(report_path.read_text())
     assert report["settings"]["source"] == "sample"
     assert all(report["num_texts"][d] > 0 for d in ("code", "math", "prose"))

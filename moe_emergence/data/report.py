@@ -40,7 +40,8 @@ def build_report(
 
 
 def report_table(prepared: PreparedDomains, block_size: int) -> str:
-    """Texts, chars, tokens (before chunking) and full blocks per domain."""
+    """Texts, chars, tokens (before chunking) and full blocks per domain; the sample source is
+    labelled as such above the table."""
     rows = {
         d: {
             "num_texts": prepared.metadata[d]["num_texts"],
@@ -50,6 +51,9 @@ def report_table(prepared: PreparedDomains, block_size: int) -> str:
         }
         for d, stream in prepared.streams.items()
     }
+    sources = {m.get("source", "hub") for m in prepared.metadata.values()}
+    if sources == {"sample"}:
+        return "Source: sample (offline corpus built on this machine)\n" + format_report(rows)
     return format_report(rows)
 
 
