@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain, islice
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,15 +57,41 @@ def load_tokenizer(
     """A fast (Rust-backed) tokenizer by Hub name, mirror or local folder; it must define EOS.
 
     ``sample_bpe`` is the offline tokenizer trained on the sample corpus (kept in ``cache_dir``).
+    A folder's tokenizer is loaded once per process while its files stay unchanged (the config
+    resolver, prepare_data and setup all ask for it).
     """
-    from transformers import AutoTokenizer
-
     from moe_emergence.data.sample_tokenizer import SAMPLE_TOKENIZER, ensure_sample_tokenizer
 
     if name_or_path == SAMPLE_TOKENIZER:
         location = str(ensure_sample_tokenizer(cache_dir))
     else:
         location = resolve_repo(name_or_path, hub_mirror, kind="tokenizer")
+    key = (name_or_path, location, _files_signature(location))
+    if key[2] is None or key not in _LOADED:
+        tokenizer = _load_checked(name_or_path, location)
+        if key[2] is None:
+            return tokenizer
+        _LOADED[key] = tokenizer
+    return _LOADED[key]
+
+
+_LOADED: dict[tuple, Any] = {}
+
+
+def _files_signature(location: str) -> tuple | None:
+    """(name, size, mtime) of a local tokenizer folder's files; None for a Hub id."""
+    folder = Path(location)
+    if not folder.is_dir():
+        return None
+    return tuple(
+        (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir())
+        if f.is_file()
+    )  # fmt: skip
+
+
+def _load_checked(name_or_path: str, location: str):
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
     except OSError as exc:

@@ -78,3 +78,15 @@ def test_real_gpt2_counts_match_transformers(real_hub):
     stream = encode_texts(texts, tokenizer)
     assert tokenizer.backend_tokenizer.truncation["max_length"] == 50  # restored after
     assert stream.tokens.tolist() == recount(tokenizer, texts)
+
+
+def test_a_folders_tokenizer_is_loaded_once_until_its_files_change(tiny_tokenizer_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "tok"
+    shutil.copytree(tiny_tokenizer_dir, folder)
+    first = load_tokenizer(str(folder))
+    assert load_tokenizer(str(folder)) is first
+    config = folder / "tokenizer_config.json"
+    config.write_text(config.read_text() + "\n")  # the folder changed: load it again
+    assert load_tokenizer(str(folder)) is not first
