@@ -134,7 +134,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[DataSettings, argpars
 def check_dataset(dataset: PackedMixedDomainDataset, pad_token_id: int | None) -> str:
     """Check block shapes, absence of padding and the collate function; return a summary."""
     size = dataset.block_size
-    for domain, blocks in zip(dataset.domains, dataset._blocks, strict=True):
+    for domain in dataset.domains:
+        blocks = dataset.domain_blocks(domain)
         expected = dataset.token_counts[domain] // size
         if blocks.shape != (expected, size):
             raise AssertionError(f"{domain}: blocks {blocks.shape} != ({expected}, {size})")

@@ -114,9 +114,10 @@ class PackedMixedDomainDataset(Dataset):
         row = self._blocks[d][self._order_block[index]]
         return {"input_ids": torch.from_numpy(row.astype(np.int64)), "domain": self.domains[d]}
 
-    def block_domains(self) -> np.ndarray:
-        """Domain index (into ``self.domains``) of every item, in dataset order."""
-        return self._order_domain
+    def domain_blocks(self, domain: str) -> np.ndarray:
+        """All of ``domain``'s full blocks, ``(block_counts[domain], block_size)``, before
+        balancing (a view of its token stream)."""
+        return self._blocks[self.domains.index(domain)]
 
 
 def collate_packed(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
