@@ -3,29 +3,32 @@
 ``prepare_data`` streams and tokenizes into the token cache (once per node, keeps no state);
 ``setup`` opens the cache, splits off the held-out texts, packs, balances and shuffles (every
 rank, cheap, safe to call twice); ``train_dataloader`` yields ``collate_packed`` batches of
-``batch_size`` blocks per device. ``val_dataloader`` exists only when ``eval_fraction > 0``.
+``batch_size`` blocks per device, in a new order every epoch (:class:`EpochShuffleSampler`).
+``val_dataloader`` exists only when ``eval_fraction > 0``; under DDP each rank validates a
+disjoint share of the held-out blocks, each block exactly once.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from moe_emergence.data.dataset import PackedMixedDomainDataset, collate_packed
 from moe_emergence.data.hub import default_mirror
-from moe_emergence.data.packing import split_by_document
 from moe_emergence.data.prepare import PreparedDomains, prepare_domains
 from moe_emergence.data.report import build_report, report_table, write_report
 from moe_emergence.data.settings import DataSettings, is_int
 from moe_emergence.data.sources import MAX_EXAMPLE_CHARS
+from moe_emergence.data.split import split_by_document
 from moe_emergence.data.tokenize import DEFAULT_TOKENIZER, TokenStream, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -36,10 +39,13 @@ REPORT_FILE = "data_report.json"
 class ResumableDataLoader(DataLoader):
     """A DataLoader that Lightning can resume mid-epoch.
 
-    ``state_dict`` records how many batches of the current epoch the training loop has
-    processed (``batches_done()``, asked of the trainer); after ``load_state_dict``, the next
-    iteration skips that many batches, so a restored run sees the same batches as an
-    uninterrupted one. Skipping reads the skipped blocks but runs no model.
+    ``state_dict`` records the sampler's epoch and how many batches of it the training loop has
+    processed (``batches_done()``, asked of the trainer); a finished epoch is saved as the next
+    epoch with none done. ``load_state_dict`` puts the sampler at that epoch (when it has
+    ``set_epoch``) and makes the next iteration skip that many batches, so a restored run sees
+    the same batches as an uninterrupted one. Skipping reads the skipped blocks but runs no
+    model. The epoch must be set here: on a resume Lightning starts the loader's iterator (and
+    its sampler's order) before its fit loop calls ``set_epoch``.
     """
 
     def __init__(self, *args: Any, batches_done: Any = None, **kwargs: Any) -> None:
@@ -49,10 +55,16 @@ class ResumableDataLoader(DataLoader):
 
     def state_dict(self) -> dict[str, int]:
         done = int(self.batches_done()) if self.batches_done is not None else 0
-        return {"batches_done": done if done < len(self) else 0}
+        epoch = int(getattr(self.sampler, "epoch", 0))
+        if done >= len(self):  # the epoch is over: resume at the start of the next one
+            return {"epoch": epoch + 1, "batches_done": 0}
+        return {"epoch": epoch, "batches_done": done}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._skip = int(state.get("batches_done", 0))
+        set_epoch = getattr(self.sampler, "set_epoch", None)
+        if "epoch" in state and callable(set_epoch):  # older states carry no epoch
+            set_epoch(int(state["epoch"]))
 
     def __iter__(self):
         iterator = super().__iter__()
@@ -60,6 +72,35 @@ class ResumableDataLoader(DataLoader):
         for _ in range(skip):
             next(iterator, None)
         return iterator
+
+
+class EpochShuffleSampler(DistributedSampler):
+    """A new block order every epoch, the same for the same ``(seed, epoch)``, sharded by rank.
+
+    Epoch 0 keeps the dataset's own order (identity: the dataset is already shuffled with the
+    seed); epoch ``e >= 1`` uses ``np.random.default_rng([seed, e]).permutation(len(dataset))``.
+    Rank r of R gets ``order[r::R]``, exactly as ``DistributedSampler(shuffle=False,
+    drop_last=False)`` shards its order (padded at the end with the order's first indices up to
+    a multiple of R; the datamodule trims the dataset to such a multiple, so nothing repeats).
+    Being a ``DistributedSampler``, Lightning neither replaces it under DDP nor skips its
+    ``set_epoch``, which the fit loop calls before every epoch, resumed ones included.
+    """
+
+    def __init__(self, dataset: Sized, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas, rank, shuffle=False, seed=seed, drop_last=False)
+
+    def epoch_order(self) -> np.ndarray:
+        """The whole order of the current epoch (int64 ``[len(dataset)]``, every index once)."""
+        n = len(self.dataset)
+        if self.epoch == 0:
+            return np.arange(n, dtype=np.int64)
+        return np.random.default_rng([self.seed, self.epoch]).permutation(n)
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.epoch_order()
+        if self.total_size > len(order):  # repeat from the start, as torch pads
+            order = np.resize(order, self.total_size)
+        return iter(order[self.rank : self.total_size : self.num_replicas].tolist())
 
 
 class MixedDomainDataModule(L.LightningDataModule):
@@ -70,6 +111,12 @@ class MixedDomainDataModule(L.LightningDataModule):
     ``eval_fraction`` of each domain's texts (chosen with ``eval_seed``, fixed across ``seed``
     sweeps) is held out whole for validation and never balanced. ``report_dir`` (default: the
     trainer's ``default_root_dir``) receives ``data_report.json``.
+
+    After ``setup``: ``train_dataset`` (the blocks the train loader serves, trimmed to a
+    multiple of the world size), ``train_packed`` (the packed training dataset before that
+    trimming: its ``domain_blocks`` and ``kept_block_indices`` let a callback draw a probe from
+    the training data), ``val_dataset`` (the held-out blocks, or None) and ``eval_text_ids``
+    (domain -> indices of its held-out texts).
     """
 
     def __init__(
@@ -127,6 +174,7 @@ class MixedDomainDataModule(L.LightningDataModule):
             # No held-out split: hide the hook so that Lightning runs no validation loop.
             self.val_dataloader = super().val_dataloader  # type: ignore[method-assign]
         self.train_dataset: Dataset | None = None
+        self.train_packed: PackedMixedDomainDataset | None = None
         self.val_dataset: PackedMixedDomainDataset | None = None
         self.eval_text_ids: dict[str, np.ndarray] = {}
         self.report: dict[str, Any] | None = None
@@ -178,13 +226,18 @@ class MixedDomainDataModule(L.LightningDataModule):
         if eval_streams:
             try:
                 self.val_dataset = PackedMixedDomainDataset.from_token_streams(
-                    eval_streams, s.block_size, balance_tokens=False, seed=s.seed
+                    eval_streams,
+                    s.block_size,
+                    balance_tokens=False,
+                    seed=s.seed,
+                    warn_imbalance=False,
                 )
             except ValueError as exc:
                 raise ValueError(
                     f"Held-out split too small: {exc} Raise data.eval_fraction "
                     f"(now {self.eval_fraction}) or data.size_mb."
                 ) from None
+        self.train_packed = dataset
         self.train_dataset = self._trim_for_ranks(dataset)
         self.report = self._report(prepared, dataset)
         self._write_report()
@@ -198,9 +251,14 @@ class MixedDomainDataModule(L.LightningDataModule):
             self.eval_text_ids[domain] = np.flatnonzero(is_eval)
         return train, held_out
 
+    def _ranks(self) -> tuple[int, int]:
+        """``(world size, global rank)`` of the attached trainer; ``(1, 0)`` without one."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
     def _trim_for_ranks(self, dataset: PackedMixedDomainDataset) -> Dataset:
         """Drop the last (< world size) blocks so that DDP ranks get equal, disjoint shares."""
-        world = self.trainer.world_size if self.trainer is not None else 1
+        world = self._ranks()[0]
         extra = len(dataset) % world
         if not extra:
             return dataset
@@ -238,17 +296,19 @@ class MixedDomainDataModule(L.LightningDataModule):
             return 0
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
-    def _loader(self, dataset: Dataset, resumable: bool = False) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, sampler: Sampler | None = None, resumable: bool = False
+    ) -> DataLoader:
+        kwargs = self._loader_kwargs(sampler)
         if resumable:
-            return ResumableDataLoader(
-                dataset, batches_done=self._batches_done, **self._loader_kwargs()
-            )
-        return DataLoader(dataset, **self._loader_kwargs())
+            return ResumableDataLoader(dataset, batches_done=self._batches_done, **kwargs)
+        return DataLoader(dataset, **kwargs)
 
-    def _loader_kwargs(self) -> dict[str, Any]:
+    def _loader_kwargs(self, sampler: Sampler | None) -> dict[str, Any]:
         return dict(
             batch_size=self.batch_size,
-            shuffle=False,  # blocks are already shuffled with the seed
+            shuffle=False,  # the order comes from the sampler, else the dataset's own
+            sampler=sampler,
             collate_fn=collate_packed,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -258,12 +318,27 @@ class MixedDomainDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise RuntimeError("Call setup('fit') before train_dataloader().")
-        return self._loader(self.train_dataset, resumable=True)
+        world, rank = self._ranks()
+        sampler = EpochShuffleSampler(self.train_dataset, self.settings.seed, world, rank)
+        return self._loader(self.train_dataset, sampler, resumable=True)
 
     def val_dataloader(self) -> DataLoader:
+        """Held-out blocks in dataset order; under DDP each rank gets ``blocks[rank::world]``
+        (shares differ by at most one block; no block is repeated to even them out)."""
         if self.val_dataset is None:
             raise RuntimeError("Call setup('fit') before val_dataloader().")
-        return self._loader(self.val_dataset)
+        world, rank = self._ranks()
+        if world == 1:
+            return self._loader(self.val_dataset)
+        if len(self.val_dataset) < world:
+            raise ValueError(
+                f"The held-out split has {len(self.val_dataset)} blocks, fewer than the {world} "
+                f"ranks: raise data.eval_fraction (now {self.eval_fraction}) or data.size_mb."
+            )
+        sampler = UnrepeatedDistributedSampler(
+            self.val_dataset, num_replicas=world, rank=rank, shuffle=False
+        )
+        return self._loader(self.val_dataset, sampler)
 
 
 def _check_loader_args(
@@ -281,4 +356,4 @@ def _check_loader_args(
         raise ValueError(f"data.eval_seed must be an integer, got {eval_seed!r}.")
 
 
-__all__ = ["MixedDomainDataModule"]
+__all__ = ["EpochShuffleSampler", "MixedDomainDataModule"]

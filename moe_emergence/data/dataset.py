@@ -55,10 +55,13 @@ class PackedMixedDomainDataset(Dataset):
         block_size: int = 512,
         balance_tokens: bool = False,
         seed: int = 42,
+        warn_imbalance: bool = True,
     ) -> PackedMixedDomainDataset:
-        """Build from already tokenized streams (domain -> 1-D token array), in mapping order."""
+        """Build from already tokenized streams (domain -> 1-D token array), in mapping order.
+
+        ``warn_imbalance=False``: no imbalance warning (a held-out set is never balanced)."""
         dataset = cls.__new__(cls)
-        dataset._pack(streams, block_size, balance_tokens, seed)
+        dataset._pack(streams, block_size, balance_tokens, seed, warn_imbalance)
         return dataset
 
     def _pack(
@@ -67,6 +70,7 @@ class PackedMixedDomainDataset(Dataset):
         block_size: int,
         balance_tokens: bool,
         seed: int,
+        warn_imbalance: bool = True,
     ) -> None:
         check_block_size(block_size)
         if not streams:
@@ -91,19 +95,22 @@ class PackedMixedDomainDataset(Dataset):
                 )
 
         warning = imbalance_warning(self.token_counts, self.balance_tokens)
-        if warning:
+        if warning and warn_imbalance:
             log.warning(warning)
         rng = np.random.default_rng(seed)
         if self.balance_tokens:
             subsets = balanced_subsets(self.block_counts, rng)
-            kept = [subsets[d] for d in self.domains]
+            kept = [np.asarray(subsets[d], dtype=np.int64) for d in self.domains]
             self.balanced_block_counts: dict[str, int] | None = {
                 d: len(k) for d, k in zip(self.domains, kept, strict=True)
             }
             log.info(balance_line(len(kept[0]), len(kept), block_size))
         else:
-            kept = [np.arange(len(b)) for b in self._blocks]
+            kept = [np.arange(len(b), dtype=np.int64) for b in self._blocks]
             self.balanced_block_counts = None
+        for k in kept:
+            k.flags.writeable = False
+        self._kept = kept
         self._order_domain, self._order_block = shuffled_order(kept, rng)
 
     def __len__(self) -> int:
@@ -118,6 +125,12 @@ class PackedMixedDomainDataset(Dataset):
         """All of ``domain``'s full blocks, ``(block_counts[domain], block_size)``, before
         balancing (a view of its token stream)."""
         return self._blocks[self.domains.index(domain)]
+
+    def kept_block_indices(self, domain: str) -> np.ndarray:
+        """Sorted, read-only int64 indices into ``domain_blocks(domain)`` of the blocks this
+        dataset serves: all of them, or the seeded balanced subset when ``balance_tokens``
+        (length ``balanced_block_counts[domain]``)."""
+        return self._kept[self.domains.index(domain)]
 
 
 def collate_packed(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -133,23 +133,3 @@ def shuffled_order(
     block_ids = np.concatenate([np.asarray(k, dtype=np.int64) for k in kept])
     perm = rng.permutation(len(block_ids))
     return domain_ids[perm], block_ids[perm]
-
-
-def split_by_document(
-    tokens: np.ndarray, doc_offsets: np.ndarray, eval_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hold out a seeded ``eval_fraction`` of a stream's texts, whole (no text on both sides).
-
-    Returns ``(train_tokens, eval_tokens, is_eval)``: each side keeps its texts (with their
-    EOS) in stream order; ``is_eval`` (bool, one per text) says where each text went. At least
-    one text is held out when ``eval_fraction > 0`` and at least one stays for training.
-    """
-    num_texts = len(doc_offsets) - 1
-    if not 0 <= eval_fraction < 1:
-        raise ValueError(f"eval_fraction={eval_fraction} must be in [0, 1).")
-    is_eval = np.zeros(num_texts, dtype=bool)
-    if eval_fraction > 0 and num_texts > 1:
-        count = min(max(1, round(eval_fraction * num_texts)), num_texts - 1)
-        is_eval[np.random.default_rng(seed).choice(num_texts, size=count, replace=False)] = True
-    token_is_eval = np.repeat(is_eval, np.diff(doc_offsets))
-    return tokens[~token_is_eval], tokens[token_is_eval], is_eval

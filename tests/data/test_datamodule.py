@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from moe_emergence.data import MixedDomainDataModule
-from moe_emergence.data.packing import split_by_document
 from moe_emergence.data.sources import DOMAINS
 
 
@@ -98,21 +96,6 @@ def test_eval_split_holds_out_whole_texts(tiny_mirror, tiny_tokenizer_dir, tmp_p
         eval_tokens = dm.val_dataset.token_counts[domain]
         assert train_tokens + eval_tokens == report["all_token_counts"][domain]
     assert len(set(dm.train_dataset.balanced_block_counts.values())) == 1
-
-
-def test_split_by_document_keeps_texts_whole():
-    lengths = np.array([3, 5, 2, 4, 6, 1, 3, 2, 5, 4])
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    tokens = np.repeat(np.arange(len(lengths)), lengths).astype(np.uint16)  # token = its text id
-    train, held_out, is_eval = split_by_document(tokens, offsets, 0.3, seed=1)
-    assert is_eval.sum() == 3
-    assert set(np.unique(held_out)) == set(np.flatnonzero(is_eval))
-    assert set(np.unique(train)).isdisjoint(np.unique(held_out))
-    assert len(train) + len(held_out) == len(tokens)
-    assert np.all(np.diff(train.astype(int)) >= 0)  # each side keeps stream order
-    again = split_by_document(tokens, offsets, 0.3, seed=1)[2]
-    other = split_by_document(tokens, offsets, 0.3, seed=2)[2]
-    assert again.tolist() == is_eval.tolist() and other.tolist() != is_eval.tolist()
 
 
 def test_eval_split_too_small_is_a_clear_error(tiny_mirror, tiny_tokenizer_dir):

@@ -138,3 +138,30 @@ def test_collate_stacks_ids_and_keeps_labels():
     assert batch["domains"] == [domain_of(row) for row in batch["input_ids"]]
     loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_packed)
     assert next(iter(loader))["input_ids"].shape == (4, BLOCK)
+
+
+def served_block_ids(ds, domain: str) -> list[int]:
+    """Sorted indices into ``domain_blocks(domain)`` of the blocks ``ds`` serves."""
+    ids = [ds[i]["input_ids"] for i in range(len(ds)) if ds[i]["domain"] == domain]
+    return sorted(int(x[0]) % 1000 // BLOCK for x in ids)  # block k starts at token 8k
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_kept_block_indices_are_the_served_blocks(balance):
+    ds = PackedMixedDomainDataset.from_token_streams(
+        streams(), block_size=BLOCK, balance_tokens=balance, seed=5
+    )
+    for domain in ds.domains:
+        kept = ds.kept_block_indices(domain)
+        assert kept.dtype == np.int64 and not kept.flags.writeable
+        assert kept.tolist() == served_block_ids(ds, domain)  # sorted, each block once
+        blocks = ds.domain_blocks(domain)
+        served = sorted(tuple(ds[i]["input_ids"].tolist()) for i in range(len(ds))
+                        if ds[i]["domain"] == domain)  # fmt: skip
+        assert sorted(tuple(row) for row in blocks[kept].tolist()) == served
+        if balance:
+            assert len(kept) == ds.balanced_block_counts[domain] == 12
+        else:
+            assert kept.tolist() == list(range(ds.block_counts[domain]))
+    if balance:  # the larger domains keep a strict subset
+        assert len(ds.kept_block_indices("code")) < ds.block_counts["code"] == 50

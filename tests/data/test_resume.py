@@ -1,0 +1,105 @@
+"""A real single-device fit over two epochs: a new block order in epoch 2, and resumes (in the
+middle of epoch 2, at the end of epoch 1) that see the same batches as the uninterrupted run."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from moe_emergence.data import MixedDomainDataModule
+
+pytestmark = pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+
+BATCH = 16
+Record = tuple[int, int, list[list[int]]]  # (global step, epoch, input_ids of the batch)
+
+
+class RecordBatches(L.LightningModule):
+    """Trains nothing; records (global step, epoch, input_ids) of every training batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[Record] = []
+
+    def training_step(self, batch, batch_idx):
+        ids = batch["input_ids"].tolist()
+        self.seen.append((self.trainer.global_step, self.current_epoch, ids))
+        return (self.weight * 0).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def fit(settings: dict, root: Path, callbacks=(), ckpt_path=None) -> list[Record]:
+    module = RecordBatches()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=2, logger=False, default_root_dir=str(root),
+        callbacks=list(callbacks), enable_checkpointing=bool(callbacks),
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=MixedDomainDataModule(**settings), ckpt_path=ckpt_path)
+    return module.seen
+
+
+@dataclass
+class FullRun:
+    settings: dict
+    seen: list[Record]
+    steps_per_epoch: int
+    checkpoints: Path
+
+    def checkpoint(self, step: int, kind: str = "step") -> Path:
+        (path,) = (self.checkpoints / kind).glob(f"epoch=*-step={step}.ckpt")
+        return path
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_mirror, tiny_tokenizer_dir, tmp_path_factory) -> FullRun:
+    """Two uninterrupted epochs of ~7 batches of 16 blocks of 64 tokens; a checkpoint after
+    every step (ckpt/step) and at the end of every epoch (ckpt/epoch)."""
+    root = tmp_path_factory.mktemp("full")
+    settings = dict(
+        size_mb=1.0, block_size=64, tokenizer=str(tiny_tokenizer_dir), hub_mirror=str(tiny_mirror),
+        cache_dir=str(root / "cache"), batch_size=BATCH, show_progress=False,
+    )  # fmt: skip
+    checkpoints = [
+        ModelCheckpoint(dirpath=root / "ckpt" / "step", every_n_train_steps=1, save_top_k=-1),
+        ModelCheckpoint(dirpath=root / "ckpt" / "epoch", every_n_epochs=1, save_top_k=-1),
+    ]
+    seen = fit(settings, root, checkpoints)
+    steps_per_epoch = sum(1 for _, epoch, _ in seen if epoch == 0)
+    return FullRun(settings, seen, steps_per_epoch, root / "ckpt")
+
+
+def test_second_epoch_has_the_same_blocks_in_a_new_order(full_run):
+    n = full_run.steps_per_epoch
+    assert n >= 4
+    assert [(step, epoch) for step, epoch, _ in full_run.seen] == [
+        (s, s // n) for s in range(2 * n)
+    ]
+    epochs = [[ids for _, e, batch in full_run.seen if e == epoch for ids in batch]
+              for epoch in (0, 1)]  # fmt: skip
+    assert Counter(map(tuple, epochs[0])) == Counter(map(tuple, epochs[1]))  # each block once
+    assert epochs[0] != epochs[1]  # in another order
+    assert epochs[0][:BATCH] != epochs[1][:BATCH]
+
+
+@pytest.mark.parametrize(
+    ("where", "num_workers"),
+    [("mid_epoch_2", 0), ("last_step_of_epoch_1", 0), ("epoch_1_end", 0), ("mid_epoch_2", 2)],
+)
+def test_resume_sees_the_uninterrupted_runs_batches(full_run, where, num_workers, tmp_path):
+    n = full_run.steps_per_epoch
+    step = n + n // 2 if where == "mid_epoch_2" else n
+    checkpoint = full_run.checkpoint(step, "epoch" if where == "epoch_1_end" else "step")
+    settings = {**full_run.settings, "num_workers": num_workers}
+    resumed = fit(settings, tmp_path, ckpt_path=checkpoint)
+    assert resumed[0][:2] == (step, step // n)
+    assert resumed == full_run.seen[step:]  # same steps, epochs and batches, batch for batch
