@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
 
 
 def _strategy_name(strategy: Any) -> str:
@@ -35,6 +38,27 @@ def check_launch(cfg: DictConfig, multirun: bool, launcher: str = "BasicLauncher
         )
 
 
+class RunSummary(L.Callback):
+    """Writes ``summary.json`` in the run dir at the end of training (rank 0): the final step,
+    the per-domain train losses over all ranks and the last logged metrics. Under ddp_spawn the
+    parent process's trainer never sees the steps; it reads this file instead."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        losses = getattr(pl_module, "final_domain_losses", dict)()  # collective: every rank
+        if not trainer.is_global_zero:
+            return
+        summary = {
+            "global_step": int(trainer.global_step),
+            "domain_losses": losses,
+            "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(summary, indent=2))
+
+
 def train(
     cfg: DictConfig, multirun: bool = False, launcher: str = "BasicLauncher"
 ) -> dict[str, Any]:
@@ -49,18 +73,19 @@ def train(
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    run_dir = Path(trainer.default_root_dir)
+    trainer.callbacks.append(RunSummary(run_dir / SUMMARY_FILE))
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
-    run_dir = Path(trainer.default_root_dir)
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     outputs = {
         "run_dir": run_dir,
         "checkpoints": trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None,
         "metrics": Path(trainer.logger.log_dir) / "metrics.csv" if trainer.logger else None,
-        "routing_png": run_dir / "routing.png",
+        "routing": run_dir / "routing" if (run_dir / "routing").is_dir() else None,
         "data_report": run_dir / "data_report.json",
-        "global_step": trainer.global_step,
-        "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
-        "domain_losses": getattr(model, "recent_domain_losses", dict)(),
+        "summary": run_dir / SUMMARY_FILE,
+        **summary,
     }
     if trainer.is_global_zero:
         _print_summary(outputs)
@@ -72,7 +97,7 @@ def _print_summary(outputs: dict[str, Any]) -> None:
     if outputs["domain_losses"]:
         lines.append("  final train loss per domain (mean of the last 50 steps): " + ", ".join(
             f"{d} {v:.3f}" for d, v in outputs["domain_losses"].items()))  # fmt: skip
-    for key in ("checkpoints", "metrics", "routing_png", "data_report"):
+    for key in ("checkpoints", "metrics", "routing", "data_report", "summary"):
         if outputs[key] is not None:
             lines.append(f"  {key:<12} {outputs[key]}")
     print("\n".join(lines))

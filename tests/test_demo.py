@@ -72,7 +72,9 @@ def test_demo_runs_a_few_steps(sample_cache, tmp_path):
     assert report["settings"]["source"] == "sample"
     assert report["tokenizer"]["vocab_size"] == VOCAB_SIZE
     assert {m["source"] for m in report["metadata"].values()} == {"sample"}
-    assert (tmp_path / "routing.png").exists()
+    for name in ("counts.csv", "trajectory.csv", "heatmap.png", "emergence.png"):
+        assert (tmp_path / "routing" / name).stat().st_size > 0
+    assert json.loads((tmp_path / "routing" / "probe.json").read_text())["probe"] == "held_out"
 
 
 def test_data_cli_on_the_sample_source(sample_cache, tmp_path, capsys):

@@ -8,12 +8,14 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
 import pytest
 from omegaconf import open_dict
 
+from moe_emergence.analysis.tables import read_table
 from moe_emergence.config import compose_config
 from moe_emergence.train import check_launch, train
 
@@ -45,7 +47,8 @@ def read_metrics(run_dir: Path) -> list[dict[str, str]]:
 
 def test_thirty_steps_lower_the_loss_and_write_routing(tiny_mirror, tiny_tokenizer_dir, tmp_path):
     cfg = compose_config(tiny_overrides(tiny_mirror, tiny_tokenizer_dir, tmp_path,
-                                        "trainer.max_steps=30"))  # fmt: skip
+                                        "trainer.max_steps=30",
+                                        "callbacks.routing_analysis.every_n_steps=20"))  # fmt: skip
     out = train(cfg)
     assert out["global_step"] == 30
     losses = [float(r["train/lm_loss"]) for r in read_metrics(tmp_path) if r.get("train/lm_loss")]
@@ -53,16 +56,37 @@ def test_thirty_steps_lower_the_loss_and_write_routing(tiny_mirror, tiny_tokeniz
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
     for domain in ("code", "math", "prose"):
         assert f"train/loss_{domain}" in out["final_metrics"]
-    with (tmp_path / "routing.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    assert [(r["layer"], r["domain"]) for r in rows] == [
-        (layer, d) for layer in ("2", "3") for d in ("code", "math", "prose")
-    ]
-    for r in rows:
-        shares = [float(r[f"expert_{e}"]) for e in range(4)]
-        assert abs(sum(shares) - 1) < 1e-3 and int(r["assignments"]) > 0
-    assert (tmp_path / "routing.png").stat().st_size > 0
+    assert set(out["domain_losses"]) == {"code", "math", "prose"}
+
+    routing = tmp_path / "routing"
+    assert out["routing"] == routing
+    trajectory = read_table(routing / "trajectory.csv")
+    assert [(r["step"], r["layer"]) for r in trajectory] == [
+        (step, layer) for step in ("0", "20", "30") for layer in ("2", "3")
+    ]  # a fresh run starts at step 0; every 20 steps; and the end
+    assert {r["probe"] for r in trajectory} == {"train_sample"}  # no held-out split here
+    for r in trajectory:
+        assert 0 <= float(r["nmi"]) <= 1 and float(r["null_p95"]) >= float(r["null_mean"]) >= 0
+    counts = read_table(routing / "counts.csv")
+    probe = json.loads((routing / "probe.json").read_text())
+    for step in ("0", "20", "30"):
+        for layer in ("2", "3"):
+            for domain in ("code", "math", "prose"):
+                key = (step, layer, domain)
+                cells = [int(r["tokens"]) for r in counts
+                         if (r["step"], r["layer"], r["domain"]) == key]  # fmt: skip
+                assert len(cells) == 4 and sum(cells) == probe["tokens"][domain]  # top-1
+    windows = read_table(routing / "train_window_counts.csv")
+    assert {(r["step_start"], r["step_end"]) for r in windows} == {("0", "20"), ("20", "30")}
+    per_window = {}
+    for r in windows:
+        key = (r["step_start"], r["layer"])
+        per_window[key] = per_window.get(key, 0) + int(r["assignments"])
+    assert per_window[("0", "2")] == 20 * 4 * 32 and per_window[("20", "3")] == 10 * 4 * 32
+    for name in ("heatmap.png", "emergence.png"):
+        assert (routing / name).stat().st_size > 0
     assert (tmp_path / "data_report.json").exists()
+    assert json.loads((tmp_path / "summary.json").read_text())["global_step"] == 30
 
 
 class RecordBatches(L.Callback):
@@ -138,10 +162,62 @@ def test_multirun_of_two_jobs_tokenizes_once(tiny_mirror, tiny_tokenizer_dir, tm
     assert jobs[1].startswith("1_") and "seed=2" in jobs[1]
     assert "data-size=1mb" in jobs[0]  # a group override does not nest folders
     for job in jobs:
-        assert (tmp_path / "sweep" / job / "routing.csv").exists()
+        assert (tmp_path / "sweep" / job / "routing" / "counts.csv").exists()
 
 
 def test_multirun_with_ddp_exits_with_the_hint(tmp_path):
     proc = run_train("-m", "trainer=ddp", "seed=1,2", cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
     assert "ddp_spawn" in proc.stderr
+
+
+class RecordTrainingModes(L.Callback):
+    """Writes to ``path``, for every training forward of the GPT-2, whether every module of
+    the LightningModule was in train mode."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.modes = path, []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        def hook(module, args):
+            self.modes.append(all(m.training for m in pl_module.modules()))
+
+        pl_module.model.register_forward_pre_hook(hook)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        Path(self.path).write_text(json.dumps(self.modes))
+
+
+def test_pretrained_folder_trains_in_train_mode(tiny_mirror, tiny_tokenizer_dir, tmp_path):
+    """from_pretrained returns eval mode; every module must still train in train mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    pretrained = tmp_path / "tiny-gpt2"
+    config = GPT2Config(vocab_size=512, n_positions=64, n_embd=32, n_layer=4, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(pretrained)
+    cfg = compose_config(tiny_overrides(
+        tiny_mirror, tiny_tokenizer_dir, tmp_path / "run", f"model.pretrained={pretrained}",
+        "model.dropout=0.1", "trainer.max_steps=3"))  # fmt: skip
+    modes = tmp_path / "modes.json"
+    with open_dict(cfg):
+        cfg.callbacks.record = {"_target_": f"{__name__}.RecordTrainingModes", "path": str(modes)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg)
+    # Training forwards only: the probe routes through model.transformer, not the hooked root.
+    assert json.loads(modes.read_text()) == [True, True, True]
+    assert not [str(w.message) for w in caught if "eval mode" in str(w.message)]
+
+
+def test_ddp_spawn_summary_reports_the_true_step_and_losses(
+    tiny_mirror, tiny_tokenizer_dir, tmp_path
+):
+    """Under ddp_spawn the parent's trainer never sees the steps: the summary comes from rank 0."""
+    cfg = compose_config(tiny_overrides(
+        tiny_mirror, tiny_tokenizer_dir, tmp_path, "trainer.max_steps=3",
+        "trainer.devices=2", "trainer.strategy=ddp_spawn"))  # fmt: skip
+    out = train(cfg)
+    assert out["global_step"] == 3
+    assert set(out["domain_losses"]) == {"code", "math", "prose"}
+    assert all(0 < v < 20 for v in out["domain_losses"].values())
+    assert (tmp_path / "routing" / "trajectory.csv").exists()

@@ -322,9 +322,13 @@ class MixedDomainDataModule(L.LightningDataModule):
         sampler = EpochShuffleSampler(self.train_dataset, self.settings.seed, world, rank)
         return self._loader(self.train_dataset, sampler, resumable=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
         """Held-out blocks in dataset order; under DDP each rank gets ``blocks[rank::world]``
-        (shares differ by at most one block; no block is repeated to even them out)."""
+        (shares differ by at most one block; no block is repeated to even them out). Without a
+        held-out split, no loader (``[]``: Lightning runs no validation, also in processes
+        started by ddp_spawn, where the hidden hook comes back)."""
+        if self.eval_fraction == 0:
+            return []
         if self.val_dataset is None:
             raise RuntimeError("Call setup('fit') before val_dataloader().")
         world, rank = self._ranks()

@@ -161,7 +161,7 @@ class AuxOutputs:
     """The MoE layers' state from the model's last forward.
 
     lb_loss, z_loss: scalar means over MoE layers, with grad (0 when there are none).
-    routing: block index -> (indices [N, k] long, probs [N, E]), detached.
+    routing: block index -> (indices [N, k] long, clean router logits [N, E] float32), detached.
     """
 
     lb_loss: Tensor
@@ -180,7 +180,7 @@ def collect_aux_outputs(model: GPT2LMHeadModel) -> AuxOutputs:
         raise RuntimeError(f"MoE layers {missing} have not run a forward yet")
     lb = torch.stack([layer.last_lb_loss for layer in layers.values()]).mean()
     z = torch.stack([layer.last_z_loss for layer in layers.values()]).mean()
-    routing = {i: (layer.last_indices, layer.last_probs) for i, layer in layers.items()}
+    routing = {i: (layer.last_indices, layer.last_logits) for i, layer in layers.items()}
     return AuxOutputs(lb_loss=lb, z_loss=z, routing=routing)
 
 

@@ -1,5 +1,7 @@
-"""The LightningModule: GPT-2 with MoE layers, LM + auxiliary losses, per-domain metrics and
-domain x expert routing analysis (``routing.csv``, ``routing.png`` in the run dir)."""
+"""The LightningModule: GPT-2 with MoE layers, LM + auxiliary losses, per-domain metrics.
+
+Routing analysis (what the experts do) is not here: see :mod:`moe_emergence.analysis`.
+"""
 
 from __future__ import annotations
 
@@ -8,31 +10,21 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_only
 
 from moe_emergence.model.gpt2_moe import (
     build_gpt2,
     collect_aux_outputs,
     install_moe_layers,
-    moe_layers,
     set_router_step,
 )
-from moe_emergence.model.routing import (
-    collapsed_layers,
-    count_assignments,
-    plot_routing,
-    router_entropy,
-    write_routing_csv,
-)
+from moe_emergence.model.moe import router_entropy
 
 log = logging.getLogger(__name__)
-
 DOMAINS = ("code", "math", "prose")
 RECENT_STEPS = 50
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
@@ -92,11 +84,15 @@ class MoEGPT2Module(L.LightningModule):
         self.optimizer_factory = optimizer
         self.domains = tuple(domains)
         self._domain_index = {d: i for i, d in enumerate(self.domains)}
-        for layer, moe_layer in moe_layers(self.model).items():
-            counts = torch.zeros(len(self.domains), moe_layer.n_experts, dtype=torch.long)
-            self.register_buffer(f"routing_counts_{layer}", counts)
         self._step_started: float | None = None
-        self._recent_losses = {d: deque(maxlen=RECENT_STEPS) for d in self.domains}
+        # Per domain, (summed block loss, blocks) of this rank's last logged steps.
+        self._recent = {d: deque(maxlen=RECENT_STEPS) for d in self.domains}
+        # Held-out sums of this rank for the current validation epoch: [D] loss sum, [D] tokens.
+        self._val_loss_sum: torch.Tensor | None = None
+        self._val_tokens: torch.Tensor | None = None
+        # from_pretrained returns eval mode and Lightning keeps module modes: without this,
+        # dropout would never apply (experts are copies of those MLPs).
+        self.train()
 
     # ------------------------------------------------------------------ forward and losses
 
@@ -126,16 +122,6 @@ class MoEGPT2Module(L.LightningModule):
         domain_ids = self._domain_ids(batch["domains"])
         return per_block, domain_ids, collect_aux_outputs(self.model)
 
-    def _log_per_domain(self, prefix: str, per_block: torch.Tensor, domain_ids: torch.Tensor,
-                        on_step: bool) -> None:  # fmt: skip
-        for d, domain in enumerate(self.domains):
-            mask = domain_ids == d
-            if mask.any():
-                if prefix == "train":
-                    self._recent_losses[domain].append(float(per_block[mask].mean()))
-                self.log(f"{prefix}/loss_{domain}", per_block[mask].mean(), on_step=on_step,
-                         on_epoch=not on_step, batch_size=int(mask.sum()))  # fmt: skip
-
     # ------------------------------------------------------------------ training
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -151,8 +137,16 @@ class MoEGPT2Module(L.LightningModule):
         self.log("train/lm_loss", lm_loss, batch_size=size)
         self.log("train/lb_loss", aux.lb_loss, batch_size=size)
         self.log("train/z_loss", aux.z_loss, batch_size=size)
-        self._log_per_domain("train", per_block.detach(), domain_ids, on_step=True)
-        self._count_routing(aux.routing, domain_ids, batch["input_ids"].shape[1])
+        per_block = per_block.detach()
+        for d, domain in enumerate(self.domains):
+            mask = domain_ids == d
+            if mask.any():
+                n = int(mask.sum())
+                self._recent[domain].append((float(per_block[mask].sum()), n))
+                self.log(f"train/loss_{domain}", per_block[mask].mean(), batch_size=n)
+        for layer, (_, logits) in aux.routing.items():
+            # The router's own uncertainty (clean logits), not that of its training noise.
+            self.log(f"train/router_entropy_l{layer}", router_entropy(logits), batch_size=size)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -160,21 +154,52 @@ class MoEGPT2Module(L.LightningModule):
             seconds = time.perf_counter() - self._step_started
             self.log("train/tokens_per_s", batch["input_ids"].numel() / max(seconds, 1e-9))
 
-    @torch.no_grad()
-    def _count_routing(
-        self, routing: Mapping[int, tuple[torch.Tensor, torch.Tensor]], domain_ids: torch.Tensor,
-        seq_len: int,
-    ) -> None:  # fmt: skip
-        token_domains = domain_ids.repeat_interleave(seq_len)
-        for layer, (indices, probs) in routing.items():
-            counts: torch.Tensor = getattr(self, f"routing_counts_{layer}")
-            counts += count_assignments(token_domains, indices, *counts.shape)
-            self.log(f"train/router_entropy_l{layer}", router_entropy(probs))
+    def final_domain_losses(self) -> dict[str, float]:
+        """Per domain, the mean train LM loss of its blocks over the last (up to) 50 steps in
+        which it appeared, over all ranks. Collective under DDP: call on every rank."""
+        local = torch.tensor(
+            [[sum(s for s, _ in self._recent[d]), sum(n for _, n in self._recent[d])]
+             for d in self.domains],
+            dtype=torch.float64, device=self.device,
+        )  # fmt: skip
+        total = self._reduce_sum(local).cpu()
+        return {d: float(total[i, 0] / total[i, 1]) for i, d in enumerate(self.domains)
+                if total[i, 1] > 0}  # fmt: skip
+
+    def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over DDP ranks (a copy; the input is left as it is)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return tensor.clone()
+        return self.trainer.strategy.reduce(tensor.clone(), reduce_op="sum")
+
+    # ------------------------------------------------------------------ validation
+
+    def on_validation_epoch_start(self) -> None:
+        n = len(self.domains)
+        self._val_loss_sum = torch.zeros(n, dtype=torch.float64, device=self.device)
+        self._val_tokens = torch.zeros(n, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         per_block, domain_ids, _ = self._losses(batch)
-        self.log("val/loss", per_block.mean(), prog_bar=True, batch_size=per_block.shape[0])
-        self._log_per_domain("val", per_block, domain_ids, on_step=False)
+        predicted = batch["input_ids"].shape[1] - 1  # next-token predictions per block
+        self._val_loss_sum.index_add_(0, domain_ids, per_block.double() * predicted)
+        self._val_tokens.index_add_(
+            0, domain_ids, torch.full_like(per_block, predicted, dtype=torch.float64)
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/loss`` and ``val/loss_<domain>``: token-weighted over every rank's held-out
+        blocks (sums of losses and of tokens reduced, then divided)."""
+        sums = self._reduce_sum(torch.stack([self._val_loss_sum, self._val_tokens]))
+        loss_sum, tokens = sums[0], sums[1]
+        if tokens.sum() == 0:
+            return
+        self.log("val/loss", (loss_sum.sum() / tokens.sum()).float(), prog_bar=True)
+        for d, domain in enumerate(self.domains):
+            if tokens[d] > 0:
+                self.log(f"val/loss_{domain}", (loss_sum[d] / tokens[d]).float())
+
+    # ------------------------------------------------------------------ optimisation
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(self.parameters())
@@ -188,54 +213,8 @@ class MoEGPT2Module(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
-    def recent_domain_losses(self) -> dict[str, float]:
-        """Per domain, the mean train LM loss over its last (up to 50) logged steps."""
-        return {d: sum(v) / len(v) for d, v in self._recent_losses.items() if v}
-
-    # ------------------------------------------------------------------ routing analysis
-
-    def routing_counts(self) -> dict[int, torch.Tensor]:
-        """Domain x expert assignment counts accumulated over training, per MoE layer."""
-        return {
-            layer: getattr(self, f"routing_counts_{layer}").detach().cpu()
-            for layer in moe_layers(self.model)
-        }
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the routing counts summed over DDP ranks (called on every rank)."""
-        if self.trainer.world_size > 1:
-            for layer, counts in self.routing_counts().items():
-                total = self.all_gather(counts.to(self.device)).sum(0).cpu()
-                checkpoint["state_dict"][f"routing_counts_{layer}"] = total
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rank 0 resumes the summed counts; the other ranks start from zero, so that the sum
-        gathered at the end of fit counts every routing assignment once."""
-        trainer = self._trainer
-        if trainer is not None and trainer.global_rank != 0:
-            for key, value in checkpoint["state_dict"].items():
-                if key.startswith("routing_counts_"):
-                    checkpoint["state_dict"][key] = torch.zeros_like(value)
-
-    def on_fit_end(self) -> None:
-        counts = self.routing_counts()
-        if counts:
-            if self.trainer.world_size > 1:
-                counts = {
-                    k: self.all_gather(v.to(self.device)).sum(0).cpu() for k, v in counts.items()
-                }
-            self._write_routing(counts)
-
-    @rank_zero_only
-    def _write_routing(self, counts: dict[int, torch.Tensor]) -> None:
-        out = Path(self.trainer.default_root_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        csv_path = write_routing_csv(counts, self.domains, out / "routing.csv")
-        png_path = plot_routing(counts, self.domains, out / "routing.png")
-        log.info("Routing written to %s and %s", csv_path, png_path)
-        for layer, (expert, share) in collapsed_layers(counts).items():
-            log.warning(
-                "Router collapse in layer %d: expert %d took %.1f%% of the tokens (> 90%%). "
-                "Consider a larger model.lb_coef or more router noise.",
-                layer, expert, 100 * share,
-            )  # fmt: skip
+        """Checkpoints of earlier versions kept routing counts as buffers: drop them."""
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("routing_counts_")]:
+            del state[key]

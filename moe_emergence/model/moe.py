@@ -98,7 +98,10 @@ class Router(nn.Module):
 
     def forward(self, x: Tensor) -> RouterOutput:
         """Route ``x`` [N, d_model] to ``top_k`` of ``n_experts`` experts."""
-        logits = self.gate(x).float()  # selection and softmax in float32, also under autocast
+        # Gate, selection and softmax in float32, also under autocast (bf16 would flip ~0.1%
+        # of the top-1 choices).
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.gate.weight.float())
         noisy = logits
         if self.training and self.noise_std > 0:
             noisy = logits + torch.randn_like(logits) * self._noise_scale()
@@ -111,6 +114,15 @@ class Router(nn.Module):
         else:
             weights = top_logits.softmax(dim=-1)
         return RouterOutput(logits=logits, probs=probs, weights=weights, indices=indices)
+
+
+def router_entropy(logits: Tensor) -> Tensor:
+    """Mean over tokens of the entropy (nats) of ``softmax(logits)``; logits [N, E] -> scalar.
+
+    Pass the clean logits: the entropy of the router itself, not of its training noise.
+    """
+    log_p = logits.float().log_softmax(dim=-1)
+    return -(log_p.exp() * log_p).sum(-1).mean()
 
 
 def load_balancing_loss(probs: Tensor, indices: Tensor, n_experts: int) -> Tensor:
@@ -138,9 +150,9 @@ class MoELayer(nn.Module):
     index_select / index_add_), so the cost is one expert call per expert, not per token.
 
     After each forward the layer keeps, for the training loss and for analysis:
-    ``last_indices`` [N, k] long and ``last_probs`` [N, E] (both detached), and the scalar
-    aux losses ``last_lb_loss`` and ``last_z_loss`` (with grad). Copies and pickles of the
-    layer drop this state.
+    ``last_indices`` [N, k] long and ``last_logits`` [N, E] float32 clean router logits (both
+    detached), and the scalar aux losses ``last_lb_loss`` and ``last_z_loss`` (with grad).
+    Copies and pickles of the layer drop this state.
     """
 
     def __init__(
@@ -167,14 +179,14 @@ class MoELayer(nn.Module):
 
     def _clear_state(self) -> None:
         self.last_indices: Tensor | None = None
-        self.last_probs: Tensor | None = None
+        self.last_logits: Tensor | None = None
         self.last_lb_loss: Tensor | None = None
         self.last_z_loss: Tensor | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # The last losses hold the autograd graph, which deepcopy and pickle refuse.
         state = super().__getstate__()
-        state.update(last_indices=None, last_probs=None, last_lb_loss=None, last_z_loss=None)
+        state.update(last_indices=None, last_logits=None, last_lb_loss=None, last_z_loss=None)
         return state
 
     def forward(self, hidden: Tensor) -> Tensor:
@@ -199,7 +211,7 @@ class MoELayer(nn.Module):
             out.index_add_(0, tokens, y.to(out.dtype))
 
         self.last_indices = route.indices.detach()
-        self.last_probs = route.probs.detach()
+        self.last_logits = route.logits.detach()
         self.last_lb_loss = load_balancing_loss(route.probs, route.indices, self.n_experts)
         self.last_z_loss = z_loss(route.logits)
         return out.reshape(shape)

@@ -179,10 +179,10 @@ def test_collect_aux_outputs_after_forward(tiny_gpt2, input_ids):
         assert torch.isfinite(loss)
         assert loss.requires_grad
     assert set(aux.routing) == {0, 1}
-    for indices, probs in aux.routing.values():
+    for indices, logits in aux.routing.values():
         assert indices.shape == (n_tokens, 2)
         assert indices.dtype == torch.long
-        assert probs.shape == (n_tokens, 4)
+        assert logits.shape == (n_tokens, 4) and logits.dtype == torch.float32
 
     (aux.lb_loss + aux.z_loss).backward()
     for layer in moe_layers(tiny_gpt2).values():

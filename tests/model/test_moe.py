@@ -10,7 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from moe_emergence.model.moe import MoELayer, Router, load_balancing_loss, z_loss
+from moe_emergence.model.moe import (
+    MoELayer,
+    Router,
+    load_balancing_loss,
+    router_entropy,
+    z_loss,
+)
 
 D, E = 8, 4
 
@@ -36,6 +42,27 @@ def test_router_output_shapes(top_k):
     assert out.indices.shape == (10, top_k)
     assert out.indices.dtype == torch.long
     torch.testing.assert_close(out.probs.sum(-1), torch.ones(10))
+
+
+def test_router_logits_stay_float32_under_bf16_autocast():
+    """Wide inputs with close logits: a bf16 gate would flip some top-1 choices."""
+    torch.manual_seed(0)
+    router = Router(768, 8, top_k=1, noise_std=0.0).eval()
+    x = torch.randn(4096, 768)
+    reference = router(x)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        assert router.gate(x).dtype == torch.bfloat16  # what the gate alone would give
+        mixed = router(x)
+        mixed_bf16_input = router(x.bfloat16())
+    assert mixed.logits.dtype == torch.float32
+    torch.testing.assert_close(mixed.logits, reference.logits, rtol=0, atol=0)
+    assert torch.equal(mixed.indices, reference.indices)
+    assert torch.equal(mixed_bf16_input.indices, router(x.bfloat16().float()).indices)
+
+
+def test_router_entropy_of_clean_logits():
+    assert router_entropy(torch.zeros(5, 4)).item() == pytest.approx(math.log(4))
+    assert router_entropy(torch.tensor([[50.0, 0.0, 0.0]])).item() == pytest.approx(0, abs=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -214,8 +241,8 @@ def test_layer_keeps_last_forward_state():
 
     assert layer.last_indices.shape == (6, 2)
     assert layer.last_indices.dtype == torch.long
-    assert layer.last_probs.shape == (6, E)
-    assert not layer.last_probs.requires_grad
+    assert layer.last_logits.shape == (6, E)
+    assert not layer.last_logits.requires_grad
     for loss in (layer.last_lb_loss, layer.last_z_loss):
         assert loss.ndim == 0
         assert loss.requires_grad

@@ -1,0 +1,347 @@
+"""RoutingAnalysis: measure what the experts do, on a fixed probe, in eval mode, during fit.
+
+Every ``every_n_steps`` optimizer steps, at the start of a fresh run (step 0) and at the end of
+fit, the probe (:mod:`moe_emergence.analysis.probe`) is routed in eval mode (no router noise, no
+dropout, no grad, no random numbers drawn), each DDP rank routing a disjoint share; the
+assignments are summed over ranks once and rank 0 scores them
+(:func:`moe_emergence.analysis.scores.score_layer`) and writes ``<run dir>/routing/``:
+``counts.csv``, ``trajectory.csv``, ``train_window_counts.csv`` (see
+:mod:`moe_emergence.analysis.tables`), ``probe.json``, and at the end ``heatmap.png`` and
+``emergence.png``.
+
+Training-time routing (noisy, train mode) is only counted per window between two analysis
+steps, labelled as such. Its counters are plain tensors per rank; a checkpoint stores their
+sum over ranks, and a resume on any number of ranks gives it back to rank 0 only, so nothing
+is counted twice. The rows written so far travel in the checkpoint too: a resumed run's
+``routing/`` holds the whole trajectory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from moe_emergence.analysis.plots import plot_emergence, plot_heatmap
+from moe_emergence.analysis.probe import Probe, build_probe, route_blocks
+from moe_emergence.analysis.scores import LayerScores, collapsed_expert, contingency, score_layer
+from moe_emergence.analysis.tables import COUNTS, TRAIN_WINDOWS, TRAJECTORY, write_table
+from moe_emergence.model.gpt2_moe import moe_layers
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+COLLAPSE_SHARE = 0.9
+
+
+def score_probe_routing(
+    probe: Probe,
+    experts: dict[int, np.ndarray],
+    router_entropy: dict[int, float],
+    n_experts: int,
+    n_permutations: int,
+    seed: int,
+) -> dict[int, tuple[np.ndarray, LayerScores]]:
+    """Per MoE layer, the domain x expert table [D, E] of the probe's assignments and its
+    scores; ``experts[layer]``: int [P, T, k] for ``probe.input_ids`` [P, T]."""
+    n_domains, (p, t) = len(probe.domains), probe.input_ids.shape
+    token_domains = np.repeat(probe.block_domains, t)
+    out = {}
+    for layer, chosen in sorted(experts.items()):
+        table = contingency(token_domains, chosen.reshape(p * t, -1), n_domains, n_experts)
+        scores = score_layer(
+            probe.input_ids, probe.block_domains, chosen, n_domains, n_experts,
+            n_permutations=n_permutations, seed=seed, router_entropy=router_entropy[layer],
+        )  # fmt: skip
+        out[layer] = (table, scores)
+    return out
+
+
+class RoutingAnalysis(L.Callback):
+    """Eval-mode routing of a fixed probe over training (see the module docstring).
+
+    every_n_steps: optimizer steps between analyses. train_sample_blocks: probe blocks per
+    domain drawn from the training blocks when there is no held-out split
+    (``data.eval_fraction=0``); held_out_blocks: per domain from the held-out split (None: all).
+    probe_seed: which blocks. null_permutations / null_seed: the permutation null. batch_size:
+    probe blocks per forward. out_dir: default ``<trainer.default_root_dir>/routing``.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 200,
+        train_sample_blocks: int = 64,
+        held_out_blocks: int | None = None,
+        probe_seed: int = 0,
+        null_permutations: int = 200,
+        null_seed: int = 0,
+        batch_size: int = 32,
+        out_dir: str | None = None,
+    ) -> None:
+        for name, value, low in (
+            ("every_n_steps", every_n_steps, 1), ("train_sample_blocks", train_sample_blocks, 1),
+            ("probe_seed", probe_seed, 0), ("null_permutations", null_permutations, 1),
+            ("null_seed", null_seed, 0), ("batch_size", batch_size, 1),
+        ):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(
+                    f"callbacks.routing_analysis.{name} must be an integer >= {low}, got {value!r}."
+                )
+        if held_out_blocks is not None and (
+            isinstance(held_out_blocks, bool) or not isinstance(held_out_blocks, int)
+            or held_out_blocks < 1
+        ):  # fmt: skip
+            raise ValueError(
+                f"callbacks.routing_analysis.held_out_blocks must be null or an integer >= 1, "
+                f"got {held_out_blocks!r}."
+            )
+        self.every_n_steps = every_n_steps
+        self.train_sample_blocks = train_sample_blocks
+        self.held_out_blocks = held_out_blocks
+        self.probe_seed = probe_seed
+        self.null_permutations = null_permutations
+        self.null_seed = null_seed
+        self.batch_size = batch_size
+        self.out_dir = out_dir
+
+        self.probe: Probe | None = None
+        self.seconds = 0.0  # wall time spent analysing, this process
+        self._layers: list[int] = []
+        self._n_experts = 0
+        self._domains: tuple[str, ...] = ()
+        self._rank, self._world = 0, 1
+        self._out: Path | None = None
+        self._window: torch.Tensor | None = None  # [L, D, E] this rank's training-time counts
+        self._restored_window: torch.Tensor | None = None
+        self._window_start = 0
+        self._last_step: int | None = None
+        self._rows: dict[str, list[dict[str, Any]]] = {"counts": [], "trajectory": [],
+                                                       "windows": []}  # fmt: skip
+        self._latest: dict[int, tuple[np.ndarray, LayerScores]] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        layers = moe_layers(pl_module.model)
+        if not layers:
+            rank_zero_info("No MoE layers (a dense model): routing analysis is off.")
+            return
+        self._layers = sorted(layers)
+        self._n_experts = layers[self._layers[0]].n_experts
+        self._domains = tuple(pl_module.domains)
+        self._rank, self._world = trainer.global_rank, trainer.world_size
+        self._out = Path(self.out_dir or Path(trainer.default_root_dir) / "routing")
+        self.probe = build_probe(
+            trainer.datamodule, self._domains, self.train_sample_blocks, self.held_out_blocks,
+            self.probe_seed,
+        )  # fmt: skip
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._layers:
+            return
+        shape = (len(self._layers), len(self._domains), self._n_experts)
+        self._window = torch.zeros(shape, dtype=torch.long, device=pl_module.device)
+        if self._restored_window is not None:
+            self._window += self._restored_window.to(self._window.device)
+            self._restored_window = None
+        if self._rank == 0:
+            self._out.mkdir(parents=True, exist_ok=True)
+            (self._out / "probe.json").write_text(json.dumps(self.probe.describe(), indent=2))
+            self._write_tables()
+        if self._last_step is None:  # a fresh run: where routing starts
+            self._analyse(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        if not self._layers:
+            return
+        self._count_training_batch(pl_module, batch)
+        step = trainer.global_step
+        if step != self._last_step and step % self.every_n_steps == 0:
+            self._analyse(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._layers:
+            return
+        if trainer.global_step != self._last_step:
+            self._analyse(trainer, pl_module)
+        if self._rank == 0:
+            started = time.perf_counter()
+            self._finish()
+            self.seconds += time.perf_counter() - started
+            log.info("Routing analysis took %.1f s in all (probe, scores, tables, figures).",
+                     self.seconds)  # fmt: skip
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Called on every rank when a checkpoint is saved (collective under DDP)."""
+        if not self._layers or self._window is None:
+            return {}
+        return {
+            "version": STATE_VERSION,
+            "probe_digest": self.probe.digest,
+            "layers": self._layers,
+            "last_step": self._last_step,
+            "window_start": self._window_start,
+            "window": _sum_over_ranks(self._window).cpu(),  # the global sum, saved once
+            "rows": self._rows,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state or not self._layers:
+            return
+        if state.get("version") != STATE_VERSION or state.get("layers") != self._layers:
+            rank_zero_warn("The checkpoint's routing-analysis state is of another version or "
+                           "other layers: the trajectory starts again here.")  # fmt: skip
+            return
+        # Training-time counts of the open window: rank 0 resumes the global sum.
+        window = state["window"]
+        self._restored_window = window if self._rank == 0 else torch.zeros_like(window)
+        self._window_start = int(state["window_start"])
+        if state["probe_digest"] != self.probe.digest:
+            rank_zero_warn(
+                "The probe differs from the checkpoint's (other data or probe settings): the "
+                "routing trajectory restarts at the resumed step; earlier rows stay in the "
+                "earlier run's routing/ folder."
+            )
+            return
+        self._last_step = state["last_step"]
+        self._rows = {k: list(v) for k, v in state["rows"].items()}
+
+    # ------------------------------------------------------------------ measuring
+
+    @torch.no_grad()
+    def _count_training_batch(self, pl_module: L.LightningModule, batch: Any) -> None:
+        """Add this micro-batch's training-time (noisy) assignments to the open window."""
+        index = {d: i for i, d in enumerate(self._domains)}
+        block_domains = torch.tensor([index[d] for d in batch["domains"]],
+                                     device=self._window.device)  # fmt: skip
+        token_domains = block_domains.repeat_interleave(batch["input_ids"].shape[1])
+        layers = moe_layers(pl_module.model)
+        n_experts = self._n_experts
+        for n, layer in enumerate(self._layers):
+            indices = layers[layer].last_indices  # [N, k] of this micro-batch's forward
+            k = indices.shape[-1]
+            flat = token_domains.repeat_interleave(k) * n_experts + indices.reshape(-1)
+            counts = torch.bincount(flat, minlength=len(self._domains) * n_experts)
+            self._window[n] += counts.view(len(self._domains), n_experts)
+
+    def _analyse(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Route the probe (every rank its share), sum over ranks once, score on rank 0."""
+        started = time.perf_counter()
+        step = int(trainer.global_step)
+        probe, device = self.probe, pl_module.device
+        p, t = probe.input_ids.shape
+        mine = torch.arange(self._rank, p, self._world)
+        routed = route_blocks(
+            pl_module.model, torch.from_numpy(probe.input_ids[mine.numpy()]).to(device),
+            self.batch_size, trainer.precision_plugin.forward_context,
+        )  # fmt: skip
+        k = routed.experts[self._layers[0]].shape[-1]
+        experts = torch.zeros(len(self._layers), p, t, k, dtype=torch.long, device=device)
+        entropy = torch.zeros(len(self._layers), dtype=torch.float64, device=device)
+        for n, layer in enumerate(self._layers):
+            experts[n, mine.to(device)] = routed.experts[layer]
+            entropy[n] = routed.entropy_sum[layer]
+        # Every probe row is filled by exactly one rank: the sum is the whole probe's routing.
+        experts, entropy = _sum_over_ranks(experts), _sum_over_ranks(entropy)
+        window = _sum_over_ranks(self._window)
+        self._window.zero_()
+        if self._rank == 0:
+            self._record(
+                step, experts.cpu().numpy(), (entropy / (p * t)).tolist(), window.cpu().numpy()
+            )
+        self._last_step, self._window_start = step, step
+        self.seconds += time.perf_counter() - started
+
+    def _record(
+        self, step: int, experts: np.ndarray, entropy: list[float], window: np.ndarray
+    ) -> None:
+        """Score and append the rows of one analysis step; rewrite the tables (rank 0)."""
+        kind = self.probe.kind
+        scored = score_probe_routing(
+            self.probe,
+            {layer: experts[n] for n, layer in enumerate(self._layers)},
+            dict(zip(self._layers, entropy, strict=True)),
+            self._n_experts, self.null_permutations, self.null_seed,
+        )  # fmt: skip
+        for n, (layer, (table, scores)) in enumerate(scored.items()):
+            self._rows["trajectory"].append(
+                {"step": step, "layer": layer, "probe": kind, **asdict(scores)}
+            )
+            for d, domain in enumerate(self._domains):
+                for e in range(self._n_experts):
+                    self._rows["counts"].append({"step": step, "layer": layer, "probe": kind,
+                        "domain": domain, "expert": e, "tokens": int(table[d, e])})  # fmt: skip
+                    if step > self._window_start:
+                        self._rows["windows"].append({"step_start": self._window_start,
+                            "step_end": step, "layer": layer, "domain": domain, "expert": e,
+                            "assignments": int(window[n, d, e])})  # fmt: skip
+        self._latest = scored
+        self._write_tables()
+
+    def _write_tables(self) -> None:
+        write_table(self._out / "counts.csv", COUNTS, self._rows["counts"])
+        write_table(self._out / "trajectory.csv", TRAJECTORY, self._rows["trajectory"])
+        write_table(self._out / "train_window_counts.csv", TRAIN_WINDOWS, self._rows["windows"])
+
+    def _finish(self) -> None:
+        """Figures, the collapse check on the latest eval-mode usage, a closing log line."""
+        if not self._latest:
+            return
+        kind = self.probe.kind
+        tables = {layer: table for layer, (table, _) in self._latest.items()}
+        scores = {layer: s for layer, (_, s) in self._latest.items()}
+        step = self._last_step
+        plot_heatmap(tables, scores, self._domains, self._out / "heatmap.png",
+                     title=f"eval-mode routing of the probe ({kind}) at step {step}")  # fmt: skip
+        trajectory: dict[int, list[tuple[int, LayerScores]]] = {}
+        names = [f.name for f in fields(LayerScores)]
+        for row in self._rows["trajectory"]:
+            values = {name: float(row[name]) for name in names}
+            trajectory.setdefault(int(row["layer"]), []).append(
+                (int(row["step"]), LayerScores(**values))
+            )
+        plot_emergence(trajectory, self._out / "emergence.png",
+                       title=f"domain specialisation of the probe ({kind})")  # fmt: skip
+        lines = [f"Routing at step {step} (eval mode, probe {kind}, "
+                 f"{self.probe.input_ids.shape[0]:,} blocks): NMI [null mean, p95]; "
+                 f"share explained by token identity"]  # fmt: skip
+        for layer, s in scores.items():
+            share = "n/a" if np.isnan(s.token_id_share) else f"{100 * s.token_id_share:.0f}%"
+            verdict = "above" if s.nmi > s.null_p95 else "NOT above"
+            lines.append(f"  layer {layer}: NMI {s.nmi:.4f} [{s.null_mean:.4f}, "
+                         f"{s.null_p95:.4f}] ({verdict} chance); token id {share}")  # fmt: skip
+        lines.append(f"  written to {self._out}")
+        log.info("\n".join(lines))
+        for layer, table in tables.items():
+            found = collapsed_expert(table, COLLAPSE_SHARE)
+            if found is not None:
+                expert, share = found
+                log.warning(
+                    "Router collapse in layer %d: expert %d took %.1f%% of the probe's tokens "
+                    "(> 90%%, eval mode). Consider a larger model.lb_coef or more router noise.",
+                    layer, expert, 100 * share,
+                )  # fmt: skip
+
+
+def _sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` summed over DDP ranks (itself when not distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        out = tensor.clone()
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+        return out
+    return tensor.clone()

@@ -1,0 +1,90 @@
+"""Figures of the routing analysis: the final domain x expert heatmap, and NMI over steps."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib import rcParams
+from matplotlib.colors import Normalize, TwoSlopeNorm
+from matplotlib.figure import Figure  # no pyplot: leaves the user's backend alone
+
+from moe_emergence.analysis.scores import LayerScores, shares
+
+
+def plot_heatmap(
+    tables: Mapping[int, np.ndarray],
+    scores: Mapping[int, LayerScores],
+    domains: Sequence[str],
+    path: str | os.PathLike,
+    title: str = "",
+) -> Path:
+    """One panel per MoE layer: rows = domains, columns = experts, cell = the share of the
+    domain's probe tokens sent to the expert. The colour scale is centred on the uniform
+    share 1/E (white), so "as by chance" and "never" look different."""
+    layers = sorted(tables)
+    n_experts = tables[layers[0]].shape[1]
+    uniform = 1.0 / n_experts
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=uniform, vmax=1.0) if n_experts > 1 else Normalize(0, 1)
+    fig = Figure(
+        figsize=(1.4 + 0.75 * n_experts * len(layers), 0.6 * len(domains) + 2.0),
+        layout="constrained",
+    )
+    axes = fig.subplots(1, len(layers), squeeze=False)
+    for ax, layer in zip(axes[0], layers, strict=True):
+        table = shares(tables[layer])
+        image = ax.imshow(table, norm=norm, cmap="RdBu_r", aspect="auto")
+        s = scores[layer]
+        ax.set_title(f"layer {layer}\nNMI {s.nmi:.3f} (null p95 {s.null_p95:.3f})", fontsize=9)
+        ax.set_xticks(range(n_experts), [str(e) for e in range(n_experts)])
+        ax.set_yticks(range(len(domains)), list(domains))
+        ax.set_xlabel("expert")
+        for d in range(len(domains)):
+            for e in range(n_experts):
+                dark = abs(table[d, e] - uniform) > 0.35 * (1 - uniform)
+                ax.text(e, d, f"{table[d, e]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")  # fmt: skip
+    bar = fig.colorbar(image, ax=axes[0].tolist(), label="share of the domain's probe tokens")
+    bar.ax.axhline(uniform, color="black", linewidth=0.8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_emergence(
+    trajectory: Mapping[int, Sequence[tuple[int, LayerScores]]],
+    path: str | os.PathLike,
+    title: str = "",
+) -> Path:
+    """NMI against optimizer step, one line per MoE layer, over a band from 0 to the
+    permutation null's 95th percentile (chance); dashed: the token-id router's NMI."""
+    fig = Figure(figsize=(6.4, 3.8), layout="constrained")
+    ax = fig.subplots()
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
+    for n, (layer, points) in enumerate(sorted(trajectory.items())):
+        steps = [step for step, _ in points]
+        color = colors[n % len(colors)]
+        ax.fill_between(steps, 0, [s.null_p95 for _, s in points], color=color, alpha=0.15,
+                        linewidth=0)  # fmt: skip
+        ax.plot(steps, [s.nmi for _, s in points], color=color, marker=".", label=f"layer {layer}")
+        ax.plot(steps, [s.token_id_nmi for _, s in points], color=color, linestyle="--",
+                linewidth=0.9)  # fmt: skip
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("NMI = I(domain; expert) / H(domain)")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8, title="solid: NMI; dashed: token-id router;\nband: null 95th pct",
+              title_fontsize=7)  # fmt: skip
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    return path

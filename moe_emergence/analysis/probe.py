@@ -1,0 +1,150 @@
+"""The fixed probe that routing is measured on, and routing it in eval mode.
+
+The probe is P blocks of T tokens, each block of one domain, chosen once per run and the
+same on every rank and after a resume: the held-out split when there is one
+(``probe: held_out``), else a seeded sample of the training blocks of every domain
+(``probe: train_sample``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moe_emergence.model.gpt2_moe import collect_aux_outputs, moe_layers
+
+HELD_OUT = "held_out"
+TRAIN_SAMPLE = "train_sample"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """input_ids: int64 [P, T]; block_domains: int64 [P], indices into ``domains``;
+    kind: ``held_out`` or ``train_sample``."""
+
+    input_ids: np.ndarray
+    block_domains: np.ndarray
+    domains: tuple[str, ...]
+    kind: str
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """SHA-256 of the blocks and their domains: the same probe, the same digest."""
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.input_ids, dtype=np.int64).tobytes())
+        h.update(np.ascontiguousarray(self.block_domains, dtype=np.int64).tobytes())
+        h.update(",".join(self.domains).encode())
+        return h.hexdigest()
+
+    def describe(self) -> dict[str, Any]:
+        """What the probe is, for ``probe.json``: kind, blocks and tokens per domain, digest."""
+        blocks = {d: int((self.block_domains == i).sum()) for i, d in enumerate(self.domains)}
+        return {
+            "probe": self.kind,
+            "block_size": int(self.input_ids.shape[1]),
+            "blocks": blocks,
+            "tokens": {d: n * int(self.input_ids.shape[1]) for d, n in blocks.items()},
+            "digest": self.digest,
+        }
+
+
+def build_probe(
+    datamodule: Any,
+    domains: Sequence[str],
+    train_sample_blocks: int = 64,
+    held_out_blocks: int | None = None,
+    seed: int = 0,
+) -> Probe:
+    """The probe of a set-up :class:`~moe_emergence.data.MixedDomainDataModule`.
+
+    With a held-out split: its blocks, all of them or (``held_out_blocks``) a seeded subset
+    of that many per domain. Without: ``train_sample_blocks`` seeded training blocks per domain
+    (fewer when a domain has fewer). Blocks are grouped by domain, in ``domains`` order.
+    """
+    held_out = getattr(datamodule, "val_dataset", None)
+    if held_out is not None:
+        source, per_domain, kind = held_out, held_out_blocks, HELD_OUT
+    else:
+        source = getattr(datamodule, "train_packed", None)
+        per_domain, kind = train_sample_blocks, TRAIN_SAMPLE
+    if source is None:
+        raise ValueError(
+            "Routing analysis needs the MixedDomainDataModule's blocks after setup(): train "
+            "through the datamodule, or remove callbacks.routing_analysis."
+        )
+    missing = [d for d in domains if d not in source.domains]
+    if missing:
+        raise ValueError(f"The data has no {missing} blocks, but model.domains={list(domains)}.")
+    rng = np.random.default_rng(seed)
+    ids, labels = [], []
+    for d, domain in enumerate(domains):
+        blocks = source.domain_blocks(domain)
+        kept = source.kept_block_indices(domain) if kind == TRAIN_SAMPLE else None
+        kept = np.arange(len(blocks)) if kept is None else kept
+        if per_domain is not None and per_domain < len(kept):
+            kept = np.sort(rng.choice(kept, size=per_domain, replace=False))
+        ids.append(np.asarray(blocks[kept], dtype=np.int64))
+        labels.append(np.full(len(kept), d, dtype=np.int64))
+    return Probe(np.concatenate(ids), np.concatenate(labels), tuple(domains), kind)
+
+
+@dataclass
+class ProbeRouting:
+    """Eval-mode routing of probe blocks, per MoE layer (block index -> tensor).
+
+    experts: int64 [P, T, k] chosen experts; entropy_sum: float64 [] summed over tokens of
+    the clean router distribution's entropy (nats).
+    """
+
+    experts: dict[int, torch.Tensor]
+    entropy_sum: dict[int, torch.Tensor]
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode (no router noise, no dropout), then each back as it was."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+
+
+@torch.no_grad()
+def route_blocks(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    batch_size: int,
+    forward_context: Any = contextlib.nullcontext,
+) -> ProbeRouting:
+    """Route ``input_ids`` [p, T] (on the model's device) through ``model`` (a
+    ``GPT2LMHeadModel`` with MoE layers) in eval mode, ``batch_size`` blocks at a time, under
+    ``forward_context()`` (the trainer's precision context). Draws no random numbers."""
+    layers = moe_layers(model)
+    p, t = input_ids.shape
+    device = input_ids.device
+    experts = {
+        i: torch.zeros(p, t, layer.top_k, dtype=torch.long, device=device)
+        for i, layer in layers.items()
+    }
+    entropy_sum = {i: torch.zeros((), dtype=torch.float64, device=device) for i in layers}
+    with eval_mode(model):
+        for start in range(0, p, batch_size):
+            chunk = input_ids[start : start + batch_size]
+            with forward_context():
+                model.transformer(input_ids=chunk)  # the MoE layers are all in here; no LM head
+            for i, (indices, logits) in collect_aux_outputs(model).routing.items():
+                experts[i][start : start + len(chunk)] = indices.view(len(chunk), t, -1)
+                log_p = logits.double().log_softmax(-1)
+                entropy_sum[i] += -(log_p.exp() * log_p).sum()
+    return ProbeRouting(experts, entropy_sum)
