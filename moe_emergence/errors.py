@@ -1,0 +1,14 @@
+"""The project's error for user mistakes (a bad value, a missing file, a changed setting).
+
+Entry points (``train.py``, ``python -m moe_emergence.data``) print ``error: <message>`` and
+exit non-zero without a traceback for it; every other exception keeps its traceback. The
+message names the value or file and says how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """A mistake the user can fix; the message says what and how (one line, no traceback).
+
+    A ``ValueError`` so that code catching those keeps working."""
