@@ -3,7 +3,12 @@
 python train.py                                   # defaults (conf/config.yaml)
 python train.py data/size=10mb data.balance_tokens=true
 python train.py -m seed=1,2 data.block_size=128,256
+
+A user mistake (a bad value, a missing file) ends with one line, ``error: <message>``, and
+exit status 1; any other failure keeps its traceback.
 """
+
+import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -11,6 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from moe_emergence.config import register_resolvers
+from moe_emergence.errors import user_error_in
 from moe_emergence.train import train
 
 register_resolvers()
@@ -19,11 +25,18 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
-    train(
-        cfg,
-        multirun=hydra_cfg.mode == RunMode.MULTIRUN,
-        launcher=str(hydra_cfg.launcher.get("_target_", "")),
-    )
+    try:
+        train(
+            cfg,
+            multirun=hydra_cfg.mode == RunMode.MULTIRUN,
+            launcher=str(hydra_cfg.launcher.get("_target_", "")),
+        )
+    except Exception as exc:
+        mistake = user_error_in(exc)
+        if mistake is None:
+            raise
+        print(f"error: {mistake}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -12,3 +12,17 @@ class UserError(ValueError):
     """A mistake the user can fix; the message says what and how (one line, no traceback).
 
     A ``ValueError`` so that code catching those keeps working."""
+
+
+def user_error_in(exc: BaseException) -> UserError | None:
+    """The UserError that ``exc`` is or was raised from (``raise ... from``: Hydra's
+    instantiate wraps the errors of constructors so), else None. Only explicit causes are
+    followed: an error raised while handling a UserError is not one."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, UserError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__
+    return None

@@ -34,6 +34,7 @@ from moe_emergence.analysis.plots import plot_emergence, plot_heatmap
 from moe_emergence.analysis.probe import Probe, build_probe, route_blocks
 from moe_emergence.analysis.scores import LayerScores, collapsed_expert, contingency, score_layer
 from moe_emergence.analysis.tables import COUNTS, TRAIN_WINDOWS, TRAJECTORY, write_table
+from moe_emergence.errors import UserError
 from moe_emergence.model.gpt2_moe import moe_layers
 
 log = logging.getLogger(__name__)
@@ -92,14 +93,14 @@ class RoutingAnalysis(L.Callback):
             ("null_seed", null_seed, 0), ("batch_size", batch_size, 1),
         ):  # fmt: skip
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(
+                raise UserError(
                     f"callbacks.routing_analysis.{name} must be an integer >= {low}, got {value!r}."
                 )
         if held_out_blocks is not None and (
             isinstance(held_out_blocks, bool) or not isinstance(held_out_blocks, int)
             or held_out_blocks < 1
         ):  # fmt: skip
-            raise ValueError(
+            raise UserError(
                 f"callbacks.routing_analysis.held_out_blocks must be null or an integer >= 1, "
                 f"got {held_out_blocks!r}."
             )

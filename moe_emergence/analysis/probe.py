@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moe_emergence.errors import UserError
 from moe_emergence.model.gpt2_moe import collect_aux_outputs, moe_layers
 
 HELD_OUT = "held_out"
@@ -76,13 +77,13 @@ def build_probe(
         source = getattr(datamodule, "train_packed", None)
         per_domain, kind = train_sample_blocks, TRAIN_SAMPLE
     if source is None:
-        raise ValueError(
+        raise UserError(
             "Routing analysis needs the MixedDomainDataModule's blocks after setup(): train "
             "through the datamodule, or remove callbacks.routing_analysis."
         )
     missing = [d for d in domains if d not in source.domains]
     if missing:
-        raise ValueError(f"The data has no {missing} blocks, but model.domains={list(domains)}.")
+        raise UserError(f"The data has no {missing} blocks, but model.domains={list(domains)}.")
     rng = np.random.default_rng(seed)
     ids, labels = [], []
     for d, domain in enumerate(domains):

@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from moe_emergence.data.hub import HubUnavailableError
 from moe_emergence.data.prepare import prepare_domains
 from moe_emergence.data.report import build_report, report_table, write_report
 from moe_emergence.data.settings import DataSettings
+from moe_emergence.errors import UserError
 
 log = logging.getLogger("moe_emergence.data")
 
@@ -126,9 +128,25 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[DataSettings, argpars
     )
     try:
         settings.validate()
-    except ValueError as exc:
+        check_report_path(args.report)
+    except UserError as exc:
         parser.error(str(exc))
     return settings, args
+
+
+def check_report_path(report: str | None) -> None:
+    """Refuse a ``--report`` path that cannot be written, before any work."""
+    if report is None:
+        return
+    path = Path(report)
+    if path.is_dir():
+        raise UserError(
+            f"--report '{report}' is a folder: give a file path, e.g. '{path / 'report.json'}'."
+        )
+    if not path.parent.is_dir():
+        raise UserError(
+            f"--report '{report}': the folder '{path.parent}' does not exist; create it first."
+        )
 
 
 def check_dataset(dataset: PackedMixedDomainDataset, pad_token_id: int | None) -> str:
@@ -156,13 +174,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_to_stdout()
     try:
         prepared = prepare_domains(settings, show_progress=not args.no_progress)
-    except (HubUnavailableError, FileNotFoundError) as exc:
+        log.info(report_table(prepared, settings.block_size))
+        dataset = PackedMixedDomainDataset.from_token_streams(
+            prepared.streams, settings.block_size, settings.balance_tokens, settings.seed
+        )
+    except (UserError, HubUnavailableError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    log.info(report_table(prepared, settings.block_size))
-    dataset = PackedMixedDomainDataset.from_token_streams(
-        prepared.streams, settings.block_size, settings.balance_tokens, settings.seed
-    )
     pad_id = prepared.tokenizer_info.get("pad_token_id")
     log.info(check_dataset(dataset, pad_id))
     report = build_report(prepared, dataset, settings)

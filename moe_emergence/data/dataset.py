@@ -19,6 +19,7 @@ from moe_emergence.data.packing import (
     shuffled_order,
 )
 from moe_emergence.data.tokenize import TokenStream, encode_texts
+from moe_emergence.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,12 @@ class PackedMixedDomainDataset(Dataset):
         }
         for domain, count in self.block_counts.items():
             if count == 0:
-                raise ValueError(
-                    f"Domain '{domain}' has {self.token_counts[domain]:,} tokens, less than one "
-                    f"block of block_size={block_size}: raise --size-mb or lower --block-size."
+                tokens = self.token_counts[domain]
+                raise UserError(
+                    f"Domain '{domain}' has {tokens:,} tokens, less than one block of "
+                    f"block_size={block_size}: use a block size of at most {tokens:,} "
+                    f"(--block-size, data.block_size) or get more text (--size-mb, "
+                    f"data.size_mb; --max-example-chars, data.max_example_chars)."
                 )
 
         warning = imbalance_warning(self.token_counts, self.balance_tokens)

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from moe_emergence.errors import UserError
+
 log = logging.getLogger(__name__)
 
 IMBALANCE_RATIO = 1.5
@@ -21,7 +23,7 @@ IMBALANCE_RATIO = 1.5
 
 def check_block_size(block_size: int) -> None:
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 2:
-        raise ValueError(
+        raise UserError(
             f"block_size={block_size!r} must be an integer ≥ 2 (--block-size, data.block_size)."
         )
 

@@ -16,6 +16,7 @@ from moe_emergence.data.sources import (
     check_size_mb,
 )
 from moe_emergence.data.tokenize import DEFAULT_TOKENIZER
+from moe_emergence.errors import UserError
 
 SOURCES = ("hub", "sample")
 
@@ -44,41 +45,41 @@ class DataSettings:
     source: str = "hub"
 
     def validate(self) -> DataSettings:
-        """Raise ValueError naming the flag / config key and the fix for the first bad value."""
+        """Raise UserError naming the flag / config key and the fix for the first bad value."""
         try:
             check_size_mb(self.size_mb)
         except ValueError as exc:
-            raise ValueError(f"{option('size_mb')}: {exc}") from None
+            raise UserError(f"{option('size_mb')}: {exc}") from None
         if not is_int(self.block_size) or self.block_size < 2:
-            raise ValueError(
+            raise UserError(
                 f"{option('block_size')} must be an integer ≥ 2, got {self.block_size!r}."
             )
         if not is_int(self.max_example_chars):
-            raise ValueError(
+            raise UserError(
                 f"{option('max_example_chars')} must be an integer, got {self.max_example_chars!r}."
             )
         for domain, sources in DEFAULT_SOURCES.items():
             try:
                 check_filters(sources, self.max_example_chars, domain)
             except ValueError as exc:
-                raise ValueError(f"{option('max_example_chars')}: {exc}") from None
+                raise UserError(f"{option('max_example_chars')}: {exc}") from None
         for key in ("balance_tokens", "rebuild_cache"):
             value = getattr(self, key)
             if not isinstance(value, bool):
-                raise ValueError(f"{option(key)} must be true or false, got {value!r}.")
-        if not is_int(self.seed):
-            raise ValueError(f"{option('seed')} must be an integer, got {self.seed!r}.")
+                raise UserError(f"{option(key)} must be true or false, got {value!r}.")
+        if not is_int(self.seed) or self.seed < 0:
+            raise UserError(f"{option('seed')} must be an integer ≥ 0, got {self.seed!r}.")
         if self.source not in SOURCES:
-            raise ValueError(
+            raise UserError(
                 f"{option('source')} must be one of {list(SOURCES)} (data/source=...), "
                 f"got {self.source!r}."
             )
         for key in ("tokenizer", "hub_mirror", "cache_dir"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, str | Path):
-                raise ValueError(f"{option(key)} must be a string, got {value!r}.")
+                raise UserError(f"{option(key)} must be a string, got {value!r}.")
         if self.hub_mirror is not None and not Path(self.hub_mirror).is_dir():
-            raise ValueError(
+            raise UserError(
                 f"{option('hub_mirror')} '{self.hub_mirror}' is not a folder: pass a folder "
                 f"that holds <org>/<name> copies of the Hub repos, or leave it unset (null) to "
                 f"use the Hub."

@@ -16,6 +16,7 @@ from torch import Tensor
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from moe_emergence.data.hub import HubUnavailableError, resolve_repo
+from moe_emergence.errors import UserError
 from moe_emergence.model.moe import MoELayer
 
 WEIGHT_FILES = (
@@ -31,7 +32,7 @@ def build_gpt2(
     pretrained: str | None = "gpt2",
     hub_mirror: str | None = None,
     vocab_size: int | None = None,
-    n_positions: int = 1024,
+    n_positions: int | None = None,
     n_embd: int = 768,
     n_layer: int = 12,
     n_head: int = 12,
@@ -40,10 +41,11 @@ def build_gpt2(
     """A dense GPT-2 (float32): pretrained weights, or random init from the size arguments.
 
     pretrained: Hub id or local folder (looked up in ``hub_mirror`` first), or None for a
-    fresh model of ``vocab_size`` (default 50257) x ``n_positions`` x ``n_embd`` x ``n_layer``
-    x ``n_head``. For a pretrained model the size arguments are ignored, except that a larger
-    ``vocab_size`` grows the token embeddings and an ``n_positions`` above the checkpoint's
-    raises ValueError. ``dropout`` sets the residual, embedding and attention dropout of both.
+    fresh model of ``vocab_size`` (default 50257) x ``n_positions`` (default 1024) x ``n_embd``
+    x ``n_layer`` x ``n_head``. For a pretrained model the size arguments are ignored, except
+    that a larger ``vocab_size`` grows the token embeddings and ``n_positions`` (None: the
+    checkpoint's) may not exceed the checkpoint's. ``dropout`` sets the residual, embedding and
+    attention dropout of both.
     """
     dropouts = {"resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout}
     if pretrained is None:
@@ -53,7 +55,7 @@ def build_gpt2(
             vocab_size=vocab_size,
             bos_token_id=special,
             eos_token_id=special,
-            n_positions=n_positions,
+            n_positions=n_positions or 1024,
             n_embd=n_embd,
             n_layer=n_layer,
             n_head=n_head,
@@ -73,10 +75,11 @@ def build_gpt2(
             f"{pretrained} --local-dir <mirror>/{pretrained}`. {SCRATCH_HINT}"
         )
     config = GPT2Config.from_pretrained(source, **dropouts)
-    if n_positions > config.n_positions:
-        raise ValueError(
-            f"n_positions={n_positions} exceeds the {config.n_positions} positions of the "
-            f"pretrained model '{pretrained}'; use a block size <= {config.n_positions}."
+    if n_positions is not None and n_positions > config.n_positions:
+        raise UserError(
+            f"model.n_positions={n_positions} exceeds the {config.n_positions} positions of the "
+            f"pretrained model '{pretrained}': set model.n_positions={config.n_positions} or "
+            f"null (null takes it from the weights)."
         )
     model = GPT2LMHeadModel.from_pretrained(source, config=config, dtype=torch.float32)
     if vocab_size is not None and vocab_size > config.vocab_size:
@@ -107,16 +110,16 @@ def install_moe_layers(
     seen: set[int] = set()
     for i in layers:
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layer:
-            raise ValueError(
+            raise UserError(
                 f"MoE layer index {i!r} is out of range: the model has n_layer={n_layer}"
             )
         if i in seen:
-            raise ValueError(f"MoE layer index {i} is listed twice (model n_layer={n_layer})")
+            raise UserError(f"MoE layer index {i} is listed twice (model n_layer={n_layer})")
         if isinstance(blocks[i].mlp, MoELayer):
-            raise ValueError(f"Block {i} already has an MoE layer (model n_layer={n_layer})")
+            raise UserError(f"Block {i} already has an MoE layer (model n_layer={n_layer})")
         seen.add(i)
     if init_noise < 0:
-        raise ValueError(f"init_noise must be >= 0, got {init_noise}")
+        raise UserError(f"init_noise must be >= 0, got {init_noise}")
 
     generator = torch.Generator().manual_seed(seed)
     installed = []

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from moe_emergence.errors import UserError
 from moe_emergence.model.gpt2_moe import (
     build_gpt2,
     collect_aux_outputs,
@@ -46,7 +47,8 @@ class MoEGPT2Module(L.LightningModule):
     The GPT-2 is :func:`build_gpt2` (``pretrained`` by name or folder, or from the size
     arguments when None); ``moe`` holds the keyword arguments of :func:`install_moe_layers`
     (None: the dense baseline); ``optimizer`` is a partial taking the parameters (Hydra
-    ``_partial_: true``). ``block_size`` (tokens per block) must fit ``n_positions``.
+    ``_partial_: true``). ``block_size`` (tokens per block) must fit ``n_positions`` (None: the
+    pretrained weights', else 1024).
     """
 
     def __init__(
@@ -56,7 +58,7 @@ class MoEGPT2Module(L.LightningModule):
         pretrained: str | None = "gpt2",
         hub_mirror: str | None = None,
         vocab_size: int | None = None,
-        n_positions: int = 1024,
+        n_positions: int | None = None,
         n_embd: int = 768,
         n_layer: int = 12,
         n_head: int = 12,
@@ -75,7 +77,7 @@ class MoEGPT2Module(L.LightningModule):
         )
         n_positions = self.model.config.n_positions
         if block_size > n_positions:
-            raise ValueError(
+            raise UserError(
                 f"data.block_size={block_size} exceeds the model's n_positions={n_positions}: "
                 f"lower data.block_size (or, from scratch, raise model.n_positions)."
             )
@@ -104,7 +106,7 @@ class MoEGPT2Module(L.LightningModule):
         try:
             ids = [self._domain_index[d] for d in domains]
         except KeyError as exc:
-            raise ValueError(
+            raise UserError(
                 f"Batch has domain {exc.args[0]!r}, not in model.domains={list(self.domains)}."
             ) from None
         return torch.tensor(ids, device=self.device)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_emergence.errors import UserError
+
 ROUTER_INIT_STD = 0.02  # GPT-2's initializer_range: small logits, so early routing is near uniform
 
 
@@ -56,13 +58,13 @@ class Router(nn.Module):
     ) -> None:
         super().__init__()
         if n_experts < 1:
-            raise ValueError(f"n_experts must be >= 1, got {n_experts}")
+            raise UserError(f"model.moe.n_experts must be >= 1, got {n_experts}")
         if not 1 <= top_k <= n_experts:
-            raise ValueError(f"top_k must be in [1, n_experts={n_experts}], got {top_k}")
+            raise UserError(f"model.moe.top_k must be in [1, n_experts={n_experts}], got {top_k}")
         if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+            raise UserError(f"model.moe.noise_std must be >= 0, got {noise_std}")
         if noise_anneal_steps < 0:
-            raise ValueError(f"noise_anneal_steps must be >= 0, got {noise_anneal_steps}")
+            raise UserError(f"model.moe.noise_anneal_steps must be >= 0, got {noise_anneal_steps}")
         self.n_experts = n_experts
         self.top_k = top_k
         self.noise_std = float(noise_std)

@@ -3,6 +3,7 @@ start that reproduces the dense model, index validation, and aux outputs."""
 
 from __future__ import annotations
 
+import functools
 import shutil
 
 import pytest
@@ -11,6 +12,7 @@ from conftest import SHARED_HUB
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from moe_emergence.data.hub import HubUnavailableError
+from moe_emergence.errors import UserError
 from moe_emergence.model import (
     MoELayer,
     build_gpt2,
@@ -20,6 +22,7 @@ from moe_emergence.model import (
     moe_layers,
     set_router_step,
 )
+from moe_emergence.model.module import MoEGPT2Module
 
 TINY = {"vocab_size": 100, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2}
 
@@ -77,8 +80,19 @@ def test_build_pretrained_grows_vocab_and_refuses_longer_context(saved_tiny_gpt2
     assert model.transformer.wte.weight.shape[0] == 150
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
     assert build_gpt2(folder, vocab_size=50, n_positions=64).transformer.wte.weight.shape[0] == 100
-    with pytest.raises(ValueError, match="n_positions=128"):
+    # The fix is named: the model's positions, not the block size.
+    with pytest.raises(UserError, match=r"model\.n_positions=128 .*model\.n_positions=64 or null"):
         build_gpt2(folder, n_positions=128)
+    assert build_gpt2(folder).config.n_positions == 64  # None: the weights' own
+
+
+def test_pretrained_module_takes_positions_from_the_weights(saved_tiny_gpt2):
+    root, _ = saved_tiny_gpt2
+    optimizer = functools.partial(torch.optim.AdamW, lr=1e-3)
+    module = MoEGPT2Module(optimizer, block_size=32, pretrained=str(root / "org" / "tiny-gpt2"))
+    assert module.model.config.n_positions == 64
+    with pytest.raises(UserError, match=r"data\.block_size=128 exceeds .*n_positions=64"):
+        MoEGPT2Module(optimizer, block_size=128, pretrained=str(root / "org" / "tiny-gpt2"))
 
 
 def test_build_from_mirror_without_weights_says_how_to_train_from_scratch(

@@ -1,0 +1,87 @@
+"""Every user mistake ends in one line, ``error: <message>`` naming the value or file and the
+fix, with a non-zero exit and no traceback: from the data CLI and from train.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from moe_emergence.data.cli import main as data_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TRAIN_SCRIPT = load_script()
+
+
+def assert_one_error_line(stderr: str, *needles: str) -> None:
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture
+def cli_args(tiny_mirror, tiny_tokenizer_dir, tmp_path):
+    return ["--size-mb", "0.01", "--block-size", "16", "--hub-mirror", str(tiny_mirror),
+            "--tokenizer", str(tiny_tokenizer_dir), "--cache-dir", str(tmp_path / "cache"),
+            "--no-progress"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extra", "needles"),
+    [
+        (["--seed", "-1"], ["--seed", "-1"]),
+        (["--block-size", "100000"], ["block_size=100000", "at most"]),
+        (["--block-size", "10000000000000"], ["block_size=10000000000000", "--block-size"]),
+        # The value the --max-example-chars hint suggests keeps too little prose for a block.
+        (["--max-example-chars", "202", "--block-size", "64"], ["prose", "--block-size"]),
+        (["--report", "{tmp}"], ["--report", "is a folder"]),
+        (["--report", "{tmp}/missing/r.json"], ["--report", "does not exist"]),
+    ],
+)
+def test_data_cli_mistakes(cli_args, tmp_path, capsys, extra, needles):
+    extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    try:
+        code = data_cli([*cli_args, *extra])
+    except SystemExit as exc:  # argparse's parser.error: usage line + one error line
+        code = exc.code
+    assert code != 0
+    assert_one_error_line(capsys.readouterr().err, *needles)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needles"),
+    [
+        (["data.seed=-1"], ["data.seed", "-1"]),
+        (["data.block_size=100000", "model.n_positions=100000"], ["block_size=100000"]),
+        (["model.moe.n_experts=0"], ["model.moe.n_experts"]),
+        (["model.moe.layers=[7]"], ["MoE layer index 7"]),
+        (["data.block_size=64", "model.n_positions=32"], ["data.block_size=64", "n_positions=32"]),
+        (["callbacks.routing_analysis.every_n_steps=0"], ["every_n_steps"]),
+        (["data.balance_tokens=off"], ["balance_tokens", "'off'"]),
+    ],
+)
+def test_train_script_mistakes(
+    tiny_mirror, tiny_tokenizer_dir, tmp_path, capsys, monkeypatch, overrides, needles
+):
+    args = ["train.py", f"--config-path={REPO / 'conf'}", "model=tiny_moe", "trainer=cpu", f"data.hub_mirror={tiny_mirror}",
+            f"data.tokenizer={tiny_tokenizer_dir}", "data.block_size=16", "data.size_mb=0.01",
+            "data.show_progress=false", f"hydra.run.dir={tmp_path / 'run'}",
+            "trainer.max_steps=1", *overrides]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(SystemExit) as exit_info:
+        TRAIN_SCRIPT.main()
+    assert exit_info.value.code == 1
+    assert_one_error_line(capsys.readouterr().err, *needles)
