@@ -76,6 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--repeat", type=int, default=3, help="runs per timed stage; the median is kept"
     )
     parser.add_argument("--json-only", action="store_true", help="print only the JSON line")
+    parser.add_argument(
+        "--identity-cost",
+        action="store_true",
+        help="instead: time the token cache's content identity of a fresh mirror copy",
+    )
     parser.add_argument("--stage", choices=MEASURED_STAGES + HELPER_STAGES, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -569,11 +574,88 @@ def run_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def run_identity_cost(args: argparse.Namespace) -> int:
+    """Warm ``prepare_domains`` on a fresh copy of the mirror: the first run hashes every data
+    file (the per-file index knows none of the copy's files), later runs hash none. Each
+    figure is the median of ``--repeat`` runs; the tokenizer is loaded before timing."""
+    import statistics
+
+    from moe_emergence.data import files as files_module
+    from moe_emergence.data.prepare import describe_request, prepare_domains
+    from moe_emergence.data.settings import DataSettings
+    from moe_emergence.data.sources import DEFAULT_SOURCES
+    from moe_emergence.data.tokenize import load_tokenizer
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench_identity-"))
+    hashed: list[int] = []
+    real_sha = files_module.sha256_file
+
+    def counting_sha(path: Path) -> str:
+        hashed.append(path.stat().st_size)
+        return real_sha(path)
+
+    files_module.sha256_file = counting_sha
+    try:
+        base = shutil.copytree(args.hub_mirror, workdir / "hub-0", symlinks=True)
+        settings = DataSettings(size_mb=args.size_mb, block_size=args.block_size,
+                                tokenizer=args.tokenizer, hub_mirror=str(base),
+                                cache_dir=str(workdir / CACHE_DIR))  # fmt: skip
+        load_tokenizer(args.tokenizer)
+        cold_s, _ = _timed(lambda: prepare_domains(settings, show_progress=False))
+        first, later, first_identity, later_identity = [], [], [], []
+        files_first, files_later = [], []
+        for i in range(args.repeat):
+            copy = shutil.copytree(args.hub_mirror, workdir / f"hub-{i + 1}", symlinks=True)
+            moved = DataSettings(**{**settings.to_dict(), "hub_mirror": str(copy)})
+            hashed.clear()
+            seconds, prepared = _timed(lambda s=moved: prepare_domains(s, show_progress=False))
+            assert prepared.from_cache, "a fresh copy of the mirror must hit"
+            first.append(seconds)
+            first_bytes = sum(hashed)
+            hashed.clear()
+            later.append(_timed(lambda s=moved: prepare_domains(s, show_progress=False))[0])
+            assert not hashed, "an unchanged mirror must not be hashed again"
+            later_identity.append(_timed(lambda s=moved: describe_request(s))[0])
+            (workdir / CACHE_DIR / "file-index.json").unlink(missing_ok=True)
+            first_identity.append(_timed(lambda s=moved: describe_request(s))[0])
+            fresh = files_module.FileIndex(None)
+            folders = [copy / src.dataset for srcs in DEFAULT_SOURCES.values() for src in srcs]
+
+            def identities(index=fresh, folders=folders) -> list:
+                return [files_module.folder_identity(f, index) for f in folders]
+
+            files_first.append(_timed(identities)[0])
+            files_later.append(_timed(identities)[0])
+        summary = {
+            "mirror_bytes_hashed": first_bytes,
+            "cold_prepare_s": round(cold_s, 3),
+            "warm_prepare_first_run_after_copy_s": round(statistics.median(first), 4),
+            "warm_prepare_later_runs_s": round(statistics.median(later), 4),
+            "request_identity_first_run_s": round(statistics.median(first_identity), 4),
+            "request_identity_later_runs_s": round(statistics.median(later_identity), 4),
+            "data_files_identity_first_run_s": round(statistics.median(files_first), 4),
+            "data_files_identity_later_runs_s": round(statistics.median(files_later), 5),
+        }
+    finally:
+        files_module.sha256_file = real_sha
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(summary))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.update(OFFLINE_ENV)  # inherited by every stage: the mirror is all we read
     args = parse_args(argv)
     if args.stage is not None:
         return run_stage(args)
+    if args.identity_cost:
+        return run_identity_cost(args)
     return run_benchmark(args)
 
 

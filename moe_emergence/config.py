@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 CONFIG_ENV = "MOE_CONFIG_DIR"
 CONFIG_NAME = "config"
@@ -30,12 +33,26 @@ def tokenizer_vocab_size(
     name: str, hub_mirror: str | None = None, cache_dir: str | None = None
 ) -> int:
     """Resolver ``${vocab_size:${data.tokenizer},${data.hub_mirror},${data.cache_dir}}``:
-    the number of ids of the tokenizer the data is made with."""
-    from moe_emergence.data.hub import default_mirror
+    the number of ids of the tokenizer the data is made with.
+
+    Offline, when the tokenizer cannot be loaded (a Hub name, no mirror, not in the Hugging
+    Face cache), the size recorded under that name by the token cache's manifests, when they
+    agree; else the loading error.
+    """
+    from moe_emergence.data.cache import cached_tokenizer_infos
+    from moe_emergence.data.hub import HubUnavailableError, default_mirror
     from moe_emergence.data.tokenize import load_tokenizer
 
     mirror = hub_mirror if hub_mirror is not None else default_mirror()
-    return len(load_tokenizer(name, mirror, cache_dir))
+    try:
+        return len(load_tokenizer(name, mirror, cache_dir))
+    except HubUnavailableError:
+        sizes = {info["vocab_size"] for info in cached_tokenizer_infos(cache_dir, name)}
+        if len(sizes) != 1:
+            raise
+        size = sizes.pop()
+        log.info("Offline: tokenizer '%s' has %d ids, as the token cache records.", name, size)
+        return size
 
 
 def path_safe(text: str) -> str:

@@ -6,11 +6,14 @@ Layout of ``<cache_dir>/<fingerprint>/``::
     <domain>.tokens.bin    raw token ids, manifest["dtype"] (uint16 while vocab < 65,536)
     <domain>.offsets.bin   int64, num_texts + 1 entries: text i is tokens[off[i]:off[i+1]]
 
-The fingerprint hashes everything that changes the tokens (sources, budget, filters, templates,
-tokenizer identity) and nothing applied afterwards (block_size, seed, balance). A cache is
-built in ``.<fingerprint>.tmp-*`` and renamed into place complete; a file lock per fingerprint
-makes a second process wait and then read. Files whose size or checksum disagree with the
-manifest are rebuilt with a warning.
+The fingerprint hashes everything that changes the tokens (sources with their content
+identity, budget, filters, templates, the tokenizer's definition) and nothing applied afterwards
+(block_size, seed, balance), nor where any file lives. A cache is built in
+``.<fingerprint>.tmp-*`` and renamed into place complete; a file lock per fingerprint makes a
+second process wait and then read. A folder proves its contents before it is used: its
+manifest has the expected shape, names this folder's fingerprint, records exactly the requested
+inputs and every domain, and every file has the recorded size and SHA-256; anything else is
+rebuilt with a warning.
 """
 
 from __future__ import annotations
@@ -29,14 +32,14 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from moe_emergence.data.files import atomic_write_text, build_folder_once
+from moe_emergence.data.files import atomic_write_text, build_folder_once, sha256_file
 from moe_emergence.data.tokenize import TokenStream, iter_token_batches, token_dtype, untruncated
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "MOE_CACHE_DIR"
 DEFAULT_CACHE_DIR = Path(".cache") / "moe_emergence"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: content identity of the sources, tokenizer definition without name
 MANIFEST = "manifest.json"
 REBUILD_HINT = "pass --rebuild-cache (config: data.rebuild_cache=true) to rebuild it"
 
@@ -67,18 +70,15 @@ def tokenizer_identity(tokenizer, name: str) -> dict[str, Any]:
     }
 
 
+def tokenizer_definition(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of :func:`tokenizer_identity` that decides the tokens (all but its name)."""
+    return {k: v for k, v in info.items() if k != "name"}
+
+
 def fingerprint(inputs: Mapping[str, Any]) -> str:
     """A 16-hex-digit hash of the JSON form of ``inputs`` (keys sorted)."""
     blob = json.dumps({"format_version": FORMAT_VERSION, **inputs}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -126,9 +126,75 @@ def _memmap(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
 
 
-def verify(path: Path) -> dict[str, Any]:
-    """Load ``path``'s manifest and check every file's size and SHA-256 against it."""
-    manifest = json.loads((path / MANIFEST).read_text())
+def as_json(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(value))
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in HEX for c in value)
+
+
+HEX = frozenset("0123456789abcdef")
+DOMAIN_KEYS = ("tokens_file", "num_tokens", "tokens_sha256", "offsets_file", "num_texts",
+               "offsets_sha256", "metadata")  # fmt: skip
+
+
+def check_manifest(
+    manifest: Any, path: Path, inputs: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Raise CacheCorruptError unless ``manifest`` has the expected shape, belongs to folder
+    ``path`` (its fingerprint is the folder's name and the hash of its recorded inputs), records
+    ``inputs`` when given, and has exactly one well-formed entry per domain of its inputs."""
+    if not isinstance(manifest, dict):
+        raise CacheCorruptError(f"the manifest is {type(manifest).__name__}, not an object")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CacheCorruptError(f"format version {manifest.get('format_version')!r}")
+    recorded = manifest.get("inputs")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("sources"), dict):
+        raise CacheCorruptError("the manifest records no inputs")
+    if not manifest.get("fingerprint") == fingerprint(recorded) == path.name:
+        raise CacheCorruptError(
+            f"it was built for fingerprint {manifest.get('fingerprint')!r}, not {path.name!r} "
+            f"(a copied or linked folder?)"
+        )
+    if inputs is not None and recorded != as_json(inputs):
+        raise CacheCorruptError("its recorded inputs differ from this request")
+    info = manifest.get("tokenizer")
+    vocab = info.get("vocab_size") if isinstance(info, dict) else None
+    if not _is_count(vocab) or manifest.get("dtype") != token_dtype(vocab).name:
+        raise CacheCorruptError(f"dtype {manifest.get('dtype')!r} for vocab size {vocab!r}")
+    domains = manifest.get("domains")
+    if not isinstance(domains, dict) or set(domains) != set(recorded["sources"]):
+        found = sorted(domains) if isinstance(domains, dict) else domains
+        raise CacheCorruptError(f"domains {found!r}, expected {sorted(recorded['sources'])}")
+    for domain, entry in domains.items():
+        if (
+            not isinstance(entry, dict)
+            or any(k not in entry for k in DOMAIN_KEYS)
+            or entry["tokens_file"] != f"{domain}.tokens.bin"
+            or entry["offsets_file"] != f"{domain}.offsets.bin"
+            or not (_is_count(entry["num_tokens"]) and _is_count(entry["num_texts"]))
+            or not (_is_sha256(entry["tokens_sha256"]) and _is_sha256(entry["offsets_sha256"]))
+            or not isinstance(entry["metadata"], dict)
+        ):
+            raise CacheCorruptError(f"the manifest's entry for {domain!r} is malformed")
+    return manifest
+
+
+def read_manifest(path: Path) -> Any:
+    """The parsed ``manifest.json`` of folder ``path`` (any JSON value; shape not checked)."""
+    return json.loads((path / MANIFEST).read_text())
+
+
+def verify(path: Path, inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Load ``path``'s manifest, check it (:func:`check_manifest`) and every file's size and
+    SHA-256 against it."""
+    manifest = check_manifest(read_manifest(path), path, inputs)
     itemsize = np.dtype(manifest["dtype"]).itemsize
     for domain, entry in manifest["domains"].items():
         for kind, count, size in (
@@ -141,7 +207,7 @@ def verify(path: Path) -> dict[str, Any]:
                 raise CacheCorruptError(
                     f"{file} has {actual} bytes, the manifest says {count * size} ({domain})"
                 )
-            if _sha256_file(file) != entry[f"{kind}_sha256"]:
+            if sha256_file(file) != entry[f"{kind}_sha256"]:
                 raise CacheCorruptError(f"{file} does not match its checksum ({domain})")
     return manifest
 
@@ -213,30 +279,36 @@ def build_cache(
     tokenizer,
     inputs: Mapping[str, Any],
     show_progress: bool = False,
+    tokenizer_info: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Tokenize ``domains`` into ``folder`` (which must be empty) and write its manifest last."""
+    """Tokenize ``domains`` into ``folder`` (which must be empty) and write its manifest last.
+
+    ``tokenizer_info`` (default ``inputs["tokenizer"]``) is recorded as the manifest's
+    ``tokenizer``: with its name, so that an offline run can match it by name."""
     entries = {d.name: _write_domain(folder, d, tokenizer, show_progress) for d in domains}
     manifest = {
         "format_version": FORMAT_VERSION,
         "fingerprint": fingerprint(inputs),
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "dtype": token_dtype(len(tokenizer)).name,
-        "tokenizer": inputs.get("tokenizer"),
+        "tokenizer": dict(tokenizer_info or inputs.get("tokenizer") or {}),
         "library_versions": library_versions(),
-        "inputs": dict(inputs),
+        "inputs": as_json(inputs),
         "domains": entries,
     }
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
-def _try_open(path: Path) -> dict[str, Any] | None:
-    """The verified manifest, None when there is no cache; warns and returns None if corrupt."""
+def _try_open(path: Path, inputs: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The verified manifest, None when there is no cache; warns and returns None if damaged."""
     if not (path / MANIFEST).exists():
+        if path.exists() or path.is_symlink():
+            log.warning("Token cache %s has no manifest; rebuilding it.", path)
         return None
     try:
-        return verify(path)
-    except (CacheCorruptError, OSError, ValueError, KeyError) as exc:
+        return verify(path, inputs)
+    except (CacheCorruptError, OSError, ValueError) as exc:
         log.warning("Token cache %s is damaged (%s); rebuilding it.", path, exc)
         return None
 
@@ -248,6 +320,7 @@ def ensure_cache(
     tokenizer,
     rebuild: bool = False,
     show_progress: bool = False,
+    tokenizer_info: Mapping[str, Any] | None = None,
 ) -> TokenCache:
     """Open the cache for ``inputs``, building it first when missing, damaged or ``rebuild``.
 
@@ -259,11 +332,58 @@ def ensure_cache(
     found: dict[str, Any] = {}
 
     def ready(folder: Path) -> bool:
-        found["manifest"] = _try_open(folder)
+        found["manifest"] = _try_open(folder, inputs)
         return found["manifest"] is not None
 
     def build(folder: Path) -> None:
-        found["manifest"] = build_cache(folder, make_domains(), tokenizer, inputs, show_progress)
+        found["manifest"] = build_cache(
+            folder, make_domains(), tokenizer, inputs, show_progress, tokenizer_info
+        )
 
     built = build_folder_once(path, build, ready, rebuild=rebuild)
     return TokenCache(path, found["manifest"], built_now=built)
+
+
+def cache_entries(cache_dir: str | os.PathLike | None) -> list[tuple[Path, Any]]:
+    """``(folder, parsed manifest)`` of every cache folder under the root that has a readable
+    manifest, newest ``created_at`` first; nothing is verified (see :func:`open_entry`)."""
+    root = resolve_cache_dir(cache_dir)
+    out = []
+    for folder in root.glob("*/") if root.is_dir() else ():
+        if folder.name.startswith(".") or not (folder / MANIFEST).is_file():
+            continue
+        try:
+            out.append((folder, read_manifest(folder)))
+        except (OSError, ValueError):
+            continue
+
+    def created(item: tuple[Path, Any]) -> str:
+        manifest = item[1]
+        return str(manifest.get("created_at", "")) if isinstance(manifest, dict) else ""
+
+    return sorted(out, key=created, reverse=True)
+
+
+def open_entry(path: Path) -> TokenCache | None:
+    """The verified cache folder ``path`` as found (no request to compare with), or None with
+    a warning when it is damaged."""
+    try:
+        return TokenCache(path, verify(path), built_now=False)
+    except (CacheCorruptError, OSError, ValueError) as exc:
+        log.warning("Token cache %s is damaged (%s); skipping it.", path, exc)
+        return None
+
+
+def cached_tokenizer_infos(cache_dir: str | os.PathLike | None, name: str) -> list[dict]:
+    """The tokenizer identities recorded by cache manifests under the name ``name``, newest
+    first (unverified: for the offline vocab-size resolver)."""
+    infos = []
+    for _, manifest in cache_entries(cache_dir):
+        info = manifest.get("tokenizer") if isinstance(manifest, dict) else None
+        if (
+            isinstance(info, dict)
+            and info.get("name") == name
+            and _is_count(info.get("vocab_size"))
+        ):
+            infos.append(info)
+    return infos

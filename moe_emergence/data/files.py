@@ -1,9 +1,13 @@
 """Atomic writes: files and whole folders appear complete (temporary name, then rename), and
-a folder is built by one process at a time (a file lock beside it)."""
+a folder is built by one process at a time (a file lock beside it). Plus the content identity
+of local folders (names, sizes, SHA-256s), with a per-file index so unchanged files are not
+read again."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -58,7 +62,9 @@ def locked(lock_path: Path) -> Iterator[None]:
 
 def discard(path: Path) -> None:
     """Move ``path`` aside (atomically) and delete it, if it exists."""
-    if path.exists():
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
         trash = path.with_name(f".{path.name}.trash-{uuid.uuid4().hex[:8]}")
         os.replace(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
@@ -94,3 +100,105 @@ def build_folder_once(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return True
+
+
+# ---- content identity of local files --------------------------------------------------------
+
+FILE_INDEX = "file-index.json"
+FILE_INDEX_VERSION = 1
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 (hex) of the file's bytes, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    """What must be unchanged for a stored hash to stand: size, mtime, ctime (ns), inode."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+class FileIndex:
+    """A per-file memo ``absolute path -> (size, mtime, ctime, inode, sha256)`` kept as JSON.
+
+    A file whose stat key is unchanged is not read again; any change (an edit, a copy to a new
+    place) re-hashes it. The index is a memo only: where files live never enters a cache
+    fingerprint. ``path=None`` keeps it in memory. Saved atomically; a lost update (two
+    processes saving at once) only costs a re-hash.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._entries = self._load()
+        self._changed: dict[str, list] = {}
+        self.hashed_bytes = 0  # bytes read this session (for benchmarks)
+
+    def _load(self) -> dict[str, list]:
+        if self.path is None or not self.path.is_file():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict) or data.get("version") != FILE_INDEX_VERSION:
+            return {}
+        files = data.get("files")
+        return files if isinstance(files, dict) else {}
+
+    def sha256(self, file: Path) -> tuple[int, str]:
+        """``(size in bytes, SHA-256)`` of ``file``, read only when its stat key changed."""
+        key = os.path.abspath(file)
+        st = os.stat(file)
+        stat = _stat_key(st)
+        entry = self._entries.get(key)
+        if isinstance(entry, list) and len(entry) == 5 and entry[:4] == stat:
+            return st.st_size, entry[4]
+        digest = sha256_file(Path(file))
+        self.hashed_bytes += st.st_size
+        self._entries[key] = self._changed[key] = [*stat, digest]
+        return st.st_size, digest
+
+    def save(self) -> None:
+        """Merge this session's new hashes into the stored index (atomic; errors ignored)."""
+        if self.path is None or not self._changed:
+            return
+        stored = self._load()
+        stored.update(self._changed)
+        try:
+            atomic_write_text(self.path, json.dumps({"version": FILE_INDEX_VERSION,
+                                                     "files": stored}))  # fmt: skip
+            self._changed = {}
+        except OSError as exc:  # a read-only cache dir: hashing again next time is fine
+            log.debug("Could not save the file index %s: %s", self.path, exc)
+
+
+def local_files(folder: Path) -> list[tuple[str, Path]]:
+    """``(relative posix name, path)`` of every file under ``folder``, sorted by name; hidden
+    names (``.cache``, ``.git``, ``.gitattributes`` ...) skipped, symlinked files followed."""
+    out = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if not name.startswith("."):
+                path = Path(root, name)
+                out.append((path.relative_to(folder).as_posix(), path))
+    return sorted(out)
+
+
+def folder_identity(folder: str | os.PathLike, index: FileIndex) -> dict[str, int | str]:
+    """What a local folder holds, independent of where it lies: file count, total bytes and
+    a SHA-256 over the sorted (relative name, size, content SHA-256) triples."""
+    rows = []
+    for name, path in local_files(Path(folder)):
+        size, digest = index.sha256(path)
+        rows.append([name, size, digest])
+    blob = json.dumps(rows, separators=(",", ":")).encode()
+    return {
+        "num_files": len(rows),
+        "num_bytes": sum(r[1] for r in rows),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+    }

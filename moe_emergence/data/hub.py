@@ -2,15 +2,23 @@
 
 A mirror root ``DIR`` holds each Hub repo ``org/name`` at ``DIR/org/name``, the layout that
 ``huggingface-cli download --repo-type dataset org/name --local-dir DIR/org/name`` produces, so
-the same ``datasets.load_dataset`` / ``from_pretrained`` call works on either.
+the same ``datasets.load_dataset`` / ``from_pretrained`` call works on either. Offline
+(``HF_HUB_OFFLINE``) without a mirror, a repo that the standard Hugging Face hub cache holds
+(``<HF_HUB_CACHE>/<type>s--org--name/snapshots/<commit>``) is used from there, as the libraries
+themselves would.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
+
+from moe_emergence.errors import UserError
+
+log = logging.getLogger(__name__)
 
 MIRROR_ENV = "MOE_HUB_MIRROR"
 
@@ -23,8 +31,12 @@ REMOVED_DATASETS = {
 }
 
 
-class HubUnavailableError(ConnectionError):
-    """The Hub cannot be reached and no mirror holds the requested repo."""
+class HubUnavailableError(UserError, ConnectionError):
+    """The Hub cannot be reached and no mirror (nor the Hugging Face cache) holds the repo."""
+
+
+class MirrorMissingError(UserError, FileNotFoundError):
+    """The hub mirror is not a folder or lacks the requested repo."""
 
 
 def default_mirror() -> str | None:
@@ -39,7 +51,7 @@ def _env_flag(name: str) -> bool | None:
     return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _hub_is_offline(kind: str) -> bool:
+def hub_is_offline(kind: str) -> bool:
     """The libraries' own rule: a dataset-specific / transformers switch, else HF_HUB_OFFLINE."""
     hub = bool(_env_flag("HF_HUB_OFFLINE"))
     if kind == "dataset":
@@ -70,7 +82,7 @@ def check_hub_reachable(repo_id: str, kind: str = "dataset", timeout_s: float = 
     endpoint, so that a machine without network fails in seconds rather than after the
     libraries' ~25 s of retries.
     """
-    if _hub_is_offline(kind):
+    if hub_is_offline(kind):
         raise HubUnavailableError(
             f"Cannot load {kind} '{repo_id}': offline mode is on (HF_HUB_OFFLINE/"
             f"HF_DATASETS_OFFLINE) and no hub mirror is set. {_how_to_fix(repo_id, kind)}"
@@ -88,21 +100,28 @@ def check_hub_reachable(repo_id: str, kind: str = "dataset", timeout_s: float = 
         ) from exc
 
 
-def resolve_repo(repo_id: str, mirror: str | os.PathLike | None, kind: str = "dataset") -> str:
+def resolve_repo(
+    repo_id: str,
+    mirror: str | os.PathLike | None,
+    kind: str = "dataset",
+    revision: str | None = None,
+) -> str:
     """Return what to pass to ``load_dataset`` / ``from_pretrained`` for ``repo_id``.
 
     - with a mirror root, ``<mirror>/<repo_id>`` when it exists;
     - else an existing local folder named ``repo_id``, used as it is;
-    - else, with a mirror, FileNotFoundError; without, the Hub id itself, after checking
-      that the Hub is reachable.
-    Removed Hub ids raise ValueError naming a replacement.
+    - else, with a mirror, MirrorMissingError (a FileNotFoundError);
+    - else, offline, the Hugging Face hub cache's snapshot folder of ``revision`` when it
+      holds one, and HubUnavailableError when not;
+    - else the Hub id itself, after checking that the Hub is reachable.
+    Removed Hub ids raise UserError naming a replacement.
     """
     if repo_id in REMOVED_DATASETS:
-        raise ValueError(f"Dataset '{repo_id}' {REMOVED_DATASETS[repo_id]}.")
+        raise UserError(f"Dataset '{repo_id}' {REMOVED_DATASETS[repo_id]}.")
     if mirror is not None:
         root = Path(mirror)
         if not root.is_dir():
-            raise FileNotFoundError(
+            raise MirrorMissingError(
                 f"Hub mirror root '{mirror}' is not a folder. Pass an existing folder to "
                 f"--hub-mirror (config: data.hub_mirror, env: {MIRROR_ENV})."
             )
@@ -110,11 +129,56 @@ def resolve_repo(repo_id: str, mirror: str | os.PathLike | None, kind: str = "da
         if local.is_dir():
             return str(local)
         if not Path(repo_id).is_dir():
-            raise FileNotFoundError(
+            raise MirrorMissingError(
                 f"{kind.capitalize()} '{repo_id}' is not in the hub mirror '{mirror}' "
                 f"(looked for '{local}'). {_how_to_fix(repo_id, kind)}"
             )
     if Path(repo_id).is_dir():
         return str(repo_id)
+    if hub_is_offline(kind) and (snapshot := cached_snapshot(repo_id, kind, revision)):
+        return str(snapshot)
     check_hub_reachable(repo_id, kind)
     return repo_id
+
+
+def _hub_cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def cached_snapshot(
+    repo_id: str, kind: str = "dataset", revision: str | None = None
+) -> Path | None:
+    """The hub cache's snapshot folder of ``repo_id`` at ``revision`` (a branch, tag or
+    commit; default ``main``), or None when the cache holds no such non-empty snapshot.
+
+    Reads the cache layout only (``refs/<revision>`` names the commit): no network.
+    """
+    repo_type = "dataset" if kind == "dataset" else "model"
+    repo = _hub_cache_dir() / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    ref = repo / "refs" / (revision or "main")
+    try:
+        commit = ref.read_text().strip() if ref.is_file() else (revision or "")
+        snapshot = repo / "snapshots" / commit
+        if commit and snapshot.is_dir() and any(snapshot.iterdir()):
+            return snapshot
+    except OSError:
+        pass
+    return None
+
+
+def hub_revision(repo_id: str, kind: str = "dataset", revision: str | None = None) -> str | None:
+    """The commit the Hub serves for ``repo_id`` at ``revision`` (network), or None when
+    offline or when the Hub cannot say (unreachable, gated, rate-limited)."""
+    if hub_is_offline(kind):
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        repo_type = "dataset" if kind == "dataset" else "model"
+        info = HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision, timeout=10)
+        return info.sha
+    except Exception as exc:
+        log.info("Could not resolve the Hub revision of %s (%s).", repo_id, exc)
+        return None

@@ -1,26 +1,48 @@
-"""Prepare: stream and tokenize every domain into the token cache once, then reuse it."""
+"""Prepare: stream and tokenize every domain into the token cache once, then reuse it.
+
+Order of work (offline first):
+
+1. the request's identity, without network where possible: each local dataset folder's
+   content (relative names, sizes, SHA-256s; unchanged files come from the per-file index),
+   the sample texts' hash, the tokenizer's definition; a Hub id only online (its revision);
+2. the cache lookup: the entry with exactly these inputs; offline, where a Hub dataset or
+   tokenizer cannot be identified, the newest entry whose recorded inputs agree on everything
+   else (said so);
+3. only on a miss, streaming and tokenizing (which may need the Hub).
+"""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moe_emergence.data.cache import (
     REBUILD_HINT,
     DomainInput,
+    TokenCache,
+    as_json,
+    cache_entries,
     ensure_cache,
     fingerprint,
+    open_entry,
+    resolve_cache_dir,
+    tokenizer_definition,
     tokenizer_identity,
 )
-from moe_emergence.data.hub import resolve_repo
+from moe_emergence.data.files import FILE_INDEX, FileIndex, folder_identity
+from moe_emergence.data.hub import HubUnavailableError, hub_revision, resolve_repo
 from moe_emergence.data.settings import DataSettings
-from moe_emergence.data.sources import DEFAULT_SOURCES, budget_chars, load_domain
+from moe_emergence.data.sources import DEFAULT_SOURCES, Source, budget_chars, load_domain
 from moe_emergence.data.tokenize import TokenStream, load_tokenizer
 
 log = logging.getLogger(__name__)
+
+_REBUILT: set[Path] = set()  # cache folders rebuilt by rebuild_cache in this process
 
 
 @dataclass
@@ -35,35 +57,149 @@ class PreparedDomains:
     from_cache: bool
 
 
-def source_entries(settings: DataSettings) -> dict[str, list[dict[str, Any]]]:
-    """Every domain's sources with their resolved location: the absolute mirror folder or
-    ``hub:<id>``, so that a mirror and the Hub never share a cache entry. Resolving checks
-    that each one is reachable (mirror folder present, or Hub online)."""
-    if settings.source == "sample":
-        from moe_emergence.data.sample import sample_identity
+@dataclass
+class CacheRequest:
+    """What a run asks of the token cache.
 
-        return {domain: [{"sample": sample_identity()}] for domain in DEFAULT_SOURCES}
-    entries: dict[str, list[dict[str, Any]]] = {}
-    for domain, domain_sources in DEFAULT_SOURCES.items():
-        entries[domain] = []
-        for source in domain_sources:
-            location = resolve_repo(source.dataset, settings.hub_mirror, kind="dataset")
-            origin = str(Path(location).resolve()) if location != source.dataset else None
-            entries[domain].append({**source.to_dict(), "location": origin or f"hub:{location}"})
-    return entries
+    ``inputs`` is everything that makes the tokens (see :func:`cache_inputs`); where an offline
+    run cannot identify a Hub dataset or tokenizer, that place holds None, ``unknown`` names
+    it (``unknown_paths``: its key path in ``inputs``) and ``errors`` says why (the first is
+    raised when no cache entry matches).
+    """
+
+    inputs: dict[str, Any]
+    sources: dict[str, tuple[Source, ...]]
+    tokenizer: Any | None
+    tokenizer_info: dict[str, Any] | None
+    unknown: list[str] = field(default_factory=list)
+    unknown_paths: list[tuple[str | int, ...]] = field(default_factory=list)
+    errors: list[Exception] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.unknown
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.inputs)
 
 
 def cache_inputs(
-    settings: DataSettings, sources: dict[str, Any], tokenizer_info: dict[str, Any]
+    settings: DataSettings,
+    sources: dict[str, list[dict[str, Any]]],
+    tokenizer_info: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """Everything that changes the tokens, and nothing applied after tokenization."""
+    """Everything that changes the tokens, and nothing applied after tokenization.
+
+    ``sources``: per domain, each source's definition plus ``content`` (its data's identity);
+    ``tokenizer_info``: :func:`tokenizer_identity` (its name is left out: only the definition
+    decides the tokens). No path enters.
+    """
     return {
         "source": settings.source,
         "budget_chars": budget_chars(settings.size_mb),
         "max_example_chars": settings.max_example_chars,
         "sources": sources,
-        "tokenizer": tokenizer_info,
+        "tokenizer": tokenizer_definition(tokenizer_info) if tokenizer_info else None,
     }
+
+
+def source_content(source: Source, settings: DataSettings, index: FileIndex) -> dict[str, Any]:
+    """The identity of ``source``'s data: ``{"files": folder_identity}`` for a local folder
+    (mirror, plain folder, or the Hugging Face cache's snapshot offline), else
+    ``{"hub_revision": commit or None}`` (online). Offline with neither, HubUnavailableError."""
+    location = resolve_repo(source.dataset, settings.hub_mirror, "dataset", source.revision)
+    if Path(location).is_dir():
+        return {"files": folder_identity(location, index)}
+    return {"hub_revision": hub_revision(source.dataset, "dataset", source.revision)}
+
+
+def _pinned(source: Source, content: dict[str, Any] | None) -> Source:
+    """``source`` reading the Hub revision its identity names (unchanged for local data)."""
+    revision = (content or {}).get("hub_revision")
+    return dataclasses.replace(source, revision=revision) if revision else source
+
+
+def describe_request(settings: DataSettings) -> CacheRequest:
+    """The request's identity (see the module docstring); offline Hub ids become unknowns."""
+    sources: dict[str, tuple[Source, ...]] = dict(DEFAULT_SOURCES)
+    entries: dict[str, list[dict[str, Any]]] = {}
+    unknown: list[str] = []
+    paths: list[tuple[str | int, ...]] = []
+    errors: list[Exception] = []
+    if settings.source == "sample":
+        from moe_emergence.data.sample import domain_identity
+
+        for domain in DEFAULT_SOURCES:
+            ident = domain_identity(domain, settings.size_mb, settings.max_example_chars)
+            entries[domain] = [{"sample": ident}]
+    else:
+        index = FileIndex(resolve_cache_dir(settings.cache_dir) / FILE_INDEX)
+        for domain, domain_sources in DEFAULT_SOURCES.items():
+            entries[domain], pinned = [], []
+            for i, source in enumerate(domain_sources):
+                try:
+                    content = source_content(source, settings, index)
+                except HubUnavailableError as exc:
+                    content = None
+                    unknown.append(f"dataset '{source.dataset}'")
+                    paths.append(("sources", domain, i, "content"))
+                    errors.append(exc)
+                entries[domain].append({**source.to_dict(), "content": content})
+                pinned.append(_pinned(source, content))
+            sources[domain] = tuple(pinned)
+        index.save()
+    tokenizer = info = None
+    try:
+        tokenizer = load_tokenizer(
+            settings.tokenizer, settings.hub_mirror, settings.cache_dir, settings.rebuild_cache
+        )
+        info = tokenizer_identity(tokenizer, settings.tokenizer)
+    except HubUnavailableError as exc:
+        unknown.append(f"tokenizer '{settings.tokenizer}'")
+        errors.append(exc)
+    inputs = cache_inputs(settings, entries, info)
+    return CacheRequest(as_json(inputs), sources, tokenizer, info, unknown, paths, errors)
+
+
+def matches(request: CacheRequest, settings: DataSettings, manifest: Any) -> bool:
+    """Whether ``manifest`` records ``request``'s inputs, with its unknown places as wildcards
+    (an unknown tokenizer must have been recorded under the same name)."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("inputs"), dict):
+        return False
+    recorded = copy.deepcopy(manifest["inputs"])
+    try:
+        for path in request.unknown_paths:
+            target = recorded
+            for key in path[:-1]:
+                target = target[key]
+            target[path[-1]] = None
+        if request.tokenizer_info is None:
+            name = (manifest.get("tokenizer") or {}).get("name")
+            if name != settings.tokenizer:
+                return False
+            recorded["tokenizer"] = None
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return False
+    return recorded == request.inputs
+
+
+def find_offline_entry(request: CacheRequest, settings: DataSettings) -> TokenCache | None:
+    """The newest verified cache entry matching the partly unknown ``request`` (logged with
+    what could not be checked and how many entries matched), or None."""
+    found = [(p, m) for p, m in cache_entries(settings.cache_dir) if matches(request, settings, m)]
+    for n, (path, _) in enumerate(found):
+        cache = open_entry(path)
+        if cache is None:
+            continue
+        newest = "" if len(found) - n == 1 else f", the newest of {len(found) - n} that match"
+        log.info(
+            "Offline: %s cannot be checked; using token cache %s (built %s%s) whose other "
+            "inputs equal this run's.",
+            ", ".join(request.unknown), path, cache.manifest["created_at"], newest,
+        )  # fmt: skip
+        return cache
+    return None
 
 
 def prepare_domains(
@@ -71,52 +207,29 @@ def prepare_domains(
 ) -> PreparedDomains:
     """Validate ``settings``; open the token cache, streaming and tokenizing only on a miss.
 
-    Every dataset's location is resolved first, so a missing mirror folder or an unreachable
-    Hub fails in seconds, before anything is streamed. ``announce_hit=False`` keeps a cache hit
-    quiet (setup after prepare_data has already said so).
+    The cache is looked up before anything needs the network (module docstring). A missing
+    mirror folder fails at once; offline with no matching entry, the first dataset or
+    tokenizer that cannot be loaded raises HubUnavailableError (one line). ``announce_hit=False``
+    keeps a cache hit quiet (setup after prepare_data has already said so). ``rebuild_cache``
+    rebuilds once per process (prepare_data and setup share it).
     """
     settings.validate()
-    sources = source_entries(settings)
-    tokenizer = load_tokenizer(settings.tokenizer, settings.hub_mirror, settings.cache_dir)
-    info = tokenizer_identity(tokenizer, settings.tokenizer)
-    inputs = cache_inputs(settings, sources, info)
-
-    def load_all() -> Iterator[DomainInput]:
-        for domain, sources in DEFAULT_SOURCES.items():
-            if settings.source == "sample":
-                from moe_emergence.data.sample import load_sample_domain
-
-                texts, meta = load_sample_domain(
-                    domain, settings.size_mb, settings.max_example_chars,
-                    show_progress=show_progress,
-                )  # fmt: skip
-                yield DomainInput(domain, texts, meta)
-                continue
-            texts, meta = load_domain(
-                domain,
-                sources,
-                settings.size_mb,
-                settings.max_example_chars,
-                settings.hub_mirror,
-                show_progress=show_progress,
-            )
-            yield DomainInput(domain, texts, meta)
-
-    cache = ensure_cache(
-        settings.cache_dir,
-        inputs,
-        load_all,
-        tokenizer,
-        rebuild=settings.rebuild_cache,
-        show_progress=show_progress,
-    )
-    if cache.built_now:
-        log.info("Token cache written to %s", cache.path)
-    elif announce_hit:
-        log.info(
-            "Found token cache %s (built %s): skipping streaming and tokenizing; %s.",
-            cache.path, cache.manifest["created_at"], REBUILD_HINT,
-        )  # fmt: skip
+    request = describe_request(settings)
+    if not request.complete:
+        cache = None if settings.rebuild_cache else find_offline_entry(request, settings)
+        if cache is None:
+            raise request.errors[0]
+        info = cache.manifest["tokenizer"]
+    else:
+        cache = _ensure(request, settings, show_progress)
+        info = request.tokenizer_info or {}
+        if cache.built_now:
+            log.info("Token cache written to %s", cache.path)
+        elif announce_hit:
+            log.info(
+                "Found token cache %s (built %s): skipping streaming and tokenizing; %s.",
+                cache.path, cache.manifest["created_at"], REBUILD_HINT,
+            )  # fmt: skip
     return PreparedDomains(
         streams=cache.streams(),
         metadata=cache.metadata,
@@ -126,4 +239,46 @@ def prepare_domains(
     )
 
 
-__all__ = ["PreparedDomains", "cache_inputs", "fingerprint", "prepare_domains", "source_entries"]
+def _ensure(request: CacheRequest, settings: DataSettings, show_progress: bool) -> TokenCache:
+    """Open or build the cache entry of the complete ``request``."""
+    path = resolve_cache_dir(settings.cache_dir) / request.fingerprint
+    rebuild = settings.rebuild_cache and path not in _REBUILT
+
+    def load_all() -> Iterator[DomainInput]:
+        for domain, sources in request.sources.items():
+            if settings.source == "sample":
+                from moe_emergence.data.sample import load_sample_domain
+
+                texts, meta = load_sample_domain(
+                    domain, settings.size_mb, settings.max_example_chars,
+                    show_progress=show_progress,
+                )  # fmt: skip
+            else:
+                texts, meta = load_domain(
+                    domain, sources, settings.size_mb, settings.max_example_chars,
+                    settings.hub_mirror, show_progress=show_progress,
+                )  # fmt: skip
+            yield DomainInput(domain, texts, meta)
+
+    cache = ensure_cache(
+        settings.cache_dir,
+        request.inputs,
+        load_all,
+        request.tokenizer,
+        rebuild=rebuild,
+        show_progress=show_progress,
+        tokenizer_info=request.tokenizer_info,
+    )
+    if rebuild:
+        _REBUILT.add(path)
+    return cache
+
+
+__all__ = [
+    "CacheRequest",
+    "PreparedDomains",
+    "cache_inputs",
+    "describe_request",
+    "fingerprint",
+    "prepare_domains",
+]

@@ -22,12 +22,13 @@ characters; the one that crosses is kept) and the same metadata keys, plus
 
 A *row* (``num_rows_read``) is a file (code), a generated problem (math) or a document: a
 pydoc topic or a distribution's description (prose; one document gives several paragraphs).
-:func:`sample_identity` names everything the corpus depends on, for the token cache.
+:func:`sample_identity` hashes the texts a budget chooses, for the token cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -35,7 +36,6 @@ import logging
 import os
 import platform
 import re
-import sys
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -54,6 +54,7 @@ from moe_emergence.data.sources import (
     check_filters,
     check_size_mb,
 )
+from moe_emergence.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -439,7 +440,7 @@ def _read(stream: _Opened, source: Source, max_chars: int, taken: _Taken, bar: t
         if not low < len(text) < max_chars:
             rejected += 1
             if rejected >= MAX_REJECTED_IN_A_ROW:
-                raise ValueError(
+                raise UserError(
                     f"max_example_chars={max_chars} keeps no text from '{source.dataset}' "
                     f"({rejected:,} rejected in a row): raise it (--max-example-chars / "
                     f"data.max_example_chars), e.g. to 1000."
@@ -461,6 +462,7 @@ def load_sample_domain(
     max_example_chars: int = MAX_EXAMPLE_CHARS,
     seed: int = 0,
     show_progress: bool = False,
+    quiet: bool = False,
 ) -> tuple[list[str], dict[str, Any]]:
     """Read the sample sources of ``domain`` in order until ``size_mb`` MiB of characters.
 
@@ -468,10 +470,10 @@ def load_sample_domain(
     running total is below ``budget_chars(size_mb)``; the one that crosses is kept. Sources
     are opened lazily and read only as far as the budget needs. Returns ``(texts, metadata)``
     with ``load_domain``'s metadata keys plus ``"source": "sample"``; ``seed`` picks the
-    generated math problems.
+    generated math problems; ``quiet`` leaves out the warning when the sources run out.
     """
     if domain not in SAMPLE_SOURCES:
-        raise ValueError(
+        raise UserError(
             f"Unknown sample domain {domain!r}: choose one of {', '.join(SAMPLE_SOURCES)}."
         )
     _check_seed(seed)
@@ -491,7 +493,7 @@ def load_sample_domain(
             stream = _OPENERS[source.dataset](source, seed, max_example_chars)
             opened.extend(stream.stats)
             _read(stream, source, max_example_chars, taken, bar)
-    if not taken.met:
+    if not taken.met and not quiet:
         log.warning(
             "sample %s: sources ran out at %s of %s budgeted characters (%s).",
             domain, f"{taken.total:,}", f"{taken.budget:,}",
@@ -512,39 +514,56 @@ def load_sample_domain(
 
 def _check_seed(seed: int) -> None:
     if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed={seed!r} must be an integer.")
+        raise UserError(f"seed={seed!r} must be an integer.")
 
 
-def sample_identity(seed: int = 0) -> dict[str, Any]:
-    """What the sample corpus depends on, for the token cache's fingerprint (JSON-ready).
+def texts_digest(texts: Iterable[str]) -> str:
+    """SHA-256 (hex) over the texts in order, each as its UTF-8 length (8 bytes) and bytes."""
+    digest = hashlib.sha256()
+    for text in texts:
+        data = text.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
 
-    The recipe version, the seed, the Python build (stdlib files and pydoc topics change with
-    it), a hash of the stdlib's top-level names (distributions may split the stdlib into
-    packages) and a hash of the distributions whose descriptions prose reads (name, version
-    and description). Costs one folder listing and one metadata parse per distribution.
+
+@functools.lru_cache(maxsize=32)
+def domain_identity(
+    domain: str, size_mb: float, max_example_chars: int = MAX_EXAMPLE_CHARS, seed: int = 0
+) -> dict[str, Any]:
+    """What the sample corpus gives ``domain`` for this budget: the recipe version, the seed,
+    and the number and SHA-256 of the texts chosen (JSON-ready).
+
+    It changes exactly when the chosen texts do: a new Python build or a newly installed
+    distribution whose description prose would read, not one it never reaches. Costs one
+    load of the domain (~0.01-0.2 s per MiB); memoized per process.
     """
-    _check_seed(seed)
-    try:
-        top = sorted(os.listdir(stdlib_dir()))
-    except OSError:
-        top = []
+    texts, _ = load_sample_domain(domain, size_mb, max_example_chars, seed, quiet=True)
     return {
         "sample_version": SAMPLE_VERSION,
         "seed": seed,
-        "python": sys.version,
-        "stdlib": hashlib.sha256("\n".join(top).encode()).hexdigest()[:16],
-        "distributions": _distributions_digest(installed_distributions()),
+        "num_texts": len(texts),
+        "texts_sha256": texts_digest(texts),
     }
+
+
+def sample_identity(size_mb: float, max_example_chars: int = MAX_EXAMPLE_CHARS, seed: int = 0):
+    """:func:`domain_identity` of every sample domain, in order (for the token cache and the
+    ``sample_bpe`` tokenizer's folder name)."""
+    _check_seed(seed)
+    return {d: domain_identity(d, size_mb, max_example_chars, seed) for d in SAMPLE_SOURCES}
 
 
 __all__ = [
     "SAMPLE_SOURCES",
     "SAMPLE_VERSION",
     "InstalledDistribution",
+    "domain_identity",
     "installed_distributions",
     "load_sample_domain",
     "pack_paragraphs",
     "prose_paragraphs",
     "sample_identity",
     "stdlib_dir",
+    "texts_digest",
 ]

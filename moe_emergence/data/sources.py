@@ -20,6 +20,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from moe_emergence.data.hub import HubUnavailableError, resolve_repo
+from moe_emergence.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +120,11 @@ def budget_chars(size_mb: float) -> int:
 
 
 def check_filters(sources: Sequence[Source], max_example_chars: int, domain: str) -> None:
-    """Raise ValueError when a length filter ``min < len < max`` can keep nothing."""
+    """Raise UserError when a length filter ``min < len < max`` can keep nothing."""
     for source in sources:
         low = source.min_chars or 0
         if max_example_chars <= low + 1:
-            raise ValueError(
+            raise UserError(
                 f"max_example_chars={max_example_chars} keeps no {domain} text: "
                 f"'{source.dataset}' has minimum length {low} and keeps "
                 f"{low} < len < {max_example_chars}. Set --max-example-chars to {low + 2} or more."
@@ -131,14 +132,14 @@ def check_filters(sources: Sequence[Source], max_example_chars: int, domain: str
 
 
 def check_size_mb(size_mb: float) -> None:
-    """Raise ValueError unless ``size_mb`` is a finite number giving a budget of ≥ 1 char."""
+    """Raise UserError unless ``size_mb`` is a finite number giving a budget of ≥ 1 char."""
     if (
         not isinstance(size_mb, numbers.Real)
         or isinstance(size_mb, bool)
         or not math.isfinite(size_mb)
         or budget_chars(size_mb) < 1
     ):
-        raise ValueError(
+        raise UserError(
             f"size_mb={size_mb!r} must be a finite number > 0 (MiB of characters per domain, "
             f"at least 1 character): set --size-mb / data.size_mb, e.g. 1, 5 or 10."
         )
@@ -152,15 +153,16 @@ def _open(source: Source, config: str | None, location: str, max_chars: int) -> 
             location, config, split=source.split, streaming=True, revision=source.revision
         )
     except ConnectionError as exc:
+        reason = " ".join(str(exc).split())
         raise HubUnavailableError(
-            f"Cannot load dataset '{source.dataset}' (config {config!r}): {exc}. Pass "
+            f"Cannot load dataset '{source.dataset}' (config {config!r}): {reason}. Pass "
             f"--hub-mirror <mirror> (config: data.hub_mirror) with a local copy."
         ) from exc
     if ds.features is not None:  # known up front for parquet/json; else fail on first row
         columns = list(ds.features)
         missing = [f for f in source.fields if f not in columns]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"Dataset '{source.dataset}' (config {config!r}) has no field(s) {missing} "
                 f"used by the text template {source.text!r}; its fields are {columns}."
             )
@@ -199,7 +201,7 @@ def load_domain(
     check_filters(sources, max_example_chars, domain)
     # Resolve every location first: a missing mirror folder or no network fails here, in
     # seconds, before anything is streamed.
-    locations = [resolve_repo(s.dataset, hub_mirror, kind="dataset") for s in sources]
+    locations = [resolve_repo(s.dataset, hub_mirror, "dataset", s.revision) for s in sources]
     budget = budget_chars(size_mb)
     texts: list[str] = []
     total = 0

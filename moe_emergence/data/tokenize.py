@@ -21,11 +21,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from moe_emergence.data.hub import resolve_repo
+from moe_emergence.errors import UserError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOKENIZER = "gpt2"
 ENCODE_BATCH_TEXTS = 512
+
+
+class TokenizerLoadError(UserError, OSError):
+    """A tokenizer folder or name that does not load."""
 
 
 @dataclass(frozen=True)
@@ -53,17 +58,20 @@ def load_tokenizer(
     name_or_path: str = DEFAULT_TOKENIZER,
     hub_mirror: str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    rebuild: bool = False,
 ):
     """A fast (Rust-backed) tokenizer by Hub name, mirror or local folder; it must define EOS.
 
-    ``sample_bpe`` is the offline tokenizer trained on the sample corpus (kept in ``cache_dir``).
+    A Hub name offline without a mirror loads from the Hugging Face hub cache when it holds it.
+    ``sample_bpe`` is the offline tokenizer trained on the sample corpus (kept in ``cache_dir``;
+    ``rebuild`` retrains it once per process).
     A folder's tokenizer is loaded once per process while its files stay unchanged (the config
     resolver, prepare_data and setup all ask for it).
     """
     from moe_emergence.data.sample_tokenizer import SAMPLE_TOKENIZER, ensure_sample_tokenizer
 
     if name_or_path == SAMPLE_TOKENIZER:
-        location = str(ensure_sample_tokenizer(cache_dir))
+        location = str(ensure_sample_tokenizer(cache_dir, rebuild=rebuild))
     else:
         location = resolve_repo(name_or_path, hub_mirror, kind="tokenizer")
     key = (name_or_path, location, _files_signature(location))
@@ -89,23 +97,29 @@ def _files_signature(location: str) -> tuple | None:
     )  # fmt: skip
 
 
+def one_line(exc: BaseException) -> str:
+    """``exc``'s message with its whitespace runs (newlines included) collapsed to one space."""
+    return " ".join(str(exc).split())
+
+
 def _load_checked(name_or_path: str, location: str):
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
     except OSError as exc:
-        raise OSError(
-            f"Cannot load tokenizer '{name_or_path}' from '{location}': {exc}. Pass --tokenizer "
-            f"with a Hub name or a folder holding tokenizer.json (config: data.tokenizer)."
+        raise TokenizerLoadError(
+            f"Cannot load tokenizer '{name_or_path}' from '{location}': {one_line(exc)}. Pass "
+            f"--tokenizer with a Hub name or a folder holding tokenizer.json "
+            f"(config: data.tokenizer)."
         ) from exc
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(
+        raise UserError(
             f"Tokenizer '{name_or_path}' has no fast (tokenizers) backend; save it with "
             f"tokenizer.json or pick a fast tokenizer (--tokenizer)."
         )
     if tokenizer.eos_token_id is None:
-        raise ValueError(
+        raise UserError(
             f"Tokenizer '{name_or_path}' defines no EOS token; packing needs one after each text."
         )
     return tokenizer

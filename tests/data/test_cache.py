@@ -16,12 +16,11 @@ import pytest
 from filelock import FileLock
 
 from moe_emergence.data import prepare as prepare_module
-from moe_emergence.data.cache import fingerprint, tokenizer_identity
 from moe_emergence.data.dataset import PackedMixedDomainDataset
-from moe_emergence.data.prepare import cache_inputs, prepare_domains, source_entries
+from moe_emergence.data.prepare import describe_request, prepare_domains
 from moe_emergence.data.settings import DataSettings
 from moe_emergence.data.sources import DEFAULT_SOURCES, Source, load_domain
-from moe_emergence.data.tokenize import encode_texts, load_tokenizer
+from moe_emergence.data.tokenize import encode_texts
 
 
 @pytest.fixture
@@ -40,9 +39,7 @@ def prep(settings: DataSettings, **changes):
 
 
 def cache_key(settings: DataSettings) -> str:
-    tokenizer = load_tokenizer(settings.tokenizer, settings.hub_mirror)
-    info = tokenizer_identity(tokenizer, settings.tokenizer)
-    return fingerprint(cache_inputs(settings, source_entries(settings), info))
+    return describe_request(settings).fingerprint
 
 
 @pytest.mark.parametrize(
@@ -158,7 +155,8 @@ def test_interrupted_prepare_leaves_nothing_behind(settings, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         prep(settings)
     root = Path(settings.cache_dir)
-    assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == []
+    left = [p.name for p in root.iterdir() if not p.name.endswith(".lock")]
+    assert left == ["file-index.json"]  # the mirror's file hashes, no token cache entry
     monkeypatch.setattr(prepare_module, "load_domain", real)
     assert not prep(settings).from_cache
 

@@ -8,7 +8,6 @@ import itertools
 import json
 import logging
 import operator
-import platform
 import random
 import re
 from fractions import Fraction
@@ -415,22 +414,52 @@ def test_prose_corpus_has_no_code(caplog):
 # --- identity ----------------------------------------------------------------------------------
 
 
-def test_sample_identity_is_stable_and_follows_the_seed():
-    identity = sample_identity()
-    assert sample_identity() == identity == sample_identity(0)
-    assert sample_identity(1) != identity
-    assert identity["sample_version"] == SAMPLE_VERSION and identity["seed"] == 0
-    assert platform.python_version() in identity["python"]
-    assert re.fullmatch(r"[0-9a-f]{16}", identity["distributions"])
+def test_sample_identity_is_stable_and_follows_seed_and_budget():
+    identity = sample_identity(0.05)
+    assert sample_identity(0.05) == identity == sample_identity(0.05, seed=0)
+    assert sample_identity(0.05, seed=1)["math"] != identity["math"]
+    assert sample_identity(0.05, seed=1)["code"]["texts_sha256"] == identity["code"]["texts_sha256"]
+    assert sample_identity(0.1) != identity
+    for domain, ident in identity.items():
+        texts, _ = load_sample_domain(domain, 0.05)
+        assert ident == {
+            "sample_version": SAMPLE_VERSION,
+            "seed": 0,
+            "num_texts": len(texts),
+            "texts_sha256": sample.texts_digest(texts),
+        }
     json.dumps(identity)
 
 
-def test_sample_identity_follows_the_installed_distributions(monkeypatch):
-    before = sample_identity()
-    extra = sample.InstalledDistribution("zzz-new-package", "0.1", "A new package.")
+@pytest.fixture
+def fresh_identity():
+    sample.domain_identity.cache_clear()
+    yield
+    sample.domain_identity.cache_clear()
+
+
+def test_sample_identity_ignores_distributions_it_never_reads(monkeypatch, fresh_identity):
+    """pip install of a package whose description the budget never reaches keeps the cache."""
+    before = sample_identity(0.05)
+    extra = sample.InstalledDistribution("aaa-new-package", "0.1", PROSE_PARAGRAPH)
     installed = sample.installed_distributions()
-    monkeypatch.setattr(sample, "installed_distributions", lambda: [*installed, extra])
-    assert sample_identity()["distributions"] != before["distributions"]
+    monkeypatch.setattr(sample, "installed_distributions", lambda: [extra, *installed])
+    sample.domain_identity.cache_clear()
+    assert sample_identity(0.05) == before  # prose at 0.05 MiB reads pydoc topics only
+
+
+def test_sample_identity_follows_a_description_it_reads(monkeypatch, fresh_identity):
+    before = sample_identity(1.0)  # past the pydoc topics: descriptions are read
+    extra = sample.InstalledDistribution("aaa-new-package", "0.1", PROSE_PARAGRAPH)
+    installed = sample.installed_distributions()
+    monkeypatch.setattr(sample, "installed_distributions", lambda: [extra, *installed])
+    sample.domain_identity.cache_clear()
+    after = sample_identity(1.0)
+    assert after["prose"] != before["prose"]
+    assert after["code"] == before["code"] and after["math"] == before["math"]
+
+
+PROSE_PARAGRAPH = "The quick brown fox jumps over the lazy dog near the quiet river bank. " * 6
 
 
 def test_sample_module_paths_are_real():
