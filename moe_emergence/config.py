@@ -62,6 +62,10 @@ def path_safe(text: str) -> str:
 
 
 def register_resolvers() -> None:
+    """``${vocab_size:...}``, ``${path_safe:...}`` and ``${unique_dir:...}`` (run folders)."""
+    from moe_emergence import run_dir
+
+    run_dir.register()
     if not OmegaConf.has_resolver("vocab_size"):
         OmegaConf.register_new_resolver("vocab_size", tokenizer_vocab_size)
     if not OmegaConf.has_resolver("path_safe"):

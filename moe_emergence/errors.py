@@ -16,13 +16,20 @@ class UserError(ValueError):
 
 def user_error_in(exc: BaseException) -> UserError | None:
     """The UserError that ``exc`` is or was raised from (``raise ... from``: Hydra's
-    instantiate wraps the errors of constructors so), else None. Only explicit causes are
-    followed: an error raised while handling a UserError is not one."""
+    instantiate wraps the errors of constructors so), else None. Explicit causes are followed,
+    and the context of an OmegaConf interpolation error (a resolver's error, which OmegaConf
+    re-raises without a cause); not the context of anything else: an error raised while
+    handling a UserError is not one."""
+    from omegaconf.errors import InterpolationResolutionError
+
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         if isinstance(current, UserError):
             return current
         seen.add(id(current))
-        current = current.__cause__
+        if current.__cause__ is None and isinstance(current, InterpolationResolutionError):
+            current = current.__context__
+        else:
+            current = current.__cause__
     return None

@@ -9,7 +9,17 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from moe_emergence.checkpoints import (
+    HashedCheckpointIO,
+    RandomStates,
+    load_initial_weights,
+    load_mapped,
+    resolve_checkpoint,
+)
+from moe_emergence.data.datamodule import RESUME_KEYS, check_loader_state
+from moe_emergence.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -59,23 +69,129 @@ class RunSummary(L.Callback):
         self.path.write_text(json.dumps(summary, indent=2))
 
 
+def _this_run_dir(cfg: DictConfig) -> str | None:
+    """``paths.run_dir`` (this run's folder), or None where it cannot be resolved."""
+    try:
+        return OmegaConf.select(cfg, "paths.run_dir", default=None)
+    except Exception:  # ${hydra:...} outside a Hydra app
+        return None
+
+
+def resolve_start(cfg: DictConfig) -> tuple[Path | None, Path | None]:
+    """``(ckpt_path, init_from)`` as verified checkpoint files (at most one of them set), or a
+    one-line UserError; cheap (the checkpoint is memory-mapped and hashed), before any data or
+    model is built. See :func:`moe_emergence.checkpoints.resolve_checkpoint`."""
+    ckpt, init = cfg.get("ckpt_path"), cfg.get("init_from")
+    if ckpt is not None and init is not None:
+        raise UserError(
+            f"ckpt_path={ckpt} and init_from={init} are both set: ckpt_path resumes a run (its "
+            f"step, optimizer, data position), init_from starts a new run from a checkpoint's "
+            f"weights; pass only one."
+        )
+    if ckpt is not None:
+        return resolve_checkpoint(str(ckpt), "ckpt_path", _this_run_dir(cfg)), None
+    if init is not None:
+        return None, resolve_checkpoint(str(init), "init_from", _this_run_dir(cfg))
+    return None, None
+
+
+# Model settings that change the weights' shapes: a resume with another value cannot load them.
+MODEL_SHAPE_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "moe.layers",
+                    "moe.n_experts", "moe.top_k")  # fmt: skip
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def _saved_loader_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The train loader's state in a Lightning checkpoint (``{}`` when it has none)."""
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    return dict((fit_loop.get("state_dict", {}).get("combined_loader") or [{}])[0])
+
+
+def check_resume_settings(cfg: DictConfig, path: Path) -> None:
+    """Refuse, before any data or model is built, a resume whose config differs from the
+    checkpoint's in ``seed``, the data settings the config alone decides (batch size, data
+    seed, balance, block size) or the model's shapes; one line naming every change. The
+    world size and the data's content are checked once the trainer exists
+    (:func:`check_resume_data`), and the train loader checks everything again at the restore."""
+    checkpoint = load_mapped(path, "ckpt_path")
+    loader = _saved_loader_state(checkpoint)
+    now: dict[str, tuple[Any, Any]] = {}  # label -> (checkpoint, now)
+    rng = checkpoint.get("callbacks", {}).get(RandomStates.__qualname__, {})
+    if "seed" in rng:
+        now["seed"] = (rng["seed"], cfg.seed)
+    if loader.get("version") is not None:
+        for key in ("batch_size", "seed", "balance_tokens", "block_size"):
+            if key in loader:
+                now[RESUME_KEYS[key]] = (loader[key], _plain(cfg.data.get(key)))
+    saved_model = checkpoint.get("hyper_parameters", {})
+    for key in MODEL_SHAPE_KEYS:
+        saved = OmegaConf.select(OmegaConf.create(dict(saved_model)), key, default=None)
+        if saved is not None:
+            now[f"model.{key}"] = (_plain(saved), _plain(OmegaConf.select(cfg.model, key)))
+    changed = [f"{label}: checkpoint {old!r}, now {new!r}"
+               for label, (old, new) in now.items() if old != new]  # fmt: skip
+    if changed:
+        raise UserError(
+            f"Cannot resume with changed settings: {'; '.join(changed)}. Resume with the "
+            f"checkpoint's values, or start a new run from the checkpoint's weights with "
+            f"init_from={path} (and ckpt_path=null)."
+        )
+
+
+def check_resume_data(datamodule: Any, trainer: L.Trainer, path: Path) -> None:
+    """Refuse a resume whose world size or training data (token content, held-out split)
+    differ from the checkpoint's, in this process (ahead of ddp_spawn's workers, whose errors
+    would come back as tracebacks). Opens the token cache, as ``fit`` would next."""
+    state = _saved_loader_state(load_mapped(path, "ckpt_path"))
+    if hasattr(datamodule, "resume_identity"):
+        check_loader_state(state, datamodule.resume_identity(trainer.world_size), path)
+
+
+def _plugins(cfg: DictConfig) -> list[Any]:
+    """The trainer config's own plugins, plus checkpoint IO that writes SHA-256 sidecars."""
+    own = cfg.trainer.get("plugins")
+    found = instantiate(own) if own is not None else []
+    found = list(found) if isinstance(found, list | tuple) or OmegaConf.is_list(found) else [found]
+    return [*found, HashedCheckpointIO()]
+
+
 def train(
     cfg: DictConfig, multirun: bool = False, launcher: str = "BasicLauncher"
 ) -> dict[str, Any]:
     """Seed, build datamodule, model and trainer from ``cfg``, fit; return where outputs are.
 
     ``multirun`` / ``launcher``: whether this is a sweep job and the Hydra launcher's target.
+    ``ckpt_path`` resumes a run (refused when data settings, seed or world size changed);
+    ``init_from`` starts a new run from a checkpoint's weights.
     """
     check_launch(cfg, multirun, launcher)
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UserError(f"seed must be an integer ≥ 0, got {seed!r} (e.g. seed=42).")
+    ckpt_path, init_from = resolve_start(cfg)
+    if ckpt_path is not None:
+        check_resume_settings(cfg, ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
+    if init_from is not None:
+        step = load_initial_weights(model, init_from)
+        log.info("Weights from %s (its step %d); this run starts at step 0.", init_from, step)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=logger, plugins=_plugins(cfg)
+    )
     run_dir = Path(trainer.default_root_dir)
     trainer.callbacks.append(RunSummary(run_dir / SUMMARY_FILE))
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.callbacks.append(RandomStates(seed=cfg.seed))
+    if ckpt_path is not None:
+        check_resume_data(datamodule, trainer, ckpt_path)
+        log.info("Resuming from %s", ckpt_path)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     outputs = {
@@ -85,6 +201,8 @@ def train(
         "routing": run_dir / "routing" if (run_dir / "routing").is_dir() else None,
         "data_report": run_dir / "data_report.json",
         "summary": run_dir / SUMMARY_FILE,
+        "resumed_from": ckpt_path,
+        "init_from": init_from,
         **summary,
     }
     if trainer.is_global_zero:

@@ -178,3 +178,24 @@ def real_hub() -> Path:
     if not (SHARED_HUB / "openai" / "gsm8k").is_dir():
         pytest.skip(f"real-data mirror not found at {SHARED_HUB} (set MOE_TEST_HUB)")
     return SHARED_HUB
+
+
+@pytest.fixture
+def restore_log_handlers():
+    """Remove the log handlers a Hydra run adds (bound to this test's captured, soon closed,
+    stdout), so that later tests logging through them do not print "Logging error"."""
+    import logging
+
+    def loggers():
+        found = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+        return [lg for lg in found if isinstance(lg, logging.Logger)]
+
+    before = {id(lg): list(lg.handlers) for lg in loggers()}
+    yield
+    for lg in loggers():
+        for handler in [h for h in lg.handlers if h not in before.get(id(lg), [])]:
+            lg.removeHandler(handler)
+            handler.close()
+        for handler in before.get(id(lg), []):
+            if handler not in lg.handlers:
+                lg.addHandler(handler)

@@ -3,33 +3,10 @@ fix, with a non-zero exit and no traceback: from the data CLI and from train.py.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from helpers.script import assert_one_error_line, run_train_script
 
 from moe_emergence.data.cli import main as data_cli
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TRAIN_SCRIPT = load_script()
-
-
-def assert_one_error_line(stderr: str, *needles: str) -> None:
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if "error:" in line]
-    assert len(lines) == 1, stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture
@@ -64,7 +41,10 @@ def test_data_cli_mistakes(cli_args, tmp_path, capsys, extra, needles):
 @pytest.mark.parametrize(
     ("overrides", "needles"),
     [
+        (["seed=-1"], ["seed", "-1"]),
+        (["seed=abc"], ["seed", "'abc'"]),
         (["data.seed=-1"], ["data.seed", "-1"]),
+        (["data.eval_fraction=1.5"], ["data.eval_fraction", "1.5"]),
         (["data.block_size=100000", "model.n_positions=100000"], ["block_size=100000"]),
         (["model.moe.n_experts=0"], ["model.moe.n_experts"]),
         (["model.moe.layers=[7]"], ["MoE layer index 7"]),
@@ -73,15 +53,15 @@ def test_data_cli_mistakes(cli_args, tmp_path, capsys, extra, needles):
         (["data.balance_tokens=off"], ["balance_tokens", "'off'"]),
     ],
 )
+@pytest.mark.usefixtures("restore_log_handlers")
 def test_train_script_mistakes(
     tiny_mirror, tiny_tokenizer_dir, tmp_path, capsys, monkeypatch, overrides, needles
 ):
-    args = ["train.py", f"--config-path={REPO / 'conf'}", "model=tiny_moe", "trainer=cpu", f"data.hub_mirror={tiny_mirror}",
-            f"data.tokenizer={tiny_tokenizer_dir}", "data.block_size=16", "data.size_mb=0.01",
-            "data.show_progress=false", f"hydra.run.dir={tmp_path / 'run'}",
-            "trainer.max_steps=1", *overrides]  # fmt: skip
-    monkeypatch.setattr(sys, "argv", args)
-    with pytest.raises(SystemExit) as exit_info:
-        TRAIN_SCRIPT.main()
-    assert exit_info.value.code == 1
+    code = run_train_script(
+        monkeypatch, "model=tiny_moe", "trainer=cpu", f"data.hub_mirror={tiny_mirror}",
+        f"data.tokenizer={tiny_tokenizer_dir}", "data.block_size=16", "data.size_mb=0.01",
+        "data.show_progress=false", f"hydra.run.dir={tmp_path / 'run'}", "trainer.max_steps=1",
+        *overrides,
+    )  # fmt: skip
+    assert code == 1
     assert_one_error_line(capsys.readouterr().err, *needles)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from helpers.configs import tiny_overrides
 from omegaconf import open_dict
 
 from moe_emergence.analysis.tables import read_table
@@ -20,24 +21,6 @@ from moe_emergence.config import compose_config
 from moe_emergence.train import check_launch, train
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_overrides(mirror, tokenizer, run_dir, *extra):
-    return [
-        "model=tiny_moe",
-        "trainer=cpu",
-        f"data.hub_mirror={mirror}",
-        f"data.tokenizer={tokenizer}",
-        "data.block_size=32",
-        "data.batch_size=4",
-        "data.show_progress=false",
-        f"paths.run_dir={run_dir}",
-        "trainer.enable_progress_bar=false",
-        "~callbacks.progress_bar",
-        "trainer.log_every_n_steps=1",
-        "model.warmup_steps=2",
-        *extra,
-    ]
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:

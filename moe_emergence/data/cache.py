@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 
 from moe_emergence.data.files import atomic_write_text, build_folder_once, sha256_file
 from moe_emergence.data.tokenize import TokenStream, iter_token_batches, token_dtype, untruncated
+from moe_emergence.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +50,71 @@ class CacheCorruptError(RuntimeError):
     """A cache file disagrees with its manifest."""
 
 
+class CacheWriteError(UserError, OSError):
+    """The token cache folder cannot be created or written (a file, no space, read-only)."""
+
+
 def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """``cache_dir``, else ``$MOE_CACHE_DIR``, else ``.cache/moe_emergence`` in the cwd."""
     return Path(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR)
+
+
+def _cache_option(cache_dir: str | os.PathLike | None) -> str:
+    """What set the cache root, for messages."""
+    if cache_dir:
+        return "--cache-dir (data.cache_dir)"
+    return f"${CACHE_ENV}" if os.environ.get(CACHE_ENV) else "the default cache dir"
+
+
+def check_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache root; CacheWriteError when it, or a folder above it, is not a folder."""
+    root = resolve_cache_dir(cache_dir)
+    for path in (root, *root.parents):
+        if path.exists() or path.is_symlink():
+            if path.is_dir():
+                return root
+            where = "is a file" if path == root else f"lies under '{path}', which is a file"
+            raise CacheWriteError(
+                f"{_cache_option(cache_dir)} '{root}' {where}: pass a folder for the token "
+                f"cache (it is created when missing), e.g. --cache-dir .cache/moe_emergence."
+            )
+    return root
+
+
+# errno values that mean "this folder cannot take the cache", and the fix for each.
+_WRITE_FIXES = {
+    errno.ENOSPC: "free disk space there",
+    errno.EDQUOT: "free disk space (quota) there",
+    errno.EACCES: "make it writable",
+    errno.EPERM: "make it writable",
+    errno.EROFS: "use a writable disk",
+}
+
+
+@contextlib.contextmanager
+def writing_cache(root: Path, cache_dir: str | os.PathLike | None = None) -> Iterator[None]:
+    """Turn an OSError of writing under ``root`` (no space, not writable, read-only) into a
+    one-line CacheWriteError naming it; other errors (e.g. reading a dataset) pass."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, UserError) or exc.errno not in _WRITE_FIXES:
+            raise
+        if exc.filename is not None and not _is_under(Path(str(exc.filename)), root):
+            raise
+        reason = exc.strerror or os.strerror(exc.errno)
+        raise CacheWriteError(
+            f"Cannot write the token cache in '{root}' ({reason}): "
+            f"{_WRITE_FIXES[exc.errno]} or pass another {_cache_option(cache_dir)}; "
+            f"the unfinished build was removed."
+        ) from exc
+
+
+def _is_under(path: Path, root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except OSError:
+        return False
 
 
 def tokenizer_identity(tokenizer, name: str) -> dict[str, Any]:
@@ -327,7 +391,7 @@ def ensure_cache(
     ``make_domains`` is called only when building (it streams the datasets). Safe to call from
     several processes at once: one builds, the others wait on the lock, then read.
     """
-    root = resolve_cache_dir(cache_dir)
+    root = check_cache_root(cache_dir)
     path = root / fingerprint(inputs)
     found: dict[str, Any] = {}
 
@@ -340,7 +404,8 @@ def ensure_cache(
             folder, make_domains(), tokenizer, inputs, show_progress, tokenizer_info
         )
 
-    built = build_folder_once(path, build, ready, rebuild=rebuild)
+    with writing_cache(root, cache_dir):
+        built = build_folder_once(path, build, ready, rebuild=rebuild)
     return TokenCache(path, found["manifest"], built_now=built)
 
 
@@ -357,9 +422,15 @@ def cache_entries(cache_dir: str | os.PathLike | None) -> list[tuple[Path, Any]]
         except (OSError, ValueError):
             continue
 
-    def created(item: tuple[Path, Any]) -> str:
-        manifest = item[1]
-        return str(manifest.get("created_at", "")) if isinstance(manifest, dict) else ""
+    def created(item: tuple[Path, Any]) -> tuple[str, int]:
+        """``created_at`` (whole seconds), then the manifest's mtime for builds within one
+        second."""
+        folder, manifest = item
+        stamp = str(manifest.get("created_at", "")) if isinstance(manifest, dict) else ""
+        try:
+            return stamp, (folder / MANIFEST).stat().st_mtime_ns
+        except OSError:
+            return stamp, 0
 
     return sorted(out, key=created, reverse=True)
 

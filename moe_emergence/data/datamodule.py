@@ -5,14 +5,20 @@
 rank, cheap, safe to call twice); ``train_dataloader`` yields ``collate_packed`` batches of
 ``batch_size`` blocks per device, in a new order every epoch (:class:`EpochShuffleSampler`).
 ``val_dataloader`` exists only when ``eval_fraction > 0``; under DDP each rank validates a
-disjoint share of the held-out blocks, each block exactly once.
+disjoint share of the held-out blocks, each block exactly once. A resume must keep what
+decides the batches (batch size, world size, seed, balance, block size, the data's content and
+held-out split): the train loader's saved state carries them and refuses a change
+(:func:`check_loader_state`). Loaders draw their workers' seeds from their own generator, never
+from torch's global one, so the model's random stream does not depend on when they start.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
-from collections.abc import Iterator, Sequence, Sized
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +28,7 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
+from moe_emergence.data.cache import MANIFEST
 from moe_emergence.data.dataset import PackedMixedDomainDataset, collate_packed
 from moe_emergence.data.hub import default_mirror
 from moe_emergence.data.prepare import PreparedDomains, prepare_domains
@@ -30,41 +37,107 @@ from moe_emergence.data.settings import DataSettings, is_int
 from moe_emergence.data.sources import MAX_EXAMPLE_CHARS
 from moe_emergence.data.split import split_by_document
 from moe_emergence.data.tokenize import DEFAULT_TOKENIZER, TokenStream, load_tokenizer
+from moe_emergence.errors import UserError
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "data_report.json"
 
 
-class ResumableDataLoader(DataLoader):
-    """A DataLoader that Lightning can resume mid-epoch.
+LOADER_STATE_VERSION = 2
 
-    ``state_dict`` records the sampler's epoch and how many batches of it the training loop has
-    processed (``batches_done()``, asked of the trainer); a finished epoch is saved as the next
-    epoch with none done. ``load_state_dict`` puts the sampler at that epoch (when it has
-    ``set_epoch``) and makes the next iteration skip that many batches, so a restored run sees
-    the same batches as an uninterrupted one. Skipping reads the skipped blocks but runs no
-    model. The epoch must be set here: on a resume Lightning starts the loader's iterator (and
-    its sampler's order) before its fit loop calls ``set_epoch``.
+# What a resume must find unchanged (loader-state key -> what the user sets).
+RESUME_KEYS = {
+    "batch_size": "data.batch_size",
+    "world_size": "world size (trainer.devices x trainer.num_nodes)",
+    "seed": "data.seed",
+    "balance_tokens": "data.balance_tokens",
+    "block_size": "data.block_size",
+    "data_fingerprint": "the training data (its tokens: data.size_mb, sources, tokenizer, "
+    "max_example_chars; data.eval_fraction, data.eval_seed)",
+}
+
+
+def _shown(key: str, value: Any) -> str:
+    return str(value)[:12] if key == "data_fingerprint" and value is not None else repr(value)
+
+
+def check_loader_state(
+    state: Mapping[str, Any], identity: Mapping[str, Any], checkpoint: Any = None
+) -> None:
+    """Refuse (one-line :class:`UserError`) a saved train-loader ``state`` of another format
+    version, or whose settings differ from ``identity`` (see ``RESUME_KEYS``): every changed
+    setting with both values, and how to start a new run from ``checkpoint``'s weights."""
+    fresh = (f"start a new run from the checkpoint's weights with "
+             f"init_from={checkpoint or '<checkpoint>'} (and ckpt_path=null)")  # fmt: skip
+    version = state.get("version")
+    if version != LOADER_STATE_VERSION:
+        what = ("has no format version (saved before resumes were checked), so its data "
+                "settings cannot be verified" if version is None else
+                f"has format {version!r}, this code reads {LOADER_STATE_VERSION}")  # fmt: skip
+        raise UserError(f"Cannot resume: the checkpoint's data-loader state {what}; {fresh}.")
+    changed = [
+        f"{RESUME_KEYS.get(key, key)}: checkpoint {_shown(key, state.get(key))}, "
+        f"now {_shown(key, now)}"
+        for key, now in identity.items()
+        if state.get(key) != now
+    ]
+    if changed:
+        raise UserError(
+            f"Cannot resume with changed settings: {'; '.join(changed)}. Resume with the "
+            f"checkpoint's values, or {fresh}."
+        )
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning can resume mid-epoch, and only with unchanged data settings.
+
+    ``state_dict`` records the format version, the sampler's epoch and how many batches of it
+    the training loop has processed (``batches_done()``, asked of the trainer; a finished
+    epoch is saved as the next epoch with none done), plus ``identity``: the settings that
+    decide which blocks come in which batches (see ``RESUME_KEYS``). ``load_state_dict``
+    refuses (one-line :class:`UserError`) a state of another format or identity, naming each
+    changed setting and how to start a new run from the checkpoint's weights (``checkpoint()``
+    names the file); else it puts the sampler at that epoch (when it has ``set_epoch``) and
+    makes the next iteration skip that many batches, so a restored run sees the same batches
+    as an uninterrupted one. Skipping reads the skipped blocks but runs no model. The epoch
+    must be set here: on a resume Lightning starts the loader's iterator (and its sampler's
+    order) before its fit loop calls ``set_epoch``.
     """
 
-    def __init__(self, *args: Any, batches_done: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        batches_done: Callable[[], int] | None = None,
+        identity: Mapping[str, Any] | None = None,
+        checkpoint: Callable[[], Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.batches_done = batches_done
+        self.identity = dict(identity or {})
+        self.checkpoint = checkpoint
         self._skip = 0
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         done = int(self.batches_done()) if self.batches_done is not None else 0
         epoch = int(getattr(self.sampler, "epoch", 0))
         if done >= len(self):  # the epoch is over: resume at the start of the next one
-            return {"epoch": epoch + 1, "batches_done": 0}
-        return {"epoch": epoch, "batches_done": done}
+            epoch, done = epoch + 1, 0
+        return {"version": LOADER_STATE_VERSION, "epoch": epoch, "batches_done": done,
+                **self.identity}  # fmt: skip
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._skip = int(state.get("batches_done", 0))
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_resume(state)
+        self._skip = int(state["batches_done"])
         set_epoch = getattr(self.sampler, "set_epoch", None)
-        if "epoch" in state and callable(set_epoch):  # older states carry no epoch
+        if callable(set_epoch):
             set_epoch(int(state["epoch"]))
+
+    def check_resume(self, state: Mapping[str, Any]) -> None:
+        """Raise a one-line UserError when ``state`` is of another format or another identity."""
+        checkpoint = self.checkpoint() if self.checkpoint is not None else None
+        check_loader_state(state, self.identity, checkpoint)
 
     def __iter__(self):
         iterator = super().__iter__()
@@ -156,7 +229,7 @@ class MixedDomainDataModule(L.LightningDataModule):
         _check_loader_args(batch_size, num_workers, eval_fraction, eval_seed)
         for key, value in (("pin_memory", pin_memory), ("persistent_workers", persistent_workers)):
             if value is not None and not isinstance(value, bool):
-                raise ValueError(f"data.{key} must be true, false or null, got {value!r}.")
+                raise UserError(f"data.{key} must be true, false or null, got {value!r}.")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -178,6 +251,7 @@ class MixedDomainDataModule(L.LightningDataModule):
         self.val_dataset: PackedMixedDomainDataset | None = None
         self.eval_text_ids: dict[str, np.ndarray] = {}
         self.report: dict[str, Any] | None = None
+        self.data_fingerprint: str | None = None
         self._tokenizer = None
 
     @classmethod
@@ -233,14 +307,46 @@ class MixedDomainDataModule(L.LightningDataModule):
                     warn_imbalance=False,
                 )
             except ValueError as exc:
-                raise ValueError(
+                raise UserError(
                     f"Held-out split too small: {exc} Raise data.eval_fraction "
                     f"(now {self.eval_fraction}) or data.size_mb."
                 ) from None
         self.train_packed = dataset
         self.train_dataset = self._trim_for_ranks(dataset)
+        self.data_fingerprint = self._fingerprint(prepared)
         self.report = self._report(prepared, dataset)
         self._write_report()
+
+    def _fingerprint(self, prepared: PreparedDomains) -> str:
+        """16 hex digits naming the training data's content: every domain's token and offset
+        checksums from the cache manifest (not its path: a moved mirror or cache is the same
+        data), and the held-out split (``eval_fraction``, and ``eval_seed`` when it is used).
+        Block size, seed and balance are checked on their own."""
+        manifest = json.loads((prepared.cache_path / MANIFEST).read_text())
+        tokens = {d: [e["tokens_sha256"], e["offsets_sha256"]]
+                  for d, e in manifest["domains"].items()}  # fmt: skip
+        split = [self.eval_fraction, self.eval_seed if self.eval_fraction > 0 else None]
+        blob = json.dumps({"tokens": tokens, "held_out": split}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def resume_identity(self, world_size: int | None = None) -> dict[str, Any]:
+        """What a resume must find unchanged (``RESUME_KEYS``). ``world_size``: default the
+        attached trainer's. Before ``setup`` (a check ahead of ``fit``), the data fingerprint
+        comes from opening the token cache (building it when missing, as ``fit`` would)."""
+        if self.data_fingerprint is None:
+            prepared = prepare_domains(
+                self.settings, show_progress=self.show_progress, announce_hit=False
+            )
+            self.data_fingerprint = self._fingerprint(prepared)
+        s = self.settings
+        return {
+            "batch_size": self.batch_size,
+            "world_size": self._ranks()[0] if world_size is None else world_size,
+            "seed": s.seed,
+            "balance_tokens": s.balance_tokens,
+            "block_size": s.block_size,
+            "data_fingerprint": self.data_fingerprint,
+        }
 
     def _split(self, streams: dict[str, TokenStream]) -> tuple[dict, dict]:
         train, held_out = {}, {}
@@ -279,6 +385,7 @@ class MixedDomainDataModule(L.LightningDataModule):
             report["eval_token_counts"] = dict(self.val_dataset.token_counts)
             report["eval_block_counts"] = dict(self.val_dataset.block_counts)
         report["train_blocks_used"] = len(self.train_dataset)
+        report["data_fingerprint"] = self.data_fingerprint
         return report
 
     def _write_report(self) -> None:
@@ -296,12 +403,20 @@ class MixedDomainDataModule(L.LightningDataModule):
             return 0
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
+    def _checkpoint_path(self) -> str | None:
+        """The checkpoint being resumed from (for messages), when the trainer has one."""
+        ckpt = self.trainer.ckpt_path if self.trainer is not None else None
+        return str(ckpt) if ckpt else None
+
     def _loader(
         self, dataset: Dataset, sampler: Sampler | None = None, resumable: bool = False
     ) -> DataLoader:
         kwargs = self._loader_kwargs(sampler)
         if resumable:
-            return ResumableDataLoader(dataset, batches_done=self._batches_done, **kwargs)
+            return ResumableDataLoader(
+                dataset, batches_done=self._batches_done, identity=self.resume_identity(),
+                checkpoint=self._checkpoint_path, **kwargs,
+            )  # fmt: skip
         return DataLoader(dataset, **kwargs)
 
     def _loader_kwargs(self, sampler: Sampler | None) -> dict[str, Any]:
@@ -313,6 +428,10 @@ class MixedDomainDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
+            # Its own generator: starting an iterator draws the workers' base seed from it,
+            # not from torch's global one, so that the model's random stream (router noise,
+            # dropout) does not depend on when loaders start (epochs, validation, a resume).
+            generator=torch.Generator().manual_seed(self.settings.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -335,7 +454,7 @@ class MixedDomainDataModule(L.LightningDataModule):
         if world == 1:
             return self._loader(self.val_dataset)
         if len(self.val_dataset) < world:
-            raise ValueError(
+            raise UserError(
                 f"The held-out split has {len(self.val_dataset)} blocks, fewer than the {world} "
                 f"ranks: raise data.eval_fraction (now {self.eval_fraction}) or data.size_mb."
             )
@@ -349,15 +468,20 @@ def _check_loader_args(
     batch_size: int, num_workers: int, eval_fraction: float, eval_seed: int
 ) -> None:
     if not is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"data.batch_size must be an integer ≥ 1, got {batch_size!r}.")
+        raise UserError(f"data.batch_size must be an integer ≥ 1, got {batch_size!r}.")
     if not is_int(num_workers) or num_workers < 0:
-        raise ValueError(f"data.num_workers must be an integer ≥ 0, got {num_workers!r}.")
+        raise UserError(f"data.num_workers must be an integer ≥ 0, got {num_workers!r}.")
     if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, int | float):
-        raise ValueError(f"data.eval_fraction must be a number, got {eval_fraction!r}.")
+        raise UserError(f"data.eval_fraction must be a number, got {eval_fraction!r}.")
     if not 0 <= eval_fraction < 1:
-        raise ValueError(f"data.eval_fraction must be in [0, 1), got {eval_fraction!r}.")
-    if not is_int(eval_seed):
-        raise ValueError(f"data.eval_seed must be an integer, got {eval_seed!r}.")
+        raise UserError(f"data.eval_fraction must be in [0, 1), got {eval_fraction!r}.")
+    if not is_int(eval_seed) or eval_seed < 0:
+        raise UserError(f"data.eval_seed must be an integer ≥ 0, got {eval_seed!r}.")
 
 
-__all__ = ["EpochShuffleSampler", "MixedDomainDataModule"]
+__all__ = [
+    "EpochShuffleSampler",
+    "MixedDomainDataModule",
+    "ResumableDataLoader",
+    "check_loader_state",
+]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -37,6 +38,47 @@ class HubUnavailableError(UserError, ConnectionError):
 
 class MirrorMissingError(UserError, FileNotFoundError):
     """The hub mirror is not a folder or lacks the requested repo."""
+
+
+class LocalPathError(UserError, FileNotFoundError):
+    """A local path given for a repo is missing or is a file, not a folder."""
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+# What each kind of repo is set by and what its folder must hold (for local-path errors).
+_LOCAL_HINTS = {
+    "tokenizer": ("--tokenizer (data.tokenizer)", "tokenizer.json", "'gpt2'"),
+    "dataset": ("Dataset", "the dataset's files in Hub layout", "'openai/gsm8k'"),
+    "model": ("Model", "config.json and the weights", "'gpt2'"),
+}
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the form of a Hub repo id: ``name`` or ``org/name``."""
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name
+
+
+def is_local_path(name: str) -> bool:
+    """Whether ``name`` means a local path: not of Hub id form (absolute, ``./``, ``~``, two or
+    more ``/``), or an existing file or folder."""
+    return not is_hub_id(name) or os.path.lexists(os.path.expanduser(name))
+
+
+def local_path_error(name: str, kind: str) -> LocalPathError:
+    """The one-line error for a local path ``name`` that is missing or is not a folder."""
+    what, holds, example = _LOCAL_HINTS.get(kind, _LOCAL_HINTS["model"])
+    path = Path(name).expanduser()
+    if path.exists():
+        inside = path.name.endswith((".json", ".txt", ".model", ".safetensors", ".bin"))
+        example = f" (e.g. '{path.parent}')" if inside else ""
+        return LocalPathError(
+            f"{what} '{name}' is a file, not a folder: pass the folder that holds {holds}{example}."
+        )
+    return LocalPathError(
+        f"{what} '{name}': the folder does not exist. Pass an existing folder holding {holds}, "
+        f"or a Hub name such as {example}."
+    )
 
 
 def default_mirror() -> str | None:
@@ -108,8 +150,9 @@ def resolve_repo(
 ) -> str:
     """Return what to pass to ``load_dataset`` / ``from_pretrained`` for ``repo_id``.
 
-    - with a mirror root, ``<mirror>/<repo_id>`` when it exists;
-    - else an existing local folder named ``repo_id``, used as it is;
+    - with a mirror root, ``<mirror>/<repo_id>`` when ``repo_id`` is a Hub id and it exists;
+    - else an existing local folder named ``repo_id`` (``~`` expanded), used as it is;
+    - else, for a local path (:func:`is_local_path`), LocalPathError: missing, or a file;
     - else, with a mirror, MirrorMissingError (a FileNotFoundError);
     - else, offline, the Hugging Face hub cache's snapshot folder of ``revision`` when it
       holds one, and HubUnavailableError when not;
@@ -126,15 +169,18 @@ def resolve_repo(
                 f"--hub-mirror (config: data.hub_mirror, env: {MIRROR_ENV})."
             )
         local = root / repo_id
-        if local.is_dir():
+        if is_hub_id(repo_id) and local.is_dir():
             return str(local)
-        if not Path(repo_id).is_dir():
-            raise MirrorMissingError(
-                f"{kind.capitalize()} '{repo_id}' is not in the hub mirror '{mirror}' "
-                f"(looked for '{local}'). {_how_to_fix(repo_id, kind)}"
-            )
-    if Path(repo_id).is_dir():
-        return str(repo_id)
+    path = Path(repo_id).expanduser()
+    if path.is_dir():
+        return str(path) if repo_id.startswith("~") else repo_id
+    if is_local_path(repo_id):
+        raise local_path_error(repo_id, kind)
+    if mirror is not None:
+        raise MirrorMissingError(
+            f"{kind.capitalize()} '{repo_id}' is not in the hub mirror '{mirror}' "
+            f"(looked for '{Path(mirror) / repo_id}'). {_how_to_fix(repo_id, kind)}"
+        )
     if hub_is_offline(kind) and (snapshot := cached_snapshot(repo_id, kind, revision)):
         return str(snapshot)
     check_hub_reachable(repo_id, kind)

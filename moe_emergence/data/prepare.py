@@ -27,6 +27,7 @@ from moe_emergence.data.cache import (
     TokenCache,
     as_json,
     cache_entries,
+    check_cache_root,
     ensure_cache,
     fingerprint,
     open_entry,
@@ -37,7 +38,13 @@ from moe_emergence.data.cache import (
 from moe_emergence.data.files import FILE_INDEX, FileIndex, folder_identity
 from moe_emergence.data.hub import HubUnavailableError, hub_revision, resolve_repo
 from moe_emergence.data.settings import DataSettings
-from moe_emergence.data.sources import DEFAULT_SOURCES, Source, budget_chars, load_domain
+from moe_emergence.data.sources import (
+    DEFAULT_SOURCES,
+    Source,
+    budget_chars,
+    check_local_files,
+    load_domain,
+)
 from moe_emergence.data.tokenize import TokenStream, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -214,6 +221,7 @@ def prepare_domains(
     rebuilds once per process (prepare_data and setup share it).
     """
     settings.validate()
+    check_cache_root(settings.cache_dir)
     request = describe_request(settings)
     if not request.complete:
         cache = None if settings.rebuild_cache else find_offline_entry(request, settings)
@@ -245,6 +253,9 @@ def _ensure(request: CacheRequest, settings: DataSettings, show_progress: bool) 
     rebuild = settings.rebuild_cache and path not in _REBUILT
 
     def load_all() -> Iterator[DomainInput]:
+        if settings.source != "sample":  # a damaged file fails before any domain is streamed
+            all_sources = [s for sources in request.sources.values() for s in sources]
+            check_local_files(all_sources, settings.hub_mirror)
         for domain, sources in request.sources.items():
             if settings.source == "sample":
                 from moe_emergence.data.sample import load_sample_domain
@@ -256,7 +267,7 @@ def _ensure(request: CacheRequest, settings: DataSettings, show_progress: bool) 
             else:
                 texts, meta = load_domain(
                     domain, sources, settings.size_mb, settings.max_example_chars,
-                    settings.hub_mirror, show_progress=show_progress,
+                    settings.hub_mirror, show_progress=show_progress, check_files=False,
                 )  # fmt: skip
             yield DomainInput(domain, texts, meta)
 

@@ -3,23 +3,28 @@
 A domain is an ordered list of :class:`Source`; the next source is opened only when the ones
 before it ran out below the budget. Within a source, several configs (e.g. MATH's subjects) are
 read round-robin, one kept text from each in turn. Texts are used exactly as the template makes
-them (no stripping). Lengths and budgets are in characters (``len(str)``).
+them (no stripping). Lengths and budgets are in characters (``len(str)``). A damaged local
+data file (truncated, not parquet/gzip, no rows) raises DataFileError naming it and the
+re-download command.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import logging
 import math
 import numbers
 import string
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from moe_emergence.data.hub import HubUnavailableError, resolve_repo
+from moe_emergence.data.hub import HubUnavailableError, is_hub_id, resolve_repo
 from moe_emergence.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -145,6 +150,148 @@ def check_size_mb(size_mb: float) -> None:
         )
 
 
+# ---- damaged local data files ----------------------------------------------------------------
+
+DATA_SUFFIXES = (".parquet", ".gz", ".json", ".jsonl")
+SMALL_FILE_BYTES = 1 << 20  # compressed/plain files this small are read whole by the pre-check
+
+
+class DataFileError(UserError):
+    """A local data file (mirror or folder) that is truncated, not its format, or empty."""
+
+
+def _parquet_problem(path: Path, thorough: bool) -> str | None:
+    import pyarrow.parquet as pq
+
+    with path.open("rb") as f:
+        head = f.read(4)
+        size = f.seek(0, 2)
+        f.seek(max(size - 4, 0))
+        tail = f.read(4)
+    if head != b"PAR1":
+        return "is not a parquet file" if size else "is empty (0 bytes)"
+    if size < 12 or tail != b"PAR1":
+        return "is truncated (its parquet footer is missing)"
+    try:
+        parquet = pq.ParquetFile(path)
+        if parquet.metadata.num_rows == 0:
+            return "holds no rows"
+        if thorough:
+            for _ in parquet.iter_batches(batch_size=65_536):
+                pass
+    except Exception as exc:  # pyarrow reports damage as ArrowInvalid, OSError, ...
+        return f"is damaged ({' '.join(str(exc).split())})"
+    return None
+
+
+def _text_problem(path: Path, thorough: bool) -> str | None:
+    """Gzip or plain JSON lines: truncated / not gzip / no rows (read whole when small or
+    ``thorough``)."""
+    if not thorough and path.stat().st_size > SMALL_FILE_BYTES:
+        return None
+    has_text = False
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                has_text = has_text or bool(chunk.strip())
+    except EOFError:
+        return "is truncated (the gzip stream ends early)"
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        return f"is not valid gzip data ({exc})"
+    return None if has_text else "holds no rows"
+
+
+def data_file_problem(path: Path, thorough: bool = True) -> str | None:
+    """What is wrong with the data file ``path`` (truncated, not parquet/gzip, no rows), or
+    None. Not ``thorough``: cheap checks only (parquet footers, small files read whole)."""
+    if path.suffix == ".parquet":
+        return _parquet_problem(path, thorough)
+    if path.suffix in DATA_SUFFIXES:
+        return _text_problem(path, thorough)
+    return None
+
+
+def _data_files(location: str, config: str | None, split: str) -> list[Path]:
+    """The files ``datasets`` reads for (config, split) of the local folder ``location``;
+    every data file under it when that cannot be told."""
+    try:
+        from datasets import load_dataset_builder
+
+        files = load_dataset_builder(location, config).config.data_files or {}
+        chosen = [Path(str(f)) for key, fs in files.items() if str(key) == split for f in fs]
+        if chosen:
+            return chosen
+    except Exception as exc:  # an unreadable README or layout: check everything instead
+        log.debug("Could not list the data files of %s [%s]: %s", location, config, exc)
+    return sorted(
+        p for p in Path(location).rglob("*")
+        if p.is_file() and p.suffix in DATA_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(location).parts)
+    )  # fmt: skip
+
+
+def _config_part(config: str | None) -> str:
+    return "" if config is None else f" (config '{config}')"
+
+
+def _redownload_hint(source: Source, location: str, hub_mirror: str | None) -> str:
+    if not is_hub_id(source.dataset):
+        return "replace it with a good copy"
+    command = f"huggingface-cli download --repo-type dataset {source.dataset}"
+    if hub_mirror is not None and Path(location) == Path(hub_mirror) / source.dataset:
+        return f"re-download it with `{command} --local-dir {location}`"
+    if "snapshots" in Path(location).parts:  # the Hugging Face hub cache
+        return f"re-download it with `{command} --force-download`"
+    return f"re-download it with `{command} --local-dir {location}`"
+
+
+def find_damaged_file(
+    source: Source,
+    config: str | None,
+    location: str,
+    hub_mirror: str | None = None,
+    thorough: bool = True,
+) -> DataFileError | None:
+    """The error naming the first damaged data file of ``source``'s (config, split) in the
+    local folder ``location``, or None (also for a Hub id)."""
+    if not Path(location).is_dir():
+        return None
+    for path in _data_files(location, config, source.split):
+        problem = data_file_problem(path, thorough)
+        if problem is not None:
+            return DataFileError(
+                f"Data file '{path}' of dataset '{source.dataset}'{_config_part(config)} "
+                f"{problem}: {_redownload_hint(source, location, hub_mirror)}."
+            )
+    return None
+
+
+def check_local_files(
+    sources: Sequence[Source], hub_mirror: str | None = None, locations: Sequence[str] = ()
+) -> None:
+    """Cheap pre-check of every local source's data files before streaming (parquet footers
+    and row counts, small files read whole); raise DataFileError for the first bad one."""
+    locations = locations or [
+        resolve_repo(s.dataset, hub_mirror, "dataset", s.revision) for s in sources
+    ]
+    for source, location in zip(sources, locations, strict=True):
+        for config in source.configs:
+            error = find_damaged_file(source, config, location, hub_mirror, thorough=False)
+            if error is not None:
+                raise error
+
+
+def _damage_behind(
+    exc: Exception, source: Source, config: str | None, location: str, hub_mirror: str | None
+) -> DataFileError | None:
+    """The DataFileError naming the damaged local file that made streaming fail with ``exc``,
+    or None (then ``exc`` is re-raised as it is)."""
+    if isinstance(exc, UserError):
+        return None
+    return find_damaged_file(source, config, location, hub_mirror)
+
+
 def _open(source: Source, config: str | None, location: str, max_chars: int) -> _OpenStream:
     from datasets import load_dataset
 
@@ -190,18 +337,23 @@ def load_domain(
     max_example_chars: int = MAX_EXAMPLE_CHARS,
     hub_mirror: str | None = None,
     show_progress: bool = True,
+    check_files: bool = True,
 ) -> tuple[list[str], dict[str, Any]]:
     """Read ``sources`` in order until ``size_mb`` worth of characters are taken.
 
     A text is taken while the running total is below the budget (the one that crosses it is
     kept). Returns ``(texts, metadata)``; ``metadata["sources"]`` holds one
-    :class:`StreamStats` dict per (dataset, config) opened, in reading order.
+    :class:`StreamStats` dict per (dataset, config) opened, in reading order. A damaged local
+    data file raises DataFileError naming it: found up front by :func:`check_local_files`
+    (``check_files``) where that is cheap, else when streaming it fails.
     """
     check_size_mb(size_mb)
     check_filters(sources, max_example_chars, domain)
     # Resolve every location first: a missing mirror folder or no network fails here, in
     # seconds, before anything is streamed.
     locations = [resolve_repo(s.dataset, hub_mirror, "dataset", s.revision) for s in sources]
+    if check_files:
+        check_local_files(sources, hub_mirror, locations)
     budget = budget_chars(size_mb)
     texts: list[str] = []
     total = 0
@@ -214,13 +366,26 @@ def load_domain(
         for source, location in zip(sources, locations, strict=True):
             if total >= budget:
                 break
-            streams = [_open(source, c, location, max_example_chars) for c in source.configs]
+            streams = []
+            for config in source.configs:
+                try:
+                    streams.append(_open(source, config, location, max_example_chars))
+                except Exception as exc:
+                    if error := _damage_behind(exc, source, config, location, hub_mirror):
+                        raise error from exc
+                    raise
             opened.extend(s.stats for s in streams)
             while streams and total < budget:
                 for stream in list(streams):
                     if total >= budget:
                         break
-                    text = stream.next_text()
+                    try:
+                        text = stream.next_text()
+                    except Exception as exc:
+                        config = stream.stats.config
+                        if error := _damage_behind(exc, source, config, location, hub_mirror):
+                            raise error from exc
+                        raise
                     if text is None:
                         streams.remove(stream)
                         continue
@@ -298,10 +463,12 @@ __all__ = [
     "DOMAIN_LOADERS",
     "MATH_SUBJECTS",
     "MAX_EXAMPLE_CHARS",
+    "DataFileError",
     "Source",
     "StreamStats",
     "budget_chars",
     "check_filters",
+    "check_local_files",
     "check_size_mb",
     "load_code_data",
     "load_domain",

@@ -8,6 +8,7 @@ with its EOS is ``tokens[doc_offsets[i]:doc_offsets[i + 1]]``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -66,14 +67,21 @@ def load_tokenizer(
     ``sample_bpe`` is the offline tokenizer trained on the sample corpus (kept in ``cache_dir``;
     ``rebuild`` retrains it once per process).
     A folder's tokenizer is loaded once per process while its files stay unchanged (the config
-    resolver, prepare_data and setup all ask for it).
+    resolver, prepare_data and setup all ask for it). A missing local path, a file, a folder
+    without tokenizer files or with broken JSON raises a one-line UserError.
     """
     from moe_emergence.data.sample_tokenizer import SAMPLE_TOKENIZER, ensure_sample_tokenizer
 
     if name_or_path == SAMPLE_TOKENIZER:
-        location = str(ensure_sample_tokenizer(cache_dir, rebuild=rebuild))
+        from moe_emergence.data.cache import check_cache_root, writing_cache
+
+        root = check_cache_root(cache_dir)
+        with writing_cache(root, cache_dir):
+            location = str(ensure_sample_tokenizer(cache_dir, rebuild=rebuild))
     else:
         location = resolve_repo(name_or_path, hub_mirror, kind="tokenizer")
+        if Path(location).is_dir():
+            check_tokenizer_folder(name_or_path, Path(location))
     key = (name_or_path, location, _files_signature(location))
     if key[2] is None or key not in _LOADED:
         tokenizer = _load_checked(name_or_path, location)
@@ -102,12 +110,73 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+TOKENIZER_OPTION = "--tokenizer (data.tokenizer)"
+# Files any fast tokenizer can be loaded or converted from (besides tokenizer.json).
+_TOKENIZER_FILE_SETS = (
+    ("tokenizer.json",),
+    ("vocab.json", "merges.txt"),
+    ("vocab.txt",),
+    ("tokenizer.model",),
+    ("spiece.model",),
+    ("sentencepiece.bpe.model",),
+)
+_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "added_tokens.json", "vocab.json", "config.json")  # fmt: skip
+
+
+def _named(name_or_path: str, folder: Path) -> str:
+    """``'name'`` or ``'name' (folder)`` where the name resolved elsewhere (a mirror)."""
+    same = Path(name_or_path).expanduser() == folder
+    return f"'{name_or_path}'" if same else f"'{name_or_path}' ('{folder}')"
+
+
+def check_tokenizer_folder(name_or_path: str, folder: Path) -> None:
+    """Raise UserError when ``folder`` holds no tokenizer files (tokenizer.json, or
+    vocab.json + merges.txt, ...), before transformers fails with a long message."""
+    names = {f.name for f in folder.iterdir() if f.is_file()}
+    if any(all(n in names for n in files) for files in _TOKENIZER_FILE_SETS):
+        return
+    what = "is an empty folder" if not any(folder.iterdir()) else (
+        "holds no tokenizer.json (nor vocab.json + merges.txt)"
+    )  # fmt: skip
+    raise TokenizerLoadError(
+        f"{TOKENIZER_OPTION} {_named(name_or_path, folder)} {what}: pass the folder that holds "
+        f"tokenizer.json (or vocab.json + merges.txt), or a Hub name such as 'gpt2'."
+    )
+
+
+def bad_json_file(folder: Path) -> UserError | None:
+    """The error naming the first of ``folder``'s tokenizer JSON files that does not parse."""
+    for name in _JSON_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            reason = f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+        except UnicodeDecodeError as exc:
+            reason = f"not UTF-8 text at byte {exc.start}"
+        else:
+            continue
+        return UserError(
+            f"Tokenizer file '{path}' is not valid JSON ({reason}): restore it (download or "
+            f"save the tokenizer again), or pass another {TOKENIZER_OPTION}."
+        )
+    return None
+
+
 def _load_checked(name_or_path: str, location: str):
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
-    except OSError as exc:
+    except Exception as exc:
+        bad = bad_json_file(Path(location)) if Path(location).is_dir() else None
+        if bad is not None:
+            raise bad from exc
+        if not isinstance(exc, OSError | ValueError) or isinstance(exc, UserError):
+            raise
         raise TokenizerLoadError(
             f"Cannot load tokenizer '{name_or_path}' from '{location}': {one_line(exc)}. Pass "
             f"--tokenizer with a Hub name or a folder holding tokenizer.json "

@@ -1,5 +1,6 @@
 """A real single-device fit over two epochs: a new block order in epoch 2, and resumes (in the
-middle of epoch 2, at the end of epoch 1) that see the same batches as the uninterrupted run."""
+middle of epoch 2, at the end of epoch 1) that see the same batches as the uninterrupted run;
+a resume with another batch size, data or world size is refused by the loader's state."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from moe_emergence.data import MixedDomainDataModule
+from moe_emergence.data.datamodule import LOADER_STATE_VERSION, ResumableDataLoader
+from moe_emergence.errors import UserError
 
 pytestmark = pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
 
@@ -103,3 +106,63 @@ def test_resume_sees_the_uninterrupted_runs_batches(full_run, where, num_workers
     resumed = fit(settings, tmp_path, ckpt_path=checkpoint)
     assert resumed[0][:2] == (step, step // n)
     assert resumed == full_run.seen[step:]  # same steps, epochs and batches, batch for batch
+
+
+def test_resume_with_another_batch_size_or_data_is_refused_in_one_line(full_run, tmp_path):
+    """Through Lightning's restore of the loader state (a plain Trainer, no train.py checks)."""
+    checkpoint = full_run.checkpoint(full_run.steps_per_epoch // 2)
+    with pytest.raises(UserError) as caught:
+        fit({**full_run.settings, "batch_size": 8}, tmp_path / "a", ckpt_path=checkpoint)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"data.batch_size: checkpoint {BATCH}, now 8" in message
+    assert f"init_from={checkpoint}" in message
+    with pytest.raises(UserError, match="the training data"):
+        fit({**full_run.settings, "eval_fraction": 0.2}, tmp_path / "b", ckpt_path=checkpoint)
+
+
+def _loader(identity: dict) -> ResumableDataLoader:
+    return ResumableDataLoader(list(range(8)), batch_size=2, identity=identity,
+                               checkpoint=lambda: "run/last.ckpt")  # fmt: skip
+
+
+IDENTITY = {"batch_size": 2, "world_size": 1, "seed": 42, "balance_tokens": False,
+            "block_size": 64, "data_fingerprint": "0123456789abcdef"}  # fmt: skip
+
+
+def test_loader_state_carries_version_and_identity():
+    state = _loader(IDENTITY).state_dict()
+    assert state == {"version": LOADER_STATE_VERSION, "epoch": 0, "batches_done": 0, **IDENTITY}
+    _loader(IDENTITY).load_state_dict({**state, "batches_done": 1})  # unchanged: accepted
+
+
+WORLD = "world size (trainer.devices x trainer.num_nodes)"
+
+
+@pytest.mark.parametrize(
+    ("changes", "needles"),
+    [
+        ({"world_size": 2}, [f"{WORLD}: checkpoint 2, now 1"]),
+        (
+            {"seed": 1, "balance_tokens": True},
+            ["data.seed: checkpoint 1, now 42", "data.balance_tokens: checkpoint True, now False"],
+        ),
+        (
+            {"data_fingerprint": "fedcba9876543210"},
+            ["the training data", "checkpoint fedcba987654, now 0123456789ab"],
+        ),
+    ],
+)
+def test_loader_refuses_a_changed_identity(changes, needles):
+    state = {**_loader(IDENTITY).state_dict(), **changes}
+    with pytest.raises(UserError) as caught:
+        _loader(IDENTITY).load_state_dict(state)
+    message = str(caught.value)
+    assert "\n" not in message and "init_from=run/last.ckpt" in message
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_loader_refuses_a_state_without_a_format_version():
+    with pytest.raises(UserError, match="no format version"):
+        _loader(IDENTITY).load_state_dict({"epoch": 1, "batches_done": 2})

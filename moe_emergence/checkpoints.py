@@ -1,0 +1,335 @@
+"""Checkpoints that a resume can trust: SHA-256 sidecars, checked paths, saved random states.
+
+- :class:`HashedCheckpointIO` writes every checkpoint atomically with ``<ckpt>.sha256`` beside
+  it (``sha256sum`` format: ``<64 hex>  <file name>``, so ``sha256sum -c`` checks it too).
+- :func:`resolve_checkpoint` turns ``ckpt_path`` / ``init_from`` (a file, a run dir, or
+  ``last``) into one verified checkpoint file, or raises a one-line :class:`UserError`.
+- :class:`RandomStates` saves torch (CPU and CUDA), numpy and Python random states of every
+  rank in the checkpoint and puts them back right before the first resumed step, so that the
+  losses after a resume equal the uninterrupted run's step for step.
+- :func:`load_initial_weights`: ``init_from`` -- a new run (step 0, fresh optimizer and data
+  order) from a checkpoint's weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+
+from moe_emergence.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SIDECAR_SUFFIX = ".sha256"
+CHECKPOINTS_DIR = "checkpoints"
+LAST_PATTERN = "last*.ckpt"  # last.ckpt, and last-v1.ckpt when Lightning versions it
+RANDOM_STATES_VERSION = 1
+
+
+# ---------------------------------------------------------------------- sidecars
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(path)}{SIDECAR_SUFFIX}")
+
+
+def _replace_atomically(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it and rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_sidecar(path: str | os.PathLike, digest: str | None = None) -> Path:
+    """Write ``<path>.sha256`` (atomically) with ``digest``, or the file's hash when None."""
+    path = Path(path)
+    digest = digest or sha256_file(path)
+    side = sidecar_path(path)
+    _replace_atomically(side, f"{digest}  {path.name}\n".encode())
+    return side
+
+
+def _find_sidecar(path: Path) -> Path | None:
+    """``<path>.sha256``; for a symlink (``save_last="link"``) also its target's sidecar."""
+    for candidate in (sidecar_path(path), sidecar_path(path.resolve())):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def verify_sidecar(path: Path, option: str) -> None:
+    """Refuse ``path`` (one-line :class:`UserError`) when its sidecar is missing or differs."""
+    side = _find_sidecar(path)
+    if side is None:
+        raise UserError(
+            f"{option}={path}: no checksum file {sidecar_path(path).name} beside it (written by "
+            f"train.py with every checkpoint), so its integrity cannot be checked; if you trust "
+            f"the file, write one with: sha256sum {path.name} > {path.name}{SIDECAR_SUFFIX} (in "
+            f"{path.parent})."
+        )
+    recorded = side.read_text().split()[:1]
+    actual = sha256_file(path)
+    if recorded != [actual]:
+        raise UserError(
+            f"{option}={path}: the file does not match its checksum in {side.name} (damaged or "
+            f"changed after it was saved): resume from another checkpoint of the run."
+        )
+
+
+class HashedCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` into memory, hash the bytes, write the file and ``<ckpt>.sha256`` each
+    through a temporary file and a rename. A crash between the two renames leaves a pair that
+    disagrees, which a resume refuses (it never trusts a half-written file). Remote (``://``)
+    paths are saved by Lightning's own IO, without a sidecar."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or "://" in os.fspath(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        data = buffer.getbuffer()
+        digest = hashlib.sha256(data).hexdigest()
+        _replace_atomically(path, data)
+        write_sidecar(path, digest)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        super().remove_checkpoint(path)
+        if "://" not in os.fspath(path):
+            sidecar_path(path).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------- checked paths
+
+
+def _newest_last(folder: Path) -> Path | None:
+    found = [p for p in folder.glob(LAST_PATTERN) if p.is_file()]
+    return max(found, key=lambda p: (p.stat().st_mtime, p.name)) if found else None
+
+
+def _last_of_run(run_dir: Path) -> Path | None:
+    """The newest ``last*.ckpt`` in ``<run_dir>/checkpoints/`` (or in ``run_dir`` itself)."""
+    for folder in (run_dir / CHECKPOINTS_DIR, run_dir):
+        if folder.is_dir() and (found := _newest_last(folder)) is not None:
+            return found
+    return None
+
+
+def load_mapped(path: Path, option: str) -> dict[str, Any]:
+    """The checkpoint's dict, its tensors memory-mapped (cheap: nothing big is read)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # torch raises many kinds for a bad file
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(
+            f"{option}={path} is not a readable checkpoint (truncated, damaged or another kind "
+            f"of file: {reason}); pass a .ckpt file written by train.py."
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserError(
+            f"{option}={path} is not a Lightning checkpoint (no state_dict in it); pass a .ckpt "
+            f"file written by train.py."
+        )
+    return checkpoint
+
+
+def resolve_checkpoint(
+    value: str | os.PathLike, option: str, run_dir: str | os.PathLike | None = None
+) -> Path:
+    """The checkpoint file that ``option=value`` names, verified; else a one-line UserError.
+
+    ``value``: a ``.ckpt`` file; a run dir (its newest ``checkpoints/last*.ckpt``); or ``last``:
+    the newest ``last*.ckpt`` of ``run_dir`` (this run's folder, e.g. set with
+    ``hydra.run.dir=<old run>`` to continue a run in place). Checks, in this order: it
+    exists, is a non-empty file, loads as a Lightning checkpoint (``ckpt_path`` also needs
+    the training state), and matches its ``.sha256`` sidecar.
+    """
+    text = os.fspath(value).strip()
+    if not text:
+        raise UserError(f"{option} is empty: pass a checkpoint file or a run dir, or null.")
+    if text == "last":
+        if run_dir is None:
+            raise UserError(f"{option}=last needs a run dir: pass {option}=<run dir> instead.")
+        found = _last_of_run(Path(run_dir))
+        if found is None:
+            raise UserError(
+                f"{option}=last: no {CHECKPOINTS_DIR}/last.ckpt in this run's folder {run_dir}; "
+                f"name the run to resume: {option}=<run dir> (or hydra.run.dir=<run dir> "
+                f"{option}=last to continue in that folder)."
+            )
+        path = found
+    else:
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise UserError(f"{option}={path} does not exist: pass a .ckpt file or a run dir.")
+        if path.is_dir():
+            found = _last_of_run(path)
+            if found is None:
+                raise UserError(
+                    f"{option}={path} is a folder without {CHECKPOINTS_DIR}/last.ckpt: pass a "
+                    f".ckpt file or a run dir that has one."
+                )
+            path = found
+    if not path.is_file():
+        raise UserError(f"{option}={path} is not a regular file: pass a .ckpt file.")
+    if path.stat().st_size == 0:
+        raise UserError(f"{option}={path} is empty (0 bytes): pass another checkpoint of the run.")
+    checkpoint = load_mapped(path, option)
+    if option == "ckpt_path" and not {"loops", "optimizer_states"} <= checkpoint.keys():
+        raise UserError(
+            f"ckpt_path={path} holds weights only (no training state to resume): start a new "
+            f"run from it with init_from={path} (and ckpt_path=null)."
+        )
+    del checkpoint
+    verify_sidecar(path, option)
+    return path
+
+
+def load_initial_weights(module: torch.nn.Module, path: Path) -> int:
+    """Copy the checkpoint's ``state_dict`` into ``module`` (strict); return the step it was
+    saved at. A model that differs (other layers, widths, experts) is a UserError."""
+    checkpoint = load_mapped(path, "init_from")
+    try:
+        module.load_state_dict(checkpoint["state_dict"], strict=True)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:240]
+        raise UserError(
+            f"init_from={path}: its weights do not fit this model ({first}); use the model "
+            f"settings the checkpoint was trained with."
+        ) from None
+    return int(checkpoint.get("global_step", 0))
+
+
+# ---------------------------------------------------------------------- random states
+
+
+def collect_random_states() -> dict[str, Any]:
+    """This process's torch CPU (and current CUDA device), numpy and Python random states, as
+    tensors and plain values (loadable with ``torch.load(weights_only=True)``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def restore_random_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def _gather(obj: Any) -> list[Any]:
+    """``obj`` of every rank, by rank (collective under DDP; ``[obj]`` in one process)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class RandomStates(L.Callback):
+    """Saves every rank's random states (and the run's ``seed``) in each checkpoint; on a
+    resume, each rank gets its own back in ``on_train_start``.
+
+    Why then: the fit loop's ``setup_data`` starts the train loader's iterator (a DataLoader
+    draws its base seed from torch's generator) after callback states are loaded and before
+    ``on_train_start``; the uninterrupted run drew that number at the start of the epoch,
+    before the checkpoint. ``on_train_start`` is the last hook before the first resumed batch.
+    ``state_dict`` is collective under DDP (every rank calls it, as Lightning does).
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+        self._pending: list[dict[str, Any]] | None = None
+        self._checkpoint = "<checkpoint>"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._checkpoint = str(trainer.ckpt_path or "<checkpoint>")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": RANDOM_STATES_VERSION,
+            "seed": self.seed,
+            "ranks": _gather(collect_random_states()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != RANDOM_STATES_VERSION:
+            raise UserError(
+                f"The checkpoint's random states have format {state.get('version')!r}, this "
+                f"code reads {RANDOM_STATES_VERSION}: start a new run from its weights with "
+                f"init_from={self._checkpoint} (and ckpt_path=null)."
+            )
+        if self.seed is not None and state.get("seed") != self.seed:
+            raise UserError(
+                f"Cannot resume with a changed setting: seed: checkpoint {state.get('seed')}, "
+                f"now {self.seed}. Resume with seed={state.get('seed')}, or start a new run "
+                f"from the checkpoint's weights with init_from={self._checkpoint} (and "
+                f"ckpt_path=null)."
+            )
+        self._pending = list(state["ranks"])
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending is None:
+            return
+        states, self._pending = self._pending, None
+        if len(states) != trainer.world_size:  # the data loader refuses this first
+            raise UserError(
+                f"Cannot resume with a changed setting: world size: checkpoint {len(states)}, "
+                f"now {trainer.world_size}. Resume on {len(states)} devices, or start a new run "
+                f"from the checkpoint's weights with init_from={self._checkpoint}."
+            )
+        restore_random_states(states[trainer.global_rank])
+        rank_zero_info("Restored the random states of the checkpoint (torch, numpy, python).")
+
+
+__all__ = [
+    "HashedCheckpointIO",
+    "RandomStates",
+    "load_initial_weights",
+    "load_mapped",
+    "resolve_checkpoint",
+    "sha256_file",
+    "sidecar_path",
+    "verify_sidecar",
+    "write_sidecar",
+]

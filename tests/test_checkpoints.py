@@ -1,0 +1,342 @@
+"""Resumes that can be trusted, end to end through ``train()`` with the tiny MoE model (router
+noise on): losses after a resume equal the uninterrupted run's, step for step; a changed data
+setting, seed, a damaged or missing checkpoint are refused in one line; ``ckpt_path=<run dir>``
+and ``last``; ``init_from`` starts a new run from a checkpoint's weights; two ``train.py``
+started at once write to two run folders."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import ClassVar
+
+import lightning as L
+import pytest
+import torch
+from helpers.configs import tiny_overrides
+from omegaconf import open_dict
+
+from moe_emergence.checkpoints import sha256_file, sidecar_path
+from moe_emergence.config import compose_config
+from moe_emergence.errors import UserError
+from moe_emergence.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_STEPS = 9
+
+
+class StopAtStep(L.Callback):
+    """Interrupts the fit after ``step`` optimizer steps (the LR schedule still spans
+    ``trainer.max_steps``, as in the uninterrupted run)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def overrides(mirror, tokenizer, run_dir, *extra) -> list[str]:
+    return tiny_overrides(
+        mirror, tokenizer, run_dir, f"trainer.max_steps={MAX_STEPS}",
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+        "callbacks.routing_analysis.every_n_steps=1000", *extra,
+    )  # fmt: skip
+
+
+def run(mirror, tokenizer, run_dir: Path, *extra: str, stop_at: int | None = None) -> dict:
+    cfg = compose_config(overrides(mirror, tokenizer, run_dir, *extra))
+    if stop_at is not None:
+        with open_dict(cfg):
+            cfg.callbacks.stop = {"_target_": f"{__name__}.StopAtStep", "step": stop_at}
+    return train(cfg)
+
+
+def lm_losses(run_dir: Path) -> dict[int, str]:
+    """``train/lm_loss`` per global step, as written (exact strings)."""
+    with (run_dir / "csv" / "metrics.csv").open() as f:
+        return {int(r["step"]): r["train/lm_loss"] for r in csv.DictReader(f) if r["train/lm_loss"]}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_mirror, tiny_tokenizer_dir, tmp_path_factory):
+    """An uninterrupted run of 9 steps, and the same run interrupted after step 4 (a checkpoint
+    after every step); the token cache is shared by the module's runs."""
+    root = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MOE_CACHE_DIR", str(root / "cache"))
+        run(tiny_mirror, tiny_tokenizer_dir, root / "full")
+        run(tiny_mirror, tiny_tokenizer_dir, root / "first", stop_at=4)
+    return root
+
+
+@pytest.fixture
+def ctx(runs, tiny_mirror, tiny_tokenizer_dir, monkeypatch):
+    monkeypatch.setenv("MOE_CACHE_DIR", str(runs / "cache"))
+
+    def go(run_dir: Path, *extra: str, stop_at: int | None = None) -> dict:
+        return run(tiny_mirror, tiny_tokenizer_dir, run_dir, *extra, stop_at=stop_at)
+
+    return runs, go
+
+
+def ckpt(runs: Path, step: int) -> Path:
+    return runs / "first" / "checkpoints" / f"step{step:06d}.ckpt"
+
+
+def test_losses_after_a_mid_epoch_resume_equal_the_uninterrupted_run(ctx, tmp_path):
+    runs, go = ctx
+    full = lm_losses(runs / "full")
+    assert sorted(full) == list(range(MAX_STEPS))
+    first = lm_losses(runs / "first")
+    assert sorted(first) == [0, 1, 2, 3] and all(first[s] == full[s] for s in first)
+    out = go(tmp_path / "second", f"ckpt_path={ckpt(runs, 4)}")
+    assert out["global_step"] == MAX_STEPS and out["resumed_from"] == ckpt(runs, 4)
+    resumed = lm_losses(tmp_path / "second")
+    assert sorted(resumed) == list(range(4, MAX_STEPS))
+    assert resumed == {s: full[s] for s in resumed}  # bit for bit, router noise included
+
+
+def test_losses_after_resumes_at_an_epoch_boundary_with_validation_are_equal(
+    tiny_mirror, tiny_tokenizer_dir, tmp_path
+):
+    """Four batches of 64 blocks per epoch, a held-out split validated after every epoch: the
+    loaders start their iterators (and validation runs) at other moments in a resumed run.
+    Resumes after step 4 (the end of epoch 0) and step 5 (the first step of epoch 1)."""
+    extra = ("data.batch_size=64", "data.eval_fraction=0.1")
+    run(tiny_mirror, tiny_tokenizer_dir, tmp_path / "full", *extra)
+    full = lm_losses(tmp_path / "full")
+    run(tiny_mirror, tiny_tokenizer_dir, tmp_path / "first", *extra, stop_at=5)
+    for step in (4, 5):
+        checkpoint = tmp_path / "first" / "checkpoints" / f"step{step:06d}.ckpt"
+        second = tmp_path / f"second{step}"
+        run(tiny_mirror, tiny_tokenizer_dir, second, *extra, f"ckpt_path={checkpoint}")
+        resumed = lm_losses(second)
+        assert sorted(resumed) == list(range(step, MAX_STEPS))
+        assert resumed == {s: full[s] for s in resumed}
+
+
+def test_losses_after_a_two_rank_ddp_spawn_resume_are_equal(
+    tiny_mirror, tiny_tokenizer_dir, tmp_path
+):
+    """Every rank draws its own router noise: each gets its own random states back (gathered
+    into the checkpoint by rank)."""
+    extra = ("trainer.devices=2", "trainer.strategy=ddp_spawn", "trainer.max_steps=6")
+    run(tiny_mirror, tiny_tokenizer_dir, tmp_path / "full", *extra)
+    run(tiny_mirror, tiny_tokenizer_dir, tmp_path / "first", *extra, stop_at=3)
+    checkpoint = tmp_path / "first" / "checkpoints" / "step000003.ckpt"
+    states = torch.load(checkpoint, weights_only=True)["callbacks"]["RandomStates"]["ranks"]
+    assert len(states) == 2  # one per rank (the ranks are seeded alike today)
+    run(tiny_mirror, tiny_tokenizer_dir, tmp_path / "second", *extra, f"ckpt_path={checkpoint}")
+    full, resumed = lm_losses(tmp_path / "full"), lm_losses(tmp_path / "second")
+    assert sorted(resumed) == [3, 4, 5]
+    assert resumed == {s: full[s] for s in resumed}
+
+
+def test_every_checkpoint_has_a_matching_sidecar(runs):
+    files = sorted((runs / "first" / "checkpoints").glob("*.ckpt"))
+    assert {p.name for p in files} >= {"last.ckpt", "step000004.ckpt"}
+    for path in files:
+        recorded = sidecar_path(path).read_text().split()
+        assert recorded == [sha256_file(path), path.name]
+
+
+@pytest.mark.parametrize(
+    ("extra", "needles"),
+    [
+        (["data.batch_size=8"], ["data.batch_size: checkpoint 4, now 8"]),
+        (["data.seed=7"], ["data.seed: checkpoint 42, now 7"]),
+        (["data.balance_tokens=true"], ["data.balance_tokens: checkpoint False, now True"]),
+        (["data.block_size=16"], ["data.block_size: checkpoint 32, now 16"]),
+        (["data.eval_fraction=0.1"], ["the training data"]),
+        (["data.size_mb=0.005"], ["the training data"]),
+        (["seed=7"], ["seed: checkpoint 42, now 7"]),
+        (
+            ["trainer.devices=2", "trainer.strategy=ddp_spawn"],  # refused before spawning
+            ["world size (trainer.devices x trainer.num_nodes): checkpoint 1, now 2"],
+        ),
+        (["model.n_embd=64"], ["model.n_embd: checkpoint 128, now 64"]),
+    ],
+)
+def test_a_resume_with_a_changed_setting_is_refused(ctx, tmp_path, extra, needles):
+    runs, go = ctx
+    checkpoint = ckpt(runs, 4)
+    with pytest.raises(UserError) as caught:
+        go(tmp_path / "run", f"ckpt_path={checkpoint}", *extra)
+    message = str(caught.value)
+    assert "\n" not in message
+    for needle in [*needles, f"init_from={checkpoint}"]:
+        assert needle in message, message
+
+
+def test_a_damaged_checkpoint_is_refused(ctx, tmp_path):
+    runs, go = ctx
+    damaged = tmp_path / "damaged.ckpt"
+    shutil.copy(ckpt(runs, 4), damaged)
+    shutil.copy(sidecar_path(ckpt(runs, 4)), sidecar_path(damaged))
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4] = b"\xff\xff\x7f\x7f"  # a float becomes 3.4e38
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"does not match its checksum in damaged\.ckpt\.sha256"):
+        go(tmp_path / "run", f"ckpt_path={damaged}")
+
+
+def _checkpoint_like(tmp_path: Path, runs: Path, kind: str) -> Path:
+    source = ckpt(runs, 4)
+    path = tmp_path / f"{kind}.ckpt"
+    if kind == "missing":
+        return path
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        path.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    elif kind == "text":
+        path.write_text("not a checkpoint\n")
+    elif kind == "weights_dict":
+        torch.save({"weight": torch.zeros(2)}, path)
+    elif kind == "no_sidecar":
+        shutil.copy(source, path)
+    return path
+
+
+@pytest.mark.parametrize("option", ["ckpt_path", "init_from"])
+@pytest.mark.parametrize(
+    ("kind", "needle"),
+    [
+        ("missing", "does not exist"),
+        ("directory", "is a folder without checkpoints/last.ckpt"),
+        ("empty", "is empty (0 bytes)"),
+        ("truncated", "is not a readable checkpoint"),
+        ("text", "is not a readable checkpoint"),
+        ("weights_dict", "is not a Lightning checkpoint"),
+        ("no_sidecar", "sha256sum no_sidecar.ckpt > no_sidecar.ckpt.sha256"),
+    ],
+)
+def test_a_bad_checkpoint_path_is_one_line_before_any_work(
+    runs, tmp_path, option, kind, needle, monkeypatch
+):
+    path = _checkpoint_like(tmp_path, runs, kind)
+    cfg = compose_config(["model=tiny_moe", f"paths.run_dir={tmp_path / 'run'}",
+                          f"{option}={path}"])  # fmt: skip
+    monkeypatch.setattr("moe_emergence.train.instantiate", None)  # nothing may be built
+    with pytest.raises(UserError) as caught:
+        train(cfg)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{option}=") and needle in message, message
+
+
+def test_ckpt_path_and_init_from_together_are_refused(runs, tmp_path):
+    cfg = compose_config([f"ckpt_path={ckpt(runs, 4)}", f"init_from={ckpt(runs, 4)}"])
+    with pytest.raises(UserError, match="pass only one"):
+        train(cfg)
+
+
+def test_ckpt_path_last_and_run_dir_resolve_to_the_newest_last_ckpt(ctx, tmp_path):
+    runs, go = ctx
+    from moe_emergence.checkpoints import resolve_checkpoint
+
+    last = runs / "first" / "checkpoints" / "last.ckpt"
+    assert resolve_checkpoint(str(runs / "first"), "ckpt_path") == last
+    assert resolve_checkpoint("last", "ckpt_path", runs / "first") == last
+    with pytest.raises(UserError, match=r"ckpt_path=last: no checkpoints/last\.ckpt in this run"):
+        go(tmp_path / "fresh", "ckpt_path=last")
+    # Continue the interrupted run in its own folder: ckpt_path=last there.
+    inplace = tmp_path / "inplace"
+    shutil.copytree(runs / "first", inplace)
+    out = go(inplace, "ckpt_path=last")
+    assert out["global_step"] == MAX_STEPS
+    assert out["resumed_from"] == inplace / "checkpoints" / "last.ckpt"
+
+
+def test_a_symlinked_last_ckpt_is_verified_through_its_target(ctx, tmp_path):
+    runs, _ = ctx
+    from moe_emergence.checkpoints import resolve_checkpoint
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    target = folder / "step000004.ckpt"
+    shutil.copy(ckpt(runs, 4), target)
+    shutil.copy(sidecar_path(ckpt(runs, 4)), sidecar_path(target))
+    (folder / "last.ckpt").symlink_to(target.name)
+    assert resolve_checkpoint(str(tmp_path / "run"), "ckpt_path") == folder / "last.ckpt"
+
+
+def test_init_from_starts_at_step_zero_with_the_checkpoints_weights(
+    ctx, tiny_mirror, tiny_tokenizer_dir, tmp_path
+):
+    runs, _ = ctx
+    init = f"init_from={runs / 'first'}"
+    cfg = compose_config(
+        overrides(tiny_mirror, tiny_tokenizer_dir, tmp_path / "new", init, "trainer.max_steps=2")
+    )
+    with open_dict(cfg):
+        cfg.callbacks.capture = {"_target_": f"{__name__}.CaptureStart"}
+    out = train(cfg)
+    last = runs / "first" / "checkpoints" / "last.ckpt"
+    assert out["global_step"] == 2 and out["init_from"] == last
+    assert CaptureStart.seen["step"] == 0
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 4
+    weights = CaptureStart.seen["weights"]
+    assert weights.keys() == saved["state_dict"].keys()
+    for key, value in saved["state_dict"].items():
+        assert torch.equal(weights[key], value), key
+    assert sorted(lm_losses(tmp_path / "new")) == [0, 1]
+    assert (tmp_path / "new" / "routing" / "trajectory.csv").exists()  # a fresh run's step 0
+
+
+class CaptureStart(L.Callback):
+    """Keeps the global step and the weights at the start of training (class attribute)."""
+
+    seen: ClassVar[dict] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        CaptureStart.seen = {
+            "step": trainer.global_step,
+            "weights": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+        }
+
+
+def test_two_runs_started_at_once_get_two_run_dirs(tiny_mirror, tiny_tokenizer_dir, tmp_path):
+    args = [a for a in overrides(tiny_mirror, tiny_tokenizer_dir, "x") if "run_dir" not in a]
+    args = [*args, "trainer.max_steps=1", "~callbacks.routing_analysis",
+            f"paths.output_dir={tmp_path / 'outputs'}",
+            f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("WORLD_SIZE", None)
+    command = [sys.executable, str(REPO / "train.py"), *args]
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen(command, cwd=tmp_path, env=env, **pipes) for _ in range(2)]
+    logs = [p.communicate(timeout=600) for p in procs]
+    for proc, (_, err) in zip(procs, logs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    runs = sorted(p for p in (tmp_path / "outputs" / "runs").glob("*/*") if p.is_dir())
+    assert len(runs) == 2, runs
+    for folder in runs:
+        assert (folder / "summary.json").exists() and (folder / "csv" / "metrics.csv").exists()
+        assert (folder / "checkpoints" / "last.ckpt").exists()
+    named = sorted(re.search(r"Outputs in (\S+):", out).group(1) for out, _ in logs)
+    assert named == [str(f) for f in runs]  # each run reports its own folder
+
+
+def test_unique_dir_claims_a_new_folder_per_caller(tmp_path, monkeypatch):
+    from moe_emergence import run_dir
+
+    monkeypatch.setattr(run_dir, "_claimed", {})
+    base = str(tmp_path / "runs" / "12-00-00")
+    first = run_dir.unique_dir(base)
+    assert run_dir.unique_dir(base) == first == base  # the same answer within a process
+    monkeypatch.setattr(run_dir, "_claimed", {})  # as another process would
+    assert run_dir.unique_dir(base) == f"{base}_1"
+    monkeypatch.setattr(run_dir, "_claimed", {})
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    assert run_dir.unique_dir(base) == f"{base}_job77"  # every rank of the job agrees
