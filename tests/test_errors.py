@@ -51,12 +51,17 @@ def test_data_cli_mistakes(cli_args, tmp_path, capsys, extra, needles):
         (["data.block_size=64", "model.n_positions=32"], ["data.block_size=64", "n_positions=32"]),
         (["callbacks.routing_analysis.every_n_steps=0"], ["every_n_steps"]),
         (["data.balance_tokens=off"], ["balance_tokens", "'off'"]),
+        (["data.hub_mirror={tmp}/empty-mirror"], ["codeparrot/codeparrot-clean", "empty-mirror"]),
+        (["ckpt_path={tmp}/missing.ckpt"], ["ckpt_path", "missing.ckpt"]),
+        (["init_from={tmp}"], ["init_from", "last.ckpt"]),
     ],
 )
 @pytest.mark.usefixtures("restore_log_handlers")
 def test_train_script_mistakes(
     tiny_mirror, tiny_tokenizer_dir, tmp_path, capsys, monkeypatch, overrides, needles
 ):
+    (tmp_path / "empty-mirror").mkdir()
+    overrides = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
     code = run_train_script(
         monkeypatch, "model=tiny_moe", "trainer=cpu", f"data.hub_mirror={tiny_mirror}",
         f"data.tokenizer={tiny_tokenizer_dir}", "data.block_size=16", "data.size_mb=0.01",
