@@ -15,7 +15,7 @@ from moe_emergence.data.datamodule import MixedDomainDataModule
 
 CONF = config_dir()
 GROUPS = ["data/size", "data/balance", "data/source", "model", "trainer", "logger", "paths",
-          "callbacks", "experiment"]  # fmt: skip
+          "callbacks", "experiment", "condition"]  # fmt: skip
 
 
 def options(group: str) -> list[str]:
@@ -119,3 +119,46 @@ def test_data_and_model_nodes_need_no_hydra_runtime():
 
 def test_config_dir_is_the_repos_conf():
     assert Path(__file__).resolve().parents[1] / "conf" == CONF
+
+
+REFERENCE = {  # experiment -> (top_k or None for dense, lb_coef)
+    "moe_main": (1, 0.01),
+    "dense_baseline": (None, 0.01),
+    "no_lb": (1, 0.0),
+    "top2": (2, 0.01),
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(REFERENCE))
+def test_reference_experiments_carry_the_studys_settings(experiment):
+    cfg = compose_config([f"experiment={experiment}"])
+    top_k, lb_coef = REFERENCE[experiment]
+    assert (cfg.model.moe.top_k if cfg.model.moe else None) == top_k
+    assert cfg.model.lb_coef == lb_coef and cfg.model.z_coef == 0.001
+    assert cfg.model.pretrained == "gpt2" and cfg.model.optimizer.lr == 5e-5
+    assert (cfg.data.size_mb, cfg.data.balance_tokens, cfg.data.block_size) == (10, True, 512)
+    assert cfg.data.eval_fraction == 0.05
+    effective_batch = cfg.data.batch_size * cfg.trainer.accumulate_grad_batches
+    assert effective_batch * cfg.trainer.devices == 8
+    assert cfg.trainer.max_steps == 10_000 and cfg.model.warmup_steps == 1_000
+    assert cfg.trainer.val_check_interval == 200
+    assert cfg.callbacks.routing_analysis.every_n_steps == 200
+    assert cfg.callbacks.model_checkpoint.every_n_train_steps == 500
+    if top_k is not None:
+        assert cfg.model.moe.layers == [8, 9, 10, 11] and cfg.model.moe.n_experts == 8
+        assert cfg.model.moe.noise_std == 0.1
+        assert cfg.model.moe.noise_anneal_steps == cfg.trainer.max_steps // 4
+
+
+GPU_TWIN = {"top1": "moe_main", "dense": "dense_baseline", "no_lb": "no_lb", "top2": "top2"}
+
+
+@pytest.mark.parametrize("condition", sorted(GPU_TWIN))
+def test_study_cpu_conditions_are_one_override_each(condition):
+    cfg = compose_config(["experiment=study_cpu", f"condition={condition}"])
+    reference = compose_config([f"experiment={GPU_TWIN[condition]}"])
+    assert (cfg.model.moe is None) == (reference.model.moe is None)
+    if cfg.model.moe is not None:
+        assert cfg.model.moe.top_k == reference.model.moe.top_k
+    assert cfg.model.lb_coef == reference.model.lb_coef
+    assert cfg.model.n_embd == 128 and cfg.data.source == "sample"  # the same tiny width
