@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -14,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from filelock import FileLock
+from helpers.data import prep, tiny_settings
 
 from moe_emergence.data import prepare as prepare_module
 from moe_emergence.data.dataset import PackedMixedDomainDataset
-from moe_emergence.data.prepare import describe_request, prepare_domains
+from moe_emergence.data.prepare import describe_request
 from moe_emergence.data.settings import DataSettings
 from moe_emergence.data.sources import DEFAULT_SOURCES, Source, load_domain
 from moe_emergence.data.tokenize import encode_texts
@@ -25,17 +25,7 @@ from moe_emergence.data.tokenize import encode_texts
 
 @pytest.fixture
 def settings(tiny_mirror, tiny_tokenizer_dir, tmp_path) -> DataSettings:
-    return DataSettings(
-        size_mb=1.0,
-        block_size=32,
-        tokenizer=str(tiny_tokenizer_dir),
-        hub_mirror=str(tiny_mirror),
-        cache_dir=str(tmp_path / "cache"),
-    )
-
-
-def prep(settings: DataSettings, **changes):
-    return prepare_domains(dataclasses.replace(settings, **changes), show_progress=False)
+    return tiny_settings(tiny_mirror, tiny_tokenizer_dir, tmp_path / "cache")
 
 
 def cache_key(settings: DataSettings) -> str:

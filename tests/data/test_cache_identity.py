@@ -3,7 +3,6 @@ and a folder proves its contents before it is used (else a warning and a rebuild
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -13,10 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers.data import prep, tiny_settings
 
 from moe_emergence.data import files as files_module
 from moe_emergence.data.cache import MANIFEST
-from moe_emergence.data.prepare import describe_request, prepare_domains
+from moe_emergence.data.prepare import describe_request
 from moe_emergence.data.sample_tokenizer import DIGESTS, ensure_sample_tokenizer
 from moe_emergence.data.settings import DataSettings
 from moe_emergence.data.tokenize import load_tokenizer
@@ -32,17 +32,7 @@ def mirror(tiny_mirror, tmp_path) -> Path:
 
 @pytest.fixture
 def settings(mirror, tiny_tokenizer_dir, tmp_path) -> DataSettings:
-    return DataSettings(
-        size_mb=1.0,
-        block_size=32,
-        tokenizer=str(tiny_tokenizer_dir),
-        hub_mirror=str(mirror),
-        cache_dir=str(tmp_path / "cache"),
-    )
-
-
-def prep(settings: DataSettings, **changes):
-    return prepare_domains(dataclasses.replace(settings, **changes), show_progress=False)
+    return tiny_settings(mirror, tiny_tokenizer_dir, tmp_path / "cache")
 
 
 def test_moved_mirror_hits(settings, mirror, tmp_path):
