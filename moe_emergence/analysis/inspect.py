@@ -1,0 +1,446 @@
+"""Token-level inspection: which expert each token of a text goes to, per MoE layer.
+
+``python -m moe_emergence.inspect CKPT (--text STRING | --file PATH) [--html OUT]`` loads a
+checkpoint written by ``train.py`` (verified against its ``.sha256`` sidecar) and the run's
+tokenizer, routes the text in eval mode (no router noise, no dropout) and prints, per token,
+the expert of every MoE layer with the router's probability for it: coloured text per layer on
+a terminal (``--color``), else a plain table. ``--html`` writes a self-contained page: one
+``<span class="tok e{expert}">`` per token and layer, its ``title`` the layer's probabilities.
+For Python (``--file *.py`` or ``--code``) it adds the token-type x expert table per layer
+(:mod:`moe_emergence.analysis.token_types`).
+
+A text longer than the model's ``n_positions`` is routed in consecutive windows of
+``n_positions`` tokens, each window without the context of the ones before (a note says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from moe_emergence.analysis.probe import eval_mode
+from moe_emergence.analysis.token_types import format_type_table, token_type_table
+from moe_emergence.checkpoints import load_mapped, resolve_checkpoint
+from moe_emergence.data.hub import HubUnavailableError, resolve_repo
+from moe_emergence.errors import UserError
+from moe_emergence.model.gpt2_moe import (
+    build_gpt2,
+    collect_aux_outputs,
+    install_moe_layers,
+    moe_layers,
+)
+
+OPTION = "CKPT"
+# 256-colour backgrounds, told apart on dark and light terminals (cycled beyond 12 experts).
+ANSI_BACKGROUNDS = (117, 215, 120, 211, 228, 183, 152, 223, 250, 157, 224, 189)
+ANSI_RESET = "\x1b[0m"
+
+Routing = dict[int, tuple[np.ndarray, np.ndarray]]
+
+
+# ---------------------------------------------------------------------- model and tokenizer
+
+
+@dataclass
+class LoadedCheckpoint:
+    """The GPT-2 with MoE layers of a checkpoint (eval mode, CPU), its step, the module's
+    hyper-parameters and the data settings recorded with it (empty when none)."""
+
+    model: GPT2LMHeadModel
+    path: Path
+    step: int
+    hparams: dict[str, Any]
+    data_settings: dict[str, Any]
+
+
+def load_checkpoint(path: Path) -> LoadedCheckpoint:
+    """Rebuild the model of a verified ``train.py`` checkpoint (see :func:`resolve_checkpoint`)
+    from its weights' shapes and hyper-parameters, without downloading pretrained weights."""
+    checkpoint = load_mapped(path, OPTION)
+    hp = dict(checkpoint.get("hyper_parameters") or {})
+    moe = dict(hp.get("moe") or {})
+    if not moe.get("layers"):
+        raise UserError(
+            f"{OPTION}={path} is a dense model (no MoE layers, model.moe is empty): there is no "
+            f"routing to inspect; pass a checkpoint of an MoE run."
+        )
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()
+             if k.startswith("model.")}  # fmt: skip
+    if "transformer.wte.weight" not in state or "transformer.wpe.weight" not in state:
+        raise UserError(f"{OPTION}={path} holds no GPT-2 weights: pass a checkpoint of train.py.")
+    vocab_size, n_embd = state["transformer.wte.weight"].shape
+    n_positions = state["transformer.wpe.weight"].shape[0]
+    n_layer = len({k.split(".")[2] for k in state if k.startswith("transformer.h.")})
+    if hp.get("pretrained") is None:
+        model = build_gpt2(
+            None, None, vocab_size, n_positions, n_embd, n_layer, hp.get("n_head", 12)
+        )
+    else:
+        model = _pretrained_shape(hp["pretrained"], hp.get("hub_mirror"), vocab_size, n_positions)
+    install_moe_layers(model, **{**moe, "init_noise": 0.0})  # the weights come from the file
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:240]
+        raise UserError(
+            f"{OPTION}={path}: its weights do not fit its own settings ({first})."
+        ) from None
+    model.eval()
+    return LoadedCheckpoint(
+        model=model,
+        path=path,
+        step=int(checkpoint.get("global_step", 0)),
+        hparams=hp,
+        data_settings=dict(checkpoint.get("datamodule_hyper_parameters") or {}),
+    )
+
+
+def _pretrained_shape(name: str, mirror: str | None, vocab_size: int, n_positions: int):
+    """A randomly initialised GPT-2 of a pretrained model's config (config.json only)."""
+    try:
+        config = GPT2Config.from_pretrained(resolve_repo(name, mirror, kind="model"))
+    except (OSError, HubUnavailableError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(
+            f"The checkpoint's model starts from pretrained '{name}', whose config.json cannot "
+            f"be read here ({reason}): make it available (a Hub mirror in $MOE_HUB_MIRROR)."
+        ) from None
+    config.vocab_size, config.n_positions = vocab_size, n_positions
+    return GPT2LMHeadModel(config)
+
+
+def tokenizer_settings(loaded: LoadedCheckpoint) -> dict[str, Any] | None:
+    """``tokenizer``, ``hub_mirror`` and ``cache_dir`` of the run: from the checkpoint's data
+    settings, else from ``<run>/.hydra/config.yaml`` (run = the checkpoint's folder's parent);
+    None when neither has them."""
+    keys = ("tokenizer", "hub_mirror", "cache_dir")
+    if loaded.data_settings.get("tokenizer"):
+        return {k: loaded.data_settings.get(k) for k in keys}
+    config_file = loaded.path.resolve().parent.parent / ".hydra" / "config.yaml"
+    if not config_file.is_file():
+        return None
+    cfg = OmegaConf.load(config_file)
+    try:
+        found = {k: OmegaConf.select(cfg, f"data.{k}", default=None) for k in keys}
+    except Exception as exc:  # an interpolation this process cannot resolve
+        raise UserError(
+            f"{config_file}: cannot read data.tokenizer ({exc}); pass --tokenizer."
+        ) from None
+    return found if found["tokenizer"] else None
+
+
+def load_run_tokenizer(loaded: LoadedCheckpoint, args: argparse.Namespace):
+    """The run's tokenizer (``--tokenizer`` / ``--hub-mirror`` / ``--cache-dir`` override),
+    checked to fit the model's embedding."""
+    from moe_emergence.data.tokenize import load_tokenizer
+
+    settings = tokenizer_settings(loaded) or {}
+    name = args.tokenizer or settings.get("tokenizer")
+    if not name:
+        raise UserError(
+            f"{OPTION}={loaded.path}: no tokenizer recorded (no data settings in the checkpoint "
+            f"and no .hydra/config.yaml in its run folder): pass --tokenizer NAME_OR_FOLDER."
+        )
+    mirror = args.hub_mirror or settings.get("hub_mirror")
+    cache_dir = args.cache_dir or settings.get("cache_dir")
+    tokenizer = load_tokenizer(str(name), hub_mirror=mirror, cache_dir=cache_dir)
+    vocab = loaded.model.config.vocab_size
+    if len(tokenizer) > vocab:
+        raise UserError(
+            f"Tokenizer '{name}' has {len(tokenizer):,} ids but the model's embedding only "
+            f"{vocab:,}: it is not the run's tokenizer; pass the right one with --tokenizer."
+        )
+    return tokenizer
+
+
+def encode(tokenizer: Any, text: str) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Token ids int64 [T] of ``text`` (no special tokens, no truncation) and each token's
+    character span. Spans partition the text: a token's span starts where the previous one
+    ended (so leading spaces that a tokenizer trims from offsets stay with their token; the
+    second of two tokens sharing one character gets an empty span) and the last ends at the
+    text's end."""
+    from moe_emergence.data.tokenize import untruncated
+
+    with untruncated(tokenizer) as backend:
+        encoding = backend.encode(text, add_special_tokens=False)
+    ids = np.asarray(encoding.ids, dtype=np.int64)
+    spans, previous = [], 0
+    for _, end in encoding.offsets:
+        end = max(end, previous)
+        spans.append((previous, end))
+        previous = end
+    if spans:
+        spans[-1] = (spans[-1][0], len(text))
+    return ids, spans
+
+
+# ---------------------------------------------------------------------- routing
+
+
+@torch.no_grad()
+def route_text(model: GPT2LMHeadModel, token_ids: Sequence[int] | np.ndarray) -> Routing:
+    """Per MoE layer (block index), ``(experts int64 [T, k], probs float32 [T, E])`` of one
+    token sequence: eval mode, no grad, as :func:`moe_emergence.analysis.probe.route_blocks`;
+    ``probs`` is the softmax of the clean router logits. Sequences longer than
+    ``model.config.n_positions`` go through in consecutive windows of that many tokens."""
+    layers = moe_layers(model)
+    if not layers:
+        raise UserError("The model has no MoE layers: there is no routing to inspect.")
+    ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long).reshape(-1)
+    window = model.config.n_positions
+    device = next(model.parameters()).device
+    experts: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    probs: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    with eval_mode(model):
+        for start in range(0, len(ids), window):
+            chunk = ids[start : start + window].to(device)[None]
+            model.transformer(input_ids=chunk)  # the MoE layers are all in here; no LM head
+            for i, (indices, logits) in collect_aux_outputs(model).routing.items():
+                experts[i].append(indices.reshape(chunk.shape[1], -1).cpu())
+                probs[i].append(logits.float().softmax(-1).reshape(chunk.shape[1], -1).cpu())
+    return {
+        i: (torch.cat(experts[i]).numpy(), torch.cat(probs[i]).numpy())
+        for i in sorted(layers)
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------- rendering
+
+
+def _expert_label(chosen: np.ndarray, probs: np.ndarray) -> str:
+    """``e1 0.80`` (top-1) or ``e1+e3 0.55`` (top-k, probability of the first)."""
+    names = "+".join(f"e{int(e)}" for e in chosen)
+    return f"{names} {probs[int(chosen[0])]:.2f}"
+
+
+def _shown(token: str, width: int = 18) -> str:
+    shown = repr(token)
+    return shown if len(shown) <= width else shown[: width - 2] + "…" + shown[0]
+
+
+def render_table(tokens: Sequence[str], routing: Routing) -> str:
+    """Plain text: one row per token, its index, text (repr) and, per layer, expert and the
+    router's probability for it."""
+    layers = list(routing)
+    header = f"{'#':>5}  {'token':<18}" + "".join(f"  {f'layer {i}':<12}" for i in layers)
+    lines = [header.rstrip()]
+    for t, token in enumerate(tokens):
+        cells = "".join(f"  {_expert_label(routing[i][0][t], routing[i][1][t]):<12}"
+                        for i in layers)  # fmt: skip
+        lines.append(f"{t:>5}  {_shown(token):<18}{cells}".rstrip())
+    return "\n".join(lines)
+
+
+def _ansi(text: str, expert: int) -> str:
+    colour = ANSI_BACKGROUNDS[expert % len(ANSI_BACKGROUNDS)]
+    return f"\x1b[48;5;{colour}m\x1b[30m{text}{ANSI_RESET}"
+
+
+def render_ansi(tokens: Sequence[str], routing: Routing, n_experts: int) -> str:
+    """Per layer, the text with each token on its expert's background colour (a newline shown
+    as a coloured ``↵``) and a legend."""
+    legend = " ".join(_ansi(f" e{e} ", e) for e in range(n_experts))
+    out = []
+    for layer, (experts, _) in routing.items():
+        body = []
+        for token, chosen in zip(tokens, experts, strict=True):
+            pieces = token.split("\n")
+            coloured = [_ansi(p, int(chosen[0])) if p else "" for p in pieces]
+            body.append((_ansi("↵", int(chosen[0])) + "\n").join(coloured))
+        out.append(f"layer {layer}  {legend}\n{''.join(body).rstrip(chr(10))}")
+    return "\n\n".join(out)
+
+
+def expert_counts(routing: Routing, n_experts: int) -> str:
+    """One line per layer: how many token assignments each expert got."""
+    lines = []
+    for layer, (experts, _) in routing.items():
+        counts = np.bincount(experts.reshape(-1), minlength=n_experts)
+        lines.append(f"layer {layer}: " + ", ".join(f"e{e} {n}" for e, n in enumerate(counts)))
+    return "\n".join(lines)
+
+
+def _hue(expert: int) -> float:
+    return (expert * 137.508) % 360  # golden angle: neighbours differ for any number of experts
+
+
+def render_html(
+    tokens: Sequence[str],
+    routing: Routing,
+    n_experts: int,
+    title: str,
+    notes: Sequence[str] = (),
+    type_tables: dict[int, np.ndarray] | None = None,
+) -> str:
+    """A self-contained page (inline CSS, no script): per layer a ``<pre>`` with one
+    ``<span class="tok e{expert}" title="...">`` per token (its first expert for top-k), the
+    title holding the token's index, experts and the layer's probabilities; a legend; the
+    token-type tables when given."""
+    from moe_emergence.analysis.token_types import CATEGORIES
+
+    css = [
+        "body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}",
+        "pre{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:14px;"
+        "line-height:1.6;border:1px solid #ddd;padding:.8em}",
+        ".tok{border-radius:2px;outline:1px solid rgba(0,0,0,.08)}",
+        ".tok:hover{outline:2px solid #000}",
+        "table{border-collapse:collapse}td,th{padding:2px 8px;text-align:right}",
+        ".legend span{padding:2px 6px;margin-right:4px}",
+    ]
+    css += [f".e{e}{{background:hsl({_hue(e):.0f},75%,80%)}}" for e in range(n_experts)]
+    legend = "".join(f'<span class="e{e}">expert {e}</span>' for e in range(n_experts))
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title>",
+        f"<style>{''.join(css)}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        *(f"<p>{html.escape(note)}</p>" for note in notes),
+        f'<p class="legend">{legend}</p>',
+    ]
+    for layer, (experts, probs) in routing.items():
+        spans = []
+        for t, (token, chosen, p) in enumerate(zip(tokens, experts, probs, strict=True)):
+            names = "+".join(f"e{int(e)}" for e in chosen)
+            dist = " ".join(f"e{e} {p[e]:.2f}" for e in range(len(p)))
+            hover = f"#{t} {token!r} -> {names} | {dist}"
+            spans.append(
+                f'<span class="tok e{int(chosen[0])}" title="{html.escape(hover)}">'
+                f"{html.escape(token, quote=False)}</span>"
+            )
+        parts.append(f'<section id="layer-{layer}"><h2>Layer {layer}</h2>')
+        parts.append(f"<pre>{''.join(spans)}</pre>")
+        if type_tables and layer in type_tables:
+            table = type_tables[layer]
+            head = "".join(f'<th class="e{e}">e{e}</th>' for e in range(n_experts))
+            rows = "".join(
+                f"<tr><th>{name}</th>" + "".join(f"<td>{int(n)}</td>" for n in row) + "</tr>"
+                for name, row in zip(CATEGORIES, table, strict=True) if row.sum()
+            )  # fmt: skip
+            parts.append(f"<h3>Python token types x expert</h3><table><tr><th></th>{head}</tr>"
+                         f"{rows}</table>")  # fmt: skip
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m moe_emergence.inspect",
+        description="Show which expert each token of a text goes to, per MoE layer (eval mode).",
+    )
+    parser.add_argument("ckpt", metavar="CKPT", help="a .ckpt file of train.py, or its run dir")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="the text to route")
+    source.add_argument("--file", help="a UTF-8 file whose text to route")
+    parser.add_argument("--html", metavar="OUT", help="write a self-contained HTML page here")
+    parser.add_argument(
+        "--color",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="coloured text per layer (auto: when stdout is a terminal), else a plain table",
+    )
+    parser.add_argument(
+        "--code",
+        action="store_true",
+        help="treat the text as Python and add the token-type x expert table (automatic for "
+        "--file *.py)",
+    )
+    parser.add_argument("--tokenizer", help="tokenizer name or folder (default: the run's)")
+    parser.add_argument("--hub-mirror", help="Hub mirror for the tokenizer (default: the run's)")
+    parser.add_argument("--cache-dir", help="cache root for sample_bpe (default: the run's)")
+    return parser.parse_args(argv)
+
+
+def read_text(args: argparse.Namespace) -> str:
+    if args.text is not None:
+        text = args.text
+        origin = "--text"
+    else:
+        path = Path(args.file)
+        if not path.is_file():
+            raise UserError(f"--file {path} does not exist or is not a file.")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"--file {path} is not UTF-8 text.") from None
+        origin = f"--file {path}"
+    if not text:
+        raise UserError(f"{origin} is empty: give some text to route.")
+    return text
+
+
+def check_html_path(out: str | None) -> None:
+    """Refuse an ``--html`` path that cannot be written, before any work."""
+    if out is None:
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise UserError(f"--html {out} is a folder: give a file path, e.g. {path / 'tokens.html'}.")
+    if not path.parent.is_dir():
+        raise UserError(f"--html {out}: the folder {path.parent} does not exist; create it first.")
+
+
+def run(args: argparse.Namespace) -> str:
+    """Do the work of one ``inspect`` call; return what to print."""
+    check_html_path(args.html)
+    text = read_text(args)
+    is_code = args.code or (args.file is not None and Path(args.file).suffix == ".py")
+    loaded = load_checkpoint(resolve_checkpoint(args.ckpt, OPTION))
+    tokenizer = load_run_tokenizer(loaded, args)
+    ids, spans = encode(tokenizer, text)
+    if len(ids) == 0:
+        raise UserError("The text encodes to no tokens: give some text to route.")
+    routing = route_text(loaded.model, ids)
+    tokens = [text[start:end] for start, end in spans]
+    n_experts = int(loaded.hparams["moe"]["n_experts"])
+    window = loaded.model.config.n_positions
+    notes = [f"{loaded.path} (step {loaded.step}); {len(ids)} tokens; MoE layers "
+             f"{', '.join(map(str, routing))} ({n_experts} experts, top-"
+             f"{routing[next(iter(routing))][0].shape[1]}); eval mode"]  # fmt: skip
+    if len(ids) > window:
+        windows = -(-len(ids) // window)
+        notes.append(
+            f"Note: {len(ids)} tokens exceed n_positions={window}: routed in {windows} windows "
+            f"of {window} tokens, each without the context before it."
+        )
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    body = render_ansi(tokens, routing, n_experts) if color else render_table(tokens, routing)
+    out = [*notes, "", body, "", "Tokens per expert:", expert_counts(routing, n_experts)]
+    type_tables = None
+    if is_code:
+        type_tables = {layer: token_type_table(text, spans, experts, n_experts)
+                       for layer, (experts, _) in routing.items()}  # fmt: skip
+        for layer, table in type_tables.items():
+            out += ["", format_type_table(table, f"Python token types x expert, layer {layer}:")]
+    if args.html:
+        page = render_html(tokens, routing, n_experts, f"Routing of {loaded.path.name}", notes,
+                           type_tables)  # fmt: skip
+        Path(args.html).write_text(page, encoding="utf-8")
+        out += ["", f"HTML written to {args.html}"]
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m moe_emergence.inspect``; returns the exit status."""
+    args = parse_args(argv)
+    try:
+        report = run(args)
+    except (UserError, HubUnavailableError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(report)
+    return 0
