@@ -17,7 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from moe_emergence.data.hub import HubUnavailableError, resolve_repo
 from moe_emergence.errors import UserError
-from moe_emergence.model.moe import MoELayer
+from moe_emergence.model.moe import MoELayer, check_lb_settings
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -157,6 +157,15 @@ def set_router_step(model: GPT2LMHeadModel, step: int) -> None:
     """Advance every router's noise annealing to ``step`` (the trainer's global step)."""
     for layer in moe_layers(model).values():
         layer.router.set_step(step)
+
+
+def set_load_balancing(model: GPT2LMHeadModel, scope: str, window: int = 1) -> None:
+    """Set every MoE layer's balance loss scope (``batch`` | ``global``) and, for ``global``,
+    its window of micro-batches (see :class:`~moe_emergence.model.moe.MoELayer`); each layer
+    starts an empty window."""
+    check_lb_settings(scope, window)
+    for layer in moe_layers(model).values():
+        layer.set_load_balancing(scope, window)
 
 
 @dataclass

@@ -21,13 +21,16 @@ from moe_emergence.model.gpt2_moe import (
     build_gpt2,
     collect_aux_outputs,
     install_moe_layers,
+    moe_layers,
+    set_load_balancing,
     set_router_step,
 )
-from moe_emergence.model.moe import router_entropy
+from moe_emergence.model.moe import check_lb_settings, router_entropy
 
 log = logging.getLogger(__name__)
 DOMAINS = ("code", "math", "prose")
 RECENT_STEPS = 50
+LB_WINDOWS_KEY = "moe_lb_windows"  # checkpoint key: MoE block index -> global LB window state
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -49,6 +52,12 @@ class MoEGPT2Module(L.LightningModule):
     (None: the dense baseline); ``optimizer`` is a partial taking the parameters (Hydra
     ``_partial_: true``). ``block_size`` (tokens per block) must fit ``n_positions`` (None: the
     pretrained weights', else 1024).
+
+    ``lb_scope``: ``batch`` computes the load-balancing loss ``E * sum_i f_i * P_i`` on each
+    micro-batch; ``global`` takes f_i from the assignments summed over all DDP ranks and the
+    last ``lb_window`` training micro-batches (None: ``trainer.accumulate_grad_batches``, read
+    at fit start), P_i still local (Qiu et al. 2025). The window is saved in checkpoints
+    (``moe_lb_windows``) so that resumes continue it.
     """
 
     def __init__(
@@ -69,8 +78,11 @@ class MoEGPT2Module(L.LightningModule):
         lb_coef: float = 0.01,
         z_coef: float = 0.001,
         domains: Sequence[str] = DOMAINS,
+        lb_scope: str = "batch",
+        lb_window: int | None = None,
     ) -> None:
         super().__init__()
+        check_lb_settings(lb_scope, 1 if lb_window is None else lb_window)
         self.save_hyperparameters(ignore=["optimizer"])
         self.model = build_gpt2(
             pretrained, hub_mirror, vocab_size, n_positions, n_embd, n_layer, n_head, dropout
@@ -83,6 +95,8 @@ class MoEGPT2Module(L.LightningModule):
             )
         if moe:
             install_moe_layers(self.model, **dict(moe))
+        # Until fit start resolves a null window from the trainer, f covers one micro-batch.
+        set_load_balancing(self.model, lb_scope, lb_window or 1)
         self.optimizer_factory = optimizer
         self.domains = tuple(domains)
         self._domain_index = {d: i for i, d in enumerate(self.domains)}
@@ -125,6 +139,17 @@ class MoEGPT2Module(L.LightningModule):
         return per_block, domain_ids, collect_aux_outputs(self.model)
 
     # ------------------------------------------------------------------ training
+
+    def setup(self, stage: str) -> None:
+        """At fit start: an empty global load-balancing window of ``lb_window`` micro-batches
+        (None: the trainer's ``accumulate_grad_batches``). A resume then restores the saved
+        window (:meth:`on_load_checkpoint` runs after this hook)."""
+        if stage != "fit" or self.hparams.lb_scope != "global":
+            return
+        window = self.hparams.lb_window or int(self.trainer.accumulate_grad_batches)
+        set_load_balancing(self.model, "global", window)
+        log.info("Global-batch load balancing: f over all ranks and the last %d micro-batches.",
+                 window)  # fmt: skip
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         set_router_step(self.model, self.global_step)
@@ -215,8 +240,26 @@ class MoEGPT2Module(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the global load-balancing windows (the same on every rank: reduced counts)."""
+        windows = {i: layer.lb_counts.state_dict() for i, layer in moe_layers(self.model).items()
+                   if layer.lb_counts is not None}  # fmt: skip
+        if windows:
+            checkpoint[LB_WINDOWS_KEY] = windows
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Checkpoints of earlier versions kept routing counts as buffers: drop them."""
+        """Restore the global load-balancing windows (a window of another size starts empty).
+        Checkpoints of earlier versions kept routing counts as buffers: drop them."""
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith("routing_counts_")]:
             del state[key]
+        saved = checkpoint.get(LB_WINDOWS_KEY) or {}
+        for i, layer in moe_layers(self.model).items():
+            if layer.lb_counts is None or i not in saved:
+                continue
+            try:
+                layer.lb_counts.load_state_dict(saved[i])
+            except ValueError as exc:
+                # Without a trainer (e.g. load_from_checkpoint for inference) nothing trains.
+                report = log.warning if self._trainer is not None else log.debug
+                report("MoE layer %d: %s; its load-balancing window starts empty.", i, exc)

@@ -1,7 +1,8 @@
 """Mixture-of-Experts building blocks: a noisy top-k router, its auxiliary losses, and a layer
 that dispatches tokens to experts.
 
-Shapes: N tokens (batch x time, flattened), E experts, k experts per token, d model width.
+Shapes: N tokens (batch x time, flattened), E experts, k experts per token, d model width,
+W micro-batches in the global load-balancing window.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_emergence.errors import UserError
 
 ROUTER_INIT_STD = 0.02  # GPT-2's initializer_range: small logits, so early routing is near uniform
+LB_SCOPES = ("batch", "global")
 
 
 @dataclass
@@ -128,7 +131,7 @@ def router_entropy(logits: Tensor) -> Tensor:
 
 
 def load_balancing_loss(probs: Tensor, indices: Tensor, n_experts: int) -> Tensor:
-    """Switch Transformer balance loss ``E * sum_i f_i * P_i`` (scalar).
+    """Switch Transformer balance loss ``E * sum_i f_i * P_i`` (scalar); ``lb_scope=batch``.
 
     probs: [N, E] router probabilities; indices: [N, k] selected experts. f_i is the fraction
     of the N * k assignments sent to expert i (no gradient), P_i the mean probability of i.
@@ -138,6 +141,101 @@ def load_balancing_loss(probs: Tensor, indices: Tensor, n_experts: int) -> Tenso
     fraction = assignments.mean(dim=0)
     mean_prob = probs.mean(dim=0)
     return n_experts * (fraction * mean_prob).sum()
+
+
+def global_load_balancing_loss(probs: Tensor, fraction: Tensor) -> Tensor:
+    """Global-batch balance loss ``E * sum_i f_i * P_i`` (scalar; Qiu et al. 2025).
+
+    probs: [N, E] this micro-batch's router probabilities (P_i = their mean over the N tokens,
+    the only path of the gradient); fraction: [E] the share f_i of expert i among the
+    assignments of a larger batch (e.g. :meth:`GlobalAssignmentCounts.fraction`), sums to 1,
+    no gradient. Routing that specialises per micro-batch but is balanced over that larger
+    batch scores 1.0, where :func:`load_balancing_loss` scores up to E.
+    """
+    n_experts = probs.shape[-1]
+    return n_experts * (fraction.detach().to(probs.dtype) * probs.mean(dim=0)).sum()
+
+
+def _all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` over the ranks of the default process group, in place (no-op alone)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def check_lb_settings(scope: str, window: int) -> None:
+    """Refuse a scope outside :data:`LB_SCOPES` or a window that is not an integer >= 1."""
+    if scope not in LB_SCOPES:
+        raise UserError(
+            f"model.lb_scope must be one of {', '.join(LB_SCOPES)}, got {scope!r}: set "
+            f"model.lb_scope=batch (per micro-batch) or model.lb_scope=global."
+        )
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise UserError(
+            f"model.lb_window must be an integer >= 1 (micro-batches) or null, got {window!r}: "
+            f"e.g. model.lb_window=4, or null for trainer.accumulate_grad_batches."
+        )
+
+
+class GlobalAssignmentCounts:
+    """Expert-assignment counts of the last ``window`` training micro-batches, summed over ranks.
+
+    ``counts`` [W, E] int64 is a ring buffer: :meth:`update` all-reduces one micro-batch's
+    local counts [E] (sum over the DDP ranks of the default process group; no gradient) and
+    overwrites the oldest row. Before W updates the unwritten rows are 0, so f covers the
+    micro-batches seen so far. Every rank pushes the same reduced row, so all ranks hold the
+    same buffer (and rank 0's is the one to checkpoint). :meth:`update` is a collective: call
+    it on every rank equally often (training forwards), never in eval or no-grad forwards.
+
+    A plain object, not a module or buffer: DDP would broadcast rank 0's buffers, and it is
+    not part of the state_dict (see :meth:`state_dict` for checkpoints).
+    """
+
+    def __init__(self, n_experts: int, window: int) -> None:
+        check_lb_settings("global", window)
+        self.n_experts = n_experts
+        self.window = window
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty the window."""
+        self.counts = torch.zeros(self.window, self.n_experts, dtype=torch.long)
+        self.position = 0  # the row the next update writes
+        self.updates = 0  # updates since the last reset
+
+    @torch.no_grad()
+    def update(self, local_counts: Tensor) -> Tensor:
+        """Push this rank's counts [E] of one micro-batch (collective); return :meth:`fraction`."""
+        row = local_counts.detach().to(dtype=torch.long).clone()
+        _all_reduce_sum(row)
+        if self.counts.device != row.device:
+            self.counts = self.counts.to(row.device)
+        self.counts[self.position] = row
+        self.position = (self.position + 1) % self.window
+        self.updates += 1
+        return self.fraction()
+
+    def fraction(self) -> Tensor:
+        """f [E] float32: each expert's share of the window's assignments (zeros when empty)."""
+        total = self.counts.sum(dim=0)
+        return total.float() / total.sum().clamp(min=1).float()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The window for a checkpoint: counts (CPU), position, updates."""
+        return {"counts": self.counts.cpu().clone(), "position": self.position,
+                "updates": self.updates}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; refuse one of another window or expert count."""
+        counts = state["counts"]
+        if tuple(counts.shape) != (self.window, self.n_experts):
+            raise ValueError(
+                f"saved load-balancing window has shape {tuple(counts.shape)}, expected "
+                f"{(self.window, self.n_experts)} (window, n_experts)"
+            )
+        self.counts = counts.to(device=self.counts.device, dtype=torch.long).clone()
+        self.position = int(state["position"])
+        self.updates = int(state["updates"])
 
 
 def z_loss(logits: Tensor) -> Tensor:
@@ -155,6 +253,13 @@ class MoELayer(nn.Module):
     ``last_indices`` [N, k] long and ``last_logits`` [N, E] float32 clean router logits (both
     detached), and the scalar aux losses ``last_lb_loss`` and ``last_z_loss`` (with grad).
     Copies and pickles of the layer drop this state.
+
+    Load balancing (``lb_scope``): ``batch`` is :func:`load_balancing_loss` over this forward's
+    tokens. ``global`` is :func:`global_load_balancing_loss` with f from :attr:`lb_counts`
+    (summed over DDP ranks and the last ``lb_window`` micro-batches) in training forwards
+    (train mode with grad enabled), which all-reduce and push into that window; eval-mode or
+    no-grad forwards (validation, routing probes) neither all-reduce nor push, and report the
+    ``batch`` loss of their own tokens.
     """
 
     def __init__(
@@ -164,12 +269,24 @@ class MoELayer(nn.Module):
         top_k: int = 1,
         noise_std: float = 1.0,
         noise_anneal_steps: int = 1000,
+        lb_scope: str = "batch",
+        lb_window: int = 1,
     ) -> None:
         super().__init__()
         self.experts = experts
         self.d_model = d_model
         self.router = Router(d_model, len(experts), top_k, noise_std, noise_anneal_steps)
+        self.set_load_balancing(lb_scope, lb_window)
         self._clear_state()
+
+    def set_load_balancing(self, scope: str, window: int = 1) -> None:
+        """Choose the balance loss scope (``batch`` | ``global``) and, for ``global``, the
+        window of micro-batches; (re)starts an empty window."""
+        check_lb_settings(scope, window)
+        self.lb_scope = scope
+        self.lb_counts = (
+            GlobalAssignmentCounts(self.n_experts, window) if scope == "global" else None
+        )
 
     @property
     def n_experts(self) -> int:
@@ -202,7 +319,8 @@ class MoELayer(nn.Module):
         order = torch.argsort(expert_of, stable=True)
         token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)[order]
         weight_of = route.weights.reshape(-1)[order]
-        counts = torch.bincount(expert_of, minlength=self.n_experts).tolist()
+        expert_counts = torch.bincount(expert_of, minlength=self.n_experts)  # [E]
+        counts = expert_counts.tolist()
 
         out = torch.zeros_like(x)
         # Every expert runs, on zero rows if it got none, so all stay in the autograd graph.
@@ -214,9 +332,18 @@ class MoELayer(nn.Module):
 
         self.last_indices = route.indices.detach()
         self.last_logits = route.logits.detach()
-        self.last_lb_loss = load_balancing_loss(route.probs, route.indices, self.n_experts)
+        if self.lb_counts is not None and self.training and torch.is_grad_enabled():
+            fraction = self.lb_counts.update(expert_counts)  # collective: training forwards only
+            self.last_lb_loss = global_load_balancing_loss(route.probs, fraction)
+        else:
+            self.last_lb_loss = load_balancing_loss(route.probs, route.indices, self.n_experts)
         self.last_z_loss = z_loss(route.logits)
         return out.reshape(shape)
 
     def extra_repr(self) -> str:
-        return f"n_experts={self.n_experts}, top_k={self.top_k}"
+        lb = (
+            f", lb_scope=global, lb_window={self.lb_counts.window}"
+            if self.lb_counts is not None
+            else ""
+        )
+        return f"n_experts={self.n_experts}, top_k={self.top_k}{lb}"
