@@ -199,3 +199,9 @@ def restore_log_handlers():
         for handler in before.get(id(lg), []):
             if handler not in lg.handlers:
                 lg.addHandler(handler)
+
+
+@pytest.fixture(scope="session")
+def sample_cache(tmp_path_factory) -> Path:
+    """One token-cache dir for the session's sample-corpus runs: sample_bpe is trained once."""
+    return tmp_path_factory.mktemp("sample-cache")

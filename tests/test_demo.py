@@ -5,18 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers.configs import short_demo_overrides
 
 from moe_emergence.config import compose_config
 from moe_emergence.data.sample import load_sample_domain
 from moe_emergence.data.sample_tokenizer import VOCAB_SIZE, sample_tokenizer_dir
 from moe_emergence.data.tokenize import encode_texts, load_tokenizer
 from moe_emergence.train import train
-
-
-@pytest.fixture(scope="session")
-def sample_cache(tmp_path_factory):
-    """One cache dir for the session, so that sample_bpe is trained once."""
-    return tmp_path_factory.mktemp("sample-cache")
 
 
 @pytest.fixture(scope="session")
@@ -52,19 +47,7 @@ def test_demo_composes_as_documented():
 
 
 def test_demo_runs_a_few_steps(sample_cache, tmp_path):
-    cfg = compose_config(
-        [
-            "experiment=demo",
-            "trainer.max_steps=3",
-            "data.size_mb=0.05",
-            "data.block_size=64",
-            "data.show_progress=false",
-            f"data.cache_dir={sample_cache}",
-            f"paths.run_dir={tmp_path}",
-            "trainer.enable_progress_bar=false",
-            "~callbacks.progress_bar",
-        ]
-    )
+    cfg = compose_config(short_demo_overrides(sample_cache, tmp_path))
     out = train(cfg)
     assert out["global_step"] == 3
     assert set(out["domain_losses"]) == {"code", "math", "prose"}

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.configs import short_demo_overrides
 
 from moe_emergence.analysis.inspect import encode, load_checkpoint, main, route_text
 from moe_emergence.analysis.probe import route_blocks
@@ -90,31 +91,13 @@ def test_empty_span_takes_the_previous_category():
 
 
 @pytest.fixture(scope="module")
-def sample_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("inspect-sample-cache")
-
-
-@pytest.fixture(scope="module")
 def demo_ckpt(tmp_path_factory, sample_cache) -> Path:
     """A 3-step tiny_moe run on the sample corpus (block 64 = n_positions)."""
     from moe_emergence.config import compose_config
     from moe_emergence.train import train
 
     run_dir = tmp_path_factory.mktemp("inspect-run")
-    cfg = compose_config(
-        [
-            "experiment=demo",
-            "trainer.max_steps=3",
-            "data.size_mb=0.05",
-            "data.block_size=64",
-            "data.show_progress=false",
-            f"data.cache_dir={sample_cache}",
-            f"paths.run_dir={run_dir}",
-            "trainer.enable_progress_bar=false",
-            "~callbacks.progress_bar",
-            "~callbacks.routing_analysis",
-        ]
-    )
+    cfg = compose_config(short_demo_overrides(sample_cache, run_dir, "~callbacks.routing_analysis"))
     train(cfg)
     return run_dir / "checkpoints" / "last.ckpt"
 

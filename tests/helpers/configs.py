@@ -21,3 +21,20 @@ def tiny_overrides(mirror, tokenizer, run_dir, *extra: str) -> list[str]:
         "model.warmup_steps=2",
         *extra,
     ]
+
+
+def short_demo_overrides(cache_dir, run_dir, *extra: str) -> list[str]:
+    """``experiment=demo`` cut to 3 steps on 0.05 MB per domain (64-token blocks), no progress
+    bars, the token cache in ``cache_dir`` and outputs in ``run_dir``."""
+    return [
+        "experiment=demo",
+        "trainer.max_steps=3",
+        "data.size_mb=0.05",
+        "data.block_size=64",
+        "data.show_progress=false",
+        f"data.cache_dir={cache_dir}",
+        f"paths.run_dir={run_dir}",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
+        *extra,
+    ]
