@@ -34,17 +34,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any
 
 import torch
+from machine import machine_info
 
 from moe_emergence.model.gpt2_moe import build_gpt2, collect_aux_outputs, install_moe_layers
 
@@ -198,29 +195,6 @@ def run_config(args: argparse.Namespace, n_experts: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- report
 
 
-def machine_info() -> dict[str, Any]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "nproc": len(os.sched_getaffinity(0)),
-        "torch_threads": torch.get_num_threads(),
-        "cpu": model,
-        "python": platform.python_version(),
-    }
-    for package in ("torch", "transformers"):
-        try:
-            info[package] = version(package)
-        except PackageNotFoundError:
-            info[package] = None
-    return info
-
-
 def _spread(runs: list[float]) -> str:
     return f"{statistics.median(runs) * 1e3:8.1f} ms ({min(runs) * 1e3:.1f}-{max(runs) * 1e3:.1f})"
 
@@ -271,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "configs": configs,
         "shapes": shapes,
-        "machine": machine_info(),
+        "machine": machine_info(("torch", "transformers"), torch_threads=torch.get_num_threads()),
         "wall_s": round(time.perf_counter() - started, 1),
     }
     if not args.json_only:

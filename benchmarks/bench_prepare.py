@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -45,9 +44,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+from machine import machine_info
 
 MEASURED_STAGES = ("reference", "limit", "cold", "warm")
 HELPER_STAGES = ("texts", "check")
@@ -424,28 +424,6 @@ def spawn_stage(args: argparse.Namespace, name: str, workdir: Path) -> dict[str,
     return result
 
 
-def machine_info() -> dict[str, Any]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu": model,
-        "python": platform.python_version(),
-    }
-    for package in ("tokenizers", "transformers", "torch", "numpy"):
-        try:
-            info[package] = version(package)
-        except PackageNotFoundError:
-            info[package] = None
-    return info
-
-
 def check_tokens_agree(results: dict[str, dict[str, Any]]) -> list[str]:
     """Every measured stage must count the same tokens per domain."""
     reference = results["reference"]["tokens"]
@@ -483,7 +461,7 @@ def summarize(
         "limit_peak_rss_mb": round(limit["peak_rss_mb"], 1),
         "cold_peak_rss_mb": round(cold["peak_rss_mb"], 1),
         "warm_peak_rss_mb": round(warm["peak_rss_mb"], 1),
-        "machine": machine_info(),
+        "machine": machine_info(("tokenizers", "transformers", "torch", "numpy")),
     }
 
 
