@@ -34,6 +34,7 @@ from moe_emergence.analysis.plots import plot_emergence, plot_heatmap
 from moe_emergence.analysis.probe import Probe, build_probe, route_blocks
 from moe_emergence.analysis.scores import LayerScores, collapsed_expert, contingency, score_layer
 from moe_emergence.analysis.tables import COUNTS, TRAIN_WINDOWS, TRAJECTORY, write_table
+from moe_emergence.distributed import sum_over_ranks
 from moe_emergence.errors import UserError
 from moe_emergence.model.gpt2_moe import moe_layers
 
@@ -197,7 +198,7 @@ class RoutingAnalysis(L.Callback):
             "layers": self._layers,
             "last_step": self._last_step,
             "window_start": self._window_start,
-            "window": _sum_over_ranks(self._window).cpu(),  # the global sum, saved once
+            "window": sum_over_ranks(self._window).cpu(),  # the global sum, saved once
             "rows": self._rows,
         }
 
@@ -258,8 +259,8 @@ class RoutingAnalysis(L.Callback):
             experts[n, mine.to(device)] = routed.experts[layer]
             entropy[n] = routed.entropy_sum[layer]
         # Every probe row is filled by exactly one rank: the sum is the whole probe's routing.
-        experts, entropy = _sum_over_ranks(experts), _sum_over_ranks(entropy)
-        window = _sum_over_ranks(self._window)
+        experts, entropy = sum_over_ranks(experts), sum_over_ranks(entropy)
+        window = sum_over_ranks(self._window)
         self._window.zero_()
         if self._rank == 0:
             self._record(
@@ -337,12 +338,3 @@ class RoutingAnalysis(L.Callback):
                     "(> 90%%, eval mode). Consider a larger model.lb_coef or more router noise.",
                     layer, expert, 100 * share,
                 )  # fmt: skip
-
-
-def _sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy of ``tensor`` summed over DDP ranks (itself when not distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        out = tensor.clone()
-        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
-        return out
-    return tensor.clone()

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from moe_emergence.distributed import sum_over_ranks
 from moe_emergence.errors import UserError
 from moe_emergence.model.gpt2_moe import (
     build_gpt2,
@@ -189,15 +190,9 @@ class MoEGPT2Module(L.LightningModule):
              for d in self.domains],
             dtype=torch.float64, device=self.device,
         )  # fmt: skip
-        total = self._reduce_sum(local).cpu()
+        total = sum_over_ranks(local).cpu()
         return {d: float(total[i, 0] / total[i, 1]) for i, d in enumerate(self.domains)
                 if total[i, 1] > 0}  # fmt: skip
-
-    def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over DDP ranks (a copy; the input is left as it is)."""
-        if self._trainer is None or self.trainer.world_size == 1:
-            return tensor.clone()
-        return self.trainer.strategy.reduce(tensor.clone(), reduce_op="sum")
 
     # ------------------------------------------------------------------ validation
 
@@ -217,7 +212,7 @@ class MoEGPT2Module(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         """``val/loss`` and ``val/loss_<domain>``: token-weighted over every rank's held-out
         blocks (sums of losses and of tokens reduced, then divided)."""
-        sums = self._reduce_sum(torch.stack([self._val_loss_sum, self._val_tokens]))
+        sums = sum_over_ranks(torch.stack([self._val_loss_sum, self._val_tokens]))
         loss_sum, tokens = sums[0], sums[1]
         if tokens.sum() == 0:
             return

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_emergence.distributed import sum_over_ranks
 from moe_emergence.errors import UserError
 
 ROUTER_INIT_STD = 0.02  # GPT-2's initializer_range: small logits, so early routing is near uniform
@@ -156,13 +156,6 @@ def global_load_balancing_loss(probs: Tensor, fraction: Tensor) -> Tensor:
     return n_experts * (fraction.detach().to(probs.dtype) * probs.mean(dim=0)).sum()
 
 
-def _all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Sum ``tensor`` over the ranks of the default process group, in place (no-op alone)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
 def check_lb_settings(scope: str, window: int) -> None:
     """Refuse a scope outside :data:`LB_SCOPES` or a window that is not an integer >= 1."""
     if scope not in LB_SCOPES:
@@ -206,8 +199,7 @@ class GlobalAssignmentCounts:
     @torch.no_grad()
     def update(self, local_counts: Tensor) -> Tensor:
         """Push this rank's counts [E] of one micro-batch (collective); return :meth:`fraction`."""
-        row = local_counts.detach().to(dtype=torch.long).clone()
-        _all_reduce_sum(row)
+        row = sum_over_ranks(local_counts.detach().to(dtype=torch.long))
         if self.counts.device != row.device:
             self.counts = self.counts.to(row.device)
         self.counts[self.position] = row
