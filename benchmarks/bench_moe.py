@@ -63,28 +63,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs first")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--bf16", action="store_true", help="bf16 autocast around forward and loss (GPU runs)"
+    )
     parser.add_argument("--json-only", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.warmup < 0:
         parser.error("--repeat must be >= 1 and --warmup >= 0")
     if not 0 <= args.moe_layer < args.n_layer:
         parser.error(f"--moe-layer must be in [0, {args.n_layer})")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
     return args
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so that a timer reads finished work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------- steps
 
 
 def model_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor, moe: bool
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ids: torch.Tensor,
+    moe: bool,
+    autocast: Callable[[], Any],
 ) -> Callable[[], None]:
     """One training step: forward, loss (LM + aux for the MoE model), backward, AdamW."""
 
     def step() -> None:
-        loss = model(input_ids=ids, labels=ids).loss
-        if moe:
-            aux = collect_aux_outputs(model)
-            loss = loss + LB_WEIGHT * aux.lb_loss + Z_WEIGHT * aux.z_loss
+        with autocast():
+            loss = model(input_ids=ids, labels=ids).loss
+            if moe:
+                aux = collect_aux_outputs(model)
+                loss = loss + LB_WEIGHT * aux.lb_loss + Z_WEIGHT * aux.z_loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -93,14 +110,19 @@ def model_step(
 
 
 def layer_step(
-    layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, moe: bool
+    layer: torch.nn.Module,
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    moe: bool,
+    autocast: Callable[[], Any],
 ) -> Callable[[], None]:
     """The layer alone: forward, backward of ``(out * grad).sum()`` (+ aux losses for MoE)."""
 
     def step() -> None:
-        loss = (layer(x) * grad).sum()
-        if moe:
-            loss = loss + LB_WEIGHT * layer.last_lb_loss + Z_WEIGHT * layer.last_z_loss
+        with autocast():
+            loss = (layer(x) * grad).sum()
+            if moe:
+                loss = loss + LB_WEIGHT * layer.last_lb_loss + Z_WEIGHT * layer.last_z_loss
         loss.backward()
         layer.zero_grad(set_to_none=True)
         x.grad = None
@@ -109,7 +131,7 @@ def layer_step(
 
 
 def interleaved(
-    steps: dict[str, Callable[[], None]], repeat: int, warmup: int
+    steps: dict[str, Callable[[], None]], repeat: int, warmup: int, device: torch.device
 ) -> dict[str, list[float]]:
     """Seconds of each step per timed run; the steps alternate order every run."""
     names = list(steps)
@@ -119,8 +141,10 @@ def interleaved(
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeat):
         for name in names if r % 2 == 0 else names[::-1]:
+            synchronize(device)
             start = time.perf_counter()
             steps[name]()
+            synchronize(device)
             seconds[name].append(time.perf_counter() - start)
     return seconds
 
@@ -140,35 +164,46 @@ def build_pair(args: argparse.Namespace, n_experts: int) -> tuple[Any, Any]:
     )
     moe = copy.deepcopy(dense)
     install_moe_layers(moe, [args.moe_layer], n_experts, top_k=args.top_k, seed=args.seed)
-    return dense.train(), moe.train()
+    device = torch.device(args.device)
+    return dense.to(device).train(), moe.to(device).train()
 
 
 def run_config(args: argparse.Namespace, n_experts: int) -> dict[str, Any]:
     dense, moe = build_pair(args, n_experts)
+    device = torch.device(args.device)
     tokens = args.batch * args.block_size
     generator = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, args.vocab_size, (args.batch, args.block_size), generator=generator)
     x = torch.randn(args.batch, args.block_size, args.d_model, generator=generator)
     grad = torch.randn(x.shape, generator=generator)
+    ids, x, grad = ids.to(device), x.to(device), grad.to(device)
     x.requires_grad_(True)
+
+    def autocast() -> Any:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+    def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     model_s = interleaved(
         {
-            "moe": model_step(moe, torch.optim.AdamW(moe.parameters(), lr=1e-4), ids, True),
-            "dense": model_step(dense, torch.optim.AdamW(dense.parameters(), lr=1e-4), ids, False),
+            "moe": model_step(moe, optimizer(moe), ids, True, autocast),
+            "dense": model_step(dense, optimizer(dense), ids, False, autocast),
         },
         args.repeat,
         args.warmup,
+        device,
     )
     moe_layer = moe.transformer.h[args.moe_layer].mlp
     dense_mlp = dense.transformer.h[args.moe_layer].mlp
     layer_s = interleaved(
         {
-            "moe": layer_step(moe_layer, x, grad, True),
-            "dense": layer_step(dense_mlp, x, grad, False),
+            "moe": layer_step(moe_layer, x, grad, True, autocast),
+            "dense": layer_step(dense_mlp, x, grad, False, autocast),
         },
         args.repeat,
         args.warmup,
+        device,
     )
     med = {
         f"{part}_{kind}": statistics.median(runs[kind])
@@ -241,11 +276,16 @@ def main(argv: list[str] | None = None) -> int:
         "top_k": args.top_k,
         "repeat": args.repeat,
         "warmup": args.warmup,
+        "device": args.device,
+        "bf16": args.bf16,
     }
+    gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None
     summary = {
         "configs": configs,
         "shapes": shapes,
-        "machine": machine_info(("torch", "transformers"), torch_threads=torch.get_num_threads()),
+        "machine": machine_info(
+            ("torch", "transformers"), torch_threads=torch.get_num_threads(), gpu=gpu
+        ),
         "wall_s": round(time.perf_counter() - started, 1),
     }
     if not args.json_only:
