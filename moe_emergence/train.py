@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from moe_emergence.checkpoints import (
@@ -181,6 +182,8 @@ def train(
         step = load_initial_weights(model, init_from)
         log.info("Weights from %s (its step %d); this run starts at step 0.", init_from, step)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if cfg.trainer.get("enable_progress_bar") is False:  # else Lightning refuses the bar callback
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=logger, plugins=_plugins(cfg)

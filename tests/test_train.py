@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import lightning as L
 import pytest
 from helpers.configs import tiny_overrides
+from helpers.script import run_train
 from omegaconf import open_dict
 
 from moe_emergence.analysis.tables import read_table
@@ -125,12 +123,6 @@ def test_ddp_inside_multirun_is_refused():
     check_launch(cfg, multirun=True, launcher=slurm)
 
 
-def run_train(*args, cwd, env_extra=None, timeout=600):
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
-
-
 def test_multirun_of_two_jobs_tokenizes_once(tiny_mirror, tiny_tokenizer_dir, tmp_path):
     args = [a for a in tiny_overrides(tiny_mirror, tiny_tokenizer_dir, "x") if "run_dir" not in a]
     proc = run_train("-m", "seed=1,2", "data/size=1mb", *args, "trainer.max_steps=2",
@@ -204,3 +196,14 @@ def test_ddp_spawn_summary_reports_the_true_step_and_losses(
     assert set(out["domain_losses"]) == {"code", "math", "prose"}
     assert all(0 < v < 20 for v in out["domain_losses"].values())
     assert (tmp_path / "routing" / "trajectory.csv").exists()
+
+
+def test_progress_bar_off_needs_only_the_trainer_flag(tiny_mirror, tiny_tokenizer_dir, tmp_path):
+    """``trainer.enable_progress_bar=false`` alone turns the bar off (Lightning refuses a bar
+    callback with it, so train() leaves the configured one out)."""
+    overrides = [o for o in tiny_overrides(tiny_mirror, tiny_tokenizer_dir, tmp_path,
+                                           "trainer.max_steps=1")
+                 if o != "~callbacks.progress_bar"]  # fmt: skip
+    cfg = compose_config(overrides)
+    assert cfg.callbacks.progress_bar is not None and cfg.trainer.enable_progress_bar is False
+    assert train(cfg)["global_step"] == 1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +23,16 @@ def _load_train_script():
 # Loaded at collection: Lightning binds its log handler to the sys.stderr of its import, which
 # inside a test would be a capture closed after it.
 TRAIN_SCRIPT = _load_train_script()
+
+
+def run_train(
+    *args: str, cwd: Path, env_extra: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """``python train.py <args>`` in a subprocess (Hydra multirun, clean stderr), its output
+    captured as text."""
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
 def run_train_script(monkeypatch: pytest.MonkeyPatch, *overrides: str) -> int:
