@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -55,10 +56,20 @@ def tokenizer_vocab_size(
         return size
 
 
+MAX_DIR_NAME = 200  # bytes; file systems refuse names over 255, and the job number comes first
+
+
 def path_safe(text: str) -> str:
     """Resolver ``${path_safe:...}``: ``/`` (from group overrides such as ``data/size=1mb``)
-    would nest sweep folders; it becomes ``-``."""
-    return str(text).replace("/", "-")
+    would nest sweep folders; it becomes ``-``. A name longer than :data:`MAX_DIR_NAME` bytes
+    (many overrides) keeps its start and ends in ``~`` and 8 hex digits of its SHA-256, so
+    that it stays unique; the full overrides are in the job's ``.hydra/overrides.yaml``."""
+    name = str(text).replace("/", "-")
+    data = name.encode()
+    if len(data) <= MAX_DIR_NAME:
+        return name
+    digest = hashlib.sha256(data).hexdigest()[:8]
+    return data[: MAX_DIR_NAME - 9].decode(errors="ignore") + "~" + digest
 
 
 def register_resolvers() -> None:

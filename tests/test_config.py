@@ -9,7 +9,7 @@ import pytest
 from hydra.errors import HydraException, MissingConfigException
 from hydra.utils import instantiate
 
-from moe_emergence.config import compose_config, config_dir
+from moe_emergence.config import MAX_DIR_NAME, compose_config, config_dir, path_safe
 from moe_emergence.data import datamodule as datamodule_module
 from moe_emergence.data.datamodule import MixedDomainDataModule
 
@@ -162,3 +162,14 @@ def test_study_cpu_conditions_are_one_override_each(condition):
         assert cfg.model.moe.top_k == reference.model.moe.top_k
     assert cfg.model.lb_coef == reference.model.lb_coef
     assert cfg.model.n_embd == 128 and cfg.data.source == "sample"  # the same tiny width
+
+
+def test_sweep_folder_names_stay_short_and_unique():
+    short = "condition=top1,data-size=1mb"
+    assert path_safe(short) == short
+    assert path_safe("data/size=1mb") == "data-size=1mb"
+    many = ",".join(f"callbacks.routing_analysis.key_{i}={i}" for i in range(20))
+    other = many.replace("key_19=19", "key_19=20")
+    assert len(path_safe(many).encode()) <= MAX_DIR_NAME
+    assert path_safe(many).startswith(many[:100]) and path_safe(many) != path_safe(other)
+    assert path_safe(many) == path_safe(many)  # the same overrides, the same folder
