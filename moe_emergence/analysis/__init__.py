@@ -3,8 +3,11 @@
 scores.py (pure functions: NMI, permutation null, token-identity control), intervals.py
 (mean and interval over seeds), probe.py (the probe and routing it), callback.py
 (``RoutingAnalysis``, the Lightning callback), tables.py and plots.py (its outputs under
-``<run dir>/routing/``), inspect.py and token_types.py (``python -m moe_emergence.inspect``:
-one text, token by token).
+``<run dir>/routing/``), loading.py (a checkpoint's model, rebuilt), inspect.py and
+token_types.py (``python -m moe_emergence.inspect``: one text, token by token), and
+``python -m moe_emergence.analyze`` over runs and sweeps: analyze.py (the CLI), evaluate.py
+(a run's checkpoints routed and scored), results.py (what it measured), summary.py and
+sweep_plots.py (groups over seeds: intervals, tables, figures).
 """
 
 from moe_emergence.analysis.callback import RoutingAnalysis, score_probe_routing

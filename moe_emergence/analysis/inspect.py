@@ -19,24 +19,21 @@ import argparse
 import html
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
+from moe_emergence.analysis.loading import LoadedCheckpoint, load_checkpoint, tokenizer_settings
 from moe_emergence.analysis.probe import eval_mode
 from moe_emergence.analysis.token_types import format_type_table, token_type_table
-from moe_emergence.checkpoints import load_mapped, resolve_checkpoint
-from moe_emergence.data.hub import HubUnavailableError, resolve_repo
+from moe_emergence.checkpoints import resolve_checkpoint
+from moe_emergence.data.hub import HubUnavailableError
 from moe_emergence.errors import UserError
 from moe_emergence.model.gpt2_moe import (
-    build_gpt2,
     collect_aux_outputs,
-    install_moe_layers,
     moe_layers,
 )
 
@@ -49,94 +46,6 @@ Routing = dict[int, tuple[np.ndarray, np.ndarray]]
 
 
 # ---------------------------------------------------------------------- model and tokenizer
-
-
-@dataclass
-class LoadedCheckpoint:
-    """The GPT-2 with MoE layers of a checkpoint (eval mode, CPU), its step, the module's
-    hyper-parameters and the data settings recorded with it (empty when none)."""
-
-    model: GPT2LMHeadModel
-    path: Path
-    step: int
-    hparams: dict[str, Any]
-    data_settings: dict[str, Any]
-
-
-def load_checkpoint(path: Path) -> LoadedCheckpoint:
-    """Rebuild the model of a verified ``train.py`` checkpoint (see :func:`resolve_checkpoint`)
-    from its weights' shapes and hyper-parameters, without downloading pretrained weights."""
-    checkpoint = load_mapped(path, OPTION)
-    hp = dict(checkpoint.get("hyper_parameters") or {})
-    moe = dict(hp.get("moe") or {})
-    if not moe.get("layers"):
-        raise UserError(
-            f"{OPTION}={path} is a dense model (no MoE layers, model.moe is empty): there is no "
-            f"routing to inspect; pass a checkpoint of an MoE run."
-        )
-    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()
-             if k.startswith("model.")}  # fmt: skip
-    if "transformer.wte.weight" not in state or "transformer.wpe.weight" not in state:
-        raise UserError(f"{OPTION}={path} holds no GPT-2 weights: pass a checkpoint of train.py.")
-    vocab_size, n_embd = state["transformer.wte.weight"].shape
-    n_positions = state["transformer.wpe.weight"].shape[0]
-    n_layer = len({k.split(".")[2] for k in state if k.startswith("transformer.h.")})
-    if hp.get("pretrained") is None:
-        model = build_gpt2(
-            None, None, vocab_size, n_positions, n_embd, n_layer, hp.get("n_head", 12)
-        )
-    else:
-        model = _pretrained_shape(hp["pretrained"], hp.get("hub_mirror"), vocab_size, n_positions)
-    install_moe_layers(model, **{**moe, "init_noise": 0.0})  # the weights come from the file
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = " ".join(str(exc).split())[:240]
-        raise UserError(
-            f"{OPTION}={path}: its weights do not fit its own settings ({first})."
-        ) from None
-    model.eval()
-    return LoadedCheckpoint(
-        model=model,
-        path=path,
-        step=int(checkpoint.get("global_step", 0)),
-        hparams=hp,
-        data_settings=dict(checkpoint.get("datamodule_hyper_parameters") or {}),
-    )
-
-
-def _pretrained_shape(name: str, mirror: str | None, vocab_size: int, n_positions: int):
-    """A randomly initialised GPT-2 of a pretrained model's config (config.json only)."""
-    try:
-        config = GPT2Config.from_pretrained(resolve_repo(name, mirror, kind="model"))
-    except (OSError, HubUnavailableError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise UserError(
-            f"The checkpoint's model starts from pretrained '{name}', whose config.json cannot "
-            f"be read here ({reason}): make it available (a Hub mirror in $MOE_HUB_MIRROR)."
-        ) from None
-    config.vocab_size, config.n_positions = vocab_size, n_positions
-    return GPT2LMHeadModel(config)
-
-
-def tokenizer_settings(loaded: LoadedCheckpoint) -> dict[str, Any] | None:
-    """``tokenizer``, ``hub_mirror`` and ``cache_dir`` of the run: from the checkpoint's data
-    settings, else from ``<run>/.hydra/config.yaml`` (run = the checkpoint's folder's parent);
-    None when neither has them."""
-    keys = ("tokenizer", "hub_mirror", "cache_dir")
-    if loaded.data_settings.get("tokenizer"):
-        return {k: loaded.data_settings.get(k) for k in keys}
-    config_file = loaded.path.resolve().parent.parent / ".hydra" / "config.yaml"
-    if not config_file.is_file():
-        return None
-    cfg = OmegaConf.load(config_file)
-    try:
-        found = {k: OmegaConf.select(cfg, f"data.{k}", default=None) for k in keys}
-    except Exception as exc:  # an interpolation this process cannot resolve
-        raise UserError(
-            f"{config_file}: cannot read data.tokenizer ({exc}); pass --tokenizer."
-        ) from None
-    return found if found["tokenizer"] else None
 
 
 def load_run_tokenizer(loaded: LoadedCheckpoint, args: argparse.Namespace):

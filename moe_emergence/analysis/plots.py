@@ -50,7 +50,7 @@ def plot_heatmap(
     bar.ax.axhline(uniform, color="black", linewidth=0.8)
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_emergence(
@@ -78,10 +78,11 @@ def plot_emergence(
               title_fontsize=7)  # fmt: skip
     if title:
         ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as ``path`` (PNG at 120 dpi) through a temp file: never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")

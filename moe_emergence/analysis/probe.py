@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from moe_emergence.errors import UserError
 from moe_emergence.model.gpt2_moe import collect_aux_outputs, moe_layers
@@ -102,11 +103,13 @@ class ProbeRouting:
     """Eval-mode routing of probe blocks, per MoE layer (block index -> tensor).
 
     experts: int64 [P, T, k] chosen experts; entropy_sum: float64 [] summed over tokens of
-    the clean router distribution's entropy (nats).
+    the clean router distribution's entropy (nats). loss_sum (``with_loss`` only): float64
+    [P], each block's next-token cross-entropy (nats) summed over its T - 1 predictions.
     """
 
     experts: dict[int, torch.Tensor]
     entropy_sum: dict[int, torch.Tensor]
+    loss_sum: torch.Tensor | None = None
 
 
 @contextlib.contextmanager
@@ -127,10 +130,13 @@ def route_blocks(
     input_ids: torch.Tensor,
     batch_size: int,
     forward_context: Any = contextlib.nullcontext,
+    with_loss: bool = False,
 ) -> ProbeRouting:
     """Route ``input_ids`` [p, T] (on the model's device) through ``model`` (a
-    ``GPT2LMHeadModel`` with MoE layers) in eval mode, ``batch_size`` blocks at a time, under
-    ``forward_context()`` (the trainer's precision context). Draws no random numbers."""
+    ``GPT2LMHeadModel``, with MoE layers or dense) in eval mode, ``batch_size`` blocks at a
+    time, under ``forward_context()`` (the trainer's precision context). Draws no random
+    numbers. ``with_loss`` also runs the LM head for each block's summed loss (as the
+    LightningModule's validation: float32 logits, next token within the block)."""
     layers = moe_layers(model)
     p, t = input_ids.shape
     device = input_ids.device
@@ -139,13 +145,26 @@ def route_blocks(
         for i, layer in layers.items()
     }
     entropy_sum = {i: torch.zeros((), dtype=torch.float64, device=device) for i in layers}
+    loss_sum = torch.zeros(p, dtype=torch.float64, device=device) if with_loss else None
     with eval_mode(model):
         for start in range(0, p, batch_size):
             chunk = input_ids[start : start + batch_size]
             with forward_context():
-                model.transformer(input_ids=chunk)  # the MoE layers are all in here; no LM head
+                if loss_sum is None:
+                    model.transformer(input_ids=chunk)  # the MoE layers are all in here
+                else:
+                    logits = model(input_ids=chunk).logits
+            if loss_sum is not None:
+                per_token = F.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                    chunk[:, 1:].reshape(-1),
+                    reduction="none",
+                )
+                loss_sum[start : start + len(chunk)] = (
+                    per_token.view(len(chunk), -1).double().sum(1)
+                )
             for i, (indices, logits) in collect_aux_outputs(model).routing.items():
                 experts[i][start : start + len(chunk)] = indices.view(len(chunk), t, -1)
                 log_p = logits.double().log_softmax(-1)
                 entropy_sum[i] += -(log_p.exp() * log_p).sum()
-    return ProbeRouting(experts, entropy_sum)
+    return ProbeRouting(experts, entropy_sum, loss_sum)

@@ -9,6 +9,8 @@ trajectory.csv          step, layer, probe, nmi, null_mean, null_p95, cond_mi,
 train_window_counts.csv step_start, step_end, layer, domain, expert, assignments
     TRAINING-TIME figures: noisy router, train mode, the training batches of the optimizer
     steps in (step_start, step_end], summed over ranks; not a measurement of the model
+losses.csv              step, domain, loss, perplexity, tokens   (``analyze`` only)
+    token-weighted mean next-token loss (nats) of the domain's held-out blocks, eval mode
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ TRAJECTORY = (
     "cond_mi_null_p95", "token_id_nmi", "token_id_share", "usage_entropy", "router_entropy",
 )  # fmt: skip
 TRAIN_WINDOWS = ("step_start", "step_end", "layer", "domain", "expert", "assignments")
+LOSSES = ("step", "domain", "loss", "perplexity", "tokens")
 
 
 def write_table(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[dict]) -> Path:

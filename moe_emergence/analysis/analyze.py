@@ -1,0 +1,144 @@
+"""``python -m moe_emergence.analyze PATH [--out DIR]``: turn runs and seed sweeps into findings.
+
+PATH is a run dir, a multirun dir (every run dir below it) or one ``.ckpt`` file. For every
+run, every saved checkpoint is routed and scored in eval mode on the run's own probe, with the
+per-domain held-out loss (:mod:`moe_emergence.analysis.evaluate`); runs are grouped by their
+overrides without ``seed``, and each group's mean and 95% interval over seeds are written by
+:mod:`moe_emergence.analysis.summary`. Output (default ``PATH/analysis``, or the checkpoint's
+folder's ``analysis``)::
+
+    summary.csv, summary.json, summary.md      one row per group x layer x metric
+    emergence.png, heatmaps.png, held_out_loss.png
+    runs/<run>/trajectory.csv, counts.csv      every checkpoint (columns of tables.py)
+    runs/<run>/losses.csv                      step, domain, loss, perplexity, tokens
+    runs/<run>/token_types.txt                 code tokens by Python category x expert
+    runs/<run>/data_report.json                the rebuilt data's report
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from moe_emergence.analysis.evaluate import (
+    OPTION,
+    RunCheckpoints,
+    evaluate_run,
+    find_runs,
+    verify_checkpoints,
+)
+from moe_emergence.analysis.results import RunResult
+from moe_emergence.analysis.summary import write_summary
+from moe_emergence.analysis.tables import COUNTS, LOSSES, TRAJECTORY, write_table
+from moe_emergence.analysis.token_types import format_type_table
+from moe_emergence.errors import UserError
+
+RUNS_DIR = "runs"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m moe_emergence.analyze",
+        description="Route and score every checkpoint of a run or a seed sweep in eval mode; "
+        "summarise each condition over seeds with 95%% intervals.",
+    )
+    parser.add_argument("path", metavar=OPTION, help="a run dir, a multirun dir or a .ckpt file")
+    parser.add_argument("--out", default=None, help="output folder (default: PATH/analysis)")
+    parser.add_argument("--device", default="cpu", help="torch device for the forwards (cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def default_out(path: Path) -> Path:
+    return (path.parent if path.is_file() else path) / "analysis"
+
+
+def check_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is not a torch device: pass cpu or cuda.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; pass --device cpu.")
+    return device
+
+
+def run_names(runs: Sequence[RunCheckpoints]) -> list[str]:
+    """Folder-safe names of the runs (``/`` of nested sweeps becomes ``__``)."""
+    return [run.name.replace("/", "__") for run in runs]
+
+
+def write_run_tables(result: RunResult, folder: Path) -> None:
+    """The per-run tables: trajectory, counts and losses of every checkpoint, and the final
+    checkpoint's code token-type tables."""
+    trajectory, counts, losses = [], [], []
+    for checkpoint in result.checkpoints:
+        for layer, scores in checkpoint.scores.items():
+            trajectory.append({"step": checkpoint.step, "layer": layer, "probe": result.probe,
+                               **asdict(scores)})  # fmt: skip
+            table = checkpoint.counts[layer]
+            for d, domain in enumerate(result.domains):
+                for e in range(result.n_experts):
+                    counts.append({"step": checkpoint.step, "layer": layer,
+                                   "probe": result.probe, "domain": domain, "expert": e,
+                                   "tokens": int(table[d, e])})  # fmt: skip
+        for domain, loss in checkpoint.losses.items():
+            losses.append({"step": checkpoint.step, "domain": domain, "loss": loss.loss,
+                           "perplexity": loss.perplexity, "tokens": loss.tokens})  # fmt: skip
+    if result.moe:
+        write_table(folder / "trajectory.csv", TRAJECTORY, trajectory)
+        write_table(folder / "counts.csv", COUNTS, counts)
+    if losses:
+        write_table(folder / "losses.csv", LOSSES, losses)
+    types = result.final.token_types
+    if types:
+        text = [f"Code tokens of the probe by Python token type x expert, eval mode, step "
+                f"{result.final.step} ({result.name})"]  # fmt: skip
+        text += [format_type_table(table, f"\nlayer {layer}:") for layer, table in types.items()]
+        (folder / "token_types.txt").write_text("\n".join(text) + "\n")
+
+
+def run(args: argparse.Namespace) -> str:
+    """Do the work of one ``analyze`` call; return what to print."""
+    device = check_device(args.device)
+    path = Path(args.path).expanduser()
+    runs, notes = find_runs(path)
+    verify_checkpoints(runs)
+    out = Path(args.out).expanduser() if args.out else default_out(path)
+    total = sum(len(r.checkpoints) for r in runs)
+    results = []
+    with tqdm(total=total, desc="checkpoints", unit="ckpt", disable=args.no_progress) as bar:
+        for run_, name in zip(runs, run_names(runs), strict=True):
+            bar.set_postfix_str(name[-40:])
+            folder = out / RUNS_DIR / name
+            folder.mkdir(parents=True, exist_ok=True)
+            result = evaluate_run(run_, folder, device, on_checkpoint=lambda: bar.update(1))
+            write_run_tables(result, folder)
+            results.append(result)
+    written = write_summary(results, out)
+    lines = [*notes, *written.warnings]
+    lines += [f"{len(results)} run(s), {total} checkpoint(s); written to {out}:"]
+    paths = [written.csv, written.json, written.markdown, *written.figures]
+    lines += [f"  {p.relative_to(out)}" for p in paths] + [f"  {RUNS_DIR}/<run>/ (per run)"]
+    summary_md = out / "summary.md"
+    if summary_md.is_file():
+        lines += ["", summary_md.read_text().rstrip()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m moe_emergence.analyze``; returns the exit status."""
+    args = parse_args(argv)
+    try:
+        report = run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(report)
+    return 0

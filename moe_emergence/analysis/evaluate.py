@@ -1,0 +1,318 @@
+"""Evaluate a run's checkpoints for ``python -m moe_emergence.analyze``: find the runs and their
+checkpoints, rebuild each run's data and probe from what the run recorded, and route and score
+every checkpoint in eval mode (the same probe, routing and scores as the training-time
+:class:`~moe_emergence.analysis.RoutingAnalysis`), with the per-domain held-out loss.
+
+Reads only the run dirs (``.hydra/config.yaml``, ``.hydra/overrides.yaml``, ``checkpoints/``)
+and the token cache, which it rebuilds from the recorded data settings when it is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from moe_emergence.analysis.callback import RoutingAnalysis, score_probe_routing
+from moe_emergence.analysis.loading import LoadedCheckpoint, load_checkpoint
+from moe_emergence.analysis.probe import Probe, build_probe, route_blocks
+from moe_emergence.analysis.results import CheckpointResult, HeldOutLoss, RunResult
+from moe_emergence.analysis.token_types import token_type_table
+from moe_emergence.checkpoints import CHECKPOINTS_DIR, load_mapped, verify_sidecar
+from moe_emergence.data import MixedDomainDataModule
+from moe_emergence.errors import UserError, user_error_in
+from moe_emergence.model.gpt2_moe import moe_layers
+
+log = logging.getLogger(__name__)
+
+OPTION = "PATH"
+CODE = "code"
+HYDRA_CONFIG = Path(".hydra") / "config.yaml"
+HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
+# Overrides that name places or change only what is shown, never what is trained: a run's
+# group (its condition) is its overrides without these and without ``seed``.
+NOT_CONDITION_KEYS = (
+    "seed", "ckpt_path", "init_from", "data.hub_mirror", "data.tokenizer", "data.cache_dir",
+    "data.rebuild_cache", "data.show_progress", "data.num_workers", "data.pin_memory",
+    "data.persistent_workers", "data.report_dir", "trainer.enable_progress_bar",
+)  # fmt: skip
+NOT_CONDITION_PREFIXES = ("paths.", "hydra.", "callbacks.progress_bar", "logger")
+PROBE_KEYS = ("train_sample_blocks", "held_out_blocks", "probe_seed", "null_permutations",
+              "null_seed", "batch_size")  # fmt: skip
+
+
+# ---------------------------------------------------------------------- finding runs
+
+
+@dataclass
+class RunCheckpoints:
+    """A run to analyse: its folder (None for a lone checkpoint file), its name within the
+    analysis and its checkpoint files, one per optimizer step, oldest first (see
+    :func:`checkpoint_steps`)."""
+
+    name: str
+    run_dir: Path | None
+    checkpoints: list[Path]
+
+
+def find_runs(path: Path) -> tuple[list[RunCheckpoints], list[str]]:
+    """The runs that ``PATH`` names: a ``.ckpt`` file, a run dir (holding ``.hydra/``) or a
+    folder of run dirs (a multirun dir); and notes on runs skipped for having no checkpoint.
+    One-line :class:`UserError` when it names none, or none with a checkpoint."""
+    if not path.exists():
+        raise UserError(
+            f"{OPTION}={path} does not exist: pass a run dir, a multirun dir or a .ckpt file."
+        )
+    if path.is_file():
+        run_dir = path.resolve().parent.parent
+        run_dir = run_dir if (run_dir / HYDRA_CONFIG).is_file() else None
+        load_mapped(path, OPTION)  # a readable checkpoint, else a one-line error
+        return [RunCheckpoints(path.stem, run_dir, [path])], []
+    if (path / HYDRA_CONFIG).is_file():
+        run_dirs = [path]
+    else:
+        run_dirs = sorted(p.parent.parent for p in path.rglob(str(HYDRA_CONFIG)))
+    if not run_dirs:
+        raise UserError(
+            f"{OPTION}={path} holds no run dir (no {HYDRA_CONFIG} in it or below it): pass a run "
+            f"dir (outputs/runs/<date>/<time>), a multirun dir or a .ckpt file."
+        )
+    runs, notes = [], []
+    for run_dir in run_dirs:
+        name = run_dir.name if run_dir == path else str(run_dir.relative_to(path))
+        files = sorted((run_dir / CHECKPOINTS_DIR).glob("*.ckpt"))
+        if files:
+            runs.append(RunCheckpoints(name, run_dir, [p for _, p in checkpoint_steps(files)]))
+        else:
+            notes.append(f"{name}: no checkpoints, skipped")
+    if not runs:
+        raise UserError(
+            f"{OPTION}={path}: none of its {len(run_dirs)} run dir(s) holds a checkpoint "
+            f"({CHECKPOINTS_DIR}/*.ckpt): train with callbacks.model_checkpoint on (the "
+            f"default) and analyse again."
+        )
+    return runs, notes
+
+
+def checkpoint_steps(files: Sequence[Path]) -> list[tuple[int, Path]]:
+    """One file per optimizer step, by step: a ``step*.ckpt`` wins over ``last.ckpt`` of the
+    same step. Each file's ``global_step`` is read memory-mapped (cheap)."""
+    by_step: dict[int, Path] = {}
+    for path in sorted(files, key=lambda p: p.name.startswith("last")):
+        step = int(load_mapped(path, OPTION).get("global_step", 0))
+        by_step.setdefault(step, path)
+    return sorted(by_step.items())
+
+
+def verify_checkpoints(runs: Sequence[RunCheckpoints]) -> None:
+    """Check every checkpoint against its ``.sha256`` sidecar (one-line error), before any
+    expensive work."""
+    for run in runs:
+        for path in run.checkpoints:
+            verify_sidecar(path, OPTION)
+
+
+# ---------------------------------------------------------------------- the run's records
+
+
+def run_overrides(run_dir: Path | None) -> tuple[list[str], int | None]:
+    """The run's condition overrides (sorted ``key=value``, without the keys of
+    :data:`NOT_CONDITION_KEYS`) and its ``seed=`` override (None when not overridden)."""
+    file = run_dir / HYDRA_OVERRIDES if run_dir is not None else None
+    if file is None or not file.is_file():
+        return [], None
+    kept, seed = [], None
+    for item in yaml.safe_load(file.read_text()) or []:
+        key, _, value = str(item).partition("=")
+        bare = key.lstrip("+~")
+        if bare == "seed":
+            seed = int(value)
+        elif bare not in NOT_CONDITION_KEYS and not bare.startswith(NOT_CONDITION_PREFIXES):
+            kept.append(str(item))
+    return sorted(kept), seed
+
+
+def probe_settings(run_dir: Path | None) -> dict[str, Any]:
+    """The run's ``callbacks.routing_analysis`` probe and null settings (the callback's
+    defaults where the run has none), so that the probe is the training-time one."""
+    defaults = RoutingAnalysis()
+    found = {key: getattr(defaults, key) for key in PROBE_KEYS}
+    file = run_dir / HYDRA_CONFIG if run_dir is not None else None
+    if file is not None and file.is_file():
+        cfg = OmegaConf.load(file)
+        for key in PROBE_KEYS:
+            value = OmegaConf.select(cfg, f"callbacks.routing_analysis.{key}", default=None)
+            found[key] = value if value is not None else found[key]
+    return found
+
+
+def rebuild_hint(settings: dict[str, Any]) -> str:
+    """The data CLI command that rebuilds a run's token cache."""
+    flags = ["--size-mb", str(settings.get("size_mb")), "--source", str(settings.get("source")),
+             "--tokenizer", str(settings.get("tokenizer")),
+             "--max-example-chars", str(settings.get("max_example_chars"))]  # fmt: skip
+    for key, flag in (("hub_mirror", "--hub-mirror"), ("cache_dir", "--cache-dir")):
+        if settings.get(key):
+            flags += [flag, str(settings[key])]
+    return "python -m moe_emergence.data " + shlex.join(flags)
+
+
+def load_data(name: str, settings: dict[str, Any], report_dir: Path) -> MixedDomainDataModule:
+    """The run's datamodule, set up from its recorded settings: the token cache when it is
+    there, else rebuilt (streams and tokenizes: the recorded source must be reachable)."""
+    if not settings:
+        raise UserError(
+            f"{name}: its checkpoint records no data settings (written by an older train.py): "
+            f"the probe cannot be rebuilt; analyse a run trained with this version."
+        )
+    kwargs = {**settings, "report_dir": str(report_dir), "show_progress": False}
+    try:
+        datamodule = MixedDomainDataModule(**kwargs)
+        datamodule.prepare_data()  # a cache hit, or the cache written again
+        datamodule.setup("fit")
+    except Exception as exc:
+        error = user_error_in(exc)
+        if error is None and not isinstance(exc, OSError):
+            raise
+        reason = " ".join(str(error or exc).split())[:200]
+        raise UserError(
+            f"{name}: the run's token cache cannot be read or rebuilt here ({reason}); rebuild "
+            f"it with: {rebuild_hint(settings)}"
+        ) from None
+    return datamodule
+
+
+# ---------------------------------------------------------------------- one checkpoint
+
+
+def block_losses(probe: Probe, loss_sum: np.ndarray) -> dict[str, HeldOutLoss]:
+    """Per domain, the token-weighted mean of ``loss_sum`` [P] (nats summed per block)."""
+    predicted = probe.input_ids.shape[1] - 1
+    out = {}
+    for d, domain in enumerate(probe.domains):
+        mine = probe.block_domains == d
+        if mine.any():
+            tokens = int(mine.sum()) * predicted
+            out[domain] = HeldOutLoss(float(loss_sum[mine].sum() / tokens), tokens)
+    return out
+
+
+def code_token_types(
+    probe: Probe, experts: dict[int, np.ndarray], n_experts: int, decode: Callable[[int], str]
+) -> dict[int, np.ndarray]:
+    """Per MoE layer, Python token category x expert counts [C, E] over the probe's code
+    blocks; each block is decoded token by token (its text is the tokens' concatenation)."""
+    if CODE not in probe.domains:
+        return {}
+    code = np.flatnonzero(probe.block_domains == probe.domains.index(CODE))
+    out = {layer: 0 for layer in experts}
+    for b in code:
+        pieces = [decode(int(i)) for i in probe.input_ids[b]]
+        ends = np.cumsum([len(p) for p in pieces])
+        spans = [(int(e - len(p)), int(e)) for p, e in zip(pieces, ends, strict=True)]
+        text = "".join(pieces)
+        for layer, chosen in experts.items():
+            out[layer] = out[layer] + token_type_table(text, spans, chosen[b], n_experts)
+    return out if len(code) else {}
+
+
+def evaluate_checkpoint(
+    loaded: LoadedCheckpoint,
+    probe: Probe,
+    held_out: Probe | None,
+    settings: dict[str, Any],
+    device: torch.device,
+    decode: Callable[[int], str] | None = None,
+) -> CheckpointResult:
+    """Route ``probe`` through the checkpoint's model in eval mode and score it; the held-out
+    loss per domain over ``held_out`` (one pass when the probe is the held-out set);
+    ``decode`` given: the code token-type tables too."""
+    model = loaded.model.to(device)
+    batch = int(settings["batch_size"])
+    same = held_out is not None and held_out.digest == probe.digest
+    routed = route_blocks(model, torch.from_numpy(probe.input_ids).to(device), batch,
+                          with_loss=same)  # fmt: skip
+    losses: dict[str, HeldOutLoss] = {}
+    if held_out is not None:
+        loss_sum = routed.loss_sum
+        if not same:
+            ids = torch.from_numpy(held_out.input_ids).to(device)
+            loss_sum = route_blocks(model, ids, batch, with_loss=True).loss_sum
+        losses = block_losses(held_out, loss_sum.cpu().numpy())
+    layers = moe_layers(model)
+    if not layers:
+        return CheckpointResult(step=loaded.step, losses=losses)
+    n_experts = next(iter(layers.values())).n_experts
+    tokens = probe.input_ids.size
+    experts = {i: e.cpu().numpy() for i, e in routed.experts.items()}
+    entropy = {i: float(s) / tokens for i, s in routed.entropy_sum.items()}
+    scored = score_probe_routing(probe, experts, entropy, n_experts,
+                                 settings["null_permutations"], settings["null_seed"])  # fmt: skip
+    types = code_token_types(probe, experts, n_experts, decode) if decode is not None else {}
+    return CheckpointResult(
+        step=loaded.step,
+        counts={layer: table for layer, (table, _) in scored.items()},
+        scores={layer: scores for layer, (_, scores) in scored.items()},
+        losses=losses,
+        token_types=types,
+    )
+
+
+# ---------------------------------------------------------------------- one run
+
+
+def evaluate_run(
+    run: RunCheckpoints,
+    report_dir: Path,
+    device: torch.device,
+    on_checkpoint: Callable[[], None] = lambda: None,
+) -> RunResult:
+    """Every checkpoint of ``run`` (verified beforehand: :func:`verify_checkpoints`), oldest
+    first, on the run's own probe and held-out split; ``on_checkpoint`` is called after each
+    (a progress bar). The data report of the rebuilt data goes to ``report_dir``."""
+    final = load_checkpoint(run.checkpoints[-1], OPTION, require_moe=False)
+    domains = tuple(final.hparams.get("domains") or ("code", "math", "prose"))
+    datamodule = load_data(run.name, final.data_settings, report_dir)
+    settings = probe_settings(run.run_dir)
+    probe = build_probe(datamodule, domains, settings["train_sample_blocks"],
+                        settings["held_out_blocks"], settings["probe_seed"])  # fmt: skip
+    # All held-out blocks (the loss's set; the probe too, unless it is a subset or train_sample).
+    held_out = build_probe(datamodule, domains) if datamodule.val_dataset is not None else None
+    tokenizer = datamodule.tokenizer
+
+    def decode(token_id: int) -> str:
+        return tokenizer.decode([token_id])
+
+    results = []
+    for path in run.checkpoints:
+        last = path == run.checkpoints[-1]
+        loaded = final if last else load_checkpoint(path, OPTION, require_moe=False)
+        results.append(evaluate_checkpoint(loaded, probe, held_out, settings, device,
+                                           decode if last else None))  # fmt: skip
+        on_checkpoint()
+    layers = moe_layers(final.model)
+    overrides, seed = run_overrides(run.run_dir)
+    if seed is None:
+        seed = final.data_settings.get("seed")
+    return RunResult(
+        name=run.name,
+        run_dir=run.run_dir or run.checkpoints[0].parent,
+        group=",".join(overrides) or "(no overrides)",
+        seed=seed,
+        overrides=overrides,
+        moe=bool(layers),
+        domains=domains,
+        layers=sorted(layers),
+        n_experts=next(iter(layers.values())).n_experts if layers else 0,
+        probe=probe.kind,
+        probe_blocks={d: int((probe.block_domains == i).sum()) for i, d in enumerate(domains)},
+        checkpoints=results,
+    )

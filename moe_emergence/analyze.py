@@ -1,0 +1,10 @@
+"""``python -m moe_emergence.analyze PATH [--out DIR]``: every checkpoint of a run or a seed
+sweep routed and scored in eval mode, summarised per condition over seeds with 95% intervals
+(see :mod:`moe_emergence.analysis.analyze`)."""
+
+import sys
+
+from moe_emergence.analysis.analyze import main
+
+if __name__ == "__main__":
+    sys.exit(main())

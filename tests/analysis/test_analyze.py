@@ -1,0 +1,197 @@
+"""``python -m moe_emergence.analyze`` on a tiny 2-condition x 2-seed sweep trained here: the
+summary files with n = 2 and finite intervals, routing and held-out loss equal to what the run
+measured during training, a single run dir and a single checkpoint, a gone token cache, and
+one-line errors for bad paths."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers.configs import tiny_overrides
+from helpers.script import assert_one_error_line, run_train
+
+from moe_emergence.analysis.analyze import main
+from moe_emergence.analysis.evaluate import find_runs, run_overrides
+from moe_emergence.analysis.tables import read_table
+from moe_emergence.errors import UserError
+
+STEPS = 4
+LAYERS = ("2", "3")  # tiny_moe's MoE layers
+DOMAINS = ("code", "math", "prose")
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_mirror, tiny_tokenizer_dir, tmp_path_factory) -> Path:
+    """``train.py -m condition=top1,dense seed=1,2``: tiny_moe and its dense twin, 4 steps, a
+    checkpoint every 2, validation and routing analysis every 2, 20% of texts held out."""
+    root = tmp_path_factory.mktemp("analyze")
+    args = [a for a in tiny_overrides(tiny_mirror, tiny_tokenizer_dir, "x") if "run_dir" not in a]
+    proc = run_train(
+        "-m", "condition=top1,dense", "seed=1,2", *args, f"trainer.max_steps={STEPS}",
+        "callbacks.model_checkpoint.every_n_train_steps=2", "data.eval_fraction=0.2",
+        "trainer.val_check_interval=2", "trainer.check_val_every_n_epoch=null",
+        "callbacks.routing_analysis.every_n_steps=2", f"data.cache_dir={root / 'cache'}",
+        f"hydra.sweep.dir={root / 'sweep'}", cwd=root,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "sweep"
+
+
+def _analyze(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([*map(str, args), "--no-progress"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _run_dirs(sweep: Path) -> list[Path]:
+    return sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
+
+
+def test_sweep_summary_has_two_seeds_per_condition(sweep, tmp_path, capsys):
+    code, out, err = _analyze(capsys, sweep, "--out", tmp_path)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["groups"]) == 2
+    moe = next(g for g, info in summary["groups"].items() if info["moe"])
+    dense = next(g for g, info in summary["groups"].items() if not info["moe"])
+    assert "condition=top1" in moe and "condition=dense" in dense
+    assert "seed" not in moe and "hub_mirror" not in moe  # grouped without seed and places
+    assert summary["groups"][moe]["seeds"] == [1, 2]
+    assert summary["groups"][moe]["final_steps"] == [STEPS, STEPS]
+    assert summary["groups"][moe]["dense_twin"] == dense
+
+    rows = summary["rows"]
+    assert rows and {r["n"] for r in rows} == {2}
+    for group, metric, layer in [(moe, "nmi", 2), (moe, "token_id_share", 3),
+                                 (moe, "loss_code", None), (dense, "loss_prose", None),
+                                 (moe, "loss_minus_dense", None)]:  # fmt: skip
+        key = (group, metric, layer)
+        row = next(r for r in rows if (r["group"], r["metric"], r["layer"]) == key)
+        assert row["method"] == "t"
+        assert math.isfinite(row["ci_low"]) and math.isfinite(row["ci_high"])
+        assert row["ci_low"] <= row["mean"] <= row["ci_high"]
+    csv_rows = read_table(tmp_path / "summary.csv")
+    assert len(csv_rows) == len(rows)
+    assert "| layer" in (tmp_path / "summary.md").read_text()
+    for figure in ("emergence.png", "heatmaps.png", "held_out_loss.png"):
+        assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "summary.md" in out and "NMI" in out
+
+
+def test_routing_and_loss_equal_the_runs_own_measurements(sweep, tmp_path, capsys):
+    """The analysis of a checkpoint repeats the training-time analysis of that step exactly:
+    same probe, same eval-mode routing (counts equal cell for cell), and the held-out loss is
+    the logged ``val/loss_<domain>`` of that step."""
+    moe_run = next(p for p in _run_dirs(sweep) if "condition=top1" in p.name)
+    code, _, err = _analyze(capsys, moe_run, "--out", tmp_path)
+    assert code == 0, err
+    [folder] = (tmp_path / "runs").iterdir()
+    analysed = read_table(folder / "counts.csv")
+    trained = read_table(moe_run / "routing" / "counts.csv")
+    steps = sorted({r["step"] for r in analysed}, key=int)
+    assert steps == ["2", "4"]  # every checkpoint (last.ckpt is step 4: not twice)
+    for step in steps:
+        mine = {(r["layer"], r["domain"], r["expert"]): r["tokens"] for r in analysed
+                if r["step"] == step}  # fmt: skip
+        theirs = {(r["layer"], r["domain"], r["expert"]): r["tokens"] for r in trained
+                  if r["step"] == step}  # fmt: skip
+        assert mine == theirs and len(mine) == len(LAYERS) * len(DOMAINS) * 4
+    trajectory = read_table(folder / "trajectory.csv")
+    trained_scores = {(r["step"], r["layer"]): r for r in
+                      read_table(moe_run / "routing" / "trajectory.csv")}  # fmt: skip
+    for row in trajectory:
+        assert row["probe"] == "held_out"
+        assert float(row["nmi"]) == pytest.approx(
+            float(trained_scores[row["step"], row["layer"]]["nmi"])
+        )
+
+    logged = {}
+    for r in read_table(moe_run / "csv" / "metrics.csv"):
+        for domain in DOMAINS:
+            if r.get(f"val/loss_{domain}"):
+                logged[r["step"], domain] = float(r[f"val/loss_{domain}"])
+    losses = read_table(folder / "losses.csv")
+    assert {r["domain"] for r in losses} == set(DOMAINS)
+    for r in losses:
+        # Lightning logs validation at the step count before the step that ran it.
+        before = (str(int(r["step"]) - 1), r["domain"])
+        expected = logged.get(before, logged.get((r["step"], r["domain"])))
+        assert float(r["loss"]) == pytest.approx(expected, rel=1e-5)
+        assert float(r["perplexity"]) == pytest.approx(math.exp(float(r["loss"])))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {r["n"] for r in summary["rows"]} == {1}  # one run: values, no intervals
+    assert all(r["ci_low"] is None for r in summary["rows"])
+    assert (folder / "token_types.txt").read_text().count("layer ") == len(LAYERS)
+
+
+def test_single_checkpoint_and_a_gone_cache(sweep, tmp_path, capsys):
+    run = next(p for p in _run_dirs(sweep) if "condition=top1" in p.name)
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    code, _, err = _analyze(capsys, copy / "checkpoints" / "step000002.ckpt",
+                              "--out", tmp_path / "one")  # fmt: skip
+    assert code == 0, err
+    [folder] = (tmp_path / "one" / "runs").iterdir()
+    assert {r["step"] for r in read_table(folder / "counts.csv")} == {"2"}
+    before = read_table(folder / "counts.csv")
+
+    # The token cache is gone: analyze rebuilds it from the checkpoint's data settings.
+    shutil.rmtree(sweep.parent / "cache")
+    code, _, err = _analyze(capsys, copy / "checkpoints" / "step000002.ckpt",
+                            "--out", tmp_path / "again")  # fmt: skip
+    assert code == 0, err
+    [folder] = (tmp_path / "again" / "runs").iterdir()
+    assert read_table(folder / "counts.csv") == before
+
+
+def test_overrides_group_without_seed_and_places(tmp_path):
+    hydra = tmp_path / ".hydra"
+    hydra.mkdir()
+    (hydra / "overrides.yaml").write_text(
+        "- condition=top2\n- seed=3\n- data.hub_mirror=/m\n- paths.run_dir=/r\n"
+        "- trainer.enable_progress_bar=false\n- +model.lb_window=4\n- experiment=study_cpu\n"
+    )
+    assert run_overrides(tmp_path) == (
+        ["+model.lb_window=4", "condition=top2", "experiment=study_cpu"],
+        3,
+    )
+    assert run_overrides(None) == ([], None)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty_dir", "no_checkpoints", "damaged", "not_ckpt"])
+def test_bad_paths_give_one_line_errors(case, sweep, tmp_path, capsys):
+    run = next(p for p in _run_dirs(sweep) if "condition=dense" in p.name)
+    if case == "missing":
+        path, needle = tmp_path / "nope", "does not exist"
+    elif case == "empty_dir":
+        path, needle = tmp_path, "holds no run dir"
+    elif case == "no_checkpoints":
+        path = tmp_path / "sweep"
+        shutil.copytree(run / ".hydra", path / "0_job" / ".hydra")
+        needle = "holds a checkpoint"
+    elif case == "damaged":
+        path = tmp_path / "run"
+        shutil.copytree(run, path)
+        (path / "checkpoints" / "step000002.ckpt.sha256").write_text("0" * 64 + "\n")
+        needle = "does not match its checksum"
+    else:
+        path = tmp_path / "notes.ckpt"
+        path.write_text("not a checkpoint")
+        needle = "not a readable checkpoint"
+    code, _, err = _analyze(capsys, path, "--out", tmp_path / "out")
+    assert code == 1
+    assert_one_error_line(err, needle)
+
+
+def test_find_runs_skips_runs_without_checkpoints(sweep, tmp_path):
+    shutil.copytree(_run_dirs(sweep)[0], tmp_path / "a")
+    shutil.copytree(_run_dirs(sweep)[0] / ".hydra", tmp_path / "b" / ".hydra")
+    runs, notes = find_runs(tmp_path)
+    assert [r.name for r in runs] == ["a"] and notes == ["b: no checkpoints, skipped"]
+    assert [p.name for p in runs[0].checkpoints] == ["step000002.ckpt", "step000004.ckpt"]
+    with pytest.raises(UserError, match="does not exist"):
+        find_runs(tmp_path / "gone")
