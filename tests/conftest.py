@@ -1,4 +1,5 @@
-"""Shared fixtures: offline env, tiny hub-layout mirrors and a tiny tokenizer built here.
+"""Shared fixtures: offline env, tiny hub-layout mirrors and a tiny tokenizer (built by
+``helpers.mirror`` and ``helpers.tokenizer``; tests import those, never this file).
 
 No test reaches the network: the Hub's offline switches are set before any HF library loads.
 Tests that need real data use ``../shared/hub`` (or ``$MOE_TEST_HUB``) and skip without it.
@@ -6,10 +7,7 @@ Tests that need real data use ``../shared/hub`` (or ``$MOE_TEST_HUB``) and skip 
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -17,104 +15,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.pop("MOE_HUB_MIRROR", None)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-
-from moe_emergence.data.sources import MATH_SUBJECTS
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_HUB = Path(os.environ.get("MOE_TEST_HUB", REPO_ROOT.parent / "shared" / "hub"))
-EOS = "<|endoftext|>"
-
-
-def _write_parquet(path: Path, rows: Sequence[Mapping[str, str]], columns: Sequence[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table({c: [r[c] for r in rows] for c in columns})
-    pq.write_table(table, path)
-
-
-def _write_configs_readme(repo: Path, configs: Sequence[str]) -> None:
-    lines = ["---", "configs:"]
-    for config in configs:
-        lines += [
-            f"- config_name: {config}",
-            "  data_files:",
-            "  - split: train",
-            f"    path: {config}/train-00000-of-00001.parquet",
-        ]
-    lines.append("---")
-    repo.mkdir(parents=True, exist_ok=True)
-    (repo / "README.md").write_text("\n".join(lines) + "\n")
-
-
-def build_hub_mirror(
-    root: Path,
-    code: Sequence[str],
-    gsm8k: Sequence[tuple[str, str]],
-    math: Mapping[str, Sequence[tuple[str, str]]],
-    wiki: Sequence[str],
-) -> Path:
-    """Write the four default sources in Hub layout under ``root`` (the mirror root).
-
-    code -> codeparrot/codeparrot-clean (gzipped JSON lines, field ``content``);
-    gsm8k -> openai/gsm8k config main (question, answer); math -> EleutherAI/hendrycks_math,
-    one config per subject (problem, solution); wiki -> Salesforce/wikitext (text).
-    """
-    code_repo = root / "codeparrot" / "codeparrot-clean"
-    code_repo.mkdir(parents=True, exist_ok=True)
-    with gzip.open(code_repo / "file-000000000001.json.gz", "wt", encoding="utf-8") as f:
-        for i, content in enumerate(code):
-            f.write(json.dumps({"repo_name": f"r{i}", "path": f"f{i}.py", "content": content}))
-            f.write("\n")
-
-    gsm = root / "openai" / "gsm8k"
-    _write_configs_readme(gsm, ["main"])
-    rows = [{"question": q, "answer": a} for q, a in gsm8k]
-    _write_parquet(gsm / "main" / "train-00000-of-00001.parquet", rows, ["question", "answer"])
-
-    hm = root / "EleutherAI" / "hendrycks_math"
-    _write_configs_readme(hm, MATH_SUBJECTS)
-    for subject in MATH_SUBJECTS:
-        rows = [
-            {"problem": p, "solution": s, "level": "Level 1", "type": subject}
-            for p, s in math.get(subject, [])
-        ]
-        _write_parquet(
-            hm / subject / "train-00000-of-00001.parquet",
-            rows,
-            ["problem", "level", "type", "solution"],
-        )
-
-    wt = root / "Salesforce" / "wikitext"
-    _write_configs_readme(wt, ["wikitext-103-raw-v1"])
-    rows = [{"text": t} for t in wiki]
-    _write_parquet(wt / "wikitext-103-raw-v1" / "train-00000-of-00001.parquet", rows, ["text"])
-    return root
-
-
-def _sentence(i: int, n: int) -> str:
-    words = ["alpha", "beta", "gamma", "delta", "sum", "value", "river", "stone", "light", "x"]
-    out: list[str] = []
-    while sum(len(w) + 1 for w in out) < n:
-        out.append(words[(i + len(out) * 7) % len(words)])
-    return " ".join(out)[:n]
-
-
-def default_mirror_content() -> dict:
-    """Small but non-trivial content: every domain packs into several 32-token blocks."""
-    code = [f"def f{i}(x):\n    return x + {i}\n" + "# " + _sentence(i, 150) for i in range(40)]
-    gsm8k = [
-        (f"Q{i}: {_sentence(i, 60)}?", f"{i} + {i} = {2 * i}\n#### {2 * i}") for i in range(30)
-    ]
-    math = {
-        s: [(f"{s} problem {j}: $x^{j}$", f"The answer is $\\boxed{{{j}}}$.") for j in range(3)]
-        for s in MATH_SUBJECTS
-    }
-    wiki = []
-    for i in range(40):
-        wiki += ["", f" = Title {i} = \n", " " + _sentence(i, 260) + " \n"]
-    return {"code": code, "gsm8k": gsm8k, "math": math, "wiki": wiki}
+from helpers.mirror import SHARED_HUB, build_hub_mirror, default_mirror_content
+from helpers.tokenizer import build_tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -132,37 +35,9 @@ def tiny_mirror(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
-    """A byte-level BPE (vocab ~400, EOS ``<|endoftext|>``) saved like a Hub tokenizer repo.
-
-    Its tokenizer.json carries a 50-token truncation, as GPT-2's does, to catch code that
-    forgets to turn it off.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    corpus = [t for texts in default_mirror_content().values() for t in texts if isinstance(t, str)]
-    corpus += [_sentence(i, 400) for i in range(50)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)
-    out = tmp_path_factory.mktemp("tokenizer")
-    fast.save_pretrained(out)
-    saved = json.loads((out / "tokenizer.json").read_text())
-    saved["truncation"] = {
-        "direction": "Right",
-        "max_length": 50,
-        "strategy": "LongestFirst",
-        "stride": 0,
-    }
-    (out / "tokenizer.json").write_text(json.dumps(saved))
-    return out
+    """A byte-level BPE (vocab ~400) saved like a Hub tokenizer repo, with GPT-2's 50-token
+    truncation left in its tokenizer.json (see :func:`helpers.tokenizer.build_tiny_tokenizer`)."""
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="session")

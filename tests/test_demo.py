@@ -8,15 +8,16 @@ import pytest
 from helpers.configs import short_demo_overrides
 
 from moe_emergence.config import compose_config
-from moe_emergence.data.sample import load_sample_domain
-from moe_emergence.data.sample_tokenizer import VOCAB_SIZE, sample_tokenizer_dir
-from moe_emergence.data.tokenize import encode_texts, load_tokenizer
+from moe_emergence.data.prepare import load_data_tokenizer
+from moe_emergence.data.sample.corpus import load_sample_domain
+from moe_emergence.data.sample.tokenizer import VOCAB_SIZE, sample_tokenizer_dir
+from moe_emergence.data.tokenize import encode_texts
 from moe_emergence.train import train
 
 
 @pytest.fixture(scope="session")
 def sample_bpe(sample_cache):
-    return load_tokenizer("sample_bpe", cache_dir=sample_cache)
+    return load_data_tokenizer("sample_bpe", cache_dir=sample_cache)
 
 
 def test_sample_tokenizer_round_trips_every_domain(sample_bpe):
@@ -35,7 +36,7 @@ def test_sample_tokenizer_round_trips_every_domain(sample_bpe):
 def test_sample_tokenizer_is_trained_once_and_reused(sample_bpe, sample_cache):
     folder = sample_tokenizer_dir(sample_cache)
     made = (folder / "tokenizer.json").stat().st_mtime_ns
-    again = load_tokenizer("sample_bpe", cache_dir=sample_cache)
+    again = load_data_tokenizer("sample_bpe", cache_dir=sample_cache)
     assert (folder / "tokenizer.json").stat().st_mtime_ns == made
     assert again.get_vocab() == sample_bpe.get_vocab()
 

@@ -63,10 +63,9 @@ def test_train_script_mistakes(
     (tmp_path / "empty-mirror").mkdir()
     overrides = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
     code = run_train_script(
-        monkeypatch, "model=tiny_moe", "trainer=cpu", f"data.hub_mirror={tiny_mirror}",
+        monkeypatch, "experiment=debug", f"data.hub_mirror={tiny_mirror}",
         f"data.tokenizer={tiny_tokenizer_dir}", "data.block_size=16", "data.size_mb=0.01",
-        "data.show_progress=false", f"hydra.run.dir={tmp_path / 'run'}", "trainer.max_steps=1",
-        *overrides,
+        f"hydra.run.dir={tmp_path / 'run'}", "trainer.max_steps=1", *overrides,
     )  # fmt: skip
     assert code == 1
     assert_one_error_line(capsys.readouterr().err, *needles)

@@ -124,7 +124,7 @@ def test_ddp_inside_multirun_is_refused():
 
 
 def test_multirun_of_two_jobs_tokenizes_once(tiny_mirror, tiny_tokenizer_dir, tmp_path):
-    args = [a for a in tiny_overrides(tiny_mirror, tiny_tokenizer_dir, "x") if "run_dir" not in a]
+    args = tiny_overrides(tiny_mirror, tiny_tokenizer_dir, None)  # each job's own folder
     proc = run_train("-m", "seed=1,2", "data/size=1mb", *args, "trainer.max_steps=2",
                      f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -201,9 +201,7 @@ def test_ddp_spawn_summary_reports_the_true_step_and_losses(
 def test_progress_bar_off_needs_only_the_trainer_flag(tiny_mirror, tiny_tokenizer_dir, tmp_path):
     """``trainer.enable_progress_bar=false`` alone turns the bar off (Lightning refuses a bar
     callback with it, so train() leaves the configured one out)."""
-    overrides = [o for o in tiny_overrides(tiny_mirror, tiny_tokenizer_dir, tmp_path,
-                                           "trainer.max_steps=1")
-                 if o != "~callbacks.progress_bar"]  # fmt: skip
-    cfg = compose_config(overrides)
+    cfg = compose_config(tiny_overrides(tiny_mirror, tiny_tokenizer_dir, tmp_path,
+                                        "trainer.max_steps=1"))  # fmt: skip
     assert cfg.callbacks.progress_bar is not None and cfg.trainer.enable_progress_bar is False
     assert train(cfg)["global_step"] == 1

@@ -41,8 +41,9 @@ HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 # group (its condition) is its overrides without these and without ``seed``.
 NOT_CONDITION_KEYS = (
     "seed", "ckpt_path", "init_from", "data.hub_mirror", "data.tokenizer", "data.cache_dir",
-    "data.rebuild_cache", "data.show_progress", "data.num_workers", "data.pin_memory",
-    "data.persistent_workers", "data.report_dir", "trainer.enable_progress_bar",
+    "data.rebuild_cache", "data.verify_cache", "data.show_progress", "data.num_workers",
+    "data.pin_memory", "data.persistent_workers", "data.report_dir",
+    "trainer.enable_progress_bar",
 )  # fmt: skip
 NOT_CONDITION_PREFIXES = ("paths.", "hydra.", "callbacks.progress_bar", "logger")
 PROBE_KEYS = ("train_sample_blocks", "held_out_blocks", "probe_seed", "null_permutations",

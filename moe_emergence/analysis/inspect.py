@@ -28,10 +28,12 @@ from transformers import GPT2LMHeadModel
 
 from moe_emergence.analysis.loading import LoadedCheckpoint, load_checkpoint, tokenizer_settings
 from moe_emergence.analysis.probe import eval_mode
-from moe_emergence.analysis.token_types import format_type_table, token_type_table
+from moe_emergence.analysis.token_types import CATEGORIES, format_type_table, token_type_table
 from moe_emergence.checkpoints import resolve_checkpoint
-from moe_emergence.data.hub import HubUnavailableError
+from moe_emergence.data.prepare import load_data_tokenizer
+from moe_emergence.data.tokenize import untruncated
 from moe_emergence.errors import UserError
+from moe_emergence.hub import HubUnavailableError
 from moe_emergence.model.gpt2_moe import (
     collect_aux_outputs,
     moe_layers,
@@ -51,8 +53,6 @@ Routing = dict[int, tuple[np.ndarray, np.ndarray]]
 def load_run_tokenizer(loaded: LoadedCheckpoint, args: argparse.Namespace):
     """The run's tokenizer (``--tokenizer`` / ``--hub-mirror`` / ``--cache-dir`` override),
     checked to fit the model's embedding."""
-    from moe_emergence.data.tokenize import load_tokenizer
-
     settings = tokenizer_settings(loaded) or {}
     name = args.tokenizer or settings.get("tokenizer")
     if not name:
@@ -62,7 +62,7 @@ def load_run_tokenizer(loaded: LoadedCheckpoint, args: argparse.Namespace):
         )
     mirror = args.hub_mirror or settings.get("hub_mirror")
     cache_dir = args.cache_dir or settings.get("cache_dir")
-    tokenizer = load_tokenizer(str(name), hub_mirror=mirror, cache_dir=cache_dir)
+    tokenizer = load_data_tokenizer(str(name), hub_mirror=mirror, cache_dir=cache_dir)
     vocab = loaded.model.config.vocab_size
     if len(tokenizer) > vocab:
         raise UserError(
@@ -78,8 +78,6 @@ def encode(tokenizer: Any, text: str) -> tuple[np.ndarray, list[tuple[int, int]]
     ended (so leading spaces that a tokenizer trims from offsets stay with their token; the
     second of two tokens sharing one character gets an empty span) and the last ends at the
     text's end."""
-    from moe_emergence.data.tokenize import untruncated
-
     with untruncated(tokenizer) as backend:
         encoding = backend.encode(text, add_special_tokens=False)
     ids = np.asarray(encoding.ids, dtype=np.int64)
@@ -195,8 +193,6 @@ def render_html(
     ``<span class="tok e{expert}" title="...">`` per token (its first expert for top-k), the
     title holding the token's index, experts and the layer's probabilities; a legend; the
     token-type tables when given."""
-    from moe_emergence.analysis.token_types import CATEGORIES
-
     css = [
         "body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}",
         "pre{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:14px;"

@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from moe_emergence.checkpoints import load_mapped
-from moe_emergence.data.hub import HubUnavailableError, resolve_repo
 from moe_emergence.errors import UserError
+from moe_emergence.hub import HubUnavailableError, resolve_repo
 from moe_emergence.model.gpt2_moe import build_gpt2, install_moe_layers
 
 

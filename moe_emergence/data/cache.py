@@ -10,10 +10,16 @@ The fingerprint hashes everything that changes the tokens (sources with their co
 identity, budget, filters, templates, the tokenizer's definition) and nothing applied afterwards
 (block_size, seed, balance), nor where any file lives. A cache is built in
 ``.<fingerprint>.tmp-*`` and renamed into place complete; a file lock per fingerprint makes a
-second process wait and then read. A folder proves its contents before it is used: its
-manifest has the expected shape, names this folder's fingerprint, records exactly the requested
-inputs and every domain, and every file has the recorded size and SHA-256; anything else is
-rebuilt with a warning.
+second process wait and then read.
+
+A folder proves its contents before it is used: its manifest has the expected shape, names this
+folder's fingerprint, records exactly the requested inputs and every domain, and every file has
+the size its manifest implies (count x item size). That is all a hit costs (a few ``stat``
+calls): file contents are hashed only right after a build (the fresh files are read back against
+the checksums written into the manifest, before the folder is renamed into place) and on a hit
+when asked (``verify_files=True``: ``data.verify_cache``, ``--verify-cache``), which compares
+every file's SHA-256 too. Anything that fails a check is rebuilt with a warning; a fresh build that
+does not read back as written raises CacheCorruptError.
 """
 
 from __future__ import annotations
@@ -156,7 +162,7 @@ class DomainInput:
 
 @dataclass
 class TokenCache:
-    """An opened, verified cache folder."""
+    """An opened, checked cache folder."""
 
     path: Path
     manifest: dict[str, Any]
@@ -255,10 +261,9 @@ def read_manifest(path: Path) -> Any:
     return json.loads((path / MANIFEST).read_text())
 
 
-def verify(path: Path, inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Load ``path``'s manifest, check it (:func:`check_manifest`) and every file's size and
-    SHA-256 against it."""
-    manifest = check_manifest(read_manifest(path), path, inputs)
+def check_files(path: Path, manifest: Mapping[str, Any], checksums: bool = False) -> None:
+    """Raise CacheCorruptError unless every file of the (checked) ``manifest`` exists in
+    ``path`` with the size its count implies; with ``checksums``, also its recorded SHA-256."""
     itemsize = np.dtype(manifest["dtype"]).itemsize
     for domain, entry in manifest["domains"].items():
         for kind, count, size in (
@@ -266,13 +271,24 @@ def verify(path: Path, inputs: Mapping[str, Any] | None = None) -> dict[str, Any
             ("offsets", entry["num_texts"] + 1, 8),
         ):
             file = path / entry[f"{kind}_file"]
-            actual = file.stat().st_size if file.exists() else -1
+            if not file.is_file():
+                raise CacheCorruptError(f"{file} is missing ({domain})")
+            actual = file.stat().st_size
             if actual != count * size:
                 raise CacheCorruptError(
                     f"{file} has {actual} bytes, the manifest says {count * size} ({domain})"
                 )
-            if sha256_file(file) != entry[f"{kind}_sha256"]:
+            if checksums and sha256_file(file) != entry[f"{kind}_sha256"]:
                 raise CacheCorruptError(f"{file} does not match its checksum ({domain})")
+
+
+def verify(
+    path: Path, inputs: Mapping[str, Any] | None = None, checksums: bool = True
+) -> dict[str, Any]:
+    """Load ``path``'s manifest, check it (:func:`check_manifest`) and every file's size
+    against it; with ``checksums`` (the default here) also every file's SHA-256."""
+    manifest = check_manifest(read_manifest(path), path, inputs)
+    check_files(path, manifest, checksums)
     return manifest
 
 
@@ -361,17 +377,27 @@ def build_cache(
         "domains": entries,
     }
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    try:  # read the fresh files back once: later hits check only their sizes
+        check_files(folder, manifest, checksums=True)
+    except CacheCorruptError as exc:
+        raise CacheCorruptError(
+            f"the token cache just written does not read back as written: {exc}; check the "
+            f"disk under {folder.parent} or pass another --cache-dir (data.cache_dir)"
+        ) from exc
     return manifest
 
 
-def _try_open(path: Path, inputs: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-    """The verified manifest, None when there is no cache; warns and returns None if damaged."""
+def _try_open(
+    path: Path, inputs: Mapping[str, Any] | None = None, verify_files: bool = False
+) -> dict[str, Any] | None:
+    """The checked manifest (sizes; SHA-256s too with ``verify_files``), None when there is
+    no cache; warns and returns None if damaged."""
     if not (path / MANIFEST).exists():
         if path.exists() or path.is_symlink():
             log.warning("Token cache %s has no manifest; rebuilding it.", path)
         return None
     try:
-        return verify(path, inputs)
+        return verify(path, inputs, checksums=verify_files)
     except (CacheCorruptError, OSError, ValueError) as exc:
         log.warning("Token cache %s is damaged (%s); rebuilding it.", path, exc)
         return None
@@ -385,10 +411,13 @@ def ensure_cache(
     rebuild: bool = False,
     show_progress: bool = False,
     tokenizer_info: Mapping[str, Any] | None = None,
+    verify_files: bool = False,
 ) -> TokenCache:
     """Open the cache for ``inputs``, building it first when missing, damaged or ``rebuild``.
 
-    ``make_domains`` is called only when building (it streams the datasets). Safe to call from
+    A hit checks the manifest and the files' sizes; ``verify_files`` also checks their SHA-256
+    (a mismatch is damage: warned about and rebuilt). ``make_domains`` is called only when
+    building (it streams the datasets); a build reads its files back once. Safe to call from
     several processes at once: one builds, the others wait on the lock, then read.
     """
     root = check_cache_root(cache_dir)
@@ -396,7 +425,7 @@ def ensure_cache(
     found: dict[str, Any] = {}
 
     def ready(folder: Path) -> bool:
-        found["manifest"] = _try_open(folder, inputs)
+        found["manifest"] = _try_open(folder, inputs, verify_files)
         return found["manifest"] is not None
 
     def build(folder: Path) -> None:
@@ -411,7 +440,7 @@ def ensure_cache(
 
 def cache_entries(cache_dir: str | os.PathLike | None) -> list[tuple[Path, Any]]:
     """``(folder, parsed manifest)`` of every cache folder under the root that has a readable
-    manifest, newest ``created_at`` first; nothing is verified (see :func:`open_entry`)."""
+    manifest, newest ``created_at`` first; nothing is checked (see :func:`open_entry`)."""
     root = resolve_cache_dir(cache_dir)
     out = []
     for folder in root.glob("*/") if root.is_dir() else ():
@@ -435,11 +464,11 @@ def cache_entries(cache_dir: str | os.PathLike | None) -> list[tuple[Path, Any]]
     return sorted(out, key=created, reverse=True)
 
 
-def open_entry(path: Path) -> TokenCache | None:
-    """The verified cache folder ``path`` as found (no request to compare with), or None with
-    a warning when it is damaged."""
+def open_entry(path: Path, verify_files: bool = False) -> TokenCache | None:
+    """The cache folder ``path`` as found (no request to compare with), checked as a hit is
+    (sizes; SHA-256s too with ``verify_files``), or None with a warning when it is damaged."""
     try:
-        return TokenCache(path, verify(path), built_now=False)
+        return TokenCache(path, verify(path, checksums=verify_files), built_now=False)
     except (CacheCorruptError, OSError, ValueError) as exc:
         log.warning("Token cache %s is damaged (%s); skipping it.", path, exc)
         return None

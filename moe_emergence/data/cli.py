@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from moe_emergence.data.dataset import PackedMixedDomainDataset, collate_packed
-from moe_emergence.data.hub import HubUnavailableError
 from moe_emergence.data.prepare import prepare_domains
 from moe_emergence.data.report import build_report, report_table, write_report
 from moe_emergence.data.settings import DataSettings
 from moe_emergence.errors import UserError
+from moe_emergence.hub import HubUnavailableError
 
 log = logging.getLogger("moe_emergence.data")
 
@@ -111,6 +111,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[DataSettings, argpars
     parser.add_argument(
         "--rebuild-cache", action="store_true", help="tokenize again even on a cache hit"
     )
+    parser.add_argument(
+        "--verify-cache",
+        action="store_true",
+        help="on a cache hit, check every file's SHA-256 too (default: sizes only); "
+        "a mismatch is rebuilt",
+    )
     parser.add_argument("--report", default=None, help="write the JSON report to this file")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
@@ -124,6 +130,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[DataSettings, argpars
         hub_mirror=args.hub_mirror,
         cache_dir=args.cache_dir,
         rebuild_cache=args.rebuild_cache,
+        verify_cache=args.verify_cache,
         source=args.source,
     )
     try:

@@ -28,16 +28,17 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
+from moe_emergence.compose import compose
 from moe_emergence.data.cache import MANIFEST
 from moe_emergence.data.dataset import PackedMixedDomainDataset, collate_packed
-from moe_emergence.data.hub import default_mirror
-from moe_emergence.data.prepare import PreparedDomains, prepare_domains
+from moe_emergence.data.prepare import PreparedDomains, load_data_tokenizer, prepare_domains
 from moe_emergence.data.report import build_report, report_table, write_report
 from moe_emergence.data.settings import DataSettings, is_int
 from moe_emergence.data.sources import MAX_EXAMPLE_CHARS
 from moe_emergence.data.split import split_by_document
-from moe_emergence.data.tokenize import DEFAULT_TOKENIZER, TokenStream, load_tokenizer
+from moe_emergence.data.tokenize import DEFAULT_TOKENIZER, TokenStream
 from moe_emergence.errors import UserError
+from moe_emergence.hub import default_mirror
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,7 @@ class MixedDomainDataModule(L.LightningDataModule):
         hub_mirror: str | None = None,
         cache_dir: str | None = None,
         rebuild_cache: bool = False,
+        verify_cache: bool = False,
         source: str = "hub",
         batch_size: int = 8,
         num_workers: int = 0,
@@ -224,6 +226,7 @@ class MixedDomainDataModule(L.LightningDataModule):
             hub_mirror=hub_mirror if hub_mirror is not None else default_mirror(),
             cache_dir=cache_dir,
             rebuild_cache=rebuild_cache,
+            verify_cache=verify_cache,
             source=source,
         ).validate()
         _check_loader_args(batch_size, num_workers, eval_fraction, eval_seed)
@@ -265,9 +268,7 @@ class MixedDomainDataModule(L.LightningDataModule):
         """
         from hydra.utils import instantiate
 
-        from moe_emergence.config import compose_config
-
-        cfg = compose_config(overrides, config_dir)
+        cfg = compose(overrides, config_dir)
         return instantiate(cfg.data)
 
     @property
@@ -275,7 +276,7 @@ class MixedDomainDataModule(L.LightningDataModule):
         """The tokenizer the blocks were made with (loaded on first use)."""
         if self._tokenizer is None:
             s = self.settings
-            self._tokenizer = load_tokenizer(s.tokenizer, s.hub_mirror, s.cache_dir)
+            self._tokenizer = load_data_tokenizer(s.tokenizer, s.hub_mirror, s.cache_dir)
         return self._tokenizer
 
     def prepare_data(self) -> None:

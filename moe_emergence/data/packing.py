@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moe_emergence.data.tokenize import encode_texts
 from moe_emergence.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,6 @@ def pack_sequences(
     Returns ``(blocks, total_tokens)``; ``total_tokens`` counts every token including EOS,
     before the tail is dropped.
     """
-    from moe_emergence.data.tokenize import encode_texts
-
     check_block_size(block_size)
     stream = encode_texts(texts, tokenizer)
     return PackedBlocks(block_view(stream.tokens, block_size), domain_label), stream.num_tokens

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,12 @@ from moe_emergence.data.cache import (
     tokenizer_identity,
 )
 from moe_emergence.data.files import FILE_INDEX, FileIndex, folder_identity
-from moe_emergence.data.hub import HubUnavailableError, hub_revision, resolve_repo
+from moe_emergence.data.sample import (
+    SAMPLE_TOKENIZER,
+    domain_identity,
+    load_sample_domain,
+    load_sample_tokenizer,
+)
 from moe_emergence.data.settings import DataSettings
 from moe_emergence.data.sources import (
     DEFAULT_SOURCES,
@@ -45,7 +51,8 @@ from moe_emergence.data.sources import (
     check_local_files,
     load_domain,
 )
-from moe_emergence.data.tokenize import TokenStream, load_tokenizer
+from moe_emergence.data.tokenize import DEFAULT_TOKENIZER, TokenStream, load_tokenizer
+from moe_emergence.hub import HubUnavailableError, hub_revision, resolve_repo
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +134,20 @@ def _pinned(source: Source, content: dict[str, Any] | None) -> Source:
     return dataclasses.replace(source, revision=revision) if revision else source
 
 
+def load_data_tokenizer(
+    name: str = DEFAULT_TOKENIZER,
+    hub_mirror: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    rebuild: bool = False,
+):
+    """The tokenizer ``data.tokenizer`` names: ``sample_bpe``, trained on the offline sample
+    corpus and kept in ``cache_dir`` (``rebuild`` retrains it once per process), else a Hub
+    name, mirror or folder (:func:`~moe_emergence.data.tokenize.load_tokenizer`)."""
+    if name == SAMPLE_TOKENIZER:
+        return load_sample_tokenizer(cache_dir, rebuild=rebuild)
+    return load_tokenizer(name, hub_mirror)
+
+
 def describe_request(settings: DataSettings) -> CacheRequest:
     """The request's identity (see the module docstring); offline Hub ids become unknowns."""
     sources: dict[str, tuple[Source, ...]] = dict(DEFAULT_SOURCES)
@@ -135,8 +156,6 @@ def describe_request(settings: DataSettings) -> CacheRequest:
     paths: list[tuple[str | int, ...]] = []
     errors: list[Exception] = []
     if settings.source == "sample":
-        from moe_emergence.data.sample import domain_identity
-
         for domain in DEFAULT_SOURCES:
             ident = domain_identity(domain, settings.size_mb, settings.max_example_chars)
             entries[domain] = [{"sample": ident}]
@@ -158,7 +177,7 @@ def describe_request(settings: DataSettings) -> CacheRequest:
         index.save()
     tokenizer = info = None
     try:
-        tokenizer = load_tokenizer(
+        tokenizer = load_data_tokenizer(
             settings.tokenizer, settings.hub_mirror, settings.cache_dir, settings.rebuild_cache
         )
         info = tokenizer_identity(tokenizer, settings.tokenizer)
@@ -192,11 +211,12 @@ def matches(request: CacheRequest, settings: DataSettings, manifest: Any) -> boo
 
 
 def find_offline_entry(request: CacheRequest, settings: DataSettings) -> TokenCache | None:
-    """The newest verified cache entry matching the partly unknown ``request`` (logged with
-    what could not be checked and how many entries matched), or None."""
+    """The newest sound cache entry (checked as a hit is) matching the partly unknown
+    ``request`` (logged with what could not be checked and how many entries matched), or
+    None."""
     found = [(p, m) for p, m in cache_entries(settings.cache_dir) if matches(request, settings, m)]
     for n, (path, _) in enumerate(found):
-        cache = open_entry(path)
+        cache = open_entry(path, verify_files=settings.verify_cache)
         if cache is None:
             continue
         newest = "" if len(found) - n == 1 else f", the newest of {len(found) - n} that match"
@@ -218,7 +238,8 @@ def prepare_domains(
     mirror folder fails at once; offline with no matching entry, the first dataset or
     tokenizer that cannot be loaded raises HubUnavailableError (one line). ``announce_hit=False``
     keeps a cache hit quiet (setup after prepare_data has already said so). ``rebuild_cache``
-    rebuilds once per process (prepare_data and setup share it).
+    rebuilds once per process (prepare_data and setup share it). A hit checks the manifest and
+    the files' sizes; ``verify_cache`` also checks every file's SHA-256 (on every call).
     """
     settings.validate()
     check_cache_root(settings.cache_dir)
@@ -234,9 +255,14 @@ def prepare_domains(
         if cache.built_now:
             log.info("Token cache written to %s", cache.path)
         elif announce_hit:
+            checked = (
+                "every file's SHA-256 verified"
+                if settings.verify_cache
+                else "file sizes checked; --verify-cache checks SHA-256s"
+            )
             log.info(
-                "Found token cache %s (built %s): skipping streaming and tokenizing; %s.",
-                cache.path, cache.manifest["created_at"], REBUILD_HINT,
+                "Found token cache %s (built %s; %s): skipping streaming and tokenizing; %s.",
+                cache.path, cache.manifest["created_at"], checked, REBUILD_HINT,
             )  # fmt: skip
     return PreparedDomains(
         streams=cache.streams(),
@@ -258,8 +284,6 @@ def _ensure(request: CacheRequest, settings: DataSettings, show_progress: bool) 
             check_local_files(all_sources, settings.hub_mirror)
         for domain, sources in request.sources.items():
             if settings.source == "sample":
-                from moe_emergence.data.sample import load_sample_domain
-
                 texts, meta = load_sample_domain(
                     domain, settings.size_mb, settings.max_example_chars,
                     show_progress=show_progress,
@@ -279,6 +303,7 @@ def _ensure(request: CacheRequest, settings: DataSettings, show_progress: bool) 
         rebuild=rebuild,
         show_progress=show_progress,
         tokenizer_info=request.tokenizer_info,
+        verify_files=settings.verify_cache,
     )
     if rebuild:
         _REBUILT.add(path)
@@ -291,5 +316,6 @@ __all__ = [
     "cache_inputs",
     "describe_request",
     "fingerprint",
+    "load_data_tokenizer",
     "prepare_domains",
 ]

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moe_emergence.data.hub import default_mirror
 from moe_emergence.data.sources import (
     DEFAULT_SOURCES,
     MAX_EXAMPLE_CHARS,
@@ -17,6 +16,7 @@ from moe_emergence.data.sources import (
 )
 from moe_emergence.data.tokenize import DEFAULT_TOKENIZER
 from moe_emergence.errors import UserError
+from moe_emergence.hub import default_mirror
 
 SOURCES = ("hub", "sample")
 
@@ -30,6 +30,8 @@ class DataSettings:
     hub_mirror: folder holding Hub repos as <mirror>/<org>/<name> (default $MOE_HUB_MIRROR).
     cache_dir: token cache root (None: $MOE_CACHE_DIR, else .cache/moe_emergence in the cwd).
     rebuild_cache: tokenize again even when the cache holds these settings' tokens.
+    verify_cache: on a cache hit, check every file's SHA-256 too (default: the manifest and the
+    files' sizes only); a mismatch is damage: warned about and rebuilt.
     source: "hub" (the datasets, through hub_mirror if set) or "sample" (the offline corpus).
     """
 
@@ -42,6 +44,7 @@ class DataSettings:
     hub_mirror: str | None = dataclasses.field(default_factory=default_mirror)
     cache_dir: str | None = None
     rebuild_cache: bool = False
+    verify_cache: bool = False
     source: str = "hub"
 
     def validate(self) -> DataSettings:
@@ -63,7 +66,7 @@ class DataSettings:
                 check_filters(sources, self.max_example_chars, domain)
             except ValueError as exc:
                 raise UserError(f"{option('max_example_chars')}: {exc}") from None
-        for key in ("balance_tokens", "rebuild_cache"):
+        for key in ("balance_tokens", "rebuild_cache", "verify_cache"):
             value = getattr(self, key)
             if not isinstance(value, bool):
                 raise UserError(f"{option(key)} must be true or false, got {value!r}.")

@@ -24,8 +24,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from moe_emergence.data.hub import HubUnavailableError, is_hub_id, resolve_repo
 from moe_emergence.errors import UserError
+from moe_emergence.hub import HubUnavailableError, is_hub_id, resolve_repo
 
 log = logging.getLogger(__name__)
 

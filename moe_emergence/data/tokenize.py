@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,8 +20,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from moe_emergence.data.hub import resolve_repo
 from moe_emergence.errors import UserError
+from moe_emergence.hub import resolve_repo
 
 log = logging.getLogger(__name__)
 
@@ -55,36 +54,26 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size < 2**16 else np.dtype(np.uint32)
 
 
-def load_tokenizer(
-    name_or_path: str = DEFAULT_TOKENIZER,
-    hub_mirror: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    rebuild: bool = False,
-):
+def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER, hub_mirror: str | None = None):
     """A fast (Rust-backed) tokenizer by Hub name, mirror or local folder; it must define EOS.
 
     A Hub name offline without a mirror loads from the Hugging Face hub cache when it holds it.
-    ``sample_bpe`` is the offline tokenizer trained on the sample corpus (kept in ``cache_dir``;
-    ``rebuild`` retrains it once per process).
-    A folder's tokenizer is loaded once per process while its files stay unchanged (the config
-    resolver, prepare_data and setup all ask for it). A missing local path, a file, a folder
-    without tokenizer files or with broken JSON raises a one-line UserError.
+    A missing local path, a file, a folder without tokenizer files or with broken JSON raises a
+    one-line UserError.
     """
-    from moe_emergence.data.sample_tokenizer import SAMPLE_TOKENIZER, ensure_sample_tokenizer
+    location = resolve_repo(name_or_path, hub_mirror, kind="tokenizer")
+    if Path(location).is_dir():
+        check_tokenizer_folder(name_or_path, Path(location))
+    return load_tokenizer_at(name_or_path, location)
 
-    if name_or_path == SAMPLE_TOKENIZER:
-        from moe_emergence.data.cache import check_cache_root, writing_cache
 
-        root = check_cache_root(cache_dir)
-        with writing_cache(root, cache_dir):
-            location = str(ensure_sample_tokenizer(cache_dir, rebuild=rebuild))
-    else:
-        location = resolve_repo(name_or_path, hub_mirror, kind="tokenizer")
-        if Path(location).is_dir():
-            check_tokenizer_folder(name_or_path, Path(location))
-    key = (name_or_path, location, _files_signature(location))
+def load_tokenizer_at(name: str, location: str):
+    """The tokenizer called ``name`` from ``location`` (a folder or a Hub id), checked (fast,
+    with EOS). A folder's tokenizer is loaded once per process while its files stay unchanged
+    (the config resolver, prepare_data and setup all ask for it)."""
+    key = (name, location, _files_signature(location))
     if key[2] is None or key not in _LOADED:
-        tokenizer = _load_checked(name_or_path, location)
+        tokenizer = _load_checked(name, location)
         if key[2] is None:
             return tokenizer
         _LOADED[key] = tokenizer

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from moe_emergence.data.hub import HubUnavailableError, resolve_repo
 from moe_emergence.errors import UserError
+from moe_emergence.hub import HubUnavailableError, resolve_repo
 from moe_emergence.model.moe import MoELayer, check_lb_settings
 
 WEIGHT_FILES = (

@@ -29,7 +29,7 @@ def sweep(tiny_mirror, tiny_tokenizer_dir, tmp_path_factory) -> Path:
     """``train.py -m condition=top1,dense seed=1,2``: tiny_moe and its dense twin, 4 steps, a
     checkpoint every 2, validation and routing analysis every 2, 20% of texts held out."""
     root = tmp_path_factory.mktemp("analyze")
-    args = [a for a in tiny_overrides(tiny_mirror, tiny_tokenizer_dir, "x") if "run_dir" not in a]
+    args = tiny_overrides(tiny_mirror, tiny_tokenizer_dir, None)  # each job's own folder
     proc = run_train(
         "-m", "condition=top1,dense", "seed=1,2", *args, f"trainer.max_steps={STEPS}",
         "callbacks.model_checkpoint.every_n_train_steps=2", "data.eval_fraction=0.2",

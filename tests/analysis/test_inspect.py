@@ -104,9 +104,9 @@ def demo_ckpt(tmp_path_factory, sample_cache) -> Path:
 
 @pytest.fixture(scope="module")
 def demo_tokenizer(sample_cache, demo_ckpt):
-    from moe_emergence.data.tokenize import load_tokenizer
+    from moe_emergence.data.prepare import load_data_tokenizer
 
-    return load_tokenizer("sample_bpe", cache_dir=sample_cache)
+    return load_data_tokenizer("sample_bpe", cache_dir=sample_cache)
 
 
 def _edited_copy(ckpt: Path, folder: Path, edit) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -114,8 +115,11 @@ def test_hit_does_not_stream(settings, monkeypatch):
     assert prep(settings, block_size=16).from_cache
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_damaged_file_is_detected_and_rebuilt(settings, caplog, damage):
+@pytest.mark.parametrize(
+    ("damage", "verify"), [("truncate", False), ("flip", True)]
+)  # a same-size flip only with verify_cache (tests/data/test_cache_hits.py)
+def test_damaged_file_is_detected_and_rebuilt(settings, caplog, damage, verify):
+    settings = dataclasses.replace(settings, verify_cache=verify)
     first = prep(settings)
     expected = {d: np.array(s.tokens) for d, s in first.streams.items()}
     victim = first.cache_path / "math.tokens.bin"

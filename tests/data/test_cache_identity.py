@@ -16,10 +16,9 @@ from helpers.data import prep, tiny_settings
 
 from moe_emergence.data import files as files_module
 from moe_emergence.data.cache import MANIFEST
-from moe_emergence.data.prepare import describe_request
-from moe_emergence.data.sample_tokenizer import DIGESTS, ensure_sample_tokenizer
+from moe_emergence.data.prepare import describe_request, load_data_tokenizer
+from moe_emergence.data.sample.tokenizer import DIGESTS, ensure_sample_tokenizer
 from moe_emergence.data.settings import DataSettings
-from moe_emergence.data.tokenize import load_tokenizer
 
 GSM8K_FILE = Path("openai", "gsm8k", "main", "train-00000-of-00001.parquet")
 
@@ -180,12 +179,12 @@ def test_folder_without_manifest_is_rebuilt(settings, caplog):
 def test_damaged_sample_tokenizer_is_retrained_and_rebuild_retrains(tmp_path, caplog):
     cache_dir = tmp_path / "cache"
     folder = ensure_sample_tokenizer(cache_dir)
-    vocab = load_tokenizer("sample_bpe", cache_dir=cache_dir).get_vocab()
+    vocab = load_data_tokenizer("sample_bpe", cache_dir=cache_dir).get_vocab()
     assert json.loads((folder / DIGESTS).read_text())["files"]["tokenizer.json"]
 
     (folder / "tokenizer.json").write_text('{"truncated": ')
     with caplog.at_level(logging.WARNING):
-        repaired = load_tokenizer("sample_bpe", cache_dir=cache_dir)
+        repaired = load_data_tokenizer("sample_bpe", cache_dir=cache_dir)
     assert any("damaged" in m and "retraining" in m for m in caplog.messages)
     assert repaired.get_vocab() == vocab
 
@@ -194,7 +193,7 @@ def test_damaged_sample_tokenizer_is_retrained_and_rebuild_retrains(tmp_path, ca
     (folder / "tokenizer.json").write_text(json.dumps(data))
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        load_tokenizer("sample_bpe", cache_dir=cache_dir)
+        load_data_tokenizer("sample_bpe", cache_dir=cache_dir)
     assert any("does not match its SHA-256" in m for m in caplog.messages)
 
     made = (folder / "tokenizer.json").stat().st_mtime_ns

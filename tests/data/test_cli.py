@@ -7,7 +7,7 @@ import json
 import logging
 
 import pytest
-from conftest import build_hub_mirror
+from helpers.mirror import build_hub_mirror
 
 from moe_emergence.data import cli
 from moe_emergence.data.sources import DOMAIN_LOADERS, DOMAINS, MATH_SUBJECTS

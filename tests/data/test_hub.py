@@ -9,10 +9,10 @@ import socket
 import datasets
 import pytest
 
-from moe_emergence.data import hub
-from moe_emergence.data.hub import HubUnavailableError, check_hub_reachable, resolve_repo
+from moe_emergence import hub
 from moe_emergence.data.sources import MATH_TEMPLATE, Source, load_domain, load_math_data
 from moe_emergence.data.tokenize import load_tokenizer
+from moe_emergence.hub import HubUnavailableError, check_hub_reachable, resolve_repo
 
 
 @pytest.fixture

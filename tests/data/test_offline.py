@@ -15,12 +15,12 @@ from huggingface_hub import constants
 
 from moe_emergence.config import compose_config, tokenizer_vocab_size
 from moe_emergence.data import cli
-from moe_emergence.data.hub import HubUnavailableError
 from moe_emergence.data.prepare import prepare_domains
 from moe_emergence.data.settings import DataSettings
 from moe_emergence.data.sources import load_math_data
 from moe_emergence.data.tokenize import load_tokenizer
 from moe_emergence.errors import UserError
+from moe_emergence.hub import HubUnavailableError
 
 GSM8K_FILE = Path("openai", "gsm8k", "main", "train-00000-of-00001.parquet")
 
@@ -136,18 +136,12 @@ def test_train_runs_offline_from_a_warm_cache(mirror, cache_dir, tmp_path):
     prepare_domains(settings_for(mirror, cache_dir), show_progress=False)
     cfg = compose_config(
         [
-            "model=tiny_moe",
-            "trainer=cpu",
+            "experiment=debug",
             "data.hub_mirror=null",
             "data.tokenizer=gpt2",
             f"data.cache_dir={cache_dir}",
             "data.size_mb=1",
-            "data.block_size=32",
-            "data.batch_size=4",
-            "data.show_progress=false",
             f"paths.run_dir={tmp_path / 'run'}",
-            "trainer.enable_progress_bar=false",
-            "~callbacks.progress_bar",
             "trainer.max_steps=2",
             "model.warmup_steps=1",
         ]

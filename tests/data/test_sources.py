@@ -7,7 +7,7 @@ import logging
 
 import datasets
 import pytest
-from conftest import build_hub_mirror
+from helpers.mirror import build_hub_mirror
 
 from moe_emergence.data.sources import (
     MATH_SUBJECTS,

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import build_hub_mirror, default_mirror_content
+from helpers.mirror import build_hub_mirror, default_mirror_content
 from helpers.script import assert_one_error_line, run_train_script
 
 from moe_emergence.data import cache as cache_module
 from moe_emergence.data.cli import main as data_cli
+from moe_emergence.data.prepare import load_data_tokenizer
+from moe_emergence.data.sample.tokenizer import sample_tokenizer_dir
 from moe_emergence.data.sources import (
     DEFAULT_SOURCES,
     DataFileError,
@@ -205,7 +207,7 @@ def test_sample_tokenizer_with_a_cache_dir_that_is_a_file(tmp_path):
     file = tmp_path / "cache-file"
     file.write_text("x")
     with pytest.raises(UserError, match="is a file"):
-        load_tokenizer("sample_bpe", cache_dir=str(file))
+        load_data_tokenizer("sample_bpe", cache_dir=str(file))
 
 
 @pytest.mark.parametrize(
@@ -243,12 +245,10 @@ def test_read_error_outside_the_cache_is_not_blamed_on_it(tmp_path):
 
 
 def test_damaged_sample_tokenizer_is_retrained(tmp_path):
-    from moe_emergence.data.sample_tokenizer import sample_tokenizer_dir
-
     cache_dir = str(tmp_path / "cache")
-    first = load_tokenizer("sample_bpe", cache_dir=cache_dir)
+    first = load_data_tokenizer("sample_bpe", cache_dir=cache_dir)
     (sample_tokenizer_dir(cache_dir) / "tokenizer.json").write_text("{bad")
-    again = load_tokenizer("sample_bpe", cache_dir=cache_dir)
+    again = load_data_tokenizer("sample_bpe", cache_dir=cache_dir)
     assert len(again) == len(first) and again.eos_token_id == first.eos_token_id
 
 
@@ -267,10 +267,9 @@ def test_train_script_one_line(case, own_mirror, tiny_tokenizer_dir, tmp_path, c
         cache_dir.write_text("x")
         needles = ["data.cache_dir", str(cache_dir), "is a file"]
     code = run_train_script(
-        monkeypatch, "model=tiny_moe", "trainer=cpu", f"data.hub_mirror={own_mirror}",
+        monkeypatch, "experiment=debug", f"data.hub_mirror={own_mirror}",
         f"data.tokenizer={tokenizer}", f"data.cache_dir={cache_dir}", "data.block_size=16",
-        "data.size_mb=0.01", "data.show_progress=false", f"hydra.run.dir={tmp_path / 'run'}",
-        "trainer.max_steps=1",
+        "data.size_mb=0.01", f"hydra.run.dir={tmp_path / 'run'}", "trainer.max_steps=1",
     )  # fmt: skip
     assert code == 1
     assert_one_error_line(capsys.readouterr().err, *needles)

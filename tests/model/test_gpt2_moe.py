@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 import torch
-from conftest import SHARED_HUB
+from helpers.mirror import SHARED_HUB
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from moe_emergence.data.hub import HubUnavailableError
 from moe_emergence.errors import UserError
+from moe_emergence.hub import HubUnavailableError
 from moe_emergence.model import (
     MoELayer,
     build_gpt2,

@@ -17,7 +17,11 @@ import logging
 import os
 from pathlib import Path
 
+from moe_emergence.data.cache import check_cache_root, resolve_cache_dir, writing_cache
 from moe_emergence.data.files import atomic_write_text, build_folder_once, sha256_file
+from moe_emergence.data.sample.corpus import load_sample_domain, sample_identity
+from moe_emergence.data.sources import DOMAINS
+from moe_emergence.data.tokenize import load_tokenizer_at
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +37,6 @@ _RETRAINED: set[Path] = set()  # folders retrained by rebuild=True in this proce
 
 def sample_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """Where ``sample_bpe`` lives for this corpus (its identity is part of the folder name)."""
-    from moe_emergence.data.cache import resolve_cache_dir
-    from moe_emergence.data.sample import sample_identity
-
     recipe = {
         "corpus": sample_identity(TRAIN_MB),
         "vocab_size": VOCAB_SIZE,
@@ -50,9 +51,6 @@ def train_sample_tokenizer(folder: Path) -> None:
     """Train the BPE on the sample corpus and save it in ``folder`` (Hub tokenizer layout)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from moe_emergence.data.sample import load_sample_domain
-    from moe_emergence.data.sources import DOMAINS
 
     corpus = [t for d in DOMAINS for t in load_sample_domain(d, TRAIN_MB)[0]]
     log.info("Training the %s tokenizer on %d sample texts...", SAMPLE_TOKENIZER, len(corpus))
@@ -117,3 +115,13 @@ def ensure_sample_tokenizer(
     if rebuild:
         _RETRAINED.add(folder)
     return folder
+
+
+def load_sample_tokenizer(cache_dir: str | os.PathLike | None = None, rebuild: bool = False):
+    """``sample_bpe`` loaded (see :func:`moe_emergence.data.tokenize.load_tokenizer_at`), trained
+    first where :func:`ensure_sample_tokenizer` says so; a cache root that cannot be written
+    raises a one-line CacheWriteError."""
+    root = check_cache_root(cache_dir)
+    with writing_cache(root, cache_dir):
+        location = str(ensure_sample_tokenizer(cache_dir, rebuild=rebuild))
+    return load_tokenizer_at(SAMPLE_TOKENIZER, location)

@@ -1,4 +1,4 @@
-"""Resolve Hub ids (datasets and tokenizers) to a local mirror folder or the Hub itself.
+"""Resolve Hub ids (datasets, tokenizers, models) to a local mirror folder or the Hub itself.
 
 A mirror root ``DIR`` holds each Hub repo ``org/name`` at ``DIR/org/name``, the layout that
 ``huggingface-cli download --repo-type dataset org/name --local-dir DIR/org/name`` produces, so
