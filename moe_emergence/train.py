@@ -20,6 +20,7 @@ from moe_emergence.checkpoints import (
     resolve_checkpoint,
 )
 from moe_emergence.data.datamodule import RESUME_KEYS, check_loader_state
+from moe_emergence.data.sources import DOMAINS
 from moe_emergence.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ def train(
         check_resume_settings(cfg, ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
+    model = instantiate(cfg.model, domains=list(DOMAINS))  # the data's labels, defined there
     if init_from is not None:
         step = load_initial_weights(model, init_from)
         log.info("Weights from %s (its step %d); this run starts at step 0.", init_from, step)

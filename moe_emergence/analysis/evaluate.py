@@ -28,6 +28,7 @@ from moe_emergence.analysis.results import CheckpointResult, HeldOutLoss, RunRes
 from moe_emergence.analysis.token_types import token_type_table
 from moe_emergence.checkpoints import CHECKPOINTS_DIR, load_mapped, verify_sidecar
 from moe_emergence.data import MixedDomainDataModule
+from moe_emergence.data.sources import DOMAINS
 from moe_emergence.errors import UserError, user_error_in
 from moe_emergence.model.gpt2_moe import moe_layers
 
@@ -280,7 +281,7 @@ def evaluate_run(
     first, on the run's own probe and held-out split; ``on_checkpoint`` is called after each
     (a progress bar). The data report of the rebuilt data goes to ``report_dir``."""
     final = load_checkpoint(run.checkpoints[-1], OPTION, require_moe=False)
-    domains = tuple(final.hparams.get("domains") or ("code", "math", "prose"))
+    domains = tuple(final.hparams.get("domains") or DOMAINS)
     datamodule = load_data(run.name, final.data_settings, report_dir)
     settings = probe_settings(run.run_dir)
     probe = build_probe(datamodule, domains, settings["train_sample_blocks"],

@@ -84,7 +84,9 @@ def build_probe(
         )
     missing = [d for d in domains if d not in source.domains]
     if missing:
-        raise UserError(f"The data has no {missing} blocks, but model.domains={list(domains)}.")
+        raise UserError(
+            f"The data has no {missing} blocks, but the model's domains are {list(domains)}."
+        )
     rng = np.random.default_rng(seed)
     ids, labels = [], []
     for d, domain in enumerate(domains):

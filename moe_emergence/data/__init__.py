@@ -8,7 +8,7 @@ The original spec's names are importable from here. ``load_tokenizer`` is
 from moe_emergence.data.dataset import PackedMixedDomainDataset, collate_packed
 from moe_emergence.data.packing import pack_sequences
 from moe_emergence.data.prepare import load_data_tokenizer as load_tokenizer
-from moe_emergence.data.settings import DataSettings
+from moe_emergence.data.settings import DataSettings, LoaderSettings
 from moe_emergence.data.sources import (
     DEFAULT_SOURCES,
     DOMAINS,
@@ -25,6 +25,7 @@ __all__ = [
     "DOMAINS",
     "DataSettings",
     "HubUnavailableError",
+    "LoaderSettings",
     "MixedDomainDataModule",
     "PackedMixedDomainDataset",
     "Source",

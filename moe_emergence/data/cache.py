@@ -17,7 +17,7 @@ folder's fingerprint, records exactly the requested inputs and every domain, and
 the size its manifest implies (count x item size). That is all a hit costs (a few ``stat``
 calls): file contents are hashed only right after a build (the fresh files are read back against
 the checksums written into the manifest, before the folder is renamed into place) and on a hit
-when asked (``verify_files=True``: ``data.verify_cache``, ``--verify-cache``), which compares
+when asked (``verify_files=True``: the ``verify_cache`` setting), which compares
 every file's SHA-256 too. Anything that fails a check is rebuilt with a warning; a fresh build that
 does not read back as written raises CacheCorruptError.
 """
@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from moe_emergence.data.checks import SettingError, is_int
 from moe_emergence.data.files import atomic_write_text, build_folder_once, sha256_file
 from moe_emergence.data.tokenize import TokenStream, iter_token_batches, token_dtype, untruncated
 from moe_emergence.errors import UserError
@@ -49,15 +50,15 @@ CACHE_ENV = "MOE_CACHE_DIR"
 DEFAULT_CACHE_DIR = Path(".cache") / "moe_emergence"
 FORMAT_VERSION = 2  # 2: content identity of the sources, tokenizer definition without name
 MANIFEST = "manifest.json"
-REBUILD_HINT = "pass --rebuild-cache (config: data.rebuild_cache=true) to rebuild it"
 
 
 class CacheCorruptError(RuntimeError):
     """A cache file disagrees with its manifest."""
 
 
-class CacheWriteError(UserError, OSError):
-    """The token cache folder cannot be created or written (a file, no space, read-only)."""
+class CacheWriteError(SettingError, OSError):
+    """The token cache folder cannot be created or written (a file, no space, read-only);
+    about the ``cache_dir`` setting when that chose the folder."""
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -65,11 +66,11 @@ def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR)
 
 
-def _cache_option(cache_dir: str | os.PathLike | None) -> str:
-    """What set the cache root, for messages."""
+def _chosen_by(cache_dir: str | os.PathLike | None) -> tuple[str, str | None]:
+    """What set the cache root, for messages, and the setting it is (None: not a setting)."""
     if cache_dir:
-        return "--cache-dir (data.cache_dir)"
-    return f"${CACHE_ENV}" if os.environ.get(CACHE_ENV) else "the default cache dir"
+        return "cache_dir", "cache_dir"
+    return (f"${CACHE_ENV}" if os.environ.get(CACHE_ENV) else "the default cache dir"), None
 
 
 def check_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -80,9 +81,11 @@ def check_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
             if path.is_dir():
                 return root
             where = "is a file" if path == root else f"lies under '{path}', which is a file"
+            what, field = _chosen_by(cache_dir)
             raise CacheWriteError(
-                f"{_cache_option(cache_dir)} '{root}' {where}: pass a folder for the token "
-                f"cache (it is created when missing), e.g. --cache-dir .cache/moe_emergence."
+                f"{what} '{root}' {where}: pass a folder for the token cache (it is created "
+                f"when missing), e.g. {DEFAULT_CACHE_DIR}.",
+                field,
             )
     return root
 
@@ -109,10 +112,11 @@ def writing_cache(root: Path, cache_dir: str | os.PathLike | None = None) -> Ite
         if exc.filename is not None and not _is_under(Path(str(exc.filename)), root):
             raise
         reason = exc.strerror or os.strerror(exc.errno)
+        what, field = _chosen_by(cache_dir)
         raise CacheWriteError(
             f"Cannot write the token cache in '{root}' ({reason}): "
-            f"{_WRITE_FIXES[exc.errno]} or pass another {_cache_option(cache_dir)}; "
-            f"the unfinished build was removed."
+            f"{_WRITE_FIXES[exc.errno]} or pass another {what}; the unfinished build was removed.",
+            field,
         ) from exc
 
 
@@ -202,7 +206,7 @@ def as_json(value: Any) -> Any:
 
 
 def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return is_int(value) and value >= 0
 
 
 def _is_sha256(value: Any) -> bool:
@@ -382,7 +386,7 @@ def build_cache(
     except CacheCorruptError as exc:
         raise CacheCorruptError(
             f"the token cache just written does not read back as written: {exc}; check the "
-            f"disk under {folder.parent} or pass another --cache-dir (data.cache_dir)"
+            f"disk under {folder.parent} or use another cache dir"
         ) from exc
     return manifest
 

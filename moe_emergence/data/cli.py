@@ -7,6 +7,7 @@ warning / balance line), checks the blocks and the collate function, and writes 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ import numpy as np
 from moe_emergence.data.dataset import PackedMixedDomainDataset, collate_packed
 from moe_emergence.data.prepare import prepare_domains
 from moe_emergence.data.report import build_report, report_table, write_report
-from moe_emergence.data.settings import DataSettings
+from moe_emergence.data.settings import KINDS, DataSettings, kind, naming_options
 from moe_emergence.errors import UserError
 from moe_emergence.hub import HubUnavailableError
 
@@ -50,89 +51,34 @@ def log_to_stdout() -> None:
         package.addHandler(handler)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[DataSettings, argparse.Namespace]:
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`DataSettings` field (``size_mb`` -> ``--size-mb``), its type, default,
+    choices and help taken from the field; a bool is a switch."""
     defaults = DataSettings()
+    for field in dataclasses.fields(DataSettings):
+        flag, kind_name = f"--{field.name.replace('_', '-')}", kind(field)[0]
+        default, help_text = getattr(defaults, field.name), field.metadata["help"]
+        if kind_name == "bool":
+            action = "store_true" if not default else argparse.BooleanOptionalAction
+            parser.add_argument(flag, action=action, default=default, help=help_text)
+            continue
+        if field.default not in (None, dataclasses.MISSING):
+            help_text += " (default %(default)s)"
+        parser.add_argument(flag, type=KINDS[kind_name][2], default=default, help=help_text,
+                            choices=field.metadata.get("choices"))  # fmt: skip
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[DataSettings, argparse.Namespace]:
     parser = argparse.ArgumentParser(
         prog="python -m moe_emergence.data",
         description="Prepare the packed code/math/prose dataset and report its token counts.",
     )
-    parser.add_argument(
-        "--size-mb",
-        type=float,
-        default=defaults.size_mb,
-        help="budget per domain in MiB of characters (default %(default)s)",
-    )
-    parser.add_argument(
-        "--block-size",
-        type=int,
-        default=defaults.block_size,
-        help="tokens per block (default %(default)s)",
-    )
-    parser.add_argument(
-        "--balance-tokens",
-        action="store_true",
-        help="keep the smallest domain's block count for every domain",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=defaults.seed,
-        help="seed for balancing and shuffling (default %(default)s)",
-    )
-    parser.add_argument(
-        "--max-example-chars",
-        type=int,
-        default=defaults.max_example_chars,
-        help="keep texts shorter than this many characters (default %(default)s)",
-    )
-    parser.add_argument(
-        "--hub-mirror",
-        default=defaults.hub_mirror,
-        help="folder holding Hub repos as <mirror>/<org>/<name> "
-        "(default: $MOE_HUB_MIRROR, else the Hub)",
-    )
-    parser.add_argument(
-        "--tokenizer",
-        default=defaults.tokenizer,
-        help="tokenizer Hub name or folder, or sample_bpe (default %(default)s)",
-    )
-    parser.add_argument(
-        "--source",
-        choices=["hub", "sample"],
-        default=defaults.source,
-        help="hub: the datasets (through --hub-mirror if set); sample: the offline corpus "
-        "(pair it with --tokenizer sample_bpe)",
-    )
-    parser.add_argument(
-        "--cache-dir",
-        default=None,
-        help="token cache root (default: $MOE_CACHE_DIR, else .cache/moe_emergence)",
-    )
-    parser.add_argument(
-        "--rebuild-cache", action="store_true", help="tokenize again even on a cache hit"
-    )
-    parser.add_argument(
-        "--verify-cache",
-        action="store_true",
-        help="on a cache hit, check every file's SHA-256 too (default: sizes only); "
-        "a mismatch is rebuilt",
-    )
+    add_setting_flags(parser)
     parser.add_argument("--report", default=None, help="write the JSON report to this file")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
-    settings = DataSettings(
-        size_mb=args.size_mb,
-        block_size=args.block_size,
-        balance_tokens=args.balance_tokens,
-        seed=args.seed,
-        max_example_chars=args.max_example_chars,
-        tokenizer=args.tokenizer,
-        hub_mirror=args.hub_mirror,
-        cache_dir=args.cache_dir,
-        rebuild_cache=args.rebuild_cache,
-        verify_cache=args.verify_cache,
-        source=args.source,
-    )
+    names = [f.name for f in dataclasses.fields(DataSettings)]
+    settings = DataSettings(**{name: getattr(args, name) for name in names})
     try:
         settings.validate()
         check_report_path(args.report)
@@ -180,11 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings, args = parse_args(argv)
     log_to_stdout()
     try:
-        prepared = prepare_domains(settings, show_progress=not args.no_progress)
-        log.info(report_table(prepared, settings.block_size))
-        dataset = PackedMixedDomainDataset.from_token_streams(
-            prepared.streams, settings.block_size, settings.balance_tokens, settings.seed
-        )
+        with naming_options():
+            prepared = prepare_domains(settings, show_progress=not args.no_progress)
+            log.info(report_table(prepared, settings.block_size))
+            dataset = PackedMixedDomainDataset.from_token_streams(
+                prepared.streams, settings.block_size, settings.balance_tokens, settings.seed
+            )
     except (UserError, HubUnavailableError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

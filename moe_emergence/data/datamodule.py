@@ -14,6 +14,8 @@ from torch's global one, so the model's random stream does not depend on when th
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -33,10 +35,16 @@ from moe_emergence.data.cache import MANIFEST
 from moe_emergence.data.dataset import PackedMixedDomainDataset, collate_packed
 from moe_emergence.data.prepare import PreparedDomains, load_data_tokenizer, prepare_domains
 from moe_emergence.data.report import build_report, report_table, write_report
-from moe_emergence.data.settings import DataSettings, is_int
-from moe_emergence.data.sources import MAX_EXAMPLE_CHARS
+from moe_emergence.data.settings import (
+    DataSettings,
+    LoaderSettings,
+    config_key,
+    naming_options,
+    option,
+    split_fields,
+)
 from moe_emergence.data.split import split_by_document
-from moe_emergence.data.tokenize import DEFAULT_TOKENIZER, TokenStream
+from moe_emergence.data.tokenize import TokenStream
 from moe_emergence.errors import UserError
 from moe_emergence.hub import default_mirror
 
@@ -49,13 +57,10 @@ LOADER_STATE_VERSION = 2
 
 # What a resume must find unchanged (loader-state key -> what the user sets).
 RESUME_KEYS = {
-    "batch_size": "data.batch_size",
+    **{key: config_key(key) for key in ("batch_size", "seed", "balance_tokens", "block_size")},
     "world_size": "world size (trainer.devices x trainer.num_nodes)",
-    "seed": "data.seed",
-    "balance_tokens": "data.balance_tokens",
-    "block_size": "data.block_size",
-    "data_fingerprint": "the training data (its tokens: data.size_mb, sources, tokenizer, "
-    "max_example_chars; data.eval_fraction, data.eval_seed)",
+    "data_fingerprint": f"the training data (its tokens: {config_key('size_mb')}, sources, "
+    f"tokenizer, max_example_chars; {config_key('eval_fraction')}, {config_key('eval_seed')})",
 }
 
 
@@ -177,6 +182,17 @@ class EpochShuffleSampler(DistributedSampler):
         return iter(order[self.rank : self.total_size : self.num_replicas].tolist())
 
 
+def _naming_options(method: Callable) -> Callable:
+    """``method`` with its SettingErrors naming the flag and config key (see naming_options)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with naming_options():
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
 class MixedDomainDataModule(L.LightningDataModule):
     """Code, math and prose blocks of ``block_size`` tokens with their domain labels.
 
@@ -195,57 +211,33 @@ class MixedDomainDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        size_mb: float = 10.0,
-        block_size: int = 512,
-        balance_tokens: bool = False,
-        seed: int = 42,
-        max_example_chars: int = MAX_EXAMPLE_CHARS,
-        tokenizer: str = DEFAULT_TOKENIZER,
-        hub_mirror: str | None = None,
-        cache_dir: str | None = None,
-        rebuild_cache: bool = False,
-        verify_cache: bool = False,
-        source: str = "hub",
-        batch_size: int = 8,
-        num_workers: int = 0,
-        pin_memory: bool | None = None,
-        persistent_workers: bool | None = None,
-        eval_fraction: float = 0.0,
-        eval_seed: int = 0,
-        report_dir: str | None = None,
-        show_progress: bool = True,
+        settings: DataSettings | None = None,
+        loader: LoaderSettings | None = None,
+        **fields: Any,
     ) -> None:
+        """``settings`` / ``loader`` (defaults: the dataclasses' own), overridden by flat
+        ``fields`` (the ``data.*`` keys Hydra passes: ``size_mb=1, batch_size=4, ...``);
+        ``hub_mirror=None`` means ``$MOE_HUB_MIRROR``. Checked here, before any data is read."""
         super().__init__()
-        self.settings = DataSettings(
-            size_mb=size_mb,
-            block_size=block_size,
-            balance_tokens=balance_tokens,
-            seed=seed,
-            max_example_chars=max_example_chars,
-            tokenizer=tokenizer,
-            hub_mirror=hub_mirror if hub_mirror is not None else default_mirror(),
-            cache_dir=cache_dir,
-            rebuild_cache=rebuild_cache,
-            verify_cache=verify_cache,
-            source=source,
-        ).validate()
-        _check_loader_args(batch_size, num_workers, eval_fraction, eval_seed)
-        for key, value in (("pin_memory", pin_memory), ("persistent_workers", persistent_workers)):
-            if value is not None and not isinstance(value, bool):
-                raise UserError(f"data.{key} must be true, false or null, got {value!r}.")
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.persistent_workers = (
-            num_workers > 0
-            if persistent_workers is None
-            else persistent_workers and num_workers > 0
-        )
-        self.eval_fraction = float(eval_fraction)
-        self.eval_seed = eval_seed
-        self.report_dir = report_dir
-        self.show_progress = show_progress
-        self.save_hyperparameters()
+        data_fields, loader_fields = split_fields(fields)
+        given_mirror = data_fields.get("hub_mirror", settings.hub_mirror if settings else None)
+        self.settings = dataclasses.replace(settings or DataSettings(), **data_fields)
+        if self.settings.hub_mirror is None:
+            self.settings.hub_mirror = default_mirror()
+        self.settings.validate()
+        loader = dataclasses.replace(loader or LoaderSettings(), **loader_fields).validate()
+        # The flat dict of every key, as given: checkpoints carry it, analyze rebuilds from it.
+        self.save_hyperparameters({**self.settings.to_dict(), "hub_mirror": given_mirror,
+                                   **loader.to_dict()})  # fmt: skip
+        for key, value in loader.to_dict().items():  # self.batch_size, ...; three resolved:
+            setattr(self, key, value)
+        if self.pin_memory is None:
+            self.pin_memory = torch.cuda.is_available()
+        workers = self.num_workers > 0
+        self.persistent_workers = workers if self.persistent_workers is None else (
+            self.persistent_workers and workers
+        )  # fmt: skip
+        self.eval_fraction = float(self.eval_fraction)
         if self.eval_fraction == 0:
             # No held-out split: hide the hook so that Lightning runs no validation loop.
             self.val_dataloader = super().val_dataloader  # type: ignore[method-assign]
@@ -272,6 +264,7 @@ class MixedDomainDataModule(L.LightningDataModule):
         return instantiate(cfg.data)
 
     @property
+    @_naming_options
     def tokenizer(self):
         """The tokenizer the blocks were made with (loaded on first use)."""
         if self._tokenizer is None:
@@ -279,11 +272,13 @@ class MixedDomainDataModule(L.LightningDataModule):
             self._tokenizer = load_data_tokenizer(s.tokenizer, s.hub_mirror, s.cache_dir)
         return self._tokenizer
 
+    @_naming_options
     def prepare_data(self) -> None:
         """Fill the token cache (streams and tokenizes only when it is missing)."""
         prepared = prepare_domains(self.settings, show_progress=self.show_progress)
         log.info(report_table(prepared, self.settings.block_size))
 
+    @_naming_options
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
             return
@@ -309,8 +304,8 @@ class MixedDomainDataModule(L.LightningDataModule):
                 )
             except ValueError as exc:
                 raise UserError(
-                    f"Held-out split too small: {exc} Raise data.eval_fraction "
-                    f"(now {self.eval_fraction}) or data.size_mb."
+                    f"Held-out split too small: {exc} Raise {option('eval_fraction')} "
+                    f"(now {self.eval_fraction}) or {option('size_mb')}."
                 ) from None
         self.train_packed = dataset
         self.train_dataset = self._trim_for_ranks(dataset)
@@ -330,6 +325,7 @@ class MixedDomainDataModule(L.LightningDataModule):
         blob = json.dumps({"tokens": tokens, "held_out": split}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    @_naming_options
     def resume_identity(self, world_size: int | None = None) -> dict[str, Any]:
         """What a resume must find unchanged (``RESUME_KEYS``). ``world_size``: default the
         attached trainer's. Before ``setup`` (a check ahead of ``fit``), the data fingerprint
@@ -457,27 +453,13 @@ class MixedDomainDataModule(L.LightningDataModule):
         if len(self.val_dataset) < world:
             raise UserError(
                 f"The held-out split has {len(self.val_dataset)} blocks, fewer than the {world} "
-                f"ranks: raise data.eval_fraction (now {self.eval_fraction}) or data.size_mb."
+                f"ranks: raise {option('eval_fraction')} (now {self.eval_fraction}) or "
+                f"{option('size_mb')}."
             )
         sampler = UnrepeatedDistributedSampler(
             self.val_dataset, num_replicas=world, rank=rank, shuffle=False
         )
         return self._loader(self.val_dataset, sampler)
-
-
-def _check_loader_args(
-    batch_size: int, num_workers: int, eval_fraction: float, eval_seed: int
-) -> None:
-    if not is_int(batch_size) or batch_size < 1:
-        raise UserError(f"data.batch_size must be an integer ≥ 1, got {batch_size!r}.")
-    if not is_int(num_workers) or num_workers < 0:
-        raise UserError(f"data.num_workers must be an integer ≥ 0, got {num_workers!r}.")
-    if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, int | float):
-        raise UserError(f"data.eval_fraction must be a number, got {eval_fraction!r}.")
-    if not 0 <= eval_fraction < 1:
-        raise UserError(f"data.eval_fraction must be in [0, 1), got {eval_fraction!r}.")
-    if not is_int(eval_seed) or eval_seed < 0:
-        raise UserError(f"data.eval_seed must be an integer ≥ 0, got {eval_seed!r}.")
 
 
 __all__ = [

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from moe_emergence.data.checks import SettingError
 from moe_emergence.data.packing import (
     balance_line,
     balanced_subsets,
@@ -18,8 +19,8 @@ from moe_emergence.data.packing import (
     imbalance_warning,
     shuffled_order,
 )
+from moe_emergence.data.sources import DOMAINS
 from moe_emergence.data.tokenize import TokenStream, encode_texts
-from moe_emergence.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,8 @@ class PackedMixedDomainDataset(Dataset):
         balance_tokens: bool = False,
         seed: int = 42,
     ) -> None:
-        check_block_size(block_size)
-        texts = {"code": code_texts, "math": math_texts, "prose": prose_texts}
+        check_block_size(block_size)  # before the tokenizing
+        texts = dict(zip(DOMAINS, (code_texts, math_texts, prose_texts), strict=True))
         streams = {d: encode_texts(t, tokenizer, desc=f"tokenize {d}") for d, t in texts.items()}
         self._pack(streams, block_size, balance_tokens, seed)
 
@@ -73,7 +74,6 @@ class PackedMixedDomainDataset(Dataset):
         seed: int,
         warn_imbalance: bool = True,
     ) -> None:
-        check_block_size(block_size)
         if not streams:
             raise ValueError("No domains given: pass at least one token stream.")
         tokens = {
@@ -91,11 +91,11 @@ class PackedMixedDomainDataset(Dataset):
         for domain, count in self.block_counts.items():
             if count == 0:
                 tokens = self.token_counts[domain]
-                raise UserError(
+                raise SettingError(
                     f"Domain '{domain}' has {tokens:,} tokens, less than one block of "
-                    f"block_size={block_size}: use a block size of at most {tokens:,} "
-                    f"(--block-size, data.block_size) or get more text (--size-mb, "
-                    f"data.size_mb; --max-example-chars, data.max_example_chars)."
+                    f"block_size={block_size}: use a block size of at most {tokens:,}, or get "
+                    f"more text (a larger size_mb or max_example_chars).",
+                    "block_size",
                 )
 
         warning = imbalance_warning(self.token_counts, self.balance_tokens)

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from moe_emergence.data.checks import SettingError, is_int
+from moe_emergence.data.settings import option
 from moe_emergence.data.tokenize import encode_texts
-from moe_emergence.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +24,10 @@ IMBALANCE_RATIO = 1.5
 
 
 def check_block_size(block_size: int) -> None:
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 2:
-        raise UserError(
-            f"block_size={block_size!r} must be an integer ≥ 2 (--block-size, data.block_size)."
-        )
+    """Raise SettingError unless ``block_size`` is an integer ≥ 2 (for the public packing
+    functions; the datamodule and the CLI have validated it already)."""
+    if not is_int(block_size) or block_size < 2:
+        raise SettingError(f"block_size={block_size!r} must be an integer ≥ 2.", "block_size")
 
 
 def block_view(tokens: np.ndarray, block_size: int) -> np.ndarray:
@@ -64,7 +65,7 @@ def pack_sequences(
     Returns ``(blocks, total_tokens)``; ``total_tokens`` counts every token including EOS,
     before the tail is dropped.
     """
-    check_block_size(block_size)
+    check_block_size(block_size)  # before the tokenizing
     stream = encode_texts(texts, tokenizer)
     return PackedBlocks(block_view(stream.tokens, block_size), domain_label), stream.num_tokens
 
@@ -94,8 +95,7 @@ def imbalance_warning(token_counts: Mapping[str, int], balancing: bool) -> str |
     ]
     if not balancing:
         lines.append(
-            "  Hint: --balance-tokens (data.balance_tokens=true) keeps the same number of "
-            "blocks for every domain."
+            f"  Hint: {option('balance_tokens')} keeps the same number of blocks for every domain."
         )
     return "\n".join(lines)
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from moe_emergence.data.cache import (
-    REBUILD_HINT,
     DomainInput,
     TokenCache,
     as_json,
@@ -43,7 +42,7 @@ from moe_emergence.data.sample import (
     load_sample_domain,
     load_sample_tokenizer,
 )
-from moe_emergence.data.settings import DataSettings
+from moe_emergence.data.settings import DataSettings, naming_options, option
 from moe_emergence.data.sources import (
     DEFAULT_SOURCES,
     Source,
@@ -56,6 +55,7 @@ from moe_emergence.hub import HubUnavailableError, hub_revision, resolve_repo
 
 log = logging.getLogger(__name__)
 
+REBUILD_HINT = f"pass {option('rebuild_cache')} to rebuild it"
 _REBUILT: set[Path] = set()  # cache folders rebuilt by rebuild_cache in this process
 
 
@@ -140,12 +140,14 @@ def load_data_tokenizer(
     cache_dir: str | os.PathLike | None = None,
     rebuild: bool = False,
 ):
-    """The tokenizer ``data.tokenizer`` names: ``sample_bpe``, trained on the offline sample
-    corpus and kept in ``cache_dir`` (``rebuild`` retrains it once per process), else a Hub
-    name, mirror or folder (:func:`~moe_emergence.data.tokenize.load_tokenizer`)."""
-    if name == SAMPLE_TOKENIZER:
-        return load_sample_tokenizer(cache_dir, rebuild=rebuild)
-    return load_tokenizer(name, hub_mirror)
+    """The tokenizer the ``tokenizer`` setting names: ``sample_bpe``, trained on the offline
+    sample corpus and kept in ``cache_dir`` (``rebuild`` retrains it once per process), else a
+    Hub name, mirror or folder (:func:`~moe_emergence.data.tokenize.load_tokenizer`). Its
+    errors name the flag and config key (the config's resolver and the analysis load it)."""
+    with naming_options():
+        if name == SAMPLE_TOKENIZER:
+            return load_sample_tokenizer(cache_dir, rebuild=rebuild)
+        return load_tokenizer(name, hub_mirror)
 
 
 def describe_request(settings: DataSettings) -> CacheRequest:
@@ -232,7 +234,8 @@ def find_offline_entry(request: CacheRequest, settings: DataSettings) -> TokenCa
 def prepare_domains(
     settings: DataSettings, show_progress: bool = True, announce_hit: bool = True
 ) -> PreparedDomains:
-    """Validate ``settings``; open the token cache, streaming and tokenizing only on a miss.
+    """Open the token cache of ``settings`` (validated: ``DataSettings.validate``, which the CLI
+    and the datamodule run), streaming and tokenizing only on a miss.
 
     The cache is looked up before anything needs the network (module docstring). A missing
     mirror folder fails at once; offline with no matching entry, the first dataset or
@@ -241,7 +244,6 @@ def prepare_domains(
     rebuilds once per process (prepare_data and setup share it). A hit checks the manifest and
     the files' sizes; ``verify_cache`` also checks every file's SHA-256 (on every call).
     """
-    settings.validate()
     check_cache_root(settings.cache_dir)
     request = describe_request(settings)
     if not request.complete:
@@ -258,7 +260,7 @@ def prepare_domains(
             checked = (
                 "every file's SHA-256 verified"
                 if settings.verify_cache
-                else "file sizes checked; --verify-cache checks SHA-256s"
+                else f"file sizes checked; {option('verify_cache')} checks SHA-256s"
             )
             log.info(
                 "Found token cache %s (built %s; %s): skipping streaming and tokenizing; %s.",

@@ -1,13 +1,27 @@
-"""The data pipeline's settings, checked before anything is loaded."""
+"""The data settings, written once: each field's default, type, help text and check.
+
+:class:`DataSettings` decides the data (what is read, tokenized and packed); every field is also
+a flag of the data CLI (``--size-mb``, built from the field in ``cli.py``). :class:`LoaderSettings`
+decides how the datamodule serves it (config keys only). Both are ``data.*`` keys of the Hydra
+config, passed flat to the datamodule (:func:`split_fields`).
+
+Values are checked once, where they enter (the CLI, the datamodule): :meth:`DataSettings.validate`.
+Leaf modules raise plain messages about values; a :class:`~moe_emergence.data.checks.SettingError`
+says which field it is about, and the entry point names the flag and key
+(:func:`naming_options`, through :func:`option`, the one place that spells them).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import numbers
+import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
+from moe_emergence.data.checks import SettingError, is_int, is_number
 from moe_emergence.data.sources import (
     DEFAULT_SOURCES,
     MAX_EXAMPLE_CHARS,
@@ -18,86 +32,179 @@ from moe_emergence.data.tokenize import DEFAULT_TOKENIZER
 from moe_emergence.errors import UserError
 from moe_emergence.hub import default_mirror
 
-SOURCES = ("hub", "sample")
+# Field type (as annotated) -> (its test, what a value must be, its command-line parser).
+KINDS: dict[str, tuple[Callable[[Any], bool], str, Callable[[str], Any] | None]] = {
+    "int": (is_int, "an integer", int),
+    "float": (is_number, "a number", float),
+    "bool": (lambda v: isinstance(v, bool), "true or false", None),
+    "str": (lambda v: isinstance(v, str | os.PathLike), "a string", str),
+}
 
 
-@dataclass
-class DataSettings:
-    """What to load and how to pack it.
+def kind(field: dataclasses.Field) -> tuple[str, bool]:
+    """``("int" | "float" | "bool" | "str", nullable)`` of a settings field."""
+    names = [name.strip() for name in str(field.type).split("|")]
+    return next(n for n in names if n != "None"), "None" in names
 
-    size_mb: per-domain budget in MiB of characters (size_mb * 1024 * 1024 chars).
-    block_size: tokens per block. max_example_chars: texts must be shorter than this.
-    hub_mirror: folder holding Hub repos as <mirror>/<org>/<name> (default $MOE_HUB_MIRROR).
-    cache_dir: token cache root (None: $MOE_CACHE_DIR, else .cache/moe_emergence in the cwd).
-    rebuild_cache: tokenize again even when the cache holds these settings' tokens.
-    verify_cache: on a cache hit, check every file's SHA-256 too (default: the manifest and the
-    files' sizes only); a mismatch is damage: warned about and rebuilt.
-    source: "hub" (the datasets, through hub_mirror if set) or "sample" (the offline corpus).
-    """
 
-    size_mb: float = 10.0
-    block_size: int = 512
-    balance_tokens: bool = False
-    seed: int = 42
-    max_example_chars: int = MAX_EXAMPLE_CHARS
-    tokenizer: str = DEFAULT_TOKENIZER
-    hub_mirror: str | None = dataclasses.field(default_factory=default_mirror)
-    cache_dir: str | None = None
-    rebuild_cache: bool = False
-    verify_cache: bool = False
-    source: str = "hub"
+def setting(default: Any = dataclasses.MISSING, *, help: str, **check: Any) -> Any:
+    """A settings field: its default (a callable ``factory=`` instead, read when built), its
+    help text, and what its value must be beyond its type: ``low`` (≥), ``below`` (<),
+    ``choices``, ``check`` (a function raising ValueError with a plain message)."""
+    factory = check.pop("factory", dataclasses.MISSING)
+    return dataclasses.field(
+        default=default, default_factory=factory, metadata={"help": help, **check}
+    )
 
-    def validate(self) -> DataSettings:
-        """Raise UserError naming the flag / config key and the fix for the first bad value."""
-        try:
-            check_size_mb(self.size_mb)
-        except ValueError as exc:
-            raise UserError(f"{option('size_mb')}: {exc}") from None
-        if not is_int(self.block_size) or self.block_size < 2:
-            raise UserError(
-                f"{option('block_size')} must be an integer ≥ 2, got {self.block_size!r}."
-            )
-        if not is_int(self.max_example_chars):
-            raise UserError(
-                f"{option('max_example_chars')} must be an integer, got {self.max_example_chars!r}."
-            )
-        for domain, sources in DEFAULT_SOURCES.items():
-            try:
-                check_filters(sources, self.max_example_chars, domain)
-            except ValueError as exc:
-                raise UserError(f"{option('max_example_chars')}: {exc}") from None
-        for key in ("balance_tokens", "rebuild_cache", "verify_cache"):
-            value = getattr(self, key)
-            if not isinstance(value, bool):
-                raise UserError(f"{option(key)} must be true or false, got {value!r}.")
-        if not is_int(self.seed) or self.seed < 0:
-            raise UserError(f"{option('seed')} must be an integer ≥ 0, got {self.seed!r}.")
-        if self.source not in SOURCES:
-            raise UserError(
-                f"{option('source')} must be one of {list(SOURCES)} (data/source=...), "
-                f"got {self.source!r}."
-            )
-        for key in ("tokenizer", "hub_mirror", "cache_dir"):
-            value = getattr(self, key)
-            if value is not None and not isinstance(value, str | Path):
-                raise UserError(f"{option(key)} must be a string, got {value!r}.")
-        if self.hub_mirror is not None and not Path(self.hub_mirror).is_dir():
-            raise UserError(
-                f"{option('hub_mirror')} '{self.hub_mirror}' is not a folder: pass a folder "
-                f"that holds <org>/<name> copies of the Hub repos, or leave it unset (null) to "
-                f"use the Hub."
-            )
+
+def config_key(name: str) -> str:
+    """The Hydra key of the setting ``name``: ``data.size_mb``."""
+    return f"data.{name}"
+
+
+def option(name: str) -> str:
+    """How the user sets ``name``: ``--size-mb (data.size_mb)``, or ``data.batch_size`` for a
+    setting without a CLI flag. The one place that spells flags and keys in messages."""
+    if name in {f.name for f in dataclasses.fields(DataSettings)}:
+        return f"--{name.replace('_', '-')} ({config_key(name)})"
+    return config_key(name)
+
+
+@contextlib.contextmanager
+def naming_options() -> Iterator[None]:
+    """Re-raise a :class:`SettingError` with its flag and config key named (the entry points:
+    the CLI, the datamodule, the tokenizer the config names)."""
+    try:
+        yield
+    except SettingError as exc:
+        if exc.field is not None:  # once: an inner entry point may have named it
+            exc.args = (f"{option(exc.field)}: {exc.args[0]}", *exc.args[1:])
+            exc.field = None
+        raise
+
+
+def _problem(field: dataclasses.Field, value: Any) -> str | None:
+    """Why ``value`` does not fit ``field`` ("must be ..., got ..." or ": <check's message>")."""
+    name, nullable = kind(field)
+    if value is None and nullable:
+        return None
+    test, what, _ = KINDS[name]
+    meta = field.metadata
+    low, below, choices = meta.get("low"), meta.get("below"), meta.get("choices")
+    if low is not None and below is not None:
+        what += f" in [{low}, {below})"
+    elif low is not None:
+        what += f" ≥ {low}"
+    if choices is not None:
+        what = f"one of {list(choices)}"
+    fits = (test(value) and (low is None or value >= low) and (below is None or value < below)
+            and (choices is None or value in choices))  # fmt: skip
+    if not fits:
+        return f" must be {what}{', or null' if nullable else ''}, got {value!r}."
+    try:
+        if "check" in meta:
+            meta["check"](value)
+    except ValueError as exc:
+        return f": {exc}"
+    return None
+
+
+class _Settings:
+    def validate(self) -> Self:
+        """Raise a UserError naming the flag / config key and the fix for the first bad value;
+        return ``self``."""
+        for field in dataclasses.fields(self):
+            problem = _problem(field, getattr(self, field.name))
+            if problem is not None:
+                raise UserError(f"{option(field.name)}{problem}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def is_int(value: Any) -> bool:
-    """An integer that is not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+def _check_filters(max_example_chars: int) -> None:
+    for domain, sources in DEFAULT_SOURCES.items():
+        check_filters(sources, max_example_chars, domain)
 
 
-def option(key: str) -> str:
-    """The CLI flag and config key that set ``key``: ``--size-mb (data.size_mb)``."""
-    return f"--{key.replace('_', '-')} (data.{key})"
+def _check_folder(path: str) -> None:
+    if not Path(path).is_dir():
+        raise ValueError(
+            f"'{path}' is not a folder: pass a folder that holds <org>/<name> copies of the Hub "
+            f"repos, or leave it unset (null) to use the Hub."
+        )
+
+
+@dataclass
+class DataSettings(_Settings):
+    """What to load and how to pack it (each field's help says what it does)."""
+
+    size_mb: float = setting(
+        10.0, check=check_size_mb,
+        help="budget per domain in MiB of characters (size_mb * 1024 * 1024 chars)",
+    )  # fmt: skip
+    block_size: int = setting(512, low=2, help="tokens per block")
+    balance_tokens: bool = setting(
+        False, help="keep the smallest domain's block count for every domain"
+    )
+    seed: int = setting(42, low=0, help="seed for balancing and shuffling")
+    max_example_chars: int = setting(
+        MAX_EXAMPLE_CHARS, check=_check_filters,
+        help="keep texts shorter than this many characters",
+    )  # fmt: skip
+    tokenizer: str = setting(DEFAULT_TOKENIZER, help="tokenizer Hub name or folder, or sample_bpe")
+    hub_mirror: str | None = setting(
+        factory=default_mirror, check=_check_folder,
+        help="folder holding Hub repos as <mirror>/<org>/<name> "
+        "(default: $MOE_HUB_MIRROR, else the Hub)",
+    )  # fmt: skip
+    cache_dir: str | None = setting(
+        None, help="token cache root (default: $MOE_CACHE_DIR, else .cache/moe_emergence)"
+    )
+    rebuild_cache: bool = setting(False, help="tokenize again even on a cache hit")
+    verify_cache: bool = setting(
+        False,
+        help="on a cache hit, check every file's SHA-256 too (default: sizes only); "
+        "a mismatch is rebuilt",
+    )
+    source: str = setting(
+        "hub", choices=("hub", "sample"),
+        help="hub: the datasets (through the hub mirror if set); sample: the offline corpus "
+        "(pair it with the sample_bpe tokenizer)",
+    )  # fmt: skip
+
+
+@dataclass
+class LoaderSettings(_Settings):
+    """How the datamodule serves the blocks and which texts it holds out (config keys only)."""
+
+    batch_size: int = setting(8, low=1, help="blocks per device (per DDP rank)")
+    num_workers: int = setting(0, low=0, help="DataLoader worker processes")
+    pin_memory: bool | None = setting(None, help="null: on when CUDA is available")
+    persistent_workers: bool | None = setting(None, help="null: on when num_workers > 0")
+    eval_fraction: float = setting(
+        0.0, low=0, below=1, help="share of each domain's texts held out for validation"
+    )
+    eval_seed: int = setting(0, low=0, help="which texts are held out (fixed across seeds)")
+    report_dir: str | None = setting(
+        None, help="where data_report.json goes (null: the trainer's default_root_dir)"
+    )
+    show_progress: bool = setting(True, help="progress bars while streaming and tokenizing")
+
+
+def split_fields(fields: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Flat ``data.*`` keys -> (DataSettings fields, LoaderSettings fields); an unknown key is a
+    one-line UserError listing the valid ones."""
+    data = {f.name for f in dataclasses.fields(DataSettings)}
+    loader = {f.name for f in dataclasses.fields(LoaderSettings)}
+    unknown = [key for key in fields if key not in data | loader]
+    if unknown:
+        valid = ", ".join(f.name for c in (DataSettings, LoaderSettings)
+                          for f in dataclasses.fields(c))  # fmt: skip
+        raise UserError(
+            f"Unknown data setting(s) {', '.join(map(config_key, unknown))}: the data keys are "
+            f"{valid}."
+        )
+    return ({k: v for k, v in fields.items() if k in data},
+            {k: v for k, v in fields.items() if k in loader})  # fmt: skip

@@ -14,7 +14,6 @@ import dataclasses
 import gzip
 import logging
 import math
-import numbers
 import string
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,6 +23,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from moe_emergence.data.checks import SettingError, is_number
 from moe_emergence.errors import UserError
 from moe_emergence.hub import HubUnavailableError, is_hub_id, resolve_repo
 
@@ -77,7 +77,7 @@ DEFAULT_SOURCES: dict[str, tuple[Source, ...]] = {
         Source("Salesforce/wikitext", "{text}", configs=("wikitext-103-raw-v1",), min_chars=200),
     ),
 }
-DOMAINS = tuple(DEFAULT_SOURCES)
+DOMAINS = tuple(DEFAULT_SOURCES)  # the domain list: every other place reads it from here
 
 
 @dataclass
@@ -125,28 +125,25 @@ def budget_chars(size_mb: float) -> int:
 
 
 def check_filters(sources: Sequence[Source], max_example_chars: int, domain: str) -> None:
-    """Raise UserError when a length filter ``min < len < max`` can keep nothing."""
+    """Raise SettingError when a length filter ``min < len < max`` can keep nothing."""
     for source in sources:
         low = source.min_chars or 0
         if max_example_chars <= low + 1:
-            raise UserError(
+            raise SettingError(
                 f"max_example_chars={max_example_chars} keeps no {domain} text: "
                 f"'{source.dataset}' has minimum length {low} and keeps "
-                f"{low} < len < {max_example_chars}. Set --max-example-chars to {low + 2} or more."
+                f"{low} < len < {max_example_chars}. Set max_example_chars to {low + 2} or more.",
+                "max_example_chars",
             )
 
 
 def check_size_mb(size_mb: float) -> None:
-    """Raise UserError unless ``size_mb`` is a finite number giving a budget of ≥ 1 char."""
-    if (
-        not isinstance(size_mb, numbers.Real)
-        or isinstance(size_mb, bool)
-        or not math.isfinite(size_mb)
-        or budget_chars(size_mb) < 1
-    ):
-        raise UserError(
+    """Raise SettingError unless ``size_mb`` is a finite number giving a budget of ≥ 1 char."""
+    if not is_number(size_mb) or not math.isfinite(size_mb) or budget_chars(size_mb) < 1:
+        raise SettingError(
             f"size_mb={size_mb!r} must be a finite number > 0 (MiB of characters per domain, "
-            f"at least 1 character): set --size-mb / data.size_mb, e.g. 1, 5 or 10."
+            f"at least 1 character), e.g. 1, 5 or 10.",
+            "size_mb",
         )
 
 
@@ -158,6 +155,12 @@ SMALL_FILE_BYTES = 1 << 20  # compressed/plain files this small are read whole b
 
 class DataFileError(UserError):
     """A local data file (mirror or folder) that is truncated, not its format, or empty."""
+
+
+class DatasetUnavailableError(SettingError, HubUnavailableError):
+    """A dataset that cannot be streamed from the Hub; a hub mirror with a copy is the fix."""
+
+    field = "hub_mirror"
 
 
 def _parquet_problem(path: Path, thorough: bool) -> str | None:
@@ -301,9 +304,9 @@ def _open(source: Source, config: str | None, location: str, max_chars: int) -> 
         )
     except ConnectionError as exc:
         reason = " ".join(str(exc).split())
-        raise HubUnavailableError(
-            f"Cannot load dataset '{source.dataset}' (config {config!r}): {reason}. Pass "
-            f"--hub-mirror <mirror> (config: data.hub_mirror) with a local copy."
+        raise DatasetUnavailableError(
+            f"Cannot load dataset '{source.dataset}' (config {config!r}): {reason}. Set a hub "
+            f"mirror that holds a local copy."
         ) from exc
     if ds.features is not None:  # known up front for parquet/json; else fail on first row
         columns = list(ds.features)
@@ -345,10 +348,10 @@ def load_domain(
     kept). Returns ``(texts, metadata)``; ``metadata["sources"]`` holds one
     :class:`StreamStats` dict per (dataset, config) opened, in reading order. A damaged local
     data file raises DataFileError naming it: found up front by :func:`check_local_files`
-    (``check_files``) where that is cheap, else when streaming it fails.
+    (``check_files``) where that is cheap, else when streaming it fails. ``size_mb`` and
+    ``max_example_chars`` are checked by the caller (``DataSettings.validate``, or the
+    ``load_*_data`` functions below).
     """
-    check_size_mb(size_mb)
-    check_filters(sources, max_example_chars, domain)
     # Resolve every location first: a missing mirror folder or no network fails here, in
     # seconds, before anything is streamed.
     locations = [resolve_repo(s.dataset, hub_mirror, "dataset", s.revision) for s in sources]
@@ -412,6 +415,20 @@ def load_domain(
     return texts, metadata
 
 
+def _load_checked(
+    domain: str,
+    sources: tuple[Source, ...],
+    size_mb: float,
+    max_example_chars: int,
+    hub_mirror: str | None,
+    show_progress: bool,
+) -> tuple[list[str], dict[str, Any]]:
+    """:func:`load_domain` after checking the budget and the length filter (plain errors)."""
+    check_size_mb(size_mb)
+    check_filters(sources, max_example_chars, domain)
+    return load_domain(domain, sources, size_mb, max_example_chars, hub_mirror, show_progress)
+
+
 def _with_min(sources: tuple[Source, ...], min_chars: int | None) -> tuple[Source, ...]:
     return tuple(dataclasses.replace(s, min_chars=min_chars) for s in sources)
 
@@ -426,7 +443,7 @@ def load_code_data(
 ) -> tuple[list[str], dict[str, Any]]:
     """Python files from codeparrot-clean, ``min < len < max`` characters."""
     sources = _with_min(DEFAULT_SOURCES["code"], min_example_chars)
-    return load_domain("code", sources, max_size_mb, max_example_chars, hub_mirror, show_progress)
+    return _load_checked("code", sources, max_size_mb, max_example_chars, hub_mirror, show_progress)
 
 
 def load_math_data(
@@ -437,7 +454,7 @@ def load_math_data(
     show_progress: bool = True,
 ) -> tuple[list[str], dict[str, Any]]:
     """GSM8K, then MATH's subjects round-robin if GSM8K ran out below the budget."""
-    return load_domain(
+    return _load_checked(
         "math", DEFAULT_SOURCES["math"], max_size_mb, max_example_chars, hub_mirror, show_progress
     )
 
@@ -452,10 +469,12 @@ def load_prose_data(
 ) -> tuple[list[str], dict[str, Any]]:
     """WikiText-103 raw lines, ``min < len < max`` characters."""
     sources = _with_min(DEFAULT_SOURCES["prose"], min_example_chars)
-    return load_domain("prose", sources, max_size_mb, max_example_chars, hub_mirror, show_progress)
+    return _load_checked(
+        "prose", sources, max_size_mb, max_example_chars, hub_mirror, show_progress
+    )
 
 
-DOMAIN_LOADERS = {"code": load_code_data, "math": load_math_data, "prose": load_prose_data}
+DOMAIN_LOADERS = dict(zip(DOMAINS, (load_code_data, load_math_data, load_prose_data), strict=True))
 
 __all__ = [
     "DEFAULT_SOURCES",
@@ -464,6 +483,7 @@ __all__ = [
     "MATH_SUBJECTS",
     "MAX_EXAMPLE_CHARS",
     "DataFileError",
+    "DatasetUnavailableError",
     "Source",
     "StreamStats",
     "budget_chars",

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from moe_emergence.data.checks import SettingError
 from moe_emergence.errors import UserError
 from moe_emergence.hub import resolve_repo
 
@@ -29,8 +30,10 @@ DEFAULT_TOKENIZER = "gpt2"
 ENCODE_BATCH_TEXTS = 512
 
 
-class TokenizerLoadError(UserError, OSError):
-    """A tokenizer folder or name that does not load."""
+class TokenizerLoadError(SettingError, OSError):
+    """A tokenizer folder or name that does not load, or lacks what packing needs."""
+
+    field = "tokenizer"
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER, hub_mirror: str | None
 
     A Hub name offline without a mirror loads from the Hugging Face hub cache when it holds it.
     A missing local path, a file, a folder without tokenizer files or with broken JSON raises a
-    one-line UserError.
+    one-line UserError (TokenizerLoadError where the ``tokenizer`` setting is the fix).
     """
     location = resolve_repo(name_or_path, hub_mirror, kind="tokenizer")
     if Path(location).is_dir():
@@ -99,7 +102,6 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-TOKENIZER_OPTION = "--tokenizer (data.tokenizer)"
 # Files any fast tokenizer can be loaded or converted from (besides tokenizer.json).
 _TOKENIZER_FILE_SETS = (
     ("tokenizer.json",),
@@ -129,12 +131,12 @@ def check_tokenizer_folder(name_or_path: str, folder: Path) -> None:
         "holds no tokenizer.json (nor vocab.json + merges.txt)"
     )  # fmt: skip
     raise TokenizerLoadError(
-        f"{TOKENIZER_OPTION} {_named(name_or_path, folder)} {what}: pass the folder that holds "
+        f"Tokenizer {_named(name_or_path, folder)} {what}: pass the folder that holds "
         f"tokenizer.json (or vocab.json + merges.txt), or a Hub name such as 'gpt2'."
     )
 
 
-def bad_json_file(folder: Path) -> UserError | None:
+def bad_json_file(folder: Path) -> TokenizerLoadError | None:
     """The error naming the first of ``folder``'s tokenizer JSON files that does not parse."""
     for name in _JSON_FILES:
         path = folder / name
@@ -148,9 +150,9 @@ def bad_json_file(folder: Path) -> UserError | None:
             reason = f"not UTF-8 text at byte {exc.start}"
         else:
             continue
-        return UserError(
+        return TokenizerLoadError(
             f"Tokenizer file '{path}' is not valid JSON ({reason}): restore it (download or "
-            f"save the tokenizer again), or pass another {TOKENIZER_OPTION}."
+            f"save the tokenizer again), or pass another tokenizer."
         )
     return None
 
@@ -168,16 +170,15 @@ def _load_checked(name_or_path: str, location: str):
             raise
         raise TokenizerLoadError(
             f"Cannot load tokenizer '{name_or_path}' from '{location}': {one_line(exc)}. Pass "
-            f"--tokenizer with a Hub name or a folder holding tokenizer.json "
-            f"(config: data.tokenizer)."
+            f"a Hub name or a folder holding tokenizer.json."
         ) from exc
     if not getattr(tokenizer, "is_fast", False):
-        raise UserError(
+        raise TokenizerLoadError(
             f"Tokenizer '{name_or_path}' has no fast (tokenizers) backend; save it with "
-            f"tokenizer.json or pick a fast tokenizer (--tokenizer)."
+            f"tokenizer.json or pick a fast tokenizer."
         )
     if tokenizer.eos_token_id is None:
-        raise UserError(
+        raise TokenizerLoadError(
             f"Tokenizer '{name_or_path}' defines no EOS token; packing needs one after each text."
         )
     return tokenizer

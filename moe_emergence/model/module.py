@@ -29,7 +29,6 @@ from moe_emergence.model.gpt2_moe import (
 from moe_emergence.model.moe import check_lb_settings, router_entropy
 
 log = logging.getLogger(__name__)
-DOMAINS = ("code", "math", "prose")
 RECENT_STEPS = 50
 LB_WINDOWS_KEY = "moe_lb_windows"  # checkpoint key: MoE block index -> global LB window state
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
@@ -78,11 +77,16 @@ class MoEGPT2Module(L.LightningModule):
         min_lr_ratio: float = 0.1,
         lb_coef: float = 0.01,
         z_coef: float = 0.001,
-        domains: Sequence[str] = DOMAINS,
+        domains: Sequence[str] | None = None,
         lb_scope: str = "batch",
         lb_window: int | None = None,
     ) -> None:
         super().__init__()
+        if not domains:
+            raise UserError(
+                "MoEGPT2Module needs domains: the data's domain labels, in order (train.py "
+                "passes moe_emergence.data.DOMAINS)."
+            )
         check_lb_settings(lb_scope, 1 if lb_window is None else lb_window)
         self.save_hyperparameters(ignore=["optimizer"])
         self.model = build_gpt2(
@@ -122,7 +126,8 @@ class MoEGPT2Module(L.LightningModule):
             ids = [self._domain_index[d] for d in domains]
         except KeyError as exc:
             raise UserError(
-                f"Batch has domain {exc.args[0]!r}, not in model.domains={list(self.domains)}."
+                f"Batch has domain {exc.args[0]!r}, not among the model's domains "
+                f"{list(self.domains)}."
             ) from None
         return torch.tensor(ids, device=self.device)
 

@@ -280,7 +280,7 @@ def no_loading(monkeypatch):
 @pytest.mark.parametrize("loader", [load_code_data, load_math_data, load_prose_data])
 @pytest.mark.parametrize("size_mb", [0, -1, -0.5])
 def test_size_mb_not_positive_is_rejected(tiny_mirror, no_loading, loader, size_mb):
-    with pytest.raises(ValueError, match=rf"size_mb={size_mb}.*> 0.*--size-mb"):
+    with pytest.raises(ValueError, match=rf"size_mb={size_mb}.*> 0.*e\.g\. 1, 5 or 10"):
         loader(size_mb, hub_mirror=str(tiny_mirror), show_progress=False)
 
 
@@ -301,7 +301,7 @@ def test_max_not_above_min_is_rejected(tiny_mirror, no_loading, call, value, min
     message = str(excinfo.value)
     assert f"max_example_chars={value}" in message
     assert f"minimum length {minimum}" in message
-    assert f"Set --max-example-chars to {minimum + 2} or more" in message
+    assert f"Set max_example_chars to {minimum + 2} or more" in message
 
 
 def test_max_one_above_min_keeps_nothing_and_is_rejected(tiny_mirror, no_loading):

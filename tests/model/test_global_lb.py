@@ -213,7 +213,7 @@ def module_kwargs(**overrides) -> dict:
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), block_size=BLOCK,
         pretrained=None, vocab_size=64, n_positions=BLOCK, n_embd=16, n_layer=2, n_head=2,
         dropout=0.0, moe={"layers": [1], "n_experts": E, "noise_std": 0.0}, warmup_steps=1,
-        **overrides,
+        domains=DOMAINS, **overrides,
     )  # fmt: skip
 
 

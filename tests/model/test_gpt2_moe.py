@@ -11,6 +11,7 @@ import torch
 from helpers.mirror import SHARED_HUB
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from moe_emergence.data.sources import DOMAINS
 from moe_emergence.errors import UserError
 from moe_emergence.hub import HubUnavailableError
 from moe_emergence.model import (
@@ -89,10 +90,14 @@ def test_build_pretrained_grows_vocab_and_refuses_longer_context(saved_tiny_gpt2
 def test_pretrained_module_takes_positions_from_the_weights(saved_tiny_gpt2):
     root, _ = saved_tiny_gpt2
     optimizer = functools.partial(torch.optim.AdamW, lr=1e-3)
-    module = MoEGPT2Module(optimizer, block_size=32, pretrained=str(root / "org" / "tiny-gpt2"))
+    module = MoEGPT2Module(
+        optimizer, block_size=32, pretrained=str(root / "org" / "tiny-gpt2"), domains=DOMAINS
+    )
     assert module.model.config.n_positions == 64
     with pytest.raises(UserError, match=r"data\.block_size=128 exceeds .*n_positions=64"):
-        MoEGPT2Module(optimizer, block_size=128, pretrained=str(root / "org" / "tiny-gpt2"))
+        MoEGPT2Module(
+            optimizer, block_size=128, pretrained=str(root / "org" / "tiny-gpt2"), domains=DOMAINS
+        )
 
 
 def test_build_from_mirror_without_weights_says_how_to_train_from_scratch(

@@ -44,6 +44,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from moe_emergence.data.checks import SettingError, is_int
 from moe_emergence.data.sample.mathgen import STYLES, format_math, generate_math
 from moe_emergence.data.sources import (
     MATH_TEMPLATE,
@@ -440,10 +441,10 @@ def _read(stream: _Opened, source: Source, max_chars: int, taken: _Taken, bar: t
         if not low < len(text) < max_chars:
             rejected += 1
             if rejected >= MAX_REJECTED_IN_A_ROW:
-                raise UserError(
+                raise SettingError(
                     f"max_example_chars={max_chars} keeps no text from '{source.dataset}' "
-                    f"({rejected:,} rejected in a row): raise it (--max-example-chars / "
-                    f"data.max_example_chars), e.g. to 1000."
+                    f"({rejected:,} rejected in a row): raise it, e.g. to 1000.",
+                    "max_example_chars",
                 )
             continue
         rejected = 0
@@ -476,7 +477,8 @@ def load_sample_domain(
         raise UserError(
             f"Unknown sample domain {domain!r}: choose one of {', '.join(SAMPLE_SOURCES)}."
         )
-    _check_seed(seed)
+    if not is_int(seed):
+        raise UserError(f"seed={seed!r} must be an integer.")
     sources = SAMPLE_SOURCES[domain]
     check_size_mb(size_mb)
     check_filters(sources, max_example_chars, domain)
@@ -512,11 +514,6 @@ def load_sample_domain(
     return taken.texts, metadata
 
 
-def _check_seed(seed: int) -> None:
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise UserError(f"seed={seed!r} must be an integer.")
-
-
 def texts_digest(texts: Iterable[str]) -> str:
     """SHA-256 (hex) over the texts in order, each as its UTF-8 length (8 bytes) and bytes."""
     digest = hashlib.sha256()
@@ -550,7 +547,6 @@ def domain_identity(
 def sample_identity(size_mb: float, max_example_chars: int = MAX_EXAMPLE_CHARS, seed: int = 0):
     """:func:`domain_identity` of every sample domain, in order (for the token cache and the
     ``sample_bpe`` tokenizer's folder name)."""
-    _check_seed(seed)
     return {d: domain_identity(d, size_mb, max_example_chars, seed) for d in SAMPLE_SOURCES}
 
 

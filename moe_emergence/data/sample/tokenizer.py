@@ -6,7 +6,7 @@ Trained once per cache dir and corpus identity (vocab 8,192 including the EOS to
 ``<cache_dir>/tokenizers/sample_bpe-<hash>/`` (the hash covers the training texts themselves)
 with ``sample_bpe.json`` listing each saved file's SHA-256, and loaded as a
 ``PreTrainedTokenizerFast``. A folder whose files disagree with that list or do not load is
-retrained with a warning; ``rebuild=True`` (``--rebuild-cache``) retrains it anyway.
+retrained with a warning; ``rebuild=True`` (the ``rebuild_cache`` setting) retrains it anyway.
 """
 
 from __future__ import annotations
