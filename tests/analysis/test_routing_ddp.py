@@ -76,7 +76,7 @@ def make_module(vocab_size: int) -> MoEGPT2Module:
         optimizer=functools.partial(torch.optim.AdamW, lr=3e-3), block_size=BLOCK,
         pretrained=None, vocab_size=vocab_size, n_positions=BLOCK, n_embd=32, n_layer=2,
         n_head=2, moe={"layers": [0, 1], "n_experts": EXPERTS, "noise_std": 1.0,
-                       "noise_anneal_steps": 100}, warmup_steps=1,
+                       "noise_anneal_steps": 100}, warmup_steps=1, domains=DOMAINS,
     )  # fmt: skip
 
 
