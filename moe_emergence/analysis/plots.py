@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib import rcParams
+from matplotlib.axes import Axes
 from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure  # no pyplot: leaves the user's backend alone
 
@@ -26,31 +28,41 @@ def plot_heatmap(
     share 1/E (white), so "as by chance" and "never" look different."""
     layers = sorted(tables)
     n_experts = tables[layers[0]].shape[1]
-    uniform = 1.0 / n_experts
-    norm = TwoSlopeNorm(vmin=0.0, vcenter=uniform, vmax=1.0) if n_experts > 1 else Normalize(0, 1)
     fig = Figure(
         figsize=(1.4 + 0.75 * n_experts * len(layers), 0.6 * len(domains) + 2.0),
         layout="constrained",
     )
     axes = fig.subplots(1, len(layers), squeeze=False)
     for ax, layer in zip(axes[0], layers, strict=True):
-        table = shares(tables[layer])
-        image = ax.imshow(table, norm=norm, cmap="RdBu_r", aspect="auto")
         s = scores[layer]
-        ax.set_title(f"layer {layer}\nNMI {s.nmi:.3f} (null p95 {s.null_p95:.3f})", fontsize=9)
-        ax.set_xticks(range(n_experts), [str(e) for e in range(n_experts)])
-        ax.set_yticks(range(len(domains)), list(domains))
-        ax.set_xlabel("expert")
-        for d in range(len(domains)):
-            for e in range(n_experts):
-                dark = abs(table[d, e] - uniform) > 0.35 * (1 - uniform)
-                ax.text(e, d, f"{table[d, e]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if dark else "black")  # fmt: skip
+        panel = f"layer {layer}\nNMI {s.nmi:.3f} (null p95 {s.null_p95:.3f})"
+        image = heatmap_panel(ax, tables[layer], domains, panel)
     bar = fig.colorbar(image, ax=axes[0].tolist(), label="share of the domain's probe tokens")
-    bar.ax.axhline(uniform, color="black", linewidth=0.8)
+    bar.ax.axhline(1.0 / n_experts, color="black", linewidth=0.8)
     if title:
         fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
+
+
+def heatmap_panel(ax: Axes, table: np.ndarray, domains: Sequence[str], title: str) -> Any:
+    """Draw the shares of one domain x expert table [D, E] on ``ax``: colour scale centred on
+    the uniform share 1/E (white), so "as by chance" and "never" look different; every cell
+    annotated. Returns the image (for a colour bar)."""
+    n_experts = table.shape[1]
+    uniform = 1.0 / n_experts
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=uniform, vmax=1.0) if n_experts > 1 else Normalize(0, 1)
+    frac = shares(table)
+    image = ax.imshow(frac, norm=norm, cmap="RdBu_r", aspect="auto")
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks(range(n_experts), [str(e) for e in range(n_experts)])
+    ax.set_yticks(range(len(domains)), list(domains))
+    ax.set_xlabel("expert")
+    for d in range(frac.shape[0]):
+        for e in range(n_experts):
+            dark = abs(frac[d, e] - uniform) > 0.35 * (1 - uniform)
+            ax.text(e, d, f"{frac[d, e]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black")  # fmt: skip
+    return image
 
 
 def plot_emergence(

@@ -8,16 +8,13 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 from matplotlib import rcParams
 from matplotlib.axes import Axes
-from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure  # no pyplot: leaves the user's backend alone
 
 from moe_emergence.analysis.intervals import mean_interval
-from moe_emergence.analysis.plots import save_figure
+from moe_emergence.analysis.plots import heatmap_panel, save_figure
 from moe_emergence.analysis.results import CheckpointResult, RunResult, group_runs
-from moe_emergence.analysis.scores import shares
 
 __all__ = ["plot_held_out_loss", "plot_sweep_emergence", "plot_sweep_heatmaps"]
 
@@ -107,57 +104,34 @@ def plot_sweep_emergence(results: Sequence[RunResult], path: str | os.PathLike) 
     return save_figure(fig, path)
 
 
-def _summed_counts(runs: Sequence[RunResult], layer: int) -> np.ndarray | None:
-    """[D, E] final-checkpoint counts of ``layer`` summed over the runs that have them."""
-    tables = [r.final.counts[layer] for r in runs if layer in r.final.counts]
-    return np.sum(tables, axis=0) if tables else None
-
-
-def _heatmap_panel(ax: Axes, table: np.ndarray, domains: Sequence[str], title: str):
-    """Shares of one [D, E] table, colour scale centred on 1/E, each cell annotated."""
-    n_experts = table.shape[1]
-    uniform = 1.0 / n_experts
-    norm = TwoSlopeNorm(vmin=0.0, vcenter=uniform, vmax=1.0) if n_experts > 1 else Normalize(0, 1)
-    frac = shares(table)
-    image = ax.imshow(frac, norm=norm, cmap="RdBu_r", aspect="auto")
-    ax.set_title(title, fontsize=9)
-    ax.set_xticks(range(n_experts), [str(e) for e in range(n_experts)])
-    ax.set_yticks(range(len(domains)), list(domains))
-    ax.set_xlabel("expert")
-    for d in range(frac.shape[0]):
-        for e in range(n_experts):
-            dark = abs(frac[d, e] - uniform) > 0.35 * (1 - uniform)
-            ax.text(e, d, f"{frac[d, e]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if dark else "black")  # fmt: skip
-    return image
-
-
 def plot_sweep_heatmaps(results: Sequence[RunResult], path: str | os.PathLike) -> Path:
-    """Rows = MoE groups, columns = MoE layers: the domain x expert shares of the final
-    checkpoints' counts summed over the group's runs, centred on 1/E (white) as
-    :func:`moe_emergence.analysis.plots.plot_heatmap`; title: layer and the runs' mean NMI."""
-    groups = _moe_groups(results)
-    layers = sorted({layer for runs in groups.values() for r in runs for layer in r.layers})
-    n_experts = max((r.n_experts for runs in groups.values() for r in runs), default=1)
-    n_domains = max((len(r.domains) for runs in groups.values() for r in runs), default=1)
+    """One row per MoE run (by group, then seed), one column per MoE layer: the domain x expert
+    shares of the run's final checkpoint (:func:`moe_emergence.analysis.plots.heatmap_panel`).
+    Runs are never pooled: expert numbers are arbitrary per run (expert 2 of one seed is not
+    expert 2 of another), so summed counts would hide specialisation."""
+    runs = [r for group in _moe_groups(results).values() for r in group]
+    layers = sorted({layer for r in runs for layer in r.layers})
+    n_experts = max((r.n_experts for r in runs), default=1)
+    n_domains = max((len(r.domains) for r in runs), default=1)
     fig = Figure(
         figsize=(1.8 + 0.75 * n_experts * max(len(layers), 1),
-                 (0.6 * n_domains + 2.2) * max(len(groups), 1)),
+                 (0.6 * n_domains + 2.0) * max(len(runs), 1) + 0.4),
         layout="constrained",
     )  # fmt: skip
-    rows = fig.subfigures(max(len(groups), 1), 1, squeeze=False)[:, 0]
-    for sub, (g, runs) in zip(rows, groups.items(), strict=False):
-        sub.suptitle(f"{g} (n={len(runs)} runs)", fontsize=9)
+    fig.suptitle("final checkpoint, one row per run (expert numbers differ between runs)",
+                 fontsize=10)  # fmt: skip
+    rows = fig.subfigures(max(len(runs), 1), 1, squeeze=False)[:, 0]
+    for sub, run in zip(rows, runs, strict=False):
+        sub.suptitle(f"{run.group}, seed {run.seed} (step {run.final.step})", fontsize=9)
         axes = sub.subplots(1, max(len(layers), 1), squeeze=False)[0]
         image = None
         for ax, layer in zip(axes, layers, strict=False):
-            table = _summed_counts(runs, layer)
-            if table is None:
+            table, scores = run.final.counts.get(layer), run.final.scores.get(layer)
+            if table is None or scores is None:
                 ax.axis("off")
                 continue
-            nmis = [s.nmi for r in runs if (s := r.final.scores.get(layer)) is not None]
-            nmi = mean_interval(nmis).mean
-            image = _heatmap_panel(ax, table, runs[0].domains, f"layer {layer}, mean NMI {nmi:.3f}")
+            title = f"layer {layer}: NMI {scores.nmi:.3f} (null p95 {scores.null_p95:.3f})"
+            image = heatmap_panel(ax, table, run.domains, title)
         if image is not None:
             sub.colorbar(image, ax=axes.tolist(), label="share of the domain's probe tokens")
     return save_figure(fig, path)
