@@ -6,7 +6,8 @@ Rows (:data:`COLUMNS`), one per group x layer x metric:
 
 routing, per MoE layer of MoE groups
     the :class:`LayerScores` fields of :data:`ROUTING_METRICS` (NMI beside its chance level and
-    the token-identity control), and ``above_null``: the share of runs whose nmi > null_p95
+    the token-identity control), ``above_null``: the share of runs whose nmi > null_p95, and
+    ``cond_mi_above_null``: whose cond_mi > cond_mi_null_p95
     (method ``count``, no interval)
 held-out loss (nats), every group with losses, ``layer`` empty
     ``loss_<domain>``, ``ppl_<domain>`` (mean of the per-run exp(loss)), ``loss`` (each run's
@@ -237,11 +238,17 @@ def _mean(values: Sequence[float]) -> Interval:
 # ----------------------------------------------------------------------------- rows
 
 
-def _above_null(group: str, layer: int, runs: Sequence[RunResult]) -> SummaryRow:
-    pairs = [(_score(r, layer, "nmi"), _score(r, layer, "null_p95")) for r in runs]
+# count metric -> (score, its chance level): the share of runs whose score beats the level
+ABOVE_NULL = {"above_null": ("nmi", "null_p95"),
+              "cond_mi_above_null": ("cond_mi", "cond_mi_null_p95")}  # fmt: skip
+
+
+def _above_null(group: str, layer: int, runs: Sequence[RunResult], metric: str) -> SummaryRow:
+    score, null = ABOVE_NULL[metric]
+    pairs = [(_score(r, layer, score), _score(r, layer, null)) for r in runs]
     pairs = [(a, b) for a, b in pairs if not (math.isnan(a) or math.isnan(b))]
     share = sum(a > b for a, b in pairs) / len(pairs) if pairs else NAN
-    return SummaryRow(group, layer, "above_null", len(pairs), share, NAN, NAN, "count")
+    return SummaryRow(group, layer, metric, len(pairs), share, NAN, NAN, "count")
 
 
 def _routing_rows(group: str, runs: Sequence[RunResult]) -> list[SummaryRow]:
@@ -250,7 +257,7 @@ def _routing_rows(group: str, runs: Sequence[RunResult]) -> list[SummaryRow]:
         for metric in ROUTING_METRICS:
             values = [_score(r, layer, metric) for r in runs]
             rows.append(SummaryRow.of(group, layer, metric, _mean(values)))
-        rows.append(_above_null(group, layer, runs))
+        rows += [_above_null(group, layer, runs, metric) for metric in ABOVE_NULL]
     return rows
 
 
@@ -332,6 +339,11 @@ def _table(header: Sequence[str], lines: Iterable[Sequence[str]]) -> list[str]:
     return out + ["| " + " | ".join(line) + " |" for line in lines]
 
 
+def _runs_above(row: SummaryRow | None) -> str:
+    """``k/n`` of a count row (runs above their null), ``-`` without one."""
+    return f"{round(row.mean * row.n)}/{row.n}" if row is not None and row.n else "-"
+
+
 def _routing_table(summary: Summary) -> list[str]:
     lines = []
     for g, info in summary.groups.items():
@@ -339,17 +351,17 @@ def _routing_table(summary: Summary) -> list[str]:
             continue
         layers = sorted({r.layer for r in summary.rows if r.group == g and r.layer is not None})
         for layer in layers:
-            above = summary.row(g, "above_null", layer)
-            k = round(above.mean * above.n) if above and above.n else 0
             null = summary.row(g, "null_p95", layer)
             null_text = f"{null.mean:.4f}" if null and null.n else "-"
             lines.append([
                 _cell(g), str(layer), _interval_text(summary.row(g, "nmi", layer), ".4f"),
                 null_text, _interval_text(summary.row(g, "token_id_share", layer), ".0f", 100, "%"),
-                f"{k}/{above.n if above else 0}",
+                _runs_above(summary.row(g, "above_null", layer)),
+                _runs_above(summary.row(g, "cond_mi_above_null", layer)),
             ])  # fmt: skip
     header = ["group", "layer", "NMI mean [95% CI]", "null p95 (mean)",
-              "token-id share mean [95% CI]", "runs above null"]  # fmt: skip
+              "token-id share mean [95% CI]", "runs: NMI above null",
+              "runs: cond. MI above its null"]  # fmt: skip
     return _table(header, lines) if lines else []
 
 

@@ -97,7 +97,7 @@ def test_routing_rows_are_t_intervals_by_hand():
     metrics = {r.metric for r in summary.rows if r.group == MOE and r.layer == 1}
     assert metrics == {
         "nmi", "null_mean", "null_p95", "token_id_nmi", "token_id_share", "cond_mi",
-        "cond_mi_null_p95", "usage_entropy", "router_entropy", "above_null",
+        "cond_mi_null_p95", "usage_entropy", "router_entropy", "above_null", "cond_mi_above_null",
     }  # fmt: skip
     assert not [r for r in summary.rows if r.group == DENSE and r.layer is not None]
 
@@ -106,6 +106,8 @@ def test_above_null_is_the_share_of_runs_whose_nmi_beats_the_null_p95():
     above = summarize(sweep()).row(MOE, "above_null", layer=1)
     assert (above.n, above.mean, above.method) == (2, 0.5, "count")  # 0.20 < 0.22, 0.30 > 0.10
     assert math.isnan(above.ci_low) and math.isnan(above.ci_high)
+    beyond = summarize(sweep()).row(MOE, "cond_mi_above_null", layer=1)
+    assert (beyond.n, beyond.mean, beyond.method) == (2, 0.0, "count")  # cond_mi 0.01 < 0.02
 
 
 def test_overall_loss_is_token_weighted_and_perplexity_is_per_run():
@@ -207,7 +209,7 @@ def test_csv_json_and_markdown_hold_the_rows(tmp_path):
     s_mean, s_low, s_high = hand_t([0.4, 0.6])
     routing = (
         f"| {MOE} | 1 | {mean:.4f} [{low:.4f}, {high:.4f}] | 0.1600 | "
-        f"{s_mean:.0%} [{s_low:.0%}, {s_high:.0%}] | 1/2 |"
+        f"{s_mean:.0%} [{s_low:.0%}, {s_high:.0%}] | 1/2 | 0/2 |"
     )
     assert routing in md
     code, math_, overall = hand_t([2.0, 2.2]), hand_t([3.0, 2.6]), hand_t([2.25, 2.30])
