@@ -95,7 +95,8 @@ def imbalance_warning(token_counts: Mapping[str, int], balancing: bool) -> str |
     ]
     if not balancing:
         lines.append(
-            f"  Hint: {option('balance_tokens')} keeps the same number of blocks for every domain."
+            f"  Hint: {option('balance_tokens', 'true')} keeps the same number of blocks for every "
+            f"domain."
         )
     return "\n".join(lines)
 

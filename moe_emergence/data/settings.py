@@ -62,12 +62,14 @@ def config_key(name: str) -> str:
     return f"data.{name}"
 
 
-def option(name: str) -> str:
+def option(name: str, value: str | None = None) -> str:
     """How the user sets ``name``: ``--size-mb (data.size_mb)``, or ``data.batch_size`` for a
-    setting without a CLI flag. The one place that spells flags and keys in messages."""
+    setting without a CLI flag; with ``value`` (a switch's "true"), ``--balance-tokens
+    (data.balance_tokens=true)``. The one place that spells flags and keys in messages."""
+    key = config_key(name) + (f"={value}" if value is not None else "")
     if name in {f.name for f in dataclasses.fields(DataSettings)}:
-        return f"--{name.replace('_', '-')} ({config_key(name)})"
-    return config_key(name)
+        return f"--{name.replace('_', '-')} ({key})"
+    return key
 
 
 @contextlib.contextmanager

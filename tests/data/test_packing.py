@@ -66,7 +66,8 @@ def test_imbalance_warning_exact_lines():
 
 def test_imbalance_hint_only_when_not_balancing():
     counts = {"code": 300, "math": 100}
-    assert "--balance-tokens" in imbalance_warning(counts, balancing=False)
+    hint = "--balance-tokens (data.balance_tokens=true)"
+    assert hint in imbalance_warning(counts, balancing=False)
     assert "--balance-tokens" not in imbalance_warning(counts, balancing=True)
 
 
