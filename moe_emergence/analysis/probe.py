@@ -18,10 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from moe_emergence.errors import UserError
-from moe_emergence.model.gpt2_moe import collect_aux_outputs, moe_layers
+from moe_emergence.model.gpt2_moe import collect_aux_outputs, moe_layers, next_token_losses
 
 HELD_OUT = "held_out"
 TRAIN_SAMPLE = "train_sample"
@@ -155,16 +154,10 @@ def route_blocks(
                 if loss_sum is None:
                     model.transformer(input_ids=chunk)  # the MoE layers are all in here
                 else:
-                    logits = model(input_ids=chunk).logits
+                    lm_logits = model(input_ids=chunk).logits
             if loss_sum is not None:
-                per_token = F.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                    chunk[:, 1:].reshape(-1),
-                    reduction="none",
-                )
-                loss_sum[start : start + len(chunk)] = (
-                    per_token.view(len(chunk), -1).double().sum(1)
-                )
+                losses = next_token_losses(lm_logits, chunk)
+                loss_sum[start : start + len(chunk)] = losses.double().sum(1)
             for i, (indices, logits) in collect_aux_outputs(model).routing.items():
                 experts[i][start : start + len(chunk)] = indices.view(len(chunk), t, -1)
                 log_p = logits.double().log_softmax(-1)

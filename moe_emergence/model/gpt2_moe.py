@@ -217,3 +217,14 @@ def count_parameters(model: GPT2LMHeadModel) -> dict[str, int]:
         "routers": routers,
         "active": total - inactive,
     }
+
+
+def next_token_losses(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """Cross-entropy (nats, float32) of each next-token prediction within each block:
+    logits [B, T, V] and input_ids [B, T] -> [B, T - 1] (position t predicts token t + 1)."""
+    per_token = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        input_ids[:, 1:].reshape(-1),
+        reduction="none",
+    )
+    return per_token.view(input_ids.shape[0], -1)

@@ -14,7 +14,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from moe_emergence.distributed import sum_over_ranks
 from moe_emergence.errors import UserError
@@ -23,6 +22,7 @@ from moe_emergence.model.gpt2_moe import (
     collect_aux_outputs,
     install_moe_layers,
     moe_layers,
+    next_token_losses,
     set_load_balancing,
     set_router_step,
 )
@@ -135,12 +135,7 @@ class MoEGPT2Module(L.LightningModule):
         """Per-block LM loss [B] (mean over next-token predictions) and the aux outputs."""
         ids = batch["input_ids"]
         logits = self(ids)
-        per_token = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-            ids[:, 1:].reshape(-1),
-            reduction="none",
-        )
-        per_block = per_token.view(ids.shape[0], -1).mean(1)
+        per_block = next_token_losses(logits, ids).mean(1)
         domain_ids = self._domain_ids(batch["domains"])
         return per_block, domain_ids, collect_aux_outputs(self.model)
 
