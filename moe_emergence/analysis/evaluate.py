@@ -24,8 +24,13 @@ from omegaconf import OmegaConf
 from moe_emergence.analysis.callback import RoutingAnalysis, score_probe_routing
 from moe_emergence.analysis.loading import LoadedCheckpoint, load_checkpoint
 from moe_emergence.analysis.probe import Probe, build_probe, route_blocks
-from moe_emergence.analysis.results import CheckpointResult, HeldOutLoss, RunResult
-from moe_emergence.analysis.token_types import token_type_table
+from moe_emergence.analysis.results import (
+    CheckpointResult,
+    HeldOutLoss,
+    RunResult,
+    split_override,
+)
+from moe_emergence.analysis.token_types import CATEGORIES, token_type_table
 from moe_emergence.checkpoints import CHECKPOINTS_DIR, load_mapped, verify_sidecar
 from moe_emergence.data import MixedDomainDataModule
 from moe_emergence.data.sources import DOMAINS
@@ -133,8 +138,7 @@ def run_overrides(run_dir: Path | None) -> tuple[list[str], int | None]:
         return [], None
     kept, seed = [], None
     for item in yaml.safe_load(file.read_text()) or []:
-        key, _, value = str(item).partition("=")
-        bare = key.lstrip("+~")
+        bare, value = split_override(item)
         if bare == "seed":
             seed = int(value)
         elif bare not in NOT_CONDITION_KEYS and not bare.startswith(NOT_CONDITION_PREFIXES):
@@ -215,15 +219,17 @@ def code_token_types(
     if CODE not in probe.domains:
         return {}
     code = np.flatnonzero(probe.block_domains == probe.domains.index(CODE))
-    out = {layer: 0 for layer in experts}
+    if len(code) == 0:
+        return {}
+    out = {layer: np.zeros((len(CATEGORIES), n_experts), dtype=np.int64) for layer in experts}
     for b in code:
         pieces = [decode(int(i)) for i in probe.input_ids[b]]
         ends = np.cumsum([len(p) for p in pieces])
         spans = [(int(e - len(p)), int(e)) for p, e in zip(pieces, ends, strict=True)]
         text = "".join(pieces)
         for layer, chosen in experts.items():
-            out[layer] = out[layer] + token_type_table(text, spans, chosen[b], n_experts)
-    return out if len(code) else {}
+            out[layer] += token_type_table(text, spans, chosen[b], n_experts)
+    return out
 
 
 def evaluate_checkpoint(

@@ -36,7 +36,7 @@ from moe_emergence.analysis.intervals import (
     difference_interval,
     mean_interval,
 )
-from moe_emergence.analysis.results import RunResult, group_runs
+from moe_emergence.analysis.results import RunResult, group_runs, split_override
 from moe_emergence.analysis.tables import write_table
 
 __all__ = [
@@ -135,12 +135,8 @@ class SummaryFiles:
 
 
 def _parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
-    """``key=value`` strings as a dict; a leading ``+``/``++``/``~`` is not part of the key."""
-    out: dict[str, str] = {}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        out[key.lstrip("+~")] = value
-    return out
+    """``key=value`` strings as a dict of bare keys (:func:`split_override`)."""
+    return dict(split_override(item) for item in overrides)
 
 
 def _twin_free(key: str) -> bool:
