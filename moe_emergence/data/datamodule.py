@@ -44,7 +44,7 @@ from moe_emergence.data.settings import (
     split_fields,
 )
 from moe_emergence.data.split import split_by_document
-from moe_emergence.data.tokenize import TokenStream
+from moe_emergence.data.tokenize import TokenStream, offsets_from_lengths
 from moe_emergence.errors import UserError
 from moe_emergence.hub import default_mirror
 
@@ -205,8 +205,9 @@ class MixedDomainDataModule(L.LightningDataModule):
     After ``setup``: ``train_dataset`` (the blocks the train loader serves, trimmed to a
     multiple of the world size), ``train_packed`` (the packed training dataset before that
     trimming: its ``domain_blocks`` and ``kept_block_indices`` let a callback draw a probe from
-    the training data), ``val_dataset`` (the held-out blocks, or None) and ``eval_text_ids``
-    (domain -> indices of its held-out texts).
+    the training data), ``val_dataset`` (the held-out blocks, or None) and ``eval_text_ids`` /
+    ``train_text_ids`` (domain -> stream indices of its held-out / training texts, in the order
+    of each side's stream: text j of ``val_dataset``'s domain stream is ``eval_text_ids[d][j]``).
     """
 
     def __init__(
@@ -245,6 +246,7 @@ class MixedDomainDataModule(L.LightningDataModule):
         self.train_packed: PackedMixedDomainDataset | None = None
         self.val_dataset: PackedMixedDomainDataset | None = None
         self.eval_text_ids: dict[str, np.ndarray] = {}
+        self.train_text_ids: dict[str, np.ndarray] = {}
         self.report: dict[str, Any] | None = None
         self.data_fingerprint: str | None = None
         self._tokenizer = None
@@ -305,7 +307,8 @@ class MixedDomainDataModule(L.LightningDataModule):
             except ValueError as exc:
                 raise UserError(
                     f"Held-out split too small: {exc} Raise {option('eval_fraction')} "
-                    f"(now {self.eval_fraction}) or {option('size_mb')}."
+                    f"(now {self.eval_fraction}), {option('eval_min_texts')} (now "
+                    f"{self.eval_min_texts}) or {option('size_mb')}."
                 ) from None
         self.train_packed = dataset
         self.train_dataset = self._trim_for_ranks(dataset)
@@ -321,7 +324,8 @@ class MixedDomainDataModule(L.LightningDataModule):
         manifest = json.loads((prepared.cache_path / MANIFEST).read_text())
         tokens = {d: [e["tokens_sha256"], e["offsets_sha256"]]
                   for d, e in manifest["domains"].items()}  # fmt: skip
-        split = [self.eval_fraction, self.eval_seed if self.eval_fraction > 0 else None]
+        held_out = self.eval_fraction > 0
+        split = [self.eval_fraction, *((self.eval_seed, self.eval_min_texts) if held_out else ())]
         blob = json.dumps({"tokens": tokens, "held_out": split}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -346,12 +350,29 @@ class MixedDomainDataModule(L.LightningDataModule):
         }
 
     def _split(self, streams: dict[str, TokenStream]) -> tuple[dict, dict]:
+        """Per domain, the training and held-out streams (their own text offsets); fills
+        ``eval_text_ids`` and ``train_text_ids`` (stream text index of each side's texts)."""
         train, held_out = {}, {}
         for domain, stream in streams.items():
-            train[domain], held_out[domain], is_eval = split_by_document(
-                stream.tokens, stream.doc_offsets, self.eval_fraction, self.eval_seed
-            )
+            train_tokens, eval_tokens, is_eval = split_by_document(
+                stream.tokens, stream.doc_offsets, self.eval_fraction, self.eval_seed,
+                self.eval_min_texts,
+            )  # fmt: skip
+            lengths = np.diff(stream.doc_offsets)
+            train[domain] = TokenStream(train_tokens, offsets_from_lengths([lengths[~is_eval]]))
+            held_out[domain] = TokenStream(eval_tokens, offsets_from_lengths([lengths[is_eval]]))
             self.eval_text_ids[domain] = np.flatnonzero(is_eval)
+            self.train_text_ids[domain] = np.flatnonzero(~is_eval)
+            held = len(self.eval_text_ids[domain])
+            if held < self.eval_min_texts:
+                log.warning(
+                    "Domain '%s' holds out %d texts, fewer than %s=%d (it has %d; the floor takes "
+                    "at most half, and exact duplicates stay on one side): the routing nulls and "
+                    "probe intervals, which resample documents, have little resolution there. "
+                    "Raise %s for more texts.",
+                    domain, held, option("eval_min_texts"), self.eval_min_texts,
+                    stream.num_texts, option("size_mb"),
+                )  # fmt: skip
         return train, held_out
 
     def _ranks(self) -> tuple[int, int]:

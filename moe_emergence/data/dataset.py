@@ -84,6 +84,9 @@ class PackedMixedDomainDataset(Dataset):
         self.balance_tokens = bool(balance_tokens)
         self.seed = seed
         self.token_counts = {d: int(t.shape[0]) for d, t in tokens.items()}
+        self._doc_offsets = [
+            s.doc_offsets if isinstance(s, TokenStream) else None for s in streams.values()
+        ]
         self._blocks = [block_view(tokens[d], block_size) for d in self.domains]
         self.block_counts = {
             d: int(b.shape[0]) for d, b in zip(self.domains, self._blocks, strict=True)
@@ -129,6 +132,17 @@ class PackedMixedDomainDataset(Dataset):
         """All of ``domain``'s full blocks, ``(block_counts[domain], block_size)``, before
         balancing (a view of its token stream)."""
         return self._blocks[self.domains.index(domain)]
+
+    def block_texts(self, domain: str, blocks: np.ndarray) -> np.ndarray | None:
+        """int64 ``[len(blocks), block_size]``: for each token of ``domain_blocks(domain)[blocks]``
+        the index of the text it comes from in the domain's stream; None when the dataset was
+        built from bare token arrays (no text offsets)."""
+        offsets = self._doc_offsets[self.domains.index(domain)]
+        if offsets is None:
+            return None
+        starts = np.asarray(blocks, dtype=np.int64)[:, None] * self.block_size
+        positions = starts + np.arange(self.block_size, dtype=np.int64)
+        return np.searchsorted(np.asarray(offsets), positions, side="right") - 1
 
     def kept_block_indices(self, domain: str) -> np.ndarray:
         """Sorted, read-only int64 indices into ``domain_blocks(domain)`` of the blocks this

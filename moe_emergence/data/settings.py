@@ -189,6 +189,11 @@ class LoaderSettings(_Settings):
         0.0, low=0, below=1, help="share of each domain's texts held out for validation"
     )
     eval_seed: int = setting(0, low=0, help="which texts are held out (fixed across seeds)")
+    eval_min_texts: int = setting(
+        20, low=0,
+        help="hold out at least this many texts per domain (at most half of a domain's texts; "
+        "the routing nulls and probe intervals resample documents)",
+    )  # fmt: skip
     report_dir: str | None = setting(
         None, help="where data_report.json goes (null: the trainer's default_root_dir)"
     )

@@ -57,9 +57,16 @@ def choose_held_out_groups(sizes: np.ndarray, target: int, seed: int) -> np.ndar
 
 
 def split_by_document(
-    tokens: np.ndarray, doc_offsets: np.ndarray, eval_fraction: float, seed: int
+    tokens: np.ndarray,
+    doc_offsets: np.ndarray,
+    eval_fraction: float,
+    seed: int,
+    min_texts: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hold out a seeded ``eval_fraction`` of a stream's texts, whole (no text on both sides).
+    """Hold out a seeded ``eval_fraction`` of a stream's texts, whole (no text on both sides),
+    and at least ``min_texts`` of them where the stream has twice as many (the documents are the
+    unit of the routing nulls: a probe of 3 texts has no resolution); the floor never takes
+    more than half of the texts.
 
     Returns ``(train_tokens, eval_tokens, is_eval)``: each side keeps its texts (with their
     EOS) in stream order; ``is_eval`` (bool, one per text) says where each text went. Exact
@@ -76,7 +83,8 @@ def split_by_document(
         groups = duplicate_groups(tokens, doc_offsets)
         sizes = np.bincount(groups)
         if len(sizes) > 1:
-            target = min(max(1, round(eval_fraction * num_texts)), num_texts - 1)
+            floor = min(min_texts, num_texts // 2)
+            target = min(max(1, round(eval_fraction * num_texts), floor), num_texts - 1)
             is_eval = choose_held_out_groups(sizes, target, seed)[groups]
         else:
             log.warning("All %d texts are identical: none can be held out.", num_texts)

@@ -100,7 +100,13 @@ def test_eval_split_holds_out_whole_texts(tiny_mirror, tiny_tokenizer_dir, tmp_p
 
 def test_eval_split_too_small_is_a_clear_error(tiny_mirror, tiny_tokenizer_dir):
     dm = MixedDomainDataModule.from_config(
-        overrides(tiny_mirror, tiny_tokenizer_dir, "data.eval_fraction=0.01", "data.block_size=512")
+        overrides(
+            tiny_mirror,
+            tiny_tokenizer_dir,
+            "data.eval_fraction=0.01",
+            "data.eval_min_texts=0",
+            "data.block_size=512",
+        )
     )
     with pytest.raises(ValueError, match=r"Held-out split too small.*data\.eval_fraction"):
         dm.setup("fit")
