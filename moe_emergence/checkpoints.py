@@ -7,6 +7,9 @@
 - :class:`RandomStates` saves torch (CPU and CUDA), numpy and Python random states of every
   rank in the checkpoint and puts them back right before the first resumed step, so that the
   losses after a resume equal the uninterrupted run's step for step.
+- :class:`StepZeroCheckpoint` saves a fresh run's weights before its first step (next to the
+  ModelCheckpoint's files, under its name pattern at step 0): the baseline every routing score
+  is read against, which ``analyze`` routes like any other checkpoint.
 - :func:`load_initial_weights`: ``init_from`` -- a new run (step 0, fresh optimizer and data
   order) from a checkpoint's weights.
 """
@@ -254,6 +257,19 @@ def restore_random_states(states: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
+
+
+class StepZeroCheckpoint(L.Callback):
+    """Save a checkpoint at the start of a fresh run (global step 0, not a resume) as the
+    trainer's ModelCheckpoint would name it at step 0 (``step000000.ckpt``); nothing without a
+    ModelCheckpoint. Collective under DDP (every rank calls it), like any checkpoint save."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        saver = trainer.checkpoint_callback
+        if saver is None or trainer.ckpt_path is not None or trainer.global_step != 0:
+            return
+        name = saver.format_checkpoint_name({"step": torch.tensor(0), "epoch": torch.tensor(0)})
+        trainer.save_checkpoint(name)
 
 
 def _gather(obj: Any) -> list[Any]:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe_emergence.checkpoints import (
     HashedCheckpointIO,
     RandomStates,
+    StepZeroCheckpoint,
     load_initial_weights,
     load_mapped,
     resolve_checkpoint,
@@ -192,6 +193,7 @@ def train(
     run_dir = Path(trainer.default_root_dir)
     trainer.callbacks.append(RunSummary(run_dir / SUMMARY_FILE))
     trainer.callbacks.append(RandomStates(seed=cfg.seed))
+    trainer.callbacks.append(StepZeroCheckpoint())  # after RoutingAnalysis: its step-0 rows
     if ckpt_path is not None:
         check_resume_data(datamodule, trainer, ckpt_path)
         log.info("Resuming from %s", ckpt_path)
