@@ -52,15 +52,16 @@ def score_probe_routing(
     n_permutations: int,
     seed: int,
 ) -> dict[int, tuple[np.ndarray, LayerScores]]:
-    """Per MoE layer, the domain x expert table [D, E] of the probe's assignments and its
-    scores; ``experts[layer]``: int [P, T, k] for ``probe.input_ids`` [P, T]."""
+    """Per MoE layer, the domain x expert table [D, E] of the probe's assignments (all k
+    slots: the heatmap's counts) and its scores (first choice, documents as units);
+    ``experts[layer]``: int [P, T, k] for ``probe.input_ids`` [P, T]."""
     n_domains, (p, t) = len(probe.domains), probe.input_ids.shape
     token_domains = np.repeat(probe.block_domains, t)
     out = {}
     for layer, chosen in sorted(experts.items()):
         table = contingency(token_domains, chosen.reshape(p * t, -1), n_domains, n_experts)
         scores = score_layer(
-            probe.input_ids, probe.block_domains, chosen, n_domains, n_experts,
+            probe.input_ids, probe.token_docs, probe.doc_domains, chosen, n_domains, n_experts,
             n_permutations=n_permutations, seed=seed, router_entropy=router_entropy[layer],
         )  # fmt: skip
         out[layer] = (table, scores)
@@ -83,7 +84,7 @@ class RoutingAnalysis(L.Callback):
         train_sample_blocks: int = 64,
         held_out_blocks: int | None = None,
         probe_seed: int = 0,
-        null_permutations: int = 200,
+        null_permutations: int = 999,
         null_seed: int = 0,
         batch_size: int = 32,
         out_dir: str | None = None,
@@ -314,19 +315,27 @@ class RoutingAnalysis(L.Callback):
         names = [f.name for f in fields(LayerScores)]
         for row in self._rows["trajectory"]:
             values = {name: float(row[name]) for name in names}
+            values["n_documents"] = int(values["n_documents"])
             trajectory.setdefault(int(row["layer"]), []).append(
                 (int(row["step"]), LayerScores(**values))
             )
         plot_emergence(trajectory, self._out / "emergence.png",
                        title=f"domain specialisation of the probe ({kind})")  # fmt: skip
+        first = {int(r["layer"]): float(r["nmi"]) for r in self._rows["trajectory"]
+                 if int(r["step"]) == 0}  # fmt: skip
         lines = [f"Routing at step {step} (eval mode, probe {kind}, "
-                 f"{self.probe.input_ids.shape[0]:,} blocks): NMI [null mean, p95]; "
-                 f"share explained by token identity"]  # fmt: skip
+                 f"{self.probe.input_ids.shape[0]:,} blocks from {self.probe.n_docs:,} "
+                 f"documents; first choice): NMI [probe 95% interval] vs step 0; document-level "
+                 f"null p95 and p; cross-fitted token-id and domain-only router NMIs"]  # fmt: skip
         for layer, s in scores.items():
-            share = "n/a" if np.isnan(s.token_id_share) else f"{100 * s.token_id_share:.0f}%"
-            verdict = "above" if s.nmi > s.null_p95 else "NOT above"
-            lines.append(f"  layer {layer}: NMI {s.nmi:.4f} [{s.null_mean:.4f}, "
-                         f"{s.null_p95:.4f}] ({verdict} chance); token id {share}")  # fmt: skip
+            base = f"{first[layer]:.4f}" if layer in first else "n/a"
+            lines.append(f"  layer {layer}: NMI {s.nmi:.4f} [{s.nmi_low:.4f}, {s.nmi_high:.4f}] "
+                         f"(step 0: {base}); null p95 {s.null_p95:.4f}, p = {s.null_p:.3f}; "
+                         f"token-id {s.token_id_nmi:.4f}, domain-only {s.domain_only_nmi:.4f}; "
+                         f"I(D;E|T) {s.cond_mi:.4f} (null p95 {s.cond_mi_null_p95:.4f}, "
+                         f"p = {s.cond_mi_null_p:.3f})")  # fmt: skip
+        lines.append("  one run, one probe: read seeds and step 0 together (python -m "
+                     "moe_emergence.analyze) before reading a difference")  # fmt: skip
         lines.append(f"  written to {self._out}")
         log.info("\n".join(lines))
         for layer, table in tables.items():

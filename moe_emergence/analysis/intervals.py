@@ -1,83 +1,132 @@
-"""Mean and 95% confidence interval of a metric over seeds (the unit of replication).
+"""Mean and 95% interval of a metric over seeds (the unit of replication across runs), with a
+two-sided p-value against 0, and Holm's correction for a family of p-values.
 
-Fewer than 5 seeds: Student's t-interval, ``mean ± t(0.975, n-1) * s / sqrt(n)`` with ``s``
-the sample standard deviation (ddof=1). 5 or more: a percentile bootstrap of the mean
-(``scipy.stats.bootstrap``, 10,000 resamples, seeded). One seed: the mean and no interval
-(NaN bounds): a single run is not a finding.
+Every interval is Student's t, whatever n (>= 2): ``mean ± t(0.975, df) * se``.
+
+- :func:`mean_interval`: one sample, ``se = s / sqrt(n)`` (s with ddof=1), df = n - 1;
+  p of the one-sample t-test (``scipy.stats.ttest_1samp``).
+- :func:`paired_difference_interval`: ``a[i] - b[i]`` per seed, then the one-sample t
+  (= ``scipy.stats.ttest_rel``); n = complete pairs.
+- :func:`difference_interval`: ``mean(a) - mean(b)`` of unpaired samples, Welch's se and df
+  (= ``scipy.stats.ttest_ind(equal_var=False)``); n = the smaller side.
+
+NaNs are dropped (pairs with a NaN on either side). n <= 1 (a side with one value for Welch):
+the mean and no interval, no p (NaN): a single run is not a finding. No spread (se = 0): a
+zero-width interval and p = 0, or NaN when the mean is 0 too (as scipy). A t-interval of a
+non-negative score can reach below 0 with few values; it is not clipped.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
 
-BOOTSTRAP_FROM = 5
-BOOTSTRAP_RESAMPLES = 10_000
+__all__ = [
+    "Interval",
+    "difference_interval",
+    "holm",
+    "mean_interval",
+    "paired_difference_interval",
+]
+
+NAN = float("nan")
 
 
 @dataclass(frozen=True)
 class Interval:
-    """n values; their mean; the interval's bounds; ``method``: t, bootstrap or none."""
+    """n values (pairs, or the smaller side for Welch); their mean (or difference of means);
+    the interval's bounds; ``method``: ``t`` (one sample), ``paired_t``, ``welch_t`` or
+    ``none`` (n <= 1); ``p``: two-sided p-value of the mean against 0 (NaN where undefined)."""
 
     n: int
     mean: float
     ci_low: float
     ci_high: float
     method: str
+    p: float = NAN
 
 
-def mean_interval(values: Sequence[float], confidence: float = 0.95, seed: int = 0) -> Interval:
-    """The mean of ``values`` (NaNs dropped) with its ``confidence`` interval (see the module
-    docstring for which). Deterministic for a given ``seed``."""
-    x = np.asarray([v for v in values if not np.isnan(v)], dtype=np.float64)
+def _finite(values: Sequence[float]) -> np.ndarray:
+    x = np.asarray(values, dtype=np.float64).ravel()
+    return x[~np.isnan(x)]
+
+
+def _t(n: int, estimate: float, se: float, df: float, confidence: float, method: str) -> Interval:
+    """The t-interval and two-sided p against 0 of ``estimate`` with standard error ``se``."""
+    if se == 0:
+        p = NAN if estimate == 0 else 0.0
+        return Interval(n, estimate, estimate, estimate, method, p)
+    half = float(stats.t.ppf(0.5 + confidence / 2, df)) * se
+    p = float(2 * stats.t.sf(abs(estimate) / se, df))
+    return Interval(n, estimate, estimate - half, estimate + half, method, p)
+
+
+def _one_sample(x: np.ndarray, confidence: float, method: str) -> Interval:
     n = len(x)
     if n == 0:
-        return Interval(0, float("nan"), float("nan"), float("nan"), "none")
+        return Interval(0, NAN, NAN, NAN, "none")
     mean = float(x.mean())
     if n == 1:
-        return Interval(1, mean, float("nan"), float("nan"), "none")
-    if n < BOOTSTRAP_FROM:
-        half = stats.t.ppf(0.5 + confidence / 2, df=n - 1) * x.std(ddof=1) / np.sqrt(n)
-        return Interval(n, mean, mean - half, mean + half, "t")
-    if np.all(x == x[0]):  # no spread: the bootstrap has nothing to resample
-        return Interval(n, mean, mean, mean, "bootstrap")
-    result = stats.bootstrap(
-        (x,), np.mean, confidence_level=confidence, n_resamples=BOOTSTRAP_RESAMPLES,
-        method="percentile", random_state=np.random.default_rng(seed),
-    )  # fmt: skip
-    low, high = result.confidence_interval
-    return Interval(n, mean, float(low), float(high), "bootstrap")
+        return Interval(1, mean, NAN, NAN, "none")
+    return _t(n, mean, float(x.std(ddof=1)) / math.sqrt(n), n - 1, confidence, method)
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
+    """The mean of ``values`` (NaNs dropped) with its Student t ``confidence`` interval
+    (df = n - 1) and the one-sample t-test's two-sided p against 0; method ``t``."""
+    return _one_sample(_finite(values), confidence, "t")
+
+
+def paired_difference_interval(
+    a: Sequence[float], b: Sequence[float], confidence: float = 0.95
+) -> Interval:
+    """The mean of the per-seed differences ``a[i] - b[i]`` (``a`` and ``b`` aligned: the same
+    seed at each position; pairs with a NaN dropped) with its t-interval (df = pairs - 1) and
+    the paired t-test's p against 0; method ``paired_t``. Raises ValueError on unequal
+    lengths."""
+    x = np.asarray(a, dtype=np.float64).ravel()
+    y = np.asarray(b, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"paired values need equal lengths, got {len(x)} and {len(y)}")
+    d = x - y
+    return _one_sample(d[~np.isnan(d)], confidence, "paired_t")
 
 
 def difference_interval(
-    a: Sequence[float], b: Sequence[float], confidence: float = 0.95, seed: int = 0
+    a: Sequence[float], b: Sequence[float], confidence: float = 0.95
 ) -> Interval:
-    """Mean of ``a`` minus mean of ``b`` (e.g. MoE - dense loss over seeds) with a Welch
-    t-interval below 5 values per side, else a percentile bootstrap of the difference of
-    means (each side resampled on its own)."""
-    x = np.asarray([v for v in a if not np.isnan(v)], dtype=np.float64)
-    y = np.asarray([v for v in b if not np.isnan(v)], dtype=np.float64)
+    """``mean(a) - mean(b)`` of unpaired samples (NaNs dropped) with Welch's t-interval and
+    Welch's two-sided p against 0; method ``welch_t``; n = the smaller side (``none`` when a
+    side has fewer than 2 values)."""
+    x, y = _finite(a), _finite(b)
     n = min(len(x), len(y))
     if n == 0:
-        return Interval(0, float("nan"), float("nan"), float("nan"), "none")
+        return Interval(0, NAN, NAN, NAN, "none")
     diff = float(x.mean() - y.mean())
     if n == 1:
-        return Interval(1, diff, float("nan"), float("nan"), "none")
-    if n < BOOTSTRAP_FROM:
-        va, vb = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
-        se = np.sqrt(va + vb)
-        if se == 0:
-            return Interval(n, diff, diff, diff, "t")
-        df = (va + vb) ** 2 / (va**2 / (len(x) - 1) + vb**2 / (len(y) - 1))
-        half = stats.t.ppf(0.5 + confidence / 2, df=df) * se
-        return Interval(n, diff, diff - half, diff + half, "t")
-    result = stats.bootstrap(
-        (x, y), lambda p, q, axis=-1: p.mean(axis) - q.mean(axis), confidence_level=confidence,
-        n_resamples=BOOTSTRAP_RESAMPLES, method="percentile",
-        random_state=np.random.default_rng(seed), paired=False, vectorized=True,
-    )  # fmt: skip
-    low, high = result.confidence_interval
-    return Interval(n, diff, float(low), float(high), "bootstrap")
+        return Interval(1, diff, NAN, NAN, "none")
+    va, vb = float(x.var(ddof=1)) / len(x), float(y.var(ddof=1)) / len(y)
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(x) - 1) + vb**2 / (len(y) - 1)) if se > 0 else NAN
+    return _t(n, diff, se, df, confidence, "welch_t")
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the input order. The m non-NaN values sorted
+    ascending, ``p_(i)`` (i = 1..m) becomes ``max_{j <= i} min(1, (m - j + 1) * p_(j))``
+    (monotone, capped at 1); rejecting where adjusted < alpha controls the family-wise error at
+    alpha. NaNs stay NaN and do not count in m."""
+    p = np.asarray(pvalues, dtype=np.float64).ravel()
+    out = np.full(p.shape, NAN)
+    idx = np.flatnonzero(~np.isnan(p))
+    if idx.size == 0:
+        return out.tolist()
+    order = idx[np.argsort(p[idx], kind="stable")]
+    m = len(order)
+    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    out[order] = np.maximum.accumulate(scaled)
+    return out.tolist()

@@ -25,7 +25,8 @@ def plot_heatmap(
 ) -> Path:
     """One panel per MoE layer: rows = domains, columns = experts, cell = the share of the
     domain's probe tokens sent to the expert. The colour scale is centred on the uniform
-    share 1/E (white), so "as by chance" and "never" look different."""
+    share 1/E (white), so "as by chance" and "never" look different. For top-k the shares
+    count every slot; the NMI in the titles reads the first choice."""
     layers = sorted(tables)
     n_experts = tables[layers[0]].shape[1]
     fig = Figure(
@@ -35,7 +36,7 @@ def plot_heatmap(
     axes = fig.subplots(1, len(layers), squeeze=False)
     for ax, layer in zip(axes[0], layers, strict=True):
         s = scores[layer]
-        panel = f"layer {layer}\nNMI {s.nmi:.3f} (null p95 {s.null_p95:.3f})"
+        panel = f"layer {layer}\nNMI {s.nmi:.3f} (document null p95 {s.null_p95:.3f})"
         image = heatmap_panel(ax, tables[layer], domains, panel)
     bar = fig.colorbar(image, ax=axes[0].tolist(), label="share of the domain's probe tokens")
     bar.ax.axhline(1.0 / n_experts, color="black", linewidth=0.8)
@@ -71,7 +72,8 @@ def plot_emergence(
     title: str = "",
 ) -> Path:
     """NMI against optimizer step, one line per MoE layer, over a band from 0 to the
-    permutation null's 95th percentile (chance); dashed: the token-id router's NMI."""
+    document-level permutation null's 95th percentile (chance); dashed: the cross-fitted
+    token-id router's NMI. The first point is step 0: the random router's baseline."""
     fig = Figure(figsize=(6.4, 3.8), layout="constrained")
     ax = fig.subplots()
     colors = rcParams["axes.prop_cycle"].by_key()["color"]
@@ -86,8 +88,9 @@ def plot_emergence(
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("NMI = I(domain; expert) / H(domain)")
     ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8, title="solid: NMI; dashed: token-id router;\nband: null 95th pct",
-              title_fontsize=7)  # fmt: skip
+    legend = ("solid: NMI (first point: step 0);\ndashed: token-id router (cross-fitted);\n"
+              "band: document null 95th pct")  # fmt: skip
+    ax.legend(fontsize=8, title=legend, title_fontsize=7)
     if title:
         ax.set_title(title, fontsize=10)
     return save_figure(fig, path)

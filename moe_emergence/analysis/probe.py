@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,8 @@ from torch import nn
 from moe_emergence.errors import UserError
 from moe_emergence.model.gpt2_moe import collect_aux_outputs, moe_layers, next_token_losses
 
+log = logging.getLogger(__name__)
+
 HELD_OUT = "held_out"
 TRAIN_SAMPLE = "train_sample"
 
@@ -29,32 +32,87 @@ TRAIN_SAMPLE = "train_sample"
 @dataclass(frozen=True)
 class Probe:
     """input_ids: int64 [P, T]; block_domains: int64 [P], indices into ``domains``;
-    kind: ``held_out`` or ``train_sample``."""
+    kind: ``held_out`` or ``train_sample``.
+
+    Documents (the unit of replication inside a run): token_docs int64 [P, T], each token's
+    probe document in 0..n_docs-1 (numbered by first appearance, block-major); doc_domains
+    int64 [n_docs]; doc_texts int64 [n_docs], the document's text index in its domain's token
+    stream (-1 when the data records no text offsets: then each block is its own document).
+    """
 
     input_ids: np.ndarray
     block_domains: np.ndarray
     domains: tuple[str, ...]
     kind: str
+    token_docs: np.ndarray
+    doc_domains: np.ndarray
+    doc_texts: np.ndarray
 
     @functools.cached_property
     def digest(self) -> str:
-        """SHA-256 of the blocks and their domains: the same probe, the same digest."""
+        """SHA-256 of the blocks, their domains and documents: the same probe, the same digest."""
         h = hashlib.sha256()
-        h.update(np.ascontiguousarray(self.input_ids, dtype=np.int64).tobytes())
-        h.update(np.ascontiguousarray(self.block_domains, dtype=np.int64).tobytes())
+        for arr in (self.input_ids, self.block_domains, self.token_docs, self.doc_texts):
+            h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
         h.update(",".join(self.domains).encode())
         return h.hexdigest()
 
+    @property
+    def n_docs(self) -> int:
+        return int(self.doc_domains.shape[0])
+
     def describe(self) -> dict[str, Any]:
-        """What the probe is, for ``probe.json``: kind, blocks and tokens per domain, digest."""
+        """What the probe is, for ``probe.json``: kind, blocks, tokens and documents per domain,
+        each block's documents (text indices in its domain's stream), digest."""
         blocks = {d: int((self.block_domains == i).sum()) for i, d in enumerate(self.domains)}
+        docs = {d: int((self.doc_domains == i).sum()) for i, d in enumerate(self.domains)}
         return {
             "probe": self.kind,
             "block_size": int(self.input_ids.shape[1]),
             "blocks": blocks,
             "tokens": {d: n * int(self.input_ids.shape[1]) for d, n in blocks.items()},
+            "documents": docs,
+            "block_documents": [
+                {"domain": self.domains[int(d)], "texts": self.doc_texts[np.unique(row)].tolist()}
+                for d, row in zip(self.block_domains, self.token_docs, strict=True)
+            ],
             "digest": self.digest,
         }
+
+
+def _documents(
+    block_domains: np.ndarray, token_texts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(token_docs [P, T], doc_domains, doc_texts) from each token's text index in its domain's
+    stream ([P, T]; -1 for a block whose texts are unknown: the block is its own document)."""
+    p, t = token_texts.shape
+    unknown = token_texts < 0
+    key_text = np.where(unknown, np.arange(p)[:, None], token_texts)
+    keys = np.stack([np.repeat(block_domains, t), unknown.ravel(), key_text.ravel()], axis=1)
+    _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # number documents by first appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    token_docs = rank[inverse.ravel()].reshape(p, t)
+    doc_domains = keys[first[order], 0]
+    doc_texts = np.where(keys[first[order], 1] == 1, -1, keys[first[order], 2])
+    return token_docs, doc_domains.astype(np.int64), doc_texts.astype(np.int64)
+
+
+def make_probe(
+    input_ids: np.ndarray,
+    block_domains: np.ndarray,
+    domains: Sequence[str],
+    kind: str,
+    token_texts: np.ndarray | None = None,
+) -> Probe:
+    """A probe from its blocks; ``token_texts`` [P, T]: each token's text index in its domain's
+    stream (None or -1: unknown, each such block its own document)."""
+    ids = np.asarray(input_ids, dtype=np.int64)
+    labels = np.asarray(block_domains, dtype=np.int64)
+    texts = np.full(ids.shape, -1, dtype=np.int64) if token_texts is None else token_texts
+    token_docs, doc_domains, doc_texts = _documents(labels, np.asarray(texts, dtype=np.int64))
+    return Probe(ids, labels, tuple(domains), kind, token_docs, doc_domains, doc_texts)
 
 
 def build_probe(
@@ -68,14 +126,18 @@ def build_probe(
 
     With a held-out split: its blocks, all of them or (``held_out_blocks``) a seeded subset
     of that many per domain. Without: ``train_sample_blocks`` seeded training blocks per domain
-    (fewer when a domain has fewer). Blocks are grouped by domain, in ``domains`` order.
+    (fewer when a domain has fewer). Blocks are grouped by domain, in ``domains`` order; each
+    token knows its text (the document) through the datamodule's ``eval_text_ids`` /
+    ``train_text_ids``.
     """
     held_out = getattr(datamodule, "val_dataset", None)
     if held_out is not None:
         source, per_domain, kind = held_out, held_out_blocks, HELD_OUT
+        text_ids = getattr(datamodule, "eval_text_ids", {})
     else:
         source = getattr(datamodule, "train_packed", None)
         per_domain, kind = train_sample_blocks, TRAIN_SAMPLE
+        text_ids = getattr(datamodule, "train_text_ids", {})
     if source is None:
         raise UserError(
             "Routing analysis needs the MixedDomainDataModule's blocks after setup(): train "
@@ -87,7 +149,7 @@ def build_probe(
             f"The data has no {missing} blocks, but the model's domains are {list(domains)}."
         )
     rng = np.random.default_rng(seed)
-    ids, labels = [], []
+    ids, labels, texts = [], [], []
     for d, domain in enumerate(domains):
         blocks = source.domain_blocks(domain)
         kept = source.kept_block_indices(domain) if kind == TRAIN_SAMPLE else None
@@ -96,7 +158,19 @@ def build_probe(
             kept = np.sort(rng.choice(kept, size=per_domain, replace=False))
         ids.append(np.asarray(blocks[kept], dtype=np.int64))
         labels.append(np.full(len(kept), d, dtype=np.int64))
-    return Probe(np.concatenate(ids), np.concatenate(labels), tuple(domains), kind)
+        local = source.block_texts(domain, kept) if hasattr(source, "block_texts") else None
+        if local is None:
+            texts.append(np.full((len(kept), blocks.shape[1]), -1, dtype=np.int64))
+        else:  # index in this side's stream -> index in the domain's whole stream
+            stream_ids = text_ids.get(domain)
+            texts.append(local if stream_ids is None else np.asarray(stream_ids)[local])
+    token_texts = np.concatenate(texts)
+    if (token_texts < 0).any():
+        log.warning(
+            "The probe's data records no text offsets: each probe block counts as its own "
+            "document, so the routing nulls and intervals treat blocks as independent."
+        )
+    return make_probe(np.concatenate(ids), np.concatenate(labels), domains, kind, token_texts)
 
 
 @dataclass

@@ -1,43 +1,55 @@
 """Scores of how much MoE routing depends on the data domain (numpy only, all in nats).
 
-The NMI ``I(D;E) / H(D)`` of the domain x expert table is 0 when routing ignores the domain
-and 1 when the chosen expert determines it. The permutation null (domain labels shuffled across
-probe blocks) is its chance level on the same data: an NMI is only domain signal as far as it
-exceeds the null. The token-identity control asks how much of that signal token identity alone
-explains: ``token_id_nmi`` is the NMI a router that looks only at the token id would give, and
-``cond_mi = I(D;E | T)`` is what is left once the token id is known.
+The unit of replication inside a run is the DOCUMENT (a probe text): the tokens of one text,
+and the blocks cut from it, are not independent, so every null permutes and every interval
+resamples documents, and every control fitted on the probe is cross-fitted on held-out
+documents. For top-k > 1 every score reads the first choice (slot 0), so NMIs share one scale.
 
-``cond_mi`` is a plug-in estimate over the token ids seen in >= 2 domains, and it is strongly
-biased upward when the ids have few occurrences each (random routing over 64 experts with ~80
-assignments per id gives ~0.65 nats, truth 0). Its chance level is
-:func:`conditional_mi_null`: ``cond_mi`` recomputed after the same block-label permutations
-as :func:`permutation_null` (same seed, same draws); like the NMI, ``cond_mi`` is only
-domain signal as far as it exceeds that null.
+- ``nmi = I(D;E) / H(D)`` of the domain x expert table: 0 when routing ignores the domain, 1
+  when the chosen expert determines it. Its null (:func:`permutation_null`) permutes the domain
+  labels across documents: the chance level of a domain-blind router on this probe, whatever
+  each document's own preferences.
+- ``cond_mi = I(D;E | T)``, plug-in, over the token ids seen in >= 2 domains: domain information
+  left once the token id is known. The plug-in is biased upward when ids are rare; its null
+  (:func:`conditional_mi_null`) permutes the domain labels among the (id, document) groups of
+  each shared id, which keeps the set of shared ids, every id's expert counts and every
+  document's routing of an id: the level reached with no domain effect beyond the token.
+- The cross-fitted controls (:func:`cross_fitted_routers`): a token-id router (each id sent by
+  its expert distribution) and a domain-only router (each domain by its expert distribution),
+  each fitted on one half of the documents and scored on the other, both ways. Their NMIs are
+  beside the NMI, never turned into a "share explained".
+- The probe interval of the NMI (:func:`document_bootstrap`): basic bootstrap over documents,
+  resampled within each domain.
 
-Shapes: D domains, E experts, k experts per token (top-k), N tokens, B probe blocks. Every one
-of the N*k token-to-expert assignments is one sample; ``0 * log 0 = 0``; float64 throughout.
+Shapes: D domains, E experts, k experts per token, N tokens, U documents. ``0 * log 0 = 0``;
+float64 throughout.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = [
+    "CrossFitted",
     "LayerScores",
-    "TokenIdentityControl",
     "collapsed_expert",
+    "conditional_mi",
     "conditional_mi_null",
     "contingency",
+    "cross_fitted_routers",
+    "document_bootstrap",
+    "document_folds",
     "entropy",
     "mutual_information",
     "nmi",
     "null_summary",
     "permutation_null",
+    "permutation_p",
     "score_layer",
     "shares",
-    "token_identity_control",
     "usage_entropy",
 ]
 
@@ -66,29 +78,6 @@ def _assignments(experts: object, n_tokens: int, n_experts: int) -> np.ndarray:
     if ex.shape[1] > n_experts:
         raise ValueError(f"k = {ex.shape[1]} experts per token exceeds n_experts = {n_experts}")
     return ex
-
-
-def _probe(
-    token_ids, block_domains, experts, n_domains: int, n_experts: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A probe of P blocks of T tokens checked: (token ids [P, T] int64, block domains [P]
-    int64, assignments [P*T, k] int64 in block-major token order). experts [P, T, k] or [P, T]."""
-    tok = np.asarray(token_ids)
-    if tok.ndim != 2 or (tok.size and not np.issubdtype(tok.dtype, np.integer)):
-        raise ValueError(f"token_ids must be a [P, T] int array, got {tok.dtype} {tok.shape}")
-    tok = tok.astype(np.int64, copy=False)
-    n_blocks, t_len = tok.shape
-    blocks = _ids(block_domains, n_domains, "block_domains")
-    if blocks.shape != (n_blocks,):
-        raise ValueError(f"block_domains must be [{n_blocks}], got {blocks.shape}")
-    ex = np.asarray(experts)
-    if ex.ndim == 2:
-        ex = ex[..., None]
-    if ex.ndim != 3 or ex.shape[:2] != (n_blocks, t_len):
-        raise ValueError(f"experts must be [{n_blocks}, {t_len}(, k)], got {ex.shape}")
-    k = ex.shape[2]
-    flat_ex = _assignments(ex.reshape(n_blocks * t_len, k), n_blocks * t_len, n_experts)
-    return tok, blocks, flat_ex
 
 
 def _counts(table: object, ndim: int | None = 2, name: str = "table") -> np.ndarray:
@@ -171,56 +160,109 @@ def usage_entropy(table) -> float:
     return float(_entropy(_counts(table).sum(axis=0)))
 
 
+# ----------------------------------------------------------------------------- documents
+
+
+def _probe(
+    token_ids, token_docs, doc_domains, experts, n_domains: int, n_experts: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A probe checked and flattened: (token ids [N], documents [N], document domains [U],
+    first-choice experts [N]), all int64. token_ids, token_docs [P, T] (or [N]); experts
+    [P, T, k], [P, T] or [N]; doc_domains [U] in [0, D)."""
+    tok = np.asarray(token_ids)
+    if tok.size and not np.issubdtype(tok.dtype, np.integer):
+        raise ValueError(f"token_ids must be integers, got dtype {tok.dtype}")
+    shape = tok.shape
+    tok = tok.astype(np.int64, copy=False).ravel()
+    dom = _ids(doc_domains, n_domains, "doc_domains")
+    if dom.ndim != 1:
+        raise ValueError(f"doc_domains must be 1-D, got shape {dom.shape}")
+    docs = _ids(token_docs, max(dom.shape[0], 1), "token_docs")
+    if docs.shape != shape:
+        raise ValueError(f"token_docs must be {shape} like token_ids, got {docs.shape}")
+    ex = np.asarray(experts)
+    if ex.shape[: len(shape)] != shape or ex.ndim > len(shape) + 1:
+        raise ValueError(f"experts must be {shape} or {shape} + (k,), got {ex.shape}")
+    ex = ex.reshape(tok.shape[0], -1) if tok.size else ex.reshape(0, 1)
+    first = _assignments(ex, tok.shape[0], n_experts)[:, 0]
+    return tok, docs.ravel(), dom, first
+
+
+def _compact(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """(index of each value among the distinct values, number of distinct values), int64.
+    A dense lookup when the ids span a modest range, else ``np.unique``."""
+    if values.size == 0:
+        return values.astype(np.int64), 0
+    lo, hi = int(values.min()), int(values.max())
+    if hi - lo < 4 * values.size + (1 << 20):
+        present = np.zeros(hi - lo + 1, dtype=bool)
+        present[values - lo] = True
+        remap = np.cumsum(present, dtype=np.int64) - 1
+        return remap[values - lo], int(remap[-1]) + 1
+    uniq, inv = np.unique(values, return_inverse=True)
+    return inv.astype(np.int64, copy=False).ravel(), int(uniq.size)
+
+
+def _unit_counts(units: np.ndarray, experts: np.ndarray, n_units: int, n_experts: int):
+    """[U, E] float64 counts of each unit's tokens per expert."""
+    flat = np.bincount(units * n_experts + experts, minlength=n_units * n_experts)
+    return flat.reshape(n_units, n_experts).astype(np.float64)
+
+
+def document_folds(doc_domains, n_domains: int, seed: int) -> np.ndarray:
+    """[U] int64 in {0, 1}: a seeded half split of the documents, stratified by domain (each
+    domain's documents in a random order, alternately to fold 0 and 1)."""
+    dom = _ids(doc_domains, n_domains, "doc_domains")
+    rng = np.random.default_rng(seed)
+    folds = np.zeros(dom.shape[0], dtype=np.int64)
+    for d in range(n_domains):
+        mine = np.flatnonzero(dom == d)
+        folds[rng.permutation(mine)] = np.arange(mine.size) % 2
+    return folds
+
+
 # ----------------------------------------------------------------------------- permutation null
 
 
-def _permutation_labels(block_domains: np.ndarray, n_permutations: int, seed: int) -> np.ndarray:
-    """[K, B] int64 shuffled block domain labels: row i is the i-th
-    ``np.random.default_rng(seed).permutation(block_domains)``. The one source of the draws of
-    both :func:`permutation_null` and :func:`conditional_mi_null`, so that the same seed pairs
-    them permutation by permutation."""
+def _permutation_labels(unit_domains: np.ndarray, n_permutations: int, seed: int) -> np.ndarray:
+    """[K, U] int64 shuffled unit (document) domain labels: row i is the i-th
+    ``np.random.default_rng(seed).permutation(unit_domains)``."""
     if n_permutations < 0:
         raise ValueError(f"n_permutations must be >= 0, got {n_permutations}")
     rng = np.random.default_rng(seed)
-    labels = np.empty((n_permutations, block_domains.shape[0]), dtype=np.int64)
+    labels = np.empty((n_permutations, unit_domains.shape[0]), dtype=np.int64)
     for i in range(n_permutations):
-        labels[i] = rng.permutation(block_domains)
+        labels[i] = rng.permutation(unit_domains)
     return labels
 
 
-def _permuted_tables(
-    block_expert_counts, block_domains, n_domains: int, n_permutations: int, seed: int
-) -> np.ndarray:
-    """[K, D, E] float64 domain x expert tables after shuffling the block domain labels, one
-    ``default_rng(seed).permutation`` per table, in order. Column sums (expert usage) and each
-    domain's block count are those of the unshuffled data."""
-    counts = _counts(block_expert_counts, name="block_expert_counts")
-    dom = _ids(block_domains, n_domains, "block_domains")
-    if dom.ndim != 1 or dom.shape[0] != counts.shape[0]:
-        raise ValueError(
-            f"block_domains must be [{counts.shape[0]}] to match block_expert_counts, "
-            f"got {dom.shape}"
-        )
-    labels = _permutation_labels(dom, n_permutations, seed)
-    tables = np.empty((n_permutations, n_domains, counts.shape[1]), dtype=np.float64)
+def _labelled_tables(counts: np.ndarray, labels: np.ndarray, n_domains: int) -> np.ndarray:
+    """[K, D, E] domain x expert tables of unit counts [U, E] under unit labels [K, U]."""
+    tables = np.empty((labels.shape[0], n_domains, counts.shape[1]), dtype=np.float64)
     for d in range(n_domains):
-        tables[:, d, :] = (labels == d).astype(np.float64) @ counts  # exact: integer sums < 2**53
+        tables[:, d, :] = (labels == d).astype(np.float64) @ counts  # exact: integer sums
     return tables
 
 
 def permutation_null(
-    block_expert_counts,
-    block_domains,
+    unit_expert_counts,
+    unit_domains,
     n_domains: int,
     n_permutations: int = 200,
     seed: int = 0,
 ) -> np.ndarray:
     """[n_permutations] NMIs of the domain x expert table after permuting the domain labels
-    across blocks: the chance level (same blocks, domain block counts and expert usage, no
-    domain information). block_expert_counts [B, E] assignments of each block to each expert;
-    block_domains [B]. Draw i uses the i-th ``np.random.default_rng(seed).permutation``."""
-    tables = _permuted_tables(block_expert_counts, block_domains, n_domains, n_permutations, seed)
-    return _nmi_batch(tables)
+    across units (documents): the chance level with each document's routing kept whole.
+    unit_expert_counts [U, E]; unit_domains [U]. Draw i uses the i-th
+    ``np.random.default_rng(seed).permutation``."""
+    counts = _counts(unit_expert_counts, name="unit_expert_counts")
+    dom = _ids(unit_domains, n_domains, "unit_domains")
+    if dom.ndim != 1 or dom.shape[0] != counts.shape[0]:
+        raise ValueError(
+            f"unit_domains must be [{counts.shape[0]}] to match unit_expert_counts, got {dom.shape}"
+        )
+    labels = _permutation_labels(dom, n_permutations, seed)
+    return _nmi_batch(_labelled_tables(counts, labels, n_domains))
 
 
 def null_summary(null) -> tuple[float, float]:
@@ -232,226 +274,249 @@ def null_summary(null) -> tuple[float, float]:
     return float(arr.mean()), float(np.percentile(arr, 95))
 
 
-# ----------------------------------------------------------------------------- token identity
+def permutation_p(null, observed: float) -> float:
+    """Permutation p-value ``(1 + #{null >= observed}) / (1 + K)`` (ties count against the
+    observation, to 1e-12); nan for an empty null or a nan observation."""
+    arr = np.asarray(null, dtype=np.float64).ravel()
+    if arr.size == 0 or np.isnan(observed):
+        return float("nan")
+    return float((1 + np.count_nonzero(arr >= observed - 1e-12)) / (1 + arr.size))
+
+
+# ----------------------------------------------------------------------------- cond_mi
+
+
+def _xlogx(x: np.ndarray) -> float:
+    """sum of x log x over float64 counts (0 at 0)."""
+    return float((x * np.log(x, out=np.zeros_like(x), where=x > 0)).sum())
 
 
 @dataclass(frozen=True)
-class TokenIdentityControl:
-    """How much of the domain signal token identity alone explains.
+class _SharedGroups:
+    """The first-choice assignments of the token ids seen in >= 2 domains, grouped by (id,
+    document). G groups: t [G] id (compacted), doc [G], label [G] (the document's domain),
+    size [G] tokens; pairs (group, expert) with counts: pair_group, pair_count, and pair_te,
+    the pair's (id, expert) cell among the n_te cells seen."""
 
-    cond_mi:          I(D;E | T) in nats over the assignments of token ids seen in >= 2
-                      domains (0.0 when there are none).
-    token_id_nmi:     NMI of the token-id router (each id sent to its k most frequent experts)
-                      over all assignments.
-    token_id_share:   min(1, token_id_nmi / nmi); nan when nmi == 0.
-    shared_token_ids: number of distinct token ids seen in >= 2 domains.
-    """
+    n_ids: int
+    t: np.ndarray
+    doc: np.ndarray
+    label: np.ndarray
+    size: np.ndarray
+    pair_group: np.ndarray
+    pair_count: np.ndarray
+    pair_te: np.ndarray
+    n_te: int
 
-    cond_mi: float
-    token_id_nmi: float
-    token_id_share: float
-    shared_token_ids: int
+    @classmethod
+    def of(cls, tok, docs, doc_domains, first, n_domains: int, n_experts: int) -> _SharedGroups:
+        empty = np.zeros(0, dtype=np.int64)
+        if tok.size == 0:
+            return cls(0, empty, empty, empty, empty.astype(float), empty, empty.astype(float),
+                       empty, 0)  # fmt: skip
+        t_idx, n_tok = _compact(tok)
+        dom = doc_domains[docs]
+        seen = np.zeros((n_tok, n_domains), dtype=bool)
+        seen[t_idx, dom] = True
+        keep = seen.sum(axis=1)[t_idx] >= 2
+        t_idx, n_ids = _compact(t_idx[keep]) if keep.any() else (t_idx[:0], 0)
+        docs, ex = docs[keep], first[keep]
+        n_docs = int(doc_domains.shape[0])
+        g_key = t_idx * n_docs + docs
+        g_uniq, g_of = np.unique(g_key, return_inverse=True)
+        g_of = g_of.ravel()
+        t, doc = np.divmod(g_uniq, n_docs)
+        p_uniq, p_count = np.unique(g_of * n_experts + ex, return_counts=True)
+        pair_group, pair_expert = np.divmod(p_uniq, n_experts)
+        size = np.bincount(g_of, minlength=g_uniq.size).astype(np.float64)
+        pair_te, n_te = _compact(t[pair_group] * n_experts + pair_expert)
+        return cls(n_ids, t, doc, doc_domains[doc], size, pair_group,
+                   p_count.astype(np.float64), pair_te, n_te)  # fmt: skip
 
+    @functools.cached_property
+    def label_free_terms(self) -> float:
+        """``sum n_t log n_t - sum n_te log n_te``: the part of the bracket no labelling
+        changes."""
+        n_t = np.bincount(self.t, weights=self.size, minlength=self.n_ids)
+        n_te = np.bincount(self.pair_te, weights=self.pair_count, minlength=self.n_te)
+        return _xlogx(n_t) - _xlogx(n_te)
 
-def _group_starts(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(group id per element, start index per group) of a sorted 1-D array."""
-    change = np.empty(sorted_keys.shape[0], dtype=bool)
-    change[:1] = True
-    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=change[1:])
-    return np.cumsum(change) - 1, np.flatnonzero(change)
+    def cond_mi(self, labels: np.ndarray, n_domains: int) -> float:
+        """I(D;E|T) over the ids that are in >= 2 domains under these group ``labels`` [G]:
+        ``(1/N) [sum n_tde log n_tde + sum n_t log n_t - sum n_td log n_td - sum n_te log
+        n_te]``, N the tokens of the shared ids; an id of one domain adds 0 to the bracket, so
+        it is summed over all ids."""
+        if self.t.size == 0:
+            return 0.0
+        n_ids, n_dom = self.n_ids, n_domains
+        n_td = np.bincount(self.t * n_dom + labels, weights=self.size, minlength=n_ids * n_dom)
+        n_td = n_td.reshape(n_ids, n_dom)
+        shared = np.count_nonzero(n_td, axis=1) >= 2
+        n = float(n_td[shared].sum())
+        if n <= 0:
+            return 0.0
+        n_tde = np.bincount(self.pair_te * n_dom + labels[self.pair_group],
+                            weights=self.pair_count, minlength=self.n_te * n_dom)  # fmt: skip
+        xlogx = self.xlogx_of_count  # counts are whole numbers: a look-up, exact
+        bracket = float(xlogx[n_tde.astype(np.int64)].sum() - xlogx[n_td.astype(np.int64)].sum())
+        return max((bracket + self.label_free_terms) / n, 0.0)
 
-
-def _compact(values: np.ndarray) -> tuple[np.ndarray, int]:
-    """(index of each value among the distinct values, number of distinct values), int64.
-    A dense lookup when the ids span a modest range, else ``np.unique``."""
-    lo, hi = int(values.min()), int(values.max())
-    if hi - lo < 4 * values.size + (1 << 20):
-        present = np.zeros(hi - lo + 1, dtype=bool)
-        present[values - lo] = True
-        remap = np.cumsum(present, dtype=np.int64) - 1
-        return remap[values - lo], int(remap[-1]) + 1
-    uniq, inv = np.unique(values, return_inverse=True)
-    return inv.astype(np.int64, copy=False).ravel(), int(uniq.size)
-
-
-def _top_k_experts(
-    te_t: np.ndarray, te_e: np.ndarray, te_count: np.ndarray, n_tok: int, k: int, n_exp: int
-) -> np.ndarray:
-    """[n_tok, k] the k experts each token goes to most often, ties -> lower expert index
-    (unseen experts count 0). Input: the seen (token, expert) pairs sorted by (token, expert),
-    every token in [0, n_tok) present, with their counts."""
-    n_pairs = te_t.shape[0]
-    _, starts = _group_starts(te_t)  # one group per token; group id == token
-    avail = te_count.astype(np.float64, copy=True)
-    idx = np.arange(n_pairs)
-    pred = np.full((n_tok, k), -1, dtype=np.int64)
-    for j in range(k):  # slot j: the best pair not taken yet, lowest expert among equals
-        best = np.maximum.reduceat(avail, starts)
-        cand = (avail == best[te_t]) & (avail >= 0)
-        first = np.minimum.reduceat(np.where(cand, idx, n_pairs), starts)
-        ok = first < n_pairs
-        pred[ok, j] = te_e[first[ok]]
-        avail[first[ok]] = -1.0
-    short = np.flatnonzero(pred[:, -1] < 0)  # fewer than k distinct experts seen
-    if short.size:
-        seen = np.zeros((n_tok, n_exp), dtype=bool)
-        seen[te_t, te_e] = True
-        seen = seen[short]
-        unseen_first = np.argsort(seen, axis=1, kind="stable")  # unseen experts, by index
-        n_seen = seen.sum(axis=1)
-        rows = np.arange(short.size)
-        for j in range(k):
-            fill = unseen_first[rows, np.maximum(j - n_seen, 0)]
-            pred[short, j] = np.where(j < n_seen, pred[short, j], fill)
-    return pred
-
-
-def token_identity_control(
-    token_ids, domain_ids, experts, n_domains: int, n_experts: int
-) -> TokenIdentityControl:
-    """Token-identity control of one layer's routing. token_ids [N] (any ints), domain_ids [N],
-    experts [N] or [N, k].
-
-    ``cond_mi = sum_t p(t) I(D;E | T=t)`` with p over the assignments of token ids seen in >= 2
-    domains. The token-id router sends every token to the k experts its id most often goes to
-    here (ties -> lower index); its [D, E] table counts each token's domain against those k
-    experts, and ``token_id_nmi`` is its NMI."""
-    tok = np.asarray(token_ids)
-    if tok.ndim != 1 or (tok.size and not np.issubdtype(tok.dtype, np.integer)):
-        raise ValueError(f"token_ids must be a 1-D int array, got {tok.dtype} {tok.shape}")
-    dom = _ids(domain_ids, n_domains, "domain_ids")
-    if dom.shape != tok.shape:
-        raise ValueError(f"domain_ids must be {tok.shape} like token_ids, got {dom.shape}")
-    ex = _assignments(experts, tok.shape[0], n_experts)
-    n_dom, n_exp, k = n_domains, n_experts, ex.shape[1]
-    base = nmi(contingency(dom, ex, n_dom, n_exp))
-    if tok.size == 0 or k == 0:
-        return TokenIdentityControl(0.0, 0.0, float("nan"), 0)
-
-    t_idx, n_tok = _compact(tok.astype(np.int64, copy=False))
-    # One sort of the assignments keyed (t, e, d): (t, e) and t groups are contiguous.
-    key = (np.repeat(t_idx, k) * n_exp + ex.ravel()) * n_dom + np.repeat(dom, k)
-    ukey, ucount = np.unique(key, return_counts=True)
-    cnt = ucount.astype(np.float64)
-    u_te, u_d = np.divmod(ukey, n_dom)
-    u_t, u_e = np.divmod(u_te, n_exp)
-
-    te_gid, te_starts = _group_starts(u_te)
-    n_te = np.add.reduceat(cnt, te_starts)
-    n_td = np.bincount(u_t * n_dom + u_d, weights=cnt, minlength=n_tok * n_dom)
-    n_td = n_td.reshape(n_tok, n_dom)
-    n_t = n_td.sum(axis=1)
-    shared = (n_td > 0).sum(axis=1) >= 2
-
-    cond = 0.0
-    n_shared = float(n_t[shared].sum())
-    if n_shared > 0:
-        m = shared[u_t]
-        c, t, d = cnt[m], u_t[m], u_d[m]
-        ratio = c * n_t[t] / (n_td[t, d] * n_te[te_gid[m]])
-        cond = max(float((c * np.log(ratio)).sum() / n_shared), 0.0)
-
-    pred = _top_k_experts(u_t[te_starts], u_e[te_starts], n_te, n_tok, k, n_exp)  # [n_tok, k]
-    # Token-id router table: each token's domain against its id's k predicted experts.
-    tokens_td = n_td / k  # tokens (not assignments) per (t, d); exact, each token has k
-    router_key = np.arange(n_dom)[None, :, None] * n_exp + pred[:, None, :]  # [n_tok, D, k]
-    weights = np.broadcast_to(tokens_td[:, :, None], router_key.shape)
-    router = np.bincount(router_key.ravel(), weights=weights.ravel(), minlength=n_dom * n_exp)
-    token_nmi = nmi(router.reshape(n_dom, n_exp))
-    share = float("nan") if base == 0 else min(1.0, token_nmi / base)
-    return TokenIdentityControl(cond, token_nmi, share, int(shared.sum()))
+    @functools.cached_property
+    def xlogx_of_count(self) -> np.ndarray:
+        """[max count + 1] float64: ``c log c`` for every count c an (id, domain) cell can hold."""
+        top = int(np.bincount(self.t, weights=self.size).max()) if self.t.size else 0
+        c = np.arange(top + 1, dtype=np.float64)
+        return c * np.log(c, out=np.zeros_like(c), where=c > 0)
 
 
-# ----------------------------------------------------------------------------- cond_mi null
+def conditional_mi(
+    token_ids, token_docs, doc_domains, experts, n_domains: int, n_experts: int
+) -> float:
+    """``I(D;E | T) = sum_t p(t) I(D;E | T=t)`` (nats, plug-in) of the first-choice routing, p
+    over the tokens whose id is seen in >= 2 domains; 0.0 when there are none."""
+    tok, docs, dom, first = _probe(token_ids, token_docs, doc_domains, experts, n_domains,
+                                   n_experts)  # fmt: skip
+    groups = _SharedGroups.of(tok, docs, dom, first, n_domains, n_experts)
+    return groups.cond_mi(groups.label, n_domains)
 
 
-def _spans_blocks(group: np.ndarray, block: np.ndarray, n_groups: int) -> np.ndarray:
-    """[n_groups] bool: whether the elements of a group lie in >= 2 distinct blocks."""
-    lo = np.full(n_groups, np.iinfo(np.int64).max, dtype=np.int64)
-    hi = np.full(n_groups, -1, dtype=np.int64)
-    np.minimum.at(lo, group, block)
-    np.maximum.at(hi, group, block)
-    return hi > lo
-
-
-def _xlogx_table(n_max: int, scale: int = 1) -> np.ndarray:
-    """[n_max + 1] float64: ``(scale * c) log(scale * c)`` for c = 0 .. n_max (0 at c = 0)."""
-    x = scale * np.arange(n_max + 1, dtype=np.float64)
-    return x * np.log(x, out=np.zeros_like(x), where=x > 0)
+def _within_id_permutations(groups: _SharedGroups, n_permutations: int, seed: int):
+    """Yield [G] group labels, each the observed labels permuted among the groups of each id
+    (one ``np.random.default_rng(seed)`` stream)."""
+    rng = np.random.default_rng(seed)
+    by_id = np.argsort(groups.t, kind="stable")
+    sorted_labels = groups.label[by_id]
+    t = groups.t.astype(np.float64)  # + U[0, 0.5): shuffles within each id, never across
+    for _ in range(n_permutations):
+        order = np.argsort(t + 0.5 * rng.random(t.size))
+        labels = np.empty_like(groups.label)
+        labels[order] = sorted_labels
+        yield labels
 
 
 def conditional_mi_null(
     token_ids,
-    block_domains,
+    token_docs,
+    doc_domains,
     experts,
     n_domains: int,
     n_experts: int,
     n_permutations: int = 200,
     seed: int = 0,
 ) -> np.ndarray:
-    """[n_permutations] ``cond_mi = I(D;E | T)`` (nats) of the probe after permuting the domain
-    labels across blocks: the chance level of :func:`token_identity_control`'s ``cond_mi``,
-    whose plug-in estimate is far above 0 for domain-blind routing when ids are rare. Draw i
-    uses the i-th ``np.random.default_rng(seed).permutation`` of block_domains, the draws of
-    :func:`permutation_null` for the same seed. token_ids [P, T], block_domains [P], experts
-    [P, T, k] or [P, T].
+    """[n_permutations] cond_mi after permuting the domain labels among the (id, document)
+    groups of each id seen in >= 2 domains: no domain effect beyond the token, the shared ids,
+    their expert counts and every document's routing of each id kept."""
+    if n_permutations < 0:
+        raise ValueError(f"n_permutations must be >= 0, got {n_permutations}")
+    tok, docs, dom, first = _probe(token_ids, token_docs, doc_domains, experts, n_domains,
+                                   n_experts)  # fmt: skip
+    groups = _SharedGroups.of(tok, docs, dom, first, n_domains, n_experts)
+    perms = _within_id_permutations(groups, n_permutations, seed)
+    return np.array([groups.cond_mi(lab, n_domains) for lab in perms], dtype=float)
 
-    Each draw is cond_mi's definition on the relabelled probe, the shared set (token ids seen
-    in >= 2 domains) recomputed: with ``n_x`` the assignment count of x over the shared set and
-    N its size, ``I(D;E|T) = (1/N) [sum n_tde log n_tde + sum n_t log n_t - sum n_td log n_td
-    - sum n_te log n_te]`` (0.0 when the shared set is empty). The bracket is 0 for an id of
-    one domain, so it is summed over all ids and only N needs the shared set. Ids in a single
-    block never become shared and are dropped; a (t, e) pair of a single block adds the
-    constant ``n_te log n_te`` to the n_tde sum. Each draw is then two ``np.bincount`` over
-    the remaining assignments (keys (t, e, d) and (t, d)) and table look-ups of ``c log c``."""
-    tok, blocks, ex = _probe(token_ids, block_domains, experts, n_domains, n_experts)
-    labels = _permutation_labels(blocks, n_permutations, seed)
-    out = np.zeros(n_permutations, dtype=np.float64)
-    n_blocks, t_len = tok.shape
-    k, n_dom = ex.shape[1], n_domains
-    if tok.size == 0 or k == 0 or n_permutations == 0:
-        return out
 
-    # Tokens (block-major) whose id lies in >= 2 blocks; the others never count.
-    t_idx, n_tok = _compact(tok.ravel())
-    tok_block = np.repeat(np.arange(n_blocks, dtype=np.int64), t_len)
-    keep = _spans_blocks(t_idx, tok_block, n_tok)[t_idx]
-    if not keep.any():
-        return out
-    t_idx, n_tok = _compact(t_idx[keep])
-    tok_block, ex = tok_block[keep], ex[keep]
-    n_t_tok = np.bincount(t_idx, minlength=n_tok)  # tokens per id; assignments: k times
-    n_t = k * n_t_tok.astype(np.float64)
+# ----------------------------------------------------------------------------- cross-fitting
 
-    # (t, e) pairs; the n_tde of a pair of one block is n_te whatever the labels.
-    pair, n_pairs = _compact(np.repeat(t_idx, k) * n_experts + ex.ravel())
-    pair_block = np.repeat(tok_block, k)
-    n_te = np.bincount(pair, minlength=n_pairs)
-    multi = _spans_blocks(pair, pair_block, n_pairs)
-    # Constant part of the bracket: sum n_t log n_t - sum over multi-block pairs n_te log n_te.
-    tab_te, tab_td = _xlogx_table(int(n_te.max())), _xlogx_table(int(n_t_tok.max()), k)
-    const = float(tab_td[n_t_tok].sum() - tab_te[n_te[multi]].sum())
-    sel = multi[pair]
-    if sel.any():
-        tde_pair, n_multi = _compact(pair[sel])
-    else:
-        tde_pair, n_multi = np.zeros(0, dtype=np.int64), 0
-    # Keys without the domain, sorted (np.bincount then walks memory in order), and the block
-    # of each key, whose permuted label completes it.
-    tde_order = np.argsort(tde_pair, kind="stable")
-    tde_base, tde_block = tde_pair[tde_order] * n_dom, pair_block[sel][tde_order]
-    td_order = np.argsort(t_idx, kind="stable")
-    td_base, td_block = t_idx[td_order] * n_dom, tok_block[td_order]
 
-    for i, perm in enumerate(labels):
-        n_tde = np.bincount(tde_base + np.take(perm, tde_block), minlength=n_multi * n_dom)
-        n_td = np.bincount(td_base + np.take(perm, td_block), minlength=n_tok * n_dom)
-        shared = np.count_nonzero(n_td.reshape(n_tok, n_dom), axis=1) >= 2
-        n_shared = float(n_t[shared].sum())
-        if n_shared > 0:
-            bracket = float(np.take(tab_te, n_tde).sum()) - float(np.take(tab_td, n_td).sum())
-            out[i] = max((bracket + const) / n_shared, 0.0)
-    return out
+@dataclass(frozen=True)
+class CrossFitted:
+    """Domain x expert tables [D, E] (float64, fractional) of the two cross-fitted control
+    routers, summed over both directions, and their NMIs."""
+
+    token_id_table: np.ndarray
+    domain_only_table: np.ndarray
+
+    @property
+    def token_id_nmi(self) -> float:
+        return nmi(self.token_id_table)
+
+    @property
+    def domain_only_nmi(self) -> float:
+        return nmi(self.domain_only_table)
+
+
+def cross_fitted_routers(
+    token_ids, token_docs, doc_domains, experts, n_domains: int, n_experts: int, seed: int = 0
+) -> CrossFitted:
+    """Fit on one half of the documents (:func:`document_folds`), score on the other, both
+    ways. Token-id router: a token is sent by its id's expert distribution in the fit half (an
+    id unseen there: the fit half's expert marginal). Domain-only router: by its domain's
+    expert distribution in the fit half (a domain absent there: the marginal). Each scored token
+    adds its router's distribution to its domain's row. Distributions, not modal experts: a
+    mode sharpens stochastic routing into domain signal that is not there (a random router's
+    modal domain-only router has NMI 1)."""
+    tok, docs, dom, first = _probe(token_ids, token_docs, doc_domains, experts, n_domains,
+                                   n_experts)  # fmt: skip
+    n_dom, n_exp = n_domains, n_experts
+    token_table = np.zeros((n_dom, n_exp))
+    domain_table = np.zeros((n_dom, n_exp))
+    if tok.size == 0:
+        return CrossFitted(token_table, domain_table)
+    fold = document_folds(dom, n_dom, seed)[docs]
+    t_idx, n_tok = _compact(tok)
+    tok_dom = dom[docs]
+    for fit in (0, 1):
+        fit_m, score_m = fold == fit, fold != fit
+        if not fit_m.any() or not score_m.any():
+            continue
+        marginal = np.bincount(first[fit_m], minlength=n_exp) / fit_m.sum()
+        by_id = _unit_counts(t_idx[fit_m], first[fit_m], n_tok, n_exp)
+        by_dom = _unit_counts(tok_dom[fit_m], first[fit_m], n_dom, n_exp)
+        scored = _unit_counts(tok_dom[score_m], t_idx[score_m], n_dom, n_tok)  # [D, ids]
+        token_table += scored @ _rows_or(by_id, marginal)
+        domain_table += scored.sum(axis=1)[:, None] * _rows_or(by_dom, marginal)
+    return CrossFitted(token_table, domain_table)
+
+
+def _rows_or(counts: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """Each row of ``counts`` [R, E] as a distribution; an all-zero row: ``fallback`` [E]."""
+    total = counts.sum(axis=1, keepdims=True)
+    rows = np.divide(counts, total, out=np.zeros_like(counts), where=total > 0)
+    rows[total[:, 0] == 0] = fallback
+    return rows
+
+
+# ----------------------------------------------------------------------------- probe intervals
+
+
+def _bootstrap_weights(doc_domains: np.ndarray, n_domains: int, n_draws: int, seed: int):
+    """[n_draws, U] float64 multiplicities of a bootstrap over documents, within each domain
+    (each domain keeps its document count)."""
+    rng = np.random.default_rng(seed)
+    weights = np.zeros((n_draws, doc_domains.shape[0]))
+    for d in range(n_domains):
+        mine = np.flatnonzero(doc_domains == d)
+        if mine.size:
+            weights[:, mine] = rng.multinomial(mine.size, np.full(mine.size, 1 / mine.size),
+                                               size=n_draws)  # fmt: skip
+    return weights
+
+
+def document_bootstrap(
+    token_ids, token_docs, doc_domains, experts, n_domains: int, n_experts: int,
+    n_draws: int = 200, seed: int = 0, confidence: float = 0.95,
+) -> tuple[float, float]:  # fmt: skip
+    """The probe interval of the NMI: a basic (reverse-percentile) bootstrap over ``n_draws``
+    resamples of the probe's documents, with replacement within each domain; ``(2 nmi - q_hi,
+    2 nmi - q_lo)``, which undoes the upward shift a plug-in NMI gets from resampled
+    (duplicated) documents (a percentile interval of a near-zero NMI can exclude the NMI
+    itself). Not clipped at 0. (nan, nan) without draws. The uncertainty of which documents the
+    probe holds, for one run; the spread over seeds is another."""
+    tok, docs, dom, first = _probe(token_ids, token_docs, doc_domains, experts, n_domains,
+                                   n_experts)  # fmt: skip
+    if n_draws < 1 or tok.size == 0:
+        return float("nan"), float("nan")
+    weights = _bootstrap_weights(dom, n_domains, n_draws, seed)
+    doc_counts = _unit_counts(docs, first, dom.shape[0], n_experts)
+    tables = np.empty((n_draws, n_domains, n_experts))
+    for d in range(n_domains):
+        mine = dom == d
+        tables[:, d, :] = weights[:, mine] @ doc_counts[mine]
+    observed = nmi(contingency(dom[docs], first, n_domains, n_experts))
+    q = 100 * np.array([(1 - confidence) / 2, (1 + confidence) / 2])
+    low, high = np.percentile(_nmi_batch(tables), q)
+    return float(2 * observed - high), float(2 * observed - low)
 
 
 # ----------------------------------------------------------------------------- one layer
@@ -459,31 +524,52 @@ def conditional_mi_null(
 
 @dataclass(frozen=True)
 class LayerScores:
-    """All scores of one MoE layer on the probe (nats for entropies and cond_mi).
+    """All scores of one MoE layer on the probe, at the unit of replication inside a run: the
+    document (a probe text; blocks of one text are not independent). For top-k > 1 every score
+    reads the first choice (slot 0, the highest router logit), so that NMIs share one scale.
 
-    nmi, null_mean, null_p95: NMI of the domain x expert table and its permutation null.
-    cond_mi, token_id_nmi, token_id_share: the token-identity control.
-    cond_mi_null_mean, cond_mi_null_p95: the chance level of cond_mi (conditional_mi_null, the
-        same permutations as the NMI null); cond_mi is domain signal only above it.
+    nmi, nmi_low, nmi_high: NMI of the domain x expert table, and its 95% probe interval
+        (basic bootstrap over documents, resampled within each domain: not clipped at 0).
+    null_mean, null_p95, null_p: the document-level permutation null of the NMI (domain labels
+        permuted across documents): its mean, 95th percentile, and the permutation p-value
+        ``(1 + #{null >= nmi}) / (1 + K)``.
+    cond_mi: I(D;E | T) (nats, plug-in, biased upward: read it only against its null) over
+        the token ids seen in >= 2 domains.
+    cond_mi_null_mean, cond_mi_null_p95, cond_mi_null_p: its null, domain labels permuted among
+        the (id, document) groups of each shared id (the shared set kept); cond_mi is domain
+        signal beyond the token only above it.
+    token_id_nmi: NMI of the cross-fitted token-id router (each token sent by its id's expert
+        distribution on the other half of the documents; ids unseen there by that half's
+        expert marginal): the domain signal that token identity alone would carry.
+    domain_only_nmi: NMI of the cross-fitted domain-only router (each token sent by its
+        domain's expert distribution on the other half): the domain signal that replicates on
+        held-out documents.
     usage_entropy: H(E) of expert usage, in [0, log E].
     router_entropy: passed through from the caller (measured on router logits).
+    n_documents: probe documents the scores rest on.
     """
 
     nmi: float
+    nmi_low: float
+    nmi_high: float
     null_mean: float
     null_p95: float
+    null_p: float
     cond_mi: float
     cond_mi_null_mean: float
     cond_mi_null_p95: float
+    cond_mi_null_p: float
     token_id_nmi: float
-    token_id_share: float
+    domain_only_nmi: float
     usage_entropy: float
     router_entropy: float
+    n_documents: int
 
 
 def score_layer(
     token_ids,
-    block_domains,
+    token_docs,
+    doc_domains,
     experts,
     n_domains: int,
     n_experts: int,
@@ -491,36 +577,43 @@ def score_layer(
     seed: int = 0,
     router_entropy: float = float("nan"),
 ) -> LayerScores:
-    """Score one MoE layer on a probe of P blocks of T tokens, each block of one domain.
-    token_ids [P, T], block_domains [P], experts [P, T, k] or [P, T]. Both nulls (NMI and
-    cond_mi) use the same ``n_permutations`` draws of ``seed``."""
-    tok, blocks, flat_ex = _probe(token_ids, block_domains, experts, n_domains, n_experts)
-    n_blocks, t_len = tok.shape
-    k = flat_ex.shape[1]
-    dom = np.repeat(blocks, t_len)
-
-    table = contingency(dom, flat_ex, n_domains, n_experts)
-    block_key = np.repeat(np.arange(n_blocks, dtype=np.int64), t_len * k) * n_experts
-    block_counts = np.bincount(block_key + flat_ex.ravel(), minlength=n_blocks * n_experts)
-    null = permutation_null(
-        block_counts.reshape(n_blocks, n_experts), blocks, n_domains, n_permutations, seed
-    )
+    """Score one MoE layer on a probe: token_ids, token_docs [P, T]; doc_domains [U]; experts
+    [P, T, k] or [P, T] (first choice read). The NMI null, the cond_mi null, the document folds
+    and the bootstrap each draw from ``seed`` (``n_permutations`` draws each)."""
+    tok, docs, dom, first = _probe(token_ids, token_docs, doc_domains, experts, n_domains,
+                                   n_experts)  # fmt: skip
+    n_docs = int(dom.shape[0])
+    doc_counts = _unit_counts(docs, first, n_docs, n_experts)
+    table = contingency(dom[docs], first, n_domains, n_experts)
+    observed = nmi(table)
+    null = permutation_null(doc_counts, dom, n_domains, n_permutations, seed)
     null_mean, null_p95 = null_summary(null)
-    tic = token_identity_control(tok.ravel(), dom, flat_ex, n_domains, n_experts)
-    ex = flat_ex.reshape(n_blocks, t_len, k)
-    cond_null = conditional_mi_null(tok, blocks, ex, n_domains, n_experts, n_permutations, seed)
+    groups = _SharedGroups.of(tok, docs, dom, first, n_domains, n_experts)
+    cond = groups.cond_mi(groups.label, n_domains)
+    cond_null = np.array([
+        groups.cond_mi(lab, n_domains)
+        for lab in _within_id_permutations(groups, n_permutations, seed)
+    ])  # fmt: skip
     cond_null_mean, cond_null_p95 = null_summary(cond_null)
+    routers = cross_fitted_routers(tok, docs, dom, first, n_domains, n_experts, seed)
+    nmi_low, nmi_high = document_bootstrap(tok, docs, dom, first, n_domains, n_experts,
+                                           n_permutations, seed)  # fmt: skip
     return LayerScores(
-        nmi=nmi(table),
+        nmi=observed,
+        nmi_low=nmi_low,
+        nmi_high=nmi_high,
         null_mean=null_mean,
         null_p95=null_p95,
-        cond_mi=tic.cond_mi,
+        null_p=permutation_p(null, observed),
+        cond_mi=cond,
         cond_mi_null_mean=cond_null_mean,
         cond_mi_null_p95=cond_null_p95,
-        token_id_nmi=tic.token_id_nmi,
-        token_id_share=tic.token_id_share,
+        cond_mi_null_p=permutation_p(cond_null, cond),
+        token_id_nmi=routers.token_id_nmi,
+        domain_only_nmi=routers.domain_only_nmi,
         usage_entropy=usage_entropy(table),
         router_entropy=float(router_entropy),
+        n_documents=n_docs,
     )
 
 

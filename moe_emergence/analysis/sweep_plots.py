@@ -1,5 +1,7 @@
 """Figures of a seed sweep: per group (runs over seeds), the mean NMI over steps with its 95%
-interval, the final domain x expert shares, and the held-out loss over steps."""
+t-interval over runs, its chance level (null p95) and its step-0 level; the final domain x
+expert shares of each run; and the held-out loss over steps. Bands are not clipped: a
+t-interval of a non-negative score can reach below 0 with few seeds."""
 
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ def _mean_band(ax: Axes, runs: Sequence[RunResult], get: Getter, color: str, lab
     steps, values = _over_steps(runs, get)
     if not steps:
         return False
-    intervals = [mean_interval(v, seed=0) for v in values]
+    intervals = [mean_interval(v) for v in values]
     ax.plot(steps, [i.mean for i in intervals], color=color, marker=".", label=label)
     if any(i.n >= 2 for i in intervals):
         low = [i.ci_low if i.n >= 2 else math.nan for i in intervals]
@@ -81,10 +83,18 @@ def _moe_groups(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:
     return {g: runs for g, runs in group_runs(results).items() if any(r.moe for r in runs)}
 
 
+def _step0_level(runs: Sequence[RunResult], get: Getter) -> float:
+    """Mean over the runs with a step-0 checkpoint (their first, at step 0) of its value; NaN
+    without one."""
+    values = [v for r in runs if r.checkpoints and r.checkpoints[0].step == 0
+              and (v := get(r.checkpoints[0])) is not None]  # fmt: skip
+    return mean_interval(values).mean
+
+
 def plot_sweep_emergence(results: Sequence[RunResult], path: str | os.PathLike) -> Path:
     """One panel per MoE layer: per MoE group, the mean NMI over its runs against optimizer
-    step (the steps all its runs have), a 95% band where n >= 2, and dashed its runs' mean
-    permutation-null 95th percentile (chance)."""
+    step (the steps all its runs have), a 95% t band where n >= 2, dashed its runs' mean
+    permutation-null 95th percentile (chance), dotted its runs' mean step-0 NMI."""
     groups = _moe_groups(results)
     layers = sorted({layer for runs in groups.values() for r in runs for layer in r.layers})
     fig = Figure(figsize=(1.0 + 4.2 * max(len(layers), 1), 4.4), layout="constrained")
@@ -92,15 +102,20 @@ def plot_sweep_emergence(results: Sequence[RunResult], path: str | os.PathLike) 
     palette = _palette(results)
     for ax, layer in zip(axes, layers, strict=False):
         for g, runs in groups.items():
-            if _mean_band(ax, runs, _score_getter(layer, "nmi"), palette[g], g):
-                steps, nulls = _over_steps(runs, _score_getter(layer, "null_p95"))
-                chance = [mean_interval(v).mean for v in nulls]  # NaNs dropped
-                ax.plot(steps, chance, color=palette[g], linestyle="--", linewidth=0.9)
+            nmi = _score_getter(layer, "nmi")
+            if not _mean_band(ax, runs, nmi, palette[g], g):
+                continue
+            steps, nulls = _over_steps(runs, _score_getter(layer, "null_p95"))
+            chance = [mean_interval(v).mean for v in nulls]  # NaNs dropped
+            ax.plot(steps, chance, color=palette[g], linestyle="--", linewidth=0.9)
+            start = _step0_level(runs, nmi)
+            if math.isfinite(start):
+                ax.axhline(start, color=palette[g], linestyle=":", linewidth=0.9)
         ax.set_title(f"layer {layer}", fontsize=9)
         ax.set_xlabel("optimizer step")
-        ax.set_ylim(bottom=0)
     axes[0].set_ylabel("NMI = I(domain; expert) / H(domain)")
-    _legend(fig, axes, "solid: mean NMI, band: 95% CI over runs; dashed: mean null p95 (chance)")
+    _legend(fig, axes, "solid: mean NMI, band: 95% t-interval over runs\n"
+            "dashed: mean null p95 (chance); dotted: mean NMI at step 0")  # fmt: skip
     return save_figure(fig, path)
 
 

@@ -2,10 +2,9 @@
 
 counts.csv              step, layer, probe, domain, expert, tokens
     eval-mode assignments of the probe's tokens (k per token for top-k), every analysis step
-trajectory.csv          step, layer, probe, nmi, null_mean, null_p95, cond_mi,
-                        cond_mi_null_mean, cond_mi_null_p95, token_id_nmi, token_id_share,
-                        usage_entropy, router_entropy
-    the scores of :mod:`moe_emergence.analysis.scores` at every analysis step (nats)
+trajectory.csv          step, layer, probe, then the fields of
+                        :class:`~moe_emergence.analysis.scores.LayerScores`
+    the scores at every analysis step, step 0 (the random router's baseline) first
 train_window_counts.csv step_start, step_end, layer, domain, expert, assignments
     TRAINING-TIME figures: noisy router, train mode, the training batches of the optimizer
     steps in (step_start, step_end], summed over ranks; not a measurement of the model
@@ -18,13 +17,13 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import fields
 from pathlib import Path
 
+from moe_emergence.analysis.scores import LayerScores
+
 COUNTS = ("step", "layer", "probe", "domain", "expert", "tokens")
-TRAJECTORY = (
-    "step", "layer", "probe", "nmi", "null_mean", "null_p95", "cond_mi", "cond_mi_null_mean",
-    "cond_mi_null_p95", "token_id_nmi", "token_id_share", "usage_entropy", "router_entropy",
-)  # fmt: skip
+TRAJECTORY = ("step", "layer", "probe", *(f.name for f in fields(LayerScores)))
 TRAIN_WINDOWS = ("step_start", "step_end", "layer", "domain", "expert", "assignments")
 LOSSES = ("step", "domain", "loss", "perplexity", "tokens")
 

@@ -66,12 +66,14 @@ def test_sweep_summary_has_two_seeds_per_condition(sweep, tmp_path, capsys):
 
     rows = summary["rows"]
     assert rows and {r["n"] for r in rows} == {2}
-    for group, metric, layer in [(moe, "nmi", 2), (moe, "token_id_share", 3),
-                                 (moe, "loss_code", None), (dense, "loss_prose", None),
-                                 (moe, "loss_minus_dense", None)]:  # fmt: skip
+    for group, metric, layer, method in [
+        (moe, "nmi", 2, "t"), (moe, "token_id_nmi", 3, "t"), (moe, "nmi_change", 2, "t"),
+        (moe, "nmi_step0", 3, "t"), (moe, "loss_code", None, "t"),
+        (dense, "loss_prose", None, "t"), (moe, "loss_minus_dense", None, "paired_t"),
+    ]:  # fmt: skip
         key = (group, metric, layer)
         row = next(r for r in rows if (r["group"], r["metric"], r["layer"]) == key)
-        assert row["method"] == "t"
+        assert row["method"] == method
         assert math.isfinite(row["ci_low"]) and math.isfinite(row["ci_high"])
         assert row["ci_low"] <= row["mean"] <= row["ci_high"]
     csv_rows = read_table(tmp_path / "summary.csv")
@@ -93,7 +95,7 @@ def test_routing_and_loss_equal_the_runs_own_measurements(sweep, tmp_path, capsy
     analysed = read_table(folder / "counts.csv")
     trained = read_table(moe_run / "routing" / "counts.csv")
     steps = sorted({r["step"] for r in analysed}, key=int)
-    assert steps == ["2", "4"]  # every checkpoint (last.ckpt is step 4: not twice)
+    assert steps == ["0", "2", "4"]  # step 0 and every checkpoint (last.ckpt: not twice)
     for step in steps:
         mine = {(r["layer"], r["domain"], r["expert"]): r["tokens"] for r in analysed
                 if r["step"] == step}  # fmt: skip
@@ -103,11 +105,10 @@ def test_routing_and_loss_equal_the_runs_own_measurements(sweep, tmp_path, capsy
     trajectory = read_table(folder / "trajectory.csv")
     trained_scores = {(r["step"], r["layer"]): r for r in
                       read_table(moe_run / "routing" / "trajectory.csv")}  # fmt: skip
-    for row in trajectory:
+    assert len(trajectory) == len(trained_scores) == 3 * len(LAYERS)
+    for row in trajectory:  # every score, its nulls and controls, cell for cell
         assert row["probe"] == "held_out"
-        assert float(row["nmi"]) == pytest.approx(
-            float(trained_scores[row["step"], row["layer"]]["nmi"])
-        )
+        assert row == trained_scores[row["step"], row["layer"]]
 
     logged = {}
     for r in read_table(moe_run / "csv" / "metrics.csv"):
@@ -116,7 +117,7 @@ def test_routing_and_loss_equal_the_runs_own_measurements(sweep, tmp_path, capsy
                 logged[r["step"], domain] = float(r[f"val/loss_{domain}"])
     losses = read_table(folder / "losses.csv")
     assert {r["domain"] for r in losses} == set(DOMAINS)
-    for r in losses:
+    for r in [r for r in losses if r["step"] != "0"]:  # training validates from step 2 on
         # Lightning logs validation at the step count before the step that ran it.
         before = (str(int(r["step"]) - 1), r["domain"])
         expected = logged.get(before, logged.get((r["step"], r["domain"])))
@@ -192,6 +193,7 @@ def test_find_runs_skips_runs_without_checkpoints(sweep, tmp_path):
     shutil.copytree(_run_dirs(sweep)[0] / ".hydra", tmp_path / "b" / ".hydra")
     runs, notes = find_runs(tmp_path)
     assert [r.name for r in runs] == ["a"] and notes == ["b: no checkpoints, skipped"]
-    assert [p.name for p in runs[0].checkpoints] == ["step000002.ckpt", "step000004.ckpt"]
+    names = ["step000000.ckpt", "step000002.ckpt", "step000004.ckpt"]
+    assert [p.name for p in runs[0].checkpoints] == names
     with pytest.raises(UserError, match="does not exist"):
         find_runs(tmp_path / "gone")

@@ -1,55 +1,88 @@
-"""Known answers for the over-seeds intervals: t-intervals by hand, bootstrap behaviour."""
+"""The over-seeds intervals against scipy: one-sample t (any n, no bootstrap), paired t, Welch,
+their p-values against 0, and Holm's adjustment against a hand-computed example."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from scipy import stats
 
-from moe_emergence.analysis.intervals import difference_interval, mean_interval
+from moe_emergence.analysis.intervals import (
+    difference_interval,
+    holm,
+    mean_interval,
+    paired_difference_interval,
+)
 
 
-def test_t_interval_of_three_values_matches_the_hand_computation():
+@pytest.mark.parametrize("n", [2, 3, 10, 40])
+def test_mean_interval_is_students_t_for_every_n(n):
+    x = np.random.default_rng(n).normal(0.3, 0.2, size=n)
+    got = mean_interval(x.tolist())
+    want = stats.ttest_1samp(x, 0.0)
+    low, high = want.confidence_interval(0.95)
+    assert (got.n, got.method) == (n, "t")
+    assert got.mean == pytest.approx(x.mean(), rel=1e-12)
+    assert (got.ci_low, got.ci_high) == pytest.approx((low, high), rel=1e-9)
+    assert got.p == pytest.approx(want.pvalue, rel=1e-9)
+
+
+def test_t_interval_of_three_values_by_hand():
     # mean 2, s = 1, n = 3, t(0.975, 2) = 4.302652729911275 -> half width 4.3027 / sqrt(3).
     got = mean_interval([1.0, 2.0, 3.0])
     half = 4.302652729911275 / math.sqrt(3)
-    assert got.method == "t" and got.n == 3 and got.mean == pytest.approx(2.0)
-    assert got.ci_low == pytest.approx(2.0 - half, rel=1e-9)
-    assert got.ci_high == pytest.approx(2.0 + half, rel=1e-9)
+    assert (got.ci_low, got.ci_high) == pytest.approx((2.0 - half, 2.0 + half), rel=1e-9)
 
 
-def test_t_interval_of_two_values_uses_twelve_point_seven():
-    got = mean_interval([0.10, 0.30])  # s = 0.1414..., t(0.975, 1) = 12.706204736174698
-    half = 12.706204736174698 * math.sqrt(0.02) / math.sqrt(2)
-    assert (got.ci_low, got.ci_high) == pytest.approx((0.2 - half, 0.2 + half), rel=1e-9)
-
-
-def test_one_seed_has_no_interval_and_nans_are_dropped():
+def test_one_value_has_no_interval_nans_are_dropped_and_no_spread_has_no_width():
     got = mean_interval([0.5, float("nan")])
-    assert got.n == 1 and got.mean == 0.5 and math.isnan(got.ci_low) and got.method == "none"
+    assert (got.n, got.mean, got.method) == (1, 0.5, "none")
+    assert math.isnan(got.ci_low) and math.isnan(got.p)
     assert mean_interval([]).n == 0
+    flat = mean_interval([0.3] * 4)
+    assert (flat.ci_low, flat.ci_high, flat.p) == (0.3, 0.3, 0.0)  # as scipy: t = inf
+    assert math.isnan(mean_interval([0.0, 0.0]).p)  # 0 / 0, as scipy
 
 
-def test_five_or_more_seeds_bootstrap_within_the_range_and_seeded():
-    values = [0.11, 0.14, 0.09, 0.16, 0.12, 0.13]
-    got = mean_interval(values)
-    assert got.method == "bootstrap" and got.n == 6
-    assert min(values) <= got.ci_low < got.mean < got.ci_high <= max(values)
-    assert mean_interval(values) == got  # the same seed, the same interval
-    assert mean_interval([0.3] * 5).ci_low == 0.3  # no spread, no width
+def test_paired_difference_is_ttest_rel():
+    a, b = [2.0, 2.4, 2.1, 2.9], [1.8, 2.5, 1.7, 2.2]
+    got = paired_difference_interval(a, b)
+    want = stats.ttest_rel(a, b)
+    low, high = want.confidence_interval(0.95)
+    assert (got.n, got.method) == (4, "paired_t")
+    assert (got.mean, got.ci_low, got.ci_high, got.p) == pytest.approx(
+        (np.mean(a) - np.mean(b), low, high, want.pvalue), rel=1e-9
+    )
 
 
-def test_welch_difference_of_two_pairs_by_hand():
-    # a: mean 2, var 2; b: mean 1, var 0.5; n = 2 each: se = sqrt(1 + 0.25), df by Welch.
-    got = difference_interval([1.0, 3.0], [0.5, 1.5])
-    va, vb = 2.0 / 2, 0.5 / 2
-    df = (va + vb) ** 2 / (va**2 + vb**2)
-    half = stats.t.ppf(0.975, df) * math.sqrt(va + vb)
-    assert got.mean == pytest.approx(1.0) and got.method == "t"
-    assert (got.ci_low, got.ci_high) == pytest.approx((1.0 - half, 1.0 + half), rel=1e-9)
+def test_paired_difference_drops_incomplete_pairs_and_needs_equal_lengths():
+    got = paired_difference_interval([1.0, float("nan"), 3.0, 4.0], [0.5, 1.0, 2.0, 3.5])
+    want = stats.ttest_rel([1.0, 3.0, 4.0], [0.5, 2.0, 3.5])
+    assert got.n == 3 and got.p == pytest.approx(want.pvalue, rel=1e-9)
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_difference_interval([1.0, 2.0], [1.0])
 
 
-def test_bootstrap_difference_excludes_zero_for_separated_groups():
-    got = difference_interval([2.0, 2.1, 2.2, 2.05, 2.15], [1.0, 1.1, 0.9, 1.05, 0.95])
-    assert got.method == "bootstrap" and got.ci_low > 0.8 and got.ci_high < 1.3
+def test_unpaired_difference_is_welch():
+    a, b = [1.0, 3.0, 2.5], [0.5, 1.5, 0.7, 0.9]
+    got = difference_interval(a, b)
+    want = stats.ttest_ind(a, b, equal_var=False)
+    low, high = want.confidence_interval(0.95)
+    assert (got.n, got.method) == (3, "welch_t")
+    assert (got.mean, got.ci_low, got.ci_high, got.p) == pytest.approx(
+        (np.mean(a) - np.mean(b), low, high, want.pvalue), rel=1e-9
+    )
+    assert difference_interval([1.0], [0.5, 0.7]).method == "none"
+
+
+def test_holm_by_hand():
+    # sorted: 0.005 * 4 = 0.02, 0.01 * 3 = 0.03, 0.03 * 2 = 0.06, 0.04 * 1 = 0.04 -> 0.06
+    # (monotone: never below the previous adjusted value). The NaN is not a test: m = 4.
+    got = holm([0.01, float("nan"), 0.04, 0.03, 0.005])
+    assert got[0] == pytest.approx(0.03) and math.isnan(got[1])
+    assert got[2:] == pytest.approx([0.06, 0.06, 0.02])
+    assert holm([0.5, 0.6]) == [1.0, 1.0]  # capped at 1
+    assert holm([0.2]) == [0.2] and holm([]) == []
+    assert all(math.isnan(p) for p in holm([float("nan")] * 2))
