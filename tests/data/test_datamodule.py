@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,3 +111,38 @@ def test_eval_split_too_small_is_a_clear_error(tiny_mirror, tiny_tokenizer_dir):
     )
     with pytest.raises(ValueError, match=r"Held-out split too small.*data\.eval_fraction"):
         dm.setup("fit")
+
+
+def test_probe_documents_are_the_held_out_texts(tiny_mirror, tiny_tokenizer_dir, tmp_path, caplog):
+    """Every held-out block's tokens map to the texts they were cut from: the tokens of text j
+    in the probe are text j's tokens in the domain's whole stream, and a domain short of
+    ``eval_min_texts`` is named in a warning."""
+    from moe_emergence.analysis.probe import build_probe
+    from moe_emergence.data.prepare import prepare_domains
+
+    dm = MixedDomainDataModule.from_config(
+        overrides(tiny_mirror, tiny_tokenizer_dir, "data.eval_fraction=0.05",
+                  "data.eval_min_texts=1000", "data.block_size=16", f"data.report_dir={tmp_path}")
+    )  # fmt: skip
+    dm.setup("fit")
+    assert "holds out" in caplog.text and "data.eval_min_texts" in caplog.text
+    probe = build_probe(dm, DOMAINS)
+    streams = prepare_domains(dm.settings, show_progress=False).streams
+    pairs = zip(probe.doc_domains.tolist(), probe.doc_texts.tolist(), strict=True)
+    assert probe.n_docs == len(set(pairs))
+    assert (probe.doc_texts >= 0).all()
+    for u in range(probe.n_docs):
+        domain = DOMAINS[probe.doc_domains[u]]
+        assert probe.doc_texts[u] in dm.eval_text_ids[domain]
+        stream = streams[domain]
+        start, end = stream.doc_offsets[probe.doc_texts[u] : probe.doc_texts[u] + 2]
+        text = stream.tokens[start:end]
+        mine = probe.input_ids[probe.token_docs == u]  # block-major: in stream order
+        assert len(mine) <= len(text)
+        starts = (0, len(text) - len(mine))  # whole, or its head / tail at a probe edge
+        assert any(np.array_equal(text[i : i + len(mine)], mine) for i in starts)
+    held = {d: len(dm.eval_text_ids[d]) for d in DOMAINS}
+    assert all(n * 2 <= dm.report["num_texts"][d] + 1 for d, n in held.items())
+    assert probe.describe()["documents"] == {
+        d: int((probe.doc_domains == i).sum()) for i, d in enumerate(DOMAINS)
+    }

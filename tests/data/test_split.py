@@ -100,3 +100,12 @@ def test_zero_fraction_holds_out_nothing_and_bad_fraction_is_refused():
     assert not split_by_document(tokens, offsets, 0.0, seed=0)[2].any()
     with pytest.raises(ValueError, match="eval_fraction"):
         split_by_document(tokens, offsets, 1.0, seed=0)
+
+
+def test_min_texts_floor_holds_out_at_least_that_many_but_never_over_half():
+    tokens, offsets = stream_of([[i + 1] * 3 for i in range(30)])  # 30 distinct texts
+    assert split_by_document(tokens, offsets, 0.05, seed=0)[2].sum() == 2  # round(1.5)
+    assert split_by_document(tokens, offsets, 0.05, seed=0, min_texts=10)[2].sum() == 10
+    assert split_by_document(tokens, offsets, 0.05, seed=0, min_texts=40)[2].sum() == 15
+    assert split_by_document(tokens, offsets, 0.5, seed=0, min_texts=3)[2].sum() == 15
+    assert not split_by_document(tokens, offsets, 0.0, seed=0, min_texts=10)[2].any()
