@@ -158,7 +158,7 @@ def build_probe(
             kept = np.sort(rng.choice(kept, size=per_domain, replace=False))
         ids.append(np.asarray(blocks[kept], dtype=np.int64))
         labels.append(np.full(len(kept), d, dtype=np.int64))
-        local = source.block_texts(domain, kept) if hasattr(source, "block_texts") else None
+        local = source.block_texts(domain, kept)
         if local is None:
             texts.append(np.full((len(kept), blocks.shape[1]), -1, dtype=np.int64))
         else:  # index in this side's stream -> index in the domain's whole stream

@@ -361,6 +361,11 @@ class _SharedGroups:
         bracket = float(xlogx[n_tde.astype(np.int64)].sum() - xlogx[n_td.astype(np.int64)].sum())
         return max((bracket + self.label_free_terms) / n, 0.0)
 
+    def null(self, n_domains: int, n_permutations: int, seed: int) -> np.ndarray:
+        """[n_permutations] cond_mi under :func:`_within_id_permutations` of the labels."""
+        perms = _within_id_permutations(self, n_permutations, seed)
+        return np.array([self.cond_mi(labels, n_domains) for labels in perms], dtype=float)
+
     @functools.cached_property
     def xlogx_of_count(self) -> np.ndarray:
         """[max count + 1] float64: ``c log c`` for every count c an (id, domain) cell can hold."""
@@ -412,8 +417,7 @@ def conditional_mi_null(
     tok, docs, dom, first = _probe(token_ids, token_docs, doc_domains, experts, n_domains,
                                    n_experts)  # fmt: skip
     groups = _SharedGroups.of(tok, docs, dom, first, n_domains, n_experts)
-    perms = _within_id_permutations(groups, n_permutations, seed)
-    return np.array([groups.cond_mi(lab, n_domains) for lab in perms], dtype=float)
+    return groups.null(n_domains, n_permutations, seed)
 
 
 # ----------------------------------------------------------------------------- cross-fitting
@@ -503,17 +507,25 @@ def document_bootstrap(
     (duplicated) documents (a percentile interval of a near-zero NMI can exclude the NMI
     itself). Not clipped at 0. (nan, nan) without draws. The uncertainty of which documents the
     probe holds, for one run; the spread over seeds is another."""
-    tok, docs, dom, first = _probe(token_ids, token_docs, doc_domains, experts, n_domains,
+    _, docs, dom, first = _probe(token_ids, token_docs, doc_domains, experts, n_domains,
                                    n_experts)  # fmt: skip
-    if n_draws < 1 or tok.size == 0:
-        return float("nan"), float("nan")
-    weights = _bootstrap_weights(dom, n_domains, n_draws, seed)
     doc_counts = _unit_counts(docs, first, dom.shape[0], n_experts)
-    tables = np.empty((n_draws, n_domains, n_experts))
-    for d in range(n_domains):
-        mine = dom == d
-        tables[:, d, :] = weights[:, mine] @ doc_counts[mine]
     observed = nmi(contingency(dom[docs], first, n_domains, n_experts))
+    return _basic_interval(doc_counts, dom, observed, n_domains, n_draws, seed, confidence)
+
+
+def _basic_interval(
+    doc_counts: np.ndarray, doc_domains: np.ndarray, observed: float, n_domains: int,
+    n_draws: int, seed: int, confidence: float = 0.95,
+) -> tuple[float, float]:  # fmt: skip
+    """:func:`document_bootstrap` from the documents' expert counts [U, E] and the NMI."""
+    if n_draws < 1 or doc_counts.sum() == 0:
+        return float("nan"), float("nan")
+    weights = _bootstrap_weights(doc_domains, n_domains, n_draws, seed)
+    tables = np.empty((n_draws, n_domains, doc_counts.shape[1]))
+    for d in range(n_domains):
+        mine = doc_domains == d
+        tables[:, d, :] = weights[:, mine] @ doc_counts[mine]
     q = 100 * np.array([(1 - confidence) / 2, (1 + confidence) / 2])
     low, high = np.percentile(_nmi_batch(tables), q)
     return float(2 * observed - high), float(2 * observed - low)
@@ -590,14 +602,11 @@ def score_layer(
     null_mean, null_p95 = null_summary(null)
     groups = _SharedGroups.of(tok, docs, dom, first, n_domains, n_experts)
     cond = groups.cond_mi(groups.label, n_domains)
-    cond_null = np.array([
-        groups.cond_mi(lab, n_domains)
-        for lab in _within_id_permutations(groups, n_permutations, seed)
-    ])  # fmt: skip
+    cond_null = groups.null(n_domains, n_permutations, seed)
     cond_null_mean, cond_null_p95 = null_summary(cond_null)
     routers = cross_fitted_routers(tok, docs, dom, first, n_domains, n_experts, seed)
-    nmi_low, nmi_high = document_bootstrap(tok, docs, dom, first, n_domains, n_experts,
-                                           n_permutations, seed)  # fmt: skip
+    nmi_low, nmi_high = _basic_interval(doc_counts, dom, observed, n_domains, n_permutations,
+                                        seed)  # fmt: skip
     return LayerScores(
         nmi=observed,
         nmi_low=nmi_low,
