@@ -6,8 +6,8 @@ Blocks are indexed 0..n_layer-1 as in ``model.transformer.h``.
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +17,13 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from moe_emergence.errors import UserError
 from moe_emergence.hub import HubUnavailableError, resolve_repo
-from moe_emergence.model.moe import MoELayer, check_lb_settings
+from moe_emergence.model.moe import (
+    PARAMETERS_OF_MLP,
+    MoELayer,
+    StackedExperts,
+    check_dispatch,
+    check_lb_settings,
+)
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -96,14 +102,15 @@ def install_moe_layers(
     noise_anneal_steps: int = 1000,
     init_noise: float = 0.0,
     seed: int = 0,
+    dispatch: str = "auto",
 ) -> list[MoELayer]:
     """Replace ``model.transformer.h[i].mlp`` for each i in ``layers`` by an MoE layer (in place).
 
-    Each expert is a copy of that block's dense MLP plus Gaussian noise of std
-    ``init_noise * std(parameter)`` per parameter. With ``init_noise=0`` and no router noise
-    (eval mode) the model computes the dense model's logits, for any top_k. Expert noise and
-    router init draw from a generator seeded with ``seed``. Returns the layers in ``layers``
-    order.
+    The experts (:class:`StackedExperts`) are copies of that block's dense MLP, each parameter
+    plus Gaussian noise of std ``init_noise * std(parameter)``. With ``init_noise=0`` and no
+    router noise (eval mode) the model computes the dense model's logits, for any top_k and
+    dispatch. Expert noise (expert by expert, parameter by parameter) and then the router init
+    draw from a generator seeded with ``seed``. Returns the layers in ``layers`` order.
     """
     blocks = model.transformer.h
     n_layer = len(blocks)
@@ -120,16 +127,16 @@ def install_moe_layers(
         seen.add(i)
     if init_noise < 0:
         raise UserError(f"init_noise must be >= 0, got {init_noise}")
+    check_dispatch(dispatch)
 
     generator = torch.Generator().manual_seed(seed)
     installed = []
     for i in layers:
         dense = blocks[i].mlp
-        experts = torch.nn.ModuleList(copy.deepcopy(dense) for _ in range(n_experts))
+        experts = StackedExperts.from_mlp(dense, n_experts)
         if init_noise > 0:
-            for expert in experts:
-                _perturb(expert, init_noise, generator)
-        moe = MoELayer(experts, model.config.n_embd, top_k, noise_std, noise_anneal_steps)
+            _perturb(experts, init_noise, generator)
+        moe = MoELayer(experts, top_k, noise_std, noise_anneal_steps, dispatch=dispatch)
         moe.router.reset_parameters(generator)
         reference = next(dense.parameters())
         moe.router.to(device=reference.device, dtype=reference.dtype)
@@ -139,13 +146,51 @@ def install_moe_layers(
 
 
 @torch.no_grad()
-def _perturb(module: torch.nn.Module, scale: float, generator: torch.Generator) -> None:
-    """Add N(0, (scale * std(p))^2) noise to every parameter p with more than one element."""
-    for p in module.parameters():
-        if p.numel() < 2:
+def _perturb(experts: StackedExperts, scale: float, generator: torch.Generator) -> None:
+    """Per expert, per parameter in GPT-2's MLP order (c_fc weight, bias, c_proj weight,
+    bias), add N(0, (scale * std(p))^2) noise, p the expert's slice (more than one element)."""
+    stacked = [getattr(experts, name) for name in PARAMETERS_OF_MLP]
+    for e in range(experts.n_experts):
+        for param in stacked:
+            p = param[e]
+            if p.numel() < 2:
+                continue
+            noise = torch.randn(p.shape, generator=generator).to(device=p.device, dtype=p.dtype)
+            p.add_(noise * (scale * p.float().std()).to(p.dtype))
+
+
+# An expert parameter of the per-expert layout (before stacked experts): its block, expert
+# and GPT-2 MLP parameter, e.g. "transformer.h.8.mlp.experts.3.c_fc.weight".
+_PER_EXPERT_KEY = re.compile(
+    r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\."
+    r"(?P<param>c_fc\.weight|c_fc\.bias|c_proj\.weight|c_proj\.bias)$"
+)
+
+
+def has_per_expert_layout(state: Mapping[str, Tensor]) -> bool:
+    """Whether a state dict holds experts in the per-expert layout (one module per expert)."""
+    return any(_PER_EXPERT_KEY.match(key) for key in state)
+
+
+def stack_per_expert_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict with per-expert MLP weights (``...mlp.experts.<e>.c_fc.weight``, ...)
+    converted to the stacked layout (``...mlp.experts.c_fc_weight`` [E, d, h], ...); other
+    keys unchanged. The values are exactly the saved ones, so the model computes the same
+    logits."""
+    out: dict[str, Tensor] = {}
+    groups: dict[tuple[str, str], dict[int, Tensor]] = {}
+    for key, value in state.items():
+        match = _PER_EXPERT_KEY.match(key)
+        if match is None:
+            out[key] = value
             continue
-        noise = torch.randn(p.shape, generator=generator).to(device=p.device, dtype=p.dtype)
-        p.add_(noise * (scale * p.float().std()).to(p.dtype))
+        groups.setdefault((match["prefix"], match["param"]), {})[int(match["expert"])] = value
+    names = {source: name for name, source in PARAMETERS_OF_MLP.items()}
+    for (prefix, param), by_expert in groups.items():
+        if sorted(by_expert) != list(range(len(by_expert))):
+            raise ValueError(f"{prefix}: experts {sorted(by_expert)} are not 0..E-1")
+        out[f"{prefix}.{names[param]}"] = torch.stack([by_expert[e] for e in sorted(by_expert)])
+    return out
 
 
 def moe_layers(model: GPT2LMHeadModel) -> dict[int, MoELayer]:
@@ -205,10 +250,10 @@ def count_parameters(model: GPT2LMHeadModel) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     experts = routers = inactive = per_expert = 0
     for layer in moe_layers(model).values():
-        sizes = [sum(p.numel() for p in e.parameters()) for e in layer.experts]
-        per_expert = sizes[0]
-        experts += sum(sizes)
-        inactive += (layer.n_experts - layer.top_k) * sizes[0]
+        size = sum(p.numel() for p in layer.experts.parameters())
+        per_expert = size // layer.n_experts
+        experts += size
+        inactive += (layer.n_experts - layer.top_k) * per_expert
         routers += sum(p.numel() for p in layer.router.parameters())
     return {
         "total": total,

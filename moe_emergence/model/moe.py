@@ -1,12 +1,13 @@
-"""Mixture-of-Experts building blocks: a noisy top-k router, its auxiliary losses, and a layer
-that dispatches tokens to experts.
+"""Mixture-of-Experts building blocks: a noisy top-k router, its auxiliary losses, experts as
+stacked weights, and a layer that dispatches tokens to them.
 
 Shapes: N tokens (batch x time, flattened), E experts, k experts per token, d model width,
-W micro-batches in the global load-balancing window.
+h expert hidden width (4d for GPT-2), W micro-batches in the global load-balancing window.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from moe_emergence.errors import UserError
 
 ROUTER_INIT_STD = 0.02  # GPT-2's initializer_range: small logits, so early routing is near uniform
 LB_SCOPES = ("batch", "global")
+DISPATCHES = ("auto", "loop", "grouped")
 
 
 @dataclass
@@ -196,6 +198,7 @@ class GlobalAssignmentCounts:
         self.position = 0  # the row the next update writes
         self.updates = 0  # updates since the last reset
 
+    @torch.compiler.disable  # host-side ring position; a compiled block breaks its graph here
     @torch.no_grad()
     def update(self, local_counts: Tensor) -> Tensor:
         """Push this rank's counts [E] of one micro-batch (collective); return :meth:`fraction`."""
@@ -235,15 +238,169 @@ def z_loss(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
 
 
+def check_dispatch(dispatch: str) -> None:
+    """Refuse a dispatch outside :data:`DISPATCHES`."""
+    if dispatch not in DISPATCHES:
+        raise UserError(
+            f"model.moe.dispatch must be one of {', '.join(DISPATCHES)}, got {dispatch!r}: "
+            f"auto picks grouped on CUDA in bf16 and loop elsewhere."
+        )
+
+
+def grouped_fits(d_model: int, d_hidden: int) -> bool:
+    """Whether the grouped GEMM can take these widths: its kernels want rows of a multiple of
+    16 bytes, i.e. widths that are multiples of 8 (bf16) and 4 (fp32)."""
+    return d_model % 8 == 0 and d_hidden % 8 == 0
+
+
+def resolve_dispatch(dispatch: str, device_type: str, dtype: torch.dtype) -> str:
+    """The path ``dispatch`` runs on: ``auto`` is ``grouped`` on CUDA in bf16 (the CUTLASS
+    grouped GEMM) and ``loop`` elsewhere (on CPU the grouped GEMM is itself a loop over
+    experts and measured no faster: README, "MoE benchmark"); the others are themselves.
+    ``dtype``: the compute dtype (the autocast dtype where autocast is on)."""
+    check_dispatch(dispatch)
+    if dispatch != "auto":
+        return dispatch
+    return "grouped" if device_type == "cuda" and dtype == torch.bfloat16 else "loop"
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a matmul of ``x`` runs in: the autocast dtype where autocast is on."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+@dataclass
+class Dispatch:
+    """The (token, slot) assignments of N tokens to k experts each, sorted by expert (stable:
+    within an expert, by token then slot). A = N * k.
+
+    order:   [A] long, position in the flat [N * k] assignments of each sorted row.
+    token:   [A] long, the token of each sorted row.
+    expert:  [A] long, the expert of each sorted row (non-decreasing).
+    ends:    [E] long, ends[e] = rows of experts 0..e (cumulative counts); computed on the
+             device by a binary search of ``expert``, so no host sync.
+    """
+
+    order: Tensor
+    token: Tensor
+    expert: Tensor
+    ends: Tensor
+
+    @classmethod
+    def sort(cls, indices: Tensor, n_experts: int) -> Dispatch:
+        """Sort the assignments ``indices`` [N, k] by expert, on their device."""
+        flat = indices.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        expert = flat[order]
+        token = order // indices.shape[1]
+        experts = torch.arange(n_experts, device=flat.device, dtype=flat.dtype)
+        ends = torch.searchsorted(expert, experts, right=True)
+        return cls(order=order, token=token, expert=expert, ends=ends)
+
+    @property
+    def counts(self) -> Tensor:
+        """[E] long, assignments per expert (on the device)."""
+        return torch.diff(self.ends, prepend=self.ends.new_zeros(1))
+
+
+class StackedExperts(nn.Module):
+    """E MLP experts of GPT-2's shape as stacked weights (Conv1D layout, ``x @ W + b``):
+    ``c_fc_weight`` [E, d, h], ``c_fc_bias`` [E, h], ``c_proj_weight`` [E, h, d],
+    ``c_proj_bias`` [E, d]; expert e maps x [n, d] to
+    ``dropout(act(x @ c_fc_weight[e] + c_fc_bias[e]) @ c_proj_weight[e] + c_proj_bias[e])``.
+
+    Two ways to run the assignments of a :class:`Dispatch`, with the same result up to
+    rounding: :meth:`loop` (one pair of matmuls per expert: the reference) and :meth:`grouped`
+    (two grouped GEMMs over all rows, no host sync). Both return [A, d] in sorted order.
+    """
+
+    def __init__(
+        self, n_experts: int, d_model: int, d_hidden: int, activation: nn.Module, dropout: float
+    ) -> None:
+        super().__init__()
+        if n_experts < 1:
+            raise UserError(f"model.moe.n_experts must be >= 1, got {n_experts}")
+        self.n_experts, self.d_model, self.d_hidden = n_experts, d_model, d_hidden
+        self.c_fc_weight = nn.Parameter(torch.zeros(n_experts, d_model, d_hidden))
+        self.c_fc_bias = nn.Parameter(torch.zeros(n_experts, d_hidden))
+        self.c_proj_weight = nn.Parameter(torch.zeros(n_experts, d_hidden, d_model))
+        self.c_proj_bias = nn.Parameter(torch.zeros(n_experts, d_model))
+        self.act = activation
+        self.dropout = nn.Dropout(dropout)
+
+    @classmethod
+    def from_mlp(cls, mlp: nn.Module, n_experts: int) -> StackedExperts:
+        """E copies of a GPT-2 MLP (``c_fc``, ``act``, ``c_proj``, ``dropout``), on its device
+        and dtype."""
+        fc = mlp.c_fc
+        d_model, d_hidden = fc.weight.shape
+        experts = cls(n_experts, d_model, d_hidden, copy.deepcopy(mlp.act), mlp.dropout.p)
+        experts.to(device=fc.weight.device, dtype=fc.weight.dtype)
+        with torch.no_grad():
+            for name, source in PARAMETERS_OF_MLP.items():
+                getattr(experts, name).copy_(_select(mlp, source).expand_as(getattr(experts, name)))
+        return experts
+
+    def loop(self, x: Tensor, routed: Dispatch, counts: list[int]) -> Tensor:
+        """Per expert, its rows of ``x`` [N, d] through its MLP (``torch.addmm``, as GPT-2's
+        Conv1D): [A, d]. ``counts``: rows per expert on the host. Every expert runs, on zero
+        rows if it got none, so all stay in the autograd graph."""
+        outputs = []
+        for e, tokens in enumerate(routed.token.split(counts)):
+            hidden = torch.addmm(self.c_fc_bias[e], x.index_select(0, tokens), self.c_fc_weight[e])
+            outputs.append(
+                self.dropout(
+                    torch.addmm(self.c_proj_bias[e], self.act(hidden), self.c_proj_weight[e])
+                )
+            )
+        return torch.cat(outputs)
+
+    def grouped(self, x: Tensor, routed: Dispatch) -> Tensor:
+        """All rows of ``x`` [N, d] through their experts' MLPs by two grouped GEMMs
+        (:func:`torch.nn.functional.grouped_mm`), in the compute dtype (autocast's where on):
+        [A, d]. Offsets come from ``routed.ends`` on the device: no host sync."""
+        dtype = _compute_dtype(x)
+        offsets = routed.ends.to(torch.int32)
+        rows = x.index_select(0, routed.token).to(dtype)
+        hidden = F.grouped_mm(rows, self.c_fc_weight.to(dtype), offs=offsets)
+        hidden = self.act(hidden + self.c_fc_bias.to(dtype).index_select(0, routed.expert))
+        out = F.grouped_mm(hidden, self.c_proj_weight.to(dtype), offs=offsets)
+        return self.dropout(out + self.c_proj_bias.to(dtype).index_select(0, routed.expert))
+
+    def extra_repr(self) -> str:
+        return f"n_experts={self.n_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}"
+
+
+# Stacked parameter -> the GPT-2 MLP parameter it stacks (``c_fc.weight`` [d, h], ...).
+PARAMETERS_OF_MLP = {
+    "c_fc_weight": "c_fc.weight",
+    "c_fc_bias": "c_fc.bias",
+    "c_proj_weight": "c_proj.weight",
+    "c_proj_bias": "c_proj.bias",
+}
+
+
+def _select(module: nn.Module, dotted: str) -> Tensor:
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module  # type: ignore[return-value]
+
+
 class MoELayer(nn.Module):
     """Replace a dense MLP: route each token to ``top_k`` experts and sum their weighted outputs.
 
-    Experts map [n, d] -> [n, d]. Tokens are grouped by expert (one loop over experts, with
-    index_select / index_add_), so the cost is one expert call per expert, not per token.
+    The assignments are sorted by expert on the device (:class:`Dispatch`) and run by
+    :class:`StackedExperts`, the way ``dispatch`` says (see :func:`resolve_dispatch`):
+    ``loop`` (per expert, the reference; reads the counts on the host), ``grouped`` (grouped
+    GEMMs, no host sync) or ``auto``. The combine is in float32, summing the k slots of a
+    token in slot order (no atomics), then cast to the input's dtype.
 
     After each forward the layer keeps, for the training loss and for analysis:
     ``last_indices`` [N, k] long and ``last_logits`` [N, E] float32 clean router logits (both
-    detached), and the scalar aux losses ``last_lb_loss`` and ``last_z_loss`` (with grad).
+    detached), ``last_counts`` [E] long assignments per expert, ``last_dispatch`` (the path
+    that ran), and the scalar aux losses ``last_lb_loss`` and ``last_z_loss`` (with grad).
     Copies and pickles of the layer drop this state.
 
     Load balancing (``lb_scope``): ``batch`` is :func:`load_balancing_loss` over this forward's
@@ -256,20 +413,32 @@ class MoELayer(nn.Module):
 
     def __init__(
         self,
-        experts: nn.ModuleList,
-        d_model: int,
+        experts: StackedExperts,
         top_k: int = 1,
         noise_std: float = 1.0,
         noise_anneal_steps: int = 1000,
         lb_scope: str = "batch",
         lb_window: int = 1,
+        dispatch: str = "auto",
     ) -> None:
         super().__init__()
         self.experts = experts
-        self.d_model = d_model
-        self.router = Router(d_model, len(experts), top_k, noise_std, noise_anneal_steps)
+        self.d_model = experts.d_model
+        self.router = Router(self.d_model, experts.n_experts, top_k, noise_std, noise_anneal_steps)
+        self.set_dispatch(dispatch)
         self.set_load_balancing(lb_scope, lb_window)
         self._clear_state()
+
+    def set_dispatch(self, dispatch: str) -> None:
+        """Choose the dispatch path (``auto`` | ``loop`` | ``grouped``)."""
+        check_dispatch(dispatch)
+        if dispatch == "grouped" and not grouped_fits(self.d_model, self.experts.d_hidden):
+            raise UserError(
+                f"model.moe.dispatch=grouped needs widths that are multiples of 8, got "
+                f"n_embd={self.d_model} and hidden {self.experts.d_hidden}: set "
+                f"model.moe.dispatch=loop (or auto)."
+            )
+        self.dispatch = dispatch
 
     def set_load_balancing(self, scope: str, window: int = 1) -> None:
         """Choose the balance loss scope (``batch`` | ``global``) and, for ``global``, the
@@ -288,16 +457,27 @@ class MoELayer(nn.Module):
     def top_k(self) -> int:
         return self.router.top_k
 
+    def path(self, x: Tensor) -> str:
+        """The path a forward of ``x`` runs: :func:`resolve_dispatch`, and ``loop`` where the
+        grouped GEMM cannot take the widths."""
+        path = resolve_dispatch(self.dispatch, x.device.type, _compute_dtype(x))
+        if path == "grouped" and not grouped_fits(self.d_model, self.experts.d_hidden):
+            return "loop"
+        return path
+
     def _clear_state(self) -> None:
         self.last_indices: Tensor | None = None
         self.last_logits: Tensor | None = None
+        self.last_counts: Tensor | None = None
+        self.last_dispatch: str | None = None
         self.last_lb_loss: Tensor | None = None
         self.last_z_loss: Tensor | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # The last losses hold the autograd graph, which deepcopy and pickle refuse.
         state = super().__getstate__()
-        state.update(last_indices=None, last_logits=None, last_lb_loss=None, last_z_loss=None)
+        state.update(last_indices=None, last_logits=None, last_counts=None, last_lb_loss=None,
+                     last_z_loss=None)  # fmt: skip
         return state
 
     def forward(self, hidden: Tensor) -> Tensor:
@@ -305,32 +485,41 @@ class MoELayer(nn.Module):
         shape = hidden.shape
         x = hidden.reshape(-1, self.d_model)  # [N, d]
         route = self.router(x)
-
-        # One row per (token, slot) assignment, sorted by expert: [N * k].
-        expert_of = route.indices.reshape(-1)
-        order = torch.argsort(expert_of, stable=True)
-        token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)[order]
-        weight_of = route.weights.reshape(-1)[order]
-        expert_counts = torch.bincount(expert_of, minlength=self.n_experts)  # [E]
-        counts = expert_counts.tolist()
-
-        out = torch.zeros_like(x)
-        # Every expert runs, on zero rows if it got none, so all stay in the autograd graph.
-        for expert, tokens, weights in zip(
-            self.experts, token_of.split(counts), weight_of.split(counts), strict=True
-        ):
-            y = expert(x.index_select(0, tokens)) * weights.unsqueeze(-1)
-            out.index_add_(0, tokens, y.to(out.dtype))
+        routed = Dispatch.sort(route.indices, self.n_experts)
+        counts = routed.counts
+        path = self.path(x)
+        if path == "grouped":
+            rows = self.experts.grouped(x, routed)
+        else:
+            rows = self.experts.loop(x, routed, counts.tolist())
+        out = self._combine(rows, routed, route.weights).to(x.dtype)
 
         self.last_indices = route.indices.detach()
         self.last_logits = route.logits.detach()
+        self.last_counts = counts
+        self.last_dispatch = path
         if self.lb_counts is not None and self.training and torch.is_grad_enabled():
-            fraction = self.lb_counts.update(expert_counts)  # collective: training forwards only
+            fraction = self.lb_counts.update(counts)  # collective: training forwards only
             self.last_lb_loss = global_load_balancing_loss(route.probs, fraction)
         else:
             self.last_lb_loss = load_balancing_loss(route.probs, route.indices, self.n_experts)
         self.last_z_loss = z_loss(route.logits)
         return out.reshape(shape)
+
+    @staticmethod
+    def _combine(rows: Tensor, routed: Dispatch, weights: Tensor) -> Tensor:
+        """sum_j weights[n, j] * expert output of (n, j), in float32, slots in order: [N, d].
+
+        rows [A, d] in sorted order; weights [N, k]. Unsorting is a gather by the inverse
+        permutation (each row read once), so no atomics in either direction."""
+        n, k = weights.shape
+        inverse = torch.empty_like(routed.order)
+        inverse[routed.order] = torch.arange(routed.order.numel(), device=routed.order.device)
+        per_slot = rows.index_select(0, inverse).view(n, k, -1).float()
+        out = per_slot[:, 0] * weights[:, :1]
+        for j in range(1, k):
+            out = out + per_slot[:, j] * weights[:, j : j + 1]
+        return out
 
     def extra_repr(self) -> str:
         lb = (
@@ -338,4 +527,4 @@ class MoELayer(nn.Module):
             if self.lb_counts is not None
             else ""
         )
-        return f"n_experts={self.n_experts}, top_k={self.top_k}{lb}"
+        return f"n_experts={self.n_experts}, top_k={self.top_k}, dispatch={self.dispatch}{lb}"
