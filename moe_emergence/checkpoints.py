@@ -31,6 +31,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from moe_emergence.errors import UserError
+from moe_emergence.model.gpt2_moe import has_per_expert_layout, stack_per_expert_state
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +219,15 @@ def resolve_checkpoint(
 
 
 def load_initial_weights(module: torch.nn.Module, path: Path) -> int:
-    """Copy the checkpoint's ``state_dict`` into ``module`` (strict); return the step it was
-    saved at. A model that differs (other layers, widths, experts) is a UserError."""
+    """Copy the checkpoint's ``state_dict`` into ``module`` (strict; experts of the per-expert
+    layout converted to stacked weights); return the step it was saved at. A model that
+    differs (other layers, widths, experts) is a UserError."""
     checkpoint = load_mapped(path, "init_from")
+    state = checkpoint["state_dict"]
+    if has_per_expert_layout(state):  # written before experts were stacked: same weights
+        state = stack_per_expert_state(state)
     try:
-        module.load_state_dict(checkpoint["state_dict"], strict=True)
+        module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = " ".join(str(exc).split())[:240]
         raise UserError(

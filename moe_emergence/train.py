@@ -23,6 +23,7 @@ from moe_emergence.checkpoints import (
 from moe_emergence.data.datamodule import RESUME_KEYS, check_loader_state
 from moe_emergence.data.sources import DOMAINS
 from moe_emergence.errors import UserError
+from moe_emergence.model.gpt2_moe import has_per_expert_layout
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ def check_launch(cfg: DictConfig, multirun: bool, launcher: str = "BasicLauncher
 
 class RunSummary(L.Callback):
     """Writes ``summary.json`` in the run dir at the end of training (rank 0): the final step,
-    the per-domain train losses over all ranks and the last logged metrics. Under ddp_spawn the
+    the per-domain train losses over all ranks, the MoE dispatch path (None for a dense model)
+    and the last logged metrics. Under ddp_spawn the
     parent process's trainer never sees the steps; it reads this file instead."""
 
     def __init__(self, path: str | Path) -> None:
@@ -66,6 +68,7 @@ class RunSummary(L.Callback):
         summary = {
             "global_step": int(trainer.global_step),
             "domain_losses": losses,
+            "moe_dispatch": getattr(pl_module, "dispatch", None),
             "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,12 +117,19 @@ def _saved_loader_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_resume_settings(cfg: DictConfig, path: Path) -> None:
-    """Refuse, before any data or model is built, a resume whose config differs from the
+    """Refuse, before any data or model is built, a resume of a checkpoint whose experts are
+    in the per-expert layout (use ``init_from``), or whose config differs from the
     checkpoint's in ``seed``, the data settings the config alone decides (batch size, data
     seed, balance, block size) or the model's shapes; one line naming every change. The
     world size and the data's content are checked once the trainer exists
     (:func:`check_resume_data`), and the train loader checks everything again at the restore."""
     checkpoint = load_mapped(path, "ckpt_path")
+    if has_per_expert_layout(checkpoint.get("state_dict") or {}):
+        raise UserError(
+            f"ckpt_path={path} holds experts in the per-expert layout of an earlier version, "
+            f"which cannot resume (its optimizer state is per expert): start a new run from its "
+            f"weights with init_from={path} (and ckpt_path=null)."
+        )
     loader = _saved_loader_state(checkpoint)
     now: dict[str, tuple[Any, Any]] = {}  # label -> (checkpoint, now)
     rng = checkpoint.get("callbacks", {}).get(RandomStates.__qualname__, {})

@@ -10,12 +10,18 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from helpers.configs import tiny_overrides
+from helpers.old_layout import write_per_expert_copy
 from helpers.script import run_train
+from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from moe_emergence.analysis.tables import read_table
+from moe_emergence.checkpoints import load_initial_weights
 from moe_emergence.config import compose_config
+from moe_emergence.data.sources import DOMAINS
+from moe_emergence.errors import UserError
 from moe_emergence.train import check_launch, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,3 +211,34 @@ def test_progress_bar_off_needs_only_the_trainer_flag(tiny_mirror, tiny_tokenize
                                         "trainer.max_steps=1"))  # fmt: skip
     assert cfg.callbacks.progress_bar is not None and cfg.trainer.enable_progress_bar is False
     assert train(cfg)["global_step"] == 1
+
+
+def test_per_expert_checkpoint_starts_a_run_but_cannot_resume(
+    tiny_mirror, tiny_tokenizer_dir, tmp_path
+):
+    """A checkpoint of the per-expert layout: ``init_from`` takes its weights (converted to
+    stacked experts, the same values as its stacked original); ``ckpt_path`` is refused in
+    one line that names ``init_from``, before any data or model is built."""
+    train(compose_config(tiny_overrides(tiny_mirror, tiny_tokenizer_dir, tmp_path / "first",
+                                        "trainer.max_steps=2")))  # fmt: skip
+    stacked = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    old = write_per_expert_copy(stacked, tmp_path / "old" / "step2.ckpt")
+    modules = []
+    for path in (stacked, old):
+        cfg = compose_config(tiny_overrides(tiny_mirror, tiny_tokenizer_dir, tmp_path / "x"))
+        module = instantiate(cfg.model, domains=list(DOMAINS))
+        assert load_initial_weights(module, path) == 2
+        modules.append(module.state_dict())
+    assert modules[0].keys() == modules[1].keys()
+    assert all(torch.equal(modules[0][k], modules[1][k]) for k in modules[0])
+
+    with pytest.raises(UserError) as refused:
+        train(compose_config(tiny_overrides(tiny_mirror, tiny_tokenizer_dir, tmp_path / "resume",
+                                            f"ckpt_path={old}")))  # fmt: skip
+    message = str(refused.value)
+    assert "\n" not in message and f"init_from={old}" in message and "per-expert" in message
+    assert not (tmp_path / "resume").exists()
+    start = tiny_overrides(tiny_mirror, tiny_tokenizer_dir, tmp_path / "new", f"init_from={old}",
+                           "trainer.max_steps=1")  # fmt: skip
+    out = train(compose_config(start))
+    assert out["global_step"] == 1 and out["init_from"] == old

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -123,6 +124,10 @@ def run(args: argparse.Namespace) -> str:
             results.append(result)
     written = write_summary(results, out)
     lines = [*notes, *written.warnings]
+    dispatches = Counter(r.dispatch for r in results if r.dispatch is not None)
+    if dispatches:
+        used = [f"{path} ({n} run{'s' if n > 1 else ''})" for path, n in sorted(dispatches.items())]
+        lines.append("MoE dispatch at training: " + ", ".join(used))
     lines += [f"{len(results)} run(s), {total} checkpoint(s); written to {out}:"]
     paths = [written.csv, written.json, written.markdown, *written.figures]
     lines += [f"  {p.relative_to(out)}" for p in paths] + [f"  {RUNS_DIR}/<run>/ (per run)"]

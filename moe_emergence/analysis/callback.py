@@ -230,8 +230,10 @@ class RoutingAnalysis(L.Callback):
     def _count_training_batch(self, pl_module: L.LightningModule, batch: Any) -> None:
         """Add this micro-batch's training-time (noisy) assignments to the open window."""
         index = {d: i for i, d in enumerate(self._domains)}
-        block_domains = torch.tensor([index[d] for d in batch["domains"]],
-                                     device=self._window.device)  # fmt: skip
+        block_domains = torch.tensor([index[d] for d in batch["domains"]])
+        # Pageable host memory, no stream synchronisation; counts added on the device by
+        # index_add_ (bincount would read its size back to the host).
+        block_domains = block_domains.to(self._window.device, non_blocking=True)
         token_domains = block_domains.repeat_interleave(batch["input_ids"].shape[1])
         layers = moe_layers(pl_module.model)
         n_experts = self._n_experts
@@ -239,8 +241,8 @@ class RoutingAnalysis(L.Callback):
             indices = layers[layer].last_indices  # [N, k] of this micro-batch's forward
             k = indices.shape[-1]
             flat = token_domains.repeat_interleave(k) * n_experts + indices.reshape(-1)
-            counts = torch.bincount(flat, minlength=len(self._domains) * n_experts)
-            self._window[n] += counts.view(len(self._domains), n_experts)
+            window = self._window[n].view(-1)
+            window.index_add_(0, flat, torch.ones_like(flat, dtype=window.dtype))
 
     def _analyse(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Route the probe (every rank its share), sum over ranks once, score on rank 0."""

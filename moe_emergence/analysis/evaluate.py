@@ -323,4 +323,5 @@ def evaluate_run(
         probe=probe.kind,
         probe_blocks={d: int((probe.block_domains == i).sum()) for i, d in enumerate(domains)},
         checkpoints=results,
+        dispatch=final.dispatch,
     )

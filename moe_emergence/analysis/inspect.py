@@ -315,7 +315,8 @@ def run(args: argparse.Namespace) -> str:
     window = loaded.model.config.n_positions
     notes = [f"{loaded.path} (step {loaded.step}); {len(ids)} tokens; MoE layers "
              f"{', '.join(map(str, routing))} ({n_experts} experts, top-"
-             f"{routing[next(iter(routing))][0].shape[1]}); eval mode"]  # fmt: skip
+             f"{routing[next(iter(routing))][0].shape[1]}); eval mode; trained with "
+             f"dispatch {loaded.dispatch}"]  # fmt: skip
     if len(ids) > window:
         windows = -(-len(ids) // window)
         notes.append(

@@ -14,19 +14,32 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from moe_emergence.checkpoints import load_mapped
 from moe_emergence.errors import UserError
 from moe_emergence.hub import HubUnavailableError, resolve_repo
-from moe_emergence.model.gpt2_moe import build_gpt2, install_moe_layers
+from moe_emergence.model.gpt2_moe import (
+    build_gpt2,
+    has_per_expert_layout,
+    install_moe_layers,
+    moe_layers,
+    stack_per_expert_state,
+)
+from moe_emergence.model.module import DISPATCH_KEY
 
 
 @dataclass
 class LoadedCheckpoint:
     """The GPT-2 of a checkpoint (MoE layers unless dense; eval mode, CPU), its step, the
-    module's hyper-parameters and the data settings recorded with it (empty when none)."""
+    module's hyper-parameters and the data settings recorded with it (empty when none).
+
+    dispatch: the MoE dispatch path it trained with (``loop`` | ``grouped``; ``loop
+    (per-expert layout)`` for checkpoints of per-expert modules, converted to stacked
+    weights on loading; None for a dense model). Its MoE layers run that path here.
+    """
 
     model: GPT2LMHeadModel
     path: Path
     step: int
     hparams: dict[str, Any]
     data_settings: dict[str, Any]
+    dispatch: str | None = None
 
 
 def load_checkpoint(path: Path, option: str = "CKPT", require_moe: bool = True) -> LoadedCheckpoint:
@@ -44,6 +57,9 @@ def load_checkpoint(path: Path, option: str = "CKPT", require_moe: bool = True) 
         )
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()
              if k.startswith("model.")}  # fmt: skip
+    per_expert = has_per_expert_layout(state)
+    if per_expert:  # written before experts were stacked: same weights, stacked
+        state = stack_per_expert_state(state)
     if "transformer.wte.weight" not in state or "transformer.wpe.weight" not in state:
         raise UserError(f"{option}={path} holds no GPT-2 weights: pass a checkpoint of train.py.")
     vocab_size, n_embd = state["transformer.wte.weight"].shape
@@ -65,12 +81,19 @@ def load_checkpoint(path: Path, option: str = "CKPT", require_moe: bool = True) 
             f"{option}={path}: its weights do not fit its own settings ({first})."
         ) from None
     model.eval()
+    dispatch = None
+    if moe.get("layers"):
+        dispatch = "loop (per-expert layout)" if per_expert else checkpoint.get(DISPATCH_KEY)
+        dispatch = dispatch or "loop"  # stacked, before the path was recorded: loop only
+        for layer in moe_layers(model).values():
+            layer.set_dispatch("grouped" if dispatch == "grouped" else "loop")
     return LoadedCheckpoint(
         model=model,
         path=path,
         step=int(checkpoint.get("global_step", 0)),
         hparams=hp,
         data_settings=dict(checkpoint.get("datamodule_hyper_parameters") or {}),
+        dispatch=dispatch,
     )
 
 

@@ -55,7 +55,8 @@ class RunResult:
     (paths, mirror, cache, checkpoints), sorted; group: them joined with ``,``, or
     ``"(no overrides)"``. seed: the run's ``seed``. moe: whether the model has MoE layers.
     domains: the domain order of every [D, E] table; layers: the MoE layers (block indices).
-    probe: ``held_out`` or ``train_sample``; probe_blocks: blocks per domain.
+    probe: ``held_out`` or ``train_sample``; probe_blocks: blocks per domain. dispatch: the
+    MoE dispatch path the final checkpoint trained with (None: dense).
     """
 
     name: str
@@ -70,6 +71,7 @@ class RunResult:
     probe: str
     probe_blocks: dict[str, int]
     checkpoints: list[CheckpointResult]
+    dispatch: str | None = None
 
     @property
     def final(self) -> CheckpointResult:

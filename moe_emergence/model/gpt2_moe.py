@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from moe_emergence.errors import UserError
@@ -264,9 +265,36 @@ def count_parameters(model: GPT2LMHeadModel) -> dict[str, int]:
     }
 
 
-def next_token_losses(logits: Tensor, input_ids: Tensor) -> Tensor:
+# Logit elements per cross-entropy chunk: 2^26 (256 MiB in float32; 1,335 positions of
+# GPT-2's 50,257-token vocabulary).
+CE_CHUNK_ELEMENTS = 1 << 26
+
+
+def next_token_losses(
+    logits: Tensor, input_ids: Tensor, chunk_elements: int = CE_CHUNK_ELEMENTS
+) -> Tensor:
     """Cross-entropy (nats, float32) of each next-token prediction within each block:
-    logits [B, T, V] and input_ids [B, T] -> [B, T - 1] (position t predicts token t + 1)."""
+    logits [B, T, V] and input_ids [B, T] -> [B, T - 1] (position t predicts token t + 1).
+
+    Computed over chunks of about ``chunk_elements`` logits, each upcast to float32 on its own
+    and, under autograd, recomputed in the backward pass (activation checkpointing): no
+    float32 copy of the whole [B, T, V] is ever held, and the values are those of one
+    cross-entropy over all positions (each row's log-softmax is its own)."""
+    batch, length, vocab = logits.shape
+    rows = max(1, chunk_elements // (vocab * max(1, length - 1)))  # blocks per chunk
+    recompute = torch.is_grad_enabled() and logits.requires_grad
+    chunks = []
+    for b in range(0, batch, rows):
+        part, ids = logits[b : b + rows], input_ids[b : b + rows]
+        if recompute:
+            chunks.append(checkpoint(_chunk_losses, part, ids, use_reentrant=False))
+        else:
+            chunks.append(_chunk_losses(part, ids))
+    return torch.cat(chunks)
+
+
+def _chunk_losses(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """[b, T, V] logits, [b, T] ids -> [b, T - 1] float32 next-token losses."""
     per_token = torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
         input_ids[:, 1:].reshape(-1),

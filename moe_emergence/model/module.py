@@ -5,10 +5,11 @@ Routing analysis (what the experts do) is not here: see :mod:`moe_emergence.anal
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -31,6 +32,7 @@ from moe_emergence.model.moe import check_lb_settings, router_entropy
 log = logging.getLogger(__name__)
 RECENT_STEPS = 50
 LB_WINDOWS_KEY = "moe_lb_windows"  # checkpoint key: MoE block index -> global LB window state
+DISPATCH_KEY = "moe_dispatch"  # checkpoint key: the dispatch path the MoE layers trained with
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -58,6 +60,20 @@ class MoEGPT2Module(L.LightningModule):
     last ``lb_window`` training micro-batches (None: ``trainer.accumulate_grad_batches``, read
     at fit start), P_i still local (Qiu et al. 2025). The window is saved in checkpoints
     (``moe_lb_windows``) so that resumes continue it.
+
+    ``compile``: ``torch.compile`` each transformer block in place (state-dict keys unchanged;
+    attention stays Hugging Face's SDPA call, which the compiler lowers to the fused kernel).
+    The MoE layers' dispatch (``moe.dispatch``) is resolved at fit start for the trainer's
+    device and precision (:attr:`dispatch`), saved in checkpoints (``moe_dispatch``) and in
+    ``summary.json``.
+
+    A training step reads nothing back to the host except at logging steps (every
+    ``trainer.log_every_n_steps``): per-domain losses accumulate on the device.
+    ``train/loss_<domain>`` is the mean over the domain's blocks of the logging step (nan when
+    it has none).
+    ``train/tokens_per_s`` (per device) covers the training steps only (forward, backward,
+    optimizer; not validation, routing analysis or checkpoints), averaged over the steps since
+    the last logging step, with a device synchronisation at that step.
     """
 
     def __init__(
@@ -72,6 +88,7 @@ class MoEGPT2Module(L.LightningModule):
         n_layer: int = 12,
         n_head: int = 12,
         dropout: float = 0.0,
+        compile: bool = False,
         moe: Mapping[str, Any] | None = None,
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
@@ -102,12 +119,17 @@ class MoEGPT2Module(L.LightningModule):
             install_moe_layers(self.model, **dict(moe))
         # Until fit start resolves a null window from the trainer, f covers one micro-batch.
         set_load_balancing(self.model, lb_scope, lb_window or 1)
+        if compile:
+            for block in self.model.transformer.h:
+                block.compile()
+        self.dispatch: str | None = None  # resolved at fit start (MoE models)
         self.optimizer_factory = optimizer
         self.domains = tuple(domains)
         self._domain_index = {d: i for i, d in enumerate(self.domains)}
-        self._step_started: float | None = None
-        # Per domain, (summed block loss, blocks) of this rank's last logged steps.
-        self._recent = {d: deque(maxlen=RECENT_STEPS) for d in self.domains}
+        self._recent = RecentDomainLosses(len(self.domains), RECENT_STEPS)
+        self._log_this_step = True
+        self._timer_open: float | None = None
+        self._timed_seconds, self._timed_tokens = 0.0, 0
         # Held-out sums of this rank for the current validation epoch: [D] loss sum, [D] tokens.
         self._val_loss_sum: torch.Tensor | None = None
         self._val_tokens: torch.Tensor | None = None
@@ -129,7 +151,8 @@ class MoEGPT2Module(L.LightningModule):
                 f"Batch has domain {exc.args[0]!r}, not among the model's domains "
                 f"{list(self.domains)}."
             ) from None
-        return torch.tensor(ids, device=self.device)
+        # From pageable host memory without a stream synchronisation (no host sync).
+        return torch.tensor(ids).to(self.device, non_blocking=True)
 
     def _losses(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """Per-block LM loss [B] (mean over next-token predictions) and the aux outputs."""
@@ -142,19 +165,38 @@ class MoEGPT2Module(L.LightningModule):
     # ------------------------------------------------------------------ training
 
     def setup(self, stage: str) -> None:
-        """At fit start: an empty global load-balancing window of ``lb_window`` micro-batches
-        (None: the trainer's ``accumulate_grad_batches``). A resume then restores the saved
-        window (:meth:`on_load_checkpoint` runs after this hook)."""
-        if stage != "fit" or self.hparams.lb_scope != "global":
+        """At fit start: resolve the MoE dispatch for the trainer's device and precision; an
+        empty global load-balancing window of ``lb_window`` micro-batches (None: the
+        trainer's ``accumulate_grad_batches``). A resume then restores the saved window
+        (:meth:`on_load_checkpoint` runs after this hook)."""
+        if stage != "fit":
+            return
+        layers = moe_layers(self.model)
+        if layers:
+            precision = str(self.trainer.precision)
+            dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float32
+            device = self.trainer.strategy.root_device.type
+            paths = {layer.path_for(device, dtype) for layer in layers.values()}
+            self.dispatch = ",".join(sorted(paths))
+            log.info("MoE dispatch: %s (model.moe.dispatch=%s, %s, precision %s).",
+                     self.dispatch, self.hparams.moe.get("dispatch", "auto"), device,
+                     precision)  # fmt: skip
+        if self.hparams.lb_scope != "global":
             return
         window = self.hparams.lb_window or int(self.trainer.accumulate_grad_batches)
         set_load_balancing(self.model, "global", window)
         log.info("Global-batch load balancing: f over all ranks and the last %d micro-batches.",
                  window)  # fmt: skip
 
+    def _is_logging_step(self) -> bool:
+        """Whether Lightning writes this training step's logs (every log_every_n_steps; never
+        without a trainer, where ``self.log`` writes nothing)."""
+        connector = getattr(self._trainer, "_logger_connector", None)
+        return connector is not None and bool(connector.should_update_logs)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         set_router_step(self.model, self.global_step)
-        self._step_started = time.perf_counter()
+        self._timer_open = time.perf_counter()
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         per_block, domain_ids, aux = self._losses(batch)
@@ -166,31 +208,47 @@ class MoEGPT2Module(L.LightningModule):
         self.log("train/lb_loss", aux.lb_loss, batch_size=size)
         self.log("train/z_loss", aux.z_loss, batch_size=size)
         per_block = per_block.detach()
-        for d, domain in enumerate(self.domains):
-            mask = domain_ids == d
-            if mask.any():
-                n = int(mask.sum())
-                self._recent[domain].append((float(per_block[mask].sum()), n))
-                self.log(f"train/loss_{domain}", per_block[mask].mean(), batch_size=n)
+        self._recent.add(per_block, domain_ids)  # on the device
+        self._log_this_step = self._is_logging_step()
+        if self._log_this_step:  # reading which domains are present syncs: logging steps only
+            for d, domain in enumerate(self.domains):
+                mask = domain_ids == d
+                if mask.any():
+                    n = int(mask.sum())
+                    self.log(f"train/loss_{domain}", per_block[mask].mean(), batch_size=n)
+                else:  # nan, not the last logged value (Lightning would repeat it)
+                    self.log(f"train/loss_{domain}", math.nan, batch_size=1)
         for layer, (_, logits) in aux.routing.items():
             # The router's own uncertainty (clean logits), not that of its training noise.
             self.log(f"train/router_entropy_l{layer}", router_entropy(logits), batch_size=size)
+        self._timed_tokens += batch["input_ids"].numel()
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._step_started is not None:
-            seconds = time.perf_counter() - self._step_started
-            self.log("train/tokens_per_s", batch["input_ids"].numel() / max(seconds, 1e-9))
+    def on_after_backward(self) -> None:
+        self._stop_timer()  # a micro-batch that does not step ends here
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        self._timer_open = time.perf_counter()  # the optimizer part of the step
+        super().optimizer_step(*args, **kwargs)
+        if not self._log_this_step:
+            self._stop_timer()
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the queued steps finish inside the timer
+        self._stop_timer()
+        if self._timed_seconds > 0:
+            self.log("train/tokens_per_s", self._timed_tokens / self._timed_seconds)
+        self._timed_seconds, self._timed_tokens = 0.0, 0
+
+    def _stop_timer(self) -> None:
+        if self._timer_open is not None:
+            self._timed_seconds += time.perf_counter() - self._timer_open
+            self._timer_open = None
 
     def final_domain_losses(self) -> dict[str, float]:
         """Per domain, the mean train LM loss of its blocks over the last (up to) 50 steps in
         which it appeared, over all ranks. Collective under DDP: call on every rank."""
-        local = torch.tensor(
-            [[sum(s for s, _ in self._recent[d]), sum(n for _, n in self._recent[d])]
-             for d in self.domains],
-            dtype=torch.float64, device=self.device,
-        )  # fmt: skip
-        total = sum_over_ranks(local).cpu()
+        total = sum_over_ranks(self._recent.totals().to(self.device)).cpu()
         return {d: float(total[i, 0] / total[i, 1]) for i, d in enumerate(self.domains)
                 if total[i, 1] > 0}  # fmt: skip
 
@@ -224,7 +282,9 @@ class MoEGPT2Module(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(self.parameters())
+        """The optimizer (fused on CUDA where it takes ``fused`` and the config does not set
+        it: one kernel for all parameters) and the warm-up + cosine schedule."""
+        optimizer = self.optimizer_factory(self.parameters(), **self._fused_option())
         total = int(self.trainer.estimated_stepping_batches)
         warmup, ratio = self.hparams.warmup_steps, self.hparams.min_lr_ratio
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -235,8 +295,23 @@ class MoEGPT2Module(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
+    def _fused_option(self) -> dict[str, bool]:
+        factory = self.optimizer_factory
+        func = factory.func if isinstance(factory, functools.partial) else factory
+        keywords = factory.keywords if isinstance(factory, functools.partial) else {}
+        try:
+            takes_fused = "fused" in inspect.signature(func).parameters
+        except (TypeError, ValueError):
+            takes_fused = False
+        if self.device.type != "cuda" or not takes_fused or "fused" in keywords:
+            return {}
+        return {"fused": True}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save the global load-balancing windows (the same on every rank: reduced counts)."""
+        """Save the MoE dispatch path and the global load-balancing windows (the same on
+        every rank: reduced counts)."""
+        if self.dispatch is not None:
+            checkpoint[DISPATCH_KEY] = self.dispatch
         windows = {i: layer.lb_counts.state_dict() for i, layer in moe_layers(self.model).items()
                    if layer.lb_counts is not None}  # fmt: skip
         if windows:
@@ -258,3 +333,40 @@ class MoEGPT2Module(L.LightningModule):
                 # Without a trainer (e.g. load_from_checkpoint for inference) nothing trains.
                 report = log.warning if self._trainer is not None else log.debug
                 report("MoE layer %d: %s; its load-balancing window starts empty.", i, exc)
+
+
+class RecentDomainLosses:
+    """Per domain, (summed block loss, blocks) of the last ``steps`` training steps in which
+    it appeared, kept on the device (no host sync when a step adds to it).
+
+    ``sums`` / ``blocks`` [D, steps] float64 ring buffers; ``filled`` [D] long, steps written
+    per domain (the next slot is ``filled % steps``).
+    """
+
+    def __init__(self, n_domains: int, steps: int) -> None:
+        self.steps = steps
+        self.sums = torch.zeros(n_domains, steps, dtype=torch.float64)
+        self.blocks = torch.zeros(n_domains, steps, dtype=torch.float64)
+        self.filled = torch.zeros(n_domains, dtype=torch.long)
+
+    def add(self, per_block: torch.Tensor, domain_ids: torch.Tensor) -> None:
+        """Add one step: per-block losses [B] and their domain indices [B] (one device)."""
+        if self.sums.device != per_block.device:
+            self.sums, self.blocks, self.filled = (
+                t.to(per_block.device) for t in (self.sums, self.blocks, self.filled)
+            )
+        n_domains = self.sums.shape[0]
+        sums = torch.zeros(n_domains, dtype=torch.float64, device=per_block.device)
+        sums.index_add_(0, domain_ids, per_block.double())
+        ones = torch.ones(domain_ids.shape, dtype=torch.float64, device=per_block.device)
+        blocks = torch.zeros_like(sums).index_add_(0, domain_ids, ones)
+        present = blocks > 0
+        rows = torch.arange(n_domains, device=per_block.device)
+        slot = self.filled % self.steps
+        self.sums[rows, slot] = torch.where(present, sums, self.sums[rows, slot])
+        self.blocks[rows, slot] = torch.where(present, blocks, self.blocks[rows, slot])
+        self.filled += present.long()
+
+    def totals(self) -> torch.Tensor:
+        """[D, 2] float64: per domain, summed loss and blocks over its kept steps."""
+        return torch.stack([self.sums.sum(1), self.blocks.sum(1)], dim=1)

@@ -253,15 +253,24 @@ def grouped_fits(d_model: int, d_hidden: int) -> bool:
     return d_model % 8 == 0 and d_hidden % 8 == 0
 
 
+@torch.compiler.assume_constant_result
+def cutlass_grouped_mm() -> bool:
+    """Whether this process's CUDA device runs ``grouped_mm`` in bf16 on its fused kernel
+    (compute capability 9.x / 10.x: H100, H200, B200); elsewhere torch falls back to a loop
+    over groups that reads the offsets on the host."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in (9, 10)
+
+
 def resolve_dispatch(dispatch: str, device_type: str, dtype: torch.dtype) -> str:
-    """The path ``dispatch`` runs on: ``auto`` is ``grouped`` on CUDA in bf16 (the CUTLASS
-    grouped GEMM) and ``loop`` elsewhere (on CPU the grouped GEMM is itself a loop over
-    experts and measured no faster: README, "MoE benchmark"); the others are themselves.
-    ``dtype``: the compute dtype (the autocast dtype where autocast is on)."""
+    """The path ``dispatch`` runs on: ``auto`` is ``grouped`` on CUDA in bf16 where the fused
+    grouped GEMM exists (:func:`cutlass_grouped_mm`) and ``loop`` elsewhere (on CPU the
+    grouped GEMM is itself a loop over experts: README, "MoE benchmark"); the others are
+    themselves. ``dtype``: the compute dtype (the autocast dtype where autocast is on)."""
     check_dispatch(dispatch)
     if dispatch != "auto":
         return dispatch
-    return "grouped" if device_type == "cuda" and dtype == torch.bfloat16 else "loop"
+    fused = device_type == "cuda" and dtype == torch.bfloat16 and cutlass_grouped_mm()
+    return "grouped" if fused else "loop"
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -365,9 +374,11 @@ class StackedExperts(nn.Module):
         offsets = routed.ends.to(torch.int32)
         rows = x.index_select(0, routed.token).to(dtype)
         hidden = F.grouped_mm(rows, self.c_fc_weight.to(dtype), offs=offsets)
-        hidden = self.act(hidden + self.c_fc_bias.to(dtype).index_select(0, routed.expert))
+        # Biases gathered per row in their own dtype, then cast: their gradient sums the rows
+        # in float32 (a bf16 sum of thousands of rows would stall).
+        hidden = self.act(hidden + self.c_fc_bias.index_select(0, routed.expert).to(dtype))
         out = F.grouped_mm(hidden, self.c_proj_weight.to(dtype), offs=offsets)
-        return self.dropout(out + self.c_proj_bias.to(dtype).index_select(0, routed.expert))
+        return self.dropout(out + self.c_proj_bias.index_select(0, routed.expert).to(dtype))
 
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}"
@@ -457,10 +468,11 @@ class MoELayer(nn.Module):
     def top_k(self) -> int:
         return self.router.top_k
 
-    def path(self, x: Tensor) -> str:
-        """The path a forward of ``x`` runs: :func:`resolve_dispatch`, and ``loop`` where the
-        grouped GEMM cannot take the widths."""
-        path = resolve_dispatch(self.dispatch, x.device.type, _compute_dtype(x))
+    def path_for(self, device_type: str, dtype: torch.dtype) -> str:
+        """The path a forward on ``device_type`` in compute ``dtype`` runs:
+        :func:`resolve_dispatch`, and ``loop`` where the grouped GEMM cannot take the widths
+        (``auto`` only: an explicit ``grouped`` was refused at :meth:`set_dispatch`)."""
+        path = resolve_dispatch(self.dispatch, device_type, dtype)
         if path == "grouped" and not grouped_fits(self.d_model, self.experts.d_hidden):
             return "loop"
         return path
@@ -487,7 +499,7 @@ class MoELayer(nn.Module):
         route = self.router(x)
         routed = Dispatch.sort(route.indices, self.n_experts)
         counts = routed.counts
-        path = self.path(x)
+        path = self.path_for(x.device.type, _compute_dtype(x))
         if path == "grouped":
             rows = self.experts.grouped(x, routed)
         else:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers.configs import tiny_overrides
+from helpers.old_layout import write_per_expert_copy
 from helpers.script import assert_one_error_line, run_train
 
 from moe_emergence.analysis.analyze import main
@@ -197,3 +198,23 @@ def test_find_runs_skips_runs_without_checkpoints(sweep, tmp_path):
     assert [p.name for p in runs[0].checkpoints] == names
     with pytest.raises(UserError, match="does not exist"):
         find_runs(tmp_path / "gone")
+
+
+def test_per_expert_checkpoints_analyse_like_their_stacked_originals(sweep, tmp_path, capsys):
+    """A run whose checkpoints hold experts in the per-expert layout (before stacked experts)
+    analyses to the counts and scores the run measured while training."""
+    moe_run = next(p for p in _run_dirs(sweep) if "condition=top1" in p.name)
+    old_run = tmp_path / "old" / moe_run.name
+    shutil.copytree(moe_run, old_run)
+    for ckpt in sorted((old_run / "checkpoints").glob("*.ckpt")):
+        write_per_expert_copy(ckpt, ckpt)
+    code, out, err = _analyze(capsys, old_run, "--out", tmp_path / "analysis")
+    assert code == 0, err
+    assert "MoE dispatch at training: loop (per-expert layout) (1 run)" in out
+    [folder] = (tmp_path / "analysis" / "runs").iterdir()
+    key = lambda r: (r["step"], r["layer"], r["domain"], r["expert"])  # noqa: E731
+    analysed = {key(r): r["tokens"] for r in read_table(folder / "counts.csv")}
+    trained = {key(r): r["tokens"] for r in read_table(moe_run / "routing" / "counts.csv")}
+    assert analysed == trained and len(analysed) == 3 * len(LAYERS) * len(DOMAINS) * 4
+    trained_scores = read_table(moe_run / "routing" / "trajectory.csv")
+    assert read_table(folder / "trajectory.csv") == trained_scores

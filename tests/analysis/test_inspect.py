@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.configs import short_demo_overrides
+from helpers.old_layout import write_per_expert_copy
 
 from moe_emergence.analysis.inspect import encode, load_checkpoint, main, route_text
 from moe_emergence.analysis.probe import route_blocks
@@ -277,3 +278,22 @@ def test_pretrained_model_is_rebuilt_from_its_config_only(demo_ckpt, tmp_path):
     for layer, (experts, probs) in route_text(loaded.model, ids).items():
         np.testing.assert_array_equal(experts, expected[layer][0])
         np.testing.assert_allclose(probs, expected[layer][1], atol=1e-6)
+
+
+def test_a_per_expert_checkpoint_inspects_like_its_stacked_original(
+    demo_ckpt, demo_tokenizer, tmp_path, capsys
+):
+    """A checkpoint of the per-expert layout (experts as separate modules, no dispatch path
+    recorded) is converted to stacked weights on loading: the same logits and routing."""
+    old = write_per_expert_copy(demo_ckpt, tmp_path / "old" / "last.ckpt")
+    new_model, old_loaded = load_checkpoint(demo_ckpt), load_checkpoint(old)
+    assert new_model.dispatch == "loop" and old_loaded.dispatch == "loop (per-expert layout)"
+    ids, _ = encode(demo_tokenizer, CODE)
+    batch = torch.tensor([ids[:64]])
+    with torch.no_grad():
+        assert torch.equal(old_loaded.model(batch).logits, new_model.model(batch).logits)
+    assert main([str(old), "--text", CODE, "--color", "never"]) == 0
+    printed = capsys.readouterr().out
+    assert "trained with dispatch loop (per-expert layout)" in printed
+    assert main([str(demo_ckpt), "--text", CODE, "--color", "never"]) == 0
+    assert printed.split("\n", 1)[1] == capsys.readouterr().out.split("\n", 1)[1]

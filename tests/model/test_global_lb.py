@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from moe_testing import random_experts
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -48,9 +49,10 @@ def one_domain(expert: int, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
 
 def specialised_layer(**lb) -> MoELayer:
     """An MoE layer (d = E) whose router sends a token 50 * e_d to expert d with probability
-    1.0 in float32 (the others get e^-50)."""
-    experts = nn.ModuleList(nn.Linear(E, E) for _ in range(E))
-    layer = MoELayer(experts, d_model=E, top_k=1, noise_std=0.0, **lb)
+    1.0 in float32 (the others get e^-50). Width 3 is no multiple of 8, so the grouped GEMM
+    cannot take it: the loop path, which runs at any width."""
+    experts = random_experts(E, E, 2 * E)
+    layer = MoELayer(experts, top_k=1, noise_std=0.0, dispatch="loop", **lb)
     with torch.no_grad():
         layer.router.gate.weight.copy_(torch.eye(E))
     return layer

@@ -149,8 +149,9 @@ def test_init_noise_makes_experts_differ_reproducibly(tiny_gpt2, input_ids):
 
     (layer,) = install_moe_layers(tiny_gpt2, [1], n_experts=3, init_noise=0.1, seed=7)
     assert not torch.allclose(logits_of(tiny_gpt2, input_ids), dense, atol=1e-4)
-    w = [e.c_fc.weight for e in layer.experts]
+    w = layer.experts.c_fc_weight
     assert not torch.equal(w[0], w[1])
+    assert not torch.equal(w[0], twin.transformer.h[1].mlp.c_fc.weight)  # twin: still dense
 
     install_moe_layers(twin, [1], n_experts=3, init_noise=0.1, seed=7)
     torch.testing.assert_close(twin.state_dict(), tiny_gpt2.state_dict(), rtol=0, atol=0)

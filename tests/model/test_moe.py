@@ -8,11 +8,13 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from moe_testing import expert_forward, random_experts
 
 from moe_emergence.model.moe import (
+    PARAMETERS_OF_MLP,
     MoELayer,
     Router,
+    StackedExperts,
     load_balancing_loss,
     router_entropy,
     z_loss,
@@ -21,12 +23,9 @@ from moe_emergence.model.moe import (
 D, E = 8, 4
 
 
-def make_experts(n: int = E, d: int = D, seed: int = 0) -> nn.ModuleList:
-    """Distinct small MLP experts mapping [n, d] -> [n, d]."""
-    torch.manual_seed(seed)
-    return nn.ModuleList(
-        nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d)) for _ in range(n)
-    )
+def make_experts(n: int = E, d: int = D, seed: int = 0) -> StackedExperts:
+    """Distinct small MLP experts mapping [n, d] -> [n, d] (hidden width 2d)."""
+    return random_experts(n, d, 2 * d, seed=seed)
 
 
 # --- router ---------------------------------------------------------------------------------
@@ -82,7 +81,7 @@ def test_router_rejects_bad_arguments(kwargs, match):
 
 
 def test_top1_weight_is_exactly_one_yet_router_gets_gradient():
-    layer = MoELayer(make_experts(), D, top_k=1, noise_std=1.0)
+    layer = MoELayer(make_experts(), top_k=1, noise_std=1.0)
     layer.train()
     x = torch.randn(2, 5, D)
 
@@ -96,10 +95,14 @@ def test_top1_weight_is_exactly_one_yet_router_gets_gradient():
 
 
 def test_top1_output_is_the_selected_experts_output():
-    layer = MoELayer(make_experts(), D, top_k=1).eval()
+    layer = MoELayer(make_experts(), top_k=1).eval()
     x = torch.randn(10, D)
     chosen = layer.router(x).indices[:, 0]
-    expected = torch.stack([layer.experts[int(e)](x[n]) for n, e in enumerate(chosen)])
+    with torch.no_grad():
+        expected = torch.cat(
+            [expert_forward(layer.experts, int(e), x[n : n + 1]) for n, e in enumerate(chosen)]
+        )
+    assert len(set(chosen.tolist())) > 1  # several experts really used
     torch.testing.assert_close(layer(x[None])[0], expected, atol=1e-6, rtol=0)
 
 
@@ -198,7 +201,7 @@ def test_z_loss_on_known_logits():
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 def test_dispatch_matches_per_token_reference(top_k):
-    layer = MoELayer(make_experts(), D, top_k=top_k).eval()
+    layer = MoELayer(make_experts(), top_k=top_k).eval()
     hidden = torch.randn(3, 5, D)
     out = layer(hidden)
     assert out.shape == hidden.shape
@@ -209,7 +212,8 @@ def test_dispatch_matches_per_token_reference(top_k):
         expected = torch.stack(
             [
                 sum(
-                    route.weights[n, j] * layer.experts[int(route.indices[n, j])](x[n])
+                    route.weights[n, j]
+                    * expert_forward(layer.experts, int(route.indices[n, j]), x[n : n + 1])[0]
                     for j in range(top_k)
                 )
                 for n in range(x.shape[0])
@@ -219,28 +223,34 @@ def test_dispatch_matches_per_token_reference(top_k):
     assert len(set(route.indices.flatten().tolist())) > 1  # several experts really used
 
 
-def test_unused_experts_still_get_zero_gradients():
-    layer = MoELayer(make_experts(), D, top_k=1, noise_std=0.0)
+@pytest.mark.parametrize("dispatch", ["loop", "grouped"])
+def test_unused_experts_still_get_zero_gradients(dispatch):
+    layer = MoELayer(make_experts(), top_k=1, noise_std=0.0, dispatch=dispatch)
     with torch.no_grad():
         layer.router.gate.weight.fill_(-1.0)
         layer.router.gate.weight[0].fill_(1.0)
     x = torch.rand(2, 4, D) + 0.1  # positive: every token prefers expert 0
-    layer(x).sum().backward()
+    (layer(x) * torch.randn(2, 4, D)).sum().backward()
     assert (layer.last_indices == 0).all()
-    for expert in layer.experts[1:]:
-        for p in expert.parameters():
-            assert p.grad is not None
-            assert torch.equal(p.grad, torch.zeros_like(p))
+    assert layer.last_dispatch == dispatch
+    for name in PARAMETERS_OF_MLP:
+        grad = getattr(layer.experts, name).grad
+        assert grad is not None, name
+        assert grad[0].abs().sum() > 0, name  # the used expert learns
+        assert torch.equal(grad[1:], torch.zeros_like(grad[1:])), name
 
 
 def test_layer_keeps_last_forward_state():
-    layer = MoELayer(make_experts(), D, top_k=2)
+    layer = MoELayer(make_experts(), top_k=2)
     assert (layer.n_experts, layer.top_k) == (E, 2)
     assert layer.last_indices is None
     layer(torch.randn(2, 3, D))
 
     assert layer.last_indices.shape == (6, 2)
     assert layer.last_indices.dtype == torch.long
+    assert layer.last_counts.dtype == torch.long
+    assert torch.equal(layer.last_counts, torch.bincount(layer.last_indices.flatten(), minlength=E))
+    assert layer.last_dispatch == "loop"  # auto on CPU in float32
     assert layer.last_logits.shape == (6, E)
     assert not layer.last_logits.requires_grad
     for loss in (layer.last_lb_loss, layer.last_z_loss):
