@@ -228,6 +228,8 @@ def train(
 
 def _print_summary(outputs: dict[str, Any]) -> None:
     lines = [f"Finished at step {outputs['global_step']}. Outputs in {outputs['run_dir']}:"]
+    if outputs.get("moe_dispatch"):
+        lines.append(f"  MoE dispatch: {outputs['moe_dispatch']}")
     if outputs["domain_losses"]:
         lines.append("  final train loss per domain (mean of the last 50 steps): " + ", ".join(
             f"{d} {v:.3f}" for d, v in outputs["domain_losses"].items()))  # fmt: skip

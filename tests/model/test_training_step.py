@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import time
 from collections import deque
 
 import lightning as L
@@ -60,6 +61,27 @@ class Recorder:
         self.steps: list[tuple[int, torch.Tensor, torch.Tensor, dict]] = []
 
 
+class Clock:
+    """``perf_counter`` for the module: real time plus the time callbacks "spent"."""
+
+    def __init__(self) -> None:
+        self.skipped = 0.0
+
+    def perf_counter(self) -> float:
+        return time.perf_counter() + self.skipped
+
+
+CLOCK = Clock()
+
+
+class SlowCallback(L.Callback):
+    """Spends 100 s (on the module's clock) after every training batch, as a long validation
+    or routing analysis would."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        CLOCK.skipped += 100.0
+
+
 def test_step_values_equal_the_per_step_code_and_are_read_only_at_logging_steps(
     tiny_mirror, tiny_tokenizer_dir, tmp_path, monkeypatch
 ):
@@ -86,6 +108,7 @@ def test_step_values_equal_the_per_step_code_and_are_read_only_at_logging_steps(
         with contextlib.nullcontext() if logging else no_host_reads():
             return count(self, pl_module, batch)
 
+    monkeypatch.setattr("moe_emergence.model.module.time", CLOCK)
     monkeypatch.setattr(MoEGPT2Module, "_losses", recorded_losses)
     monkeypatch.setattr(MoEGPT2Module, "training_step", guarded_step)
     monkeypatch.setattr(RoutingAnalysis, "_count_training_batch", guarded_count)
@@ -94,6 +117,8 @@ def test_step_values_equal_the_per_step_code_and_are_read_only_at_logging_steps(
         "trainer.log_every_n_steps=3", "callbacks.routing_analysis.every_n_steps=4",
         "model.moe.dispatch=grouped", "data.batch_size=6",
     ))  # fmt: skip
+    with open_dict(cfg):
+        cfg.callbacks.slow = {"_target_": f"{__name__}.SlowCallback"}
     out = train(cfg)
     assert [s for s, *_ in record.steps] == list(range(7))
     assert out["moe_dispatch"] == "grouped"
@@ -112,7 +137,10 @@ def test_step_values_equal_the_per_step_code_and_are_read_only_at_logging_steps(
     logged = {key: "nan" if math.isnan(value) else value for key, value in logged.items()}
     assert logged == expected and {s for s, _ in logged} == {2, 5}
     assert "nan" in expected.values()  # the case where Lightning repeated a stale value
+    throughput = [float(r["train/tokens_per_s"]) for r in metrics if r.get("train/tokens_per_s")]
     assert {int(r["step"]) for r in metrics if r.get("train/tokens_per_s")} == {2, 5}
+    # 192 tokens a step: counting the callbacks' 100 s per step would give < 2 tokens/s.
+    assert min(throughput) > 10
 
     # The kept losses: per domain, the last 50 steps in which it appeared (the old deque).
     recent = {d: deque(maxlen=50) for d in DOMAINS}
