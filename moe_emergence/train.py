@@ -24,6 +24,7 @@ from moe_emergence.data.datamodule import RESUME_KEYS, check_loader_state
 from moe_emergence.data.sources import DOMAINS
 from moe_emergence.errors import UserError
 from moe_emergence.model.gpt2_moe import has_per_expert_layout
+from moe_emergence.model.module import check_compile
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,8 @@ def train(
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UserError(f"seed must be an integer ≥ 0, got {seed!r} (e.g. seed=42).")
+    moe = cfg.model.get("moe") or {}
+    check_compile(cfg.model.get("compile", False), moe.get("dispatch"), cfg.trainer.precision)
     ckpt_path, init_from = resolve_start(cfg)
     if ckpt_path is not None:
         check_resume_settings(cfg, ckpt_path)

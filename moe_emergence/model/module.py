@@ -36,6 +36,17 @@ DISPATCH_KEY = "moe_dispatch"  # checkpoint key: the dispatch path the MoE layer
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
+def check_compile(compile: bool, dispatch: str | None, precision: str) -> None:
+    """Refuse ``model.compile=true`` with ``model.moe.dispatch=grouped`` outside bf16: torch's
+    compiled grouped GEMM takes bf16 only (``auto`` picks grouped only in bf16)."""
+    if compile and dispatch == "grouped" and not str(precision).startswith("bf16"):
+        raise UserError(
+            f"model.compile=true with model.moe.dispatch=grouped needs bf16 (the compiled "
+            f"grouped GEMM takes bf16 only), got trainer.precision={precision}: set "
+            f"trainer.precision=bf16-mixed, or model.moe.dispatch=auto (loop outside bf16)."
+        )
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """LR multiplier: linear warm-up from 0 to 1 over ``warmup_steps``, then cosine to
     ``min_ratio`` at ``total_steps`` (held there after)."""

@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from moe_emergence.distributed import sum_over_ranks
 from moe_emergence.errors import UserError
 
+# The grouped GEMM: public in torch >= 2.10 (F.grouped_mm), private before (same operator).
+grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 ROUTER_INIT_STD = 0.02  # GPT-2's initializer_range: small logits, so early routing is near uniform
 LB_SCOPES = ("batch", "global")
 DISPATCHES = ("auto", "loop", "grouped")
@@ -373,11 +375,11 @@ class StackedExperts(nn.Module):
         dtype = _compute_dtype(x)
         offsets = routed.ends.to(torch.int32)
         rows = x.index_select(0, routed.token).to(dtype)
-        hidden = F.grouped_mm(rows, self.c_fc_weight.to(dtype), offs=offsets)
+        hidden = grouped_mm(rows, self.c_fc_weight.to(dtype), offs=offsets)
         # Biases gathered per row in their own dtype, then cast: their gradient sums the rows
         # in float32 (a bf16 sum of thousands of rows would stall).
         hidden = self.act(hidden + self.c_fc_bias.index_select(0, routed.expert).to(dtype))
-        out = F.grouped_mm(hidden, self.c_proj_weight.to(dtype), offs=offsets)
+        out = grouped_mm(hidden, self.c_proj_weight.to(dtype), offs=offsets)
         return self.dropout(out + self.c_proj_bias.index_select(0, routed.expert).to(dtype))
 
     def extra_repr(self) -> str:

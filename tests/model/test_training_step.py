@@ -21,8 +21,9 @@ from moe_emergence.analysis.callback import RoutingAnalysis
 from moe_emergence.analysis.tables import read_table
 from moe_emergence.config import compose_config
 from moe_emergence.data.sources import DOMAINS
+from moe_emergence.errors import UserError
 from moe_emergence.model.gpt2_moe import _chunk_losses, next_token_losses
-from moe_emergence.model.module import MoEGPT2Module, RecentDomainLosses
+from moe_emergence.model.module import MoEGPT2Module, RecentDomainLosses, check_compile
 from moe_emergence.model.moe import cutlass_grouped_mm
 from moe_emergence.train import train
 
@@ -300,3 +301,14 @@ def test_lightning_training_steps_of_the_grouped_path_make_no_host_sync_on_cuda(
         cfg.callbacks.sync_guard = {"_target_": f"{__name__}.SyncGuard"}
     out = train(cfg)
     assert out["global_step"] == 8 and out["moe_dispatch"] == "grouped"
+
+
+def test_compiled_grouped_dispatch_outside_bf16_is_refused_in_one_line(tmp_path):
+    cfg = compose_config(["experiment=debug", "data/source=sample", f"paths.run_dir={tmp_path}",
+                          "model.compile=true", "model.moe.dispatch=grouped"])  # fmt: skip
+    with pytest.raises(UserError, match=r"model\.compile=true .*trainer\.precision=32-true"):
+        train(cfg)
+    assert not any(tmp_path.iterdir()) if tmp_path.exists() else True
+    check_compile(True, "grouped", "bf16-mixed")
+    check_compile(True, "auto", "32-true")
+    check_compile(False, "grouped", "32-true")
