@@ -358,14 +358,13 @@ class StackedExperts(nn.Module):
         """Per expert, its rows of ``x`` [N, d] through its MLP (``torch.addmm``, as GPT-2's
         Conv1D): [A, d]. ``counts``: rows per expert on the host. Every expert runs, on zero
         rows if it got none, so all stay in the autograd graph."""
+        # One unbind per parameter: indexing [e] per expert would make every expert's backward
+        # write a zero gradient of the whole stack (E^2 work).
+        fc_w, fc_b, proj_w, proj_b = (getattr(self, name).unbind(0) for name in PARAMETERS_OF_MLP)
         outputs = []
         for e, tokens in enumerate(routed.token.split(counts)):
-            hidden = torch.addmm(self.c_fc_bias[e], x.index_select(0, tokens), self.c_fc_weight[e])
-            outputs.append(
-                self.dropout(
-                    torch.addmm(self.c_proj_bias[e], self.act(hidden), self.c_proj_weight[e])
-                )
-            )
+            hidden = torch.addmm(fc_b[e], x.index_select(0, tokens), fc_w[e])
+            outputs.append(self.dropout(torch.addmm(proj_b[e], self.act(hidden), proj_w[e])))
         return torch.cat(outputs)
 
     def grouped(self, x: Tensor, routed: Dispatch) -> Tensor:
