@@ -15,8 +15,9 @@ the layers timed alone. Then, in one process, interleaved so that machine noise 
 alike (the order alternates every repeat):
 
 - ``model``: one training step of ``--batch`` x block-size tokens: forward, LM loss
-  (``cross_entropy`` of the shifted logits, + the MoE aux losses at 0.01 / 0.001 for the MoE
-  model), backward, AdamW step (``fused=True`` on CUDA), zero_grad;
+  (``next_token_losses``, the training module's chunked cross-entropy, + the MoE aux losses
+  at 0.01 / 0.001 for the MoE model), backward, AdamW step (``fused=True`` on CUDA),
+  zero_grad;
 - ``layer``: the first MoE layer alone against the dense MLP it replaced, on the same
   [batch, block, d] input (train mode): forward, backward of ``(out * g).sum()`` (+ the aux
   losses for the MoE layer). No optimizer: its cost grows with the parameter count, not with
@@ -87,7 +88,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from machine import machine_info
 
 from moe_emergence.model.gpt2_moe import (
@@ -96,6 +96,7 @@ from moe_emergence.model.gpt2_moe import (
     count_parameters,
     install_moe_layers,
     moe_layers,
+    next_token_losses,
 )
 from moe_emergence.model.moe import DISPATCHES, grouped_fits
 
@@ -252,9 +253,7 @@ def model_step(
     def step() -> None:
         with autocast():
             logits = model(input_ids=ids).logits
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
-            )
+            loss = next_token_losses(logits, ids).mean()  # the training module's loss
             if moe:
                 aux = collect_aux_outputs(model)
                 loss = loss + LB_WEIGHT * aux.lb_loss + Z_WEIGHT * aux.z_loss

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import re
 import time
 from collections import deque
 
@@ -312,3 +313,28 @@ def test_compiled_grouped_dispatch_outside_bf16_is_refused_in_one_line(tmp_path)
     check_compile(True, "grouped", "bf16-mixed")
     check_compile(True, "auto", "32-true")
     check_compile(False, "grouped", "32-true")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_blocks_keep_the_fused_attention_kernel():
+    """``model.compile=true`` compiles each block; attention must still run a fused SDPA
+    kernel (flash / memory-efficient / cuDNN), which compiling the whole Hugging Face model
+    can lose to the unfused math path."""
+    module = MoEGPT2Module(
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), block_size=256,
+        pretrained=None, vocab_size=512, n_positions=256, n_embd=256, n_layer=2, n_head=4,
+        domains=DOMAINS, moe={"layers": [1], "n_experts": 4}, compile=True,
+    ).cuda()  # fmt: skip
+    ids = torch.randint(0, 512, (4, 256), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        module(ids).float().sum().backward()  # compiles
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            module(ids).float().sum().backward()
+        torch.cuda.synchronize()
+    kernels = [event.key for event in profile.key_averages()]
+    fused = [name for name in kernels if re.search(r"flash|fmha|sdpa|cudnn.*attn", name,
+                                                   re.IGNORECASE)]  # fmt: skip
+    assert fused, f"no fused attention kernel among {kernels[:40]}"
