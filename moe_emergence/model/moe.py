@@ -526,8 +526,8 @@ class MoELayer(nn.Module):
         rows [A, d] in sorted order; weights [N, k]. Unsorting is a gather by the inverse
         permutation (each row read once), so no atomics in either direction."""
         n, k = weights.shape
-        inverse = torch.empty_like(routed.order)
-        inverse[routed.order] = torch.arange(routed.order.numel(), device=routed.order.device)
+        positions = torch.arange(routed.order.numel(), device=routed.order.device)
+        inverse = torch.empty_like(routed.order).scatter_(0, routed.order, positions)
         per_slot = rows.index_select(0, inverse).view(n, k, -1).float()
         out = per_slot[:, 0] * weights[:, :1]
         for j in range(1, k):
