@@ -117,10 +117,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _forwarded(args: argparse.Namespace) -> list[str]:
     return [
-        "--hub-mirror", args.hub_mirror, "--size-mb", repr(args.size_mb),
-        "--tokenizer", args.tokenizer, "--block-size", str(args.block_size),
-        "--seed", str(args.seed),
-    ]  # fmt: skip
+        "--hub-mirror",
+        args.hub_mirror,
+        "--size-mb",
+        repr(args.size_mb),
+        "--tokenizer",
+        args.tokenizer,
+        "--block-size",
+        str(args.block_size),
+        "--seed",
+        str(args.seed),
+    ]
 
 
 # --------------------------------------------------------------------------- stage helpers
@@ -166,14 +173,29 @@ def cycle_to_budget(texts: list[str], budget: int) -> list[str]:
 
 
 def _cache_inputs(args: argparse.Namespace, tokenizer, texts: Texts) -> dict[str, Any]:
-    """The cache key of this benchmark's texts: the tokenizer, the budget and the char counts."""
+    """The cache key of this benchmark's texts, built by the package's own ``cache_inputs``
+    (the schema every cache hit checks: one ``sources`` entry per domain): the budget, the
+    tokenizer's definition and, per domain, the cycled texts' count and characters."""
     from moe_emergence.data.cache import tokenizer_identity
+    from moe_emergence.data.prepare import cache_inputs
+    from moe_emergence.data.settings import DataSettings
 
-    return {
-        "tokenizer": tokenizer_identity(tokenizer, args.tokenizer),
-        "benchmark": {"size_mb": args.size_mb, "cycled": True},
-        "domain_chars": {d: sum(map(len, t)) for d, t in texts.items()},
+    settings = DataSettings(
+        size_mb=args.size_mb, tokenizer=args.tokenizer, hub_mirror=args.hub_mirror
+    )
+    sources = {
+        domain: [
+            {
+                "benchmark": {
+                    "cycled": True,
+                    "num_texts": len(domain_texts),
+                    "chars": sum(map(len, domain_texts)),
+                }
+            }
+        ]
+        for domain, domain_texts in texts.items()
     }
+    return cache_inputs(settings, sources, tokenizer_identity(tokenizer, args.tokenizer))
 
 
 def _reference_files(workdir: Path, domain: str) -> tuple[Path, Path]:
@@ -316,7 +338,10 @@ def stage_warm(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from moe_emergence.data.dataset import PackedMixedDomainDataset
 
     def no_build() -> Iterator[Any]:
-        raise SystemExit("warm stage: the cache from the cold stage was not found")
+        raise SystemExit(
+            "warm stage: the cold stage's cache is missing or was rejected (see the warning "
+            "above); _cache_inputs must give what cache.check_manifest accepts"
+        )
 
     start = time.perf_counter()
     tokenizer = _load_tokenizer(args)
@@ -433,9 +458,14 @@ def run_stage(args: argparse.Namespace) -> int:
 def spawn_stage(args: argparse.Namespace, name: str, workdir: Path) -> dict[str, Any]:
     """Run ``name`` in a fresh interpreter; return the JSON line it printed last."""
     cmd = [
-        sys.executable, str(Path(__file__).resolve()), *_forwarded(args),
-        "--stage", name, "--workdir", str(workdir),
-    ]  # fmt: skip
+        sys.executable,
+        str(Path(__file__).resolve()),
+        *_forwarded(args),
+        "--stage",
+        name,
+        "--workdir",
+        str(workdir),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
@@ -603,9 +633,13 @@ def run_identity_cost(args: argparse.Namespace) -> int:
     files_module.sha256_file = counting_sha
     try:
         base = shutil.copytree(args.hub_mirror, workdir / "hub-0", symlinks=True)
-        settings = DataSettings(size_mb=args.size_mb, block_size=args.block_size,
-                                tokenizer=args.tokenizer, hub_mirror=str(base),
-                                cache_dir=str(workdir / CACHE_DIR))  # fmt: skip
+        settings = DataSettings(
+            size_mb=args.size_mb,
+            block_size=args.block_size,
+            tokenizer=args.tokenizer,
+            hub_mirror=str(base),
+            cache_dir=str(workdir / CACHE_DIR),
+        )
         load_tokenizer(args.tokenizer)
         cold_s, _ = _timed(lambda: prepare_domains(settings, show_progress=False))
         first, later, first_identity, later_identity = [], [], [], []
@@ -693,10 +727,16 @@ def time_warm_hit(args: argparse.Namespace, mirror: str, workdir: Path) -> dict[
 
     def start(verify: bool) -> tuple[float, Any]:
         dm = MixedDomainDataModule(
-            size_mb=args.size_mb, block_size=args.block_size, seed=args.seed,
-            tokenizer=args.tokenizer, hub_mirror=mirror, cache_dir=str(cache_dir),
-            verify_cache=verify, report_dir=str(workdir), show_progress=False,
-        )  # fmt: skip
+            size_mb=args.size_mb,
+            block_size=args.block_size,
+            seed=args.seed,
+            tokenizer=args.tokenizer,
+            hub_mirror=mirror,
+            cache_dir=str(cache_dir),
+            verify_cache=verify,
+            report_dir=str(workdir),
+            show_progress=False,
+        )
         begin = time.perf_counter()
         dm.prepare_data()
         dm.setup("fit")

@@ -214,8 +214,15 @@ def _is_sha256(value: Any) -> bool:
 
 
 HEX = frozenset("0123456789abcdef")
-DOMAIN_KEYS = ("tokens_file", "num_tokens", "tokens_sha256", "offsets_file", "num_texts",
-               "offsets_sha256", "metadata")  # fmt: skip
+DOMAIN_KEYS = (
+    "tokens_file",
+    "num_tokens",
+    "tokens_sha256",
+    "offsets_file",
+    "num_texts",
+    "offsets_sha256",
+    "metadata",
+)
 
 
 def check_manifest(
@@ -327,9 +334,12 @@ def _write_domain(
     position = 0
     total = len(domain.texts) if hasattr(domain.texts, "__len__") else None
     bar = tqdm(
-        total=total, unit="text", desc=f"tokenize {domain.name}",
-        disable=not show_progress, leave=False,
-    )  # fmt: skip
+        total=total,
+        unit="text",
+        desc=f"tokenize {domain.name}",
+        disable=not show_progress,
+        leave=False,
+    )
     with bar:
         for tokens, lengths in iter_token_batches(domain.texts, tokenizer):
             tokens_out.write(tokens)
@@ -424,6 +434,12 @@ def ensure_cache(
     building (it streams the datasets); a build reads its files back once. Safe to call from
     several processes at once: one builds, the others wait on the lock, then read.
     """
+    if not isinstance(inputs.get("sources"), dict):
+        # A manifest without them is refused by every later open: it would never hit.
+        raise ValueError(
+            f"token cache inputs must record their sources per domain (a 'sources' object), "
+            f"got keys {sorted(inputs)}: build them with moe_emergence.data.prepare.cache_inputs"
+        )
     root = check_cache_root(cache_dir)
     path = root / fingerprint(inputs)
     found: dict[str, Any] = {}

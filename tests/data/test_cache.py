@@ -75,8 +75,9 @@ def test_cache_read_back_equals_fresh_tokenization(settings, tiny_tokenizer):
     again = prep(settings)
     assert again.from_cache
     for domain, sources in DEFAULT_SOURCES.items():
-        texts, meta = load_domain(domain, sources, 1.0, hub_mirror=settings.hub_mirror,
-                                  show_progress=False)  # fmt: skip
+        texts, meta = load_domain(
+            domain, sources, 1.0, hub_mirror=settings.hub_mirror, show_progress=False
+        )
         fresh = encode_texts(texts, tiny_tokenizer)
         cached = again.streams[domain]
         assert isinstance(cached.tokens, np.memmap) and cached.tokens.dtype == np.uint16
@@ -90,8 +91,9 @@ def test_cache_hit_is_logged_with_the_rebuild_hint(settings, caplog):
     prep(settings)
     with caplog.at_level(logging.INFO, logger="moe_emergence"):
         prep(settings)
-    assert any("skipping streaming and tokenizing" in m and "--rebuild-cache" in m
-               for m in caplog.messages)  # fmt: skip
+    assert any(
+        "skipping streaming and tokenizing" in m and "--rebuild-cache" in m for m in caplog.messages
+    )
 
 
 def test_rebuild_flag_tokenizes_again(settings, monkeypatch):
@@ -175,10 +177,18 @@ prepare_domains(DataSettings(size_mb=1.0, block_size=32, tokenizer=sys.argv[1],
 
 def test_killed_prepare_leaves_no_usable_partial_cache(settings):
     proc = subprocess.run(
-        [sys.executable, "-c", KILL_MIDWAY, settings.tokenizer, settings.hub_mirror,
-         settings.cache_dir],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            KILL_MIDWAY,
+            settings.tokenizer,
+            settings.hub_mirror,
+            settings.cache_dir,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -9, proc.stderr
     root = Path(settings.cache_dir)
     key = cache_key(settings)
@@ -212,10 +222,14 @@ def test_two_processes_build_once_and_agree(settings, tmp_path):
     logs = [tmp_path / f"p{i}.log" for i in range(2)]
     with FileLock(str(root / f"{key}.lock")):  # hold the lock until both are waiting on it
         procs = [
-            subprocess.Popen([sys.executable, "-c", PREPARE_AND_REPORT, *args],
-                             stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+            subprocess.Popen(
+                [sys.executable, "-c", PREPARE_AND_REPORT, *args],
+                stdout=subprocess.PIPE,
+                stderr=log.open("w"),
+                text=True,
+            )
             for log in logs
-        ]  # fmt: skip
+        ]
         deadline = time.monotonic() + 120
         while not all("Waiting for another process" in log.read_text() for log in logs):
             assert time.monotonic() < deadline, [log.read_text() for log in logs]
@@ -239,3 +253,16 @@ def test_default_cache_dir_comes_from_env(monkeypatch, tmp_path, settings):
     path = prep(settings, cache_dir=None).cache_path
     assert path.parent == tmp_path / "from-env"
     assert os.access(path / "manifest.json", os.R_OK)
+
+
+def test_inputs_without_sources_are_refused_before_building(tmp_path, tiny_tokenizer):
+    """A key without per-domain sources would write a manifest every later open rejects (a
+    cache that never hits): refused up front, naming the function that builds keys."""
+    from moe_emergence.data.cache import ensure_cache
+
+    def never():
+        raise AssertionError("nothing may be built")
+
+    with pytest.raises(ValueError, match=r"'sources'.*prepare\.cache_inputs"):
+        ensure_cache(tmp_path / "cache", {"tokenizer": {}}, never, tiny_tokenizer)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
