@@ -142,13 +142,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experts", type=int, nargs="+", help="default 8 32 (real shape: 8)")
     parser.add_argument("--top-k", type=int, default=1)
     parser.add_argument(
-        "--dispatch", nargs="+", choices=DISPATCHES, default=["loop", "grouped"],
+        "--dispatch",
+        nargs="+",
+        choices=DISPATCHES,
+        default=["loop", "grouped"],
         help="MoE dispatch paths to time (default: loop grouped)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--compile", nargs="+", choices=("off", "on"), default=None,
+        "--compile",
+        nargs="+",
+        choices=("off", "on"),
+        default=None,
         help="compile each block (block.compile()); default: off on for CUDA, off on CPU",
-    )  # fmt: skip
+    )
     parser.add_argument("--d-model", type=int, help="default 768")
     parser.add_argument("--n-head", type=int, help="default 12")
     parser.add_argument("--block-size", type=int, help="default 512")
@@ -170,9 +176,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--bf16", action="store_true", help="bf16 autocast around forward and loss (GPU runs)"
     )
     parser.add_argument(
-        "--peak-tflops", type=float, default=None,
+        "--peak-tflops",
+        type=float,
+        default=None,
         help="device peak TFLOP/s for MFU (default: looked up by CUDA device name with --bf16)",
-    )  # fmt: skip
+    )
     parser.add_argument("--json-only", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
 
@@ -462,8 +470,10 @@ def run_config(
             static = resident_bytes(model, opt[kind])
             mem[kind] = round((static + model_peak[kind]) / MIB, 1)
     peak = peak_flops(args)
-    flops = {"moe": flops_per_token(moe, args.block_size),
-             "dense": flops_per_token(dense, args.block_size)}  # fmt: skip
+    flops = {
+        "moe": flops_per_token(moe, args.block_size),
+        "dense": flops_per_token(dense, args.block_size),
+    }
     tokens_per_s = {kind: tokens / med[f"model_{kind}"] for kind in ("moe", "dense")}
     mfu = {
         kind: None if peak is None else float(f"{flops[kind] * tokens_per_s[kind] / peak:.4g}")

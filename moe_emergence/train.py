@@ -103,8 +103,16 @@ def resolve_start(cfg: DictConfig) -> tuple[Path | None, Path | None]:
 
 
 # Model settings that change the weights' shapes: a resume with another value cannot load them.
-MODEL_SHAPE_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "moe.layers",
-                    "moe.n_experts", "moe.top_k")  # fmt: skip
+MODEL_SHAPE_KEYS = (
+    "vocab_size",
+    "n_positions",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "moe.layers",
+    "moe.n_experts",
+    "moe.top_k",
+)
 
 
 def _plain(value: Any) -> Any:
@@ -145,8 +153,11 @@ def check_resume_settings(cfg: DictConfig, path: Path) -> None:
         saved = OmegaConf.select(OmegaConf.create(dict(saved_model)), key, default=None)
         if saved is not None:
             now[f"model.{key}"] = (_plain(saved), _plain(OmegaConf.select(cfg.model, key)))
-    changed = [f"{label}: checkpoint {old!r}, now {new!r}"
-               for label, (old, new) in now.items() if old != new]  # fmt: skip
+    changed = [
+        f"{label}: checkpoint {old!r}, now {new!r}"
+        for label, (old, new) in now.items()
+        if old != new
+    ]
     if changed:
         raise UserError(
             f"Cannot resume with changed settings: {'; '.join(changed)}. Resume with the "
@@ -234,8 +245,10 @@ def _print_summary(outputs: dict[str, Any]) -> None:
     if outputs.get("moe_dispatch"):
         lines.append(f"  MoE dispatch: {outputs['moe_dispatch']}")
     if outputs["domain_losses"]:
-        lines.append("  final train loss per domain (mean of the last 50 steps): " + ", ".join(
-            f"{d} {v:.3f}" for d, v in outputs["domain_losses"].items()))  # fmt: skip
+        lines.append(
+            "  final train loss per domain (mean of the last 50 steps): "
+            + ", ".join(f"{d} {v:.3f}" for d, v in outputs["domain_losses"].items())
+        )
     for key in ("checkpoints", "metrics", "routing", "data_report", "summary"):
         if outputs[key] is not None:
             lines.append(f"  {key:<12} {outputs[key]}")

@@ -19,8 +19,23 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
 
-TINY = ["--d-model", "16", "--n-head", "2", "--block-size", "8", "--batch", "2",
-        "--vocab-size", "64", "--repeat", "1", "--warmup", "0", "--json-only"]  # fmt: skip
+TINY = [
+    "--d-model",
+    "16",
+    "--n-head",
+    "2",
+    "--block-size",
+    "8",
+    "--batch",
+    "2",
+    "--vocab-size",
+    "64",
+    "--repeat",
+    "1",
+    "--warmup",
+    "0",
+    "--json-only",
+]
 
 
 @pytest.fixture
@@ -68,8 +83,21 @@ def test_synthetic_runs_every_experts_and_dispatch(bench, capsys):
 
 def test_real_shape_scaled_down(bench, capsys):
     """--real-shape with shape overrides: bf16 autocast, the MoE blocks given, dense twin."""
-    summary = run(bench, capsys, "--real-shape", *TINY, "--n-layer", "3", "--moe-layer", "1",
-                  "2", "--experts", "4", "--peak-tflops", "1")  # fmt: skip
+    summary = run(
+        bench,
+        capsys,
+        "--real-shape",
+        *TINY,
+        "--n-layer",
+        "3",
+        "--moe-layer",
+        "1",
+        "2",
+        "--experts",
+        "4",
+        "--peak-tflops",
+        "1",
+    )
     assert summary["mode"] == "real-shape"
     shapes = summary["shapes"]
     assert shapes["bf16"] and shapes["moe_layers"] == [1, 2] and shapes["n_positions"] == 1024
@@ -89,13 +117,15 @@ def test_table_names_each_configuration(bench, capsys):
     ("argv", "needle"),
     [
         (["--dispatch", "grouped", "--d-model", "12", "--n-head", "2"], "--d-model 16"),
-        (["--compile", "on", "--dispatch", "grouped", "--d-model", "16", "--n-head", "2"],
-         "--bf16"),
+        (
+            ["--compile", "on", "--dispatch", "grouped", "--d-model", "16", "--n-head", "2"],
+            "--bf16",
+        ),
         (["--moe-layer", "2", "--n-layer", "2"], "--moe-layer"),
         (["--block-size", "16", "--n-positions", "8"], "--n-positions"),
         (["--experts", "2", "--top-k", "3"], "--top-k"),
     ],
-)  # fmt: skip
+)
 def test_bad_arguments_name_the_fix(bench, capsys, argv, needle):
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(argv)
@@ -118,8 +148,9 @@ def test_compile_defaults_off_on_cpu(bench):
 def test_flops_per_token_is_the_palm_estimate(bench):
     from moe_emergence.model.gpt2_moe import build_gpt2, install_moe_layers
 
-    dense = build_gpt2(pretrained=None, vocab_size=64, n_positions=8, n_embd=16, n_layer=2,
-                       n_head=2)  # fmt: skip
+    dense = build_gpt2(
+        pretrained=None, vocab_size=64, n_positions=8, n_embd=16, n_layer=2, n_head=2
+    )
     n = sum(p.numel() for p in dense.parameters()) - dense.transformer.wpe.weight.numel()
     assert bench.flops_per_token(dense, 8) == 6 * n + 12 * 2 * 16 * 8
     install_moe_layers(dense, [1], 4, top_k=1)  # top-1: one expert and the router active

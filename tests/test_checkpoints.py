@@ -44,10 +44,14 @@ class StopAtStep(L.Callback):
 
 def overrides(mirror, tokenizer, run_dir, *extra) -> list[str]:
     return tiny_overrides(
-        mirror, tokenizer, run_dir, f"trainer.max_steps={MAX_STEPS}",
+        mirror,
+        tokenizer,
+        run_dir,
+        f"trainer.max_steps={MAX_STEPS}",
         "callbacks.model_checkpoint.every_n_train_steps=1",
-        "callbacks.routing_analysis.every_n_steps=1000", *extra,
-    )  # fmt: skip
+        "callbacks.routing_analysis.every_n_steps=1000",
+        *extra,
+    )
 
 
 def run(mirror, tokenizer, run_dir: Path, *extra: str, stop_at: int | None = None) -> dict:
@@ -224,8 +228,9 @@ def test_a_bad_checkpoint_path_is_one_line_before_any_work(
     runs, tmp_path, option, kind, needle, monkeypatch
 ):
     path = _checkpoint_like(tmp_path, runs, kind)
-    cfg = compose_config(["model=tiny_moe", f"paths.run_dir={tmp_path / 'run'}",
-                          f"{option}={path}"])  # fmt: skip
+    cfg = compose_config(
+        ["model=tiny_moe", f"paths.run_dir={tmp_path / 'run'}", f"{option}={path}"]
+    )
     monkeypatch.setattr("moe_emergence.train.instantiate", None)  # nothing may be built
     with pytest.raises(UserError) as caught:
         train(cfg)
@@ -307,9 +312,13 @@ class CaptureStart(L.Callback):
 
 def test_two_runs_started_at_once_get_two_run_dirs(tiny_mirror, tiny_tokenizer_dir, tmp_path):
     args = [a for a in overrides(tiny_mirror, tiny_tokenizer_dir, "x") if "run_dir" not in a]
-    args = [*args, "trainer.max_steps=1", "~callbacks.routing_analysis",
-            f"paths.output_dir={tmp_path / 'outputs'}",
-            f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    args = [
+        *args,
+        "trainer.max_steps=1",
+        "~callbacks.routing_analysis",
+        f"paths.output_dir={tmp_path / 'outputs'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("WORLD_SIZE", None)
     command = [sys.executable, str(REPO / "train.py"), *args]

@@ -14,8 +14,18 @@ from moe_emergence.data import datamodule as datamodule_module
 from moe_emergence.data.datamodule import MixedDomainDataModule
 
 CONF = config_dir()
-GROUPS = ["data/size", "data/balance", "data/source", "model", "trainer", "logger", "paths",
-          "callbacks", "experiment", "condition"]  # fmt: skip
+GROUPS = [
+    "data/size",
+    "data/balance",
+    "data/source",
+    "model",
+    "trainer",
+    "logger",
+    "paths",
+    "callbacks",
+    "experiment",
+    "condition",
+]
 
 
 def options(group: str) -> list[str]:

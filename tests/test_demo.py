@@ -65,9 +65,21 @@ def test_data_cli_on_the_sample_source(sample_cache, tmp_path, capsys):
     from moe_emergence.data.cli import main
 
     report_path = tmp_path / "r.json"
-    argv = ["--source", "sample", "--tokenizer", "sample_bpe", "--size-mb", "0.05",
-            "--block-size", "32", "--cache-dir", str(sample_cache), "--no-progress",
-            "--report", str(report_path)]  # fmt: skip
+    argv = [
+        "--source",
+        "sample",
+        "--tokenizer",
+        "sample_bpe",
+        "--size-mb",
+        "0.05",
+        "--block-size",
+        "32",
+        "--cache-dir",
+        str(sample_cache),
+        "--no-progress",
+        "--report",
+        str(report_path),
+    ]
     assert main(argv) == 0
     assert "Source: sample (offline corpus built on this machine)" in capsys.readouterr().out
     report = json.loads(report_path.read_text())

@@ -11,9 +11,19 @@ from moe_emergence.data.cli import main as data_cli
 
 @pytest.fixture
 def cli_args(tiny_mirror, tiny_tokenizer_dir, tmp_path):
-    return ["--size-mb", "0.01", "--block-size", "16", "--hub-mirror", str(tiny_mirror),
-            "--tokenizer", str(tiny_tokenizer_dir), "--cache-dir", str(tmp_path / "cache"),
-            "--no-progress"]  # fmt: skip
+    return [
+        "--size-mb",
+        "0.01",
+        "--block-size",
+        "16",
+        "--hub-mirror",
+        str(tiny_mirror),
+        "--tokenizer",
+        str(tiny_tokenizer_dir),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--no-progress",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -63,9 +73,15 @@ def test_train_script_mistakes(
     (tmp_path / "empty-mirror").mkdir()
     overrides = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
     code = run_train_script(
-        monkeypatch, "experiment=debug", f"data.hub_mirror={tiny_mirror}",
-        f"data.tokenizer={tiny_tokenizer_dir}", "data.block_size=16", "data.size_mb=0.01",
-        f"hydra.run.dir={tmp_path / 'run'}", "trainer.max_steps=1", *overrides,
-    )  # fmt: skip
+        monkeypatch,
+        "experiment=debug",
+        f"data.hub_mirror={tiny_mirror}",
+        f"data.tokenizer={tiny_tokenizer_dir}",
+        "data.block_size=16",
+        "data.size_mb=0.01",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "trainer.max_steps=1",
+        *overrides,
+    )
     assert code == 1
     assert_one_error_line(capsys.readouterr().err, *needles)

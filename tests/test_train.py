@@ -33,9 +33,15 @@ def read_metrics(run_dir: Path) -> list[dict[str, str]]:
 
 
 def test_thirty_steps_lower_the_loss_and_write_routing(tiny_mirror, tiny_tokenizer_dir, tmp_path):
-    cfg = compose_config(tiny_overrides(tiny_mirror, tiny_tokenizer_dir, tmp_path,
-                                        "trainer.max_steps=30",
-                                        "callbacks.routing_analysis.every_n_steps=20"))  # fmt: skip
+    cfg = compose_config(
+        tiny_overrides(
+            tiny_mirror,
+            tiny_tokenizer_dir,
+            tmp_path,
+            "trainer.max_steps=30",
+            "callbacks.routing_analysis.every_n_steps=20",
+        )
+    )
     out = train(cfg)
     assert out["global_step"] == 30
     losses = [float(r["train/lm_loss"]) for r in read_metrics(tmp_path) if r.get("train/lm_loss")]
@@ -60,8 +66,9 @@ def test_thirty_steps_lower_the_loss_and_write_routing(tiny_mirror, tiny_tokeniz
         for layer in ("2", "3"):
             for domain in ("code", "math", "prose"):
                 key = (step, layer, domain)
-                cells = [int(r["tokens"]) for r in counts
-                         if (r["step"], r["layer"], r["domain"]) == key]  # fmt: skip
+                cells = [
+                    int(r["tokens"]) for r in counts if (r["step"], r["layer"], r["domain"]) == key
+                ]
                 assert len(cells) == 4 and sum(cells) == probe["tokens"][domain]  # top-1
     windows = read_table(routing / "train_window_counts.csv")
     assert {(r["step_start"], r["step_end"]) for r in windows} == {("0", "20"), ("20", "30")}
@@ -99,9 +106,12 @@ def run_recorded(overrides: list[str], record: Path) -> dict:
 def test_resume_mid_epoch_continues_step_and_batches(tiny_mirror, tiny_tokenizer_dir, tmp_path):
     """Like an uninterrupted run: same global steps, and the same batches after the restore."""
     base = lambda run_dir, *extra: tiny_overrides(  # noqa: E731
-        tiny_mirror, tiny_tokenizer_dir, run_dir,
-        "callbacks.model_checkpoint.every_n_train_steps=3", *extra,
-    )  # fmt: skip
+        tiny_mirror,
+        tiny_tokenizer_dir,
+        run_dir,
+        "callbacks.model_checkpoint.every_n_train_steps=3",
+        *extra,
+    )
     run_recorded(base(tmp_path / "full", "trainer.max_steps=9"), tmp_path / "full.json")
     run_recorded(base(tmp_path / "first", "trainer.max_steps=6"), tmp_path / "first.json")
     checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
@@ -131,8 +141,15 @@ def test_ddp_inside_multirun_is_refused():
 
 def test_multirun_of_two_jobs_tokenizes_once(tiny_mirror, tiny_tokenizer_dir, tmp_path):
     args = tiny_overrides(tiny_mirror, tiny_tokenizer_dir, None)  # each job's own folder
-    proc = run_train("-m", "seed=1,2", "data/size=1mb", *args, "trainer.max_steps=2",
-                     f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)  # fmt: skip
+    proc = run_train(
+        "-m",
+        "seed=1,2",
+        "data/size=1mb",
+        *args,
+        "trainer.max_steps=2",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert log.count("Token cache written") == 1
@@ -176,9 +193,16 @@ def test_pretrained_folder_trains_in_train_mode(tiny_mirror, tiny_tokenizer_dir,
     pretrained = tmp_path / "tiny-gpt2"
     config = GPT2Config(vocab_size=512, n_positions=64, n_embd=32, n_layer=4, n_head=2)
     GPT2LMHeadModel(config).save_pretrained(pretrained)
-    cfg = compose_config(tiny_overrides(
-        tiny_mirror, tiny_tokenizer_dir, tmp_path / "run", f"model.pretrained={pretrained}",
-        "model.dropout=0.1", "trainer.max_steps=3"))  # fmt: skip
+    cfg = compose_config(
+        tiny_overrides(
+            tiny_mirror,
+            tiny_tokenizer_dir,
+            tmp_path / "run",
+            f"model.pretrained={pretrained}",
+            "model.dropout=0.1",
+            "trainer.max_steps=3",
+        )
+    )
     modes = tmp_path / "modes.json"
     with open_dict(cfg):
         cfg.callbacks.record = {"_target_": f"{__name__}.RecordTrainingModes", "path": str(modes)}
@@ -194,9 +218,16 @@ def test_ddp_spawn_summary_reports_the_true_step_and_losses(
     tiny_mirror, tiny_tokenizer_dir, tmp_path
 ):
     """Under ddp_spawn the parent's trainer never sees the steps: the summary comes from rank 0."""
-    cfg = compose_config(tiny_overrides(
-        tiny_mirror, tiny_tokenizer_dir, tmp_path, "trainer.max_steps=3",
-        "trainer.devices=2", "trainer.strategy=ddp_spawn"))  # fmt: skip
+    cfg = compose_config(
+        tiny_overrides(
+            tiny_mirror,
+            tiny_tokenizer_dir,
+            tmp_path,
+            "trainer.max_steps=3",
+            "trainer.devices=2",
+            "trainer.strategy=ddp_spawn",
+        )
+    )
     out = train(cfg)
     assert out["global_step"] == 3
     assert set(out["domain_losses"]) == {"code", "math", "prose"}
@@ -207,8 +238,9 @@ def test_ddp_spawn_summary_reports_the_true_step_and_losses(
 def test_progress_bar_off_needs_only_the_trainer_flag(tiny_mirror, tiny_tokenizer_dir, tmp_path):
     """``trainer.enable_progress_bar=false`` alone turns the bar off (Lightning refuses a bar
     callback with it, so train() leaves the configured one out)."""
-    cfg = compose_config(tiny_overrides(tiny_mirror, tiny_tokenizer_dir, tmp_path,
-                                        "trainer.max_steps=1"))  # fmt: skip
+    cfg = compose_config(
+        tiny_overrides(tiny_mirror, tiny_tokenizer_dir, tmp_path, "trainer.max_steps=1")
+    )
     assert cfg.callbacks.progress_bar is not None and cfg.trainer.enable_progress_bar is False
     assert train(cfg)["global_step"] == 1
 
@@ -219,8 +251,13 @@ def test_per_expert_checkpoint_starts_a_run_but_cannot_resume(
     """A checkpoint of the per-expert layout: ``init_from`` takes its weights (converted to
     stacked experts, the same values as its stacked original); ``ckpt_path`` is refused in
     one line that names ``init_from``, before any data or model is built."""
-    train(compose_config(tiny_overrides(tiny_mirror, tiny_tokenizer_dir, tmp_path / "first",
-                                        "trainer.max_steps=2")))  # fmt: skip
+    train(
+        compose_config(
+            tiny_overrides(
+                tiny_mirror, tiny_tokenizer_dir, tmp_path / "first", "trainer.max_steps=2"
+            )
+        )
+    )
     stacked = tmp_path / "first" / "checkpoints" / "last.ckpt"
     old = write_per_expert_copy(stacked, tmp_path / "old" / "step2.ckpt")
     modules = []
@@ -233,12 +270,18 @@ def test_per_expert_checkpoint_starts_a_run_but_cannot_resume(
     assert all(torch.equal(modules[0][k], modules[1][k]) for k in modules[0])
 
     with pytest.raises(UserError) as refused:
-        train(compose_config(tiny_overrides(tiny_mirror, tiny_tokenizer_dir, tmp_path / "resume",
-                                            f"ckpt_path={old}")))  # fmt: skip
+        train(
+            compose_config(
+                tiny_overrides(
+                    tiny_mirror, tiny_tokenizer_dir, tmp_path / "resume", f"ckpt_path={old}"
+                )
+            )
+        )
     message = str(refused.value)
     assert "\n" not in message and f"init_from={old}" in message and "per-expert" in message
     assert not (tmp_path / "resume").exists()
-    start = tiny_overrides(tiny_mirror, tiny_tokenizer_dir, tmp_path / "new", f"init_from={old}",
-                           "trainer.max_steps=1")  # fmt: skip
+    start = tiny_overrides(
+        tiny_mirror, tiny_tokenizer_dir, tmp_path / "new", f"init_from={old}", "trainer.max_steps=1"
+    )
     out = train(compose_config(start))
     assert out["global_step"] == 1 and out["init_from"] == old

@@ -81,17 +81,32 @@ def write_run_tables(result: RunResult, folder: Path) -> None:
     trajectory, counts, losses = [], [], []
     for checkpoint in result.checkpoints:
         for layer, scores in checkpoint.scores.items():
-            trajectory.append({"step": checkpoint.step, "layer": layer, "probe": result.probe,
-                               **asdict(scores)})  # fmt: skip
+            trajectory.append(
+                {"step": checkpoint.step, "layer": layer, "probe": result.probe, **asdict(scores)}
+            )
             table = checkpoint.counts[layer]
             for d, domain in enumerate(result.domains):
                 for e in range(result.n_experts):
-                    counts.append({"step": checkpoint.step, "layer": layer,
-                                   "probe": result.probe, "domain": domain, "expert": e,
-                                   "tokens": int(table[d, e])})  # fmt: skip
+                    counts.append(
+                        {
+                            "step": checkpoint.step,
+                            "layer": layer,
+                            "probe": result.probe,
+                            "domain": domain,
+                            "expert": e,
+                            "tokens": int(table[d, e]),
+                        }
+                    )
         for domain, loss in checkpoint.losses.items():
-            losses.append({"step": checkpoint.step, "domain": domain, "loss": loss.loss,
-                           "perplexity": loss.perplexity, "tokens": loss.tokens})  # fmt: skip
+            losses.append(
+                {
+                    "step": checkpoint.step,
+                    "domain": domain,
+                    "loss": loss.loss,
+                    "perplexity": loss.perplexity,
+                    "tokens": loss.tokens,
+                }
+            )
     if result.moe:
         write_table(folder / "trajectory.csv", TRAJECTORY, trajectory)
         write_table(folder / "counts.csv", COUNTS, counts)
@@ -99,8 +114,10 @@ def write_run_tables(result: RunResult, folder: Path) -> None:
         write_table(folder / "losses.csv", LOSSES, losses)
     types = result.final.token_types
     if types:
-        text = [f"Code tokens of the probe by Python token type x expert, eval mode, step "
-                f"{result.final.step} ({result.name})"]  # fmt: skip
+        text = [
+            f"Code tokens of the probe by Python token type x expert, eval mode, step "
+            f"{result.final.step} ({result.name})"
+        ]
         text += [format_type_table(table, f"\nlayer {layer}:") for layer, table in types.items()]
         (folder / "token_types.txt").write_text("\n".join(text) + "\n")
 

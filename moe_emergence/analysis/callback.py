@@ -61,9 +61,16 @@ def score_probe_routing(
     for layer, chosen in sorted(experts.items()):
         table = contingency(token_domains, chosen.reshape(p * t, -1), n_domains, n_experts)
         scores = score_layer(
-            probe.input_ids, probe.token_docs, probe.doc_domains, chosen, n_domains, n_experts,
-            n_permutations=n_permutations, seed=seed, router_entropy=router_entropy[layer],
-        )  # fmt: skip
+            probe.input_ids,
+            probe.token_docs,
+            probe.doc_domains,
+            chosen,
+            n_domains,
+            n_experts,
+            n_permutations=n_permutations,
+            seed=seed,
+            router_entropy=router_entropy[layer],
+        )
         out[layer] = (table, scores)
     return out
 
@@ -90,18 +97,22 @@ class RoutingAnalysis(L.Callback):
         out_dir: str | None = None,
     ) -> None:
         for name, value, low in (
-            ("every_n_steps", every_n_steps, 1), ("train_sample_blocks", train_sample_blocks, 1),
-            ("probe_seed", probe_seed, 0), ("null_permutations", null_permutations, 1),
-            ("null_seed", null_seed, 0), ("batch_size", batch_size, 1),
-        ):  # fmt: skip
+            ("every_n_steps", every_n_steps, 1),
+            ("train_sample_blocks", train_sample_blocks, 1),
+            ("probe_seed", probe_seed, 0),
+            ("null_permutations", null_permutations, 1),
+            ("null_seed", null_seed, 0),
+            ("batch_size", batch_size, 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise UserError(
                     f"callbacks.routing_analysis.{name} must be an integer >= {low}, got {value!r}."
                 )
         if held_out_blocks is not None and (
-            isinstance(held_out_blocks, bool) or not isinstance(held_out_blocks, int)
+            isinstance(held_out_blocks, bool)
+            or not isinstance(held_out_blocks, int)
             or held_out_blocks < 1
-        ):  # fmt: skip
+        ):
             raise UserError(
                 f"callbacks.routing_analysis.held_out_blocks must be null or an integer >= 1, "
                 f"got {held_out_blocks!r}."
@@ -126,8 +137,11 @@ class RoutingAnalysis(L.Callback):
         self._restored_window: torch.Tensor | None = None
         self._window_start = 0
         self._last_step: int | None = None
-        self._rows: dict[str, list[dict[str, Any]]] = {"counts": [], "trajectory": [],
-                                                       "windows": []}  # fmt: skip
+        self._rows: dict[str, list[dict[str, Any]]] = {
+            "counts": [],
+            "trajectory": [],
+            "windows": [],
+        }
         self._latest: dict[int, tuple[np.ndarray, LayerScores]] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -145,9 +159,12 @@ class RoutingAnalysis(L.Callback):
         self._rank, self._world = trainer.global_rank, trainer.world_size
         self._out = Path(self.out_dir or Path(trainer.default_root_dir) / "routing")
         self.probe = build_probe(
-            trainer.datamodule, self._domains, self.train_sample_blocks, self.held_out_blocks,
+            trainer.datamodule,
+            self._domains,
+            self.train_sample_blocks,
+            self.held_out_blocks,
             self.probe_seed,
-        )  # fmt: skip
+        )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._layers:
@@ -165,9 +182,13 @@ class RoutingAnalysis(L.Callback):
             self._analyse(trainer, pl_module)
 
     def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
         batch_idx: int,
-    ) -> None:  # fmt: skip
+    ) -> None:
         if not self._layers:
             return
         self._count_training_batch(pl_module, batch)
@@ -184,8 +205,10 @@ class RoutingAnalysis(L.Callback):
             started = time.perf_counter()
             self._finish()
             self.seconds += time.perf_counter() - started
-            log.info("Routing analysis took %.1f s in all (probe, scores, tables, figures).",
-                     self.seconds)  # fmt: skip
+            log.info(
+                "Routing analysis took %.1f s in all (probe, scores, tables, figures).",
+                self.seconds,
+            )
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -207,8 +230,10 @@ class RoutingAnalysis(L.Callback):
         if not state or not self._layers:
             return
         if state.get("version") != STATE_VERSION or state.get("layers") != self._layers:
-            rank_zero_warn("The checkpoint's routing-analysis state is of another version or "
-                           "other layers: the trajectory starts again here.")  # fmt: skip
+            rank_zero_warn(
+                "The checkpoint's routing-analysis state is of another version or "
+                "other layers: the trajectory starts again here."
+            )
             return
         # Training-time counts of the open window: rank 0 resumes the global sum.
         window = state["window"]
@@ -252,9 +277,11 @@ class RoutingAnalysis(L.Callback):
         p, t = probe.input_ids.shape
         mine = torch.arange(self._rank, p, self._world)
         routed = route_blocks(
-            pl_module.model, torch.from_numpy(probe.input_ids[mine.numpy()]).to(device),
-            self.batch_size, trainer.precision_plugin.forward_context,
-        )  # fmt: skip
+            pl_module.model,
+            torch.from_numpy(probe.input_ids[mine.numpy()]).to(device),
+            self.batch_size,
+            trainer.precision_plugin.forward_context,
+        )
         k = routed.experts[self._layers[0]].shape[-1]
         experts = torch.zeros(len(self._layers), p, t, k, dtype=torch.long, device=device)
         entropy = torch.zeros(len(self._layers), dtype=torch.float64, device=device)
@@ -281,20 +308,37 @@ class RoutingAnalysis(L.Callback):
             self.probe,
             {layer: experts[n] for n, layer in enumerate(self._layers)},
             dict(zip(self._layers, entropy, strict=True)),
-            self._n_experts, self.null_permutations, self.null_seed,
-        )  # fmt: skip
+            self._n_experts,
+            self.null_permutations,
+            self.null_seed,
+        )
         for n, (layer, (table, scores)) in enumerate(scored.items()):
             self._rows["trajectory"].append(
                 {"step": step, "layer": layer, "probe": kind, **asdict(scores)}
             )
             for d, domain in enumerate(self._domains):
                 for e in range(self._n_experts):
-                    self._rows["counts"].append({"step": step, "layer": layer, "probe": kind,
-                        "domain": domain, "expert": e, "tokens": int(table[d, e])})  # fmt: skip
+                    self._rows["counts"].append(
+                        {
+                            "step": step,
+                            "layer": layer,
+                            "probe": kind,
+                            "domain": domain,
+                            "expert": e,
+                            "tokens": int(table[d, e]),
+                        }
+                    )
                     if step > self._window_start:
-                        self._rows["windows"].append({"step_start": self._window_start,
-                            "step_end": step, "layer": layer, "domain": domain, "expert": e,
-                            "assignments": int(window[n, d, e])})  # fmt: skip
+                        self._rows["windows"].append(
+                            {
+                                "step_start": self._window_start,
+                                "step_end": step,
+                                "layer": layer,
+                                "domain": domain,
+                                "expert": e,
+                                "assignments": int(window[n, d, e]),
+                            }
+                        )
         self._latest = scored
         self._write_tables()
 
@@ -311,8 +355,13 @@ class RoutingAnalysis(L.Callback):
         tables = {layer: table for layer, (table, _) in self._latest.items()}
         scores = {layer: s for layer, (_, s) in self._latest.items()}
         step = self._last_step
-        plot_heatmap(tables, scores, self._domains, self._out / "heatmap.png",
-                     title=f"eval-mode routing of the probe ({kind}) at step {step}")  # fmt: skip
+        plot_heatmap(
+            tables,
+            scores,
+            self._domains,
+            self._out / "heatmap.png",
+            title=f"eval-mode routing of the probe ({kind}) at step {step}",
+        )
         trajectory: dict[int, list[tuple[int, LayerScores]]] = {}
         names = [f.name for f in fields(LayerScores)]
         for row in self._rows["trajectory"]:
@@ -321,23 +370,35 @@ class RoutingAnalysis(L.Callback):
             trajectory.setdefault(int(row["layer"]), []).append(
                 (int(row["step"]), LayerScores(**values))
             )
-        plot_emergence(trajectory, self._out / "emergence.png",
-                       title=f"domain specialisation of the probe ({kind})")  # fmt: skip
-        first = {int(r["layer"]): float(r["nmi"]) for r in self._rows["trajectory"]
-                 if int(r["step"]) == 0}  # fmt: skip
-        lines = [f"Routing at step {step} (eval mode, probe {kind}, "
-                 f"{self.probe.input_ids.shape[0]:,} blocks from {self.probe.n_docs:,} "
-                 f"documents; first choice): NMI [probe 95% interval] vs step 0; document-level "
-                 f"null p95 and p; cross-fitted token-id and domain-only router NMIs"]  # fmt: skip
+        plot_emergence(
+            trajectory,
+            self._out / "emergence.png",
+            title=f"domain specialisation of the probe ({kind})",
+        )
+        first = {
+            int(r["layer"]): float(r["nmi"])
+            for r in self._rows["trajectory"]
+            if int(r["step"]) == 0
+        }
+        lines = [
+            f"Routing at step {step} (eval mode, probe {kind}, "
+            f"{self.probe.input_ids.shape[0]:,} blocks from {self.probe.n_docs:,} "
+            f"documents; first choice): NMI [probe 95% interval] vs step 0; document-level "
+            f"null p95 and p; cross-fitted token-id and domain-only router NMIs"
+        ]
         for layer, s in scores.items():
             base = f"{first[layer]:.4f}" if layer in first else "n/a"
-            lines.append(f"  layer {layer}: NMI {s.nmi:.4f} [{s.nmi_low:.4f}, {s.nmi_high:.4f}] "
-                         f"(step 0: {base}); null p95 {s.null_p95:.4f}, p = {s.null_p:.3f}; "
-                         f"token-id {s.token_id_nmi:.4f}, domain-only {s.domain_only_nmi:.4f}; "
-                         f"I(D;E|T) {s.cond_mi:.4f} (null p95 {s.cond_mi_null_p95:.4f}, "
-                         f"p = {s.cond_mi_null_p:.3f})")  # fmt: skip
-        lines.append("  one run, one probe: read seeds and step 0 together (python -m "
-                     "moe_emergence.analyze) before reading a difference")  # fmt: skip
+            lines.append(
+                f"  layer {layer}: NMI {s.nmi:.4f} [{s.nmi_low:.4f}, {s.nmi_high:.4f}] "
+                f"(step 0: {base}); null p95 {s.null_p95:.4f}, p = {s.null_p:.3f}; "
+                f"token-id {s.token_id_nmi:.4f}, domain-only {s.domain_only_nmi:.4f}; "
+                f"I(D;E|T) {s.cond_mi:.4f} (null p95 {s.cond_mi_null_p95:.4f}, "
+                f"p = {s.cond_mi_null_p:.3f})"
+            )
+        lines.append(
+            "  one run, one probe: read seeds and step 0 together (python -m "
+            "moe_emergence.analyze) before reading a difference"
+        )
         lines.append(f"  written to {self._out}")
         log.info("\n".join(lines))
         for layer, table in tables.items():
@@ -347,5 +408,7 @@ class RoutingAnalysis(L.Callback):
                 log.warning(
                     "Router collapse in layer %d: expert %d took %.1f%% of the probe's tokens "
                     "(> 90%%, eval mode). Consider a larger model.lb_coef or more router noise.",
-                    layer, expert, 100 * share,
-                )  # fmt: skip
+                    layer,
+                    expert,
+                    100 * share,
+                )

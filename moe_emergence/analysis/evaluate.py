@@ -46,14 +46,30 @@ HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 # Overrides that name places or change only what is shown, never what is trained: a run's
 # group (its condition) is its overrides without these and without ``seed``.
 NOT_CONDITION_KEYS = (
-    "seed", "ckpt_path", "init_from", "data.hub_mirror", "data.tokenizer", "data.cache_dir",
-    "data.rebuild_cache", "data.verify_cache", "data.show_progress", "data.num_workers",
-    "data.pin_memory", "data.persistent_workers", "data.report_dir",
+    "seed",
+    "ckpt_path",
+    "init_from",
+    "data.hub_mirror",
+    "data.tokenizer",
+    "data.cache_dir",
+    "data.rebuild_cache",
+    "data.verify_cache",
+    "data.show_progress",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.persistent_workers",
+    "data.report_dir",
     "trainer.enable_progress_bar",
-)  # fmt: skip
+)
 NOT_CONDITION_PREFIXES = ("paths.", "hydra.", "callbacks.progress_bar", "logger")
-PROBE_KEYS = ("train_sample_blocks", "held_out_blocks", "probe_seed", "null_permutations",
-              "null_seed", "batch_size")  # fmt: skip
+PROBE_KEYS = (
+    "train_sample_blocks",
+    "held_out_blocks",
+    "probe_seed",
+    "null_permutations",
+    "null_seed",
+    "batch_size",
+)
 
 
 # ---------------------------------------------------------------------- finding runs
@@ -162,9 +178,16 @@ def probe_settings(run_dir: Path | None) -> dict[str, Any]:
 
 def rebuild_hint(settings: dict[str, Any]) -> str:
     """The data CLI command that rebuilds a run's token cache."""
-    flags = ["--size-mb", str(settings.get("size_mb")), "--source", str(settings.get("source")),
-             "--tokenizer", str(settings.get("tokenizer")),
-             "--max-example-chars", str(settings.get("max_example_chars"))]  # fmt: skip
+    flags = [
+        "--size-mb",
+        str(settings.get("size_mb")),
+        "--source",
+        str(settings.get("source")),
+        "--tokenizer",
+        str(settings.get("tokenizer")),
+        "--max-example-chars",
+        str(settings.get("max_example_chars")),
+    ]
     for key, flag in (("hub_mirror", "--hub-mirror"), ("cache_dir", "--cache-dir")):
         if settings.get(key):
             flags += [flag, str(settings[key])]
@@ -246,8 +269,9 @@ def evaluate_checkpoint(
     model = loaded.model.to(device)
     batch = int(settings["batch_size"])
     same = held_out is not None and held_out.digest == probe.digest
-    routed = route_blocks(model, torch.from_numpy(probe.input_ids).to(device), batch,
-                          with_loss=same)  # fmt: skip
+    routed = route_blocks(
+        model, torch.from_numpy(probe.input_ids).to(device), batch, with_loss=same
+    )
     losses: dict[str, HeldOutLoss] = {}
     if held_out is not None:
         loss_sum = routed.loss_sum
@@ -262,8 +286,9 @@ def evaluate_checkpoint(
     tokens = probe.input_ids.size
     experts = {i: e.cpu().numpy() for i, e in routed.experts.items()}
     entropy = {i: float(s) / tokens for i, s in routed.entropy_sum.items()}
-    scored = score_probe_routing(probe, experts, entropy, n_experts,
-                                 settings["null_permutations"], settings["null_seed"])  # fmt: skip
+    scored = score_probe_routing(
+        probe, experts, entropy, n_experts, settings["null_permutations"], settings["null_seed"]
+    )
     types = code_token_types(probe, experts, n_experts, decode) if decode is not None else {}
     return CheckpointResult(
         step=loaded.step,
@@ -290,8 +315,13 @@ def evaluate_run(
     domains = tuple(final.hparams.get("domains") or DOMAINS)
     datamodule = load_data(run.name, final.data_settings, report_dir)
     settings = probe_settings(run.run_dir)
-    probe = build_probe(datamodule, domains, settings["train_sample_blocks"],
-                        settings["held_out_blocks"], settings["probe_seed"])  # fmt: skip
+    probe = build_probe(
+        datamodule,
+        domains,
+        settings["train_sample_blocks"],
+        settings["held_out_blocks"],
+        settings["probe_seed"],
+    )
     # All held-out blocks (the loss's set; the probe too, unless it is a subset or train_sample).
     held_out = build_probe(datamodule, domains) if datamodule.val_dataset is not None else None
     tokenizer = datamodule.tokenizer
@@ -303,8 +333,9 @@ def evaluate_run(
     for path in run.checkpoints:
         last = path == run.checkpoints[-1]
         loaded = final if last else load_checkpoint(path, OPTION, require_moe=False)
-        results.append(evaluate_checkpoint(loaded, probe, held_out, settings, device,
-                                           decode if last else None))  # fmt: skip
+        results.append(
+            evaluate_checkpoint(loaded, probe, held_out, settings, device, decode if last else None)
+        )
         on_checkpoint()
     layers = moe_layers(final.model)
     overrides, seed = run_overrides(run.run_dir)

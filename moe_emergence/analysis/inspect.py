@@ -115,10 +115,7 @@ def route_text(model: GPT2LMHeadModel, token_ids: Sequence[int] | np.ndarray) ->
             for i, (indices, logits) in collect_aux_outputs(model).routing.items():
                 experts[i].append(indices.reshape(chunk.shape[1], -1).cpu())
                 probs[i].append(logits.float().softmax(-1).reshape(chunk.shape[1], -1).cpu())
-    return {
-        i: (torch.cat(experts[i]).numpy(), torch.cat(probs[i]).numpy())
-        for i in sorted(layers)
-    }  # fmt: skip
+    return {i: (torch.cat(experts[i]).numpy(), torch.cat(probs[i]).numpy()) for i in sorted(layers)}
 
 
 # ---------------------------------------------------------------------- rendering
@@ -142,8 +139,9 @@ def render_table(tokens: Sequence[str], routing: Routing) -> str:
     header = f"{'#':>5}  {'token':<18}" + "".join(f"  {f'layer {i}':<12}" for i in layers)
     lines = [header.rstrip()]
     for t, token in enumerate(tokens):
-        cells = "".join(f"  {_expert_label(routing[i][0][t], routing[i][1][t]):<12}"
-                        for i in layers)  # fmt: skip
+        cells = "".join(
+            f"  {_expert_label(routing[i][0][t], routing[i][1][t]):<12}" for i in layers
+        )
         lines.append(f"{t:>5}  {_shown(token):<18}{cells}".rstrip())
     return "\n".join(lines)
 
@@ -230,10 +228,12 @@ def render_html(
             head = "".join(f'<th class="e{e}">e{e}</th>' for e in range(n_experts))
             rows = "".join(
                 f"<tr><th>{name}</th>" + "".join(f"<td>{int(n)}</td>" for n in row) + "</tr>"
-                for name, row in zip(CATEGORIES, table, strict=True) if row.sum()
-            )  # fmt: skip
-            parts.append(f"<h3>Python token types x expert</h3><table><tr><th></th>{head}</tr>"
-                         f"{rows}</table>")  # fmt: skip
+                for name, row in zip(CATEGORIES, table, strict=True)
+                if row.sum()
+            )
+            parts.append(
+                f"<h3>Python token types x expert</h3><table><tr><th></th>{head}</tr>{rows}</table>"
+            )
         parts.append("</section>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
@@ -313,10 +313,12 @@ def run(args: argparse.Namespace) -> str:
     tokens = [text[start:end] for start, end in spans]
     n_experts = int(loaded.hparams["moe"]["n_experts"])
     window = loaded.model.config.n_positions
-    notes = [f"{loaded.path} (step {loaded.step}); {len(ids)} tokens; MoE layers "
-             f"{', '.join(map(str, routing))} ({n_experts} experts, top-"
-             f"{routing[next(iter(routing))][0].shape[1]}); eval mode; trained with "
-             f"dispatch {loaded.dispatch}"]  # fmt: skip
+    notes = [
+        f"{loaded.path} (step {loaded.step}); {len(ids)} tokens; MoE layers "
+        f"{', '.join(map(str, routing))} ({n_experts} experts, top-"
+        f"{routing[next(iter(routing))][0].shape[1]}); eval mode; trained with "
+        f"dispatch {loaded.dispatch}"
+    ]
     if len(ids) > window:
         windows = -(-len(ids) // window)
         notes.append(
@@ -328,13 +330,16 @@ def run(args: argparse.Namespace) -> str:
     out = [*notes, "", body, "", "Tokens per expert:", expert_counts(routing, n_experts)]
     type_tables = None
     if is_code:
-        type_tables = {layer: token_type_table(text, spans, experts, n_experts)
-                       for layer, (experts, _) in routing.items()}  # fmt: skip
+        type_tables = {
+            layer: token_type_table(text, spans, experts, n_experts)
+            for layer, (experts, _) in routing.items()
+        }
         for layer, table in type_tables.items():
             out += ["", format_type_table(table, f"Python token types x expert, layer {layer}:")]
     if args.html:
-        page = render_html(tokens, routing, n_experts, f"Routing of {loaded.path.name}", notes,
-                           type_tables)  # fmt: skip
+        page = render_html(
+            tokens, routing, n_experts, f"Routing of {loaded.path.name}", notes, type_tables
+        )
         Path(args.html).write_text(page, encoding="utf-8")
         out += ["", f"HTML written to {args.html}"]
     return "\n".join(out)

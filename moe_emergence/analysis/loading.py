@@ -55,8 +55,11 @@ def load_checkpoint(path: Path, option: str = "CKPT", require_moe: bool = True) 
             f"{option}={path} is a dense model (no MoE layers, model.moe is empty): there is no "
             f"routing to inspect; pass a checkpoint of an MoE run."
         )
-    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()
-             if k.startswith("model.")}  # fmt: skip
+    state = {
+        k.removeprefix("model."): v
+        for k, v in checkpoint["state_dict"].items()
+        if k.startswith("model.")
+    }
     per_expert = has_per_expert_layout(state)
     if per_expert:  # written before experts were stacked: same weights, stacked
         state = stack_per_expert_state(state)

@@ -61,8 +61,15 @@ def heatmap_panel(ax: Axes, table: np.ndarray, domains: Sequence[str], title: st
     for d in range(frac.shape[0]):
         for e in range(n_experts):
             dark = abs(frac[d, e] - uniform) > 0.35 * (1 - uniform)
-            ax.text(e, d, f"{frac[d, e]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if dark else "black")  # fmt: skip
+            ax.text(
+                e,
+                d,
+                f"{frac[d, e]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if dark else "black",
+            )
     return image
 
 
@@ -80,16 +87,20 @@ def plot_emergence(
     for n, (layer, points) in enumerate(sorted(trajectory.items())):
         steps = [step for step, _ in points]
         color = colors[n % len(colors)]
-        ax.fill_between(steps, 0, [s.null_p95 for _, s in points], color=color, alpha=0.15,
-                        linewidth=0)  # fmt: skip
+        ax.fill_between(
+            steps, 0, [s.null_p95 for _, s in points], color=color, alpha=0.15, linewidth=0
+        )
         ax.plot(steps, [s.nmi for _, s in points], color=color, marker=".", label=f"layer {layer}")
-        ax.plot(steps, [s.token_id_nmi for _, s in points], color=color, linestyle="--",
-                linewidth=0.9)  # fmt: skip
+        ax.plot(
+            steps, [s.token_id_nmi for _, s in points], color=color, linestyle="--", linewidth=0.9
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("NMI = I(domain; expert) / H(domain)")
     ax.set_ylim(bottom=0)
-    legend = ("solid: NMI (first point: step 0);\ndashed: token-id router (cross-fitted);\n"
-              "band: document null 95th pct")  # fmt: skip
+    legend = (
+        "solid: NMI (first point: step 0);\ndashed: token-id router (cross-fitted);\n"
+        "band: document null 95th pct"
+    )
     ax.legend(fontsize=8, title=legend, title_fontsize=7)
     if title:
         ax.set_title(title, fontsize=10)

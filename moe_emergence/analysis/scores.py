@@ -312,8 +312,9 @@ class _SharedGroups:
     def of(cls, tok, docs, doc_domains, first, n_domains: int, n_experts: int) -> _SharedGroups:
         empty = np.zeros(0, dtype=np.int64)
         if tok.size == 0:
-            return cls(0, empty, empty, empty, empty.astype(float), empty, empty.astype(float),
-                       empty, 0)  # fmt: skip
+            return cls(
+                0, empty, empty, empty, empty.astype(float), empty, empty.astype(float), empty, 0
+            )
         t_idx, n_tok = _compact(tok)
         dom = doc_domains[docs]
         seen = np.zeros((n_tok, n_domains), dtype=bool)
@@ -330,8 +331,17 @@ class _SharedGroups:
         pair_group, pair_expert = np.divmod(p_uniq, n_experts)
         size = np.bincount(g_of, minlength=g_uniq.size).astype(np.float64)
         pair_te, n_te = _compact(t[pair_group] * n_experts + pair_expert)
-        return cls(n_ids, t, doc, doc_domains[doc], size, pair_group,
-                   p_count.astype(np.float64), pair_te, n_te)  # fmt: skip
+        return cls(
+            n_ids,
+            t,
+            doc,
+            doc_domains[doc],
+            size,
+            pair_group,
+            p_count.astype(np.float64),
+            pair_te,
+            n_te,
+        )
 
     @functools.cached_property
     def label_free_terms(self) -> float:
@@ -355,8 +365,11 @@ class _SharedGroups:
         n = float(n_td[shared].sum())
         if n <= 0:
             return 0.0
-        n_tde = np.bincount(self.pair_te * n_dom + labels[self.pair_group],
-                            weights=self.pair_count, minlength=self.n_te * n_dom)  # fmt: skip
+        n_tde = np.bincount(
+            self.pair_te * n_dom + labels[self.pair_group],
+            weights=self.pair_count,
+            minlength=self.n_te * n_dom,
+        )
         xlogx = self.xlogx_of_count  # counts are whole numbers: a look-up, exact
         bracket = float(xlogx[n_tde.astype(np.int64)].sum() - xlogx[n_td.astype(np.int64)].sum())
         return max((bracket + self.label_free_terms) / n, 0.0)
@@ -379,8 +392,9 @@ def conditional_mi(
 ) -> float:
     """``I(D;E | T) = sum_t p(t) I(D;E | T=t)`` (nats, plug-in) of the first-choice routing, p
     over the tokens whose id is seen in >= 2 domains; 0.0 when there are none."""
-    tok, docs, dom, first = _probe(token_ids, token_docs, doc_domains, experts, n_domains,
-                                   n_experts)  # fmt: skip
+    tok, docs, dom, first = _probe(
+        token_ids, token_docs, doc_domains, experts, n_domains, n_experts
+    )
     groups = _SharedGroups.of(tok, docs, dom, first, n_domains, n_experts)
     return groups.cond_mi(groups.label, n_domains)
 
@@ -414,8 +428,9 @@ def conditional_mi_null(
     their expert counts and every document's routing of each id kept."""
     if n_permutations < 0:
         raise ValueError(f"n_permutations must be >= 0, got {n_permutations}")
-    tok, docs, dom, first = _probe(token_ids, token_docs, doc_domains, experts, n_domains,
-                                   n_experts)  # fmt: skip
+    tok, docs, dom, first = _probe(
+        token_ids, token_docs, doc_domains, experts, n_domains, n_experts
+    )
     groups = _SharedGroups.of(tok, docs, dom, first, n_domains, n_experts)
     return groups.null(n_domains, n_permutations, seed)
 
@@ -450,8 +465,9 @@ def cross_fitted_routers(
     adds its router's distribution to its domain's row. Distributions, not modal experts: a
     mode sharpens stochastic routing into domain signal that is not there (a random router's
     modal domain-only router has NMI 1)."""
-    tok, docs, dom, first = _probe(token_ids, token_docs, doc_domains, experts, n_domains,
-                                   n_experts)  # fmt: skip
+    tok, docs, dom, first = _probe(
+        token_ids, token_docs, doc_domains, experts, n_domains, n_experts
+    )
     n_dom, n_exp = n_domains, n_experts
     token_table = np.zeros((n_dom, n_exp))
     domain_table = np.zeros((n_dom, n_exp))
@@ -492,32 +508,44 @@ def _bootstrap_weights(doc_domains: np.ndarray, n_domains: int, n_draws: int, se
     for d in range(n_domains):
         mine = np.flatnonzero(doc_domains == d)
         if mine.size:
-            weights[:, mine] = rng.multinomial(mine.size, np.full(mine.size, 1 / mine.size),
-                                               size=n_draws)  # fmt: skip
+            weights[:, mine] = rng.multinomial(
+                mine.size, np.full(mine.size, 1 / mine.size), size=n_draws
+            )
     return weights
 
 
 def document_bootstrap(
-    token_ids, token_docs, doc_domains, experts, n_domains: int, n_experts: int,
-    n_draws: int = 200, seed: int = 0, confidence: float = 0.95,
-) -> tuple[float, float]:  # fmt: skip
+    token_ids,
+    token_docs,
+    doc_domains,
+    experts,
+    n_domains: int,
+    n_experts: int,
+    n_draws: int = 200,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float]:
     """The probe interval of the NMI: a basic (reverse-percentile) bootstrap over ``n_draws``
     resamples of the probe's documents, with replacement within each domain; ``(2 nmi - q_hi,
     2 nmi - q_lo)``, which undoes the upward shift a plug-in NMI gets from resampled
     (duplicated) documents (a percentile interval of a near-zero NMI can exclude the NMI
     itself). Not clipped at 0. (nan, nan) without draws. The uncertainty of which documents the
     probe holds, for one run; the spread over seeds is another."""
-    _, docs, dom, first = _probe(token_ids, token_docs, doc_domains, experts, n_domains,
-                                   n_experts)  # fmt: skip
+    _, docs, dom, first = _probe(token_ids, token_docs, doc_domains, experts, n_domains, n_experts)
     doc_counts = _unit_counts(docs, first, dom.shape[0], n_experts)
     observed = nmi(contingency(dom[docs], first, n_domains, n_experts))
     return _basic_interval(doc_counts, dom, observed, n_domains, n_draws, seed, confidence)
 
 
 def _basic_interval(
-    doc_counts: np.ndarray, doc_domains: np.ndarray, observed: float, n_domains: int,
-    n_draws: int, seed: int, confidence: float = 0.95,
-) -> tuple[float, float]:  # fmt: skip
+    doc_counts: np.ndarray,
+    doc_domains: np.ndarray,
+    observed: float,
+    n_domains: int,
+    n_draws: int,
+    seed: int,
+    confidence: float = 0.95,
+) -> tuple[float, float]:
     """:func:`document_bootstrap` from the documents' expert counts [U, E] and the NMI."""
     if n_draws < 1 or doc_counts.sum() == 0:
         return float("nan"), float("nan")
@@ -592,8 +620,9 @@ def score_layer(
     """Score one MoE layer on a probe: token_ids, token_docs [P, T]; doc_domains [U]; experts
     [P, T, k] or [P, T] (first choice read). The NMI null, the cond_mi null, the document folds
     and the bootstrap each draw from ``seed`` (``n_permutations`` draws each)."""
-    tok, docs, dom, first = _probe(token_ids, token_docs, doc_domains, experts, n_domains,
-                                   n_experts)  # fmt: skip
+    tok, docs, dom, first = _probe(
+        token_ids, token_docs, doc_domains, experts, n_domains, n_experts
+    )
     n_docs = int(dom.shape[0])
     doc_counts = _unit_counts(docs, first, n_docs, n_experts)
     table = contingency(dom[docs], first, n_domains, n_experts)
@@ -605,8 +634,7 @@ def score_layer(
     cond_null = groups.null(n_domains, n_permutations, seed)
     cond_null_mean, cond_null_p95 = null_summary(cond_null)
     routers = cross_fitted_routers(tok, docs, dom, first, n_domains, n_experts, seed)
-    nmi_low, nmi_high = _basic_interval(doc_counts, dom, observed, n_domains, n_permutations,
-                                        seed)  # fmt: skip
+    nmi_low, nmi_high = _basic_interval(doc_counts, dom, observed, n_domains, n_permutations, seed)
     return LayerScores(
         nmi=observed,
         nmi_low=nmi_low,

@@ -83,16 +83,37 @@ CONFIDENCE = 0.95
 ALPHA = 0.05  # a run is above its null when its Holm-adjusted permutation p is below this
 FEW_SEEDS = 5  # below this many runs, summary.md shows the per-seed values beside the mean
 COLUMNS = (
-    "group", "layer", "metric", "n", "mean", "ci_low", "ci_high", "method", "p", "p_holm",
-    "seeds", "values",
-)  # fmt: skip
+    "group",
+    "layer",
+    "metric",
+    "n",
+    "mean",
+    "ci_low",
+    "ci_high",
+    "method",
+    "p",
+    "p_holm",
+    "seeds",
+    "values",
+)
 # Each run's value in the row's ``values``: nmi_low / nmi_high are the runs' probe intervals
 # (documents resampled), null_p / cond_mi_null_p their document-level permutation p-values.
 ROUTING_METRICS = (
-    "nmi", "nmi_low", "nmi_high", "null_p95", "null_mean", "null_p", "cond_mi",
-    "cond_mi_null_p95", "cond_mi_null_mean", "cond_mi_null_p", "token_id_nmi",
-    "domain_only_nmi", "usage_entropy", "router_entropy",
-)  # fmt: skip
+    "nmi",
+    "nmi_low",
+    "nmi_high",
+    "null_p95",
+    "null_mean",
+    "null_p",
+    "cond_mi",
+    "cond_mi_null_p95",
+    "cond_mi_null_mean",
+    "cond_mi_null_p",
+    "token_id_nmi",
+    "domain_only_nmi",
+    "usage_entropy",
+    "router_entropy",
+)
 STEP0_METRICS = ("nmi", "cond_mi", "token_id_nmi", "domain_only_nmi")
 # count metric -> (the LayerScores p-value field, whether at step 0 instead of the final)
 ABOVE_NULL = {
@@ -392,8 +413,9 @@ def _null_counts(
     """The ``count`` rows of :data:`ABOVE_NULL` per (MoE group, layer), each family (one
     metric, all groups x layers x runs) Holm-adjusted as one; and a warning for each family
     whose smallest p-value cannot pass Holm (too few permutations for its size)."""
-    cells = [(g, layer, runs) for g, runs in groups.items() if _is_moe(runs)
-             for layer in _layers(runs)]  # fmt: skip
+    cells = [
+        (g, layer, runs) for g, runs in groups.items() if _is_moe(runs) for layer in _layers(runs)
+    ]
     out: dict[tuple[str, int], list[SummaryRow]] = {(g, layer): [] for g, layer, _ in cells}
     warnings = []
     for metric, (field_name, at_step0) in ABOVE_NULL.items():
@@ -406,10 +428,20 @@ def _null_counts(
             start += len(ps)
             tested = [p for p in adjusted if not math.isnan(p)]
             count = float(sum(p < ALPHA for p in tested)) if tested else NAN
-            out[(g, layer)].append(SummaryRow(
-                g, layer, metric, len(tested), count, NAN, NAN, "count",
-                seeds=tuple(r.seed for r in runs), values=tuple(adjusted),
-            ))  # fmt: skip
+            out[(g, layer)].append(
+                SummaryRow(
+                    g,
+                    layer,
+                    metric,
+                    len(tested),
+                    count,
+                    NAN,
+                    NAN,
+                    "count",
+                    seeds=tuple(r.seed for r in runs),
+                    values=tuple(adjusted),
+                )
+            )
         finite = [p for ps in raw for p in ps if not math.isnan(p)]
         if finite and min(finite) < ALPHA <= len(finite) * min(finite):
             warnings.append(
@@ -450,8 +482,11 @@ def _loss_differences(
 ) -> list[SummaryRow]:
     """``loss_<domain><suffix>`` per domain both have, then ``loss<suffix>``: a minus b."""
     b_domains = set(_domains(b))
-    rows = [_difference(label, None, f"loss_{d}{suffix}", a, b, _loss(d))
-            for d in _domains(a) if d in b_domains]  # fmt: skip
+    rows = [
+        _difference(label, None, f"loss_{d}{suffix}", a, b, _loss(d))
+        for d in _domains(a)
+        if d in b_domains
+    ]
     if rows:
         rows.append(_difference(label, None, f"loss{suffix}", a, b, _overall_loss))
     return rows
@@ -467,8 +502,10 @@ def _contrast_rows(
         rows += _loss_differences(label, groups[a], groups[b], "")
         if _is_moe(groups[a]) and _is_moe(groups[b]):
             shared = sorted(set(_layers(groups[a])) & set(_layers(groups[b])))
-            rows += [_difference(label, layer, "nmi_change", groups[a], groups[b],
-                                 _change(layer, "nmi")) for layer in shared]  # fmt: skip
+            rows += [
+                _difference(label, layer, "nmi_change", groups[a], groups[b], _change(layer, "nmi"))
+                for layer in shared
+            ]
     return rows, contrasts
 
 
@@ -576,9 +613,12 @@ def _mean_text(row: SummaryRow | None) -> str:
 
 
 def _moe_layers(summary: Summary) -> list[tuple[str, int]]:
-    return [(g, layer) for g, info in summary.groups.items() if info.moe
-            for layer in sorted({r.layer for r in summary.rows
-                                 if r.group == g and r.layer is not None})]  # fmt: skip
+    return [
+        (g, layer)
+        for g, info in summary.groups.items()
+        if info.moe
+        for layer in sorted({r.layer for r in summary.rows if r.group == g and r.layer is not None})
+    ]
 
 
 def _routing_tables(summary: Summary) -> tuple[list[str], list[str]]:
@@ -586,27 +626,62 @@ def _routing_tables(summary: Summary) -> tuple[list[str], list[str]]:
     nmi, controls = [], []
     for g, layer in _moe_layers(summary):
         row = lambda metric, g=g, layer=layer: summary.row(g, metric, layer)  # noqa: E731
-        nmi.append([
-            _cell(g), str(layer), _interval_text(row("nmi_step0"), ".4f"),
-            _interval_text(row("nmi"), ".4f"), _interval_text(row("nmi_change"), ".4f"),
-            _p_pair(row("nmi_change")), _mean_text(row("null_p95")),
-            _runs_above(row("above_null")), _runs_above(row("above_null_step0")),
-        ])  # fmt: skip
-        controls.append([
-            _cell(g), str(layer), _interval_text(row("token_id_nmi"), ".4f"),
-            _interval_text(row("domain_only_nmi"), ".4f"), _interval_text(row("cond_mi"), ".4f"),
-            _mean_text(row("cond_mi_null_p95")), _runs_above(row("cond_mi_above_null")),
-            _runs_above(row("cond_mi_above_null_step0")),
-        ])  # fmt: skip
+        nmi.append(
+            [
+                _cell(g),
+                str(layer),
+                _interval_text(row("nmi_step0"), ".4f"),
+                _interval_text(row("nmi"), ".4f"),
+                _interval_text(row("nmi_change"), ".4f"),
+                _p_pair(row("nmi_change")),
+                _mean_text(row("null_p95")),
+                _runs_above(row("above_null")),
+                _runs_above(row("above_null_step0")),
+            ]
+        )
+        controls.append(
+            [
+                _cell(g),
+                str(layer),
+                _interval_text(row("token_id_nmi"), ".4f"),
+                _interval_text(row("domain_only_nmi"), ".4f"),
+                _interval_text(row("cond_mi"), ".4f"),
+                _mean_text(row("cond_mi_null_p95")),
+                _runs_above(row("cond_mi_above_null")),
+                _runs_above(row("cond_mi_above_null_step0")),
+            ]
+        )
     if not nmi:
         return [], []
     return (
-        _table(["group", "layer", "NMI step 0", "NMI final", "change [95% CI]", "p / p_holm",
-                "null p95 (mean)", "runs > null (final)", "runs > null (step 0)"], nmi),
-        _table(["group", "layer", "token-id NMI", "domain-only NMI", "cond. MI (nats)",
-                "cond. MI null p95 (mean)", "runs > null (final)", "runs > null (step 0)"],
-               controls),
-    )  # fmt: skip
+        _table(
+            [
+                "group",
+                "layer",
+                "NMI step 0",
+                "NMI final",
+                "change [95% CI]",
+                "p / p_holm",
+                "null p95 (mean)",
+                "runs > null (final)",
+                "runs > null (step 0)",
+            ],
+            nmi,
+        ),
+        _table(
+            [
+                "group",
+                "layer",
+                "token-id NMI",
+                "domain-only NMI",
+                "cond. MI (nats)",
+                "cond. MI null p95 (mean)",
+                "runs > null (final)",
+                "runs > null (step 0)",
+            ],
+            controls,
+        ),
+    )
 
 
 def _loss_domains(summary: Summary, groups: Iterable[str], suffix: str = "") -> list[str]:
@@ -627,10 +702,13 @@ def _loss_table(summary: Summary) -> list[str]:
     groups = [g for g in summary.groups if summary.row(g, "loss")]
     domains = _loss_domains(summary, groups)
     lines = [
-        [_cell(g), *[_interval_text(summary.row(g, f"loss_{d}"), ".3f") for d in domains],
-         _interval_text(summary.row(g, "loss"), ".3f")]
+        [
+            _cell(g),
+            *[_interval_text(summary.row(g, f"loss_{d}"), ".3f") for d in domains],
+            _interval_text(summary.row(g, "loss"), ".3f"),
+        ]
         for g in groups
-    ]  # fmt: skip
+    ]
     header = ["group", *[_cell(d) for d in domains], "overall (token-weighted)"]
     return _table(header, lines) if lines else []
 
@@ -643,8 +721,10 @@ def _minus_dense_table(summary: Summary) -> list[str]:
     lines = []
     for g, info in summary.groups.items():
         domains = _loss_domains(summary, [g], "_minus_dense")
-        for d, metric in [*((d, f"loss_{d}_minus_dense") for d in domains),
-                          ("overall", "loss_minus_dense")]:  # fmt: skip
+        for d, metric in [
+            *((d, f"loss_{d}_minus_dense") for d in domains),
+            ("overall", "loss_minus_dense"),
+        ]:
             if (row := summary.row(g, metric)) is not None:
                 label = [_cell(g), _cell(info.dense_twin or ""), _cell(d)]
                 lines.append(_difference_line(label, row, ".3f"))
@@ -666,9 +746,8 @@ def _contrast_tables(summary: Summary) -> tuple[list[str], list[str]]:
     tail = ["method", "p", "p_holm"]
     return (
         _table(["A - B", "domain", "loss A - loss B [95% CI]", *tail], losses) if losses else [],
-        _table(["A - B", "layer", "NMI change A - B [95% CI]", *tail], changes)
-        if changes else [],
-    )  # fmt: skip
+        _table(["A - B", "layer", "NMI change A - B [95% CI]", *tail], changes) if changes else [],
+    )
 
 
 def render_markdown(summary: Summary) -> str:
@@ -690,18 +769,27 @@ def render_markdown(summary: Summary) -> str:
     nmi, controls = _routing_tables(summary)
     loss_contrasts, nmi_contrasts = _contrast_tables(summary)
     sections = [
-        ("Routing: NMI = I(domain; expert) / H(domain), eval mode, fixed probe; change = final "
-         "- step 0 per run, p_holm over this table", nmi),
-        ("Routing controls at the final checkpoint: cross-fitted token-id and domain-only "
-         "routers' NMI; I(domain; expert | token) against its null", controls),
+        (
+            "Routing: NMI = I(domain; expert) / H(domain), eval mode, fixed probe; change = final "
+            "- step 0 per run, p_holm over this table",
+            nmi,
+        ),
+        (
+            "Routing controls at the final checkpoint: cross-fitted token-id and domain-only "
+            "routers' NMI; I(domain; expert | token) against its null",
+            controls,
+        ),
         ("Held-out loss (nats per token)", _loss_table(summary)),
-        ("MoE - dense held-out loss (nats per token; p_holm over this table)",
-         _minus_dense_table(summary)),
-        ("Direct contrasts: held-out loss A - B (nats per token; p_holm over this table)",
-         loss_contrasts),
-        ("Direct contrasts: NMI change from step 0, A - B (p_holm over this table)",
-         nmi_contrasts),
-    ]  # fmt: skip
+        (
+            "MoE - dense held-out loss (nats per token; p_holm over this table)",
+            _minus_dense_table(summary),
+        ),
+        (
+            "Direct contrasts: held-out loss A - B (nats per token; p_holm over this table)",
+            loss_contrasts,
+        ),
+        ("Direct contrasts: NMI change from step 0, A - B (p_holm over this table)", nmi_contrasts),
+    ]
     for title, table in sections:
         if table:
             out += [f"## {title}", "", *table, ""]

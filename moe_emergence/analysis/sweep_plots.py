@@ -37,8 +37,14 @@ def _legend(fig: Figure, axes: Sequence[Axes], title: str) -> None:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             found.setdefault(label, handle)
     if found:
-        fig.legend(list(found.values()), list(found), loc="outside lower center", fontsize=7,
-                   title=title, title_fontsize=7)  # fmt: skip
+        fig.legend(
+            list(found.values()),
+            list(found),
+            loc="outside lower center",
+            fontsize=7,
+            title=title,
+            title_fontsize=7,
+        )
 
 
 def _over_steps(runs: Sequence[RunResult], get: Getter) -> tuple[list[int], list[list[float]]]:
@@ -86,8 +92,11 @@ def _moe_groups(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:
 def _step0_level(runs: Sequence[RunResult], get: Getter) -> float:
     """Mean over the runs with a step-0 checkpoint (their first, at step 0) of its value; NaN
     without one."""
-    values = [v for r in runs if r.checkpoints and r.checkpoints[0].step == 0
-              and (v := get(r.checkpoints[0])) is not None]  # fmt: skip
+    values = [
+        v
+        for r in runs
+        if r.checkpoints and r.checkpoints[0].step == 0 and (v := get(r.checkpoints[0])) is not None
+    ]
     return mean_interval(values).mean
 
 
@@ -114,8 +123,12 @@ def plot_sweep_emergence(results: Sequence[RunResult], path: str | os.PathLike) 
         ax.set_title(f"layer {layer}", fontsize=9)
         ax.set_xlabel("optimizer step")
     axes[0].set_ylabel("NMI = I(domain; expert) / H(domain)")
-    _legend(fig, axes, "solid: mean NMI, band: 95% t-interval over runs\n"
-            "dashed: mean null p95 (chance); dotted: mean NMI at step 0")  # fmt: skip
+    _legend(
+        fig,
+        axes,
+        "solid: mean NMI, band: 95% t-interval over runs\n"
+        "dashed: mean null p95 (chance); dotted: mean NMI at step 0",
+    )
     return save_figure(fig, path)
 
 
@@ -129,12 +142,15 @@ def plot_sweep_heatmaps(results: Sequence[RunResult], path: str | os.PathLike) -
     n_experts = max((r.n_experts for r in runs), default=1)
     n_domains = max((len(r.domains) for r in runs), default=1)
     fig = Figure(
-        figsize=(1.8 + 0.75 * n_experts * max(len(layers), 1),
-                 (0.6 * n_domains + 2.0) * max(len(runs), 1) + 0.4),
+        figsize=(
+            1.8 + 0.75 * n_experts * max(len(layers), 1),
+            (0.6 * n_domains + 2.0) * max(len(runs), 1) + 0.4,
+        ),
         layout="constrained",
-    )  # fmt: skip
-    fig.suptitle("final checkpoint, one row per run (expert numbers differ between runs)",
-                 fontsize=10)  # fmt: skip
+    )
+    fig.suptitle(
+        "final checkpoint, one row per run (expert numbers differ between runs)", fontsize=10
+    )
     rows = fig.subfigures(max(len(runs), 1), 1, squeeze=False)[:, 0]
     for sub, run in zip(rows, runs, strict=False):
         sub.suptitle(f"{run.group}, seed {run.seed} (step {run.final.step})", fontsize=9)

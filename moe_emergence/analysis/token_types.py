@@ -35,8 +35,13 @@ WHITESPACE = CATEGORIES.index("whitespace")
 OTHER = CATEGORIES.index("other")
 _WHITESPACE_TOKENS = {"NEWLINE", "NL", "INDENT", "DEDENT", "ENDMARKER"}
 
-__all__ = ["CATEGORIES", "char_categories", "format_type_table", "token_categories",
-           "token_type_table"]  # fmt: skip
+__all__ = [
+    "CATEGORIES",
+    "char_categories",
+    "format_type_table",
+    "token_categories",
+    "token_type_table",
+]
 
 
 def _python_category(tok: tokenize.TokenInfo) -> int:

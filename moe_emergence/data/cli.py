@@ -64,8 +64,13 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
             continue
         if field.default not in (None, dataclasses.MISSING):
             help_text += " (default %(default)s)"
-        parser.add_argument(flag, type=KINDS[kind_name][2], default=default, help=help_text,
-                            choices=field.metadata.get("choices"))  # fmt: skip
+        parser.add_argument(
+            flag,
+            type=KINDS[kind_name][2],
+            default=default,
+            help=help_text,
+            choices=field.metadata.get("choices"),
+        )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[DataSettings, argparse.Namespace]:

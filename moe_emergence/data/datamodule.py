@@ -74,13 +74,18 @@ def check_loader_state(
     """Refuse (one-line :class:`UserError`) a saved train-loader ``state`` of another format
     version, or whose settings differ from ``identity`` (see ``RESUME_KEYS``): every changed
     setting with both values, and how to start a new run from ``checkpoint``'s weights."""
-    fresh = (f"start a new run from the checkpoint's weights with "
-             f"init_from={checkpoint or '<checkpoint>'} (and ckpt_path=null)")  # fmt: skip
+    fresh = (
+        f"start a new run from the checkpoint's weights with "
+        f"init_from={checkpoint or '<checkpoint>'} (and ckpt_path=null)"
+    )
     version = state.get("version")
     if version != LOADER_STATE_VERSION:
-        what = ("has no format version (saved before resumes were checked), so its data "
-                "settings cannot be verified" if version is None else
-                f"has format {version!r}, this code reads {LOADER_STATE_VERSION}")  # fmt: skip
+        what = (
+            "has no format version (saved before resumes were checked), so its data "
+            "settings cannot be verified"
+            if version is None
+            else f"has format {version!r}, this code reads {LOADER_STATE_VERSION}"
+        )
         raise UserError(f"Cannot resume: the checkpoint's data-loader state {what}; {fresh}.")
     changed = [
         f"{RESUME_KEYS.get(key, key)}: checkpoint {_shown(key, state.get(key))}, "
@@ -130,8 +135,12 @@ class ResumableDataLoader(DataLoader):
         epoch = int(getattr(self.sampler, "epoch", 0))
         if done >= len(self):  # the epoch is over: resume at the start of the next one
             epoch, done = epoch + 1, 0
-        return {"version": LOADER_STATE_VERSION, "epoch": epoch, "batches_done": done,
-                **self.identity}  # fmt: skip
+        return {
+            "version": LOADER_STATE_VERSION,
+            "epoch": epoch,
+            "batches_done": done,
+            **self.identity,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.check_resume(state)
@@ -228,16 +237,17 @@ class MixedDomainDataModule(L.LightningDataModule):
         self.settings.validate()
         loader = dataclasses.replace(loader or LoaderSettings(), **loader_fields).validate()
         # The flat dict of every key, as given: checkpoints carry it, analyze rebuilds from it.
-        self.save_hyperparameters({**self.settings.to_dict(), "hub_mirror": given_mirror,
-                                   **loader.to_dict()})  # fmt: skip
+        self.save_hyperparameters(
+            {**self.settings.to_dict(), "hub_mirror": given_mirror, **loader.to_dict()}
+        )
         for key, value in loader.to_dict().items():  # self.batch_size, ...; three resolved:
             setattr(self, key, value)
         if self.pin_memory is None:
             self.pin_memory = torch.cuda.is_available()
         workers = self.num_workers > 0
-        self.persistent_workers = workers if self.persistent_workers is None else (
-            self.persistent_workers and workers
-        )  # fmt: skip
+        self.persistent_workers = (
+            workers if self.persistent_workers is None else (self.persistent_workers and workers)
+        )
         self.eval_fraction = float(self.eval_fraction)
         if self.eval_fraction == 0:
             # No held-out split: hide the hook so that Lightning runs no validation loop.
@@ -322,8 +332,9 @@ class MixedDomainDataModule(L.LightningDataModule):
         data), and the held-out split (``eval_fraction``, and ``eval_seed`` when it is used).
         Block size, seed and balance are checked on their own."""
         manifest = json.loads((prepared.cache_path / MANIFEST).read_text())
-        tokens = {d: [e["tokens_sha256"], e["offsets_sha256"]]
-                  for d, e in manifest["domains"].items()}  # fmt: skip
+        tokens = {
+            d: [e["tokens_sha256"], e["offsets_sha256"]] for d, e in manifest["domains"].items()
+        }
         held_out = self.eval_fraction > 0
         split = [self.eval_fraction, *((self.eval_seed, self.eval_min_texts) if held_out else ())]
         blob = json.dumps({"tokens": tokens, "held_out": split}, sort_keys=True).encode()
@@ -355,9 +366,12 @@ class MixedDomainDataModule(L.LightningDataModule):
         train, held_out = {}, {}
         for domain, stream in streams.items():
             train_tokens, eval_tokens, is_eval = split_by_document(
-                stream.tokens, stream.doc_offsets, self.eval_fraction, self.eval_seed,
+                stream.tokens,
+                stream.doc_offsets,
+                self.eval_fraction,
+                self.eval_seed,
                 self.eval_min_texts,
-            )  # fmt: skip
+            )
             lengths = np.diff(stream.doc_offsets)
             train[domain] = TokenStream(train_tokens, offsets_from_lengths([lengths[~is_eval]]))
             held_out[domain] = TokenStream(eval_tokens, offsets_from_lengths([lengths[is_eval]]))
@@ -370,9 +384,13 @@ class MixedDomainDataModule(L.LightningDataModule):
                     "at most half, and exact duplicates stay on one side): the routing nulls and "
                     "probe intervals, which resample documents, have little resolution there. "
                     "Raise %s for more texts.",
-                    domain, held, option("eval_min_texts"), self.eval_min_texts,
-                    stream.num_texts, option("size_mb"),
-                )  # fmt: skip
+                    domain,
+                    held,
+                    option("eval_min_texts"),
+                    self.eval_min_texts,
+                    stream.num_texts,
+                    option("size_mb"),
+                )
         return train, held_out
 
     def _ranks(self) -> tuple[int, int]:
@@ -386,8 +404,12 @@ class MixedDomainDataModule(L.LightningDataModule):
         extra = len(dataset) % world
         if not extra:
             return dataset
-        log.info("Dropping %d of %d blocks so that %d ranks get equal shares.",
-                 extra, len(dataset), world)  # fmt: skip
+        log.info(
+            "Dropping %d of %d blocks so that %d ranks get equal shares.",
+            extra,
+            len(dataset),
+            world,
+        )
         return Subset(dataset, range(len(dataset) - extra))
 
     def _report(
@@ -432,9 +454,12 @@ class MixedDomainDataModule(L.LightningDataModule):
         kwargs = self._loader_kwargs(sampler)
         if resumable:
             return ResumableDataLoader(
-                dataset, batches_done=self._batches_done, identity=self.resume_identity(),
-                checkpoint=self._checkpoint_path, **kwargs,
-            )  # fmt: skip
+                dataset,
+                batches_done=self._batches_done,
+                identity=self.resume_identity(),
+                checkpoint=self._checkpoint_path,
+                **kwargs,
+            )
         return DataLoader(dataset, **kwargs)
 
     def _loader_kwargs(self, sampler: Sampler | None) -> dict[str, Any]:

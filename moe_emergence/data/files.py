@@ -169,8 +169,9 @@ class FileIndex:
         stored = self._load()
         stored.update(self._changed)
         try:
-            atomic_write_text(self.path, json.dumps({"version": FILE_INDEX_VERSION,
-                                                     "files": stored}))  # fmt: skip
+            atomic_write_text(
+                self.path, json.dumps({"version": FILE_INDEX_VERSION, "files": stored})
+            )
             self._changed = {}
         except OSError as exc:  # a read-only cache dir: hashing again next time is fine
             log.debug("Could not save the file index %s: %s", self.path, exc)

@@ -225,8 +225,11 @@ def find_offline_entry(request: CacheRequest, settings: DataSettings) -> TokenCa
         log.info(
             "Offline: %s cannot be checked; using token cache %s (built %s%s) whose other "
             "inputs equal this run's.",
-            ", ".join(request.unknown), path, cache.manifest["created_at"], newest,
-        )  # fmt: skip
+            ", ".join(request.unknown),
+            path,
+            cache.manifest["created_at"],
+            newest,
+        )
         return cache
     return None
 
@@ -264,8 +267,11 @@ def prepare_domains(
             )
             log.info(
                 "Found token cache %s (built %s; %s): skipping streaming and tokenizing; %s.",
-                cache.path, cache.manifest["created_at"], checked, REBUILD_HINT,
-            )  # fmt: skip
+                cache.path,
+                cache.manifest["created_at"],
+                checked,
+                REBUILD_HINT,
+            )
     return PreparedDomains(
         streams=cache.streams(),
         metadata=cache.metadata,
@@ -287,14 +293,21 @@ def _ensure(request: CacheRequest, settings: DataSettings, show_progress: bool) 
         for domain, sources in request.sources.items():
             if settings.source == "sample":
                 texts, meta = load_sample_domain(
-                    domain, settings.size_mb, settings.max_example_chars,
+                    domain,
+                    settings.size_mb,
+                    settings.max_example_chars,
                     show_progress=show_progress,
-                )  # fmt: skip
+                )
             else:
                 texts, meta = load_domain(
-                    domain, sources, settings.size_mb, settings.max_example_chars,
-                    settings.hub_mirror, show_progress=show_progress, check_files=False,
-                )  # fmt: skip
+                    domain,
+                    sources,
+                    settings.size_mb,
+                    settings.max_example_chars,
+                    settings.hub_mirror,
+                    show_progress=show_progress,
+                    check_files=False,
+                )
             yield DomainInput(domain, texts, meta)
 
     cache = ensure_cache(

@@ -99,8 +99,12 @@ def _problem(field: dataclasses.Field, value: Any) -> str | None:
         what += f" ≥ {low}"
     if choices is not None:
         what = f"one of {list(choices)}"
-    fits = (test(value) and (low is None or value >= low) and (below is None or value < below)
-            and (choices is None or value in choices))  # fmt: skip
+    fits = (
+        test(value)
+        and (low is None or value >= low)
+        and (below is None or value < below)
+        and (choices is None or value in choices)
+    )
     if not fits:
         return f" must be {what}{', or null' if nullable else ''}, got {value!r}."
     try:
@@ -143,24 +147,27 @@ class DataSettings(_Settings):
     """What to load and how to pack it (each field's help says what it does)."""
 
     size_mb: float = setting(
-        10.0, check=check_size_mb,
+        10.0,
+        check=check_size_mb,
         help="budget per domain in MiB of characters (size_mb * 1024 * 1024 chars)",
-    )  # fmt: skip
+    )
     block_size: int = setting(512, low=2, help="tokens per block")
     balance_tokens: bool = setting(
         False, help="keep the smallest domain's block count for every domain"
     )
     seed: int = setting(42, low=0, help="seed for balancing and shuffling")
     max_example_chars: int = setting(
-        MAX_EXAMPLE_CHARS, check=_check_filters,
+        MAX_EXAMPLE_CHARS,
+        check=_check_filters,
         help="keep texts shorter than this many characters",
-    )  # fmt: skip
+    )
     tokenizer: str = setting(DEFAULT_TOKENIZER, help="tokenizer Hub name or folder, or sample_bpe")
     hub_mirror: str | None = setting(
-        factory=default_mirror, check=_check_folder,
+        factory=default_mirror,
+        check=_check_folder,
         help="folder holding Hub repos as <mirror>/<org>/<name> "
         "(default: $MOE_HUB_MIRROR, else the Hub)",
-    )  # fmt: skip
+    )
     cache_dir: str | None = setting(
         None, help="token cache root (default: $MOE_CACHE_DIR, else .cache/moe_emergence)"
     )
@@ -171,10 +178,11 @@ class DataSettings(_Settings):
         "a mismatch is rebuilt",
     )
     source: str = setting(
-        "hub", choices=("hub", "sample"),
+        "hub",
+        choices=("hub", "sample"),
         help="hub: the datasets (through the hub mirror if set); sample: the offline corpus "
         "(pair it with the sample_bpe tokenizer)",
-    )  # fmt: skip
+    )
 
 
 @dataclass
@@ -190,10 +198,11 @@ class LoaderSettings(_Settings):
     )
     eval_seed: int = setting(0, low=0, help="which texts are held out (fixed across seeds)")
     eval_min_texts: int = setting(
-        20, low=0,
+        20,
+        low=0,
         help="hold out at least this many texts per domain (at most half of a domain's texts; "
         "the routing nulls and probe intervals resample documents)",
-    )  # fmt: skip
+    )
     report_dir: str | None = setting(
         None, help="where data_report.json goes (null: the trainer's default_root_dir)"
     )
@@ -207,11 +216,14 @@ def split_fields(fields: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, A
     loader = {f.name for f in dataclasses.fields(LoaderSettings)}
     unknown = [key for key in fields if key not in data | loader]
     if unknown:
-        valid = ", ".join(f.name for c in (DataSettings, LoaderSettings)
-                          for f in dataclasses.fields(c))  # fmt: skip
+        valid = ", ".join(
+            f.name for c in (DataSettings, LoaderSettings) for f in dataclasses.fields(c)
+        )
         raise UserError(
             f"Unknown data setting(s) {', '.join(map(config_key, unknown))}: the data keys are "
             f"{valid}."
         )
-    return ({k: v for k, v in fields.items() if k in data},
-            {k: v for k, v in fields.items() if k in loader})  # fmt: skip
+    return (
+        {k: v for k, v in fields.items() if k in data},
+        {k: v for k, v in fields.items() if k in loader},
+    )

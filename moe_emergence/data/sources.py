@@ -228,10 +228,12 @@ def _data_files(location: str, config: str | None, split: str) -> list[Path]:
     except Exception as exc:  # an unreadable README or layout: check everything instead
         log.debug("Could not list the data files of %s [%s]: %s", location, config, exc)
     return sorted(
-        p for p in Path(location).rglob("*")
-        if p.is_file() and p.suffix in DATA_SUFFIXES
+        p
+        for p in Path(location).rglob("*")
+        if p.is_file()
+        and p.suffix in DATA_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(location).parts)
-    )  # fmt: skip
+    )
 
 
 def _config_part(config: str | None) -> str:
@@ -362,9 +364,13 @@ def load_domain(
     total = 0
     opened: list[StreamStats] = []
     bar = tqdm(
-        total=budget, unit="char", unit_scale=True, desc=f"stream {domain}",
-        disable=not show_progress, leave=False,
-    )  # fmt: skip
+        total=budget,
+        unit="char",
+        unit_scale=True,
+        desc=f"stream {domain}",
+        disable=not show_progress,
+        leave=False,
+    )
     with bar:
         for source, location in zip(sources, locations, strict=True):
             if total >= budget:
@@ -409,9 +415,11 @@ def load_domain(
     if total < budget:
         log.warning(
             "%s: sources ran out at %s of %s budgeted characters (%s).",
-            domain, f"{total:,}", f"{budget:,}",
+            domain,
+            f"{total:,}",
+            f"{budget:,}",
             ", ".join(f"{s.dataset}[{s.config}] exhausted" for s in opened if s.exhausted),
-        )  # fmt: skip
+        )
     return texts, metadata
 
 

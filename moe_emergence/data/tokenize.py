@@ -92,9 +92,10 @@ def _files_signature(location: str) -> tuple | None:
     if not folder.is_dir():
         return None
     return tuple(
-        (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir())
+        (f.name, f.stat().st_size, f.stat().st_mtime_ns)
+        for f in sorted(folder.iterdir())
         if f.is_file()
-    )  # fmt: skip
+    )
 
 
 def one_line(exc: BaseException) -> str:
@@ -111,8 +112,14 @@ _TOKENIZER_FILE_SETS = (
     ("spiece.model",),
     ("sentencepiece.bpe.model",),
 )
-_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-               "added_tokens.json", "vocab.json", "config.json")  # fmt: skip
+_JSON_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "config.json",
+)
 
 
 def _named(name_or_path: str, folder: Path) -> str:
@@ -127,9 +134,11 @@ def check_tokenizer_folder(name_or_path: str, folder: Path) -> None:
     names = {f.name for f in folder.iterdir() if f.is_file()}
     if any(all(n in names for n in files) for files in _TOKENIZER_FILE_SETS):
         return
-    what = "is an empty folder" if not any(folder.iterdir()) else (
-        "holds no tokenizer.json (nor vocab.json + merges.txt)"
-    )  # fmt: skip
+    what = (
+        "is an empty folder"
+        if not any(folder.iterdir())
+        else ("holds no tokenizer.json (nor vocab.json + merges.txt)")
+    )
     raise TokenizerLoadError(
         f"Tokenizer {_named(name_or_path, folder)} {what}: pass the folder that holds "
         f"tokenizer.json (or vocab.json + merges.txt), or a Hub name such as 'gpt2'."

@@ -189,15 +189,20 @@ class MoEGPT2Module(L.LightningModule):
             device = self.trainer.strategy.root_device.type
             paths = {layer.path_for(device, dtype) for layer in layers.values()}
             self.dispatch = ",".join(sorted(paths))
-            log.info("MoE dispatch: %s (model.moe.dispatch=%s, %s, precision %s).",
-                     self.dispatch, self.hparams.moe.get("dispatch", "auto"), device,
-                     precision)  # fmt: skip
+            log.info(
+                "MoE dispatch: %s (model.moe.dispatch=%s, %s, precision %s).",
+                self.dispatch,
+                self.hparams.moe.get("dispatch", "auto"),
+                device,
+                precision,
+            )
         if self.hparams.lb_scope != "global":
             return
         window = self.hparams.lb_window or int(self.trainer.accumulate_grad_batches)
         set_load_balancing(self.model, "global", window)
-        log.info("Global-batch load balancing: f over all ranks and the last %d micro-batches.",
-                 window)  # fmt: skip
+        log.info(
+            "Global-batch load balancing: f over all ranks and the last %d micro-batches.", window
+        )
 
     def _is_logging_step(self) -> bool:
         """Whether Lightning writes this training step's logs (every log_every_n_steps; never
@@ -260,8 +265,11 @@ class MoEGPT2Module(L.LightningModule):
         """Per domain, the mean train LM loss of its blocks over the last (up to) 50 steps in
         which it appeared, over all ranks. Collective under DDP: call on every rank."""
         total = sum_over_ranks(self._recent.totals().to(self.device)).cpu()
-        return {d: float(total[i, 0] / total[i, 1]) for i, d in enumerate(self.domains)
-                if total[i, 1] > 0}  # fmt: skip
+        return {
+            d: float(total[i, 0] / total[i, 1])
+            for i, d in enumerate(self.domains)
+            if total[i, 1] > 0
+        }
 
     # ------------------------------------------------------------------ validation
 
@@ -323,8 +331,11 @@ class MoEGPT2Module(L.LightningModule):
         every rank: reduced counts)."""
         if self.dispatch is not None:
             checkpoint[DISPATCH_KEY] = self.dispatch
-        windows = {i: layer.lb_counts.state_dict() for i, layer in moe_layers(self.model).items()
-                   if layer.lb_counts is not None}  # fmt: skip
+        windows = {
+            i: layer.lb_counts.state_dict()
+            for i, layer in moe_layers(self.model).items()
+            if layer.lb_counts is not None
+        }
         if windows:
             checkpoint[LB_WINDOWS_KEY] = windows
 

@@ -219,8 +219,11 @@ class GlobalAssignmentCounts:
 
     def state_dict(self) -> dict[str, Any]:
         """The window for a checkpoint: counts (CPU), position, updates."""
-        return {"counts": self.counts.cpu().clone(), "position": self.position,
-                "updates": self.updates}  # fmt: skip
+        return {
+            "counts": self.counts.cpu().clone(),
+            "position": self.position,
+            "updates": self.updates,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; refuse one of another window or expert count."""
@@ -489,8 +492,13 @@ class MoELayer(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         # The last losses hold the autograd graph, which deepcopy and pickle refuse.
         state = super().__getstate__()
-        state.update(last_indices=None, last_logits=None, last_counts=None, last_lb_loss=None,
-                     last_z_loss=None)  # fmt: skip
+        state.update(
+            last_indices=None,
+            last_logits=None,
+            last_counts=None,
+            last_lb_loss=None,
+            last_z_loss=None,
+        )
         return state
 
     def forward(self, hidden: Tensor) -> Tensor:

@@ -32,12 +32,20 @@ def sweep(tiny_mirror, tiny_tokenizer_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("analyze")
     args = tiny_overrides(tiny_mirror, tiny_tokenizer_dir, None)  # each job's own folder
     proc = run_train(
-        "-m", "condition=top1,dense", "seed=1,2", *args, f"trainer.max_steps={STEPS}",
-        "callbacks.model_checkpoint.every_n_train_steps=2", "data.eval_fraction=0.2",
-        "trainer.val_check_interval=2", "trainer.check_val_every_n_epoch=null",
-        "callbacks.routing_analysis.every_n_steps=2", f"data.cache_dir={root / 'cache'}",
-        f"hydra.sweep.dir={root / 'sweep'}", cwd=root,
-    )  # fmt: skip
+        "-m",
+        "condition=top1,dense",
+        "seed=1,2",
+        *args,
+        f"trainer.max_steps={STEPS}",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "data.eval_fraction=0.2",
+        "trainer.val_check_interval=2",
+        "trainer.check_val_every_n_epoch=null",
+        "callbacks.routing_analysis.every_n_steps=2",
+        f"data.cache_dir={root / 'cache'}",
+        f"hydra.sweep.dir={root / 'sweep'}",
+        cwd=root,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "sweep"
 
@@ -68,10 +76,14 @@ def test_sweep_summary_has_two_seeds_per_condition(sweep, tmp_path, capsys):
     rows = summary["rows"]
     assert rows and {r["n"] for r in rows} == {2}
     for group, metric, layer, method in [
-        (moe, "nmi", 2, "t"), (moe, "token_id_nmi", 3, "t"), (moe, "nmi_change", 2, "t"),
-        (moe, "nmi_step0", 3, "t"), (moe, "loss_code", None, "t"),
-        (dense, "loss_prose", None, "t"), (moe, "loss_minus_dense", None, "paired_t"),
-    ]:  # fmt: skip
+        (moe, "nmi", 2, "t"),
+        (moe, "token_id_nmi", 3, "t"),
+        (moe, "nmi_change", 2, "t"),
+        (moe, "nmi_step0", 3, "t"),
+        (moe, "loss_code", None, "t"),
+        (dense, "loss_prose", None, "t"),
+        (moe, "loss_minus_dense", None, "paired_t"),
+    ]:
         key = (group, metric, layer)
         row = next(r for r in rows if (r["group"], r["metric"], r["layer"]) == key)
         assert row["method"] == method
@@ -98,14 +110,21 @@ def test_routing_and_loss_equal_the_runs_own_measurements(sweep, tmp_path, capsy
     steps = sorted({r["step"] for r in analysed}, key=int)
     assert steps == ["0", "2", "4"]  # step 0 and every checkpoint (last.ckpt: not twice)
     for step in steps:
-        mine = {(r["layer"], r["domain"], r["expert"]): r["tokens"] for r in analysed
-                if r["step"] == step}  # fmt: skip
-        theirs = {(r["layer"], r["domain"], r["expert"]): r["tokens"] for r in trained
-                  if r["step"] == step}  # fmt: skip
+        mine = {
+            (r["layer"], r["domain"], r["expert"]): r["tokens"]
+            for r in analysed
+            if r["step"] == step
+        }
+        theirs = {
+            (r["layer"], r["domain"], r["expert"]): r["tokens"]
+            for r in trained
+            if r["step"] == step
+        }
         assert mine == theirs and len(mine) == len(LAYERS) * len(DOMAINS) * 4
     trajectory = read_table(folder / "trajectory.csv")
-    trained_scores = {(r["step"], r["layer"]): r for r in
-                      read_table(moe_run / "routing" / "trajectory.csv")}  # fmt: skip
+    trained_scores = {
+        (r["step"], r["layer"]): r for r in read_table(moe_run / "routing" / "trajectory.csv")
+    }
     assert len(trajectory) == len(trained_scores) == 3 * len(LAYERS)
     for row in trajectory:  # every score, its nulls and controls, cell for cell
         assert row["probe"] == "held_out"
@@ -134,8 +153,9 @@ def test_single_checkpoint_and_a_gone_cache(sweep, tmp_path, capsys):
     run = next(p for p in _run_dirs(sweep) if "condition=top1" in p.name)
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    code, _, err = _analyze(capsys, copy / "checkpoints" / "step000002.ckpt",
-                              "--out", tmp_path / "one")  # fmt: skip
+    code, _, err = _analyze(
+        capsys, copy / "checkpoints" / "step000002.ckpt", "--out", tmp_path / "one"
+    )
     assert code == 0, err
     [folder] = (tmp_path / "one" / "runs").iterdir()
     assert {r["step"] for r in read_table(folder / "counts.csv")} == {"2"}
@@ -143,8 +163,9 @@ def test_single_checkpoint_and_a_gone_cache(sweep, tmp_path, capsys):
 
     # The token cache is gone: analyze rebuilds it from the checkpoint's data settings.
     shutil.rmtree(sweep.parent / "cache")
-    code, _, err = _analyze(capsys, copy / "checkpoints" / "step000002.ckpt",
-                            "--out", tmp_path / "again")  # fmt: skip
+    code, _, err = _analyze(
+        capsys, copy / "checkpoints" / "step000002.ckpt", "--out", tmp_path / "again"
+    )
     assert code == 0, err
     [folder] = (tmp_path / "again" / "runs").iterdir()
     assert read_table(folder / "counts.csv") == before

@@ -27,9 +27,15 @@ N_DATASETS, N_PERMUTATIONS, ALPHA = 40, 99, 0.05
 
 
 def simulate(
-    rng, *, docs=8, confined=0.0, doc_pref=0.0, domain_effect=0.0, token_rule=True,
+    rng,
+    *,
+    docs=8,
+    confined=0.0,
+    doc_pref=0.0,
+    domain_effect=0.0,
+    token_rule=True,
     confined_to_domain_expert=False,
-):  # fmt: skip
+):
     """(token ids [N], documents [N], doc domains [U], experts [N]).
 
     Each token's expert: with probability ``domain_effect`` the domain's own expert (d % E);

@@ -42,9 +42,16 @@ def test_token_categories_known_answers():
     text = "def f(x): return 1  # c"
     pieces = ["def", " f", "(", "x", "):", " return", " 1", "  ", "# c"]
     assert token_categories(text, _spans(text, pieces)) == [
-        "keyword", "name", "operator", "name", "operator", "keyword", "number", "whitespace",
+        "keyword",
+        "name",
+        "operator",
+        "name",
+        "operator",
+        "keyword",
+        "number",
+        "whitespace",
         "comment",
-    ]  # fmt: skip
+    ]
     experts = np.array([0, 1, 2, 2, 2, 0, 3, 3, 1])
     table = token_type_table(text, _spans(text, pieces), experts, N_EXPERTS)
     row = {c: table[i].tolist() for i, c in enumerate(CATEGORIES)}
@@ -62,8 +69,22 @@ def test_token_categories_known_answers():
 
 def test_token_types_strings_newlines_and_top_k():
     text = "s = f\"a{b}\" + 'c'\nif s:\n    pass\n"
-    pieces = ["s", " =", ' f"a', "{b}", '"', " +", " 'c'", "\n", "if", " s", ":", "\n   ",
-              " pass", "\n"]  # fmt: skip
+    pieces = [
+        "s",
+        " =",
+        ' f"a',
+        "{b}",
+        '"',
+        " +",
+        " 'c'",
+        "\n",
+        "if",
+        " s",
+        ":",
+        "\n   ",
+        " pass",
+        "\n",
+    ]
     cats = token_categories(text, _spans(text, pieces))
     assert cats[2:5] == ["string"] * 3 and cats[6] == "string"
     assert cats[7] == cats[11] == cats[13] == "whitespace" and cats[8] == "keyword"
@@ -79,13 +100,21 @@ def test_token_types_tolerate_partial_code():
         assert len(cats) == len(text) and set(cats) <= set(CATEGORIES)
     text = "x = $y"
     assert token_categories(text, _spans(text, ["x", " =", " $", "y"])) == [
-        "name", "operator", "other", "name"]  # fmt: skip
+        "name",
+        "operator",
+        "other",
+        "name",
+    ]
 
 
 def test_empty_span_takes_the_previous_category():
     text = "# é\n"
     assert token_categories(text, [(0, 1), (1, 3), (3, 3), (3, 4)]) == [
-        "comment", "comment", "comment", "whitespace"]  # fmt: skip
+        "comment",
+        "comment",
+        "comment",
+        "whitespace",
+    ]
 
 
 # ---------------------------------------------------------------------- a demo checkpoint

@@ -73,28 +73,48 @@ class TallyRouting(L.Callback):
 def make_module(vocab_size: int) -> MoEGPT2Module:
     torch.manual_seed(0)
     return MoEGPT2Module(
-        optimizer=functools.partial(torch.optim.AdamW, lr=3e-3), block_size=BLOCK,
-        pretrained=None, vocab_size=vocab_size, n_positions=BLOCK, n_embd=32, n_layer=2,
-        n_head=2, moe={"layers": [0, 1], "n_experts": EXPERTS, "noise_std": 1.0,
-                       "noise_anneal_steps": 100}, warmup_steps=1, domains=DOMAINS,
-    )  # fmt: skip
+        optimizer=functools.partial(torch.optim.AdamW, lr=3e-3),
+        block_size=BLOCK,
+        pretrained=None,
+        vocab_size=vocab_size,
+        n_positions=BLOCK,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        moe={"layers": [0, 1], "n_experts": EXPERTS, "noise_std": 1.0, "noise_anneal_steps": 100},
+        warmup_steps=1,
+        domains=DOMAINS,
+    )
 
 
 def fit(settings: dict, run_dir: Path, max_steps: int, ckpt_path: Path | None = None):
     datamodule = DomainsByRank(**settings)
     module = make_module(len(datamodule.tokenizer))
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=max_steps,
-        default_root_dir=str(run_dir), logger=False, enable_progress_bar=False,
-        enable_model_summary=False, use_distributed_sampler=False,
-        val_check_interval=max_steps, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=max_steps,
+        default_root_dir=str(run_dir),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        val_check_interval=max_steps,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
         callbacks=[
             RoutingAnalysis(every_n_steps=2, null_permutations=20, batch_size=5),
             TallyRouting(str(run_dir)),
-            ModelCheckpoint(dirpath=run_dir / "ckpt", every_n_train_steps=3, save_top_k=-1,
-                            filename="step{step}", auto_insert_metric_name=False),
+            ModelCheckpoint(
+                dirpath=run_dir / "ckpt",
+                every_n_train_steps=3,
+                save_top_k=-1,
+                filename="step{step}",
+                auto_insert_metric_name=False,
+            ),
         ],
-    )  # fmt: skip
+    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return module, trainer
 
@@ -161,10 +181,16 @@ def check_final_counts(run_dir: Path, module: MoEGPT2Module, settings: dict, ste
 
 def test_ddp_routing_counts_are_exact_and_survive_resume(tiny_mirror, tiny_tokenizer_dir, tmp_path):
     settings = dict(
-        size_mb=1.0, block_size=BLOCK, tokenizer=str(tiny_tokenizer_dir),
-        hub_mirror=str(tiny_mirror), cache_dir=str(tmp_path / "cache"), batch_size=BATCH,
-        eval_fraction=0.2, show_progress=False, report_dir=str(tmp_path / "report"),
-    )  # fmt: skip
+        size_mb=1.0,
+        block_size=BLOCK,
+        tokenizer=str(tiny_tokenizer_dir),
+        hub_mirror=str(tiny_mirror),
+        cache_dir=str(tmp_path / "cache"),
+        batch_size=BATCH,
+        eval_fraction=0.2,
+        show_progress=False,
+        report_dir=str(tmp_path / "report"),
+    )
     first = tmp_path / "first"
     module, trainer = fit(settings, first, max_steps=4)
     tally = merged_tally((first, range(1, 5)))

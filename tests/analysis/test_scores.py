@@ -217,8 +217,9 @@ def test_cond_mi_of_domain_confined_or_token_determined_routing_is_zero() -> Non
     assert conditional_mi(tok, doc, doc_domains, tok % 5, 3, 5) == 0.0
     confined = tok + 1000 * doc_domains[doc]  # no id in two domains
     assert conditional_mi(confined, doc, doc_domains, tok % 5, 3, 5) == 0.0
-    assert np.array_equal(conditional_mi_null(confined, doc, doc_domains, tok % 5, 3, 5, 4),
-                          np.zeros(4))  # fmt: skip
+    assert np.array_equal(
+        conditional_mi_null(confined, doc, doc_domains, tok % 5, 3, 5, 4), np.zeros(4)
+    )
 
 
 def test_cond_mi_null_permutes_domains_among_each_ids_documents() -> None:
@@ -237,8 +238,9 @@ def test_cond_mi_null_permutes_domains_among_each_ids_documents() -> None:
         keys = zip(groups.t.tolist(), groups.doc.tolist(), strict=True)
         relabel = dict(zip(keys, labels.tolist(), strict=True))
         t_of = {v: i for i, v in enumerate(shared)}
-        new_dom = np.array([relabel.get((t_of.get(t, -1), u), d)
-                            for t, u, d in zip(tok, doc, dom, strict=True)])  # fmt: skip
+        new_dom = np.array(
+            [relabel.get((t_of.get(t, -1), u), d) for t, u, d in zip(tok, doc, dom, strict=True)]
+        )
         assert value == pytest.approx(_slow_cond_mi(tok, new_dom, ex, 3, 5), abs=1e-12)
 
 
@@ -318,8 +320,9 @@ def test_document_bootstrap_is_the_basic_interval_over_documents() -> None:
     weights = scores._bootstrap_weights(doc_domains, 3, 100, 3)
     counts = np.zeros((18, 5))
     np.add.at(counts, (doc, ex), 1)
-    resampled = [nmi(np.stack([(w * (doc_domains == d)) @ counts for d in range(3)]))
-                 for w in weights]  # fmt: skip
+    resampled = [
+        nmi(np.stack([(w * (doc_domains == d)) @ counts for d in range(3)])) for w in weights
+    ]
     q_low, q_high = np.percentile(resampled, [2.5, 97.5])
     assert (low, high) == pytest.approx((2 * observed - q_high, 2 * observed - q_low))
 
@@ -334,8 +337,9 @@ def test_score_layer_combines_the_scores_on_the_first_choice() -> None:
     docs = np.repeat(np.arange(n_blocks) // 2, length).reshape(n_blocks, length)
     doc_domains = np.arange(6) % n_dom
     experts = rng.integers(0, n_exp, (n_blocks, length, 2))
-    out = score_layer(token_ids, docs, doc_domains, experts, n_dom, n_exp, 30, 4,
-                      router_entropy=0.5)  # fmt: skip
+    out = score_layer(
+        token_ids, docs, doc_domains, experts, n_dom, n_exp, 30, 4, router_entropy=0.5
+    )
     first = experts[..., 0]
     assert out == score_layer(token_ids, docs, doc_domains, first, n_dom, n_exp, 30, 4, 0.5)
     table = contingency(doc_domains[docs.ravel()], first.ravel(), n_dom, n_exp)
@@ -349,8 +353,10 @@ def test_score_layer_combines_the_scores_on_the_first_choice() -> None:
     cond_null = conditional_mi_null(token_ids, docs, doc_domains, first, n_dom, n_exp, 30, 4)
     assert (out.cond_mi_null_mean, out.cond_mi_null_p95) == null_summary(cond_null)
     routers = cross_fitted_routers(token_ids, docs, doc_domains, first, n_dom, n_exp, 4)
-    assert (out.token_id_nmi, out.domain_only_nmi) == (routers.token_id_nmi,
-                                                       routers.domain_only_nmi)  # fmt: skip
+    assert (out.token_id_nmi, out.domain_only_nmi) == (
+        routers.token_id_nmi,
+        routers.domain_only_nmi,
+    )
     boot = document_bootstrap(token_ids, docs, doc_domains, first, n_dom, n_exp, 30, 4)
     assert (out.nmi_low, out.nmi_high) == boot
     assert out.usage_entropy == usage_entropy(table)

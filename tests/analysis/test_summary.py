@@ -43,12 +43,22 @@ def write_summary(results, out_dir, figures=False):
 def layer_scores(nmi: float, null_p95: float = 0.1, null_p: float = 0.5, **kw) -> LayerScores:
     """Scores with chosen nmi, null_p95, null_p; the rest fixed unless given in ``kw``."""
     values = dict(
-        nmi=nmi, nmi_low=nmi * 0.8, nmi_high=nmi * 1.2, null_mean=null_p95 / 2,
-        null_p95=null_p95, null_p=null_p, cond_mi=0.01,
-        cond_mi_null_mean=0.005, cond_mi_null_p95=0.02, cond_mi_null_p=0.5,
-        token_id_nmi=nmi / 2, domain_only_nmi=nmi * 0.9, usage_entropy=1.3, router_entropy=1.2,
+        nmi=nmi,
+        nmi_low=nmi * 0.8,
+        nmi_high=nmi * 1.2,
+        null_mean=null_p95 / 2,
+        null_p95=null_p95,
+        null_p=null_p,
+        cond_mi=0.01,
+        cond_mi_null_mean=0.005,
+        cond_mi_null_p95=0.02,
+        cond_mi_null_p=0.5,
+        token_id_nmi=nmi / 2,
+        domain_only_nmi=nmi * 0.9,
+        usage_entropy=1.3,
+        router_entropy=1.2,
         n_documents=16,
-    )  # fmt: skip
+    )
     values.update(kw)
     return LayerScores(**values)
 
@@ -66,10 +76,19 @@ def run_result(
 ) -> RunResult:
     group = ",".join(overrides) or "(no overrides)"
     return RunResult(
-        name=f"{group}-seed{seed}", run_dir=Path("/nowhere"), group=group, seed=seed,
-        overrides=overrides, moe=moe, domains=DOMAINS, layers=[1] if moe else [], n_experts=4,
-        probe="held_out", probe_blocks={d: 8 for d in DOMAINS}, checkpoints=checkpoints,
-    )  # fmt: skip
+        name=f"{group}-seed{seed}",
+        run_dir=Path("/nowhere"),
+        group=group,
+        seed=seed,
+        overrides=overrides,
+        moe=moe,
+        domains=DOMAINS,
+        layers=[1] if moe else [],
+        n_experts=4,
+        probe="held_out",
+        probe_blocks={d: 8 for d in DOMAINS},
+        checkpoints=checkpoints,
+    )
 
 
 def moe_run(
@@ -94,13 +113,21 @@ def sweep() -> list[RunResult]:
     """2 conditions x 2 seeds. MoE nmi 0.20 / 0.30 (step 0: 0.01 / 0.03); overall losses
     MoE 2.25 / 2.30, dense 2.75 / 2.625."""
     return [
-        moe_run(0, layer_scores(0.20, 0.22, null_p=0.01), {"code": 2.0, "math": 3.0},
-                start=layer_scores(0.01, null_p=0.6)),
-        moe_run(1, layer_scores(0.30, 0.10, null_p=0.02), {"code": 2.2, "math": 2.6},
-                start=layer_scores(0.03, null_p=0.01)),
+        moe_run(
+            0,
+            layer_scores(0.20, 0.22, null_p=0.01),
+            {"code": 2.0, "math": 3.0},
+            start=layer_scores(0.01, null_p=0.6),
+        ),
+        moe_run(
+            1,
+            layer_scores(0.30, 0.10, null_p=0.02),
+            {"code": 2.2, "math": 2.6},
+            start=layer_scores(0.03, null_p=0.01),
+        ),
         dense_run(0, {"code": 2.5, "math": 3.5}),
         dense_run(1, {"code": 2.4, "math": 3.3}),
-    ]  # fmt: skip
+    ]
 
 
 def t_row(values) -> tuple[float, float, float]:
@@ -130,8 +157,11 @@ def test_routing_rows_are_scipy_t_intervals_with_per_seed_values(n):
 def test_the_routing_metrics_of_a_layer():
     summary = summarize(sweep())
     metrics = {r.metric for r in summary.rows if r.group == MOE and r.layer == 1}
-    changes = {f"{m}_{s}" for m in ("nmi", "cond_mi", "token_id_nmi", "domain_only_nmi")
-               for s in ("step0", "change")}  # fmt: skip
+    changes = {
+        f"{m}_{s}"
+        for m in ("nmi", "cond_mi", "token_id_nmi", "domain_only_nmi")
+        for s in ("step0", "change")
+    }
     counts = {"above_null", "cond_mi_above_null", "above_null_step0", "cond_mi_above_null_step0"}
     assert metrics == set(ROUTING_METRICS) | changes | counts
     assert not any("share" in r.metric for r in summary.rows)
@@ -246,8 +276,10 @@ def test_moe_minus_dense_is_paired_when_the_seeds_are_shared():
         (-0.35, low, high, want.pvalue), rel=1e-9
     )
     assert got.seeds == (0, 1) and got.values == pytest.approx((-0.5, -0.2))
-    family = [summary.row(MOE, m) for m in ("loss_code_minus_dense", "loss_math_minus_dense",
-                                            "loss_minus_dense")]  # fmt: skip
+    family = [
+        summary.row(MOE, m)
+        for m in ("loss_code_minus_dense", "loss_math_minus_dense", "loss_minus_dense")
+    ]
     assert [r.p_holm for r in family] == pytest.approx(holm([r.p for r in family]))
     assert summary.row(DENSE, "loss_code_minus_dense") is None
 
@@ -356,9 +388,13 @@ def test_csv_and_json_hold_the_rows_with_p_values_and_per_seed_values(tmp_path):
     nmi = next(r for r in doc["rows"] if r["metric"] == "nmi")
     assert nmi["values"] == [0.2, 0.3] and nmi["seeds"] == [0, 1] and nmi["p"] is None
     assert doc["groups"][MOE] == {
-        "runs": [f"{MOE}-seed0", f"{MOE}-seed1"], "seeds": [0, 1], "moe": True,
-        "final_steps": [100, 100], "dense_twin": DENSE, "has_step0": [True, True],
-    }  # fmt: skip
+        "runs": [f"{MOE}-seed0", f"{MOE}-seed1"],
+        "seeds": [0, 1],
+        "moe": True,
+        "final_steps": [100, 100],
+        "dense_twin": DENSE,
+        "has_step0": [True, True],
+    }
 
 
 def test_markdown_tables_show_per_seed_values_p_and_p_holm(tmp_path):
@@ -374,18 +410,24 @@ def test_markdown_tables_show_per_seed_values_p_and_p_holm(tmp_path):
     )
     start = summary.row(MOE, "nmi_step0", 1)
     change = summary.row(MOE, "nmi_change", 1)
-    nmi = (f"| {MOE} | 1 | {start.mean:.4f} [{start.ci_low:.4f}, {start.ci_high:.4f}] "
-           "(0.0100, 0.0300) | 0.2500 [")  # fmt: skip
+    nmi = (
+        f"| {MOE} | 1 | {start.mean:.4f} [{start.ci_low:.4f}, {start.ci_high:.4f}] "
+        "(0.0100, 0.0300) | 0.2500 ["
+    )
     row = next(line for line in lines if line.startswith(nmi))
     assert "(0.2000, 0.3000)" in row and "(0.1900, 0.2700)" in row
     assert f"| {change.p:.3f} / {change.p_holm:.3f} | 0.1600 | 2/2 | 1/2 |" in row
     assert "| group | code | math | overall (token-weighted) |" in lines
-    assert (f"| {MOE} | 2.100 [0.829, 3.371] (2.000, 2.200) | 2.800 [0.259, 5.341] "
-            "(3.000, 2.600) | 2.275 [1.957, 2.593] (2.250, 2.300) |") in lines  # fmt: skip
+    assert (
+        f"| {MOE} | 2.100 [0.829, 3.371] (2.000, 2.200) | 2.800 [0.259, 5.341] "
+        "(3.000, 2.600) | 2.275 [1.957, 2.593] (2.250, 2.300) |"
+    ) in lines
     diff = summary.row(MOE, "loss_code_minus_dense")
-    assert (f"| {MOE} | {DENSE} | code | {diff.mean:.3f} [{diff.ci_low:.3f}, "
-            f"{diff.ci_high:.3f}] (-0.500, -0.200) | paired_t | {diff.p:.3f} | "
-            f"{diff.p_holm:.3f} |") in lines  # fmt: skip
+    assert (
+        f"| {MOE} | {DENSE} | code | {diff.mean:.3f} [{diff.ci_low:.3f}, "
+        f"{diff.ci_high:.3f}] (-0.500, -0.200) | paired_t | {diff.p:.3f} | "
+        f"{diff.p_holm:.3f} |"
+    ) in lines
     assert "## Direct contrasts: held-out loss A - B" in md
     contrast = summary.row(f"{DENSE} - {MOE}", "loss")
     assert f"| {DENSE} - {MOE} | overall | {contrast.mean:.3f} [" in md
@@ -410,8 +452,12 @@ def test_a_single_run_gives_n1_rows_with_empty_bounds(tmp_path):
         table = list(csv.DictReader(f))
     nmi = next(line for line in table if line["metric"] == "nmi")
     assert (nmi["n"], nmi["mean"], nmi["ci_low"], nmi["ci_high"], nmi["method"]) == (
-        "1", "0.2", "", "", "none",
-    )  # fmt: skip
+        "1",
+        "0.2",
+        "",
+        "",
+        "none",
+    )
     assert not [line for line in table if "minus_dense" in line["metric"]]
     doc = json.loads(files.json.read_text())
     assert {r["n"] for r in doc["rows"]} == {1} and doc["groups"][MOE]["dense_twin"] is None

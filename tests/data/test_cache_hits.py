@@ -80,10 +80,15 @@ def test_datamodule_hit_hashes_no_cache_file_and_keeps_its_fingerprint(
 ):
     def datamodule(**extra) -> MixedDomainDataModule:
         dm = MixedDomainDataModule(
-            size_mb=1.0, block_size=32, tokenizer=str(tiny_tokenizer_dir),
-            hub_mirror=str(tiny_mirror), cache_dir=str(tmp_path / "cache"),
-            report_dir=str(tmp_path), show_progress=False, **extra,
-        )  # fmt: skip
+            size_mb=1.0,
+            block_size=32,
+            tokenizer=str(tiny_tokenizer_dir),
+            hub_mirror=str(tiny_mirror),
+            cache_dir=str(tmp_path / "cache"),
+            report_dir=str(tmp_path),
+            show_progress=False,
+            **extra,
+        )
         dm.prepare_data()
         dm.setup("fit")
         return dm

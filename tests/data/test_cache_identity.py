@@ -48,8 +48,10 @@ def test_mirror_changed_in_place_misses(settings, mirror):
     first = prep(settings)
     old_math = np.array(first.streams["math"].tokens)
     table = pq.read_table(mirror / GSM8K_FILE)
-    rows = {"question": ["Q new: " + q for q in table["question"].to_pylist()],
-            "answer": table["answer"].to_pylist()}  # fmt: skip
+    rows = {
+        "question": ["Q new: " + q for q in table["question"].to_pylist()],
+        "answer": table["answer"].to_pylist(),
+    }
     pq.write_table(pa.table(rows), mirror / GSM8K_FILE)
     second = prep(settings)
     assert not second.from_cache and second.cache_path != first.cache_path
@@ -153,10 +155,20 @@ def drop_domain_everywhere(m):
         (lambda m: m["domains"]["math"].update(num_tokens=-1) or m, "malformed"),
         (lambda m: m["domains"]["math"].update(tokens_file="../x") or m, "malformed"),
     ],
-    ids=["null", "list", "unknown-dtype", "wrong-dtype", "no-domains", "domain-removed",
-         "domain-removed-from-inputs", "other-inputs", "old-format", "negative-count",
-         "path-escape"],
-)  # fmt: skip
+    ids=[
+        "null",
+        "list",
+        "unknown-dtype",
+        "wrong-dtype",
+        "no-domains",
+        "domain-removed",
+        "domain-removed-from-inputs",
+        "other-inputs",
+        "old-format",
+        "negative-count",
+        "path-escape",
+    ],
+)
 def test_manifest_of_the_wrong_shape_is_rebuilt(settings, caplog, edit, reason):
     first = prep(settings)
     expected = {d: np.array(s.tokens) for d, s in first.streams.items()}

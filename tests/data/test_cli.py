@@ -99,9 +99,19 @@ def test_infinite_size_mb_exits_2_before_loading(no_loading, capsys):
 
 def tiny_argv(tiny_mirror, tiny_tokenizer_dir, report, *extra):
     return [
-        "--hub-mirror", tiny_mirror, "--tokenizer", tiny_tokenizer_dir, "--block-size", "32",
-        "--size-mb", "1", "--report", report, "--no-progress", *extra,
-    ]  # fmt: skip
+        "--hub-mirror",
+        tiny_mirror,
+        "--tokenizer",
+        tiny_tokenizer_dir,
+        "--block-size",
+        "32",
+        "--size-mb",
+        "1",
+        "--report",
+        report,
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_report_counts_match_a_per_text_recount(
@@ -182,9 +192,18 @@ def test_real_data_counts_match_gpt2_recount(real_hub, tmp_path, caplog, capsys)
 
     report_path = tmp_path / "r.json"
     argv = [
-        "--size-mb", "0.25", "--block-size", "256", "--hub-mirror", real_hub,
-        "--tokenizer", real_hub / "gpt2", "--report", report_path, "--no-progress",
-    ]  # fmt: skip
+        "--size-mb",
+        "0.25",
+        "--block-size",
+        "256",
+        "--hub-mirror",
+        real_hub,
+        "--tokenizer",
+        real_hub / "gpt2",
+        "--report",
+        report_path,
+        "--no-progress",
+    ]
     status, _ = run_cli(argv, caplog, capsys)
     assert status == 0
     report = json.loads(report_path.read_text())

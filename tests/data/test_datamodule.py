@@ -121,9 +121,15 @@ def test_probe_documents_are_the_held_out_texts(tiny_mirror, tiny_tokenizer_dir,
     from moe_emergence.data.prepare import prepare_domains
 
     dm = MixedDomainDataModule.from_config(
-        overrides(tiny_mirror, tiny_tokenizer_dir, "data.eval_fraction=0.05",
-                  "data.eval_min_texts=1000", "data.block_size=16", f"data.report_dir={tmp_path}")
-    )  # fmt: skip
+        overrides(
+            tiny_mirror,
+            tiny_tokenizer_dir,
+            "data.eval_fraction=0.05",
+            "data.eval_min_texts=1000",
+            "data.block_size=16",
+            f"data.report_dir={tmp_path}",
+        )
+    )
     dm.setup("fit")
     assert "holds out" in caplog.text and "data.eval_min_texts" in caplog.text
     probe = build_probe(dm, DOMAINS)

@@ -156,8 +156,9 @@ def test_kept_block_indices_are_the_served_blocks(balance):
         assert kept.dtype == np.int64 and not kept.flags.writeable
         assert kept.tolist() == served_block_ids(ds, domain)  # sorted, each block once
         blocks = ds.domain_blocks(domain)
-        served = sorted(tuple(ds[i]["input_ids"].tolist()) for i in range(len(ds))
-                        if ds[i]["domain"] == domain)  # fmt: skip
+        served = sorted(
+            tuple(ds[i]["input_ids"].tolist()) for i in range(len(ds)) if ds[i]["domain"] == domain
+        )
         assert sorted(tuple(row) for row in blocks[kept].tolist()) == served
         if balance:
             assert len(kept) == ds.balanced_block_counts[domain] == 12

@@ -38,14 +38,25 @@ def test_two_ranks_get_disjoint_blocks_covering_the_dataset(
     tiny_mirror, tiny_tokenizer_dir, tmp_path
 ):
     settings = dict(
-        size_mb=1.0, block_size=16, tokenizer=str(tiny_tokenizer_dir), hub_mirror=str(tiny_mirror),
-        cache_dir=str(tmp_path / "cache"), batch_size=3, show_progress=False,
+        size_mb=1.0,
+        block_size=16,
+        tokenizer=str(tiny_tokenizer_dir),
+        hub_mirror=str(tiny_mirror),
+        cache_dir=str(tmp_path / "cache"),
+        batch_size=3,
+        show_progress=False,
         report_dir=str(tmp_path / "report"),
-    )  # fmt: skip
+    )
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(RecordBlocks(str(tmp_path)), datamodule=MixedDomainDataModule(**settings))
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -54,8 +65,10 @@ def test_two_ranks_get_disjoint_blocks_covering_the_dataset(
 
     reference = MixedDomainDataModule(**{**settings, "report_dir": None})
     reference.setup("fit")
-    full = [tuple(reference.train_dataset[i]["input_ids"].tolist())
-            for i in range(len(reference.train_dataset))]  # fmt: skip
+    full = [
+        tuple(reference.train_dataset[i]["input_ids"].tolist())
+        for i in range(len(reference.train_dataset))
+    ]
     used = full[: len(full) - len(full) % 2]
     # Counted with multiplicity (two blocks may hold the same ids): each block of the dataset
     # went to exactly one rank, and nothing else was seen.

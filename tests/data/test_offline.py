@@ -90,8 +90,10 @@ def test_offline_run_with_other_settings_gives_the_one_line_error(mirror, cache_
 def test_offline_picks_the_newest_matching_entry_and_says_so(mirror, cache_dir, caplog):
     first = prepare_domains(settings_for(mirror, cache_dir), show_progress=False)
     table = pq.read_table(mirror / GSM8K_FILE)
-    rows = {"question": ["New " + q for q in table["question"].to_pylist()],
-            "answer": table["answer"].to_pylist()}  # fmt: skip
+    rows = {
+        "question": ["New " + q for q in table["question"].to_pylist()],
+        "answer": table["answer"].to_pylist(),
+    }
     pq.write_table(pa.table(rows), mirror / GSM8K_FILE)  # the mirror moves on: a second entry
     second = prepare_domains(settings_for(mirror, cache_dir), show_progress=False)
     assert second.cache_path != first.cache_path

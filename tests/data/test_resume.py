@@ -43,10 +43,16 @@ class RecordBatches(L.LightningModule):
 def fit(settings: dict, root: Path, callbacks=(), ckpt_path=None) -> list[Record]:
     module = RecordBatches()
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=2, logger=False, default_root_dir=str(root),
-        callbacks=list(callbacks), enable_checkpointing=bool(callbacks),
-        enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        logger=False,
+        default_root_dir=str(root),
+        callbacks=list(callbacks),
+        enable_checkpointing=bool(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=MixedDomainDataModule(**settings), ckpt_path=ckpt_path)
     return module.seen
 
@@ -69,9 +75,14 @@ def full_run(tiny_mirror, tiny_tokenizer_dir, tmp_path_factory) -> FullRun:
     every step (ckpt/step) and at the end of every epoch (ckpt/epoch)."""
     root = tmp_path_factory.mktemp("full")
     settings = dict(
-        size_mb=1.0, block_size=64, tokenizer=str(tiny_tokenizer_dir), hub_mirror=str(tiny_mirror),
-        cache_dir=str(root / "cache"), batch_size=BATCH, show_progress=False,
-    )  # fmt: skip
+        size_mb=1.0,
+        block_size=64,
+        tokenizer=str(tiny_tokenizer_dir),
+        hub_mirror=str(tiny_mirror),
+        cache_dir=str(root / "cache"),
+        batch_size=BATCH,
+        show_progress=False,
+    )
     checkpoints = [
         ModelCheckpoint(dirpath=root / "ckpt" / "step", every_n_train_steps=1, save_top_k=-1),
         ModelCheckpoint(dirpath=root / "ckpt" / "epoch", every_n_epochs=1, save_top_k=-1),
@@ -87,8 +98,9 @@ def test_second_epoch_has_the_same_blocks_in_a_new_order(full_run):
     assert [(step, epoch) for step, epoch, _ in full_run.seen] == [
         (s, s // n) for s in range(2 * n)
     ]
-    epochs = [[ids for _, e, batch in full_run.seen if e == epoch for ids in batch]
-              for epoch in (0, 1)]  # fmt: skip
+    epochs = [
+        [ids for _, e, batch in full_run.seen if e == epoch for ids in batch] for epoch in (0, 1)
+    ]
     assert Counter(map(tuple, epochs[0])) == Counter(map(tuple, epochs[1]))  # each block once
     assert epochs[0] != epochs[1]  # in another order
     assert epochs[0][:BATCH] != epochs[1][:BATCH]
@@ -122,12 +134,19 @@ def test_resume_with_another_batch_size_or_data_is_refused_in_one_line(full_run,
 
 
 def _loader(identity: dict) -> ResumableDataLoader:
-    return ResumableDataLoader(list(range(8)), batch_size=2, identity=identity,
-                               checkpoint=lambda: "run/last.ckpt")  # fmt: skip
+    return ResumableDataLoader(
+        list(range(8)), batch_size=2, identity=identity, checkpoint=lambda: "run/last.ckpt"
+    )
 
 
-IDENTITY = {"batch_size": 2, "world_size": 1, "seed": 42, "balance_tokens": False,
-            "block_size": 64, "data_fingerprint": "0123456789abcdef"}  # fmt: skip
+IDENTITY = {
+    "batch_size": 2,
+    "world_size": 1,
+    "seed": 42,
+    "balance_tokens": False,
+    "block_size": 64,
+    "data_fingerprint": "0123456789abcdef",
+}
 
 
 def test_loader_state_carries_version_and_identity():

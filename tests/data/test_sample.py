@@ -210,11 +210,15 @@ def test_next_source_opens_when_one_runs_out_and_exhaustion_is_reported(two_pros
     assert texts == [*topics.values(), pkg_text]
     docs, pkgs = meta["sources"]
     assert (docs["dataset"], docs["num_rows_read"], docs["exhausted"]) == (
-        "sample/python-docs", 3, True,
-    )  # fmt: skip
+        "sample/python-docs",
+        3,
+        True,
+    )
     assert (pkgs["dataset"], pkgs["num_rows_read"], pkgs["exhausted"]) == (
-        "sample/package-descriptions", 1, True,
-    )  # fmt: skip
+        "sample/package-descriptions",
+        1,
+        True,
+    )
     assert meta["budget_met"] is False and meta["total_chars"] == sum(map(len, texts))
     total = f"{sum(map(len, texts)):,}"
     assert f"sample prose: sources ran out at {total} of 1,048,576 budgeted chara" in caplog.text
@@ -237,10 +241,14 @@ TOKEN = re.compile(rf"\s*(-?\d+|{OP})")
 
 APPLY = {
     "^": lambda a, b: a ** int(b),
-    "*": operator.mul, "\\times": operator.mul, "\\cdot": operator.mul,
-    "/": operator.truediv, "\\div": operator.truediv,
-    "+": operator.add, "-": operator.sub,
-}  # fmt: skip
+    "*": operator.mul,
+    "\\times": operator.mul,
+    "\\cdot": operator.mul,
+    "/": operator.truediv,
+    "\\div": operator.truediv,
+    "+": operator.add,
+    "-": operator.sub,
+}
 PRECEDENCE = (("^",), ("*", "\\times", "\\cdot", "/", "\\div"), ("+", "-"))
 
 
@@ -279,8 +287,10 @@ def checked_steps(text: str) -> list[Fraction]:
 
 def test_step_checker_is_not_vacuous():
     assert checked_steps("So 4 * 3 = 12 and $84 - 2 \\times 36 = 12$ and $-8 \\div 2 = -4$.") == [
-        12, 12, -4,
-    ]  # fmt: skip
+        12,
+        12,
+        -4,
+    ]
     assert checked_steps("$2^2 \\cdot 3 = 12$, $3x + 5 = x$, $x^2 + 16 = y$") == [12]
     for wrong in ("4 * 3 = 13", "$6 \\times 8 \\div 2 = 48$", "$36 + 64 = 100 = 99$"):
         with pytest.raises(AssertionError, match="wrong step"):
@@ -398,8 +408,10 @@ def test_prose_paragraphs_drop_code_headings_and_markup():
 def test_pack_paragraphs_stays_below_max():
     paragraphs = ["a" * 40, "b" * 40, "c" * 40, "d" * 200]
     assert list(pack_paragraphs(paragraphs, 100)) == [
-        "a" * 40 + "\n" + "b" * 40, "c" * 40, "d" * 200,
-    ]  # fmt: skip
+        "a" * 40 + "\n" + "b" * 40,
+        "c" * 40,
+        "d" * 200,
+    ]
 
 
 def test_prose_corpus_has_no_code(caplog):

@@ -62,10 +62,16 @@ def fake_trainer(world: int, rank: int, root) -> SimpleNamespace:
 @pytest.fixture
 def held_out_dm(tiny_mirror, tiny_tokenizer_dir, tmp_path):
     dm = MixedDomainDataModule(
-        size_mb=1.0, block_size=64, tokenizer=str(tiny_tokenizer_dir), hub_mirror=str(tiny_mirror),
-        cache_dir=str(tmp_path / "cache"), batch_size=4, eval_fraction=0.2, eval_min_texts=0,
+        size_mb=1.0,
+        block_size=64,
+        tokenizer=str(tiny_tokenizer_dir),
+        hub_mirror=str(tiny_mirror),
+        cache_dir=str(tmp_path / "cache"),
+        batch_size=4,
+        eval_fraction=0.2,
+        eval_min_texts=0,
         show_progress=False,
-    )  # fmt: skip
+    )
     dm.trainer = fake_trainer(2, 0, tmp_path)
     dm.setup("fit")
     return dm

@@ -35,8 +35,19 @@ CODE = Path("codeparrot", "codeparrot-clean", "file-000000000001.json.gz")
 
 
 def run_cli(mirror: Path, tokenizer: str, cache_dir: Path | str, capsys) -> str:
-    argv = ["--size-mb", "0.01", "--block-size", "16", "--hub-mirror", str(mirror),
-            "--tokenizer", tokenizer, "--cache-dir", str(cache_dir), "--no-progress"]  # fmt: skip
+    argv = [
+        "--size-mb",
+        "0.01",
+        "--block-size",
+        "16",
+        "--hub-mirror",
+        str(mirror),
+        "--tokenizer",
+        tokenizer,
+        "--cache-dir",
+        str(cache_dir),
+        "--no-progress",
+    ]
     try:
         code = data_cli(argv)
     except SystemExit as exc:  # argparse's parser.error
@@ -91,8 +102,15 @@ def _tokenizer_case(case: str, tmp_path: Path, tokenizer_dir: Path) -> tuple[str
     return str(folder), [str(folder / name), "not valid JSON", "line 1 column 2"]
 
 
-TOKENIZER_CASES = ["missing", "relative missing", "file", "empty", "no tokenizer files",
-                   "bad tokenizer.json", "bad tokenizer_config.json"]  # fmt: skip
+TOKENIZER_CASES = [
+    "missing",
+    "relative missing",
+    "file",
+    "empty",
+    "no tokenizer files",
+    "bad tokenizer.json",
+    "bad tokenizer_config.json",
+]
 
 
 @pytest.mark.parametrize("case", TOKENIZER_CASES)
@@ -165,8 +183,14 @@ def test_damage_found_while_streaming_names_the_file(case, own_mirror, monkeypat
     traced back to the file."""
     _, needles, domain = _damage(own_mirror, case)
     with pytest.raises(DataFileError) as excinfo:
-        load_domain(domain, DEFAULT_SOURCES[domain], 1.0, hub_mirror=str(own_mirror),
-                    show_progress=False, check_files=False)  # fmt: skip
+        load_domain(
+            domain,
+            DEFAULT_SOURCES[domain],
+            1.0,
+            hub_mirror=str(own_mirror),
+            show_progress=False,
+            check_files=False,
+        )
     message = str(excinfo.value)
     assert "\n" not in message
     for needle in needles:
@@ -182,8 +206,9 @@ def test_large_truncated_gzip_is_left_to_streaming(own_mirror, monkeypatch):
     monkeypatch.setattr(sources, "SMALL_FILE_BYTES", 0)
     check_local_files(DEFAULT_SOURCES["code"], str(own_mirror))  # too big to read: passes
     with pytest.raises(DataFileError, match="truncated"):
-        load_domain("code", DEFAULT_SOURCES["code"], 1.0, hub_mirror=str(own_mirror),
-                    show_progress=False)  # fmt: skip
+        load_domain(
+            "code", DEFAULT_SOURCES["code"], 1.0, hub_mirror=str(own_mirror), show_progress=False
+        )
 
 
 def test_intact_mirror_passes_the_check(tiny_mirror):
@@ -212,9 +237,12 @@ def test_sample_tokenizer_with_a_cache_dir_that_is_a_file(tmp_path):
 
 @pytest.mark.parametrize(
     ("code", "fix"),
-    [(errno.ENOSPC, "free disk space"), (errno.EACCES, "make it writable"),
-     (errno.EROFS, "writable disk")],
-)  # fmt: skip
+    [
+        (errno.ENOSPC, "free disk space"),
+        (errno.EACCES, "make it writable"),
+        (errno.EROFS, "writable disk"),
+    ],
+)
 def test_cli_cache_write_failure_removes_the_partial_build(
     code, fix, tiny_mirror, tiny_tokenizer_dir, tmp_path, capsys, monkeypatch
 ):
@@ -267,9 +295,15 @@ def test_train_script_one_line(case, own_mirror, tiny_tokenizer_dir, tmp_path, c
         cache_dir.write_text("x")
         needles = ["data.cache_dir", str(cache_dir), "is a file"]
     code = run_train_script(
-        monkeypatch, "experiment=debug", f"data.hub_mirror={own_mirror}",
-        f"data.tokenizer={tokenizer}", f"data.cache_dir={cache_dir}", "data.block_size=16",
-        "data.size_mb=0.01", f"hydra.run.dir={tmp_path / 'run'}", "trainer.max_steps=1",
-    )  # fmt: skip
+        monkeypatch,
+        "experiment=debug",
+        f"data.hub_mirror={own_mirror}",
+        f"data.tokenizer={tokenizer}",
+        f"data.cache_dir={cache_dir}",
+        "data.block_size=16",
+        "data.size_mb=0.01",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "trainer.max_steps=1",
+    )
     assert code == 1
     assert_one_error_line(capsys.readouterr().err, *needles)

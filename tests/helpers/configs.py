@@ -9,8 +9,13 @@ def tiny_overrides(mirror, tokenizer, run_dir, *extra: str) -> list[str]:
     bars, a metrics row every step, a 2-step warm-up) over a fixture mirror and tokenizer, run
     outputs in ``run_dir`` (None: Hydra's run or sweep-job folder)."""
     run = [] if run_dir is None else [f"paths.run_dir={run_dir}"]
-    return ["experiment=debug", f"data.hub_mirror={mirror}", f"data.tokenizer={tokenizer}",
-            *run, *extra]  # fmt: skip
+    return [
+        "experiment=debug",
+        f"data.hub_mirror={mirror}",
+        f"data.tokenizer={tokenizer}",
+        *run,
+        *extra,
+    ]
 
 
 def short_demo_overrides(cache_dir, run_dir, *extra: str) -> list[str]:

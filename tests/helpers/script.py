@@ -31,8 +31,14 @@ def run_train(
     """``python train.py <args>`` in a subprocess (Hydra multirun, clean stderr), its output
     captured as text."""
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def run_train_script(monkeypatch: pytest.MonkeyPatch, *overrides: str) -> int:

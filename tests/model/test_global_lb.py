@@ -163,9 +163,12 @@ def test_config_default_is_the_batch_scope():
 
 def _rank_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
         timeout=timedelta(seconds=30),
-    )  # fmt: skip
+    )
     try:
         torch.manual_seed(rank)
         glob = specialised_layer(lb_scope="global", lb_window=1).train()
@@ -212,11 +215,20 @@ BLOCK, BATCH = 16, 2
 
 def module_kwargs(**overrides) -> dict:
     return dict(
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), block_size=BLOCK,
-        pretrained=None, vocab_size=64, n_positions=BLOCK, n_embd=16, n_layer=2, n_head=2,
-        dropout=0.0, moe={"layers": [1], "n_experts": E, "noise_std": 0.0}, warmup_steps=1,
-        domains=DOMAINS, **overrides,
-    )  # fmt: skip
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+        block_size=BLOCK,
+        pretrained=None,
+        vocab_size=64,
+        n_positions=BLOCK,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        dropout=0.0,
+        moe={"layers": [1], "n_experts": E, "noise_std": 0.0},
+        warmup_steps=1,
+        domains=DOMAINS,
+        **overrides,
+    )
 
 
 def loader(n_batches: int, seed: int = 0) -> DataLoader:
@@ -231,18 +243,30 @@ def loader(n_batches: int, seed: int = 0) -> DataLoader:
 def trainer(root: Path, max_steps: int, accumulate: int, **kwargs) -> L.Trainer:
     kwargs.setdefault("enable_checkpointing", False)
     return L.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, accumulate_grad_batches=accumulate,
-        default_root_dir=str(root), logger=False, enable_progress_bar=False,
-        enable_model_summary=False, **kwargs,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
+        default_root_dir=str(root),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize(("lb_window", "expected"), [(None, 2), (5, 5)])
 def test_module_trains_with_a_window_of_the_accumulation_steps(tmp_path, lb_window, expected):
     torch.manual_seed(0)
     module = MoEGPT2Module(**module_kwargs(lb_scope="global", lb_window=lb_window))
-    fit = trainer(tmp_path, max_steps=3, accumulate=2, num_sanity_val_steps=2,
-                  limit_val_batches=2, check_val_every_n_epoch=1)  # fmt: skip
+    fit = trainer(
+        tmp_path,
+        max_steps=3,
+        accumulate=2,
+        num_sanity_val_steps=2,
+        limit_val_batches=2,
+        check_val_every_n_epoch=1,
+    )
     fit.fit(module, train_dataloaders=loader(6), val_dataloaders=loader(3, seed=1))
     window = moe_layers(module.model)[1].lb_counts
     assert window.window == expected

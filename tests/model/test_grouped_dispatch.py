@@ -378,8 +378,10 @@ def test_warm_start_with_one_expert_computes_the_dense_mlp(dispatch):
         torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
 
 
-_STACKED_KEY = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<name>c_fc_weight|c_fc_bias|"
-                          r"c_proj_weight|c_proj_bias)$")  # fmt: skip
+_STACKED_KEY = re.compile(
+    r"^(?P<prefix>.*\.mlp\.experts)\.(?P<name>c_fc_weight|c_fc_bias|"
+    r"c_proj_weight|c_proj_bias)$"
+)
 
 
 def per_expert_layout(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -551,10 +553,18 @@ def test_cuda_grouped_forward_backward_never_syncs(top_k):
     CUDA / cuBLAS initialisation is not counted."""
     if not has_grouped_gemm_kernel():
         pytest.skip("torch's grouped GEMM without host sync needs compute capability 9.x/10.x")
-    layer = MoELayer(
-        random_experts(E, D, H), top_k=top_k, noise_std=1.0, noise_anneal_steps=100,
-        lb_scope="batch", dispatch="grouped",
-    ).cuda().train()  # fmt: skip
+    layer = (
+        MoELayer(
+            random_experts(E, D, H),
+            top_k=top_k,
+            noise_std=1.0,
+            noise_anneal_steps=100,
+            lb_scope="batch",
+            dispatch="grouped",
+        )
+        .cuda()
+        .train()
+    )
     layer.router.set_step(10)
     x = torch.randn(4, 32, D, device="cuda", requires_grad=True)
     upstream = torch.randn(4, 32, D, device="cuda")

@@ -22,8 +22,16 @@ def test_warmup_then_cosine_to_the_floor():
 
 def test_block_size_beyond_positions_is_refused_before_training():
     optimizer = functools.partial(torch.optim.AdamW, lr=1e-3)
-    kwargs = dict(optimizer=optimizer, pretrained=None, vocab_size=64, n_positions=32, n_embd=16,
-                  n_layer=2, n_head=2, domains=DOMAINS)  # fmt: skip
+    kwargs = dict(
+        optimizer=optimizer,
+        pretrained=None,
+        vocab_size=64,
+        n_positions=32,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        domains=DOMAINS,
+    )
     with pytest.raises(ValueError, match=r"data\.block_size=64 exceeds.*n_positions=32"):
         MoEGPT2Module(block_size=64, **kwargs)
     module = MoEGPT2Module(block_size=32, moe={"layers": [1], "n_experts": 2}, **kwargs)
@@ -34,9 +42,17 @@ def test_block_size_beyond_positions_is_refused_before_training():
 
 def test_unknown_batch_domain_is_a_clear_error():
     optimizer = functools.partial(torch.optim.AdamW, lr=1e-3)
-    module = MoEGPT2Module(optimizer=optimizer, block_size=8, pretrained=None, vocab_size=32,
-                           n_positions=8, n_embd=16, n_layer=1, n_head=2,
-                           domains=DOMAINS)  # fmt: skip
+    module = MoEGPT2Module(
+        optimizer=optimizer,
+        block_size=8,
+        pretrained=None,
+        vocab_size=32,
+        n_positions=8,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        domains=DOMAINS,
+    )
     batch = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "domains": ["code", "poetry"]}
     with pytest.raises(ValueError, match="poetry"):
         module.training_step(batch, 0)
@@ -44,9 +60,18 @@ def test_unknown_batch_domain_is_a_clear_error():
 
 def test_checkpoints_with_old_routing_buffers_still_load():
     optimizer = functools.partial(torch.optim.AdamW, lr=1e-3)
-    kwargs = dict(optimizer=optimizer, block_size=8, pretrained=None, vocab_size=32,
-                  n_positions=8, n_embd=16, n_layer=2, n_head=2,
-                  moe={"layers": [1], "n_experts": 2}, domains=DOMAINS)  # fmt: skip
+    kwargs = dict(
+        optimizer=optimizer,
+        block_size=8,
+        pretrained=None,
+        vocab_size=32,
+        n_positions=8,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        moe={"layers": [1], "n_experts": 2},
+        domains=DOMAINS,
+    )
     module = MoEGPT2Module(**kwargs)
     state = {**module.state_dict(), "routing_counts_1": torch.tensor([[5, 1], [2, 2], [0, 3]])}
     checkpoint = {"state_dict": state}
@@ -57,5 +82,13 @@ def test_checkpoints_with_old_routing_buffers_still_load():
 def test_domains_are_required():
     optimizer = functools.partial(torch.optim.AdamW, lr=1e-3)
     with pytest.raises(ValueError, match="needs domains"):
-        MoEGPT2Module(optimizer=optimizer, block_size=8, pretrained=None, vocab_size=32,
-                      n_positions=8, n_embd=16, n_layer=1, n_head=2)  # fmt: skip
+        MoEGPT2Module(
+            optimizer=optimizer,
+            block_size=8,
+            pretrained=None,
+            vocab_size=32,
+            n_positions=8,
+            n_embd=16,
+            n_layer=1,
+            n_head=2,
+        )

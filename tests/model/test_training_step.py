@@ -100,8 +100,9 @@ def test_step_values_equal_the_per_step_code_and_are_read_only_at_logging_steps(
         per_block, domain_ids, aux = losses(self, batch)
         if self.training:
             indices = {i: idx.clone() for i, (idx, _) in aux.routing.items()}
-            record.steps.append((self.global_step, per_block.detach().clone(),
-                                 domain_ids.clone(), indices))  # fmt: skip
+            record.steps.append(
+                (self.global_step, per_block.detach().clone(), domain_ids.clone(), indices)
+            )
         return per_block, domain_ids, aux
 
     def guarded_step(self, batch, batch_idx):
@@ -118,11 +119,18 @@ def test_step_values_equal_the_per_step_code_and_are_read_only_at_logging_steps(
     monkeypatch.setattr(MoEGPT2Module, "_losses", recorded_losses)
     monkeypatch.setattr(MoEGPT2Module, "training_step", guarded_step)
     monkeypatch.setattr(RoutingAnalysis, "_count_training_batch", guarded_count)
-    cfg = compose_config(tiny_overrides(
-        tiny_mirror, tiny_tokenizer_dir, tmp_path, "trainer.max_steps=7",
-        "trainer.log_every_n_steps=3", "callbacks.routing_analysis.every_n_steps=4",
-        f"model.moe.dispatch={dispatch}", "data.batch_size=6",
-    ))  # fmt: skip
+    cfg = compose_config(
+        tiny_overrides(
+            tiny_mirror,
+            tiny_tokenizer_dir,
+            tmp_path,
+            "trainer.max_steps=7",
+            "trainer.log_every_n_steps=3",
+            "callbacks.routing_analysis.every_n_steps=4",
+            f"model.moe.dispatch={dispatch}",
+            "data.batch_size=6",
+        )
+    )
     with open_dict(cfg):
         cfg.callbacks.slow = {"_target_": f"{__name__}.SlowCallback"}
     out = train(cfg)
@@ -132,8 +140,12 @@ def test_step_values_equal_the_per_step_code_and_are_read_only_at_logging_steps(
     # Per-domain losses: logged at logging steps only (steps 2 and 5), each the mean of the
     # domain's blocks in that step, as the per-step code computed it.
     metrics = read_table(tmp_path / "csv" / "metrics.csv")
-    logged = {(int(r["step"]), d): float(r[f"train/loss_{d}"])
-              for r in metrics for d in DOMAINS if r.get(f"train/loss_{d}")}  # fmt: skip
+    logged = {
+        (int(r["step"]), d): float(r[f"train/loss_{d}"])
+        for r in metrics
+        for d in DOMAINS
+        if r.get(f"train/loss_{d}")
+    }
     expected = {}
     for s, per_block, domain_ids, _ in record.steps:
         for d, domain in enumerate(DOMAINS):
@@ -167,17 +179,27 @@ def test_step_values_equal_the_per_step_code_and_are_read_only_at_logging_steps(
                 if start <= s < end:
                     tokens = domain_ids.repeat_interleave(32)
                     reference += torch.bincount(tokens * 4 + indices[layer][:, 0], minlength=12)
-            got = {(r["domain"], int(r["expert"])): int(r["assignments"]) for r in windows
-                   if (r["step_start"], r["step_end"], r["layer"]) == (str(start), str(end),
-                                                                       str(layer))}  # fmt: skip
-            assert got == {(domain, e): int(reference[d * 4 + e])
-                           for d, domain in enumerate(DOMAINS) for e in range(4)}  # fmt: skip
+            got = {
+                (r["domain"], int(r["expert"])): int(r["assignments"])
+                for r in windows
+                if (r["step_start"], r["step_end"], r["layer"])
+                == (str(start), str(end), str(layer))
+            }
+            assert got == {
+                (domain, e): int(reference[d * 4 + e])
+                for d, domain in enumerate(DOMAINS)
+                for e in range(4)
+            }
 
 
 def test_recent_domain_losses_keep_each_domains_last_steps():
     recent = RecentDomainLosses(n_domains=3, steps=2)
-    for losses, domains in [([1.0, 2.0], [0, 0]), ([4.0], [1]), ([8.0, 16.0], [0, 1]),
-                            ([32.0], [0])]:  # fmt: skip
+    for losses, domains in [
+        ([1.0, 2.0], [0, 0]),
+        ([4.0], [1]),
+        ([8.0, 16.0], [0, 1]),
+        ([32.0], [0]),
+    ]:
         recent.add(torch.tensor(losses), torch.tensor(domains))
     totals = recent.totals()
     # Domain 0 appeared in steps 1, 3, 4: the last two give (8 + 32, 2 blocks).
@@ -203,10 +225,18 @@ def test_chunked_next_token_loss_equals_one_pass(dtype):
 
 def _module(**kwargs) -> MoEGPT2Module:
     return MoEGPT2Module(
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), block_size=8, pretrained=None,
-        vocab_size=32, n_positions=8, n_embd=16, n_layer=2, n_head=2, domains=DOMAINS,
-        moe={"layers": [1], "n_experts": 2}, **kwargs,
-    )  # fmt: skip
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+        block_size=8,
+        pretrained=None,
+        vocab_size=32,
+        n_positions=8,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        domains=DOMAINS,
+        moe={"layers": [1], "n_experts": 2},
+        **kwargs,
+    )
 
 
 def test_fused_adamw_on_cuda_only_and_never_over_the_config():
@@ -249,13 +279,22 @@ def test_grouped_training_steps_make_no_host_sync_on_cuda():
     """Forward, aux losses, per-domain sums, backward, clipping and fused AdamW of the grouped
     path in bf16, with CUDA's sync debug mode set to raise on any synchronisation."""
     module = MoEGPT2Module(
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), block_size=64,
-        pretrained=None, vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-        domains=DOMAINS, moe={"layers": [1], "n_experts": 4, "dispatch": "grouped"},
-    ).cuda()  # fmt: skip
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+        block_size=64,
+        pretrained=None,
+        vocab_size=512,
+        n_positions=64,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        domains=DOMAINS,
+        moe={"layers": [1], "n_experts": 4, "dispatch": "grouped"},
+    ).cuda()
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, **module._fused_option())
-    batch = {"input_ids": torch.randint(0, 512, (6, 64), device="cuda"),
-             "domains": ["code", "math", "prose", "code", "math", "code"]}  # fmt: skip
+    batch = {
+        "input_ids": torch.randint(0, 512, (6, 64), device="cuda"),
+        "domains": ["code", "math", "prose", "code", "math", "code"],
+    }
     for _ in range(2):  # warm-up: allocator, lazy CUDA init, cuBLAS handles
         with torch.autocast("cuda", dtype=torch.bfloat16):
             module.training_step(batch, 0).backward()
@@ -273,8 +312,9 @@ def test_grouped_training_steps_make_no_host_sync_on_cuda():
             optimizer.zero_grad(set_to_none=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert {layer.last_dispatch for layer in module.model.modules()
-            if hasattr(layer, "last_dispatch")} == {"grouped"}  # fmt: skip
+    assert {
+        layer.last_dispatch for layer in module.model.modules() if hasattr(layer, "last_dispatch")
+    } == {"grouped"}
 
 
 class SyncGuard(L.Callback):
@@ -297,11 +337,20 @@ class SyncGuard(L.Callback):
 def test_lightning_training_steps_of_the_grouped_path_make_no_host_sync_on_cuda(
     tiny_mirror, tiny_tokenizer_dir, tmp_path
 ):
-    cfg = compose_config(tiny_overrides(
-        tiny_mirror, tiny_tokenizer_dir, tmp_path, "trainer=gpu", "trainer.max_steps=8",
-        "trainer.log_every_n_steps=4", "model.moe.dispatch=grouped", "model.n_embd=128",
-        "callbacks.routing_analysis.every_n_steps=100", "trainer.enable_progress_bar=false",
-    ))  # fmt: skip
+    cfg = compose_config(
+        tiny_overrides(
+            tiny_mirror,
+            tiny_tokenizer_dir,
+            tmp_path,
+            "trainer=gpu",
+            "trainer.max_steps=8",
+            "trainer.log_every_n_steps=4",
+            "model.moe.dispatch=grouped",
+            "model.n_embd=128",
+            "callbacks.routing_analysis.every_n_steps=100",
+            "trainer.enable_progress_bar=false",
+        )
+    )
     with open_dict(cfg):
         cfg.callbacks.sync_guard = {"_target_": f"{__name__}.SyncGuard"}
     out = train(cfg)
@@ -309,8 +358,15 @@ def test_lightning_training_steps_of_the_grouped_path_make_no_host_sync_on_cuda(
 
 
 def test_compiled_grouped_dispatch_outside_bf16_is_refused_in_one_line(tmp_path):
-    cfg = compose_config(["experiment=debug", "data/source=sample", f"paths.run_dir={tmp_path}",
-                          "model.compile=true", "model.moe.dispatch=grouped"])  # fmt: skip
+    cfg = compose_config(
+        [
+            "experiment=debug",
+            "data/source=sample",
+            f"paths.run_dir={tmp_path}",
+            "model.compile=true",
+            "model.moe.dispatch=grouped",
+        ]
+    )
     with pytest.raises(UserError, match=r"model\.compile=true .*trainer\.precision=32-true"):
         train(cfg)
     assert not any(tmp_path.iterdir()) if tmp_path.exists() else True
@@ -326,10 +382,18 @@ def test_compiled_blocks_keep_the_fused_attention_kernel():
     kernel (flash / memory-efficient / cuDNN), which compiling the whole Hugging Face model
     can lose to the unfused math path."""
     module = MoEGPT2Module(
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), block_size=256,
-        pretrained=None, vocab_size=512, n_positions=256, n_embd=256, n_layer=2, n_head=4,
-        domains=DOMAINS, moe={"layers": [1], "n_experts": 4}, compile=True,
-    ).cuda()  # fmt: skip
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+        block_size=256,
+        pretrained=None,
+        vocab_size=512,
+        n_positions=256,
+        n_embd=256,
+        n_layer=2,
+        n_head=4,
+        domains=DOMAINS,
+        moe={"layers": [1], "n_experts": 4},
+        compile=True,
+    ).cuda()
     ids = torch.randint(0, 512, (4, 256), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         module(ids).float().sum().backward()  # compiles
@@ -339,6 +403,7 @@ def test_compiled_blocks_keep_the_fused_attention_kernel():
             module(ids).float().sum().backward()
         torch.cuda.synchronize()
     kernels = [event.key for event in profile.key_averages()]
-    fused = [name for name in kernels if re.search(r"flash|fmha|sdpa|cudnn.*attn", name,
-                                                   re.IGNORECASE)]  # fmt: skip
+    fused = [
+        name for name in kernels if re.search(r"flash|fmha|sdpa|cudnn.*attn", name, re.IGNORECASE)
+    ]
     assert fused, f"no fused attention kernel among {kernels[:40]}"

@@ -389,9 +389,12 @@ def _document_candidates(
 def _open_pydoc(source: Source, seed: int, max_chars: int) -> _Opened:
     version = platform.python_version()
     stats = _stats(
-        source, source.configs[0], f"pydoc_data.topics (Python {version})", f"python-{version}",
+        source,
+        source.configs[0],
+        f"pydoc_data.topics (Python {version})",
+        f"python-{version}",
         max_chars,
-    )  # fmt: skip
+    )
     topics = _pydoc_topics()
     return _Opened(
         [stats], _document_candidates(stats, (topics[k] for k in sorted(topics)), max_chars)
@@ -485,9 +488,13 @@ def load_sample_domain(
     taken = _Taken(budget_chars(size_mb))
     opened: list[StreamStats] = []
     bar = tqdm(
-        total=taken.budget, unit="char", unit_scale=True, desc=f"sample {domain}",
-        disable=not show_progress, leave=False,
-    )  # fmt: skip
+        total=taken.budget,
+        unit="char",
+        unit_scale=True,
+        desc=f"sample {domain}",
+        disable=not show_progress,
+        leave=False,
+    )
     with bar:
         for source in sources:
             if taken.met:
@@ -498,9 +505,11 @@ def load_sample_domain(
     if not taken.met and not quiet:
         log.warning(
             "sample %s: sources ran out at %s of %s budgeted characters (%s).",
-            domain, f"{taken.total:,}", f"{taken.budget:,}",
+            domain,
+            f"{taken.total:,}",
+            f"{taken.budget:,}",
             ", ".join(f"{s.dataset}[{s.config}] exhausted" for s in opened if s.exhausted),
-        )  # fmt: skip
+        )
     metadata = {
         "domain": domain,
         "size_mb": size_mb,

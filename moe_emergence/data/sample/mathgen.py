@@ -83,17 +83,39 @@ class _Work:
 # ---- GSM8K-style word problems ----------------------------------------------------------
 
 PEOPLE = (
-    ("Maya", "she", "her"), ("Liam", "he", "his"), ("Ava", "she", "her"),
-    ("Noah", "he", "his"), ("Zoe", "she", "her"), ("Omar", "he", "his"),
-    ("Priya", "she", "her"), ("Lucas", "he", "his"), ("Mei", "she", "her"),
-    ("Carlos", "he", "his"), ("Fatima", "she", "her"), ("Jonas", "he", "his"),
-    ("Amara", "she", "her"), ("Kenji", "he", "his"), ("Leila", "she", "her"),
-    ("Mateo", "he", "his"), ("Nora", "she", "her"), ("Ravi", "he", "his"),
-)  # fmt: skip
+    ("Maya", "she", "her"),
+    ("Liam", "he", "his"),
+    ("Ava", "she", "her"),
+    ("Noah", "he", "his"),
+    ("Zoe", "she", "her"),
+    ("Omar", "he", "his"),
+    ("Priya", "she", "her"),
+    ("Lucas", "he", "his"),
+    ("Mei", "she", "her"),
+    ("Carlos", "he", "his"),
+    ("Fatima", "she", "her"),
+    ("Jonas", "he", "his"),
+    ("Amara", "she", "her"),
+    ("Kenji", "he", "his"),
+    ("Leila", "she", "her"),
+    ("Mateo", "he", "his"),
+    ("Nora", "she", "her"),
+    ("Ravi", "he", "his"),
+)
 ITEMS = (
-    "notebooks", "pens", "apples", "muffins", "candles", "tickets", "comic books",
-    "packs of stickers", "bottles of juice", "bags of rice", "plant pots", "puzzles",
-)  # fmt: skip
+    "notebooks",
+    "pens",
+    "apples",
+    "muffins",
+    "candles",
+    "tickets",
+    "comic books",
+    "packs of stickers",
+    "bottles of juice",
+    "bags of rice",
+    "plant pots",
+    "puzzles",
+)
 FRACTIONS = {2: "half", 3: "one third", 4: "one quarter", 5: "one fifth"}
 RELATIVES = ("son", "daughter", "nephew", "niece")
 
@@ -138,9 +160,14 @@ def _gsm_distance(rng: random.Random) -> MathProblem:
 
 def _gsm_machine(rng: random.Random) -> MathProblem:
     thing, machine = rng.choice(
-        (("bottles", "machine"), ("pages", "printer"), ("cookies", "oven line"),
-         ("boxes", "conveyor"), ("bricks", "press"))
-    )  # fmt: skip
+        (
+            ("bottles", "machine"),
+            ("pages", "printer"),
+            ("cookies", "oven line"),
+            ("boxes", "conveyor"),
+            ("bricks", "press"),
+        )
+    )
     rate, minutes, done = rng.randint(3, 25), rng.randint(4, 30), rng.randint(10, 200)
     goal = done + rate * minutes
     problem = (
@@ -270,9 +297,17 @@ def _gsm_wages(rng: random.Random) -> MathProblem:
 
 
 GSM8K_TEMPLATES: tuple[Callable[[random.Random], MathProblem], ...] = (
-    _gsm_shopping, _gsm_distance, _gsm_machine, _gsm_sharing, _gsm_discount,
-    _gsm_ages, _gsm_savings, _gsm_recipe, _gsm_harvest, _gsm_wages,
-)  # fmt: skip
+    _gsm_shopping,
+    _gsm_distance,
+    _gsm_machine,
+    _gsm_sharing,
+    _gsm_discount,
+    _gsm_ages,
+    _gsm_savings,
+    _gsm_recipe,
+    _gsm_harvest,
+    _gsm_wages,
+)
 
 
 # ---- MATH-style exercises (LaTeX) -------------------------------------------------------
@@ -474,9 +509,17 @@ def _math_circle(rng: random.Random) -> MathProblem:
 
 
 MATH_TEMPLATES: tuple[Callable[[random.Random], MathProblem], ...] = (
-    _math_linear, _math_evaluate, _math_gcd, _math_remainder, _math_divisors,
-    _math_binomial, _math_arrangements, _math_right_triangle, _math_rectangle, _math_circle,
-)  # fmt: skip
+    _math_linear,
+    _math_evaluate,
+    _math_gcd,
+    _math_remainder,
+    _math_divisors,
+    _math_binomial,
+    _math_arrangements,
+    _math_right_triangle,
+    _math_rectangle,
+    _math_circle,
+)
 
 
 def generate_math(seed: int = 0) -> Iterator[MathProblem]:
