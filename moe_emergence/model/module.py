@@ -241,11 +241,13 @@ class MoEGPT2Module(L.LightningModule):
         return loss
 
     def on_after_backward(self) -> None:
-        self._stop_timer()  # a micro-batch that does not step ends here
+        # Forward and backward counted; the timer reopens for clipping and the optimizer (a
+        # micro-batch that does not step leaves it open: the next batch start resets it).
+        self._stop_timer()
+        self._timer_open = time.perf_counter()
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        self._timer_open = time.perf_counter()  # the optimizer part of the step
-        super().optimizer_step(*args, **kwargs)
+        super().optimizer_step(*args, **kwargs)  # runs the closure, then the optimizer
         if not self._log_this_step:
             self._stop_timer()
             return
