@@ -10,7 +10,6 @@ E * 1 * 1 = 3; with f over the whole window or all ranks, f = 1/3 each and the l
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import socket
 from datetime import timedelta
@@ -21,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from moe_testing import random_experts
+from helpers.moe import random_experts, tiny_module_kwargs
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -214,19 +213,14 @@ BLOCK, BATCH = 16, 2
 
 
 def module_kwargs(**overrides) -> dict:
-    return dict(
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+    """The tiny module with blocks of BLOCK tokens, E experts, no router noise or dropout."""
+    return tiny_module_kwargs(
         block_size=BLOCK,
-        pretrained=None,
         vocab_size=64,
         n_positions=BLOCK,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
         dropout=0.0,
         moe={"layers": [1], "n_experts": E, "noise_std": 0.0},
         warmup_steps=1,
-        domains=DOMAINS,
         **overrides,
     )
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 from functorch.compile import make_boxed_func
-from moe_testing import expert_forward, random_experts
+from helpers.moe import expert_forward, random_experts
 from torch import Tensor, nn
 from torch._dynamo.backends.common import aot_autograd
 from transformers import GPT2LMHeadModel

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
+from helpers.moe import tiny_module
 
-from moe_emergence.data.sources import DOMAINS
-from moe_emergence.model.module import MoEGPT2Module, warmup_cosine
+from moe_emergence.model.module import warmup_cosine
 
 
 def test_warmup_then_cosine_to_the_floor():
@@ -21,74 +19,29 @@ def test_warmup_then_cosine_to_the_floor():
 
 
 def test_block_size_beyond_positions_is_refused_before_training():
-    optimizer = functools.partial(torch.optim.AdamW, lr=1e-3)
-    kwargs = dict(
-        optimizer=optimizer,
-        pretrained=None,
-        vocab_size=64,
-        n_positions=32,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        domains=DOMAINS,
-    )
     with pytest.raises(ValueError, match=r"data\.block_size=64 exceeds.*n_positions=32"):
-        MoEGPT2Module(block_size=64, **kwargs)
-    module = MoEGPT2Module(block_size=32, moe={"layers": [1], "n_experts": 2}, **kwargs)
+        tiny_module(block_size=64, vocab_size=64, n_positions=32, moe=None)
+    module = tiny_module(block_size=32, vocab_size=64, n_positions=32)
     assert all(m.training for m in module.modules())
     # Routing counters are never registered buffers (DDP would broadcast rank 0's).
     assert not [name for name, _ in module.named_buffers() if "routing" in name]
 
 
 def test_unknown_batch_domain_is_a_clear_error():
-    optimizer = functools.partial(torch.optim.AdamW, lr=1e-3)
-    module = MoEGPT2Module(
-        optimizer=optimizer,
-        block_size=8,
-        pretrained=None,
-        vocab_size=32,
-        n_positions=8,
-        n_embd=16,
-        n_layer=1,
-        n_head=2,
-        domains=DOMAINS,
-    )
+    module = tiny_module(n_layer=1, moe=None)
     batch = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "domains": ["code", "poetry"]}
     with pytest.raises(ValueError, match="poetry"):
         module.training_step(batch, 0)
 
 
 def test_checkpoints_with_old_routing_buffers_still_load():
-    optimizer = functools.partial(torch.optim.AdamW, lr=1e-3)
-    kwargs = dict(
-        optimizer=optimizer,
-        block_size=8,
-        pretrained=None,
-        vocab_size=32,
-        n_positions=8,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        moe={"layers": [1], "n_experts": 2},
-        domains=DOMAINS,
-    )
-    module = MoEGPT2Module(**kwargs)
+    module = tiny_module()
     state = {**module.state_dict(), "routing_counts_1": torch.tensor([[5, 1], [2, 2], [0, 3]])}
     checkpoint = {"state_dict": state}
     module.on_load_checkpoint(checkpoint)
-    MoEGPT2Module(**kwargs).load_state_dict(checkpoint["state_dict"])  # strict: no stray keys
+    tiny_module().load_state_dict(checkpoint["state_dict"])  # strict: no stray keys
 
 
 def test_domains_are_required():
-    optimizer = functools.partial(torch.optim.AdamW, lr=1e-3)
     with pytest.raises(ValueError, match="needs domains"):
-        MoEGPT2Module(
-            optimizer=optimizer,
-            block_size=8,
-            pretrained=None,
-            vocab_size=32,
-            n_positions=8,
-            n_embd=16,
-            n_layer=1,
-            n_head=2,
-        )
+        tiny_module(n_layer=1, moe=None, domains=None)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from moe_testing import expert_forward, random_experts
+from helpers.moe import expert_forward, random_experts
 
 from moe_emergence.model.moe import (
     PARAMETERS_OF_MLP,

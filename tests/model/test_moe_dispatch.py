@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from moe_testing import expert_forward, random_experts
+from helpers.moe import expert_forward, random_experts
 
 from moe_emergence.model.moe import MoELayer
 

@@ -16,6 +16,7 @@ import lightning as L
 import pytest
 import torch
 from helpers.configs import tiny_overrides
+from helpers.moe import tiny_module
 from omegaconf import open_dict
 
 from moe_emergence.analysis.callback import RoutingAnalysis
@@ -228,24 +229,8 @@ def test_chunked_next_token_loss_equals_one_pass(dtype):
         assert torch.equal(next_token_losses(logits, ids, 1), whole)
 
 
-def _module(**kwargs) -> MoEGPT2Module:
-    return MoEGPT2Module(
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
-        block_size=8,
-        pretrained=None,
-        vocab_size=32,
-        n_positions=8,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        domains=DOMAINS,
-        moe={"layers": [1], "n_experts": 2},
-        **kwargs,
-    )
-
-
 def test_fused_adamw_on_cuda_only_and_never_over_the_config():
-    module = _module()
+    module = tiny_module()
     assert module._fused_option() == {}  # CPU: the default implementation, as before
     module.optimizer_factory = functools.partial(torch.optim.AdamW, lr=1e-3)
     module._device = torch.device("cuda", 0)  # the option is decided from the device alone
@@ -257,7 +242,7 @@ def test_fused_adamw_on_cuda_only_and_never_over_the_config():
 
 
 def test_compile_compiles_each_block_in_place_and_keeps_the_weights_names():
-    plain, compiled = _module(), _module(compile=True)
+    plain, compiled = tiny_module(), tiny_module(compile=True)
     assert compiled.state_dict().keys() == plain.state_dict().keys()
     blocks = compiled.model.transformer.h
     assert all(block._compiled_call_impl is not None for block in blocks)
@@ -283,16 +268,12 @@ needs_fused_grouped_mm = pytest.mark.skipif(
 def test_grouped_training_steps_make_no_host_sync_on_cuda():
     """Forward, aux losses, per-domain sums, backward, clipping and fused AdamW of the grouped
     path in bf16, with CUDA's sync debug mode set to raise on any synchronisation."""
-    module = MoEGPT2Module(
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+    module = tiny_module(
         block_size=64,
-        pretrained=None,
         vocab_size=512,
         n_positions=64,
         n_embd=64,
-        n_layer=2,
         n_head=4,
-        domains=DOMAINS,
         moe={"layers": [1], "n_experts": 4, "dispatch": "grouped"},
     ).cuda()
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, **module._fused_option())
@@ -386,16 +367,12 @@ def test_compiled_blocks_keep_the_fused_attention_kernel():
     """``model.compile=true`` compiles each block; attention must still run a fused SDPA
     kernel (flash / memory-efficient / cuDNN), which compiling the whole Hugging Face model
     can lose to the unfused math path."""
-    module = MoEGPT2Module(
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+    module = tiny_module(
         block_size=256,
-        pretrained=None,
         vocab_size=512,
         n_positions=256,
         n_embd=256,
-        n_layer=2,
         n_head=4,
-        domains=DOMAINS,
         moe={"layers": [1], "n_experts": 4},
         compile=True,
     ).cuda()

@@ -1,11 +1,16 @@
-"""Helpers for the MoE tests (not a test module): random stacked experts and one expert's MLP
-written out from its stacked slices, the reference the dispatch paths are checked against."""
+"""Helpers for the MoE tests: random stacked experts, one expert's MLP written out from its
+stacked slices (the reference the dispatch paths are checked against), and a tiny module."""
 
 from __future__ import annotations
+
+import functools
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from moe_emergence.data.sources import DOMAINS
+from moe_emergence.model.module import MoEGPT2Module
 from moe_emergence.model.moe import StackedExperts
 
 
@@ -34,3 +39,27 @@ def expert_forward(experts: StackedExperts, e: int, x: Tensor) -> Tensor:
     ``dropout(act(x @ W_fc[e] + b_fc[e]) @ W_proj[e] + b_proj[e])``."""
     hidden = experts.act(x @ experts.c_fc_weight[e] + experts.c_fc_bias[e])
     return experts.dropout(hidden @ experts.c_proj_weight[e] + experts.c_proj_bias[e])
+
+
+def tiny_module_kwargs(**overrides: Any) -> dict[str, Any]:
+    """Keyword arguments of a tiny from-scratch :class:`MoEGPT2Module`: AdamW (lr 1e-3),
+    blocks of 8 tokens, vocabulary 32, 2 layers of width 16 and 2 heads, 2 experts in block 1,
+    the data's domains; ``overrides`` replace or add any."""
+    return {
+        "optimizer": functools.partial(torch.optim.AdamW, lr=1e-3),
+        "block_size": 8,
+        "pretrained": None,
+        "vocab_size": 32,
+        "n_positions": 8,
+        "n_embd": 16,
+        "n_layer": 2,
+        "n_head": 2,
+        "domains": DOMAINS,
+        "moe": {"layers": [1], "n_experts": 2},
+        **overrides,
+    }
+
+
+def tiny_module(**overrides: Any) -> MoEGPT2Module:
+    """A :class:`MoEGPT2Module` of :func:`tiny_module_kwargs`."""
+    return MoEGPT2Module(**tiny_module_kwargs(**overrides))
