@@ -31,7 +31,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from moe_emergence.errors import UserError
-from moe_emergence.model.gpt2_moe import has_per_expert_layout, stack_per_expert_state
+from moe_emergence.model.gpt2_moe import stack_per_expert_state
 
 log = logging.getLogger(__name__)
 
@@ -223,9 +223,8 @@ def load_initial_weights(module: torch.nn.Module, path: Path) -> int:
     layout converted to stacked weights); return the step it was saved at. A model that
     differs (other layers, widths, experts) is a UserError."""
     checkpoint = load_mapped(path, "init_from")
-    state = checkpoint["state_dict"]
-    if has_per_expert_layout(state):  # written before experts were stacked: same weights
-        state = stack_per_expert_state(state)
+    # Experts written before they were stacked are stacked (the same weights); else a no-op.
+    state = stack_per_expert_state(checkpoint["state_dict"])
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:

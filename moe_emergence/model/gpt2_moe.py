@@ -176,8 +176,8 @@ def has_per_expert_layout(state: Mapping[str, Tensor]) -> bool:
 def stack_per_expert_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """A state dict with per-expert MLP weights (``...mlp.experts.<e>.c_fc.weight``, ...)
     converted to the stacked layout (``...mlp.experts.c_fc_weight`` [E, d, h], ...); other
-    keys unchanged. The values are exactly the saved ones, so the model computes the same
-    logits."""
+    keys unchanged (a state dict without per-expert keys comes back as it is). The values are
+    exactly the saved ones, so the model computes the same logits."""
     out: dict[str, Tensor] = {}
     groups: dict[tuple[str, str], dict[int, Tensor]] = {}
     for key, value in state.items():

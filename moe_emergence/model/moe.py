@@ -354,7 +354,8 @@ class StackedExperts(nn.Module):
         experts.to(device=fc.weight.device, dtype=fc.weight.dtype)
         with torch.no_grad():
             for name, source in PARAMETERS_OF_MLP.items():
-                getattr(experts, name).copy_(_select(mlp, source).expand_as(getattr(experts, name)))
+                stacked = getattr(experts, name)
+                stacked.copy_(mlp.get_parameter(source).expand_as(stacked))
         return experts
 
     def loop(self, x: Tensor, routed: Dispatch, counts: list[int]) -> Tensor:
@@ -395,12 +396,6 @@ PARAMETERS_OF_MLP = {
     "c_proj_weight": "c_proj.weight",
     "c_proj_bias": "c_proj.bias",
 }
-
-
-def _select(module: nn.Module, dotted: str) -> Tensor:
-    for part in dotted.split("."):
-        module = getattr(module, part)
-    return module  # type: ignore[return-value]
 
 
 class MoELayer(nn.Module):
