@@ -31,6 +31,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from moe_emergence.errors import UserError
+from moe_emergence.files import sha256_file, write_atomic
 from moe_emergence.model.gpt2_moe import stack_per_expert_state
 
 log = logging.getLogger(__name__)
@@ -44,29 +45,8 @@ RANDOM_STATES_VERSION = 1
 # ---------------------------------------------------------------------- sidecars
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def sidecar_path(path: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(path)}{SIDECAR_SUFFIX}")
-
-
-def _replace_atomically(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it and rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_sidecar(path: str | os.PathLike, digest: str | None = None) -> Path:
@@ -74,7 +54,7 @@ def write_sidecar(path: str | os.PathLike, digest: str | None = None) -> Path:
     path = Path(path)
     digest = digest or sha256_file(path)
     side = sidecar_path(path)
-    _replace_atomically(side, f"{digest}  {path.name}\n".encode())
+    write_atomic(side, f"{digest}  {path.name}\n")
     return side
 
 
@@ -123,7 +103,7 @@ class HashedCheckpointIO(TorchCheckpointIO):
         torch.save(checkpoint, buffer)
         data = buffer.getbuffer()
         digest = hashlib.sha256(data).hexdigest()
-        _replace_atomically(path, data)
+        write_atomic(path, data)
         write_sidecar(path, digest)
 
     def remove_checkpoint(self, path: Any) -> None:

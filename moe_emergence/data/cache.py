@@ -40,9 +40,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from moe_emergence.data.checks import SettingError, is_int
-from moe_emergence.data.files import atomic_write_text, build_folder_once, sha256_file
+from moe_emergence.data.files import build_folder_once
 from moe_emergence.data.tokenize import TokenStream, iter_token_batches, token_dtype, untruncated
 from moe_emergence.errors import UserError
+from moe_emergence.files import sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -390,7 +391,7 @@ def build_cache(
         "inputs": as_json(inputs),
         "domains": entries,
     }
-    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     try:  # read the fresh files back once: later hits check only their sizes
         check_files(folder, manifest, checksums=True)
     except CacheCorruptError as exc:

@@ -1,7 +1,7 @@
-"""Atomic writes: files and whole folders appear complete (temporary name, then rename), and
-a folder is built by one process at a time (a file lock beside it). Plus the content identity
-of local folders (names, sizes, SHA-256s), with a per-file index so unchanged files are not
-read again."""
+"""Folders that appear complete (built under a temporary name, then renamed) by one process at a
+time (a file lock beside them), and the content identity of local folders (names, sizes,
+SHA-256s), with a per-file index so unchanged files are not read again. Single files are written
+whole by :func:`moe_emergence.files.write_atomic`."""
 
 from __future__ import annotations
 
@@ -11,38 +11,18 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from moe_emergence.files import sha256_file, write_atomic
+
 log = logging.getLogger(__name__)
 
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+# The name report.py and sample/tokenizer.py import; the package's one writer.
+atomic_write_text = write_atomic
 
 
 @contextlib.contextmanager
@@ -108,15 +88,6 @@ FILE_INDEX = "file-index.json"
 FILE_INDEX_VERSION = 1
 
 
-def sha256_file(path: Path) -> str:
-    """SHA-256 (hex) of the file's bytes, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _stat_key(st: os.stat_result) -> list[int]:
     """What must be unchanged for a stored hash to stand: size, mtime, ctime (ns), inode."""
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
@@ -169,9 +140,7 @@ class FileIndex:
         stored = self._load()
         stored.update(self._changed)
         try:
-            atomic_write_text(
-                self.path, json.dumps({"version": FILE_INDEX_VERSION, "files": stored})
-            )
+            write_atomic(self.path, json.dumps({"version": FILE_INDEX_VERSION, "files": stored}))
             self._changed = {}
         except OSError as exc:  # a read-only cache dir: hashing again next time is fine
             log.debug("Could not save the file index %s: %s", self.path, exc)
