@@ -5,7 +5,8 @@ python train.py data/size=10mb data.balance_tokens=true
 python train.py -m seed=1,2 data.block_size=128,256
 
 A user mistake (a bad value, a missing file) ends with one line, ``error: <message>``, and
-exit status 1; any other failure keeps its traceback.
+exit status 1 (moe_emergence.errors.report_user_errors, as every entry point); any other
+failure keeps its traceback.
 """
 
 import sys
@@ -16,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from moe_emergence.config import register_resolvers
-from moe_emergence.errors import user_error_in
+from moe_emergence.errors import report_user_errors
 from moe_emergence.train import train
 
 register_resolvers()
@@ -25,18 +26,15 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
-    try:
-        train(
+    status = report_user_errors(
+        lambda: train(
             cfg,
             multirun=hydra_cfg.mode == RunMode.MULTIRUN,
             launcher=str(hydra_cfg.launcher.get("_target_", "")),
         )
-    except Exception as exc:
-        mistake = user_error_in(exc)
-        if mistake is None:
-            raise
-        print(f"error: {mistake}", file=sys.stderr)
-        sys.exit(1)
+    )
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

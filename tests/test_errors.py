@@ -1,12 +1,81 @@
 """Every user mistake ends in one line, ``error: <message>`` naming the value or file and the
-fix, with a non-zero exit and no traceback: from the data CLI and from train.py."""
+fix, with a non-zero exit and no traceback: from the data CLI and from train.py. One policy
+(:func:`moe_emergence.errors.report_user_errors`) for every entry point."""
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
-from helpers.script import assert_one_error_line, run_train_script
+from helpers.script import REPO, assert_one_error_line, run_train_script
+from omegaconf.errors import InterpolationResolutionError
 
 from moe_emergence.data.cli import main as data_cli
+from moe_emergence.errors import USER_ERROR_STATUS, UserError, report_user_errors
+
+
+def test_report_user_errors_prints_one_line_and_returns_1(capsys):
+    assert report_user_errors(lambda: None) == 0
+    assert capsys.readouterr().err == ""
+
+    def mistake():
+        raise UserError("--x 3 is too big: pass at most 2.")
+
+    assert report_user_errors(mistake) == USER_ERROR_STATUS == 1
+    assert capsys.readouterr().err == "error: --x 3 is too big: pass at most 2.\n"
+
+
+def test_a_wrapped_user_error_is_one_line_too(capsys):
+    def wrapped():  # as Hydra's instantiate wraps a constructor's error
+        try:
+            raise UserError("model.moe.n_experts must be >= 1, got 0")
+        except UserError as exc:
+            raise RuntimeError("Error in call to target 'MoEGPT2Module'") from exc
+
+    assert report_user_errors(wrapped) == 1
+    assert capsys.readouterr().err == "error: model.moe.n_experts must be >= 1, got 0\n"
+
+    def resolver():  # OmegaConf re-raises a resolver's error without a cause
+        try:
+            raise UserError("data.tokenizer: no such folder")
+        except UserError:
+            raise InterpolationResolutionError("resolver failed") from None
+
+    assert report_user_errors(resolver) == 1
+    assert capsys.readouterr().err == "error: data.tokenizer: no such folder\n"
+
+
+def test_other_errors_keep_their_traceback(capsys):
+    def bug():
+        raise KeyError("a bug")
+
+    def not_a_mistake():  # raised while handling a UserError: not one
+        try:
+            raise UserError("first")
+        except UserError:
+            raise FileNotFoundError("second")  # noqa: B904
+
+    for work in (bug, not_a_mistake):
+        with pytest.raises((KeyError, FileNotFoundError)):
+            report_user_errors(work)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "train.py",
+        "moe_emergence/data/cli.py",
+    ],
+)
+def test_every_entry_point_uses_the_one_policy(path):
+    """Each entry point's main hands its work to report_user_errors and catches nothing itself."""
+    tree = ast.parse(Path(REPO / path).read_text())
+    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    calls = [n.func.id for n in ast.walk(main) if isinstance(n, ast.Call) and hasattr(n.func, "id")]
+    assert "report_user_errors" in calls
+    assert not [n for n in ast.walk(main) if isinstance(n, ast.ExceptHandler)]
 
 
 @pytest.fixture

@@ -19,8 +19,7 @@ from moe_emergence.data.dataset import PackedMixedDomainDataset, collate_packed
 from moe_emergence.data.prepare import prepare_domains
 from moe_emergence.data.report import build_report, report_table, write_report
 from moe_emergence.data.settings import KINDS, DataSettings, kind, naming_options
-from moe_emergence.errors import UserError
-from moe_emergence.hub import HubUnavailableError
+from moe_emergence.errors import UserError, report_user_errors
 
 log = logging.getLogger("moe_emergence.data")
 
@@ -126,23 +125,23 @@ def check_dataset(dataset: PackedMixedDomainDataset, pad_token_id: int | None) -
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the data CLI; returns the exit status."""
-    settings, args = parse_args(argv)
-    log_to_stdout()
-    try:
-        with naming_options():
-            prepared = prepare_domains(settings, show_progress=not args.no_progress)
-            log.info(report_table(prepared, settings.block_size))
-            dataset = PackedMixedDomainDataset.from_token_streams(
-                prepared.streams, settings.block_size, settings.balance_tokens, settings.seed
-            )
-    except (UserError, HubUnavailableError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+def run(settings: DataSettings, args: argparse.Namespace) -> None:
+    """Prepare, report, check and (``--report``) write the JSON report."""
+    with naming_options():
+        prepared = prepare_domains(settings, show_progress=not args.no_progress)
+        log.info(report_table(prepared, settings.block_size))
+        dataset = PackedMixedDomainDataset.from_token_streams(
+            prepared.streams, settings.block_size, settings.balance_tokens, settings.seed
+        )
     pad_id = prepared.tokenizer_info.get("pad_token_id")
     log.info(check_dataset(dataset, pad_id))
     report = build_report(prepared, dataset, settings)
     if args.report:
         log.info("Report written to %s", write_report(report, args.report))
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the data CLI; returns the exit status (:func:`report_user_errors`)."""
+    settings, args = parse_args(argv)
+    log_to_stdout()
+    return report_user_errors(lambda: run(settings, args))
