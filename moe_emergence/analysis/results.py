@@ -1,6 +1,8 @@
 """What ``python -m moe_emergence.analyze`` measures of one run: the record that the per-run
 evaluation (:mod:`moe_emergence.analysis.evaluate`) fills from a run's checkpoints and the
-sweep summary (:mod:`moe_emergence.analysis.summary`) reads. Plain data, no torch."""
+sweep summary (:mod:`moe_emergence.analysis.summary`) reads, and the names tables and figures
+show for its groups (:func:`condition_labels`: ``top-1``, not ``condition=top1``). Plain data,
+no torch."""
 
 from __future__ import annotations
 
@@ -92,3 +94,83 @@ def split_override(item: str) -> tuple[str, str]:
     part of the key."""
     key, _, value = str(item).partition("=")
     return key.lstrip("+~"), value
+
+
+# What a table or figure shows for a group: the condition as people say it, not its overrides.
+CONDITION_KEY = "condition"
+CONDITION_NAMES = {
+    "top1": "top-1",
+    "top2": "top-2",
+    "no_lb": "no LB",
+    "dense": "dense",
+    "global_lb": "global LB",
+}
+NO_OVERRIDES = "(no overrides)"
+DEFAULTS_LABEL = "defaults"
+
+
+def group_overrides(group: str) -> list[str]:
+    """The override items of a group key (:attr:`RunResult.group`, items joined with ``,``):
+    split at the commas between items, never at those inside ``[...]``, ``{...}``, ``(...)`` or
+    quotes (``model.moe.layers=[10,11]`` is one item). ``"(no overrides)"`` has none."""
+    if group == NO_OVERRIDES or not group:
+        return []
+    items, start, depth, quote = [], 0, 0, ""
+    for i, char in enumerate(group):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(group[start:i])
+            start = i + 1
+    items.append(group[start:])
+    return [item for item in items if item]
+
+
+def readable_override(item: str) -> str:
+    """One override as people say it: ``condition=top1`` -> ``top-1`` (:data:`CONDITION_NAMES`;
+    an unknown condition keeps its name), ``data.block_size=128`` -> ``block_size 128``,
+    ``data/size=1mb`` -> ``size 1mb``, ``~callbacks.routing_analysis`` ->
+    ``no routing_analysis``."""
+    key, value = split_override(item)
+    if key == CONDITION_KEY:
+        return CONDITION_NAMES.get(value, value)
+    name = key.replace("/", ".").rsplit(".", 1)[-1]
+    if str(item).startswith("~"):
+        return f"no {name}"
+    return f"{name} {value}"
+
+
+def condition_label(group: str, shared: Iterable[str] = ()) -> str:
+    """The label a table or figure shows for one group key: its condition first
+    (``condition=no_lb`` -> ``no LB``), then its other overrides readably
+    (:func:`readable_override`), leaving out those in ``shared`` (the items every group has,
+    e.g. ``experiment=study_cpu``). A group left with nothing shows all its items; one with no
+    overrides shows ``defaults``."""
+    items = group_overrides(group)
+    if not items:
+        return DEFAULTS_LABEL
+    shared = set(shared)
+    first = [i for i in items if split_override(i)[0] == CONDITION_KEY]
+    rest = [i for i in items if split_override(i)[0] != CONDITION_KEY and i not in shared]
+    shown = first + rest or items
+    return ", ".join(readable_override(item) for item in shown)
+
+
+def condition_labels(groups: Iterable[str]) -> dict[str, str]:
+    """Group key -> its label (:func:`condition_label`), the items every group shares left
+    out. Keys are unchanged (grouping, JSON and CSV use them); only what is shown changes.
+    Groups whose labels would coincide show their keys instead."""
+    groups = list(dict.fromkeys(groups))
+    item_sets = [set(group_overrides(g)) for g in groups]
+    shared = set.intersection(*item_sets) if item_sets else set()
+    labels = {g: condition_label(g, shared) for g in groups}
+    seen: dict[str, int] = {}
+    for label in labels.values():
+        seen[label] = seen.get(label, 0) + 1
+    return {g: (g if seen[label] > 1 else label) for g, label in labels.items()}

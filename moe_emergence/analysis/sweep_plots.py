@@ -1,7 +1,9 @@
 """Figures of a seed sweep: per group (runs over seeds), the mean NMI over steps with its 95%
 t-interval over runs, its chance level (null p95) and its step-0 level; the final domain x
 expert shares of each run; and the held-out loss over steps. Bands are not clipped: a
-t-interval of a non-negative score can reach below 0 with few seeds."""
+t-interval of a non-negative score can reach below 0 with few seeds. Groups are shown by their
+condition's name (:func:`moe_emergence.analysis.results.condition_labels`: ``top-1``, ``no LB``,
+...), never by their override strings."""
 
 from __future__ import annotations
 
@@ -16,7 +18,12 @@ from matplotlib.figure import Figure  # no pyplot: leaves the user's backend alo
 
 from moe_emergence.analysis.intervals import mean_interval
 from moe_emergence.analysis.plots import heatmap_panel, save_figure
-from moe_emergence.analysis.results import CheckpointResult, RunResult, group_runs
+from moe_emergence.analysis.results import (
+    CheckpointResult,
+    RunResult,
+    condition_labels,
+    group_runs,
+)
 
 __all__ = ["plot_held_out_loss", "plot_sweep_emergence", "plot_sweep_heatmaps"]
 
@@ -108,11 +115,11 @@ def plot_sweep_emergence(results: Sequence[RunResult], path: str | os.PathLike) 
     layers = sorted({layer for runs in groups.values() for r in runs for layer in r.layers})
     fig = Figure(figsize=(1.0 + 4.2 * max(len(layers), 1), 4.4), layout="constrained")
     axes = fig.subplots(1, max(len(layers), 1), squeeze=False, sharey=True)[0]
-    palette = _palette(results)
+    palette, labels = _palette(results), condition_labels(group_runs(results))
     for ax, layer in zip(axes, layers, strict=False):
         for g, runs in groups.items():
             nmi = _score_getter(layer, "nmi")
-            if not _mean_band(ax, runs, nmi, palette[g], g):
+            if not _mean_band(ax, runs, nmi, palette[g], labels[g]):
                 continue
             steps, nulls = _over_steps(runs, _score_getter(layer, "null_p95"))
             chance = [mean_interval(v).mean for v in nulls]  # NaNs dropped
@@ -138,6 +145,7 @@ def plot_sweep_heatmaps(results: Sequence[RunResult], path: str | os.PathLike) -
     Runs are never pooled: expert numbers are arbitrary per run (expert 2 of one seed is not
     expert 2 of another), so summed counts would hide specialisation."""
     runs = [r for group in _moe_groups(results).values() for r in group]
+    labels = condition_labels(group_runs(results))
     layers = sorted({layer for r in runs for layer in r.layers})
     n_experts = max((r.n_experts for r in runs), default=1)
     n_domains = max((len(r.domains) for r in runs), default=1)
@@ -153,7 +161,7 @@ def plot_sweep_heatmaps(results: Sequence[RunResult], path: str | os.PathLike) -
     )
     rows = fig.subfigures(max(len(runs), 1), 1, squeeze=False)[:, 0]
     for sub, run in zip(rows, runs, strict=False):
-        sub.suptitle(f"{run.group}, seed {run.seed} (step {run.final.step})", fontsize=9)
+        sub.suptitle(f"{labels[run.group]}, seed {run.seed} (step {run.final.step})", fontsize=9)
         axes = sub.subplots(1, max(len(layers), 1), squeeze=False)[0]
         image = None
         for ax, layer in zip(axes, layers, strict=False):
@@ -178,10 +186,10 @@ def plot_held_out_loss(results: Sequence[RunResult], path: str | os.PathLike) ->
             domains.update(dict.fromkeys(c.losses))
     fig = Figure(figsize=(1.0 + 4.2 * max(len(domains), 1), 4.4), layout="constrained")
     axes = fig.subplots(1, max(len(domains), 1), squeeze=False)[0]
-    palette = _palette(results)
+    palette, labels = _palette(results), condition_labels(groups)
     for ax, domain in zip(axes, domains, strict=False):
         for g, runs in groups.items():
-            _mean_band(ax, runs, _loss_getter(domain), palette[g], g)
+            _mean_band(ax, runs, _loss_getter(domain), palette[g], labels[g])
         ax.set_title(domain, fontsize=9)
         ax.set_xlabel("optimizer step")
     axes[0].set_ylabel("held-out loss (nats per token)")
