@@ -67,6 +67,8 @@ def test_other_errors_keep_their_traceback(capsys):
     [
         "train.py",
         "moe_emergence/data/cli.py",
+        "moe_emergence/analysis/analyze.py",
+        "moe_emergence/analysis/inspect.py",
     ],
 )
 def test_every_entry_point_uses_the_one_policy(path):

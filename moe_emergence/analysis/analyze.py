@@ -3,9 +3,10 @@
 PATH is a run dir, a multirun dir (every run dir below it) or one ``.ckpt`` file. For every
 run, every saved checkpoint is routed and scored in eval mode on the run's own probe, with the
 per-domain held-out loss (:mod:`moe_emergence.analysis.evaluate`); runs are grouped by their
-overrides without ``seed``, and each group's mean and 95% interval over seeds are written by
-:mod:`moe_emergence.analysis.summary`. Output (default ``PATH/analysis``, or the checkpoint's
-folder's ``analysis``)::
+overrides without ``seed``, and each group's mean and 95% interval over seeds
+(:mod:`moe_emergence.analysis.summary`) are written by
+:mod:`moe_emergence.analysis.summary_files`. Output (default ``PATH/analysis``, or the
+checkpoint's folder's ``analysis``)::
 
     summary.csv, summary.json, summary.md      one row per group x layer x metric
     emergence.png, heatmaps.png, held_out_loss.png
@@ -18,10 +19,8 @@ folder's ``analysis``)::
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -35,10 +34,11 @@ from moe_emergence.analysis.evaluate import (
     verify_checkpoints,
 )
 from moe_emergence.analysis.results import RunResult
-from moe_emergence.analysis.summary import write_summary
-from moe_emergence.analysis.tables import COUNTS, LOSSES, TRAJECTORY, write_table
+from moe_emergence.analysis.summary_files import write_summary
+from moe_emergence.analysis.tables import COUNTS, LOSSES, TRAJECTORY, routing_rows, write_table
 from moe_emergence.analysis.token_types import format_type_table
-from moe_emergence.errors import UserError
+from moe_emergence.errors import UserError, report_user_errors
+from moe_emergence.files import write_atomic
 
 RUNS_DIR = "runs"
 
@@ -80,23 +80,11 @@ def write_run_tables(result: RunResult, folder: Path) -> None:
     checkpoint's code token-type tables."""
     trajectory, counts, losses = [], [], []
     for checkpoint in result.checkpoints:
-        for layer, scores in checkpoint.scores.items():
-            trajectory.append(
-                {"step": checkpoint.step, "layer": layer, "probe": result.probe, **asdict(scores)}
-            )
-            table = checkpoint.counts[layer]
-            for d, domain in enumerate(result.domains):
-                for e in range(result.n_experts):
-                    counts.append(
-                        {
-                            "step": checkpoint.step,
-                            "layer": layer,
-                            "probe": result.probe,
-                            "domain": domain,
-                            "expert": e,
-                            "tokens": int(table[d, e]),
-                        }
-                    )
+        step_counts, step_trajectory = routing_rows(
+            checkpoint.step, result.probe, result.domains, checkpoint.counts, checkpoint.scores
+        )
+        counts += step_counts
+        trajectory += step_trajectory
         for domain, loss in checkpoint.losses.items():
             losses.append(
                 {
@@ -119,7 +107,7 @@ def write_run_tables(result: RunResult, folder: Path) -> None:
             f"{result.final.step} ({result.name})"
         ]
         text += [format_type_table(table, f"\nlayer {layer}:") for layer, table in types.items()]
-        (folder / "token_types.txt").write_text("\n".join(text) + "\n")
+        write_atomic(folder / "token_types.txt", "\n".join(text) + "\n")
 
 
 def run(args: argparse.Namespace) -> str:
@@ -155,12 +143,7 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m moe_emergence.analyze``; returns the exit status."""
+    """Entry point of ``python -m moe_emergence.analyze``; returns the exit status
+    (:func:`report_user_errors`)."""
     args = parse_args(argv)
-    try:
-        report = run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(report)
-    return 0
+    return report_user_errors(lambda: print(run(args)))

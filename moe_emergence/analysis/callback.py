@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -31,48 +31,24 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from moe_emergence.analysis.plots import plot_emergence, plot_heatmap
-from moe_emergence.analysis.probe import Probe, build_probe, route_blocks
-from moe_emergence.analysis.scores import LayerScores, collapsed_expert, contingency, score_layer
-from moe_emergence.analysis.tables import COUNTS, TRAIN_WINDOWS, TRAJECTORY, write_table
+from moe_emergence.analysis.probe import Probe, build_probe, route_blocks, score_probe_routing
+from moe_emergence.analysis.scores import LayerScores, collapsed_expert
+from moe_emergence.analysis.tables import (
+    COUNTS,
+    TRAIN_WINDOWS,
+    TRAJECTORY,
+    routing_rows,
+    write_table,
+)
 from moe_emergence.distributed import sum_over_ranks
 from moe_emergence.errors import UserError
+from moe_emergence.files import write_atomic
 from moe_emergence.model.gpt2_moe import moe_layers
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 COLLAPSE_SHARE = 0.9
-
-
-def score_probe_routing(
-    probe: Probe,
-    experts: dict[int, np.ndarray],
-    router_entropy: dict[int, float],
-    n_experts: int,
-    n_permutations: int,
-    seed: int,
-) -> dict[int, tuple[np.ndarray, LayerScores]]:
-    """Per MoE layer, the domain x expert table [D, E] of the probe's assignments (all k
-    slots: the heatmap's counts) and its scores (first choice, documents as units);
-    ``experts[layer]``: int [P, T, k] for ``probe.input_ids`` [P, T]."""
-    n_domains, (p, t) = len(probe.domains), probe.input_ids.shape
-    token_domains = np.repeat(probe.block_domains, t)
-    out = {}
-    for layer, chosen in sorted(experts.items()):
-        table = contingency(token_domains, chosen.reshape(p * t, -1), n_domains, n_experts)
-        scores = score_layer(
-            probe.input_ids,
-            probe.token_docs,
-            probe.doc_domains,
-            chosen,
-            n_domains,
-            n_experts,
-            n_permutations=n_permutations,
-            seed=seed,
-            router_entropy=router_entropy[layer],
-        )
-        out[layer] = (table, scores)
-    return out
 
 
 class RoutingAnalysis(L.Callback):
@@ -176,7 +152,7 @@ class RoutingAnalysis(L.Callback):
             self._restored_window = None
         if self._rank == 0:
             self._out.mkdir(parents=True, exist_ok=True)
-            (self._out / "probe.json").write_text(json.dumps(self.probe.describe(), indent=2))
+            write_atomic(self._out / "probe.json", json.dumps(self.probe.describe(), indent=2))
             self._write_tables()
         if self._last_step is None:  # a fresh run: where routing starts
             self._analyse(trainer, pl_module)
@@ -312,23 +288,19 @@ class RoutingAnalysis(L.Callback):
             self.null_permutations,
             self.null_seed,
         )
-        for n, (layer, (table, scores)) in enumerate(scored.items()):
-            self._rows["trajectory"].append(
-                {"step": step, "layer": layer, "probe": kind, **asdict(scores)}
-            )
-            for d, domain in enumerate(self._domains):
-                for e in range(self._n_experts):
-                    self._rows["counts"].append(
-                        {
-                            "step": step,
-                            "layer": layer,
-                            "probe": kind,
-                            "domain": domain,
-                            "expert": e,
-                            "tokens": int(table[d, e]),
-                        }
-                    )
-                    if step > self._window_start:
+        counts, trajectory = routing_rows(
+            step,
+            kind,
+            self._domains,
+            {layer: table for layer, (table, _) in scored.items()},
+            {layer: scores for layer, (_, scores) in scored.items()},
+        )
+        self._rows["counts"] += counts
+        self._rows["trajectory"] += trajectory
+        if step > self._window_start:  # training-time counts of the window that ends here
+            for n, layer in enumerate(self._layers):
+                for d, domain in enumerate(self._domains):
+                    for e in range(self._n_experts):
                         self._rows["windows"].append(
                             {
                                 "step_start": self._window_start,

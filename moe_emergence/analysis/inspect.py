@@ -27,17 +27,14 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from moe_emergence.analysis.loading import LoadedCheckpoint, load_checkpoint, tokenizer_settings
-from moe_emergence.analysis.probe import eval_mode
+from moe_emergence.analysis.probe import route_blocks
 from moe_emergence.analysis.token_types import CATEGORIES, format_type_table, token_type_table
 from moe_emergence.checkpoints import resolve_checkpoint
 from moe_emergence.data.prepare import load_data_tokenizer
 from moe_emergence.data.tokenize import untruncated
-from moe_emergence.errors import UserError
-from moe_emergence.hub import HubUnavailableError
-from moe_emergence.model.gpt2_moe import (
-    collect_aux_outputs,
-    moe_layers,
-)
+from moe_emergence.errors import UserError, report_user_errors
+from moe_emergence.files import write_atomic
+from moe_emergence.model.gpt2_moe import moe_layers
 
 OPTION = "CKPT"
 # 256-colour backgrounds, told apart on dark and light terminals (cycled beyond 12 experts).
@@ -94,28 +91,27 @@ def encode(tokenizer: Any, text: str) -> tuple[np.ndarray, list[tuple[int, int]]
 # ---------------------------------------------------------------------- routing
 
 
-@torch.no_grad()
 def route_text(model: GPT2LMHeadModel, token_ids: Sequence[int] | np.ndarray) -> Routing:
     """Per MoE layer (block index), ``(experts int64 [T, k], probs float32 [T, E])`` of one
-    token sequence: eval mode, no grad, as :func:`moe_emergence.analysis.probe.route_blocks`;
-    ``probs`` is the softmax of the clean router logits. Sequences longer than
-    ``model.config.n_positions`` go through in consecutive windows of that many tokens."""
-    layers = moe_layers(model)
-    if not layers:
+    token sequence, routed by :func:`moe_emergence.analysis.probe.route_blocks` (eval mode, no
+    grad); ``probs`` is the softmax of the clean router logits. Sequences longer than
+    ``model.config.n_positions`` go through in consecutive windows of that many tokens, one
+    window per forward."""
+    if not moe_layers(model):
         raise UserError("The model has no MoE layers: there is no routing to inspect.")
     ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long).reshape(-1)
+    ids = ids.to(next(model.parameters()).device)
     window = model.config.n_positions
-    device = next(model.parameters()).device
-    experts: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
-    probs: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
-    with eval_mode(model):
-        for start in range(0, len(ids), window):
-            chunk = ids[start : start + window].to(device)[None]
-            model.transformer(input_ids=chunk)  # the MoE layers are all in here; no LM head
-            for i, (indices, logits) in collect_aux_outputs(model).routing.items():
-                experts[i].append(indices.reshape(chunk.shape[1], -1).cpu())
-                probs[i].append(logits.float().softmax(-1).reshape(chunk.shape[1], -1).cpu())
-    return {i: (torch.cat(experts[i]).numpy(), torch.cat(probs[i]).numpy()) for i in sorted(layers)}
+    whole = len(ids) - len(ids) % window
+    parts = [ids[:whole].view(-1, window), ids[whole:].view(1, -1)]  # full windows, the rest
+    routed = [route_blocks(model, part, 1, with_probs=True) for part in parts if part.numel()]
+    return {
+        i: (
+            torch.cat([r.experts[i].flatten(0, 1) for r in routed]).cpu().numpy(),
+            torch.cat([r.probs[i].flatten(0, 1) for r in routed]).cpu().numpy(),
+        )
+        for i in sorted(routed[0].experts)
+    }
 
 
 # ---------------------------------------------------------------------- rendering
@@ -340,18 +336,13 @@ def run(args: argparse.Namespace) -> str:
         page = render_html(
             tokens, routing, n_experts, f"Routing of {loaded.path.name}", notes, type_tables
         )
-        Path(args.html).write_text(page, encoding="utf-8")
+        write_atomic(args.html, page)
         out += ["", f"HTML written to {args.html}"]
     return "\n".join(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m moe_emergence.inspect``; returns the exit status."""
+    """Entry point of ``python -m moe_emergence.inspect``; returns the exit status
+    (:func:`report_user_errors`)."""
     args = parse_args(argv)
-    try:
-        report = run(args)
-    except (UserError, HubUnavailableError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(report)
-    return 0
+    return report_user_errors(lambda: print(run(args)))

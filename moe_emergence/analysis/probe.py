@@ -1,4 +1,6 @@
-"""The fixed probe that routing is measured on, and routing it in eval mode.
+"""The measurement core: the fixed probe that routing is measured on, routing it in eval mode
+(:func:`route_blocks`, the one eval-mode routing loop: the training callback, ``analyze`` and
+``inspect`` all route through it) and scoring that routing (:func:`score_probe_routing`).
 
 The probe is P blocks of T tokens, each block of one domain, chosen once per run and the
 same on every rank and after a resume: the held-out split when there is one
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moe_emergence.analysis.scores import LayerScores, contingency, score_layer
 from moe_emergence.errors import UserError
 from moe_emergence.model.gpt2_moe import collect_aux_outputs, moe_layers, next_token_losses
 
@@ -180,11 +183,14 @@ class ProbeRouting:
     experts: int64 [P, T, k] chosen experts; entropy_sum: float64 [] summed over tokens of
     the clean router distribution's entropy (nats). loss_sum (``with_loss`` only): float64
     [P], each block's next-token cross-entropy (nats) summed over its T - 1 predictions.
+    probs (``with_probs`` only): float32 [P, T, E], the clean router distribution of every
+    token (softmax of the router logits in float32).
     """
 
     experts: dict[int, torch.Tensor]
     entropy_sum: dict[int, torch.Tensor]
     loss_sum: torch.Tensor | None = None
+    probs: dict[int, torch.Tensor] | None = None
 
 
 @contextlib.contextmanager
@@ -206,12 +212,14 @@ def route_blocks(
     batch_size: int,
     forward_context: Any = contextlib.nullcontext,
     with_loss: bool = False,
+    with_probs: bool = False,
 ) -> ProbeRouting:
     """Route ``input_ids`` [p, T] (on the model's device) through ``model`` (a
     ``GPT2LMHeadModel``, with MoE layers or dense) in eval mode, ``batch_size`` blocks at a
     time, under ``forward_context()`` (the trainer's precision context). Draws no random
     numbers. ``with_loss`` also runs the LM head for each block's summed loss (as the
-    LightningModule's validation: float32 logits, next token within the block)."""
+    LightningModule's validation: float32 logits, next token within the block);
+    ``with_probs`` also keeps every token's router distribution."""
     layers = moe_layers(model)
     p, t = input_ids.shape
     device = input_ids.device
@@ -221,6 +229,14 @@ def route_blocks(
     }
     entropy_sum = {i: torch.zeros((), dtype=torch.float64, device=device) for i in layers}
     loss_sum = torch.zeros(p, dtype=torch.float64, device=device) if with_loss else None
+    probs = (
+        {
+            i: torch.zeros(p, t, layer.n_experts, dtype=torch.float32, device=device)
+            for i, layer in layers.items()
+        }
+        if with_probs
+        else None
+    )
     with eval_mode(model):
         for start in range(0, p, batch_size):
             chunk = input_ids[start : start + batch_size]
@@ -236,4 +252,38 @@ def route_blocks(
                 experts[i][start : start + len(chunk)] = indices.view(len(chunk), t, -1)
                 log_p = logits.double().log_softmax(-1)
                 entropy_sum[i] += -(log_p.exp() * log_p).sum()
-    return ProbeRouting(experts, entropy_sum, loss_sum)
+                if probs is not None:
+                    dist = logits.float().softmax(-1)
+                    probs[i][start : start + len(chunk)] = dist.view(len(chunk), t, -1)
+    return ProbeRouting(experts, entropy_sum, loss_sum, probs)
+
+
+def score_probe_routing(
+    probe: Probe,
+    experts: dict[int, np.ndarray],
+    router_entropy: dict[int, float],
+    n_experts: int,
+    n_permutations: int,
+    seed: int,
+) -> dict[int, tuple[np.ndarray, LayerScores]]:
+    """Per MoE layer, the domain x expert table [D, E] of the probe's assignments (all k
+    slots: the heatmap's counts) and its scores (first choice, documents as units);
+    ``experts[layer]``: int [P, T, k] for ``probe.input_ids`` [P, T]. Layers in sorted order."""
+    n_domains, (p, t) = len(probe.domains), probe.input_ids.shape
+    token_domains = np.repeat(probe.block_domains, t)
+    out = {}
+    for layer, chosen in sorted(experts.items()):
+        table = contingency(token_domains, chosen.reshape(p * t, -1), n_domains, n_experts)
+        scores = score_layer(
+            probe.input_ids,
+            probe.token_docs,
+            probe.doc_domains,
+            chosen,
+            n_domains,
+            n_experts,
+            n_permutations=n_permutations,
+            seed=seed,
+            router_entropy=router_entropy[layer],
+        )
+        out[layer] = (table, scores)
+    return out

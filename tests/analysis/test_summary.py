@@ -21,10 +21,10 @@ from moe_emergence.analysis.summary import (
     ROUTING_METRICS,
     dense_twins,
     group_runs,
-    render_markdown,
     summarize,
 )
-from moe_emergence.analysis.summary import write_summary as _write_summary
+from moe_emergence.analysis.summary_files import render_markdown
+from moe_emergence.analysis.summary_files import write_summary as _write_summary
 
 MOE = "condition=top1,experiment=x"
 MOE2 = "condition=top2,experiment=x"

@@ -1,0 +1,117 @@
+"""One measurement core: the training callback and ``analyze`` route the same probe through the
+same model with the same function, score it with the same function and build the rows of
+counts.csv and trajectory.csv with the same function, so their files are equal byte for byte;
+and those rows are what the columns of tables.py say."""
+
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from helpers.moe import tiny_module
+
+from moe_emergence.analysis import callback as callback_module
+from moe_emergence.analysis.analyze import write_run_tables
+from moe_emergence.analysis.callback import RoutingAnalysis
+from moe_emergence.analysis.evaluate import evaluate_checkpoint
+from moe_emergence.analysis.probe import make_probe, route_blocks, score_probe_routing
+from moe_emergence.analysis.results import RunResult
+from moe_emergence.analysis.tables import COUNTS, TRAJECTORY, read_table, routing_rows
+
+STEP = 3
+SETTINGS = {"batch_size": 4, "null_permutations": 19, "null_seed": 5}
+
+
+def _probe(domains, vocab_size: int, block_size: int):
+    """Two documents of two blocks per domain."""
+    rng = np.random.default_rng(0)
+    n = 4 * len(domains)
+    ids = rng.integers(0, vocab_size, size=(n, block_size))
+    block_domains = np.repeat(np.arange(len(domains)), 4)
+    texts = np.repeat(np.tile([0, 0, 1, 1], len(domains))[:, None], block_size, axis=1)
+    return make_probe(ids, block_domains, domains, "held_out", texts)
+
+
+def test_callback_and_analyze_write_the_same_routing_tables(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    module = tiny_module(moe={"layers": [0, 1], "n_experts": 4, "top_k": 2})
+    probe = _probe(module.domains, vocab_size=32, block_size=8)
+
+    # Training time: the callback's own hooks, on one rank, with this probe.
+    monkeypatch.setattr(callback_module, "build_probe", lambda *args, **kwargs: probe)
+    trainer = SimpleNamespace(
+        global_step=STEP,
+        global_rank=0,
+        world_size=1,
+        default_root_dir=str(tmp_path),
+        datamodule=None,
+        precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext),
+    )
+    callback = RoutingAnalysis(**SETTINGS, out_dir=str(tmp_path / "callback"))
+    callback.setup(trainer, module, "fit")
+    callback.on_train_start(trainer, module)  # a fresh run: analyses the probe at STEP
+
+    # analyze: the same model as a loaded checkpoint of that step.
+    loaded = SimpleNamespace(model=module.model, step=STEP)
+    result = evaluate_checkpoint(loaded, probe, None, SETTINGS, torch.device("cpu"))
+    run = RunResult(
+        name="run",
+        run_dir=tmp_path,
+        group="(no overrides)",
+        seed=None,
+        overrides=[],
+        moe=True,
+        domains=tuple(module.domains),
+        layers=[0, 1],
+        n_experts=4,
+        probe=probe.kind,
+        probe_blocks={},
+        checkpoints=[result],
+    )
+    write_run_tables(run, tmp_path / "analyze")
+
+    for name in ("counts.csv", "trajectory.csv"):
+        trained = (tmp_path / "callback" / name).read_bytes()
+        analysed = (tmp_path / "analyze" / name).read_bytes()
+        assert trained == analysed, name
+    counts = read_table(tmp_path / "analyze" / "counts.csv")
+    assert len(counts) == 2 * len(module.domains) * 4  # layers x domains x experts
+    assert sum(int(r["tokens"]) for r in counts) == 2 * probe.input_ids.size * 2  # top-2
+    assert {r["step"] for r in counts} == {str(STEP)}
+
+
+def test_routing_rows_follow_the_columns_and_the_tables():
+    domains = ("code", "math", "prose")
+    probe = _probe(domains, vocab_size=32, block_size=8)
+    module = tiny_module(moe={"layers": [1], "n_experts": 3})
+    routed = route_blocks(module.model, torch.from_numpy(probe.input_ids), 4)
+    experts = {layer: e.numpy() for layer, e in routed.experts.items()}
+    entropy = {layer: float(s) / probe.input_ids.size for layer, s in routed.entropy_sum.items()}
+    scored = score_probe_routing(probe, experts, entropy, 3, n_permutations=9, seed=0)
+    counts = {layer: table for layer, (table, _) in scored.items()}
+    scores = {layer: s for layer, (_, s) in scored.items()}
+
+    count_rows, trajectory_rows = routing_rows(7, probe.kind, domains, counts, scores)
+
+    assert all(tuple(row) == COUNTS for row in count_rows)
+    assert all(tuple(row) == TRAJECTORY for row in trajectory_rows)
+    assert [(r["domain"], r["expert"]) for r in count_rows] == [
+        (d, e) for d in domains for e in range(3)
+    ]
+    table = counts[1]
+    assert [r["tokens"] for r in count_rows] == table.reshape(-1).tolist()
+    assert trajectory_rows[0]["nmi"] == scores[1].nmi and trajectory_rows[0]["step"] == 7
+
+
+def test_route_blocks_probs_are_the_router_distribution():
+    module = tiny_module(moe={"layers": [1], "n_experts": 3, "top_k": 2})
+    ids = torch.randint(0, 32, (5, 8), generator=torch.Generator().manual_seed(1))
+    routed = route_blocks(module.model, ids, 2, with_probs=True)
+    probs = routed.probs[1]
+    assert probs.shape == (5, 8, 3) and probs.dtype == torch.float32
+    assert torch.allclose(probs.sum(-1), torch.ones(5, 8))
+    top = probs.topk(2, dim=-1).indices.sort(-1).values
+    assert (top == routed.experts[1].sort(-1).values).all()  # eval mode: the top-k experts
+    assert route_blocks(module.model, ids, 2).probs is None
