@@ -1,9 +1,9 @@
-"""Checkpoints that a resume can trust: SHA-256 sidecars, checked paths, saved random states.
+"""The checkpoint file format: SHA-256 sidecars, memory-mapped reading, saved random states.
 
 - :class:`HashedCheckpointIO` writes every checkpoint atomically with ``<ckpt>.sha256`` beside
   it (``sha256sum`` format: ``<64 hex>  <file name>``, so ``sha256sum -c`` checks it too).
-- :func:`resolve_checkpoint` turns ``ckpt_path`` / ``init_from`` (a file, a run dir, or
-  ``last``) into one verified checkpoint file, or raises a one-line :class:`UserError`.
+- :func:`load_mapped` reads a checkpoint with its tensors memory-mapped, or raises a one-line
+  :class:`UserError` (which file ``ckpt_path`` / ``init_from`` name: :mod:`moe_emergence.runs`).
 - :class:`RandomStates` saves torch (CPU and CUDA), numpy and Python random states of every
   rank in the checkpoint and puts them back right before the first resumed step, so that the
   losses after a resume equal the uninterrupted run's step for step.
@@ -37,8 +37,6 @@ from moe_emergence.model.gpt2_moe import stack_per_expert_state
 log = logging.getLogger(__name__)
 
 SIDECAR_SUFFIX = ".sha256"
-CHECKPOINTS_DIR = "checkpoints"
-LAST_PATTERN = "last*.ckpt"  # last.ckpt, and last-v1.ckpt when Lightning versions it
 RANDOM_STATES_VERSION = 1
 
 
@@ -112,20 +110,7 @@ class HashedCheckpointIO(TorchCheckpointIO):
             sidecar_path(path).unlink(missing_ok=True)
 
 
-# ---------------------------------------------------------------------- checked paths
-
-
-def _newest_last(folder: Path) -> Path | None:
-    found = [p for p in folder.glob(LAST_PATTERN) if p.is_file()]
-    return max(found, key=lambda p: (p.stat().st_mtime, p.name)) if found else None
-
-
-def _last_of_run(run_dir: Path) -> Path | None:
-    """The newest ``last*.ckpt`` in ``<run_dir>/checkpoints/`` (or in ``run_dir`` itself)."""
-    for folder in (run_dir / CHECKPOINTS_DIR, run_dir):
-        if folder.is_dir() and (found := _newest_last(folder)) is not None:
-            return found
-    return None
+# ---------------------------------------------------------------------- reading
 
 
 def load_mapped(path: Path, option: str) -> dict[str, Any]:
@@ -146,63 +131,11 @@ def load_mapped(path: Path, option: str) -> dict[str, Any]:
     return checkpoint
 
 
-def resolve_checkpoint(
-    value: str | os.PathLike, option: str, run_dir: str | os.PathLike | None = None
-) -> Path:
-    """The checkpoint file that ``option=value`` names, verified; else a one-line UserError.
-
-    ``value``: a ``.ckpt`` file; a run dir (its newest ``checkpoints/last*.ckpt``); or ``last``:
-    the newest ``last*.ckpt`` of ``run_dir`` (this run's folder, e.g. set with
-    ``hydra.run.dir=<old run>`` to continue a run in place). Checks, in this order: it
-    exists, is a non-empty file, loads as a Lightning checkpoint (``ckpt_path`` also needs
-    the training state), and matches its ``.sha256`` sidecar.
-    """
-    text = os.fspath(value).strip()
-    if not text:
-        raise UserError(f"{option} is empty: pass a checkpoint file or a run dir, or null.")
-    if text == "last":
-        if run_dir is None:
-            raise UserError(f"{option}=last needs a run dir: pass {option}=<run dir> instead.")
-        found = _last_of_run(Path(run_dir))
-        if found is None:
-            raise UserError(
-                f"{option}=last: no {CHECKPOINTS_DIR}/last.ckpt in this run's folder {run_dir}; "
-                f"name the run to resume: {option}=<run dir> (or hydra.run.dir=<run dir> "
-                f"{option}=last to continue in that folder)."
-            )
-        path = found
-    else:
-        path = Path(text).expanduser()
-        if not path.exists():
-            raise UserError(f"{option}={path} does not exist: pass a .ckpt file or a run dir.")
-        if path.is_dir():
-            found = _last_of_run(path)
-            if found is None:
-                raise UserError(
-                    f"{option}={path} is a folder without {CHECKPOINTS_DIR}/last.ckpt: pass a "
-                    f".ckpt file or a run dir that has one."
-                )
-            path = found
-    if not path.is_file():
-        raise UserError(f"{option}={path} is not a regular file: pass a .ckpt file.")
-    if path.stat().st_size == 0:
-        raise UserError(f"{option}={path} is empty (0 bytes): pass another checkpoint of the run.")
-    checkpoint = load_mapped(path, option)
-    if option == "ckpt_path" and not {"loops", "optimizer_states"} <= checkpoint.keys():
-        raise UserError(
-            f"ckpt_path={path} holds weights only (no training state to resume): start a new "
-            f"run from it with init_from={path} (and ckpt_path=null)."
-        )
-    del checkpoint
-    verify_sidecar(path, option)
-    return path
-
-
-def load_initial_weights(module: torch.nn.Module, path: Path) -> int:
-    """Copy the checkpoint's ``state_dict`` into ``module`` (strict; experts of the per-expert
-    layout converted to stacked weights); return the step it was saved at. A model that
-    differs (other layers, widths, experts) is a UserError."""
-    checkpoint = load_mapped(path, "init_from")
+def load_initial_weights(module: torch.nn.Module, checkpoint: dict[str, Any], path: Path) -> int:
+    """Copy ``checkpoint``'s ``state_dict`` (read from ``path``, named in errors) into
+    ``module`` (strict; experts of the per-expert layout converted to stacked weights); return
+    the step it was saved at. A model that differs (other layers, widths, experts) is a
+    UserError."""
     # Experts written before they were stacked are stacked (the same weights); else a no-op.
     state = stack_per_expert_state(checkpoint["state_dict"])
     try:
@@ -327,7 +260,6 @@ __all__ = [
     "RandomStates",
     "load_initial_weights",
     "load_mapped",
-    "resolve_checkpoint",
     "sha256_file",
     "sidecar_path",
     "verify_sidecar",

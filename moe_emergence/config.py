@@ -1,82 +1,111 @@
-"""The Hydra config tree with all its resolvers: :mod:`moe_emergence.compose` (where the tree
-lives, ``${path_safe:...}``, ``${unique_dir:...}``) plus ``${vocab_size:...}``, the number of ids
-of the data's tokenizer. Loading that tokenizer takes the data package, so this module sits
-above it; the data package composes through :mod:`moe_emergence.compose`."""
+"""Composing the Hydra config tree: where it lives, its resolvers (``${path_safe:...}``,
+``${unique_dir:...}``: names of run folders) and the groups' base nodes.
+
+Each settings group's base node is built from its settings dataclass (``data/settings.py``,
+``model/settings.py``, ``analysis/settings.py``; registered as ``data/settings``,
+``model/settings`` and ``callbacks/routing_analysis/settings`` in Hydra's config store), so that
+a default is written once, in the package; the YAML files under ``conf/`` hold choices.
+Composing reads nothing but ``conf/``: what the data knows (its tokenizer's size, its domains)
+is handed to the model by the wiring (:mod:`moe_emergence.train`), not resolved here.
+"""
 
 from __future__ import annotations
 
-import functools
-import logging
+import hashlib
 import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from moe_emergence.compose import (
-    CONFIG_ENV,
-    CONFIG_NAME,
-    MAX_DIR_NAME,
-    compose,
-    config_dir,
-    path_safe,
-    register_path_resolvers,
-)
-from moe_emergence.data.cache import cached_tokenizer_infos
-from moe_emergence.data.prepare import load_data_tokenizer
-from moe_emergence.hub import HubUnavailableError, default_mirror
+from moe_emergence import run_dir
+from moe_emergence.analysis.settings import ProbeSettings
+from moe_emergence.data.settings import DataSettings, LoaderSettings
+from moe_emergence.model.settings import ModelSettings, MoESettings
+from moe_emergence.settings import defaults
 
-log = logging.getLogger(__name__)
+CONFIG_ENV = "MOE_CONFIG_DIR"
+CONFIG_NAME = "config"
+SETTINGS_NODE = "settings"  # the base node of a group: data/settings, model/settings
+
+DATAMODULE_TARGET = "moe_emergence.data.MixedDomainDataModule"
+MODULE_TARGET = "moe_emergence.model.module.MoEGPT2Module"
+ROUTING_TARGET = "moe_emergence.analysis.RoutingAnalysis"
 
 
-@functools.lru_cache(maxsize=8)
-def tokenizer_vocab_size(
-    name: str, hub_mirror: str | None = None, cache_dir: str | None = None
-) -> int:
-    """Resolver ``${vocab_size:${data.tokenizer},${data.hub_mirror},${data.cache_dir}}``:
-    the number of ids of the tokenizer the data is made with.
+def config_dir() -> Path:
+    """``$MOE_CONFIG_DIR``, else the repo's ``conf/`` (beside the package)."""
+    found = os.environ.get(CONFIG_ENV)
+    path = Path(found) if found else Path(__file__).resolve().parents[1] / "conf"
+    if not (path / f"{CONFIG_NAME}.yaml").is_file():
+        raise FileNotFoundError(
+            f"No {CONFIG_NAME}.yaml in '{path}'. Run from a clone of the repo (pip install -e .) "
+            f"or set {CONFIG_ENV} to its conf/ folder."
+        )
+    return path
 
-    Offline, when the tokenizer cannot be loaded (a Hub name, no mirror, not in the Hugging
-    Face cache), the size recorded under that name by the token cache's manifests, when they
-    agree; else the loading error.
-    """
-    mirror = hub_mirror if hub_mirror is not None else default_mirror()
-    try:
-        return len(load_data_tokenizer(name, mirror, cache_dir))
-    except HubUnavailableError:
-        sizes = {info["vocab_size"] for info in cached_tokenizer_infos(cache_dir, name)}
-        if len(sizes) != 1:
-            raise
-        size = sizes.pop()
-        log.info("Offline: tokenizer '%s' has %d ids, as the token cache records.", name, size)
-        return size
+
+MAX_DIR_NAME = 200  # bytes; file systems refuse names over 255, and the job number comes first
+
+
+def path_safe(text: str) -> str:
+    """Resolver ``${path_safe:...}``: ``/`` (from group overrides such as ``data/size=1mb``)
+    would nest sweep folders; it becomes ``-``. A name longer than :data:`MAX_DIR_NAME` bytes
+    (many overrides) keeps its start and ends in ``~`` and 8 hex digits of its SHA-256, so
+    that it stays unique; the full overrides are in the job's ``.hydra/overrides.yaml``."""
+    name = str(text).replace("/", "-")
+    data = name.encode()
+    if len(data) <= MAX_DIR_NAME:
+        return name
+    digest = hashlib.sha256(data).hexdigest()[:8]
+    return data[: MAX_DIR_NAME - 9].decode(errors="ignore") + "~" + digest
+
+
+def settings_nodes() -> dict[str, dict[str, Any]]:
+    """Group -> its base node: the settings' defaults and the class Hydra instantiates."""
+    return {
+        "data": {
+            "_target_": DATAMODULE_TARGET,
+            **defaults(DataSettings),
+            **defaults(LoaderSettings),
+        },
+        "model": {
+            "_target_": MODULE_TARGET,
+            "_convert_": "all",
+            **defaults(ModelSettings),
+            "moe": defaults(MoESettings),
+        },
+        "callbacks/routing_analysis": {"_target_": ROUTING_TARGET, **defaults(ProbeSettings)},
+    }
 
 
 def register_resolvers() -> None:
-    """``${vocab_size:...}``, ``${path_safe:...}`` and ``${unique_dir:...}`` (run folders)."""
-    register_path_resolvers()
-    if not OmegaConf.has_resolver("vocab_size"):
-        OmegaConf.register_new_resolver("vocab_size", tokenizer_vocab_size)
+    """``${path_safe:...}``, ``${unique_dir:...}`` and the groups' base nodes; idempotent.
+    ``train.py`` calls it before Hydra composes."""
+    from hydra.core.config_store import ConfigStore
+
+    run_dir.register()
+    if not OmegaConf.has_resolver("path_safe"):
+        OmegaConf.register_new_resolver("path_safe", path_safe)
+    store = ConfigStore.instance()
+    for group, node in settings_nodes().items():
+        store.store(group=group, name=SETTINGS_NODE, node=node)
 
 
 def compose_config(
     overrides: Sequence[str] = (), directory: str | os.PathLike | None = None
 ) -> DictConfig:
-    """Compose ``config.yaml`` with command-line style ``overrides`` (no Hydra app needed) and
-    every resolver registered.
+    """Compose ``config.yaml`` with command-line style ``overrides`` (no Hydra app needed).
 
     ``${hydra:...}`` values (run dirs) are not available here; the data and model nodes use none.
     """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
     register_resolvers()
-    return compose(overrides, directory)
-
-
-__all__ = [
-    "CONFIG_ENV",
-    "CONFIG_NAME",
-    "MAX_DIR_NAME",
-    "compose_config",
-    "config_dir",
-    "path_safe",
-    "register_resolvers",
-    "tokenizer_vocab_size",
-]
+    path = Path(directory) if directory is not None else config_dir()
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(path.resolve()), version_base="1.3"):
+        return compose(CONFIG_NAME, overrides=list(overrides))

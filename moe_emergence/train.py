@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +19,12 @@ from moe_emergence.checkpoints import (
     RandomStates,
     StepZeroCheckpoint,
     load_initial_weights,
-    load_mapped,
-    resolve_checkpoint,
 )
-from moe_emergence.data.datamodule import RESUME_KEYS, check_loader_state
-from moe_emergence.data.sources import DOMAINS
+from moe_emergence.config import compose_config
 from moe_emergence.errors import UserError
-from moe_emergence.model.gpt2_moe import has_per_expert_layout
 from moe_emergence.model.module import check_compile
+from moe_emergence.runs import check_resume_data, check_resume_settings, resolve_start
+from moe_emergence.settings import is_int
 
 log = logging.getLogger(__name__)
 
@@ -76,103 +76,21 @@ class RunSummary(L.Callback):
         self.path.write_text(json.dumps(summary, indent=2))
 
 
-def _this_run_dir(cfg: DictConfig) -> str | None:
-    """``paths.run_dir`` (this run's folder), or None where it cannot be resolved."""
-    try:
-        return OmegaConf.select(cfg, "paths.run_dir", default=None)
-    except Exception:  # ${hydra:...} outside a Hydra app
-        return None
+def build_module(model_cfg: DictConfig, datamodule: Any) -> L.LightningModule:
+    """The model node instantiated with what the data knows: its tokenizer's ``vocab_size`` and
+    its ``domains`` (the config composes without loading either)."""
+    return instantiate(
+        model_cfg, vocab_size=datamodule.vocab_size, domains=list(datamodule.domains)
+    )
 
 
-def resolve_start(cfg: DictConfig) -> tuple[Path | None, Path | None]:
-    """``(ckpt_path, init_from)`` as verified checkpoint files (at most one of them set), or a
-    one-line UserError; cheap (the checkpoint is memory-mapped and hashed), before any data or
-    model is built. See :func:`moe_emergence.checkpoints.resolve_checkpoint`."""
-    ckpt, init = cfg.get("ckpt_path"), cfg.get("init_from")
-    if ckpt is not None and init is not None:
-        raise UserError(
-            f"ckpt_path={ckpt} and init_from={init} are both set: ckpt_path resumes a run (its "
-            f"step, optimizer, data position), init_from starts a new run from a checkpoint's "
-            f"weights; pass only one."
-        )
-    if ckpt is not None:
-        return resolve_checkpoint(str(ckpt), "ckpt_path", _this_run_dir(cfg)), None
-    if init is not None:
-        return None, resolve_checkpoint(str(init), "init_from", _this_run_dir(cfg))
-    return None, None
-
-
-# Model settings that change the weights' shapes: a resume with another value cannot load them.
-MODEL_SHAPE_KEYS = (
-    "vocab_size",
-    "n_positions",
-    "n_embd",
-    "n_layer",
-    "n_head",
-    "moe.layers",
-    "moe.n_experts",
-    "moe.top_k",
-)
-
-
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
-def _saved_loader_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The train loader's state in a Lightning checkpoint (``{}`` when it has none)."""
-    fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
-    return dict((fit_loop.get("state_dict", {}).get("combined_loader") or [{}])[0])
-
-
-def check_resume_settings(cfg: DictConfig, path: Path) -> None:
-    """Refuse, before any data or model is built, a resume of a checkpoint whose experts are
-    in the per-expert layout (use ``init_from``), or whose config differs from the
-    checkpoint's in ``seed``, the data settings the config alone decides (batch size, data
-    seed, balance, block size) or the model's shapes; one line naming every change. The
-    world size and the data's content are checked once the trainer exists
-    (:func:`check_resume_data`), and the train loader checks everything again at the restore."""
-    checkpoint = load_mapped(path, "ckpt_path")
-    if has_per_expert_layout(checkpoint.get("state_dict") or {}):
-        raise UserError(
-            f"ckpt_path={path} holds experts in the per-expert layout of an earlier version, "
-            f"which cannot resume (its optimizer state is per expert): start a new run from its "
-            f"weights with init_from={path} (and ckpt_path=null)."
-        )
-    loader = _saved_loader_state(checkpoint)
-    now: dict[str, tuple[Any, Any]] = {}  # label -> (checkpoint, now)
-    rng = checkpoint.get("callbacks", {}).get(RandomStates.__qualname__, {})
-    if "seed" in rng:
-        now["seed"] = (rng["seed"], cfg.seed)
-    if loader.get("version") is not None:
-        for key in ("batch_size", "seed", "balance_tokens", "block_size"):
-            if key in loader:
-                now[RESUME_KEYS[key]] = (loader[key], _plain(cfg.data.get(key)))
-    saved_model = checkpoint.get("hyper_parameters", {})
-    for key in MODEL_SHAPE_KEYS:
-        saved = OmegaConf.select(OmegaConf.create(dict(saved_model)), key, default=None)
-        if saved is not None:
-            now[f"model.{key}"] = (_plain(saved), _plain(OmegaConf.select(cfg.model, key)))
-    changed = [
-        f"{label}: checkpoint {old!r}, now {new!r}"
-        for label, (old, new) in now.items()
-        if old != new
-    ]
-    if changed:
-        raise UserError(
-            f"Cannot resume with changed settings: {'; '.join(changed)}. Resume with the "
-            f"checkpoint's values, or start a new run from the checkpoint's weights with "
-            f"init_from={path} (and ckpt_path=null)."
-        )
-
-
-def check_resume_data(datamodule: Any, trainer: L.Trainer, path: Path) -> None:
-    """Refuse a resume whose world size or training data (token content, held-out split)
-    differ from the checkpoint's, in this process (ahead of ddp_spawn's workers, whose errors
-    would come back as tracebacks). Opens the token cache, as ``fit`` would next."""
-    state = _saved_loader_state(load_mapped(path, "ckpt_path"))
-    if hasattr(datamodule, "resume_identity"):
-        check_loader_state(state, datamodule.resume_identity(trainer.world_size), path)
+def datamodule_from_config(
+    overrides: Sequence[str] = (), config_dir: str | os.PathLike | None = None
+) -> Any:
+    """The data node of the project's config (outside ``train.py``: notebooks, scripts),
+    composed with command-line style ``overrides``, e.g. ``["data/size=1mb",
+    "data.block_size=128", "data.hub_mirror=../shared/hub"]``; nothing is read yet."""
+    return instantiate(compose_config(overrides, config_dir).data)
 
 
 def _plugins(cfg: DictConfig) -> list[Any]:
@@ -194,19 +112,19 @@ def train(
     """
     check_launch(cfg, multirun, launcher)
     seed = cfg.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise UserError(f"seed must be an integer ≥ 0, got {seed!r} (e.g. seed=42).")
     moe = cfg.model.get("moe") or {}
     check_compile(cfg.model.get("compile", False), moe.get("dispatch"), cfg.trainer.precision)
-    ckpt_path, init_from = resolve_start(cfg)
-    if ckpt_path is not None:
-        check_resume_settings(cfg, ckpt_path)
+    resume, init = resolve_start(cfg)  # each checkpoint is read once, here
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model, domains=list(DOMAINS))  # the data's labels, defined there
-    if init_from is not None:
-        step = load_initial_weights(model, init_from)
-        log.info("Weights from %s (its step %d); this run starts at step 0.", init_from, step)
+    datamodule = instantiate(cfg.data)  # checks its settings; reads no data yet
+    if resume is not None:
+        check_resume_settings(cfg, resume, datamodule.vocab_size)
+    model = build_module(cfg.model, datamodule)
+    if init is not None:
+        step = load_initial_weights(model, init.contents, init.path)
+        log.info("Weights from %s (its step %d); this run starts at step 0.", init.path, step)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if cfg.trainer.get("enable_progress_bar") is False:  # else Lightning refuses the bar callback
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
@@ -218,8 +136,10 @@ def train(
     trainer.callbacks.append(RunSummary(run_dir / SUMMARY_FILE))
     trainer.callbacks.append(RandomStates(seed=cfg.seed))
     trainer.callbacks.append(StepZeroCheckpoint())  # after RoutingAnalysis: its step-0 rows
-    if ckpt_path is not None:
-        check_resume_data(datamodule, trainer, ckpt_path)
+    ckpt_path = resume.path if resume is not None else None
+    if resume is not None:
+        check_resume_data(datamodule, trainer.world_size, resume)
+        del resume  # Lightning reads the file next
         log.info("Resuming from %s", ckpt_path)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
@@ -232,7 +152,7 @@ def train(
         "data_report": run_dir / "data_report.json",
         "summary": run_dir / SUMMARY_FILE,
         "resumed_from": ckpt_path,
-        "init_from": init_from,
+        "init_from": init.path if init is not None else None,
         **summary,
     }
     if trainer.is_global_zero:

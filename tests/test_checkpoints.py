@@ -94,13 +94,23 @@ def ckpt(runs: Path, step: int) -> Path:
     return runs / "first" / "checkpoints" / f"step{step:06d}.ckpt"
 
 
-def test_losses_after_a_mid_epoch_resume_equal_the_uninterrupted_run(ctx, tmp_path):
+def test_losses_after_a_mid_epoch_resume_equal_the_uninterrupted_run(ctx, tmp_path, monkeypatch):
     runs, go = ctx
     full = lm_losses(runs / "full")
     assert sorted(full) == list(range(MAX_STEPS))
     first = lm_losses(runs / "first")
     assert sorted(first) == [0, 1, 2, 3] and all(first[s] == full[s] for s in first)
+    reads = []  # our reads of the checkpoint (memory-mapped); Lightning's own load maps nothing
+    torch_load = torch.load
+
+    def counting_load(f, *args, **kwargs):
+        if kwargs.get("mmap"):
+            reads.append(Path(f))
+        return torch_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
     out = go(tmp_path / "second", f"ckpt_path={ckpt(runs, 4)}")
+    assert reads == [ckpt(runs, 4)]  # the resume checks read it once, before Lightning loads it
     assert out["global_step"] == MAX_STEPS and out["resumed_from"] == ckpt(runs, 4)
     resumed = lm_losses(tmp_path / "second")
     assert sorted(resumed) == list(range(4, MAX_STEPS))
@@ -246,7 +256,7 @@ def test_ckpt_path_and_init_from_together_are_refused(runs, tmp_path):
 
 def test_ckpt_path_last_and_run_dir_resolve_to_the_newest_last_ckpt(ctx, tmp_path):
     runs, go = ctx
-    from moe_emergence.checkpoints import resolve_checkpoint
+    from moe_emergence.runs import resolve_checkpoint
 
     last = runs / "first" / "checkpoints" / "last.ckpt"
     assert resolve_checkpoint(str(runs / "first"), "ckpt_path") == last
@@ -263,7 +273,7 @@ def test_ckpt_path_last_and_run_dir_resolve_to_the_newest_last_ckpt(ctx, tmp_pat
 
 def test_a_symlinked_last_ckpt_is_verified_through_its_target(ctx, tmp_path):
     runs, _ = ctx
-    from moe_emergence.checkpoints import resolve_checkpoint
+    from moe_emergence.runs import resolve_checkpoint
 
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)

@@ -152,3 +152,89 @@ def test_find_cycle_known_answers():
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None  # a diamond
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"b", "d"}}) == ["b", "c", "b"]
     assert find_cycle({"x": {"x"}}) == ["x", "x"]
+
+
+# Modules that may reach the analysis package: its entry points and the wiring: train.py builds
+# the routing callback, config.py composes its settings' node, runs.py reads a run's record
+# (its composed config, its probe settings among them).
+ANALYSIS_USERS = (
+    "moe_emergence.analyze",
+    "moe_emergence.inspect",
+    "moe_emergence.train",
+    "moe_emergence.config",
+    "moe_emergence.runs",
+)
+CONFIG_MACHINERY = ("hydra", "omegaconf")
+
+
+def test_data_imports_no_config_machinery():
+    chains = [
+        " -> ".join(chain)
+        for name in sorted(GRAPH)
+        if inside(name, "moe_emergence.data")
+        and (chain := find_chain(GRAPH, name, "moe_emergence.config"))
+    ]
+    assert not chains, "data reaches the config composition:\n" + "\n".join(chains)
+    third_party = [
+        f"{name} imports {target}"
+        for name, path in module_files(Path(moe_emergence.__file__).parent).items()
+        if inside(name, "moe_emergence.data")
+        for target in external_imports(path)
+        if target.split(".")[0] in CONFIG_MACHINERY
+    ]
+    assert not third_party, "\n".join(third_party)
+
+
+def test_only_the_wiring_and_entry_points_import_analysis():
+    chains = [
+        " -> ".join(chain)
+        for name in sorted(GRAPH)
+        if not inside(name, "moe_emergence.analysis")
+        and name not in ANALYSIS_USERS
+        and (chain := find_chain(GRAPH, name, "moe_emergence.analysis"))
+    ]
+    assert not chains, "imports of the analysis package:\n" + "\n".join(chains)
+
+
+def external_imports(path: Path) -> set[str]:
+    """Absolute module names imported anywhere in the file at ``path``."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module)
+    return found
+
+
+def calls_of(path: Path) -> dict[str, set[str]]:
+    """Function name -> the names it calls (``f(...)`` and ``x.f(...)``), per top-level function
+    or method of the file at ``path``."""
+    found: dict[str, set[str]] = {}
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            names = found.setdefault(node.name, set())
+            for call in ast.walk(node):
+                if isinstance(call, ast.Call):
+                    func = call.func
+                    names.add(
+                        func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+                    )
+    return found
+
+
+def test_the_model_is_built_by_one_function():
+    """``build_model`` is the only caller of ``build_gpt2`` and ``install_moe_layers`` in the
+    package; training (the module), init_from (the same module), analyze and inspect (the
+    checkpoint loader) call it."""
+    root = Path(moe_emergence.__file__).parent
+    builders = {
+        f"{name}.{function}"
+        for name, path in module_files(root).items()
+        for function, called in calls_of(path).items()
+        if {"build_gpt2", "install_moe_layers"} & called
+    }
+    assert builders == {"moe_emergence.model.gpt2_moe.build_model"}
+    assert "build_model" in calls_of(root / "model" / "module.py")["__init__"]
+    assert "build_model" in calls_of(root / "analysis" / "loading.py")["load_checkpoint"]

@@ -18,11 +18,10 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from moe_emergence.analysis.tables import read_table
-from moe_emergence.checkpoints import load_initial_weights
+from moe_emergence.checkpoints import load_initial_weights, load_mapped
 from moe_emergence.config import compose_config
-from moe_emergence.data.sources import DOMAINS
 from moe_emergence.errors import UserError
-from moe_emergence.train import check_launch, train
+from moe_emergence.train import build_module, check_launch, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -263,8 +262,8 @@ def test_per_expert_checkpoint_starts_a_run_but_cannot_resume(
     modules = []
     for path in (stacked, old):
         cfg = compose_config(tiny_overrides(tiny_mirror, tiny_tokenizer_dir, tmp_path / "x"))
-        module = instantiate(cfg.model, domains=list(DOMAINS))
-        assert load_initial_weights(module, path) == 2
+        module = build_module(cfg.model, instantiate(cfg.data))
+        assert load_initial_weights(module, load_mapped(path, "init_from"), path) == 2
         modules.append(module.state_dict())
     assert modules[0].keys() == modules[1].keys()
     assert all(torch.equal(modules[0][k], modules[1][k]) for k in modules[0])

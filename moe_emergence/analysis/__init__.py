@@ -6,11 +6,11 @@ scores.py (pure functions: NMI, permutation null, token-identity control), inter
 ``<run dir>/routing/``), loading.py (a checkpoint's model, rebuilt), inspect.py and
 token_types.py (``python -m moe_emergence.inspect``: one text, token by token), and
 ``python -m moe_emergence.analyze`` over runs and sweeps: analyze.py (the CLI), evaluate.py
-(a run's checkpoints routed and scored), results.py (what it measured), summary.py and
-sweep_plots.py (groups over seeds: intervals, tables, figures).
+(a run's checkpoints routed and scored), results.py (what it measured), summary.py (numbers),
+summary_files.py and sweep_plots.py (rendering) (groups over seeds: intervals, tables, figures).
 """
 
-from moe_emergence.analysis.callback import RoutingAnalysis, score_probe_routing
-from moe_emergence.analysis.probe import Probe, build_probe, route_blocks
+from moe_emergence.analysis.callback import RoutingAnalysis
+from moe_emergence.analysis.probe import Probe, build_probe, route_blocks, score_probe_routing
 
 __all__ = ["Probe", "RoutingAnalysis", "build_probe", "route_blocks", "score_probe_routing"]

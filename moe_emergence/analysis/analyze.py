@@ -26,19 +26,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from moe_emergence.analysis.evaluate import (
-    OPTION,
-    RunCheckpoints,
-    evaluate_run,
-    find_runs,
-    verify_checkpoints,
-)
+from moe_emergence.analysis.evaluate import OPTION, evaluate_run
 from moe_emergence.analysis.results import RunResult
 from moe_emergence.analysis.summary_files import write_summary
 from moe_emergence.analysis.tables import COUNTS, LOSSES, TRAJECTORY, routing_rows, write_table
 from moe_emergence.analysis.token_types import format_type_table
 from moe_emergence.errors import UserError, report_user_errors
 from moe_emergence.files import write_atomic
+from moe_emergence.runs import RunCheckpoints, find_runs, verify_checkpoints
 
 RUNS_DIR = "runs"
 
@@ -114,8 +109,8 @@ def run(args: argparse.Namespace) -> str:
     """Do the work of one ``analyze`` call; return what to print."""
     device = check_device(args.device)
     path = Path(args.path).expanduser()
-    runs, notes = find_runs(path)
-    verify_checkpoints(runs)
+    runs, notes = find_runs(path, OPTION)
+    verify_checkpoints(runs, OPTION)
     out = Path(args.out).expanduser() if args.out else default_out(path)
     total = sum(len(r.checkpoints) for r in runs)
     results = []

@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from moe_emergence.analysis.plots import plot_emergence, plot_heatmap
 from moe_emergence.analysis.probe import Probe, build_probe, route_blocks, score_probe_routing
 from moe_emergence.analysis.scores import LayerScores, collapsed_expert
+from moe_emergence.analysis.settings import ProbeSettings
 from moe_emergence.analysis.tables import (
     COUNTS,
     TRAIN_WINDOWS,
@@ -41,7 +42,6 @@ from moe_emergence.analysis.tables import (
     write_table,
 )
 from moe_emergence.distributed import sum_over_ranks
-from moe_emergence.errors import UserError
 from moe_emergence.files import write_atomic
 from moe_emergence.model.gpt2_moe import moe_layers
 
@@ -54,53 +54,16 @@ COLLAPSE_SHARE = 0.9
 class RoutingAnalysis(L.Callback):
     """Eval-mode routing of a fixed probe over training (see the module docstring).
 
-    every_n_steps: optimizer steps between analyses. train_sample_blocks: probe blocks per
-    domain drawn from the training blocks when there is no held-out split
-    (``data.eval_fraction=0``); held_out_blocks: per domain from the held-out split (None: all).
-    probe_seed: which blocks. null_permutations / null_seed: the permutation null. batch_size:
-    probe blocks per forward. out_dir: default ``<trainer.default_root_dir>/routing``.
+    Its settings (when, which probe, the null) are :class:`ProbeSettings`; ``out_dir`` None is
+    ``<trainer.default_root_dir>/routing``.
     """
 
-    def __init__(
-        self,
-        every_n_steps: int = 200,
-        train_sample_blocks: int = 64,
-        held_out_blocks: int | None = None,
-        probe_seed: int = 0,
-        null_permutations: int = 999,
-        null_seed: int = 0,
-        batch_size: int = 32,
-        out_dir: str | None = None,
-    ) -> None:
-        for name, value, low in (
-            ("every_n_steps", every_n_steps, 1),
-            ("train_sample_blocks", train_sample_blocks, 1),
-            ("probe_seed", probe_seed, 0),
-            ("null_permutations", null_permutations, 1),
-            ("null_seed", null_seed, 0),
-            ("batch_size", batch_size, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise UserError(
-                    f"callbacks.routing_analysis.{name} must be an integer >= {low}, got {value!r}."
-                )
-        if held_out_blocks is not None and (
-            isinstance(held_out_blocks, bool)
-            or not isinstance(held_out_blocks, int)
-            or held_out_blocks < 1
-        ):
-            raise UserError(
-                f"callbacks.routing_analysis.held_out_blocks must be null or an integer >= 1, "
-                f"got {held_out_blocks!r}."
-            )
-        self.every_n_steps = every_n_steps
-        self.train_sample_blocks = train_sample_blocks
-        self.held_out_blocks = held_out_blocks
-        self.probe_seed = probe_seed
-        self.null_permutations = null_permutations
-        self.null_seed = null_seed
-        self.batch_size = batch_size
-        self.out_dir = out_dir
+    def __init__(self, **settings: Any) -> None:
+        """``settings``: the ``callbacks.routing_analysis.*`` keys (:class:`ProbeSettings`;
+        its defaults for those not given), checked here."""
+        self.settings = ProbeSettings.from_fields(settings)
+        for key, value in self.settings.to_dict().items():  # self.every_n_steps, ...
+            setattr(self, key, value)
 
         self.probe: Probe | None = None
         self.seconds = 0.0  # wall time spent analysing, this process

@@ -11,167 +11,40 @@ from __future__ import annotations
 
 import logging
 import shlex
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from omegaconf import OmegaConf
 
-from moe_emergence.analysis.callback import RoutingAnalysis, score_probe_routing
 from moe_emergence.analysis.loading import LoadedCheckpoint, load_checkpoint
-from moe_emergence.analysis.probe import Probe, build_probe, route_blocks
-from moe_emergence.analysis.results import (
-    CheckpointResult,
-    HeldOutLoss,
-    RunResult,
-    split_override,
-)
+from moe_emergence.analysis.probe import Probe, build_probe, route_blocks, score_probe_routing
+from moe_emergence.analysis.results import NO_OVERRIDES, CheckpointResult, HeldOutLoss, RunResult
+from moe_emergence.analysis.settings import ProbeSettings
 from moe_emergence.analysis.token_types import CATEGORIES, token_type_table
-from moe_emergence.checkpoints import CHECKPOINTS_DIR, load_mapped, verify_sidecar
 from moe_emergence.data import MixedDomainDataModule
 from moe_emergence.data.sources import DOMAINS
 from moe_emergence.errors import UserError, user_error_in
 from moe_emergence.model.gpt2_moe import moe_layers
+from moe_emergence.runs import RunCheckpoints, recorded_config, run_overrides
 
 log = logging.getLogger(__name__)
 
 OPTION = "PATH"
 CODE = "code"
-HYDRA_CONFIG = Path(".hydra") / "config.yaml"
-HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
-# Overrides that name places or change only what is shown, never what is trained: a run's
-# group (its condition) is its overrides without these and without ``seed``.
-NOT_CONDITION_KEYS = (
-    "seed",
-    "ckpt_path",
-    "init_from",
-    "data.hub_mirror",
-    "data.tokenizer",
-    "data.cache_dir",
-    "data.rebuild_cache",
-    "data.verify_cache",
-    "data.show_progress",
-    "data.num_workers",
-    "data.pin_memory",
-    "data.persistent_workers",
-    "data.report_dir",
-    "trainer.enable_progress_bar",
-)
-NOT_CONDITION_PREFIXES = ("paths.", "hydra.", "callbacks.progress_bar", "logger")
-PROBE_KEYS = (
-    "train_sample_blocks",
-    "held_out_blocks",
-    "probe_seed",
-    "null_permutations",
-    "null_seed",
-    "batch_size",
-)
-
-
-# ---------------------------------------------------------------------- finding runs
-
-
-@dataclass
-class RunCheckpoints:
-    """A run to analyse: its folder (None for a lone checkpoint file), its name within the
-    analysis and its checkpoint files, one per optimizer step, oldest first (see
-    :func:`checkpoint_steps`)."""
-
-    name: str
-    run_dir: Path | None
-    checkpoints: list[Path]
-
-
-def find_runs(path: Path) -> tuple[list[RunCheckpoints], list[str]]:
-    """The runs that ``PATH`` names: a ``.ckpt`` file, a run dir (holding ``.hydra/``) or a
-    folder of run dirs (a multirun dir); and notes on runs skipped for having no checkpoint.
-    One-line :class:`UserError` when it names none, or none with a checkpoint."""
-    if not path.exists():
-        raise UserError(
-            f"{OPTION}={path} does not exist: pass a run dir, a multirun dir or a .ckpt file."
-        )
-    if path.is_file():
-        run_dir = path.resolve().parent.parent
-        run_dir = run_dir if (run_dir / HYDRA_CONFIG).is_file() else None
-        load_mapped(path, OPTION)  # a readable checkpoint, else a one-line error
-        return [RunCheckpoints(path.stem, run_dir, [path])], []
-    if (path / HYDRA_CONFIG).is_file():
-        run_dirs = [path]
-    else:
-        run_dirs = sorted(p.parent.parent for p in path.rglob(str(HYDRA_CONFIG)))
-    if not run_dirs:
-        raise UserError(
-            f"{OPTION}={path} holds no run dir (no {HYDRA_CONFIG} in it or below it): pass a run "
-            f"dir (outputs/runs/<date>/<time>), a multirun dir or a .ckpt file."
-        )
-    runs, notes = [], []
-    for run_dir in run_dirs:
-        name = run_dir.name if run_dir == path else str(run_dir.relative_to(path))
-        files = sorted((run_dir / CHECKPOINTS_DIR).glob("*.ckpt"))
-        if files:
-            runs.append(RunCheckpoints(name, run_dir, [p for _, p in checkpoint_steps(files)]))
-        else:
-            notes.append(f"{name}: no checkpoints, skipped")
-    if not runs:
-        raise UserError(
-            f"{OPTION}={path}: none of its {len(run_dirs)} run dir(s) holds a checkpoint "
-            f"({CHECKPOINTS_DIR}/*.ckpt): train with callbacks.model_checkpoint on (the "
-            f"default) and analyse again."
-        )
-    return runs, notes
-
-
-def checkpoint_steps(files: Sequence[Path]) -> list[tuple[int, Path]]:
-    """One file per optimizer step, by step: a ``step*.ckpt`` wins over ``last.ckpt`` of the
-    same step. Each file's ``global_step`` is read memory-mapped (cheap)."""
-    by_step: dict[int, Path] = {}
-    for path in sorted(files, key=lambda p: p.name.startswith("last")):
-        step = int(load_mapped(path, OPTION).get("global_step", 0))
-        by_step.setdefault(step, path)
-    return sorted(by_step.items())
-
-
-def verify_checkpoints(runs: Sequence[RunCheckpoints]) -> None:
-    """Check every checkpoint against its ``.sha256`` sidecar (one-line error), before any
-    expensive work."""
-    for run in runs:
-        for path in run.checkpoints:
-            verify_sidecar(path, OPTION)
-
-
 # ---------------------------------------------------------------------- the run's records
 
 
-def run_overrides(run_dir: Path | None) -> tuple[list[str], int | None]:
-    """The run's condition overrides (sorted ``key=value``, without the keys of
-    :data:`NOT_CONDITION_KEYS`) and its ``seed=`` override (None when not overridden)."""
-    file = run_dir / HYDRA_OVERRIDES if run_dir is not None else None
-    if file is None or not file.is_file():
-        return [], None
-    kept, seed = [], None
-    for item in yaml.safe_load(file.read_text()) or []:
-        bare, value = split_override(item)
-        if bare == "seed":
-            seed = int(value)
-        elif bare not in NOT_CONDITION_KEYS and not bare.startswith(NOT_CONDITION_PREFIXES):
-            kept.append(str(item))
-    return sorted(kept), seed
-
-
 def probe_settings(run_dir: Path | None) -> dict[str, Any]:
-    """The run's ``callbacks.routing_analysis`` probe and null settings (the callback's
-    defaults where the run has none), so that the probe is the training-time one."""
-    defaults = RoutingAnalysis()
-    found = {key: getattr(defaults, key) for key in PROBE_KEYS}
-    file = run_dir / HYDRA_CONFIG if run_dir is not None else None
-    if file is not None and file.is_file():
-        cfg = OmegaConf.load(file)
-        for key in PROBE_KEYS:
-            value = OmegaConf.select(cfg, f"callbacks.routing_analysis.{key}", default=None)
+    """The run's ``callbacks.routing_analysis`` probe and null settings (the defaults where the
+    run has none), so that the probe is the training-time one."""
+    found = {key: getattr(ProbeSettings(), key) for key in ProbeSettings.PROBE_KEYS}
+    cfg = recorded_config(run_dir)
+    if cfg is not None:
+        for key in ProbeSettings.PROBE_KEYS:
+            value = OmegaConf.select(cfg, ProbeSettings.config_key(key), default=None)
             found[key] = value if value is not None else found[key]
     return found
 
@@ -344,7 +217,7 @@ def evaluate_run(
     return RunResult(
         name=run.name,
         run_dir=run.run_dir or run.checkpoints[0].parent,
-        group=",".join(overrides) or "(no overrides)",
+        group=",".join(overrides) or NO_OVERRIDES,
         seed=seed,
         overrides=overrides,
         moe=bool(layers),

@@ -29,12 +29,12 @@ from transformers import GPT2LMHeadModel
 from moe_emergence.analysis.loading import LoadedCheckpoint, load_checkpoint, tokenizer_settings
 from moe_emergence.analysis.probe import route_blocks
 from moe_emergence.analysis.token_types import CATEGORIES, format_type_table, token_type_table
-from moe_emergence.checkpoints import resolve_checkpoint
 from moe_emergence.data.prepare import load_data_tokenizer
 from moe_emergence.data.tokenize import untruncated
 from moe_emergence.errors import UserError, report_user_errors
 from moe_emergence.files import write_atomic
 from moe_emergence.model.gpt2_moe import moe_layers
+from moe_emergence.runs import resolve_checkpoint
 
 OPTION = "CKPT"
 # 256-colour backgrounds, told apart on dark and light terminals (cycled beyond 12 experts).

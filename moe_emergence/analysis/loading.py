@@ -9,19 +9,18 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from moe_emergence.checkpoints import load_mapped
 from moe_emergence.errors import UserError
-from moe_emergence.hub import HubUnavailableError, resolve_repo
 from moe_emergence.model.gpt2_moe import (
-    build_gpt2,
+    build_model,
     has_per_expert_layout,
-    install_moe_layers,
     moe_layers,
     stack_per_expert_state,
 )
 from moe_emergence.model.module import DISPATCH_KEY
+from moe_emergence.model.settings import ModelSettings, MoESettings
 
 
 @dataclass
@@ -44,7 +43,7 @@ class LoadedCheckpoint:
 
 def load_checkpoint(path: Path, option: str = "CKPT", require_moe: bool = True) -> LoadedCheckpoint:
     """Rebuild the model of a verified ``train.py`` checkpoint (see
-    :func:`moe_emergence.checkpoints.resolve_checkpoint`) from its weights' shapes and
+    :func:`moe_emergence.runs.resolve_checkpoint`) from its weights' shapes and
     hyper-parameters, without downloading pretrained weights. ``option`` names the argument in
     errors; a dense model is refused unless ``require_moe`` is False."""
     checkpoint = load_mapped(path, option)
@@ -66,16 +65,15 @@ def load_checkpoint(path: Path, option: str = "CKPT", require_moe: bool = True) 
     if "transformer.wte.weight" not in state or "transformer.wpe.weight" not in state:
         raise UserError(f"{option}={path} holds no GPT-2 weights: pass a checkpoint of train.py.")
     vocab_size, n_embd = state["transformer.wte.weight"].shape
-    n_positions = state["transformer.wpe.weight"].shape[0]
-    n_layer = len({k.split(".")[2] for k in state if k.startswith("transformer.h.")})
-    if hp.get("pretrained") is None:
-        model = build_gpt2(
-            None, None, vocab_size, n_positions, n_embd, n_layer, hp.get("n_head", 12)
-        )
-    else:
-        model = _pretrained_shape(hp["pretrained"], hp.get("hub_mirror"), vocab_size, n_positions)
-    if moe.get("layers"):
-        install_moe_layers(model, **{**moe, "init_noise": 0.0})  # the weights come from the file
+    shapes = {  # the weights' own (hyper-parameters of old runs may lack them)
+        "n_positions": state["transformer.wpe.weight"].shape[0],
+        "n_embd": n_embd,
+        "n_layer": len({k.split(".")[2] for k in state if k.startswith("transformer.h.")}),
+    }
+    settings = ModelSettings(**{**{k: hp[k] for k in ModelSettings.names() if k in hp}, **shapes})
+    moe_fields = {k: v for k, v in moe.items() if k in MoESettings.names()}
+    moe_settings = MoESettings(**moe_fields) if moe.get("layers") else None
+    model = build_model(settings, moe_settings, vocab_size, weights=False)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -98,20 +96,6 @@ def load_checkpoint(path: Path, option: str = "CKPT", require_moe: bool = True) 
         data_settings=dict(checkpoint.get("datamodule_hyper_parameters") or {}),
         dispatch=dispatch,
     )
-
-
-def _pretrained_shape(name: str, mirror: str | None, vocab_size: int, n_positions: int):
-    """A randomly initialised GPT-2 of a pretrained model's config (config.json only)."""
-    try:
-        config = GPT2Config.from_pretrained(resolve_repo(name, mirror, kind="model"))
-    except (OSError, HubUnavailableError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise UserError(
-            f"The checkpoint's model starts from pretrained '{name}', whose config.json cannot "
-            f"be read here ({reason}): make it available (a Hub mirror in $MOE_HUB_MIRROR)."
-        ) from None
-    config.vocab_size, config.n_positions = vocab_size, n_positions
-    return GPT2LMHeadModel(config)
 
 
 def tokenizer_settings(loaded: LoadedCheckpoint) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure  # no pyplot: leaves the user's backend alone
 
 from moe_emergence.analysis.scores import LayerScores, shares
+from moe_emergence.files import atomic_path
 
 
 def plot_heatmap(
@@ -110,8 +111,6 @@ def plot_emergence(
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """Write ``fig`` as ``path`` (PNG at 120 dpi) through a temp file: never half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     return path

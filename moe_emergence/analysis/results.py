@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_emergence.analysis.scores import LayerScores
+from moe_emergence.runs import split_override
 
 
 @dataclass(frozen=True)
@@ -87,13 +88,6 @@ def group_runs(results: Iterable[RunResult]) -> dict[str, list[RunResult]]:
         groups.setdefault(run.group, []).append(run)
     key = lambda r: (r.seed is None, r.seed or 0, r.name)  # noqa: E731
     return {g: sorted(groups[g], key=key) for g in sorted(groups)}
-
-
-def split_override(item: str) -> tuple[str, str]:
-    """A Hydra override ``key=value`` as ``(key, value)``; a leading ``+``/``++``/``~`` is not
-    part of the key."""
-    key, _, value = str(item).partition("=")
-    return key.lstrip("+~"), value
 
 
 # What a table or figure shows for a group: the condition as people say it, not its overrides.

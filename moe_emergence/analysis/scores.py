@@ -248,7 +248,7 @@ def permutation_null(
     unit_expert_counts,
     unit_domains,
     n_domains: int,
-    n_permutations: int = 200,
+    n_permutations: int,
     seed: int = 0,
 ) -> np.ndarray:
     """[n_permutations] NMIs of the domain x expert table after permuting the domain labels
@@ -420,7 +420,7 @@ def conditional_mi_null(
     experts,
     n_domains: int,
     n_experts: int,
-    n_permutations: int = 200,
+    n_permutations: int,
     seed: int = 0,
 ) -> np.ndarray:
     """[n_permutations] cond_mi after permuting the domain labels among the (id, document)
@@ -613,7 +613,7 @@ def score_layer(
     experts,
     n_domains: int,
     n_experts: int,
-    n_permutations: int = 200,
+    n_permutations: int,
     seed: int = 0,
     router_entropy: float = float("nan"),
 ) -> LayerScores:

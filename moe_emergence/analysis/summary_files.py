@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from moe_emergence.analysis import sweep_plots
-from moe_emergence.analysis.results import RunResult
+from moe_emergence.analysis.results import RunResult, condition_labels
 from moe_emergence.analysis.summary import (
     ALPHA,
     COLUMNS,
@@ -113,14 +113,24 @@ def _moe_layers(summary: Summary) -> list[tuple[str, int]]:
     ]
 
 
+def _names(summary: Summary) -> dict[str, str]:
+    """Group key -> the condition as people say it (:func:`condition_labels`); a contrast's
+    key -> ``"<A> - <B>"`` in those names."""
+    names = condition_labels(summary.groups)
+    for label, (a, b) in summary.contrasts.items():
+        names[label] = f"{names.get(a, a)} - {names.get(b, b)}"
+    return names
+
+
 def _routing_tables(summary: Summary) -> tuple[list[str], list[str]]:
     """(NMI against its null and step 0, the controls), both per MoE group x layer."""
+    names = _names(summary)
     nmi, controls = [], []
     for g, layer in _moe_layers(summary):
         row = lambda metric, g=g, layer=layer: summary.row(g, metric, layer)  # noqa: E731
         nmi.append(
             [
-                _cell(g),
+                _cell(names[g]),
                 str(layer),
                 _interval_text(row("nmi_step0"), ".4f"),
                 _interval_text(row("nmi"), ".4f"),
@@ -133,7 +143,7 @@ def _routing_tables(summary: Summary) -> tuple[list[str], list[str]]:
         )
         controls.append(
             [
-                _cell(g),
+                _cell(names[g]),
                 str(layer),
                 _interval_text(row("token_id_nmi"), ".4f"),
                 _interval_text(row("domain_only_nmi"), ".4f"),
@@ -148,7 +158,7 @@ def _routing_tables(summary: Summary) -> tuple[list[str], list[str]]:
     return (
         _table(
             [
-                "group",
+                "condition",
                 "layer",
                 "NMI step 0",
                 "NMI final",
@@ -162,7 +172,7 @@ def _routing_tables(summary: Summary) -> tuple[list[str], list[str]]:
         ),
         _table(
             [
-                "group",
+                "condition",
                 "layer",
                 "token-id NMI",
                 "domain-only NMI",
@@ -193,15 +203,16 @@ def _loss_domains(summary: Summary, groups: Iterable[str], suffix: str = "") -> 
 def _loss_table(summary: Summary) -> list[str]:
     groups = [g for g in summary.groups if summary.row(g, "loss")]
     domains = _loss_domains(summary, groups)
+    names = _names(summary)
     lines = [
         [
-            _cell(g),
+            _cell(names[g]),
             *[_interval_text(summary.row(g, f"loss_{d}"), ".3f") for d in domains],
             _interval_text(summary.row(g, "loss"), ".3f"),
         ]
         for g in groups
     ]
-    header = ["group", *[_cell(d) for d in domains], "overall (token-weighted)"]
+    header = ["condition", *[_cell(d) for d in domains], "overall (token-weighted)"]
     return _table(header, lines) if lines else []
 
 
@@ -211,6 +222,7 @@ def _difference_line(label: list[str], row: SummaryRow, fmt: str) -> list[str]:
 
 def _minus_dense_table(summary: Summary) -> list[str]:
     lines = []
+    names = _names(summary)
     for g, info in summary.groups.items():
         domains = _loss_domains(summary, [g], "_minus_dense")
         for d, metric in [
@@ -218,23 +230,25 @@ def _minus_dense_table(summary: Summary) -> list[str]:
             ("overall", "loss_minus_dense"),
         ]:
             if (row := summary.row(g, metric)) is not None:
-                label = [_cell(g), _cell(info.dense_twin or ""), _cell(d)]
+                twin = info.dense_twin or ""
+                label = [_cell(names[g]), _cell(names.get(twin, twin)), _cell(d)]
                 lines.append(_difference_line(label, row, ".3f"))
-    header = ["group", "dense twin", "domain", "MoE - dense [95% CI]", "method", "p", "p_holm"]
+    header = ["condition", "dense twin", "domain", "MoE - dense [95% CI]", "method", "p", "p_holm"]
     return _table(header, lines) if lines else []
 
 
 def _contrast_tables(summary: Summary) -> tuple[list[str], list[str]]:
     """(held-out loss contrasts, NMI-change contrasts) of every pair of groups."""
     losses, changes = [], []
+    names = _names(summary)
     for label in summary.contrasts:
         domains = _loss_domains(summary, [label])
         for d, metric in [*((d, f"loss_{d}") for d in domains), ("overall", "loss")]:
             if (row := summary.row(label, metric)) is not None:
-                losses.append(_difference_line([_cell(label), _cell(d)], row, ".3f"))
+                losses.append(_difference_line([_cell(names[label]), _cell(d)], row, ".3f"))
         for r in summary.rows:
             if r.group == label and r.metric == "nmi_change":
-                changes.append(_difference_line([_cell(label), str(r.layer)], r, ".4f"))
+                changes.append(_difference_line([_cell(names[label]), str(r.layer)], r, ".4f"))
     tail = ["method", "p", "p_holm"]
     return (
         _table(["A - B", "domain", "loss A - loss B [95% CI]", *tail], losses) if losses else [],
@@ -247,7 +261,8 @@ def render_markdown(summary: Summary) -> str:
     the routing (NMI, controls), held-out loss (nats), MoE - dense and direct contrast tables
     (those that have rows). NMI 4 decimals, losses 3; per-seed values in parentheses below
     :data:`FEW_SEEDS` runs; ``(n=1)`` where a single run gives no interval."""
-    runs = ", ".join(f"`{_cell(g)}` {len(i.runs)}" for g, i in summary.groups.items())
+    names = _names(summary)
+    runs = ", ".join(f"{_cell(names[g])} {len(i.runs)}" for g, i in summary.groups.items())
     out = [
         f"Runs per group (n): {runs}. Values at each run's final checkpoint; step 0 where a run "
         "has a step-0 checkpoint. Unit of replication: the seed across runs (every interval and "

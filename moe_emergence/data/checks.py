@@ -8,20 +8,10 @@ its flag and key (:func:`moe_emergence.data.settings.naming_options`).
 
 from __future__ import annotations
 
-import numbers
-from typing import Any
-
 from moe_emergence.errors import UserError
+from moe_emergence.settings import is_int, is_number
 
-
-def is_int(value: Any) -> bool:
-    """An integer that is not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-    """A real number that is not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+__all__ = ["SettingError", "is_int", "is_number"]
 
 
 class SettingError(UserError):

@@ -21,9 +21,6 @@ from moe_emergence.files import sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
-# The name report.py and sample/tokenizer.py import; the package's one writer.
-atomic_write_text = write_atomic
-
 
 @contextlib.contextmanager
 def locked(lock_path: Path) -> Iterator[None]:

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from moe_emergence.data.dataset import PackedMixedDomainDataset
-from moe_emergence.data.files import atomic_write_text
 from moe_emergence.data.packing import format_report
 from moe_emergence.data.prepare import PreparedDomains
 from moe_emergence.data.settings import DataSettings
+from moe_emergence.files import write_atomic
 
 
 def build_report(
@@ -58,4 +58,4 @@ def report_table(prepared: PreparedDomains, block_size: int) -> str:
 
 
 def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
-    return atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+    return write_atomic(path, json.dumps(report, indent=2) + "\n")

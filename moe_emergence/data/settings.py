@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar
 
-from moe_emergence.data.checks import SettingError, is_int, is_number
+from moe_emergence.data.checks import SettingError
 from moe_emergence.data.sources import (
     DEFAULT_SOURCES,
     MAX_EXAMPLE_CHARS,
@@ -30,46 +29,35 @@ from moe_emergence.data.sources import (
 )
 from moe_emergence.data.tokenize import DEFAULT_TOKENIZER
 from moe_emergence.errors import UserError
-from moe_emergence.hub import default_mirror
+from moe_emergence.settings import KINDS, Settings, kind, setting
 
-# Field type (as annotated) -> (its test, what a value must be, its command-line parser).
-KINDS: dict[str, tuple[Callable[[Any], bool], str, Callable[[str], Any] | None]] = {
-    "int": (is_int, "an integer", int),
-    "float": (is_number, "a number", float),
-    "bool": (lambda v: isinstance(v, bool), "true or false", None),
-    "str": (lambda v: isinstance(v, str | os.PathLike), "a string", str),
-}
+__all__ = ["KINDS", "DataSettings", "LoaderSettings", "kind", "naming_options", "option"]
 
 
-def kind(field: dataclasses.Field) -> tuple[str, bool]:
-    """``("int" | "float" | "bool" | "str", nullable)`` of a settings field."""
-    names = [name.strip() for name in str(field.type).split("|")]
-    return next(n for n in names if n != "None"), "None" in names
+class DataGroup(Settings):
+    """A ``data.*`` group: a field of :class:`DataSettings` is also a flag of the data CLI."""
 
+    PREFIX: ClassVar[str] = "data"
 
-def setting(default: Any = dataclasses.MISSING, *, help: str, **check: Any) -> Any:
-    """A settings field: its default (a callable ``factory=`` instead, read when built), its
-    help text, and what its value must be beyond its type: ``low`` (≥), ``below`` (<),
-    ``choices``, ``check`` (a function raising ValueError with a plain message)."""
-    factory = check.pop("factory", dataclasses.MISSING)
-    return dataclasses.field(
-        default=default, default_factory=factory, metadata={"help": help, **check}
-    )
+    @classmethod
+    def option(cls, name: str, value: str | None = None) -> str:
+        """How the user sets ``name``: ``--size-mb (data.size_mb)``, or ``data.batch_size`` for
+        a setting without a CLI flag; with ``value`` (a switch's "true"), ``--balance-tokens
+        (data.balance_tokens=true)``. The one place that spells data flags and keys."""
+        key = super().option(name, value)
+        if name in DataSettings.names():
+            return f"--{name.replace('_', '-')} ({key})"
+        return key
 
 
 def config_key(name: str) -> str:
-    """The Hydra key of the setting ``name``: ``data.size_mb``."""
-    return f"data.{name}"
+    """The Hydra key of the data setting ``name``: ``data.size_mb``."""
+    return DataGroup.config_key(name)
 
 
 def option(name: str, value: str | None = None) -> str:
-    """How the user sets ``name``: ``--size-mb (data.size_mb)``, or ``data.batch_size`` for a
-    setting without a CLI flag; with ``value`` (a switch's "true"), ``--balance-tokens
-    (data.balance_tokens=true)``. The one place that spells flags and keys in messages."""
-    key = config_key(name) + (f"={value}" if value is not None else "")
-    if name in {f.name for f in dataclasses.fields(DataSettings)}:
-        return f"--{name.replace('_', '-')} ({key})"
-    return key
+    """See :meth:`DataGroup.option`."""
+    return DataGroup.option(name, value)
 
 
 @contextlib.contextmanager
@@ -83,50 +71,6 @@ def naming_options() -> Iterator[None]:
             exc.args = (f"{option(exc.field)}: {exc.args[0]}", *exc.args[1:])
             exc.field = None
         raise
-
-
-def _problem(field: dataclasses.Field, value: Any) -> str | None:
-    """Why ``value`` does not fit ``field`` ("must be ..., got ..." or ": <check's message>")."""
-    name, nullable = kind(field)
-    if value is None and nullable:
-        return None
-    test, what, _ = KINDS[name]
-    meta = field.metadata
-    low, below, choices = meta.get("low"), meta.get("below"), meta.get("choices")
-    if low is not None and below is not None:
-        what += f" in [{low}, {below})"
-    elif low is not None:
-        what += f" ≥ {low}"
-    if choices is not None:
-        what = f"one of {list(choices)}"
-    fits = (
-        test(value)
-        and (low is None or value >= low)
-        and (below is None or value < below)
-        and (choices is None or value in choices)
-    )
-    if not fits:
-        return f" must be {what}{', or null' if nullable else ''}, got {value!r}."
-    try:
-        if "check" in meta:
-            meta["check"](value)
-    except ValueError as exc:
-        return f": {exc}"
-    return None
-
-
-class _Settings:
-    def validate(self) -> Self:
-        """Raise a UserError naming the flag / config key and the fix for the first bad value;
-        return ``self``."""
-        for field in dataclasses.fields(self):
-            problem = _problem(field, getattr(self, field.name))
-            if problem is not None:
-                raise UserError(f"{option(field.name)}{problem}")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _check_filters(max_example_chars: int) -> None:
@@ -143,7 +87,7 @@ def _check_folder(path: str) -> None:
 
 
 @dataclass
-class DataSettings(_Settings):
+class DataSettings(DataGroup):
     """What to load and how to pack it (each field's help says what it does)."""
 
     size_mb: float = setting(
@@ -163,10 +107,10 @@ class DataSettings(_Settings):
     )
     tokenizer: str = setting(DEFAULT_TOKENIZER, help="tokenizer Hub name or folder, or sample_bpe")
     hub_mirror: str | None = setting(
-        factory=default_mirror,
+        None,
         check=_check_folder,
         help="folder holding Hub repos as <mirror>/<org>/<name> "
-        "(default: $MOE_HUB_MIRROR, else the Hub)",
+        "(null: $MOE_HUB_MIRROR, else the Hub)",
     )
     cache_dir: str | None = setting(
         None, help="token cache root (default: $MOE_CACHE_DIR, else .cache/moe_emergence)"
@@ -186,7 +130,7 @@ class DataSettings(_Settings):
 
 
 @dataclass
-class LoaderSettings(_Settings):
+class LoaderSettings(DataGroup):
     """How the datamodule serves the blocks and which texts it holds out (config keys only)."""
 
     batch_size: int = setting(8, low=1, help="blocks per device (per DDP rank)")

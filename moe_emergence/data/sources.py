@@ -482,12 +482,9 @@ def load_prose_data(
     )
 
 
-DOMAIN_LOADERS = dict(zip(DOMAINS, (load_code_data, load_math_data, load_prose_data), strict=True))
-
 __all__ = [
     "DEFAULT_SOURCES",
     "DOMAINS",
-    "DOMAIN_LOADERS",
     "MATH_SUBJECTS",
     "MAX_EXAMPLE_CHARS",
     "DataFileError",

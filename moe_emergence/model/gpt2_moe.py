@@ -25,6 +25,8 @@ from moe_emergence.model.moe import (
     check_dispatch,
     check_lb_settings,
 )
+from moe_emergence.model.settings import ModelSettings, MoESettings
+from moe_emergence.settings import is_int
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -44,6 +46,7 @@ def build_gpt2(
     n_layer: int = 12,
     n_head: int = 12,
     dropout: float = 0.0,
+    weights: bool = True,
 ) -> GPT2LMHeadModel:
     """A dense GPT-2 (float32): pretrained weights, or random init from the size arguments.
 
@@ -52,7 +55,9 @@ def build_gpt2(
     x ``n_layer`` x ``n_head``. For a pretrained model the size arguments are ignored, except
     that a larger ``vocab_size`` grows the token embeddings and ``n_positions`` (None: the
     checkpoint's) may not exceed the checkpoint's. ``dropout`` sets the residual, embedding and
-    attention dropout of both.
+    attention dropout of both. ``weights=False``: a pretrained model's architecture from its
+    ``config.json`` alone, randomly initialised, of exactly ``vocab_size`` x ``n_positions``
+    (for weights loaded from a checkpoint next).
     """
     dropouts = {"resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout}
     if pretrained is None:
@@ -70,6 +75,8 @@ def build_gpt2(
         )
         return GPT2LMHeadModel(config)
 
+    if not weights:
+        return _pretrained_architecture(pretrained, hub_mirror, vocab_size, n_positions, dropouts)
     try:
         source = resolve_repo(pretrained, hub_mirror, kind="model")
     except (HubUnavailableError, FileNotFoundError) as exc:
@@ -91,6 +98,58 @@ def build_gpt2(
     model = GPT2LMHeadModel.from_pretrained(source, config=config, dtype=torch.float32)
     if vocab_size is not None and vocab_size > config.vocab_size:
         model.resize_token_embeddings(vocab_size)
+    return model
+
+
+def _pretrained_architecture(
+    name: str,
+    mirror: str | None,
+    vocab_size: int | None,
+    n_positions: int | None,
+    dropouts: Mapping[str, float],
+) -> GPT2LMHeadModel:
+    """A randomly initialised GPT-2 of a pretrained model's ``config.json`` (no weights read)."""
+    try:
+        config = GPT2Config.from_pretrained(resolve_repo(name, mirror, kind="model"), **dropouts)
+    except (OSError, HubUnavailableError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(
+            f"The model starts from pretrained '{name}', whose config.json cannot be read here "
+            f"({reason}): make it available (a Hub mirror in $MOE_HUB_MIRROR)."
+        ) from None
+    config.vocab_size = vocab_size or config.vocab_size
+    config.n_positions = n_positions or config.n_positions
+    return GPT2LMHeadModel(config)
+
+
+def build_model(
+    settings: ModelSettings,
+    moe: MoESettings | None,
+    vocab_size: int | None,
+    weights: bool = True,
+) -> GPT2LMHeadModel:
+    """The GPT-2 of ``settings`` with the MoE layers of ``moe`` (None: dense): the one path by
+    which training, ``init_from``, ``analyze`` and ``inspect`` build the model.
+
+    ``weights=False`` (a checkpoint's weights are loaded next): no pretrained weights are read
+    and no expert noise is drawn; ``vocab_size`` and ``settings.n_positions`` are then the
+    checkpoint's exact shapes.
+    """
+    s = settings
+    model = build_gpt2(
+        s.pretrained,
+        s.hub_mirror,
+        vocab_size,
+        s.n_positions,
+        s.n_embd,
+        s.n_layer,
+        s.n_head,
+        s.dropout,
+        weights=weights,
+    )
+    if moe is not None:
+        fields = moe.to_dict()
+        install_moe_layers(model, **(fields if weights else {**fields, "init_noise": 0.0}))
     return model
 
 
@@ -117,7 +176,7 @@ def install_moe_layers(
     n_layer = len(blocks)
     seen: set[int] = set()
     for i in layers:
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layer:
+        if not is_int(i) or not 0 <= i < n_layer:
             raise UserError(
                 f"MoE layer index {i!r} is out of range: the model has n_layer={n_layer}"
             )

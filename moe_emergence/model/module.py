@@ -19,15 +19,15 @@ import torch
 from moe_emergence.distributed import sum_over_ranks
 from moe_emergence.errors import UserError
 from moe_emergence.model.gpt2_moe import (
-    build_gpt2,
+    build_model,
     collect_aux_outputs,
-    install_moe_layers,
     moe_layers,
     next_token_losses,
     set_load_balancing,
     set_router_step,
 )
 from moe_emergence.model.moe import check_lb_settings, router_entropy
+from moe_emergence.model.settings import ModelSettings, MoESettings
 
 log = logging.getLogger(__name__)
 RECENT_STEPS = 50
@@ -91,46 +91,45 @@ class MoEGPT2Module(L.LightningModule):
         self,
         optimizer: OptimizerFactory,
         block_size: int,
-        pretrained: str | None = "gpt2",
-        hub_mirror: str | None = None,
         vocab_size: int | None = None,
-        n_positions: int | None = None,
-        n_embd: int = 768,
-        n_layer: int = 12,
-        n_head: int = 12,
-        dropout: float = 0.0,
-        compile: bool = False,
-        moe: Mapping[str, Any] | None = None,
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.1,
-        lb_coef: float = 0.01,
-        z_coef: float = 0.001,
         domains: Sequence[str] | None = None,
-        lb_scope: str = "batch",
-        lb_window: int | None = None,
+        moe: Mapping[str, Any] | None = None,
+        **settings: Any,
     ) -> None:
+        """``block_size``, ``vocab_size`` and ``domains``: the data's (the wiring hands them
+        over; ``vocab_size`` None: the pretrained model's, else GPT-2's 50257); ``moe``: the
+        ``model.moe.*`` fields (:class:`MoESettings`; None: dense); ``settings``: the
+        ``model.*`` fields (:class:`ModelSettings`, defaults for those not given)."""
         super().__init__()
         if not domains:
             raise UserError(
-                "MoEGPT2Module needs domains: the data's domain labels, in order (train.py "
-                "passes moe_emergence.data.DOMAINS)."
+                "MoEGPT2Module needs domains: the data's domain labels, in order (the wiring "
+                "hands over the datamodule's domains)."
             )
-        check_lb_settings(lb_scope, 1 if lb_window is None else lb_window)
-        self.save_hyperparameters(ignore=["optimizer"])
-        self.model = build_gpt2(
-            pretrained, hub_mirror, vocab_size, n_positions, n_embd, n_layer, n_head, dropout
+        window = settings.get("lb_window")
+        check_lb_settings(settings.get("lb_scope", "batch"), 1 if window is None else window)
+        self.settings = ModelSettings.from_fields(settings)
+        self.moe_settings = MoESettings.from_fields(moe) if moe is not None else None
+        self.save_hyperparameters(
+            {
+                "block_size": block_size,
+                "vocab_size": vocab_size,
+                "domains": list(domains),
+                **self.settings.to_dict(),
+                "moe": self.moe_settings.to_dict() if self.moe_settings else None,
+            }
         )
+        self.model = build_model(self.settings, self.moe_settings, vocab_size)
         n_positions = self.model.config.n_positions
         if block_size > n_positions:
             raise UserError(
                 f"data.block_size={block_size} exceeds the model's n_positions={n_positions}: "
                 f"lower data.block_size (or, from scratch, raise model.n_positions)."
             )
-        if moe:
-            install_moe_layers(self.model, **dict(moe))
         # Until fit start resolves a null window from the trainer, f covers one micro-batch.
-        set_load_balancing(self.model, lb_scope, lb_window or 1)
-        if compile:
+        s = self.settings
+        set_load_balancing(self.model, s.lb_scope, s.lb_window or 1)
+        if s.compile:
             for block in self.model.transformer.h:
                 block.compile()
         self.dispatch: str | None = None  # resolved at fit start (MoE models)
@@ -192,13 +191,13 @@ class MoEGPT2Module(L.LightningModule):
             log.info(
                 "MoE dispatch: %s (model.moe.dispatch=%s, %s, precision %s).",
                 self.dispatch,
-                self.hparams.moe.get("dispatch", "auto"),
+                self.moe_settings.dispatch if self.moe_settings else None,
                 device,
                 precision,
             )
-        if self.hparams.lb_scope != "global":
+        if self.settings.lb_scope != "global":
             return
-        window = self.hparams.lb_window or int(self.trainer.accumulate_grad_batches)
+        window = self.settings.lb_window or int(self.trainer.accumulate_grad_batches)
         set_load_balancing(self.model, "global", window)
         log.info(
             "Global-batch load balancing: f over all ranks and the last %d micro-batches.", window
@@ -217,7 +216,7 @@ class MoEGPT2Module(L.LightningModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         per_block, domain_ids, aux = self._losses(batch)
         lm_loss = per_block.mean()
-        loss = lm_loss + self.hparams.lb_coef * aux.lb_loss + self.hparams.z_coef * aux.z_loss
+        loss = lm_loss + self.settings.lb_coef * aux.lb_loss + self.settings.z_coef * aux.z_loss
         size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/lm_loss", lm_loss, batch_size=size)
@@ -307,7 +306,7 @@ class MoEGPT2Module(L.LightningModule):
         it: one kernel for all parameters) and the warm-up + cosine schedule."""
         optimizer = self.optimizer_factory(self.parameters(), **self._fused_option())
         total = int(self.trainer.estimated_stepping_batches)
-        warmup, ratio = self.hparams.warmup_steps, self.hparams.min_lr_ratio
+        warmup, ratio = self.settings.warmup_steps, self.settings.min_lr_ratio
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup, total, ratio)
         )
@@ -342,11 +341,7 @@ class MoEGPT2Module(L.LightningModule):
             checkpoint[LB_WINDOWS_KEY] = windows
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the global load-balancing windows (a window of another size starts empty).
-        Checkpoints of earlier versions kept routing counts as buffers: drop them."""
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith("routing_counts_")]:
-            del state[key]
+        """Restore the global load-balancing windows (a window of another size starts empty)."""
         saved = checkpoint.get(LB_WINDOWS_KEY) or {}
         for i, layer in moe_layers(self.model).items():
             if layer.lb_counts is None or i not in saved:

@@ -17,12 +17,14 @@ from torch import Tensor, nn
 
 from moe_emergence.distributed import sum_over_ranks
 from moe_emergence.errors import UserError
+from moe_emergence.model.settings import DISPATCHES, LB_SCOPES
+from moe_emergence.model.settings import ModelSettings as MODEL
+from moe_emergence.model.settings import MoESettings as MOE
+from moe_emergence.settings import is_int
 
 # The grouped GEMM: public in torch >= 2.10 (F.grouped_mm), private before (same operator).
 grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 ROUTER_INIT_STD = 0.02  # GPT-2's initializer_range: small logits, so early routing is near uniform
-LB_SCOPES = ("batch", "global")
-DISPATCHES = ("auto", "loop", "grouped")
 
 
 @dataclass
@@ -65,13 +67,17 @@ class Router(nn.Module):
     ) -> None:
         super().__init__()
         if n_experts < 1:
-            raise UserError(f"model.moe.n_experts must be >= 1, got {n_experts}")
+            raise UserError(f"{MOE.option('n_experts')} must be >= 1, got {n_experts}")
         if not 1 <= top_k <= n_experts:
-            raise UserError(f"model.moe.top_k must be in [1, n_experts={n_experts}], got {top_k}")
+            raise UserError(
+                f"{MOE.option('top_k')} must be in [1, n_experts={n_experts}], got {top_k}"
+            )
         if noise_std < 0:
-            raise UserError(f"model.moe.noise_std must be >= 0, got {noise_std}")
+            raise UserError(f"{MOE.option('noise_std')} must be >= 0, got {noise_std}")
         if noise_anneal_steps < 0:
-            raise UserError(f"model.moe.noise_anneal_steps must be >= 0, got {noise_anneal_steps}")
+            raise UserError(
+                f"{MOE.option('noise_anneal_steps')} must be >= 0, got {noise_anneal_steps}"
+            )
         self.n_experts = n_experts
         self.top_k = top_k
         self.noise_std = float(noise_std)
@@ -164,13 +170,15 @@ def check_lb_settings(scope: str, window: int) -> None:
     """Refuse a scope outside :data:`LB_SCOPES` or a window that is not an integer >= 1."""
     if scope not in LB_SCOPES:
         raise UserError(
-            f"model.lb_scope must be one of {', '.join(LB_SCOPES)}, got {scope!r}: set "
-            f"model.lb_scope=batch (per micro-batch) or model.lb_scope=global."
+            f"{MODEL.option('lb_scope')} must be one of {', '.join(LB_SCOPES)}, got {scope!r}: set "
+            f"{MODEL.option('lb_scope', 'batch')} (per micro-batch) or "
+            f"{MODEL.option('lb_scope', 'global')}."
         )
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+    if not is_int(window) or window < 1:
         raise UserError(
-            f"model.lb_window must be an integer >= 1 (micro-batches) or null, got {window!r}: "
-            f"e.g. model.lb_window=4, or null for trainer.accumulate_grad_batches."
+            f"{MODEL.option('lb_window')} must be an integer >= 1 (micro-batches) or null, got "
+            f"{window!r}: e.g. {MODEL.option('lb_window', '4')}, or null for "
+            f"trainer.accumulate_grad_batches."
         )
 
 
@@ -247,7 +255,7 @@ def check_dispatch(dispatch: str) -> None:
     """Refuse a dispatch outside :data:`DISPATCHES`."""
     if dispatch not in DISPATCHES:
         raise UserError(
-            f"model.moe.dispatch must be one of {', '.join(DISPATCHES)}, got {dispatch!r}: "
+            f"{MOE.option('dispatch')} must be one of {', '.join(DISPATCHES)}, got {dispatch!r}: "
             f"auto picks grouped on CUDA in bf16 and loop elsewhere."
         )
 
@@ -269,7 +277,7 @@ def cutlass_grouped_mm() -> bool:
 def resolve_dispatch(dispatch: str, device_type: str, dtype: torch.dtype) -> str:
     """The path ``dispatch`` runs on: ``auto`` is ``grouped`` on CUDA in bf16 where the fused
     grouped GEMM exists (:func:`cutlass_grouped_mm`) and ``loop`` elsewhere (on CPU the
-    grouped GEMM is itself a loop over experts: README, "MoE benchmark"); the others are
+    grouped GEMM is itself a loop over experts: benchmarks/README.md); the others are
     themselves. ``dtype``: the compute dtype (the autocast dtype where autocast is on)."""
     check_dispatch(dispatch)
     if dispatch != "auto":
@@ -335,7 +343,7 @@ class StackedExperts(nn.Module):
     ) -> None:
         super().__init__()
         if n_experts < 1:
-            raise UserError(f"model.moe.n_experts must be >= 1, got {n_experts}")
+            raise UserError(f"{MOE.option('n_experts')} must be >= 1, got {n_experts}")
         self.n_experts, self.d_model, self.d_hidden = n_experts, d_model, d_hidden
         self.c_fc_weight = nn.Parameter(torch.zeros(n_experts, d_model, d_hidden))
         self.c_fc_bias = nn.Parameter(torch.zeros(n_experts, d_hidden))
@@ -444,9 +452,9 @@ class MoELayer(nn.Module):
         check_dispatch(dispatch)
         if dispatch == "grouped" and not grouped_fits(self.d_model, self.experts.d_hidden):
             raise UserError(
-                f"model.moe.dispatch=grouped needs widths that are multiples of 8, got "
+                f"{MOE.option('dispatch', 'grouped')} needs widths that are multiples of 8, got "
                 f"n_embd={self.d_model} and hidden {self.experts.d_hidden}: set "
-                f"model.moe.dispatch=loop (or auto)."
+                f"{MOE.option('dispatch', 'loop')} (or auto)."
             )
         self.dispatch = dispatch
 

@@ -16,9 +16,9 @@ from helpers.old_layout import write_per_expert_copy
 from helpers.script import assert_one_error_line, run_train
 
 from moe_emergence.analysis.analyze import main
-from moe_emergence.analysis.evaluate import find_runs, run_overrides
 from moe_emergence.analysis.tables import read_table
 from moe_emergence.errors import UserError
+from moe_emergence.runs import find_runs, run_overrides
 
 STEPS = 4
 LAYERS = ("2", "3")  # tiny_moe's MoE layers
@@ -213,12 +213,12 @@ def test_bad_paths_give_one_line_errors(case, sweep, tmp_path, capsys):
 def test_find_runs_skips_runs_without_checkpoints(sweep, tmp_path):
     shutil.copytree(_run_dirs(sweep)[0], tmp_path / "a")
     shutil.copytree(_run_dirs(sweep)[0] / ".hydra", tmp_path / "b" / ".hydra")
-    runs, notes = find_runs(tmp_path)
+    runs, notes = find_runs(tmp_path, "PATH")
     assert [r.name for r in runs] == ["a"] and notes == ["b: no checkpoints, skipped"]
     names = ["step000000.ckpt", "step000002.ckpt", "step000004.ckpt"]
     assert [p.name for p in runs[0].checkpoints] == names
     with pytest.raises(UserError, match="does not exist"):
-        find_runs(tmp_path / "gone")
+        find_runs(tmp_path / "gone", "PATH")
 
 
 def test_per_expert_checkpoints_analyse_like_their_stacked_originals(sweep, tmp_path, capsys):

@@ -81,6 +81,7 @@ def make_module(vocab_size: int) -> MoEGPT2Module:
         n_embd=32,
         n_layer=2,
         n_head=2,
+        dropout=0.0,
         moe={"layers": [0, 1], "n_experts": EXPERTS, "noise_std": 1.0, "noise_anneal_steps": 100},
         warmup_steps=1,
         domains=DOMAINS,

@@ -107,7 +107,9 @@ def test_random_routing_is_within_null_and_specialised_routing_far_above() -> No
     docs = np.repeat(np.arange(n_blocks), length).reshape(n_blocks, length)  # a text per block
     token_ids = rng.integers(0, 100, (n_blocks, length))
     random_experts = rng.integers(0, n_exp, (n_blocks, length))
-    chance = score_layer(token_ids, docs, block_domains, random_experts, n_dom, n_exp)
+    chance = score_layer(
+        token_ids, docs, block_domains, random_experts, n_dom, n_exp, n_permutations=200
+    )
     assert 0 < chance.null_mean < 0.05
     assert chance.null_mean <= chance.null_p95
     assert chance.nmi <= chance.null_p95
@@ -118,7 +120,9 @@ def test_random_routing_is_within_null_and_specialised_routing_far_above() -> No
     # Specialised: 80% of tokens go to their domain's expert, the rest at random.
     own = np.broadcast_to(block_domains[:, None], (n_blocks, length))
     special_experts = np.where(rng.random((n_blocks, length)) < 0.8, own, random_experts)
-    special = score_layer(token_ids, docs, block_domains, special_experts, n_dom, n_exp)
+    special = score_layer(
+        token_ids, docs, block_domains, special_experts, n_dom, n_exp, n_permutations=200
+    )
     assert special.nmi > 0.3
     assert special.nmi > 5 * special.null_p95
     assert special.null_p == pytest.approx(1 / 201)
@@ -362,7 +366,7 @@ def test_score_layer_combines_the_scores_on_the_first_choice() -> None:
     assert out.usage_entropy == usage_entropy(table)
     assert out.router_entropy == 0.5
     assert out.n_documents == 6
-    assert math.isnan(score_layer(token_ids, docs, doc_domains, first, 3, 4).router_entropy)
+    assert math.isnan(score_layer(token_ids, docs, doc_domains, first, 3, 4, 30).router_entropy)
     assert "token_id_share" not in {f.name for f in fields(LayerScores)}
 
 

@@ -26,7 +26,7 @@ from moe_emergence.analysis.summary import (
 from moe_emergence.analysis.summary_files import render_markdown
 from moe_emergence.analysis.summary_files import write_summary as _write_summary
 
-MOE = "condition=top1,experiment=x"
+MOE = "condition=top1,experiment=x"  # shown as "top-1" (experiment=x is shared)
 MOE2 = "condition=top2,experiment=x"
 DENSE = "condition=dense,experiment=x"
 DOMAINS = ("code", "math")
@@ -411,26 +411,26 @@ def test_markdown_tables_show_per_seed_values_p_and_p_holm(tmp_path):
     start = summary.row(MOE, "nmi_step0", 1)
     change = summary.row(MOE, "nmi_change", 1)
     nmi = (
-        f"| {MOE} | 1 | {start.mean:.4f} [{start.ci_low:.4f}, {start.ci_high:.4f}] "
+        f"| top-1 | 1 | {start.mean:.4f} [{start.ci_low:.4f}, {start.ci_high:.4f}] "
         "(0.0100, 0.0300) | 0.2500 ["
     )
     row = next(line for line in lines if line.startswith(nmi))
     assert "(0.2000, 0.3000)" in row and "(0.1900, 0.2700)" in row
     assert f"| {change.p:.3f} / {change.p_holm:.3f} | 0.1600 | 2/2 | 1/2 |" in row
-    assert "| group | code | math | overall (token-weighted) |" in lines
+    assert "| condition | code | math | overall (token-weighted) |" in lines
     assert (
-        f"| {MOE} | 2.100 [0.829, 3.371] (2.000, 2.200) | 2.800 [0.259, 5.341] "
+        "| top-1 | 2.100 [0.829, 3.371] (2.000, 2.200) | 2.800 [0.259, 5.341] "
         "(3.000, 2.600) | 2.275 [1.957, 2.593] (2.250, 2.300) |"
     ) in lines
     diff = summary.row(MOE, "loss_code_minus_dense")
     assert (
-        f"| {MOE} | {DENSE} | code | {diff.mean:.3f} [{diff.ci_low:.3f}, "
+        f"| top-1 | dense | code | {diff.mean:.3f} [{diff.ci_low:.3f}, "
         f"{diff.ci_high:.3f}] (-0.500, -0.200) | paired_t | {diff.p:.3f} | "
         f"{diff.p_holm:.3f} |"
     ) in lines
     assert "## Direct contrasts: held-out loss A - B" in md
     contrast = summary.row(f"{DENSE} - {MOE}", "loss")
-    assert f"| {DENSE} - {MOE} | overall | {contrast.mean:.3f} [" in md
+    assert f"| dense - top-1 | overall | {contrast.mean:.3f} [" in md
     assert f"| {_p(contrast.p)} | {_p(contrast.p_holm)} |" in md
 
 
@@ -441,7 +441,7 @@ def _p(p: float) -> str:
 def test_five_or_more_seeds_show_no_per_seed_values():
     runs = [moe_run(s, layer_scores(0.2 + s / 100), {"code": 2.0}) for s in range(5)]
     md = render_markdown(summarize(runs))
-    line = next(x for x in md.splitlines() if x.startswith(f"| {MOE} | 1 |"))
+    line = next(x for x in md.splitlines() if x.startswith("| top-1 | 1 |"))
     assert "0.2000, 0.2100" not in line and line.count("(") == 0
 
 

@@ -10,7 +10,13 @@ import pytest
 from helpers.mirror import build_hub_mirror
 
 from moe_emergence.data import cli
-from moe_emergence.data.sources import DOMAIN_LOADERS, DOMAINS, MATH_SUBJECTS
+from moe_emergence.data.sources import (
+    DOMAINS,
+    MATH_SUBJECTS,
+    load_code_data,
+    load_math_data,
+    load_prose_data,
+)
 
 IMBALANCE = "Warning: Token imbalance detected (>1.5x ratio)!"
 
@@ -38,9 +44,10 @@ def run_cli(argv, caplog, capsys) -> tuple[int, list[str]]:
 
 def recount(tokenizer, mirror, size_mb, max_example_chars=10_000) -> dict[str, list[int]]:
     """Per domain, each text's token count plus one EOS, from the loaders and a plain call."""
+    loaders = {"code": load_code_data, "math": load_math_data, "prose": load_prose_data}
     counts = {}
     for domain in DOMAINS:
-        texts, _ = DOMAIN_LOADERS[domain](
+        texts, _ = loaders[domain](
             size_mb, max_example_chars, hub_mirror=str(mirror), show_progress=False
         )
         counts[domain] = [len(tokenizer(text)["input_ids"]) + 1 for text in texts]

@@ -10,6 +10,7 @@ import torch
 
 from moe_emergence.data import MixedDomainDataModule
 from moe_emergence.data.sources import DOMAINS
+from moe_emergence.train import datamodule_from_config
 
 
 def overrides(mirror, tokenizer, *extra):
@@ -26,7 +27,7 @@ def overrides(mirror, tokenizer, *extra):
 
 @pytest.fixture
 def dm(tiny_mirror, tiny_tokenizer_dir, tmp_path):
-    dm = MixedDomainDataModule.from_config(
+    dm = datamodule_from_config(
         overrides(tiny_mirror, tiny_tokenizer_dir, f"data.report_dir={tmp_path}")
     )
     dm.prepare_data()
@@ -70,7 +71,7 @@ def test_loader_settings():
 
 
 def test_eval_split_holds_out_whole_texts(tiny_mirror, tiny_tokenizer_dir, tmp_path):
-    dm = MixedDomainDataModule.from_config(
+    dm = datamodule_from_config(
         overrides(
             tiny_mirror,
             tiny_tokenizer_dir,
@@ -100,7 +101,7 @@ def test_eval_split_holds_out_whole_texts(tiny_mirror, tiny_tokenizer_dir, tmp_p
 
 
 def test_eval_split_too_small_is_a_clear_error(tiny_mirror, tiny_tokenizer_dir):
-    dm = MixedDomainDataModule.from_config(
+    dm = datamodule_from_config(
         overrides(
             tiny_mirror,
             tiny_tokenizer_dir,
@@ -120,7 +121,7 @@ def test_probe_documents_are_the_held_out_texts(tiny_mirror, tiny_tokenizer_dir,
     from moe_emergence.analysis.probe import build_probe
     from moe_emergence.data.prepare import prepare_domains
 
-    dm = MixedDomainDataModule.from_config(
+    dm = datamodule_from_config(
         overrides(
             tiny_mirror,
             tiny_tokenizer_dir,

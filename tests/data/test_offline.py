@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from huggingface_hub import constants
 
-from moe_emergence.config import compose_config, tokenizer_vocab_size
-from moe_emergence.data import cli
+from moe_emergence.config import compose_config
+from moe_emergence.data import MixedDomainDataModule, cli
 from moe_emergence.data.prepare import prepare_domains
 from moe_emergence.data.settings import DataSettings
 from moe_emergence.data.sources import load_math_data
@@ -123,13 +123,14 @@ def test_rebuild_offline_without_mirror_is_the_one_line_error(mirror, cache_dir)
     assert isinstance(excinfo.value, UserError)
 
 
-def test_vocab_size_resolver_reads_the_manifest_offline(mirror, cache_dir, tiny_tokenizer):
+def test_vocab_size_is_read_from_the_manifest_offline(mirror, cache_dir, tiny_tokenizer):
+    def offline_vocab_size() -> int:
+        return MixedDomainDataModule(tokenizer="gpt2", cache_dir=str(cache_dir)).vocab_size
+
     with pytest.raises(HubUnavailableError):
-        tokenizer_vocab_size("gpt2", None, str(cache_dir))  # nothing recorded yet
+        offline_vocab_size()  # nothing recorded yet
     prepare_domains(settings_for(mirror, cache_dir), show_progress=False)
-    tokenizer_vocab_size.cache_clear()
-    assert tokenizer_vocab_size("gpt2", None, str(cache_dir)) == len(tiny_tokenizer)
-    tokenizer_vocab_size.cache_clear()
+    assert offline_vocab_size() == len(tiny_tokenizer)
 
 
 def test_train_runs_offline_from_a_warm_cache(mirror, cache_dir, tmp_path):
@@ -148,11 +149,7 @@ def test_train_runs_offline_from_a_warm_cache(mirror, cache_dir, tmp_path):
             "model.warmup_steps=1",
         ]
     )
-    try:
-        out = train(cfg)
-    finally:
-        tokenizer_vocab_size.cache_clear()
-    assert out["global_step"] == 2
+    assert train(cfg)["global_step"] == 2
 
 
 # --- the standard Hugging Face hub cache ---------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from moe_emergence.data import MixedDomainDataModule
-from moe_emergence.data.datamodule import LOADER_STATE_VERSION, ResumableDataLoader
+from moe_emergence.data.loader import LOADER_STATE_VERSION, ResumableDataLoader
 from moe_emergence.errors import UserError
 
 pytestmark = pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")

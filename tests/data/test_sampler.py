@@ -9,7 +9,7 @@ import pytest
 from torch.utils.data import DistributedSampler
 
 from moe_emergence.data import MixedDomainDataModule
-from moe_emergence.data.datamodule import EpochShuffleSampler
+from moe_emergence.data.loader import EpochShuffleSampler
 
 
 def order(sampler: EpochShuffleSampler, epoch: int) -> list[int]:

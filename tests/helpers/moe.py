@@ -54,6 +54,7 @@ def tiny_module_kwargs(**overrides: Any) -> dict[str, Any]:
         "n_embd": 16,
         "n_layer": 2,
         "n_head": 2,
+        "dropout": 0.0,
         "domains": DOMAINS,
         "moe": {"layers": [1], "n_experts": 2},
         **overrides,

@@ -34,14 +34,6 @@ def test_unknown_batch_domain_is_a_clear_error():
         module.training_step(batch, 0)
 
 
-def test_checkpoints_with_old_routing_buffers_still_load():
-    module = tiny_module()
-    state = {**module.state_dict(), "routing_counts_1": torch.tensor([[5, 1], [2, 2], [0, 3]])}
-    checkpoint = {"state_dict": state}
-    module.on_load_checkpoint(checkpoint)
-    tiny_module().load_state_dict(checkpoint["state_dict"])  # strict: no stray keys
-
-
 def test_domains_are_required():
     with pytest.raises(ValueError, match="needs domains"):
         tiny_module(n_layer=1, moe=None, domains=None)

@@ -18,10 +18,11 @@ import os
 from pathlib import Path
 
 from moe_emergence.data.cache import check_cache_root, resolve_cache_dir, writing_cache
-from moe_emergence.data.files import atomic_write_text, build_folder_once, sha256_file
+from moe_emergence.data.files import build_folder_once
 from moe_emergence.data.sample.corpus import load_sample_domain, sample_identity
 from moe_emergence.data.sources import DOMAINS
 from moe_emergence.data.tokenize import load_tokenizer_at
+from moe_emergence.files import sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def train_sample_tokenizer(folder: Path) -> None:
     tokenizer.model_max_length = 1_000_000  # packing cuts blocks itself; silence length warnings
     tokenizer.save_pretrained(folder)
     files = {f.name: sha256_file(f) for f in sorted(Path(folder).iterdir()) if f.is_file()}
-    atomic_write_text(Path(folder) / DIGESTS, json.dumps({"files": files}, indent=2) + "\n")
+    write_atomic(Path(folder) / DIGESTS, json.dumps({"files": files}, indent=2) + "\n")
 
 
 def check_sample_tokenizer(folder: Path) -> str | None:

@@ -1,0 +1,47 @@
+"""The routing analysis's settings, written once (see :mod:`moe_emergence.settings`): the
+``callbacks.routing_analysis.*`` keys, read by the training callback and, from a run's record,
+by ``analyze`` (which rebuilds the training-time probe and nulls from them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from moe_emergence.settings import Settings, setting
+
+
+@dataclass
+class ProbeSettings(Settings):
+    """When the routing is measured, on which probe, and its permutation null."""
+
+    PREFIX: ClassVar[str] = "callbacks.routing_analysis"
+
+    every_n_steps: int = setting(
+        200, low=1, help="optimizer steps between analyses (also at step 0 and at the end)"
+    )
+    train_sample_blocks: int = setting(
+        64, low=1, help="probe without a held-out split: training blocks per domain"
+    )
+    held_out_blocks: int | None = setting(
+        None, low=1, help="probe with data.eval_fraction > 0: blocks per domain (null: all)"
+    )
+    probe_seed: int = setting(0, low=0, help="which blocks the probe takes")
+    null_permutations: int = setting(
+        999,
+        low=1,
+        help="document-label permutations (nulls) and bootstrap draws (probe interval); "
+        "p >= 1/(n+1): 999 is enough for Holm over ~50 tests",
+    )
+    null_seed: int = setting(0, low=0, help="seed of the permutations and bootstrap draws")
+    batch_size: int = setting(32, low=1, help="probe blocks per forward (no grad)")
+    out_dir: str | None = setting(None, help="where the tables go (null: <run dir>/routing)")
+
+    # What decides the probe and its nulls (analyze rebuilds them from the run's record).
+    PROBE_KEYS: ClassVar[tuple[str, ...]] = (
+        "train_sample_blocks",
+        "held_out_blocks",
+        "probe_seed",
+        "null_permutations",
+        "null_seed",
+        "batch_size",
+    )

@@ -1,0 +1,350 @@
+"""A run folder and its record: where its checkpoints are, which one ``ckpt_path`` / ``init_from``
+names, whether a resume may continue it, which runs ``analyze`` finds, and what a run's
+``.hydra/`` files record (its condition, its seed, its probe settings).
+
+A run folder (``outputs/runs/<date>/<time>``, or a sweep job's folder) holds ``.hydra/``
+(``config.yaml``, ``overrides.yaml``, ``hydra.yaml``), ``checkpoints/`` (``step*.ckpt``,
+``last.ckpt``, each with a ``.sha256`` sidecar), ``csv/``, ``routing/``, ``data_report.json`` and
+``summary.json``. The checkpoint file format itself is :mod:`moe_emergence.checkpoints`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from moe_emergence.checkpoints import RandomStates, load_mapped, verify_sidecar
+from moe_emergence.data.loader import RESUME_KEYS, check_loader_state
+from moe_emergence.errors import UserError
+from moe_emergence.model.gpt2_moe import has_per_expert_layout
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+LAST_PATTERN = "last*.ckpt"  # last.ckpt, and last-v1.ckpt when Lightning versions it
+HYDRA_CONFIG = Path(".hydra") / "config.yaml"
+HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
+HYDRA_SETTINGS = Path(".hydra") / "hydra.yaml"
+EXCLUDE_KEYS = "hydra.job.config.override_dirname.exclude_keys"
+# A run's condition is its overrides without its seed, without the keys its sweep folder names
+# leave out (``hydra.job.config.override_dirname.exclude_keys`` in conf/config.yaml: places and
+# display settings, never what is trained) and without these prefixes.
+NOT_CONDITION_PREFIXES = ("paths.", "hydra.", "callbacks.progress_bar", "logger")
+
+
+# ---------------------------------------------------------------------- checkpoints of a run
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint file and its contents (tensors memory-mapped), read once."""
+
+    path: Path
+    contents: dict[str, Any]
+
+
+def _newest_last(folder: Path) -> Path | None:
+    found = [p for p in folder.glob(LAST_PATTERN) if p.is_file()]
+    return max(found, key=lambda p: (p.stat().st_mtime, p.name)) if found else None
+
+
+def last_of_run(run_dir: Path) -> Path | None:
+    """The newest ``last*.ckpt`` in ``<run_dir>/checkpoints/`` (or in ``run_dir`` itself)."""
+    for folder in (run_dir / CHECKPOINTS_DIR, run_dir):
+        if folder.is_dir() and (found := _newest_last(folder)) is not None:
+            return found
+    return None
+
+
+def open_checkpoint(
+    value: str | os.PathLike, option: str, run_dir: str | os.PathLike | None = None
+) -> Checkpoint:
+    """The checkpoint that ``option=value`` names, verified and read (memory-mapped, once);
+    else a one-line UserError.
+
+    ``value``: a ``.ckpt`` file; a run dir (its newest ``checkpoints/last*.ckpt``); or ``last``:
+    the newest ``last*.ckpt`` of ``run_dir`` (this run's folder, e.g. set with
+    ``hydra.run.dir=<old run>`` to continue a run in place). Checks, in this order: it
+    exists, is a non-empty file, loads as a Lightning checkpoint (``ckpt_path`` also needs
+    the training state), and matches its ``.sha256`` sidecar.
+    """
+    text = os.fspath(value).strip()
+    if not text:
+        raise UserError(f"{option} is empty: pass a checkpoint file or a run dir, or null.")
+    if text == "last":
+        if run_dir is None:
+            raise UserError(f"{option}=last needs a run dir: pass {option}=<run dir> instead.")
+        found = last_of_run(Path(run_dir))
+        if found is None:
+            raise UserError(
+                f"{option}=last: no {CHECKPOINTS_DIR}/last.ckpt in this run's folder {run_dir}; "
+                f"name the run to resume: {option}=<run dir> (or hydra.run.dir=<run dir> "
+                f"{option}=last to continue in that folder)."
+            )
+        path = found
+    else:
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise UserError(f"{option}={path} does not exist: pass a .ckpt file or a run dir.")
+        if path.is_dir():
+            found = last_of_run(path)
+            if found is None:
+                raise UserError(
+                    f"{option}={path} is a folder without {CHECKPOINTS_DIR}/last.ckpt: pass a "
+                    f".ckpt file or a run dir that has one."
+                )
+            path = found
+    if not path.is_file():
+        raise UserError(f"{option}={path} is not a regular file: pass a .ckpt file.")
+    if path.stat().st_size == 0:
+        raise UserError(f"{option}={path} is empty (0 bytes): pass another checkpoint of the run.")
+    contents = load_mapped(path, option)
+    if option == "ckpt_path" and not {"loops", "optimizer_states"} <= contents.keys():
+        raise UserError(
+            f"ckpt_path={path} holds weights only (no training state to resume): start a new "
+            f"run from it with init_from={path} (and ckpt_path=null)."
+        )
+    verify_sidecar(path, option)
+    return Checkpoint(path, contents)
+
+
+def resolve_checkpoint(
+    value: str | os.PathLike, option: str, run_dir: str | os.PathLike | None = None
+) -> Path:
+    """The verified checkpoint file that ``option=value`` names (see :func:`open_checkpoint`)."""
+    return open_checkpoint(value, option, run_dir).path
+
+
+# ---------------------------------------------------------------------- starting a run
+
+
+def this_run_dir(cfg: DictConfig) -> str | None:
+    """``paths.run_dir`` (this run's folder), or None where it cannot be resolved."""
+    try:
+        return OmegaConf.select(cfg, "paths.run_dir", default=None)
+    except Exception:  # ${hydra:...} outside a Hydra app
+        return None
+
+
+def resolve_start(cfg: DictConfig) -> tuple[Checkpoint | None, Checkpoint | None]:
+    """``(ckpt_path, init_from)`` as verified, read checkpoints (at most one of them set), or
+    a one-line UserError; cheap (memory-mapped and hashed), before any data or model is built.
+    """
+    ckpt, init = cfg.get("ckpt_path"), cfg.get("init_from")
+    if ckpt is not None and init is not None:
+        raise UserError(
+            f"ckpt_path={ckpt} and init_from={init} are both set: ckpt_path resumes a run (its "
+            f"step, optimizer, data position), init_from starts a new run from a checkpoint's "
+            f"weights; pass only one."
+        )
+    if ckpt is not None:
+        return open_checkpoint(str(ckpt), "ckpt_path", this_run_dir(cfg)), None
+    if init is not None:
+        return None, open_checkpoint(str(init), "init_from", this_run_dir(cfg))
+    return None, None
+
+
+# Model settings that change the weights' shapes: a resume with another value cannot load them.
+MODEL_SHAPE_KEYS = (
+    "vocab_size",
+    "n_positions",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "moe.layers",
+    "moe.n_experts",
+    "moe.top_k",
+)
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def saved_loader_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The train loader's state in a Lightning checkpoint (``{}`` when it has none)."""
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    return dict((fit_loop.get("state_dict", {}).get("combined_loader") or [{}])[0])
+
+
+def check_resume_settings(cfg: DictConfig, start: Checkpoint, vocab_size: int | None) -> None:
+    """Refuse, before any data or model is built, a resume of a checkpoint whose experts are
+    in the per-expert layout (use ``init_from``), or whose config differs from the
+    checkpoint's in ``seed``, the data settings the config alone decides (batch size, data
+    seed, balance, block size) or the model's shapes (``vocab_size``: the data's tokenizer's);
+    one line naming every change. The world size and the data's content are checked once the
+    trainer exists (:func:`check_resume_data`), and the train loader checks everything again
+    at the restore."""
+    path, checkpoint = start.path, start.contents
+    if has_per_expert_layout(checkpoint.get("state_dict") or {}):
+        raise UserError(
+            f"ckpt_path={path} holds experts in the per-expert layout of an earlier version, "
+            f"which cannot resume (its optimizer state is per expert): start a new run from its "
+            f"weights with init_from={path} (and ckpt_path=null)."
+        )
+    loader = saved_loader_state(checkpoint)
+    now: dict[str, tuple[Any, Any]] = {}  # label -> (checkpoint, now)
+    rng = checkpoint.get("callbacks", {}).get(RandomStates.__qualname__, {})
+    if "seed" in rng:
+        now["seed"] = (rng["seed"], cfg.seed)
+    if loader.get("version") is not None:
+        for key in ("batch_size", "seed", "balance_tokens", "block_size"):
+            if key in loader:
+                now[RESUME_KEYS[key]] = (loader[key], _plain(cfg.data.get(key)))
+    saved_model = OmegaConf.create(dict(checkpoint.get("hyper_parameters", {})))
+    handed = {"vocab_size": vocab_size}  # what the data hands to the model
+    for key in MODEL_SHAPE_KEYS:
+        saved = OmegaConf.select(saved_model, key, default=None)
+        if saved is not None:
+            value = handed[key] if key in handed else OmegaConf.select(cfg.model, key)
+            now[f"model.{key}"] = (_plain(saved), _plain(value))
+    changed = [
+        f"{label}: checkpoint {old!r}, now {new!r}"
+        for label, (old, new) in now.items()
+        if old != new
+    ]
+    if changed:
+        raise UserError(
+            f"Cannot resume with changed settings: {'; '.join(changed)}. Resume with the "
+            f"checkpoint's values, or start a new run from the checkpoint's weights with "
+            f"init_from={path} (and ckpt_path=null)."
+        )
+
+
+def check_resume_data(datamodule: Any, world_size: int, start: Checkpoint) -> None:
+    """Refuse a resume whose world size or training data (token content, held-out split)
+    differ from the checkpoint's, in this process (ahead of ddp_spawn's workers, whose errors
+    would come back as tracebacks). Opens the token cache, as ``fit`` would next."""
+    if hasattr(datamodule, "resume_identity"):
+        state = saved_loader_state(start.contents)
+        check_loader_state(state, datamodule.resume_identity(world_size), start.path)
+
+
+# ---------------------------------------------------------------------- runs for analyze
+
+
+@dataclass
+class RunCheckpoints:
+    """A run to analyse: its folder (None for a lone checkpoint file), its name within the
+    analysis and its checkpoint files, one per optimizer step, oldest first (see
+    :func:`checkpoint_steps`)."""
+
+    name: str
+    run_dir: Path | None
+    checkpoints: list[Path]
+
+
+def find_runs(path: Path, option: str) -> tuple[list[RunCheckpoints], list[str]]:
+    """The runs that ``option=path`` names: a ``.ckpt`` file, a run dir (holding ``.hydra/``)
+    or a folder of run dirs (a multirun dir); and notes on runs skipped for having no
+    checkpoint. One-line :class:`UserError` when it names none, or none with a checkpoint."""
+    if not path.exists():
+        raise UserError(
+            f"{option}={path} does not exist: pass a run dir, a multirun dir or a .ckpt file."
+        )
+    if path.is_file():
+        run_dir = path.resolve().parent.parent
+        run_dir = run_dir if (run_dir / HYDRA_CONFIG).is_file() else None
+        load_mapped(path, option)  # a readable checkpoint, else a one-line error
+        return [RunCheckpoints(path.stem, run_dir, [path])], []
+    if (path / HYDRA_CONFIG).is_file():
+        run_dirs = [path]
+    else:
+        run_dirs = sorted(p.parent.parent for p in path.rglob(str(HYDRA_CONFIG)))
+    if not run_dirs:
+        raise UserError(
+            f"{option}={path} holds no run dir (no {HYDRA_CONFIG} in it or below it): pass a "
+            f"run dir (outputs/runs/<date>/<time>), a multirun dir or a .ckpt file."
+        )
+    runs, notes = [], []
+    for run_dir in run_dirs:
+        name = run_dir.name if run_dir == path else str(run_dir.relative_to(path))
+        files = sorted((run_dir / CHECKPOINTS_DIR).glob("*.ckpt"))
+        if files:
+            steps = checkpoint_steps(files, option)
+            runs.append(RunCheckpoints(name, run_dir, [p for _, p in steps]))
+        else:
+            notes.append(f"{name}: no checkpoints, skipped")
+    if not runs:
+        raise UserError(
+            f"{option}={path}: none of its {len(run_dirs)} run dir(s) holds a checkpoint "
+            f"({CHECKPOINTS_DIR}/*.ckpt): train with callbacks.model_checkpoint on (the "
+            f"default) and analyse again."
+        )
+    return runs, notes
+
+
+def checkpoint_steps(files: Sequence[Path], option: str) -> list[tuple[int, Path]]:
+    """One file per optimizer step, by step: a ``step*.ckpt`` wins over ``last.ckpt`` of the
+    same step. Each file's ``global_step`` is read memory-mapped (cheap)."""
+    by_step: dict[int, Path] = {}
+    for path in sorted(files, key=lambda p: p.name.startswith("last")):
+        step = int(load_mapped(path, option).get("global_step", 0))
+        by_step.setdefault(step, path)
+    return sorted(by_step.items())
+
+
+def verify_checkpoints(runs: Sequence[RunCheckpoints], option: str) -> None:
+    """Check every checkpoint against its ``.sha256`` sidecar (one-line error), before any
+    expensive work."""
+    for run in runs:
+        for path in run.checkpoints:
+            verify_sidecar(path, option)
+
+
+# ---------------------------------------------------------------------- a run's record
+
+
+def recorded_config(run_dir: Path | None) -> DictConfig | None:
+    """The run's composed config (``.hydra/config.yaml``, unresolved), or None."""
+    file = run_dir / HYDRA_CONFIG if run_dir is not None else None
+    return OmegaConf.load(file) if file is not None and file.is_file() else None
+
+
+def _not_condition_keys(run_dir: Path) -> set[str]:
+    """The keys a sweep folder's name leaves out, as the run recorded them (and as
+    conf/config.yaml says now, for runs recorded with fewer), plus ``seed``."""
+    keys = {"seed"}
+    files = [run_dir / HYDRA_SETTINGS]
+    try:
+        from moe_emergence.config import CONFIG_NAME, config_dir
+
+        files.append(config_dir() / f"{CONFIG_NAME}.yaml")
+    except FileNotFoundError:  # installed without conf/: the run's record alone
+        pass
+    for file in files:
+        if file.is_file():
+            found = OmegaConf.select(OmegaConf.load(file), EXCLUDE_KEYS, default=None)
+            keys |= set(found or ())
+    return keys
+
+
+def split_override(item: str) -> tuple[str, str]:
+    """``"+data.size_mb=5"`` -> ``("data.size_mb", "5")``: the key without Hydra's ``+``/``~``
+    prefixes, and the value."""
+    key, _, value = str(item).partition("=")
+    return key.lstrip("+~"), value
+
+
+def run_overrides(run_dir: Path | None) -> tuple[list[str], int | None]:
+    """The run's condition overrides (sorted ``key=value``: see :data:`NOT_CONDITION_PREFIXES`)
+    and its ``seed=`` override (None when not overridden)."""
+    file = run_dir / HYDRA_OVERRIDES if run_dir is not None else None
+    if file is None or not file.is_file():
+        return [], None
+    not_condition = _not_condition_keys(run_dir)
+    kept, seed = [], None
+    for item in yaml.safe_load(file.read_text()) or []:
+        bare, value = split_override(item)
+        if bare == "seed":
+            seed = int(value)
+        elif bare not in not_condition and not bare.startswith(NOT_CONDITION_PREFIXES):
+            kept.append(str(item))
+    return sorted(kept), seed

@@ -1,0 +1,148 @@
+"""Settings written once: each field's default, type, help text and check, and the config key
+that names it in messages.
+
+A settings group is a dataclass of :func:`setting` fields deriving from :class:`Settings`, whose
+``PREFIX`` is its node in the Hydra config (``data``, ``model``, ``model.moe``,
+``callbacks.routing``). From the fields follow: the checks (:meth:`Settings.validate`, one-line
+errors naming the key), the config node's defaults (:func:`defaults`, registered as the group's
+base config, so the YAML files hold choices only), and, for data, the CLI's flags.
+
+A leaf module: it imports nothing of the package but its error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Self
+
+from moe_emergence.errors import UserError
+
+
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A real number that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int_list(value: Any) -> bool:
+    return isinstance(value, list | tuple) and all(is_int(v) for v in value)
+
+
+# Field type (as annotated) -> (its test, what a value must be, its command-line parser).
+KINDS: dict[str, tuple[Callable[[Any], bool], str, Callable[[str], Any] | None]] = {
+    "int": (is_int, "an integer", int),
+    "float": (is_number, "a number", float),
+    "bool": (lambda v: isinstance(v, bool), "true or false", None),
+    "str": (lambda v: isinstance(v, str | os.PathLike), "a string", str),
+    "list[int]": (_is_int_list, "a list of integers", None),
+}
+
+
+def kind(field: dataclasses.Field) -> tuple[str, bool]:
+    """``("int" | "float" | "bool" | "str" | "list[int]", nullable)`` of a settings field."""
+    names = [name.strip() for name in str(field.type).split("|")]
+    return next(n for n in names if n != "None"), "None" in names
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str, **check: Any) -> Any:
+    """A settings field: its default (a callable ``factory=`` instead, read when built), its
+    help text, and what its value must be beyond its type: ``low`` (≥), ``below`` (<),
+    ``choices``, ``check`` (a function raising ValueError with a plain message)."""
+    factory = check.pop("factory", dataclasses.MISSING)
+    return dataclasses.field(
+        default=default, default_factory=factory, metadata={"help": help, **check}
+    )
+
+
+def problem(field: dataclasses.Field, value: Any) -> str | None:
+    """Why ``value`` does not fit ``field`` (" must be ..., got ..." or ": <check's message>"),
+    or None when it fits."""
+    name, nullable = kind(field)
+    if value is None and nullable:
+        return None
+    test, what, _ = KINDS[name]
+    meta = field.metadata
+    low, below, choices = meta.get("low"), meta.get("below"), meta.get("choices")
+    if low is not None and below is not None:
+        what += f" in [{low}, {below})"
+    elif low is not None:
+        what += f" ≥ {low}"
+    if choices is not None:
+        what = f"one of {list(choices)}"
+    fits = (
+        test(value)
+        and (low is None or value >= low)
+        and (below is None or value < below)
+        and (choices is None or value in choices)
+    )
+    if not fits:
+        return f" must be {what}{', or null' if nullable else ''}, got {value!r}."
+    try:
+        if "check" in meta:
+            meta["check"](value)
+    except ValueError as exc:
+        return f": {exc}"
+    return None
+
+
+class Settings:
+    """Base of a settings dataclass; ``PREFIX`` is its node in the config."""
+
+    PREFIX: ClassVar[str] = ""
+
+    @classmethod
+    def config_key(cls, name: str) -> str:
+        """The Hydra key of the setting ``name``: ``model.moe.top_k``."""
+        return f"{cls.PREFIX}.{name}"
+
+    @classmethod
+    def option(cls, name: str, value: str | None = None) -> str:
+        """How the user sets ``name`` in messages (the config key; with ``value``,
+        ``key=value``)."""
+        return cls.config_key(name) + (f"={value}" if value is not None else "")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+
+    def validate(self) -> Self:
+        """Raise a UserError naming the key (and the fix) for the first bad value; return
+        ``self``."""
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            found = problem(field, getattr(self, field.name))
+            if found is not None:
+                raise UserError(f"{self.option(field.name)}{found}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any]) -> Self:
+        """Built from the keys of its config node (unknown keys: a one-line UserError naming
+        the valid ones), then checked."""
+        unknown = [key for key in fields if key not in cls.names()]
+        if unknown:
+            raise UserError(
+                f"Unknown setting(s) {', '.join(map(cls.config_key, unknown))}: the "
+                f"{cls.PREFIX} keys are {', '.join(cls.names())}."
+            )
+        return cls(**fields).validate()
+
+
+def defaults(settings: type[Settings]) -> dict[str, Any]:
+    """The group's default values, as its config node holds them (a factory's value is left
+    out: it is read when the settings are built)."""
+    found = {}
+    for field in dataclasses.fields(settings):  # type: ignore[arg-type]
+        if field.default is not dataclasses.MISSING:
+            value = field.default
+            found[field.name] = list(value) if isinstance(value, tuple) else value
+    return found
