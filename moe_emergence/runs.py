@@ -1,6 +1,7 @@
 """A run folder and its record: where its checkpoints are, which one ``ckpt_path`` / ``init_from``
-names, whether a resume may continue it, which runs ``analyze`` finds, and what a run's
-``.hydra/`` files record (its condition, its seed, its probe settings).
+names, whether a resume may continue it, its ``summary.json`` (:class:`RunSummary`), which runs
+``analyze`` finds, and what a run's ``.hydra/`` files record (its condition, its seed, its
+probe settings).
 
 A run folder (``outputs/runs/<date>/<time>``, or a sweep job's folder) holds ``.hydra/``
 (``config.yaml``, ``overrides.yaml``, ``hydra.yaml``), ``checkpoints/`` (``step*.ckpt``,
@@ -10,6 +11,7 @@ A run folder (``outputs/runs/<date>/<time>``, or a sweep job's folder) holds ``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 LAST_PATTERN = "last*.ckpt"  # last.ckpt, and last-v1.ckpt when Lightning versions it
+SUMMARY_FILE = "summary.json"
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 HYDRA_SETTINGS = Path(".hydra") / "hydra.yaml"
@@ -225,6 +229,32 @@ def check_resume_data(datamodule: Any, world_size: int, start: Checkpoint) -> No
     if hasattr(datamodule, "resume_identity"):
         state = saved_loader_state(start.contents)
         check_loader_state(state, datamodule.resume_identity(world_size), start.path)
+
+
+# ---------------------------------------------------------------------- the run's summary
+
+
+class RunSummary(L.Callback):
+    """Writes ``summary.json`` in the run dir at the end of training (rank 0): the final step,
+    the per-domain train losses over all ranks, the MoE dispatch path (None for a dense model)
+    and the last logged metrics. Under ddp_spawn the
+    parent process's trainer never sees the steps; it reads this file instead."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        losses = getattr(pl_module, "final_domain_losses", dict)()  # collective: every rank
+        if not trainer.is_global_zero:
+            return
+        summary = {
+            "global_step": int(trainer.global_step),
+            "domain_losses": losses,
+            "moe_dispatch": getattr(pl_module, "dispatch", None),
+            "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(summary, indent=2))
 
 
 # ---------------------------------------------------------------------- runs for analyze

@@ -23,12 +23,16 @@ from moe_emergence.checkpoints import (
 from moe_emergence.config import compose_config
 from moe_emergence.errors import UserError
 from moe_emergence.model.module import check_compile
-from moe_emergence.runs import check_resume_data, check_resume_settings, resolve_start
+from moe_emergence.runs import (
+    SUMMARY_FILE,
+    RunSummary,
+    check_resume_data,
+    check_resume_settings,
+    resolve_start,
+)
 from moe_emergence.settings import is_int
 
 log = logging.getLogger(__name__)
-
-SUMMARY_FILE = "summary.json"
 
 
 def _strategy_name(strategy: Any) -> str:
@@ -51,29 +55,6 @@ def check_launch(cfg: DictConfig, multirun: bool, launcher: str = "BasicLauncher
             f"ddp re-launches the script per rank and each would start its own sweep. Use "
             f"trainer.strategy=ddp_spawn for sweeps, or run single jobs without -m."
         )
-
-
-class RunSummary(L.Callback):
-    """Writes ``summary.json`` in the run dir at the end of training (rank 0): the final step,
-    the per-domain train losses over all ranks, the MoE dispatch path (None for a dense model)
-    and the last logged metrics. Under ddp_spawn the
-    parent process's trainer never sees the steps; it reads this file instead."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        losses = getattr(pl_module, "final_domain_losses", dict)()  # collective: every rank
-        if not trainer.is_global_zero:
-            return
-        summary = {
-            "global_step": int(trainer.global_step),
-            "domain_losses": losses,
-            "moe_dispatch": getattr(pl_module, "dispatch", None),
-            "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
-        }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(summary, indent=2))
 
 
 def build_module(model_cfg: DictConfig, datamodule: Any) -> L.LightningModule:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -172,3 +174,20 @@ def test_a_failed_configuration_is_reported_and_exits_1(bench, capsys, monkeypat
     configs = json.loads(captured.out.strip().splitlines()[-1])["configs"]
     assert [c.get("error") for c in configs] == [None, "RuntimeError: no grouped GEMM here"]
     assert "Traceback" in captured.err
+
+
+def test_gpu_check_script_parses_and_its_benchmark_flags_exist(bench, monkeypatch):
+    """gpu_check.sh is the one prepared GPU command: its shell parses and every bench_moe call
+    in it takes its flags (parsed as on a CUDA machine)."""
+    script = BENCHMARKS / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text().replace("\\\n", " ")
+    calls = [
+        shlex.split(line.split("bench_moe.py", 1)[1].split(">")[0])
+        for line in text.splitlines()
+        if "benchmarks/bench_moe.py" in line and not line.lstrip().startswith("#")
+    ]
+    assert len(calls) == 3
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    for argv in calls:
+        assert bench.parse_args(argv).device == "cuda"

@@ -21,6 +21,7 @@ from moe_emergence.model.gpt2_moe import (
 )
 from moe_emergence.model.module import DISPATCH_KEY
 from moe_emergence.model.settings import ModelSettings, MoESettings
+from moe_emergence.runs import HYDRA_CONFIG, recorded_config
 
 
 @dataclass
@@ -105,10 +106,11 @@ def tokenizer_settings(loaded: LoadedCheckpoint) -> dict[str, Any] | None:
     keys = ("tokenizer", "hub_mirror", "cache_dir")
     if loaded.data_settings.get("tokenizer"):
         return {k: loaded.data_settings.get(k) for k in keys}
-    config_file = loaded.path.resolve().parent.parent / ".hydra" / "config.yaml"
-    if not config_file.is_file():
+    run_dir = loaded.path.resolve().parent.parent
+    cfg = recorded_config(run_dir)
+    if cfg is None:
         return None
-    cfg = OmegaConf.load(config_file)
+    config_file = run_dir / HYDRA_CONFIG
     try:
         found = {k: OmegaConf.select(cfg, f"data.{k}", default=None) for k in keys}
     except Exception as exc:  # an interpolation this process cannot resolve
