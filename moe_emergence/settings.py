@@ -122,7 +122,11 @@ class Settings:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        """Field -> value; a tuple (a default list) as a list, as the config holds it."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(self).items()  # type: ignore[call-overload]
+        }
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, Any]) -> Self:
