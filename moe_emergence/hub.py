@@ -150,6 +150,7 @@ def resolve_repo(
 ) -> str:
     """Return what to pass to ``load_dataset`` / ``from_pretrained`` for ``repo_id``.
 
+    ``mirror`` None: ``$MOE_HUB_MIRROR`` (:func:`default_mirror`), else none.
     - with a mirror root, ``<mirror>/<repo_id>`` when ``repo_id`` is a Hub id and it exists;
     - else an existing local folder named ``repo_id`` (``~`` expanded), used as it is;
     - else, for a local path (:func:`is_local_path`), LocalPathError: missing, or a file;
@@ -161,6 +162,7 @@ def resolve_repo(
     """
     if repo_id in REMOVED_DATASETS:
         raise UserError(f"Dataset '{repo_id}' {REMOVED_DATASETS[repo_id]}.")
+    mirror = default_mirror() if mirror is None else mirror
     if mirror is not None:
         root = Path(mirror)
         if not root.is_dir():

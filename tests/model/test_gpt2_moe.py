@@ -227,3 +227,13 @@ def test_count_parameters(tiny_gpt2):
     assert counts["routers"] == 2 * 32 * 4
     assert counts["total"] == dense_total + 2 * 3 * mlp + counts["routers"]
     assert counts["active"] == counts["total"] - 2 * 2 * mlp
+
+
+def test_pretrained_model_is_found_through_the_mirror_environment(saved_tiny_gpt2, monkeypatch):
+    """``model.hub_mirror`` null (the config's default) reads ``$MOE_HUB_MIRROR``, as the data
+    does: one fallback, in the hub module."""
+    root, model = saved_tiny_gpt2
+    monkeypatch.setenv("MOE_HUB_MIRROR", str(root))
+    found = build_gpt2("org/tiny-gpt2", hub_mirror=None).eval()
+    ids = torch.randint(0, TINY["vocab_size"], (1, 8), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(logits_of(found, ids), logits_of(model, ids))
