@@ -48,6 +48,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="output folder (default: PATH/analysis)")
     parser.add_argument("--device", default="cpu", help="torch device for the forwards (cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for flag, what in (
+        ("--hub-mirror", "the Hub mirror folder"),
+        ("--cache-dir", "the token cache root"),
+        ("--tokenizer", "the tokenizer (Hub name, folder or sample_bpe)"),
+    ):
+        parser.add_argument(
+            flag,
+            default=None,
+            help=f"{what} to rebuild the runs' data from (default: each run's recorded one); "
+            "the data must be the runs' own (their checkpoints' data fingerprint)",
+        )
     return parser.parse_args(argv)
 
 
@@ -119,7 +130,17 @@ def run(args: argparse.Namespace) -> str:
             bar.set_postfix_str(name[-40:])
             folder = out / RUNS_DIR / name
             folder.mkdir(parents=True, exist_ok=True)
-            result = evaluate_run(run_, folder, device, on_checkpoint=lambda: bar.update(1))
+            result = evaluate_run(
+                run_,
+                folder,
+                device,
+                on_checkpoint=lambda: bar.update(1),
+                data_overrides={
+                    "hub_mirror": args.hub_mirror,
+                    "cache_dir": args.cache_dir,
+                    "tokenizer": args.tokenizer,
+                },
+            )
             write_run_tables(result, folder)
             results.append(result)
     written = write_summary(results, out)

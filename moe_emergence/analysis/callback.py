@@ -31,7 +31,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from moe_emergence.analysis.plots import plot_emergence, plot_heatmap
-from moe_emergence.analysis.probe import Probe, build_probe, route_blocks, score_probe_routing
+from moe_emergence.analysis.probe import (
+    PROBE_FILE,
+    Probe,
+    build_probe,
+    route_blocks,
+    score_probe_routing,
+)
 from moe_emergence.analysis.scores import LayerScores, collapsed_expert
 from moe_emergence.analysis.settings import ProbeSettings
 from moe_emergence.analysis.tables import (
@@ -115,7 +121,7 @@ class RoutingAnalysis(L.Callback):
             self._restored_window = None
         if self._rank == 0:
             self._out.mkdir(parents=True, exist_ok=True)
-            write_atomic(self._out / "probe.json", json.dumps(self.probe.describe(), indent=2))
+            write_atomic(self._out / PROBE_FILE, json.dumps(self.probe.describe(), indent=2))
             self._write_tables()
         if self._last_step is None:  # a fresh run: where routing starts
             self._analyse(trainer, pl_module)

@@ -9,9 +9,10 @@ and the token cache, which it rebuilds from the recorded data settings when it i
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,13 @@ import torch
 from omegaconf import OmegaConf
 
 from moe_emergence.analysis.loading import LoadedCheckpoint, load_checkpoint
-from moe_emergence.analysis.probe import Probe, build_probe, route_blocks, score_probe_routing
+from moe_emergence.analysis.probe import (
+    PROBE_FILE,
+    Probe,
+    build_probe,
+    route_blocks,
+    score_probe_routing,
+)
 from moe_emergence.analysis.results import NO_OVERRIDES, CheckpointResult, HeldOutLoss, RunResult
 from moe_emergence.analysis.settings import ProbeSettings
 from moe_emergence.analysis.token_types import CATEGORIES, token_type_table
@@ -175,18 +182,68 @@ def evaluate_checkpoint(
 # ---------------------------------------------------------------------- one run
 
 
+def check_same_data(name: str, recorded: str | None, rebuilt: str | None) -> None:
+    """Refuse (one line) data whose content fingerprint differs from the run's own."""
+    if recorded is not None and rebuilt != recorded:
+        raise UserError(
+            f"{name}: the data here is not the data the run trained on (its checkpoint records "
+            f"data fingerprint {recorded[:12]}, the data rebuilt here has {str(rebuilt)[:12]}: "
+            f"other texts, tokenizer or held-out split), so its probe would not be the "
+            f"training-time one; restore the run's data or point --hub-mirror, --cache-dir and "
+            f"--tokenizer at it."
+        )
+
+
+def recorded_probe_digest(run_dir: Path | None) -> tuple[Path, str] | None:
+    """``(probe.json, its digest)`` of the run's training-time probe, when the run wrote one."""
+    if run_dir is None:
+        return None
+    cfg = recorded_config(run_dir)
+    key = ProbeSettings.config_key("out_dir")
+    folder = OmegaConf.select(cfg, key, default=None) if cfg is not None else None
+    path = (Path(folder) if folder else run_dir / "routing") / PROBE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return path, str(json.loads(path.read_text())["digest"])
+    except (ValueError, KeyError, TypeError):
+        raise UserError(
+            f"{path} is damaged (no probe digest in it): restore it, or delete it to analyse "
+            f"without comparing the probe."
+        ) from None
+
+
+def check_same_probe(name: str, run_dir: Path | None, probe: Probe) -> None:
+    """Refuse (one line) a rebuilt probe whose digest differs from the training-time one."""
+    found = recorded_probe_digest(run_dir)
+    if found is not None and found[1] != probe.digest:
+        path, digest = found
+        raise UserError(
+            f"{name}: the probe rebuilt here differs from the training-time one ({path} records "
+            f"digest {digest[:12]}, rebuilt {probe.digest[:12]}): the data or the "
+            f"callbacks.routing_analysis settings changed; restore them."
+        )
+
+
 def evaluate_run(
     run: RunCheckpoints,
     report_dir: Path,
     device: torch.device,
     on_checkpoint: Callable[[], None] = lambda: None,
+    data_overrides: Mapping[str, Any] | None = None,
 ) -> RunResult:
     """Every checkpoint of ``run`` (verified beforehand: :func:`verify_checkpoints`), oldest
     first, on the run's own probe and held-out split; ``on_checkpoint`` is called after each
-    (a progress bar). The data report of the rebuilt data goes to ``report_dir``."""
+    (a progress bar). The data report of the rebuilt data goes to ``report_dir``.
+    ``data_overrides``: ``hub_mirror``, ``cache_dir``, ``tokenizer`` in place of the run's
+    recorded ones (None: the recorded). The rebuilt data must have the fingerprint the run's
+    checkpoint records, and the probe the digest of its ``routing/probe.json``."""
     final = load_checkpoint(run.checkpoints[-1], OPTION, require_moe=False)
     domains = tuple(final.hparams.get("domains") or DOMAINS)
-    datamodule = load_data(run.name, final.data_settings, report_dir)
+    given = {k: v for k, v in (data_overrides or {}).items() if v is not None}
+    data_settings = {**final.data_settings, **given} if final.data_settings else {}
+    datamodule = load_data(run.name, data_settings, report_dir)
+    check_same_data(run.name, final.data_fingerprint, datamodule.data_fingerprint)
     settings = probe_settings(run.run_dir)
     probe = build_probe(
         datamodule,
@@ -195,6 +252,7 @@ def evaluate_run(
         settings["held_out_blocks"],
         settings["probe_seed"],
     )
+    check_same_probe(run.name, run.run_dir, probe)
     # All held-out blocks (the loss's set; the probe too, unless it is a subset or train_sample).
     held_out = build_probe(datamodule, domains) if datamodule.val_dataset is not None else None
     tokenizer = datamodule.tokenizer

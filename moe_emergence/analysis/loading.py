@@ -21,7 +21,7 @@ from moe_emergence.model.gpt2_moe import (
 )
 from moe_emergence.model.module import DISPATCH_KEY
 from moe_emergence.model.settings import ModelSettings, MoESettings
-from moe_emergence.runs import HYDRA_CONFIG, recorded_config
+from moe_emergence.runs import HYDRA_CONFIG, recorded_config, saved_loader_state
 
 
 @dataclass
@@ -29,9 +29,12 @@ class LoadedCheckpoint:
     """The GPT-2 of a checkpoint (MoE layers unless dense; eval mode, CPU), its step, the
     module's hyper-parameters and the data settings recorded with it (empty when none).
 
-    dispatch: the MoE dispatch path it trained with (``loop`` | ``grouped``; ``loop
-    (per-expert layout)`` for checkpoints of per-expert modules, converted to stacked
-    weights on loading; None for a dense model). Its MoE layers run that path here.
+    data_fingerprint: the training data's content identity its train loader recorded (None in
+    checkpoints without one).
+
+    dispatch: the MoE dispatch path it trained with (``loop`` | ``grouped``; ``loop (per-expert
+    layout)`` for checkpoints of per-expert modules, converted to stacked weights on loading;
+    None for a dense model). Its MoE layers run that path here.
     """
 
     model: GPT2LMHeadModel
@@ -40,6 +43,7 @@ class LoadedCheckpoint:
     hparams: dict[str, Any]
     data_settings: dict[str, Any]
     dispatch: str | None = None
+    data_fingerprint: str | None = None
 
 
 def load_checkpoint(path: Path, option: str = "CKPT", require_moe: bool = True) -> LoadedCheckpoint:
@@ -96,6 +100,7 @@ def load_checkpoint(path: Path, option: str = "CKPT", require_moe: bool = True) 
         hparams=hp,
         data_settings=dict(checkpoint.get("datamodule_hyper_parameters") or {}),
         dispatch=dispatch,
+        data_fingerprint=saved_loader_state(checkpoint).get("data_fingerprint"),
     )
 
 

@@ -28,6 +28,7 @@ from moe_emergence.model.gpt2_moe import collect_aux_outputs, moe_layers, next_t
 
 log = logging.getLogger(__name__)
 
+PROBE_FILE = "probe.json"  # what a run's probe is, in its routing folder (Probe.describe)
 HELD_OUT = "held_out"
 TRAIN_SAMPLE = "train_sample"
 

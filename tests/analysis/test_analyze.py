@@ -11,12 +11,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from helpers.configs import tiny_overrides
 from helpers.old_layout import write_per_expert_copy
 from helpers.script import assert_one_error_line, run_train
 
 from moe_emergence.analysis.analyze import main
 from moe_emergence.analysis.tables import read_table
+from moe_emergence.checkpoints import write_sidecar
 from moe_emergence.errors import UserError
 from moe_emergence.runs import find_runs, run_overrides
 
@@ -239,3 +241,54 @@ def test_per_expert_checkpoints_analyse_like_their_stacked_originals(sweep, tmp_
     assert analysed == trained and len(analysed) == 3 * len(LAYERS) * len(DOMAINS) * 4
     trained_scores = read_table(moe_run / "routing" / "trajectory.csv")
     assert read_table(folder / "trajectory.csv") == trained_scores
+
+
+def _copy_of_top1_run(sweep: Path, tmp_path: Path) -> Path:
+    run = next(p for p in _run_dirs(sweep) if "condition=top1" in p.name)
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy
+
+
+def test_a_changed_probe_is_refused_in_one_line(sweep, tmp_path, capsys):
+    copy = _copy_of_top1_run(sweep, tmp_path)
+    probe_file = copy / "routing" / "probe.json"
+    described = json.loads(probe_file.read_text())
+    described["digest"] = "0" * 64
+    probe_file.write_text(json.dumps(described))
+    code, out, err = _analyze(capsys, copy, "--out", tmp_path / "out")
+    assert code == 1 and not out
+    assert_one_error_line(err, "probe rebuilt here differs from the training-time one")
+    assert "000000000000" in err and "probe.json" in err
+
+
+def test_other_data_than_the_runs_is_refused_in_one_line(sweep, tmp_path, capsys):
+    """A checkpoint whose train loader recorded another data fingerprint (as after the mirror
+    or the cache changed in place) is refused before anything is scored."""
+    copy = _copy_of_top1_run(sweep, tmp_path)
+    for path in sorted((copy / "checkpoints").glob("*.ckpt")):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        loops = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        for state in loops.get("combined_loader") or []:
+            state["data_fingerprint"] = "f" * 16
+        torch.save(checkpoint, path)
+        write_sidecar(path)
+    code, out, err = _analyze(capsys, copy, "--out", tmp_path / "out")
+    assert code == 1 and not out
+    assert_one_error_line(err, "not the data the run trained on", "fingerprint ffffffffffff")
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_a_moved_token_cache_is_found_with_cache_dir(sweep, tmp_path, capsys):
+    copy = _copy_of_top1_run(sweep, tmp_path)
+    code, _, err = _analyze(capsys, copy, "--out", tmp_path / "here")
+    assert code == 0, err
+    moved = tmp_path / "moved-cache"
+    shutil.copytree(sweep.parent / "cache", moved)
+    code, _, err = _analyze(capsys, copy, "--out", tmp_path / "moved", "--cache-dir", moved)
+    assert code == 0, err
+    [here] = (tmp_path / "here" / "runs").iterdir()
+    [there] = (tmp_path / "moved" / "runs").iterdir()
+    assert read_table(there / "counts.csv") == read_table(here / "counts.csv")
+    report = json.loads((there / "data_report.json").read_text())
+    assert report["cache"]["from_cache"] is True and str(moved) in report["cache"]["path"]
