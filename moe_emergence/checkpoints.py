@@ -30,6 +30,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
+from moe_emergence.distributed import gather_objects
 from moe_emergence.errors import UserError
 from moe_emergence.files import sha256_file, write_atomic
 from moe_emergence.model.gpt2_moe import stack_per_expert_state
@@ -189,16 +190,6 @@ class StepZeroCheckpoint(L.Callback):
         trainer.save_checkpoint(name)
 
 
-def _gather(obj: Any) -> list[Any]:
-    """``obj`` of every rank, by rank (collective under DDP; ``[obj]`` in one process)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 class RandomStates(L.Callback):
     """Saves every rank's random states (and the run's ``seed``) in each checkpoint; on a
     resume, each rank gets its own back in ``on_train_start``.
@@ -222,7 +213,7 @@ class RandomStates(L.Callback):
         return {
             "version": RANDOM_STATES_VERSION,
             "seed": self.seed,
-            "ranks": _gather(collect_random_states()),
+            "ranks": gather_objects(collect_random_states()),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -230,14 +221,14 @@ class RandomStates(L.Callback):
             raise UserError(
                 f"The checkpoint's random states have format {state.get('version')!r}, this "
                 f"code reads {RANDOM_STATES_VERSION}: start a new run from its weights with "
-                f"init_from={self._checkpoint} (and ckpt_path=null)."
+                f"init_from={self._checkpoint} (and ckpt_path=null; it gets a new run folder)."
             )
         if self.seed is not None and state.get("seed") != self.seed:
             raise UserError(
                 f"Cannot resume with a changed setting: seed: checkpoint {state.get('seed')}, "
                 f"now {self.seed}. Resume with seed={state.get('seed')}, or start a new run "
                 f"from the checkpoint's weights with init_from={self._checkpoint} (and "
-                f"ckpt_path=null)."
+                f"ckpt_path=null; it gets a new run folder)."
             )
         self._pending = list(state["ranks"])
 

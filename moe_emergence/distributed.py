@@ -1,6 +1,9 @@
-"""Sums over DDP ranks: the one place where counters and loss sums are reduced."""
+"""Across DDP ranks: the one place where counters and loss sums are reduced, and where a
+per-rank state is gathered for a checkpoint."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -12,4 +15,13 @@ def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.clone()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every rank, by rank (collective under DDP; ``[obj]`` in one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
     return out

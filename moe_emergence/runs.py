@@ -11,9 +11,13 @@ A run folder (``outputs/runs/<date>/<time>``, or a sweep job's folder) holds ``.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
+import shutil
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +25,13 @@ from typing import Any
 
 import lightning as L
 import yaml
+from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
 from moe_emergence.checkpoints import RandomStates, load_mapped, verify_sidecar
 from moe_emergence.data.loader import RESUME_KEYS, check_loader_state
-from moe_emergence.errors import UserError
+from moe_emergence.errors import UserError, report_user_errors
+from moe_emergence.files import write_atomic
 from moe_emergence.model.gpt2_moe import has_per_expert_layout
 
 log = logging.getLogger(__name__)
@@ -33,6 +39,7 @@ log = logging.getLogger(__name__)
 CHECKPOINTS_DIR = "checkpoints"
 LAST_PATTERN = "last*.ckpt"  # last.ckpt, and last-v1.ckpt when Lightning versions it
 SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.csv"  # the CSV logger's, in <run>/csv/
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 HYDRA_SETTINGS = Path(".hydra") / "hydra.yaml"
@@ -113,7 +120,7 @@ def open_checkpoint(
     if option == "ckpt_path" and not {"loops", "optimizer_states"} <= contents.keys():
         raise UserError(
             f"ckpt_path={path} holds weights only (no training state to resume): start a new "
-            f"run from it with init_from={path} (and ckpt_path=null)."
+            f"run from it with init_from={path} (and ckpt_path=null; it gets a new run folder)."
         )
     verify_sidecar(path, option)
     return Checkpoint(path, contents)
@@ -191,7 +198,7 @@ def check_resume_settings(cfg: DictConfig, start: Checkpoint, vocab_size: int | 
         raise UserError(
             f"ckpt_path={path} holds experts in the per-expert layout of an earlier version, "
             f"which cannot resume (its optimizer state is per expert): start a new run from its "
-            f"weights with init_from={path} (and ckpt_path=null)."
+            f"weights with init_from={path} (and ckpt_path=null; it gets a new run folder)."
         )
     loader = saved_loader_state(checkpoint)
     now: dict[str, tuple[Any, Any]] = {}  # label -> (checkpoint, now)
@@ -218,7 +225,7 @@ def check_resume_settings(cfg: DictConfig, start: Checkpoint, vocab_size: int | 
         raise UserError(
             f"Cannot resume with changed settings: {'; '.join(changed)}. Resume with the "
             f"checkpoint's values, or start a new run from the checkpoint's weights with "
-            f"init_from={path} (and ckpt_path=null)."
+            f"init_from={path} (and ckpt_path=null; it gets a new run folder)."
         )
 
 
@@ -229,6 +236,91 @@ def check_resume_data(datamodule: Any, world_size: int, start: Checkpoint) -> No
     if hasattr(datamodule, "resume_identity"):
         state = saved_loader_state(start.contents)
         check_loader_state(state, datamodule.resume_identity(world_size), start.path)
+
+
+# ---------------------------------------------------------------------- continuing in place
+
+
+def resumes_in_place(start: Checkpoint, run_dir: Path) -> bool:
+    """Whether ``start`` lies in ``run_dir``: the run continues in its own folder."""
+    return run_dir.resolve() in start.path.resolve().parents
+
+
+def continue_csv_history(logger: Any, step: int) -> Path | None:
+    """Before a run resumed in place from optimizer step ``step`` logs anything: keep the rows of
+    its ``metrics.csv`` logged before that step (the resumed run logs the later ones again) and
+    a copy of the whole file as ``metrics.start<k>.csv`` (k numbers the earlier starts), so that
+    Lightning's CSV writer, which empties the file when it opens, appends to the history
+    instead. Rank zero only (the writer's rank); returns the copy, or None when nothing was
+    kept."""
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if not isinstance(logger, CSVLogger) or rank_zero_only.rank != 0:
+        return None
+    path = Path(logger.log_dir) / METRICS_FILE
+    if not path.is_file():
+        return None
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        rows = [row for row in reader if row.get("step") and int(float(row["step"])) < step]
+    starts = len(list(path.parent.glob("metrics.start*.csv")))
+    copy = path.with_name(f"metrics.start{starts + 1}.csv")
+    shutil.copy2(path, copy)
+    writer = logger.experiment  # Lightning's writer: it removes the old file as it opens
+    text = io.StringIO()
+    table = csv.DictWriter(text, fieldnames=header, lineterminator="\n")
+    table.writeheader()
+    table.writerows(rows)
+    write_atomic(path, text.getvalue())
+    writer.metrics_keys = sorted(header)  # it appends under this header (rewrites on new keys)
+    return copy
+
+
+def holds_a_run(folder: Path) -> bool:
+    """Whether ``folder`` already holds a run (its ``.hydra/config.yaml`` or a checkpoint)."""
+    return (folder / HYDRA_CONFIG).is_file() or any((folder / CHECKPOINTS_DIR).glob("*.ckpt"))
+
+
+def check_run_folder(run_dir: Path, task_overrides: Sequence[str]) -> Path | None:
+    """Before Hydra writes ``.hydra/`` into an explicit ``hydra.run.dir``: refuse (one line) a
+    new run in a folder that holds a run (only ``ckpt_path`` continues one there); for a run
+    continued in place, keep the earlier start's ``.hydra/*.yaml`` as ``.hydra/start<k>/``
+    (k numbers the starts) and return that folder."""
+    if not holds_a_run(run_dir):
+        return None
+    ckpt = [v for k, v in map(split_override, task_overrides) if k == "ckpt_path"]
+    if not ckpt or ckpt[-1] in ("null", "None", ""):
+        raise UserError(
+            f"hydra.run.dir={run_dir} already holds a run: a new run goes to a new folder "
+            f"(leave hydra.run.dir unset, or name an empty folder); to continue that run, add "
+            f"ckpt_path=last."
+        )
+    hydra_dir = run_dir / HYDRA_CONFIG.parent
+    starts = len(list(hydra_dir.glob("start*")))
+    kept = hydra_dir / f"start{starts + 1}"
+    kept.mkdir(parents=True)
+    for name in (HYDRA_CONFIG.name, HYDRA_OVERRIDES.name, HYDRA_SETTINGS.name):
+        if (hydra_dir / name).is_file():
+            shutil.copy2(hydra_dir / name, kept / name)
+    return kept
+
+
+class RunFolderGuard(HydraCallback):
+    """Hydra callback (``hydra.callbacks`` in conf/config.yaml) running
+    :func:`check_run_folder` on an explicit ``hydra.run.dir`` before the job writes its
+    ``.hydra/`` files; a refusal is one line (``error: ...``, exit 1)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        hydra_overrides = OmegaConf.select(config, "hydra.overrides.hydra", default=[]) or []
+        given = [v for k, v in map(split_override, hydra_overrides) if k == "hydra.run.dir"]
+        if not given:  # a fresh folder from ${unique_dir:...}
+            return
+        task = OmegaConf.select(config, "hydra.overrides.task", default=[]) or []
+        status = report_user_errors(lambda: check_run_folder(Path(given[-1]), list(task)))
+        if status:
+            sys.exit(status)
 
 
 # ---------------------------------------------------------------------- the run's summary

@@ -28,7 +28,9 @@ from moe_emergence.runs import (
     RunSummary,
     check_resume_data,
     check_resume_settings,
+    continue_csv_history,
     resolve_start,
+    resumes_in_place,
 )
 from moe_emergence.settings import is_int
 
@@ -120,6 +122,12 @@ def train(
     ckpt_path = resume.path if resume is not None else None
     if resume is not None:
         check_resume_data(datamodule, trainer.world_size, resume)
+        if resumes_in_place(resume, run_dir):
+            step = int(resume.contents.get("global_step", 0))
+            if (copy := continue_csv_history(trainer.logger, step)) is not None:
+                log.info(
+                    "Continuing %s from step %d (the earlier file: %s).", copy.parent, step, copy
+                )
         del resume  # Lightning reads the file next
         log.info("Resuming from %s", ckpt_path)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)

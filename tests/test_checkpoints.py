@@ -7,6 +7,7 @@ started at once write to two run folders."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ import lightning as L
 import pytest
 import torch
 from helpers.configs import tiny_overrides
+from helpers.script import assert_one_error_line, run_train
 from omegaconf import open_dict
 
 from moe_emergence.checkpoints import sha256_file, sidecar_path
@@ -115,6 +117,9 @@ def test_losses_after_a_mid_epoch_resume_equal_the_uninterrupted_run(ctx, tmp_pa
     resumed = lm_losses(tmp_path / "second")
     assert sorted(resumed) == list(range(4, MAX_STEPS))
     assert resumed == {s: full[s] for s in resumed}  # bit for bit, router noise included
+    # The final per-domain losses cover the whole run's last steps, not the resumed ones only.
+    uninterrupted = json.loads((runs / "full" / "summary.json").read_text())["domain_losses"]
+    assert out["domain_losses"] == pytest.approx(uninterrupted, rel=1e-12)
 
 
 def test_losses_after_resumes_at_an_epoch_boundary_with_validation_are_equal(
@@ -134,6 +139,18 @@ def test_losses_after_resumes_at_an_epoch_boundary_with_validation_are_equal(
         resumed = lm_losses(second)
         assert sorted(resumed) == list(range(step, MAX_STEPS))
         assert resumed == {s: full[s] for s in resumed}
+    # Continued in its own folder: the full run's rows, none twice. The stopped run also
+    # validated when it stopped (step 4, mid-epoch: the full run never did); that row is its
+    # history and stays.
+    in_place = tmp_path / "in_place"
+    shutil.copytree(tmp_path / "first", in_place)
+    run(tiny_mirror, tiny_tokenizer_dir, in_place, *extra, "ckpt_path=last")
+    merged, uninterrupted = metric_cells(in_place), metric_cells(tmp_path / "full")
+    assert len({(step, key) for step, key, _ in merged}) == len(merged)  # none twice
+    assert set(uninterrupted) <= set(merged)
+    extra_cells = set(merged) - set(uninterrupted)
+    assert extra_cells and extra_cells <= set(metric_cells(tmp_path / "first"))
+    assert {(step, key.split("/")[0]) for step, key, _ in extra_cells} == {(4, "val")}
 
 
 def test_losses_after_a_two_rank_ddp_spawn_resume_are_equal(
@@ -151,6 +168,13 @@ def test_losses_after_a_two_rank_ddp_spawn_resume_are_equal(
     full, resumed = lm_losses(tmp_path / "full"), lm_losses(tmp_path / "second")
     assert sorted(resumed) == [3, 4, 5]
     assert resumed == {s: full[s] for s in resumed}
+    # Each rank's recent per-domain losses come back too: the summed final losses are the
+    # uninterrupted run's (summary.json: the spawned ranks' result).
+    losses = [
+        json.loads((tmp_path / r / "summary.json").read_text())["domain_losses"]
+        for r in ("full", "second")
+    ]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-12)
 
 
 def test_every_checkpoint_has_a_matching_sidecar(runs):
@@ -359,3 +383,61 @@ def test_unique_dir_claims_a_new_folder_per_caller(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     assert run_dir.unique_dir(base) == f"{base}_job77"  # every rank of the job agrees
+
+
+def metric_cells(run_dir: Path) -> list[tuple[int, str, str]]:
+    """Every logged (step, metric, value) of the run's metrics.csv, timings left out."""
+    with (run_dir / "csv" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    return sorted(
+        (int(r["step"]), key, value)
+        for r in rows
+        for key, value in r.items()
+        if value and key not in {"step", "epoch", "train/tokens_per_s"}
+    )
+
+
+def test_an_in_place_resume_appends_to_the_runs_history(ctx, tmp_path):
+    runs, go = ctx
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs / "first", run_dir)
+    before = (run_dir / "csv" / "metrics.csv").read_text()
+    out = go(run_dir, "ckpt_path=last")
+    assert out["global_step"] == MAX_STEPS
+    assert metric_cells(run_dir) == metric_cells(runs / "full")  # none lost, none twice
+    assert (run_dir / "csv" / "metrics.start1.csv").read_text() == before
+
+
+def test_a_run_folder_takes_no_new_run_and_keeps_its_earlier_starts(
+    ctx, tiny_mirror, tiny_tokenizer_dir, tmp_path
+):
+    """``hydra.run.dir=<a run>`` without ``ckpt_path`` is refused before Hydra writes a file;
+    with ``ckpt_path=last`` the run continues there and its earlier ``.hydra`` files are kept
+    as ``.hydra/start1/``."""
+    runs, _ = ctx
+    folder = tmp_path / "run"
+    shutil.copytree(runs / "first", folder)
+    (folder / ".hydra").mkdir()
+    (folder / ".hydra" / "config.yaml").write_text("# the first start's config\n")
+    (folder / ".hydra" / "overrides.yaml").write_text("- seed=42\n")
+    args = overrides(tiny_mirror, tiny_tokenizer_dir, None)
+
+    refused = run_train(f"hydra.run.dir={folder}", *args, cwd=tmp_path)  # a subprocess:
+    assert refused.returncode == 1  # Hydra's logging set-up outlives an in-process refusal
+    assert_one_error_line(refused.stderr, "already holds a run", "ckpt_path=last")
+    assert (folder / ".hydra" / "config.yaml").read_text() == "# the first start's config\n"
+    assert not (folder / ".hydra" / "start1").exists()
+
+    proc = run_train(
+        f"hydra.run.dir={folder}",
+        "ckpt_path=last",
+        *args,
+        cwd=tmp_path,
+        env_extra={"MOE_CACHE_DIR": str(runs / "cache")},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kept = folder / ".hydra" / "start1"
+    assert (kept / "config.yaml").read_text() == "# the first start's config\n"
+    assert (kept / "overrides.yaml").read_text() == "- seed=42\n"
+    assert "ckpt_path: last" in (folder / ".hydra" / "config.yaml").read_text()
+    assert metric_cells(folder) == metric_cells(runs / "full")

@@ -41,7 +41,7 @@ def check_loader_state(
     setting with both values, and how to start a new run from ``checkpoint``'s weights."""
     fresh = (
         f"start a new run from the checkpoint's weights with "
-        f"init_from={checkpoint or '<checkpoint>'} (and ckpt_path=null)"
+        f"init_from={checkpoint or '<checkpoint>'} (and ckpt_path=null; it gets a new run folder)"
     )
     version = state.get("version")
     if version != LOADER_STATE_VERSION:

@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from moe_emergence.distributed import sum_over_ranks
+from moe_emergence.distributed import gather_objects, sum_over_ranks
 from moe_emergence.errors import UserError
 from moe_emergence.model.gpt2_moe import (
     build_model,
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 RECENT_STEPS = 50
 LB_WINDOWS_KEY = "moe_lb_windows"  # checkpoint key: MoE block index -> global LB window state
 DISPATCH_KEY = "moe_dispatch"  # checkpoint key: the dispatch path the MoE layers trained with
+RECENT_LOSSES_KEY = "recent_domain_losses"  # checkpoint key: each rank's RecentDomainLosses
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -178,9 +179,12 @@ class MoEGPT2Module(L.LightningModule):
         """At fit start: resolve the MoE dispatch for the trainer's device and precision; an
         empty global load-balancing window of ``lb_window`` micro-batches (None: the
         trainer's ``accumulate_grad_batches``). A resume then restores the saved window
-        (:meth:`on_load_checkpoint` runs after this hook)."""
+        (:meth:`on_load_checkpoint` runs after this hook). The recent per-domain losses start
+        empty in this process: ddp_spawn hands the module to its workers through shared memory,
+        and one buffer written by every rank would count each step once per rank."""
         if stage != "fit":
             return
+        self._recent = RecentDomainLosses(len(self.domains), RECENT_STEPS)
         layers = moe_layers(self.model)
         if layers:
             precision = str(self.trainer.precision)
@@ -328,8 +332,10 @@ class MoEGPT2Module(L.LightningModule):
         return {"fused": True}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save the MoE dispatch path and the global load-balancing windows (the same on
-        every rank: reduced counts)."""
+        """Save the MoE dispatch path, the global load-balancing windows (the same on every
+        rank: reduced counts) and every rank's recent per-domain losses (collective), so that
+        a resumed run's final losses cover the last steps of the whole run."""
+        checkpoint[RECENT_LOSSES_KEY] = gather_objects(self._recent.state_dict())
         if self.dispatch is not None:
             checkpoint[DISPATCH_KEY] = self.dispatch
         windows = {
@@ -341,7 +347,11 @@ class MoEGPT2Module(L.LightningModule):
             checkpoint[LB_WINDOWS_KEY] = windows
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the global load-balancing windows (a window of another size starts empty)."""
+        """Restore this rank's recent per-domain losses and the global load-balancing windows
+        (a window of another size starts empty)."""
+        recent = checkpoint.get(RECENT_LOSSES_KEY) or []
+        if self.global_rank < len(recent):
+            self._recent.load_state_dict(recent[self.global_rank])
         saved = checkpoint.get(LB_WINDOWS_KEY) or {}
         for i, layer in moe_layers(self.model).items():
             if layer.lb_counts is None or i not in saved:
@@ -385,6 +395,17 @@ class RecentDomainLosses:
         self.sums[rows, slot] = torch.where(present, sums, self.sums[rows, slot])
         self.blocks[rows, slot] = torch.where(present, blocks, self.blocks[rows, slot])
         self.filled += present.long()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"sums": self.sums.cpu(), "blocks": self.blocks.cpu(), "filled": self.filled.cpu()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore a :meth:`state_dict` of the same shape (else keep the empty buffers)."""
+        if state["sums"].shape == self.sums.shape:
+            device = self.sums.device
+            self.sums, self.blocks, self.filled = (
+                state[k].to(device) for k in ("sums", "blocks", "filled")
+            )
 
     def totals(self) -> torch.Tensor:
         """[D, 2] float64: per domain, summed loss and blocks over its kept steps."""
