@@ -36,6 +36,8 @@ from moe_emergence.settings import is_int
 
 log = logging.getLogger(__name__)
 
+SEED_LIMIT = 2**32  # numpy and seed_everything take seeds below this
+
 
 def _strategy_name(strategy: Any) -> str:
     if isinstance(strategy, str):
@@ -95,8 +97,11 @@ def train(
     """
     check_launch(cfg, multirun, launcher)
     seed = cfg.get("seed")
-    if not is_int(seed) or seed < 0:
-        raise UserError(f"seed must be an integer ≥ 0, got {seed!r} (e.g. seed=42).")
+    if not is_int(seed) or not 0 <= seed < SEED_LIMIT:
+        raise UserError(
+            f"seed must be an integer in [0, {SEED_LIMIT}) (numpy's and Lightning's seed "
+            f"range), got {seed!r} (e.g. seed=42)."
+        )
     moe = cfg.model.get("moe") or {}
     check_compile(cfg.model.get("compile", False), moe.get("dispatch"), cfg.trainer.precision)
     resume, init = resolve_start(cfg)  # each checkpoint is read once, here

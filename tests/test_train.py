@@ -20,7 +20,7 @@ from omegaconf import open_dict
 from moe_emergence.analysis.tables import read_table
 from moe_emergence.checkpoints import load_initial_weights, load_mapped
 from moe_emergence.config import compose_config
-from moe_emergence.errors import UserError
+from moe_emergence.errors import UserError, user_error_in
 from moe_emergence.train import build_module, check_launch, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -284,3 +284,16 @@ def test_per_expert_checkpoint_starts_a_run_but_cannot_resume(
     )
     out = train(compose_config(start))
     assert out["global_step"] == 1 and out["init_from"] == old
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("seed=4294967296", "seed must be an integer in [0, 4294967296)"),
+        ("data.block_size=4611686018427387904", "data.block_size) must be an integer in [2,"),
+    ],
+)
+def test_values_past_the_libraries_limits_are_one_line_errors(override, needle, tmp_path):
+    with pytest.raises(Exception) as refused:  # Hydra wraps the datamodule's error
+        train(compose_config(["experiment=debug", f"paths.run_dir={tmp_path}", override]))
+    assert needle in str(user_error_in(refused.value))  # the one line train.py prints

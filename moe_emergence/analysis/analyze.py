@@ -31,11 +31,13 @@ from moe_emergence.analysis.results import RunResult
 from moe_emergence.analysis.summary_files import write_summary
 from moe_emergence.analysis.tables import COUNTS, LOSSES, TRAJECTORY, routing_rows, write_table
 from moe_emergence.analysis.token_types import format_type_table
+from moe_emergence.data.files import locked
 from moe_emergence.errors import UserError, report_user_errors
 from moe_emergence.files import write_atomic
 from moe_emergence.runs import RunCheckpoints, find_runs, verify_checkpoints
 
 RUNS_DIR = "runs"
+LOCK_FILE = ".analyze.lock"  # held while an analysis writes into its --out folder
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -123,6 +125,25 @@ def run(args: argparse.Namespace) -> str:
     runs, notes = find_runs(path, OPTION)
     verify_checkpoints(runs, OPTION)
     out = Path(args.out).expanduser() if args.out else default_out(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: pass a folder (new or an earlier analysis's).")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UserError(f"--out {out} cannot be made ({reason}): pass a writable folder.") from None
+    # One analysis at a time writes into a folder; a second one waits for the first.
+    with locked(out / LOCK_FILE, "another analysis writing into this folder"):
+        return _analyse(args, runs, notes, out, device)
+
+
+def _analyse(
+    args: argparse.Namespace,
+    runs: Sequence[RunCheckpoints],
+    notes: list[str],
+    out: Path,
+    device: torch.device,
+) -> str:
     total = sum(len(r.checkpoints) for r in runs)
     results = []
     with tqdm(total=total, desc="checkpoints", unit="ckpt", disable=args.no_progress) as bar:

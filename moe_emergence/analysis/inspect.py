@@ -66,6 +66,13 @@ def load_run_tokenizer(loaded: LoadedCheckpoint, args: argparse.Namespace):
             f"Tokenizer '{name}' has {len(tokenizer):,} ids but the model's embedding only "
             f"{vocab:,}: it is not the run's tokenizer; pass the right one with --tokenizer."
         )
+    trained = loaded.hparams.get("vocab_size")  # the data tokenizer's size at training
+    if trained is not None and len(tokenizer) != trained:
+        raise UserError(
+            f"Tokenizer '{name}' has {len(tokenizer):,} ids, the run's tokenizer had {trained:,}: "
+            f"it is another vocabulary, whose ids would be routed as other tokens; pass the "
+            f"run's tokenizer with --tokenizer."
+        )
     return tokenizer
 
 

@@ -23,13 +23,14 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def locked(lock_path: Path) -> Iterator[None]:
-    """Hold the file lock ``lock_path``, saying so when another process holds it first."""
+def locked(lock_path: Path, holder: str = "another process preparing this cache") -> Iterator[None]:
+    """Hold the file lock ``lock_path``, saying so (naming the ``holder``) when another
+    process holds it first."""
     lock = FileLock(str(lock_path))
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        log.info("Waiting for another process preparing this cache (lock %s)...", lock_path)
+        log.info("Waiting for %s (lock %s)...", holder, lock_path)
         lock.acquire()
     try:
         yield

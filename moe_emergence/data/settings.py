@@ -95,11 +95,11 @@ class DataSettings(DataGroup):
         check=check_size_mb,
         help="budget per domain in MiB of characters (size_mb * 1024 * 1024 chars)",
     )
-    block_size: int = setting(512, low=2, help="tokens per block")
+    block_size: int = setting(512, low=2, below=2**31, help="tokens per block")
     balance_tokens: bool = setting(
         False, help="keep the smallest domain's block count for every domain"
     )
-    seed: int = setting(42, low=0, help="seed for balancing and shuffling")
+    seed: int = setting(42, low=0, below=2**32, help="seed for balancing and shuffling")
     max_example_chars: int = setting(
         MAX_EXAMPLE_CHARS,
         check=_check_filters,

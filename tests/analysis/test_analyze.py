@@ -292,3 +292,28 @@ def test_a_moved_token_cache_is_found_with_cache_dir(sweep, tmp_path, capsys):
     assert read_table(there / "counts.csv") == read_table(here / "counts.csv")
     report = json.loads((there / "data_report.json").read_text())
     assert report["cache"]["from_cache"] is True and str(moved) in report["cache"]["path"]
+
+
+def test_out_must_be_a_folder_and_one_analysis_writes_into_it_at_a_time(
+    sweep, tmp_path, capsys, monkeypatch
+):
+    run = _run_dirs(sweep)[0]
+    a_file = tmp_path / "report.txt"
+    a_file.write_text("")
+    code, out, err = _analyze(capsys, run, "--out", a_file)
+    assert code == 1 and not out
+    assert_one_error_line(err, "is a file")
+
+    from moe_emergence.analysis import analyze as analyze_module
+
+    held = []
+    real_locked = analyze_module.locked
+
+    def recording_locked(path, holder):
+        held.append(path)
+        return real_locked(path, holder)
+
+    monkeypatch.setattr(analyze_module, "locked", recording_locked)
+    code, _, err = _analyze(capsys, run, "--out", tmp_path / "out")
+    assert code == 0, err
+    assert held == [tmp_path / "out" / analyze_module.LOCK_FILE]

@@ -265,7 +265,7 @@ def test_tokenizer_from_the_run_config_or_the_option(demo_ckpt, sample_cache, tm
     assert "layer 3" in capsys.readouterr().out
 
 
-def test_inspect_mistakes_are_one_line(demo_ckpt, tmp_path, capsys):
+def test_inspect_mistakes_are_one_line(demo_ckpt, tiny_tokenizer_dir, tmp_path, capsys):
     def dense(checkpoint):
         checkpoint["hyper_parameters"]["moe"] = None
 
@@ -281,6 +281,8 @@ def test_inspect_mistakes_are_one_line(demo_ckpt, tmp_path, capsys):
         ([str(demo_ckpt), "--file", str(tmp_path / "missing.py")], "does not exist"),
         ([str(demo_ckpt), "--text", "x", "--html", str(tmp_path / "no" / "x.html")], "create it"),
         ([str(demo_ckpt), "--text", "x", "--tokenizer", str(tmp_path / "none")], "none"),
+        # A smaller vocabulary fits the embedding but names other tokens by the same ids.
+        ([str(demo_ckpt), "--text", "x", "--tokenizer", str(tiny_tokenizer_dir)], "another vocab"),
     ]
     for argv, expected in cases:
         assert main(argv) == 1, argv
