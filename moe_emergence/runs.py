@@ -33,6 +33,7 @@ from moe_emergence.data.loader import RESUME_KEYS, check_loader_state
 from moe_emergence.errors import UserError, report_user_errors
 from moe_emergence.files import write_atomic
 from moe_emergence.model.gpt2_moe import has_per_expert_layout
+from moe_emergence.settings import is_int
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,13 @@ def check_resume_settings(cfg: DictConfig, start: Checkpoint, vocab_size: int | 
     trainer exists (:func:`check_resume_data`), and the train loader checks everything again
     at the restore."""
     path, checkpoint = start.path, start.contents
+    step, max_steps = int(checkpoint.get("global_step", 0)), cfg.trainer.get("max_steps")
+    if is_int(max_steps) and 0 <= max_steps <= step:
+        raise UserError(
+            f"ckpt_path={path} is at step {step} and trainer.max_steps={max_steps}: nothing is "
+            f"left to train; raise trainer.max_steps (e.g. trainer.max_steps={2 * step}) to "
+            f"train on."
+        )
     if has_per_expert_layout(checkpoint.get("state_dict") or {}):
         raise UserError(
             f"ckpt_path={path} holds experts in the per-expert layout of an earlier version, "
@@ -276,6 +284,16 @@ def continue_csv_history(logger: Any, step: int) -> Path | None:
     write_atomic(path, text.getvalue())
     writer.metrics_keys = sorted(header)  # it appends under this header (rewrites on new keys)
     return copy
+
+
+def remove_partial_writes(folder: Path) -> list[Path]:
+    """Delete the temporary files of writes that a killed process left in ``folder``
+    (``.<name>.<id>.tmp``, :func:`moe_emergence.files.atomic_path`); return them. Only the
+    folder's own run writes there (:class:`RunFolderGuard`)."""
+    found = sorted(p for p in folder.glob(".*.tmp") if p.is_file()) if folder.is_dir() else []
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
 
 
 def holds_a_run(folder: Path) -> bool:

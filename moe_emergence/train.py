@@ -29,6 +29,7 @@ from moe_emergence.runs import (
     check_resume_data,
     check_resume_settings,
     continue_csv_history,
+    remove_partial_writes,
     resolve_start,
     resumes_in_place,
 )
@@ -121,6 +122,10 @@ def train(
         cfg.trainer, callbacks=callbacks, logger=logger, plugins=_plugins(cfg)
     )
     run_dir = Path(trainer.default_root_dir)
+    checkpoints = getattr(trainer.checkpoint_callback, "dirpath", None)
+    if checkpoints and trainer.is_global_zero:
+        for path in remove_partial_writes(Path(checkpoints)):
+            log.info("Removed %s, left by a checkpoint write that did not finish.", path)
     trainer.callbacks.append(RunSummary(run_dir / SUMMARY_FILE))
     trainer.callbacks.append(RandomStates(seed=cfg.seed))
     trainer.callbacks.append(StepZeroCheckpoint())  # after RoutingAnalysis: its step-0 rows

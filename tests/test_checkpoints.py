@@ -402,8 +402,10 @@ def test_an_in_place_resume_appends_to_the_runs_history(ctx, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(runs / "first", run_dir)
     before = (run_dir / "csv" / "metrics.csv").read_text()
+    killed = run_dir / "checkpoints" / ".step000005.ckpt.0123456789ab.tmp"  # a write cut short
+    killed.write_bytes(b"half a checkpoint")
     out = go(run_dir, "ckpt_path=last")
-    assert out["global_step"] == MAX_STEPS
+    assert out["global_step"] == MAX_STEPS and not killed.exists()
     assert metric_cells(run_dir) == metric_cells(runs / "full")  # none lost, none twice
     assert (run_dir / "csv" / "metrics.start1.csv").read_text() == before
 
@@ -441,3 +443,11 @@ def test_a_run_folder_takes_no_new_run_and_keeps_its_earlier_starts(
     assert (kept / "overrides.yaml").read_text() == "- seed=42\n"
     assert "ckpt_path: last" in (folder / ".hydra" / "config.yaml").read_text()
     assert metric_cells(folder) == metric_cells(runs / "full")
+
+
+def test_resuming_a_finished_run_says_how_to_train_on(ctx, tmp_path):
+    runs, go = ctx
+    finished = runs / "full" / "checkpoints" / "last.ckpt"
+    with pytest.raises(UserError, match=rf"at step {MAX_STEPS} and trainer\.max_steps={MAX_STEPS}"):
+        go(tmp_path / "again", f"ckpt_path={finished}")
+    assert not (tmp_path / "again").exists()
