@@ -94,6 +94,13 @@ class PackedMixedDomainDataset(Dataset):
         for domain, count in self.block_counts.items():
             if count == 0:
                 tokens = self.token_counts[domain]
+                if tokens == 0:
+                    raise SettingError(
+                        f"Domain '{domain}' has no text: every text was filtered out or the "
+                        f"source is empty; check its source, or raise max_example_chars (the "
+                        f"texts must be shorter than it).",
+                        "max_example_chars",
+                    )
                 raise SettingError(
                     f"Domain '{domain}' has {tokens:,} tokens, less than one block of "
                     f"block_size={block_size}: use a block size of at most {tokens:,}, or get "

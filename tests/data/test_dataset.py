@@ -119,6 +119,8 @@ def test_order_does_not_depend_on_hash_seed():
 def test_domain_with_no_full_block_is_an_error():
     with pytest.raises(ValueError, match=r"'prose' has 5 tokens.*block_size=8"):
         PackedMixedDomainDataset.from_token_streams(streams(prose=5), block_size=BLOCK)
+    with pytest.raises(ValueError, match=r"'prose' has no text: every text was filtered out"):
+        PackedMixedDomainDataset.from_token_streams(streams(prose=0), block_size=BLOCK)
 
 
 def test_spec_constructor_from_texts(tiny_tokenizer):
