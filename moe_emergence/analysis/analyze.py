@@ -59,9 +59,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             flag,
             default=None,
             help=f"{what} to rebuild the runs' data from (default: each run's recorded one); "
-            "the data must be the runs' own (their checkpoints' data fingerprint)",
+            "the data must be the runs' own (their checkpoints' data fingerprint)"
+            + ("; null: none (a warm token cache, offline)" if flag == "--hub-mirror" else ""),
         )
     return parser.parse_args(argv)
+
+
+def data_overrides(args: argparse.Namespace) -> dict[str, str | None]:
+    """The data settings the flags replace (``--hub-mirror null``: no mirror)."""
+    given = {
+        "hub_mirror": args.hub_mirror,
+        "cache_dir": args.cache_dir,
+        "tokenizer": args.tokenizer,
+    }
+    found = {key: value for key, value in given.items() if value is not None}
+    if found.get("hub_mirror") in ("null", "none"):
+        found["hub_mirror"] = None
+    return found
 
 
 def default_out(path: Path) -> Path:
@@ -156,11 +170,7 @@ def _analyse(
                 folder,
                 device,
                 on_checkpoint=lambda: bar.update(1),
-                data_overrides={
-                    "hub_mirror": args.hub_mirror,
-                    "cache_dir": args.cache_dir,
-                    "tokenizer": args.tokenizer,
-                },
+                data_overrides=data_overrides(args),
             )
             write_run_tables(result, folder)
             results.append(result)

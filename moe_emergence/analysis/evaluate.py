@@ -236,12 +236,12 @@ def evaluate_run(
     first, on the run's own probe and held-out split; ``on_checkpoint`` is called after each
     (a progress bar). The data report of the rebuilt data goes to ``report_dir``.
     ``data_overrides``: ``hub_mirror``, ``cache_dir``, ``tokenizer`` in place of the run's
-    recorded ones (None: the recorded). The rebuilt data must have the fingerprint the run's
-    checkpoint records, and the probe the digest of its ``routing/probe.json``."""
+    recorded ones (a key absent: the recorded; ``hub_mirror`` None: no mirror). The rebuilt
+    data must have the fingerprint the run's checkpoint records, and the probe the digest of
+    its ``routing/probe.json``."""
     final = load_checkpoint(run.checkpoints[-1], OPTION, require_moe=False)
     domains = tuple(final.hparams.get("domains") or DOMAINS)
-    given = {k: v for k, v in (data_overrides or {}).items() if v is not None}
-    data_settings = {**final.data_settings, **given} if final.data_settings else {}
+    data_settings = {**final.data_settings, **(data_overrides or {})} if final.data_settings else {}
     datamodule = load_data(run.name, data_settings, report_dir)
     check_same_data(run.name, final.data_fingerprint, datamodule.data_fingerprint)
     settings = probe_settings(run.run_dir)

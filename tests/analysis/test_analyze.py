@@ -317,3 +317,16 @@ def test_out_must_be_a_folder_and_one_analysis_writes_into_it_at_a_time(
     code, _, err = _analyze(capsys, run, "--out", tmp_path / "out")
     assert code == 0, err
     assert held == [tmp_path / "out" / analyze_module.LOCK_FILE]
+
+
+def test_a_warm_cache_analyses_offline_without_the_mirror(sweep, tmp_path, capsys):
+    """``--hub-mirror null``: no mirror at all (HF_HUB_OFFLINE is set for the tests); the warm
+    token cache alone gives the run's data, as its fingerprint proves."""
+    copy = _copy_of_top1_run(sweep, tmp_path)
+    code, _, err = _analyze(capsys, copy, "--out", tmp_path / "mirror")
+    assert code == 0, err
+    code, _, err = _analyze(capsys, copy, "--out", tmp_path / "cache", "--hub-mirror", "null")
+    assert code == 0, err
+    [with_mirror] = (tmp_path / "mirror" / "runs").iterdir()
+    [cache_only] = (tmp_path / "cache" / "runs").iterdir()
+    assert read_table(cache_only / "counts.csv") == read_table(with_mirror / "counts.csv")
