@@ -294,7 +294,17 @@ def _damage_behind(
     or None (then ``exc`` is re-raised as it is)."""
     if isinstance(exc, UserError):
         return None
-    return find_damaged_file(source, config, location, hub_mirror)
+    found = find_damaged_file(source, config, location, hub_mirror)
+    if found is None and Path(location).is_dir():  # intact files of another shape
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        where = f"{location} ({config})" if config else location
+        found = DataFileError(
+            f"Reading {source.dataset} from {where} failed ({type(exc).__name__}: {reason}): "
+            f"its files are not what this source reads (a split '{source.split}' with the "
+            f"field(s) {', '.join(source.fields)}, one record per line or row); "
+            f"{_redownload_hint(source, location, hub_mirror)}."
+        )
+    return found
 
 
 def _open(source: Source, config: str | None, location: str, max_chars: int) -> _OpenStream:

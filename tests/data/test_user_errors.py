@@ -177,6 +177,43 @@ def test_cli_damaged_mirror_file(case, own_mirror, tiny_tokenizer_dir, tmp_path,
     assert leftovers(cache_dir) == []  # found before streaming; nothing partial kept
 
 
+def _a_line_that_is_not_json(path: Path) -> None:
+    with gzip.open(path, "at", encoding="utf-8") as f:
+        f.write("this line is not JSON\n")
+
+
+def _renamed_column(path: Path) -> None:
+    table = pq.read_table(path)
+    pq.write_table(
+        table.rename_columns(["body" if c == "text" else c for c in table.column_names]), path
+    )
+
+
+# Intact files of another shape: (file, change, domain that streams it, words of the error)
+SHAPES = {
+    "json.gz line not JSON": (CODE, _a_line_that_is_not_json, "code", "not what this source reads"),
+    "parquet column renamed": (WIKI, _renamed_column, "prose", "has no field(s) ['text']"),
+}
+
+
+@pytest.mark.parametrize("case", list(SHAPES))
+def test_files_of_another_shape_are_one_line(
+    case, own_mirror, tiny_tokenizer_dir, tmp_path, capsys
+):
+    rel, change, domain, words = SHAPES[case]
+    change(own_mirror / rel)
+    with pytest.raises(UserError) as excinfo:
+        load_domain(
+            domain, DEFAULT_SOURCES[domain], 1.0, hub_mirror=str(own_mirror), show_progress=False
+        )
+    message = str(excinfo.value)
+    assert "\n" not in message and words in message
+    err = run_cli(own_mirror, str(tiny_tokenizer_dir), tmp_path / "cache", capsys)
+    # The CLI ends with one line (datasets logs its own parse error before it).
+    [line] = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert words in line and err.rstrip().endswith(line)
+
+
 @pytest.mark.parametrize("case", list(DAMAGES))
 def test_damage_found_while_streaming_names_the_file(case, own_mirror, monkeypatch):
     """Without the up-front check (or past its cheap limits), the streaming failure itself is
