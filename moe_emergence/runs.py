@@ -442,10 +442,28 @@ def verify_checkpoints(runs: Sequence[RunCheckpoints], option: str) -> None:
 # ---------------------------------------------------------------------- a run's record
 
 
+def read_record(file: Path) -> Any:
+    """A YAML file of a run's record as plain data, or a one-line UserError naming it when it
+    is damaged."""
+    try:
+        return yaml.safe_load(file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(
+            f"{file} is damaged ({reason}): restore it from a copy of the run, or move the "
+            f"run's .hydra folder away to analyse its checkpoints without it."
+        ) from None
+
+
 def recorded_config(run_dir: Path | None) -> DictConfig | None:
     """The run's composed config (``.hydra/config.yaml``, unresolved), or None."""
     file = run_dir / HYDRA_CONFIG if run_dir is not None else None
-    return OmegaConf.load(file) if file is not None and file.is_file() else None
+    if file is None or not file.is_file():
+        return None
+    found = read_record(file)
+    if not isinstance(found, dict):
+        raise UserError(f"{file} is damaged (not a mapping): restore it from a copy of the run.")
+    return OmegaConf.create(found)
 
 
 def _not_condition_keys(run_dir: Path) -> set[str]:
@@ -461,7 +479,9 @@ def _not_condition_keys(run_dir: Path) -> set[str]:
         pass
     for file in files:
         if file.is_file():
-            found = OmegaConf.select(OmegaConf.load(file), EXCLUDE_KEYS, default=None)
+            record = read_record(file)
+            record = OmegaConf.create(record) if isinstance(record, dict) else None
+            found = OmegaConf.select(record, EXCLUDE_KEYS, default=None) if record else None
             keys |= set(found or ())
     return keys
 
@@ -481,7 +501,7 @@ def run_overrides(run_dir: Path | None) -> tuple[list[str], int | None]:
         return [], None
     not_condition = _not_condition_keys(run_dir)
     kept, seed = [], None
-    for item in yaml.safe_load(file.read_text()) or []:
+    for item in read_record(file) or []:
         bare, value = split_override(item)
         if bare == "seed":
             seed = int(value)

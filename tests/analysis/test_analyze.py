@@ -330,3 +330,11 @@ def test_a_warm_cache_analyses_offline_without_the_mirror(sweep, tmp_path, capsy
     [with_mirror] = (tmp_path / "mirror" / "runs").iterdir()
     [cache_only] = (tmp_path / "cache" / "runs").iterdir()
     assert read_table(cache_only / "counts.csv") == read_table(with_mirror / "counts.csv")
+
+
+def test_a_damaged_run_record_is_one_line(sweep, tmp_path, capsys):
+    copy = _copy_of_top1_run(sweep, tmp_path)
+    (copy / ".hydra" / "config.yaml").write_text("data: [unclosed\n  tokenizer: x: y\n")
+    code, out, err = _analyze(capsys, copy, "--out", tmp_path / "out")
+    assert code == 1 and not out
+    assert_one_error_line(err, "config.yaml is damaged", "restore it")
