@@ -175,7 +175,8 @@ def _load_checked(name_or_path: str, location: str):
         bad = bad_json_file(Path(location)) if Path(location).is_dir() else None
         if bad is not None:
             raise bad from exc
-        if not isinstance(exc, OSError | ValueError) or isinstance(exc, UserError):
+        local = Path(location).is_dir()  # the user's files: any failure is theirs to fix
+        if isinstance(exc, UserError) or not (local or isinstance(exc, OSError | ValueError)):
             raise
         raise TokenizerLoadError(
             f"Cannot load tokenizer '{name_or_path}' from '{location}': {one_line(exc)}. Pass "

@@ -97,6 +97,9 @@ def _tokenizer_case(case: str, tmp_path: Path, tokenizer_dir: Path) -> tuple[str
         (folder / "config.json").write_text("{}")
         return str(folder), [str(folder), "no tokenizer.json"]
     folder = Path(shutil.copytree(tokenizer_dir, tmp_path / "broken-tok"))
+    if case == "tokenizer.json of another shape":  # valid JSON, not a tokenizer
+        (folder / "tokenizer.json").write_text('{"model": {"type": "nothing"}, "version": 3}')
+        return str(folder), [str(folder), "Cannot load tokenizer", "tokenizer.json"]
     name = "tokenizer.json" if case == "bad tokenizer.json" else "tokenizer_config.json"
     (folder / name).write_text("{bad")
     return str(folder), [str(folder / name), "not valid JSON", "line 1 column 2"]
@@ -110,6 +113,7 @@ TOKENIZER_CASES = [
     "no tokenizer files",
     "bad tokenizer.json",
     "bad tokenizer_config.json",
+    "tokenizer.json of another shape",
 ]
 
 
