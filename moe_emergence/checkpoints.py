@@ -97,13 +97,21 @@ class HashedCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         data = buffer.getbuffer()
         digest = hashlib.sha256(data).hexdigest()
-        write_atomic(path, data)
-        write_sidecar(path, digest)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, data)  # its temporary file is removed when a write fails
+            write_sidecar(path, digest)
+        except OSError as exc:  # a full disk, a read-only folder
+            raise UserError(
+                f"Writing checkpoint {path} failed ({exc.strerror or type(exc).__name__}): free "
+                f"disk space or make its folder writable (or set "
+                f"callbacks.model_checkpoint.dirpath), then resume from the run's last complete "
+                f"checkpoint with ckpt_path=<run dir>."
+            ) from exc
 
     def remove_checkpoint(self, path: Any) -> None:
         super().remove_checkpoint(path)

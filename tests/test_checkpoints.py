@@ -23,7 +23,7 @@ from helpers.configs import tiny_overrides
 from helpers.script import assert_one_error_line, run_train
 from omegaconf import open_dict
 
-from moe_emergence.checkpoints import sha256_file, sidecar_path
+from moe_emergence.checkpoints import HashedCheckpointIO, sha256_file, sidecar_path
 from moe_emergence.config import compose_config
 from moe_emergence.errors import UserError
 from moe_emergence.train import train
@@ -451,3 +451,21 @@ def test_resuming_a_finished_run_says_how_to_train_on(ctx, tmp_path):
     with pytest.raises(UserError, match=rf"at step {MAX_STEPS} and trainer\.max_steps={MAX_STEPS}"):
         go(tmp_path / "again", f"ckpt_path={finished}")
     assert not (tmp_path / "again").exists()
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
+    import errno
+
+    from moe_emergence import files
+
+    real_fsync = files.os.fsync
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full_disk)
+    target = tmp_path / "checkpoints" / "step000001.ckpt"
+    with pytest.raises(UserError, match=r"step000001\.ckpt failed \(No space left on device\)"):
+        HashedCheckpointIO().save_checkpoint({"state_dict": {}}, target)
+    monkeypatch.setattr(files.os, "fsync", real_fsync)
+    assert sorted(p.name for p in target.parent.iterdir()) == []  # no partial file, no sidecar
