@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from moe_emergence.config import register_resolvers
+from moe_emergence.config import check_group_overrides, register_resolvers
 from moe_emergence.errors import report_user_errors
 from moe_emergence.train import train
 
@@ -38,4 +38,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if status := report_user_errors(lambda: check_group_overrides(sys.argv[1:])):
+        sys.exit(status)
     main()

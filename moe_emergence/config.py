@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe_emergence import run_dir
 from moe_emergence.analysis.settings import ProbeSettings
 from moe_emergence.data.settings import DataSettings, LoaderSettings
+from moe_emergence.errors import UserError
 from moe_emergence.model.settings import ModelSettings, MoESettings
 from moe_emergence.settings import defaults
 
@@ -91,6 +92,26 @@ def register_resolvers() -> None:
     store = ConfigStore.instance()
     for group, node in settings_nodes().items():
         store.store(group=group, name=SETTINGS_NODE, node=node)
+
+
+CONDITION_GROUP = "condition"
+
+
+def check_group_overrides(args: Sequence[str], directory: str | os.PathLike | None = None) -> None:
+    """Refuse (one line), before Hydra composes, a ``condition`` override that is null or a list:
+    a run has one condition (Hydra would fail inside its defaults list with a traceback)."""
+    options = sorted(
+        p.stem for p in (Path(directory or config_dir()) / CONDITION_GROUP).glob("*.yaml")
+    )
+    for arg in args:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if key != CONDITION_GROUP or not sep:
+            continue
+        if value.strip() in ("", "null", "None") or value.strip().startswith("["):
+            raise UserError(
+                f"condition={value}: a run has one condition, one of {', '.join(options)}; "
+                f"to run several, sweep them: python train.py -m condition={','.join(options[:2])}."
+            )
 
 
 def compose_config(

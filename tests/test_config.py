@@ -3,15 +3,24 @@ overrides land on the documented keys; bad values fail before any data is read."
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from helpers.script import assert_one_error_line, run_train
 from hydra.errors import HydraException, MissingConfigException
 from hydra.utils import instantiate
 
-from moe_emergence.config import MAX_DIR_NAME, compose_config, config_dir, path_safe
+from moe_emergence.config import (
+    MAX_DIR_NAME,
+    check_group_overrides,
+    compose_config,
+    config_dir,
+    path_safe,
+)
 from moe_emergence.data import datamodule as datamodule_module
 from moe_emergence.data.datamodule import MixedDomainDataModule
+from moe_emergence.errors import UserError
 
 CONF = config_dir()
 GROUPS = [
@@ -184,3 +193,13 @@ def test_sweep_folder_names_stay_short_and_unique():
     assert len(path_safe(many).encode()) <= MAX_DIR_NAME
     assert path_safe(many).startswith(many[:100]) and path_safe(many) != path_safe(other)
     assert path_safe(many) == path_safe(many)  # the same overrides, the same folder
+
+
+@pytest.mark.parametrize("value", ["null", "[dense,top2]", ""])
+def test_a_condition_that_is_not_one_is_refused_before_composing(value, tmp_path):
+    with pytest.raises(UserError, match=rf"condition={re.escape(value)}: a run has one condition"):
+        check_group_overrides(["experiment=demo", f"condition={value}"])
+    check_group_overrides(["condition=top2", "-m", "condition=top1,dense"])  # one, or a sweep
+    proc = run_train(f"condition={value}", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert_one_error_line(proc.stderr, "a run has one condition", "-m condition=")
