@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,6 +297,20 @@ def remove_partial_writes(folder: Path) -> list[Path]:
     return found
 
 
+def check_writable(folder: Path) -> None:
+    """Refuse (one line) a run folder, or the folder run folders go under, that cannot be
+    made or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check."):
+            pass
+    except OSError as exc:
+        raise UserError(
+            f"{folder} cannot be written ({exc.strerror or type(exc).__name__}): pass a writable "
+            f"folder (hydra.run.dir=<folder>, or paths.output_dir=<folder> for new runs)."
+        ) from None
+
+
 def holds_a_run(folder: Path) -> bool:
     """Whether ``folder`` already holds a run (its ``.hydra/config.yaml`` or a checkpoint)."""
     return (folder / HYDRA_CONFIG).is_file() or any((folder / CHECKPOINTS_DIR).glob("*.ckpt"))
@@ -331,14 +346,29 @@ class RunFolderGuard(HydraCallback):
     ``.hydra/`` files; a refusal is one line (``error: ...``, exit 1)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if status := report_user_errors(lambda: self._check(config)):
+            sys.exit(status)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        output = OmegaConf.select(config, "paths.output_dir", default=None)
+        if output and (status := report_user_errors(lambda: check_writable(Path(output)))):
+            sys.exit(status)
+
+    @staticmethod
+    def _check(config: DictConfig) -> None:
         hydra_overrides = OmegaConf.select(config, "hydra.overrides.hydra", default=[]) or []
         given = [v for k, v in map(split_override, hydra_overrides) if k == "hydra.run.dir"]
-        if not given:  # a fresh folder from ${unique_dir:...}
+        if not given:  # a fresh folder from ${unique_dir:...} under paths.output_dir
+            try:
+                output = OmegaConf.select(config, "paths.output_dir", default=None)
+            except Exception:  # an interpolation Hydra resolves later: its own error then
+                output = None
+            if output:
+                check_writable(Path(output))
             return
+        check_writable(Path(given[-1]))
         task = OmegaConf.select(config, "hydra.overrides.task", default=[]) or []
-        status = report_user_errors(lambda: check_run_folder(Path(given[-1]), list(task)))
-        if status:
-            sys.exit(status)
+        check_run_folder(Path(given[-1]), list(task))
 
 
 # ---------------------------------------------------------------------- the run's summary

@@ -203,3 +203,11 @@ def test_a_condition_that_is_not_one_is_refused_before_composing(value, tmp_path
     proc = run_train(f"condition={value}", cwd=tmp_path)
     assert proc.returncode == 1
     assert_one_error_line(proc.stderr, "a run has one condition", "-m condition=")
+
+
+@pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs Linux's /sys (no folder can be made)")
+@pytest.mark.parametrize("override", ["hydra.run.dir=/sys/moe_run", "paths.output_dir=/sys/moe"])
+def test_a_run_folder_that_cannot_be_written_is_one_line(override, tmp_path):
+    proc = run_train("experiment=demo", override, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert_one_error_line(proc.stderr, "/sys/moe", "cannot be written", "pass a writable folder")
