@@ -149,7 +149,7 @@ def this_run_dir(cfg: DictConfig) -> str | None:
 def resolve_start(cfg: DictConfig) -> tuple[Checkpoint | None, Checkpoint | None]:
     """``(ckpt_path, init_from)`` as verified, read checkpoints (at most one of them set), or
     a one-line UserError; cheap (memory-mapped and hashed), before any data or model is built.
-    """
+    A new run (no ``ckpt_path``) in a folder that holds checkpoints is refused."""
     ckpt, init = cfg.get("ckpt_path"), cfg.get("init_from")
     if ckpt is not None and init is not None:
         raise UserError(
@@ -157,10 +157,17 @@ def resolve_start(cfg: DictConfig) -> tuple[Checkpoint | None, Checkpoint | None
             f"step, optimizer, data position), init_from starts a new run from a checkpoint's "
             f"weights; pass only one."
         )
+    run_dir = this_run_dir(cfg)
     if ckpt is not None:
-        return open_checkpoint(str(ckpt), "ckpt_path", this_run_dir(cfg)), None
+        return open_checkpoint(str(ckpt), "ckpt_path", run_dir), None
+    if run_dir is not None and any((Path(run_dir) / CHECKPOINTS_DIR).glob("*.ckpt")):
+        raise UserError(
+            f"paths.run_dir={run_dir} already holds a run's checkpoints: a new run goes to a new "
+            f"folder (leave paths.run_dir and hydra.run.dir unset); to continue that run, add "
+            f"ckpt_path=last."
+        )
     if init is not None:
-        return None, open_checkpoint(str(init), "init_from", this_run_dir(cfg))
+        return None, open_checkpoint(str(init), "init_from", run_dir)
     return None, None
 
 

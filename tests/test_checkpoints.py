@@ -469,3 +469,15 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_file(tmp_path
         HashedCheckpointIO().save_checkpoint({"state_dict": {}}, target)
     monkeypatch.setattr(files.os, "fsync", real_fsync)
     assert sorted(p.name for p in target.parent.iterdir()) == []  # no partial file, no sidecar
+
+
+def test_a_new_run_is_never_written_into_a_folder_holding_a_run(ctx, tmp_path):
+    """Also through paths.run_dir, and also for init_from (the path an earlier hint suggested)."""
+    runs, go = ctx
+    folder = tmp_path / "run"
+    shutil.copytree(runs / "first", folder)
+    before = sorted(p.name for p in (folder / "checkpoints").iterdir())
+    for extra in ((), (f"init_from={ckpt(runs, 4)}",)):
+        with pytest.raises(UserError, match=r"already holds a run's checkpoints.*ckpt_path=last"):
+            go(folder, *extra)
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == before
