@@ -103,8 +103,9 @@ def cli_args(tiny_mirror, tiny_tokenizer_dir, tmp_path):
         (["--seed", "-1"], ["--seed", "-1"]),
         (["--block-size", "100000"], ["block_size=100000", "at most"]),
         (["--block-size", "10000000000000"], ["block_size=10000000000000", "--block-size"]),
-        # The value the --max-example-chars hint suggests keeps too little prose for a block.
-        (["--max-example-chars", "202", "--block-size", "64"], ["prose", "--block-size"]),
+        # The value the --max-example-chars hint suggests keeps no prose at all: said so (not
+        # "use a block size of at most 0").
+        (["--max-example-chars", "202", "--block-size", "64"], ["prose", "no text", "--max-ex"]),
         (["--report", "{tmp}"], ["--report", "is a folder"]),
         (["--report", "{tmp}/missing/r.json"], ["--report", "does not exist"]),
     ],

@@ -290,7 +290,7 @@ def test_per_expert_checkpoint_starts_a_run_but_cannot_resume(
     ("override", "needle"),
     [
         ("seed=4294967296", "seed must be an integer in [0, 4294967296)"),
-        ("data.block_size=4611686018427387904", "data.block_size) must be an integer in [2,"),
+        ("data.block_size=4611686018427387904", "overflow the packing's int64 offsets"),
     ],
 )
 def test_values_past_the_libraries_limits_are_one_line_errors(override, needle, tmp_path):

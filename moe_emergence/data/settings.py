@@ -73,6 +73,11 @@ def naming_options() -> Iterator[None]:
         raise
 
 
+def _check_block_size(block_size: int) -> None:
+    if block_size >= 2**62:  # numpy's int64 block offsets overflow
+        raise ValueError(f"{block_size} tokens per block overflow the packing's int64 offsets")
+
+
 def _check_filters(max_example_chars: int) -> None:
     for domain, sources in DEFAULT_SOURCES.items():
         check_filters(sources, max_example_chars, domain)
@@ -95,7 +100,7 @@ class DataSettings(DataGroup):
         check=check_size_mb,
         help="budget per domain in MiB of characters (size_mb * 1024 * 1024 chars)",
     )
-    block_size: int = setting(512, low=2, below=2**31, help="tokens per block")
+    block_size: int = setting(512, low=2, check=_check_block_size, help="tokens per block")
     balance_tokens: bool = setting(
         False, help="keep the smallest domain's block count for every domain"
     )
