@@ -223,17 +223,13 @@ def stage_texts(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Read every domain from the mirror, cycle it up to the budget, pickle the texts."""
     import pickle
 
-    from moe_emergence.data.sources import (
-        DEFAULT_SOURCES,
-        MAX_EXAMPLE_CHARS,
-        budget_chars,
-        load_domain,
-    )
+    from moe_emergence.data.domains import domain_set
+    from moe_emergence.data.sources import MAX_EXAMPLE_CHARS, budget_chars, load_domain
 
     budget = budget_chars(args.size_mb)
     texts: Texts = {}
     summary: dict[str, Any] = {}
-    for domain, sources in DEFAULT_SOURCES.items():
+    for domain, sources in domain_set("code_math_prose").items():
         loaded, meta = load_domain(
             domain, sources, args.size_mb, MAX_EXAMPLE_CHARS, args.hub_mirror, show_progress=False
         )
@@ -617,9 +613,9 @@ def run_identity_cost(args: argparse.Namespace) -> int:
     import statistics
 
     from moe_emergence.data import files as files_module
+    from moe_emergence.data.domains import domain_set
     from moe_emergence.data.prepare import describe_request, prepare_domains
     from moe_emergence.data.settings import DataSettings
-    from moe_emergence.data.sources import DEFAULT_SOURCES
     from moe_emergence.data.tokenize import load_tokenizer
 
     workdir = Path(tempfile.mkdtemp(prefix="bench_identity-"))
@@ -659,7 +655,11 @@ def run_identity_cost(args: argparse.Namespace) -> int:
             (workdir / CACHE_DIR / "file-index.json").unlink(missing_ok=True)
             first_identity.append(_timed(lambda s=moved: describe_request(s))[0])
             fresh = files_module.FileIndex(None)
-            folders = [copy / src.dataset for srcs in DEFAULT_SOURCES.values() for src in srcs]
+            folders = [
+                copy / src.dataset
+                for srcs in domain_set("code_math_prose").values()
+                for src in srcs
+            ]
 
             def identities(index=fresh, folders=folders) -> list:
                 return [files_module.folder_identity(f, index) for f in folders]

@@ -21,30 +21,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe_emergence import run_dir
 from moe_emergence.analysis.settings import ProbeSettings
+from moe_emergence.data.domains import read_domain_set
 from moe_emergence.data.settings import DataSettings, LoaderSettings
 from moe_emergence.errors import UserError
 from moe_emergence.model.settings import ModelSettings, MoESettings
-from moe_emergence.settings import defaults
+from moe_emergence.settings import CONFIG_NAME, config_dir, defaults
 
-CONFIG_ENV = "MOE_CONFIG_DIR"
-CONFIG_NAME = "config"
 SETTINGS_NODE = "settings"  # the base node of a group: data/settings, model/settings
 
 DATAMODULE_TARGET = "moe_emergence.data.MixedDomainDataModule"
 MODULE_TARGET = "moe_emergence.model.module.MoEGPT2Module"
 ROUTING_TARGET = "moe_emergence.analysis.RoutingAnalysis"
-
-
-def config_dir() -> Path:
-    """``$MOE_CONFIG_DIR``, else the repo's ``conf/`` (beside the package)."""
-    found = os.environ.get(CONFIG_ENV)
-    path = Path(found) if found else Path(__file__).resolve().parents[1] / "conf"
-    if not (path / f"{CONFIG_NAME}.yaml").is_file():
-        raise FileNotFoundError(
-            f"No {CONFIG_NAME}.yaml in '{path}'. Run from a clone of the repo (pip install -e .) "
-            f"or set {CONFIG_ENV} to its conf/ folder."
-        )
-    return path
 
 
 MAX_DIR_NAME = 200  # bytes; file systems refuse names over 255, and the job number comes first
@@ -95,16 +82,30 @@ def register_resolvers() -> None:
 
 
 CONDITION_GROUP = "condition"
+DOMAINS_GROUP = "data/domains"  # the domain sets: conf/data/domains/<name>.yaml
 
 
 def check_group_overrides(args: Sequence[str], directory: str | os.PathLike | None = None) -> None:
-    """Refuse (one line), before Hydra composes, a ``condition`` override that is null or a list:
-    a run has one condition (Hydra would fail inside its defaults list with a traceback)."""
-    options = sorted(
-        p.stem for p in (Path(directory or config_dir()) / CONDITION_GROUP).glob("*.yaml")
-    )
+    """Refuse (one line), before Hydra composes, a ``condition`` override that is null or a list
+    (a run has one condition), and a ``data/domains`` choice whose file is missing or not a
+    domain set's YAML (a domain written twice): Hydra would fail with a traceback."""
+    root = Path(directory or config_dir())
+    options = sorted(p.stem for p in (root / CONDITION_GROUP).glob("*.yaml"))
     for arg in args:
         key, sep, value = arg.lstrip("+~").partition("=")
+        if key == DOMAINS_GROUP and sep:
+            sets = sorted(p.stem for p in (root / DOMAINS_GROUP).glob("*.yaml"))
+            for name in (n.strip() for n in value.split(",")):  # a sweep: -m data/domains=a,b
+                path = root / DOMAINS_GROUP / f"{name}.yaml"
+                if not path.is_file():
+                    raise UserError(
+                        f"{DOMAINS_GROUP}={name}: there is no {path}; the domain sets are "
+                        f"{', '.join(sets)} (or write {name}.yaml there)."
+                    )
+                try:
+                    read_domain_set(path)
+                except ValueError as exc:
+                    raise UserError(f"{DOMAINS_GROUP}={name}: {exc}.") from None
         if key != CONDITION_GROUP or not sep:
             continue
         if value.strip() in ("", "null", "None") or value.strip().startswith("["):

@@ -246,9 +246,18 @@ def check_resume_settings(cfg: DictConfig, start: Checkpoint, vocab_size: int | 
 
 
 def check_resume_data(datamodule: Any, world_size: int, start: Checkpoint) -> None:
-    """Refuse a resume whose world size or training data (token content, held-out split)
-    differ from the checkpoint's, in this process (ahead of ddp_spawn's workers, whose errors
-    would come back as tracebacks). Opens the token cache, as ``fit`` would next."""
+    """Refuse a resume whose domains (names and order), world size or training data (token
+    content, held-out split) differ from the checkpoint's, in this process (ahead of
+    ddp_spawn's workers, whose errors would come back as tracebacks). Opens the token cache,
+    as ``fit`` would next."""
+    trained = (start.contents.get("hyper_parameters") or {}).get("domains")
+    now = tuple(getattr(datamodule, "domains", ()))
+    if trained is not None and now and tuple(trained) != now:
+        raise UserError(
+            f"ckpt_path={start.path} trained on the domains {', '.join(trained)} (in this "
+            f"order); data.domains now gives {', '.join(now)}: resume with the run's domain "
+            f"set, or start a new run from its weights with init_from={start.path}."
+        )
     if hasattr(datamodule, "resume_identity"):
         state = saved_loader_state(start.contents)
         check_loader_state(state, datamodule.resume_identity(world_size), start.path)

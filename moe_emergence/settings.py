@@ -5,7 +5,8 @@ A settings group is a dataclass of :func:`setting` fields deriving from :class:`
 ``PREFIX`` is its node in the Hydra config (``data``, ``model``, ``model.moe``,
 ``callbacks.routing``). From the fields follow: the checks (:meth:`Settings.validate`, one-line
 errors naming the key), the config node's defaults (:func:`defaults`, registered as the group's
-base config, so the YAML files hold choices only), and, for data, the CLI's flags.
+base config, so the YAML files hold choices only), and, for data, the CLI's flags. Where those
+YAML files lie (:func:`config_dir`) is said here too.
 
 A leaf module: it imports nothing of the package but its error.
 """
@@ -16,9 +17,13 @@ import dataclasses
 import numbers
 import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, ClassVar, Self
 
 from moe_emergence.errors import UserError
+
+CONFIG_ENV = "MOE_CONFIG_DIR"
+CONFIG_NAME = "config"
 
 
 def is_int(value: Any) -> bool:
@@ -42,6 +47,12 @@ KINDS: dict[str, tuple[Callable[[Any], bool], str, Callable[[str], Any] | None]]
     "bool": (lambda v: isinstance(v, bool), "true or false", None),
     "str": (lambda v: isinstance(v, str | os.PathLike), "a string", str),
     "list[int]": (_is_int_list, "a list of integers", None),
+    # A domain set (data.domains): its name, a YAML file, or the mapping Hydra composed.
+    "DomainSpec": (
+        lambda v: isinstance(v, str | os.PathLike | Mapping),
+        "a domain set's name, a YAML file, or a mapping of each domain to its sources",
+        str,
+    ),
 }
 
 
@@ -150,3 +161,15 @@ def defaults(settings: type[Settings]) -> dict[str, Any]:
             value = field.default
             found[field.name] = list(value) if isinstance(value, tuple) else value
     return found
+
+
+def config_dir() -> Path:
+    """``$MOE_CONFIG_DIR``, else the repo's ``conf/`` (beside the package)."""
+    found = os.environ.get(CONFIG_ENV)
+    path = Path(found) if found else Path(__file__).resolve().parents[1] / "conf"
+    if not (path / f"{CONFIG_NAME}.yaml").is_file():
+        raise FileNotFoundError(
+            f"No {CONFIG_NAME}.yaml in '{path}'. Run from a clone of the repo (pip install -e .) "
+            f"or set {CONFIG_ENV} to its conf/ folder."
+        )
+    return path

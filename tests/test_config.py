@@ -26,7 +26,7 @@ CONF = config_dir()
 GROUPS = [
     "data/size",
     "data/balance",
-    "data/source",
+    "data/domains",
     "model",
     "trainer",
     "logger",

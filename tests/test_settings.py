@@ -26,7 +26,7 @@ GROUPS: tuple[type[Settings], ...] = (
     ProbeSettings,
 )
 # Option files of a choice group: each states its choice, and one of them is the default's.
-CHOICE_GROUPS = ("data/size", "data/balance", "data/source")
+CHOICE_GROUPS = ("data/size", "data/balance", "data/domains")
 
 
 def setting_defaults() -> dict[str, Any]:

@@ -32,7 +32,6 @@ from moe_emergence.analysis.results import NO_OVERRIDES, CheckpointResult, HeldO
 from moe_emergence.analysis.settings import ProbeSettings
 from moe_emergence.analysis.token_types import CATEGORIES, token_type_table
 from moe_emergence.data import MixedDomainDataModule
-from moe_emergence.data.sources import DOMAINS
 from moe_emergence.errors import UserError, user_error_in
 from moe_emergence.model.gpt2_moe import moe_layers
 from moe_emergence.runs import RunCheckpoints, recorded_config, run_overrides
@@ -240,9 +239,9 @@ def evaluate_run(
     data must have the fingerprint the run's checkpoint records, and the probe the digest of
     its ``routing/probe.json``."""
     final = load_checkpoint(run.checkpoints[-1], OPTION, require_moe=False)
-    domains = tuple(final.hparams.get("domains") or DOMAINS)
     data_settings = {**final.data_settings, **(data_overrides or {})} if final.data_settings else {}
     datamodule = load_data(run.name, data_settings, report_dir)
+    domains = tuple(final.hparams.get("domains") or datamodule.domains)
     check_same_data(run.name, final.data_fingerprint, datamodule.data_fingerprint)
     settings = probe_settings(run.run_dir)
     probe = build_probe(

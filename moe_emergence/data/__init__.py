@@ -6,24 +6,23 @@ The original spec's names are importable from here. ``load_tokenizer`` is
 """
 
 from moe_emergence.data.dataset import PackedMixedDomainDataset, collate_packed
-from moe_emergence.data.packing import pack_sequences
-from moe_emergence.data.prepare import load_data_tokenizer as load_tokenizer
-from moe_emergence.data.settings import DataSettings, LoaderSettings
-from moe_emergence.data.sources import (
-    DEFAULT_SOURCES,
-    DOMAINS,
-    Source,
+from moe_emergence.data.domains import (
+    DomainSet,
+    domain_set,
     load_code_data,
     load_math_data,
     load_prose_data,
 )
+from moe_emergence.data.packing import pack_sequences
+from moe_emergence.data.prepare import load_data_tokenizer as load_tokenizer
+from moe_emergence.data.settings import DataSettings, LoaderSettings
+from moe_emergence.data.sources import Source
 from moe_emergence.data.tokenize import TokenStream, encode_texts
 from moe_emergence.hub import HubUnavailableError
 
 __all__ = [
-    "DEFAULT_SOURCES",
-    "DOMAINS",
     "DataSettings",
+    "DomainSet",
     "HubUnavailableError",
     "LoaderSettings",
     "MixedDomainDataModule",
@@ -31,6 +30,7 @@ __all__ = [
     "Source",
     "TokenStream",
     "collate_packed",
+    "domain_set",
     "encode_texts",
     "load_code_data",
     "load_math_data",
@@ -42,7 +42,7 @@ __all__ = [
 
 def __getattr__(name: str):
     # Loaded on first use, not on `import moe_emergence.data`: the datamodule brings Lightning
-    # (~4 s), which the data CLI and the config's vocab_size resolver do without; `main` is the
+    # (~4 s), which the data CLI does without; `main` is the
     # spec's name for the data CLI (`python -m moe_emergence.data`), which nothing here needs.
     if name == "MixedDomainDataModule":
         from moe_emergence.data.datamodule import MixedDomainDataModule

@@ -41,7 +41,6 @@ from moe_emergence.data.settings import (
     option,
     split_fields,
 )
-from moe_emergence.data.sources import DOMAINS
 from moe_emergence.data.split import split_by_document
 from moe_emergence.data.tokenize import TokenStream, offsets_from_lengths
 from moe_emergence.errors import UserError
@@ -133,8 +132,9 @@ class MixedDomainDataModule(L.LightningDataModule):
 
     @property
     def domains(self) -> tuple[str, ...]:
-        """The domain labels of the blocks, in order (a model's domain index)."""
-        return DOMAINS
+        """The domain labels of the blocks, in the domain set's order (a model's domain
+        index)."""
+        return tuple(self.settings.domain_sources)
 
     @property
     @_naming_options

@@ -19,7 +19,6 @@ from moe_emergence.data.packing import (
     imbalance_warning,
     shuffled_order,
 )
-from moe_emergence.data.sources import DOMAINS
 from moe_emergence.data.tokenize import TokenStream, encode_texts
 
 log = logging.getLogger(__name__)
@@ -33,6 +32,8 @@ class PackedMixedDomainDataset(Dataset):
     ``block_counts[d]``: its full blocks; ``balanced_block_counts[d]``: blocks kept when
     ``balance_tokens`` (the smallest domain's block count), else None.
     The order depends only on the seed and the data (not on process or PYTHONHASHSEED).
+    The constructor takes the original spec's three domains (code, math, prose);
+    :meth:`from_token_streams` any domain set.
     """
 
     def __init__(
@@ -46,7 +47,7 @@ class PackedMixedDomainDataset(Dataset):
         seed: int = 42,
     ) -> None:
         check_block_size(block_size)  # before the tokenizing
-        texts = dict(zip(DOMAINS, (code_texts, math_texts, prose_texts), strict=True))
+        texts = {"code": code_texts, "math": math_texts, "prose": prose_texts}
         streams = {d: encode_texts(t, tokenizer, desc=f"tokenize {d}") for d, t in texts.items()}
         self._pack(streams, block_size, balance_tokens, seed)
 

@@ -72,11 +72,12 @@ def pack_sequences(
 
 def format_report(rows: Mapping[str, Mapping[str, int]]) -> str:
     """A table: one row per domain with texts, chars, tokens and blocks."""
-    header = f"{'domain':<8}{'texts':>10}{'chars':>14}{'tokens':>14}{'blocks':>10}"
+    width = max(8, *(len(d) + 1 for d in rows))
+    header = f"{'domain':<{width}}{'texts':>10}{'chars':>14}{'tokens':>14}{'blocks':>10}"
     lines = [header, "-" * len(header)]
     for domain, r in rows.items():
         lines.append(
-            f"{domain:<8}{r['num_texts']:>10,}{r['total_chars']:>14,}"
+            f"{domain:<{width}}{r['num_texts']:>10,}{r['total_chars']:>14,}"
             f"{r['tokens']:>14,}{r['blocks']:>10,}"
         )
     return "\n".join(lines)

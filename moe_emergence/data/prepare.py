@@ -44,10 +44,10 @@ from moe_emergence.data.sample import (
 )
 from moe_emergence.data.settings import DataSettings, naming_options, option
 from moe_emergence.data.sources import (
-    DEFAULT_SOURCES,
     Source,
     budget_chars,
     check_local_files,
+    check_templates,
     load_domain,
 )
 from moe_emergence.data.tokenize import DEFAULT_TOKENIZER, TokenStream, load_tokenizer
@@ -61,7 +61,7 @@ _REBUILT: set[Path] = set()  # cache folders rebuilt by rebuild_cache in this pr
 
 @dataclass
 class PreparedDomains:
-    """Per domain (in DEFAULT_SOURCES order): its token stream (memory-mapped from the cache)
+    """Per domain (in the domain set's order): its token stream (memory-mapped from the cache)
     and its loader metadata; plus the tokenizer's identity and where the cache lies."""
 
     streams: dict[str, TokenStream]
@@ -152,18 +152,20 @@ def load_data_tokenizer(
 
 def describe_request(settings: DataSettings) -> CacheRequest:
     """The request's identity (see the module docstring); offline Hub ids become unknowns."""
-    sources: dict[str, tuple[Source, ...]] = dict(DEFAULT_SOURCES)
+    sources: dict[str, tuple[Source, ...]] = dict(settings.domain_sources)
     entries: dict[str, list[dict[str, Any]]] = {}
     unknown: list[str] = []
     paths: list[tuple[str | int, ...]] = []
     errors: list[Exception] = []
     if settings.source == "sample":
-        for domain in DEFAULT_SOURCES:
-            ident = domain_identity(domain, settings.size_mb, settings.max_example_chars)
+        for domain, domain_sources in sources.items():
+            ident = domain_identity(
+                domain, settings.size_mb, settings.max_example_chars, sources=domain_sources
+            )
             entries[domain] = [{"sample": ident}]
     else:
         index = FileIndex(resolve_cache_dir(settings.cache_dir) / FILE_INDEX)
-        for domain, domain_sources in DEFAULT_SOURCES.items():
+        for domain, domain_sources in settings.domain_sources.items():
             entries[domain], pinned = [], []
             for i, source in enumerate(domain_sources):
                 try:
@@ -287,9 +289,10 @@ def _ensure(request: CacheRequest, settings: DataSettings, show_progress: bool) 
     rebuild = settings.rebuild_cache and path not in _REBUILT
 
     def load_all() -> Iterator[DomainInput]:
-        if settings.source != "sample":  # a damaged file fails before any domain is streamed
+        if settings.source != "sample":  # a damaged file or a template naming a field the
             all_sources = [s for sources in request.sources.values() for s in sources]
-            check_local_files(all_sources, settings.hub_mirror)
+            check_local_files(all_sources, settings.hub_mirror)  # data lacks: before streaming
+            check_templates(request.sources, settings.hub_mirror)
         for domain, sources in request.sources.items():
             if settings.source == "sample":
                 texts, meta = load_sample_domain(
@@ -297,6 +300,7 @@ def _ensure(request: CacheRequest, settings: DataSettings, show_progress: bool) 
                     settings.size_mb,
                     settings.max_example_chars,
                     show_progress=show_progress,
+                    sources=sources,
                 )
             else:
                 texts, meta = load_domain(

@@ -21,15 +21,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from moe_emergence.data.checks import SettingError
-from moe_emergence.data.sources import (
-    DEFAULT_SOURCES,
-    MAX_EXAMPLE_CHARS,
-    check_filters,
-    check_size_mb,
-)
+from moe_emergence.data.domains import DomainSet, parse_domains, plain_containers
+from moe_emergence.data.sources import MAX_EXAMPLE_CHARS, check_filters, check_size_mb
 from moe_emergence.data.tokenize import DEFAULT_TOKENIZER
 from moe_emergence.errors import UserError
 from moe_emergence.settings import KINDS, Settings, kind, setting
+
+DomainSpec = str | Mapping[str, Any]  # the ``domain_set`` setting (see ``data/domains.py``)
 
 __all__ = ["KINDS", "DataSettings", "LoaderSettings", "kind", "naming_options", "option"]
 
@@ -78,11 +76,6 @@ def _check_block_size(block_size: int) -> None:
         raise ValueError(f"{block_size} tokens per block overflow the packing's int64 offsets")
 
 
-def _check_filters(max_example_chars: int) -> None:
-    for domain, sources in DEFAULT_SOURCES.items():
-        check_filters(sources, max_example_chars, domain)
-
-
 def _check_folder(path: str) -> None:
     if not Path(path).is_dir():
         raise ValueError(
@@ -106,9 +99,7 @@ class DataSettings(DataGroup):
     )
     seed: int = setting(42, low=0, below=2**32, help="seed for balancing and shuffling")
     max_example_chars: int = setting(
-        MAX_EXAMPLE_CHARS,
-        check=_check_filters,
-        help="keep texts shorter than this many characters",
+        MAX_EXAMPLE_CHARS, help="keep texts shorter than this many characters"
     )
     tokenizer: str = setting(DEFAULT_TOKENIZER, help="tokenizer Hub name or folder, or sample_bpe")
     hub_mirror: str | None = setting(
@@ -132,6 +123,38 @@ class DataSettings(DataGroup):
         help="hub: the datasets (through the hub mirror if set); sample: the offline corpus "
         "(pair it with the sample_bpe tokenizer)",
     )
+    domain_set: DomainSpec | None = setting(
+        None,
+        help="the domain set: a name in conf/data/domains (code_math_prose, sample, ...), a "
+        "YAML file, or the mapping domain -> sources (null: the source's default set)",
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.domain_set, Mapping):  # Hydra's DictConfig -> plain containers
+            self.domain_set = plain_containers(self.domain_set)
+
+    def validate(self) -> DataSettings:
+        """Each field's own check, then the domain set (see :mod:`moe_emergence.data.domains`)
+        and the length filter of each of its sources."""
+        super().validate()
+        for domain, sources in self.domain_sources.items():
+            with naming_options():
+                check_filters(sources, self.max_example_chars, domain)
+        return self
+
+    @property
+    def domain_sources(self) -> DomainSet:
+        """``{domain: (Source, ...)}`` in order: the checked domain set (a bad one is a
+        UserError naming ``data.domain_set`` and the sub-key)."""
+        key = (id(self.domain_set), self.source)
+        cached = self.__dict__.get("_domain_sources")
+        if cached is None or cached[0] != key:
+            try:
+                found = parse_domains(self.domain_set, self.source)
+            except ValueError as exc:
+                raise UserError(f"{option('domain_set')}: {str(exc).rstrip('.')}.") from None
+            cached = self.__dict__["_domain_sources"] = (key, found)
+        return cached[1]
 
 
 @dataclass

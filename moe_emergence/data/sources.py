@@ -30,15 +30,6 @@ from moe_emergence.hub import HubUnavailableError, is_hub_id, resolve_repo
 log = logging.getLogger(__name__)
 
 MAX_EXAMPLE_CHARS = 10_000
-MATH_SUBJECTS = (
-    "algebra",
-    "counting_and_probability",
-    "geometry",
-    "intermediate_algebra",
-    "number_theory",
-    "prealgebra",
-    "precalculus",
-)
 MATH_TEMPLATE = "Problem: {problem}\n\nSolution: {solution}"
 
 
@@ -65,19 +56,6 @@ class Source:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-DEFAULT_SOURCES: dict[str, tuple[Source, ...]] = {
-    "code": (Source("codeparrot/codeparrot-clean", "{content}", min_chars=100),),
-    "math": (
-        Source("openai/gsm8k", "Problem: {question}\n\nSolution: {answer}", configs=("main",)),
-        Source("EleutherAI/hendrycks_math", MATH_TEMPLATE, configs=MATH_SUBJECTS),
-    ),
-    "prose": (
-        Source("Salesforce/wikitext", "{text}", configs=("wikitext-103-raw-v1",), min_chars=200),
-    ),
-}
-DOMAINS = tuple(DEFAULT_SOURCES)  # the domain list: every other place reads it from here
 
 
 @dataclass
@@ -287,6 +265,22 @@ def check_local_files(
                 raise error
 
 
+def check_templates(domains: Mapping[str, Sequence[Source]], hub_mirror: str | None = None) -> None:
+    """Open every (source, config) of ``domains`` and check that its text template reads only
+    fields the dataset has (where ``datasets`` knows them up front: parquet, JSON with
+    features), before anything is streamed: a SettingError naming ``domain[i].text``."""
+    for domain, sources in domains.items():
+        for i, source in enumerate(sources):
+            location = resolve_repo(source.dataset, hub_mirror, "dataset", source.revision)
+            for config in source.configs:
+                try:
+                    _open(source, config, location, MAX_EXAMPLE_CHARS, f"{domain}[{i}]")
+                except Exception as exc:
+                    if error := _damage_behind(exc, source, config, location, hub_mirror):
+                        raise error from exc
+                    raise
+
+
 def _damage_behind(
     exc: Exception, source: Source, config: str | None, location: str, hub_mirror: str | None
 ) -> DataFileError | None:
@@ -307,7 +301,10 @@ def _damage_behind(
     return found
 
 
-def _open(source: Source, config: str | None, location: str, max_chars: int) -> _OpenStream:
+def _open(
+    source: Source, config: str | None, location: str, max_chars: int, where: str = "source"
+) -> _OpenStream:
+    """``source``'s stream of ``config``; ``where`` names it in messages (``math[1]``)."""
     from datasets import load_dataset
 
     try:
@@ -324,9 +321,11 @@ def _open(source: Source, config: str | None, location: str, max_chars: int) -> 
         columns = list(ds.features)
         missing = [f for f in source.fields if f not in columns]
         if missing:
-            raise UserError(
-                f"Dataset '{source.dataset}' (config {config!r}) has no field(s) {missing} "
-                f"used by the text template {source.text!r}; its fields are {columns}."
+            raise SettingError(
+                f"{where}.text {source.text!r} reads field(s) {', '.join(missing)}, which "
+                f"dataset '{source.dataset}' (config {config!r}) does not have; its fields are "
+                f"{', '.join(columns)}.",
+                "domain_set",
             )
         ds = ds.select_columns(source.fields)
     info = ds.info
@@ -382,13 +381,14 @@ def load_domain(
         leave=False,
     )
     with bar:
-        for source, location in zip(sources, locations, strict=True):
+        for i, (source, location) in enumerate(zip(sources, locations, strict=True)):
             if total >= budget:
                 break
             streams = []
+            where = f"{domain}[{i}]"
             for config in source.configs:
                 try:
-                    streams.append(_open(source, config, location, max_example_chars))
+                    streams.append(_open(source, config, location, max_example_chars, where))
                 except Exception as exc:
                     if error := _damage_behind(exc, source, config, location, hub_mirror):
                         raise error from exc
@@ -433,69 +433,8 @@ def load_domain(
     return texts, metadata
 
 
-def _load_checked(
-    domain: str,
-    sources: tuple[Source, ...],
-    size_mb: float,
-    max_example_chars: int,
-    hub_mirror: str | None,
-    show_progress: bool,
-) -> tuple[list[str], dict[str, Any]]:
-    """:func:`load_domain` after checking the budget and the length filter (plain errors)."""
-    check_size_mb(size_mb)
-    check_filters(sources, max_example_chars, domain)
-    return load_domain(domain, sources, size_mb, max_example_chars, hub_mirror, show_progress)
-
-
-def _with_min(sources: tuple[Source, ...], min_chars: int | None) -> tuple[Source, ...]:
-    return tuple(dataclasses.replace(s, min_chars=min_chars) for s in sources)
-
-
-def load_code_data(
-    max_size_mb: float = 10.0,
-    max_example_chars: int = MAX_EXAMPLE_CHARS,
-    min_example_chars: int = 100,
-    *,
-    hub_mirror: str | None = None,
-    show_progress: bool = True,
-) -> tuple[list[str], dict[str, Any]]:
-    """Python files from codeparrot-clean, ``min < len < max`` characters."""
-    sources = _with_min(DEFAULT_SOURCES["code"], min_example_chars)
-    return _load_checked("code", sources, max_size_mb, max_example_chars, hub_mirror, show_progress)
-
-
-def load_math_data(
-    max_size_mb: float = 10.0,
-    max_example_chars: int = MAX_EXAMPLE_CHARS,
-    *,
-    hub_mirror: str | None = None,
-    show_progress: bool = True,
-) -> tuple[list[str], dict[str, Any]]:
-    """GSM8K, then MATH's subjects round-robin if GSM8K ran out below the budget."""
-    return _load_checked(
-        "math", DEFAULT_SOURCES["math"], max_size_mb, max_example_chars, hub_mirror, show_progress
-    )
-
-
-def load_prose_data(
-    max_size_mb: float = 10.0,
-    max_example_chars: int = MAX_EXAMPLE_CHARS,
-    min_example_chars: int = 200,
-    *,
-    hub_mirror: str | None = None,
-    show_progress: bool = True,
-) -> tuple[list[str], dict[str, Any]]:
-    """WikiText-103 raw lines, ``min < len < max`` characters."""
-    sources = _with_min(DEFAULT_SOURCES["prose"], min_example_chars)
-    return _load_checked(
-        "prose", sources, max_size_mb, max_example_chars, hub_mirror, show_progress
-    )
-
-
 __all__ = [
-    "DEFAULT_SOURCES",
-    "DOMAINS",
-    "MATH_SUBJECTS",
+    "MATH_TEMPLATE",
     "MAX_EXAMPLE_CHARS",
     "DataFileError",
     "DatasetUnavailableError",
@@ -505,8 +444,6 @@ __all__ = [
     "check_filters",
     "check_local_files",
     "check_size_mb",
-    "load_code_data",
+    "check_templates",
     "load_domain",
-    "load_math_data",
-    "load_prose_data",
 ]

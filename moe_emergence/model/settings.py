@@ -67,7 +67,7 @@ class MoESettings(Settings):
 
     PREFIX: ClassVar[str] = "model.moe"
 
-    layers: list[int] = setting(  # noqa: RUF009 (a field with a tuple default)
+    layers: list[int] = setting(
         (8, 9, 10, 11), check=_check_layers, help="block indices whose MLP becomes MoE"
     )
     n_experts: int = setting(8, low=1, help="experts per MoE layer")

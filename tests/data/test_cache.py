@@ -18,9 +18,10 @@ from helpers.data import prep, tiny_settings
 
 from moe_emergence.data import prepare as prepare_module
 from moe_emergence.data.dataset import PackedMixedDomainDataset
+from moe_emergence.data.domains import domain_set, read_domain_set
 from moe_emergence.data.prepare import describe_request
 from moe_emergence.data.settings import DataSettings
-from moe_emergence.data.sources import DEFAULT_SOURCES, Source, load_domain
+from moe_emergence.data.sources import load_domain
 from moe_emergence.data.tokenize import encode_texts
 
 
@@ -63,10 +64,9 @@ def test_miss_when_size_filter_or_tokenizer_changes(settings, tmp_path, tiny_tok
 
 def test_miss_when_a_source_changes(settings, monkeypatch):
     base = prep(settings).cache_path
-    changed = dict(DEFAULT_SOURCES)
-    changed["code"] = (Source("codeparrot/codeparrot-clean", "# {content}", min_chars=100),)
-    monkeypatch.setattr(prepare_module, "DEFAULT_SOURCES", changed)
-    other = prep(settings)
+    changed = read_domain_set("code_math_prose")
+    changed["code"][0]["text"] = "# {content}"
+    other = prep(settings, domain_set=changed)
     assert not other.from_cache and other.cache_path != base
 
 
@@ -74,7 +74,7 @@ def test_cache_read_back_equals_fresh_tokenization(settings, tiny_tokenizer):
     prepared = prep(settings)
     again = prep(settings)
     assert again.from_cache
-    for domain, sources in DEFAULT_SOURCES.items():
+    for domain, sources in domain_set("code_math_prose").items():
         texts, meta = load_domain(
             domain, sources, 1.0, hub_mirror=settings.hub_mirror, show_progress=False
         )

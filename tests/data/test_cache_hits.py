@@ -16,8 +16,9 @@ from moe_emergence.data import files as files_module
 from moe_emergence.data.cache import MANIFEST, CacheCorruptError
 from moe_emergence.data.cli import parse_args
 from moe_emergence.data.settings import DataSettings
-from moe_emergence.data.sources import DOMAINS
 from moe_emergence.errors import UserError
+
+DOMAINS = ("code", "math", "prose")  # the default domain set (conf/data/domains)
 
 CACHE_FILES = sorted(f"{d}.{kind}.bin" for d in DOMAINS for kind in ("tokens", "offsets"))
 

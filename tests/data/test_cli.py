@@ -10,13 +10,15 @@ import pytest
 from helpers.mirror import build_hub_mirror
 
 from moe_emergence.data import cli
-from moe_emergence.data.sources import (
-    DOMAINS,
-    MATH_SUBJECTS,
+from moe_emergence.data.domains import (
+    domain_set,
     load_code_data,
     load_math_data,
     load_prose_data,
 )
+
+DOMAINS = ("code", "math", "prose")  # the default domain set (conf/data/domains)
+MATH_SUBJECTS = domain_set("code_math_prose")["math"][1].configs
 
 IMBALANCE = "Warning: Token imbalance detected (>1.5x ratio)!"
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from moe_emergence.data import MixedDomainDataModule
-from moe_emergence.data.sources import DOMAINS
 from moe_emergence.train import datamodule_from_config
+
+DOMAINS = ("code", "math", "prose")  # the default domain set (conf/data/domains)
 
 
 def overrides(mirror, tokenizer, *extra):

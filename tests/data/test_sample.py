@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from moe_emergence.data.domains import domain_set
 from moe_emergence.data.sample import corpus as sample
 from moe_emergence.data.sample.corpus import (
     SAMPLE_VERSION,
@@ -24,7 +25,7 @@ from moe_emergence.data.sample.corpus import (
     sample_identity,
 )
 from moe_emergence.data.sample.mathgen import GSM8K_STYLE, MATH_STYLE, format_math, generate_math
-from moe_emergence.data.sources import DEFAULT_SOURCES, StreamStats, load_domain
+from moe_emergence.data.sources import StreamStats, load_domain
 
 SIZE_MB = 0.05  # 52,428 characters per domain: a few dozen files, a few hundred problems
 DOMAINS = ("code", "math", "prose")
@@ -46,7 +47,11 @@ def loaded() -> dict[str, tuple[list[str], dict]]:
 def hub_metadata_keys(tiny_mirror) -> set[str]:
     """The keys of ``load_domain``'s metadata, from a real (offline, tiny mirror) call."""
     _, meta = load_domain(
-        "code", DEFAULT_SOURCES["code"], mb(200), hub_mirror=str(tiny_mirror), show_progress=False
+        "code",
+        domain_set("code_math_prose")["code"],
+        mb(200),
+        hub_mirror=str(tiny_mirror),
+        show_progress=False,
     )
     return set(meta)
 

@@ -17,10 +17,10 @@ from helpers.script import assert_one_error_line, run_train_script
 
 from moe_emergence.data import cache as cache_module
 from moe_emergence.data.cli import main as data_cli
+from moe_emergence.data.domains import domain_set
 from moe_emergence.data.prepare import load_data_tokenizer
 from moe_emergence.data.sample.tokenizer import sample_tokenizer_dir
 from moe_emergence.data.sources import (
-    DEFAULT_SOURCES,
     DataFileError,
     check_local_files,
     load_domain,
@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 WIKI = Path("Salesforce", "wikitext", "wikitext-103-raw-v1", "train-00000-of-00001.parquet")
 GSM8K = Path("openai", "gsm8k", "main", "train-00000-of-00001.parquet")
 CODE = Path("codeparrot", "codeparrot-clean", "file-000000000001.json.gz")
+DEFAULT_SET = domain_set("code_math_prose")
 
 
 def run_cli(mirror: Path, tokenizer: str, cache_dir: Path | str, capsys) -> str:
@@ -196,7 +197,7 @@ def _renamed_column(path: Path) -> None:
 # Intact files of another shape: (file, change, domain that streams it, words of the error)
 SHAPES = {
     "json.gz line not JSON": (CODE, _a_line_that_is_not_json, "code", "not what this source reads"),
-    "parquet column renamed": (WIKI, _renamed_column, "prose", "has no field(s) ['text']"),
+    "parquet column renamed": (WIKI, _renamed_column, "prose", "reads field(s) text, which"),
 }
 
 
@@ -208,7 +209,7 @@ def test_files_of_another_shape_are_one_line(
     change(own_mirror / rel)
     with pytest.raises(UserError) as excinfo:
         load_domain(
-            domain, DEFAULT_SOURCES[domain], 1.0, hub_mirror=str(own_mirror), show_progress=False
+            domain, DEFAULT_SET[domain], 1.0, hub_mirror=str(own_mirror), show_progress=False
         )
     message = str(excinfo.value)
     assert "\n" not in message and words in message
@@ -226,7 +227,7 @@ def test_damage_found_while_streaming_names_the_file(case, own_mirror, monkeypat
     with pytest.raises(DataFileError) as excinfo:
         load_domain(
             domain,
-            DEFAULT_SOURCES[domain],
+            DEFAULT_SET[domain],
             1.0,
             hub_mirror=str(own_mirror),
             show_progress=False,
@@ -245,15 +246,15 @@ def test_large_truncated_gzip_is_left_to_streaming(own_mirror, monkeypatch):
 
     _damage(own_mirror, "truncated json.gz")
     monkeypatch.setattr(sources, "SMALL_FILE_BYTES", 0)
-    check_local_files(DEFAULT_SOURCES["code"], str(own_mirror))  # too big to read: passes
+    check_local_files(DEFAULT_SET["code"], str(own_mirror))  # too big to read: passes
     with pytest.raises(DataFileError, match="truncated"):
         load_domain(
-            "code", DEFAULT_SOURCES["code"], 1.0, hub_mirror=str(own_mirror), show_progress=False
+            "code", DEFAULT_SET["code"], 1.0, hub_mirror=str(own_mirror), show_progress=False
         )
 
 
 def test_intact_mirror_passes_the_check(tiny_mirror):
-    sources = [s for group in DEFAULT_SOURCES.values() for s in group]
+    sources = [s for group in DEFAULT_SET.values() for s in group]
     check_local_files(sources, str(tiny_mirror))
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moe_emergence.data.sources import MATH_SUBJECTS
+from moe_emergence.data.domains import domain_set
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+MATH_SUBJECTS = domain_set("code_math_prose")["math"][1].configs  # MATH's configs
 SHARED_HUB = Path(os.environ.get("MOE_TEST_HUB", REPO_ROOT.parent / "shared" / "hub"))
 
 

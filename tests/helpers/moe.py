@@ -9,9 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moe_emergence.data.sources import DOMAINS
 from moe_emergence.model.module import MoEGPT2Module
 from moe_emergence.model.moe import StackedExperts
+
+DOMAINS = ("code", "math", "prose")  # the default domain set (conf/data/domains)
 
 
 def random_experts(

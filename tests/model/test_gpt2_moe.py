@@ -11,7 +11,6 @@ import torch
 from helpers.mirror import SHARED_HUB
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from moe_emergence.data.sources import DOMAINS
 from moe_emergence.errors import UserError
 from moe_emergence.hub import HubUnavailableError
 from moe_emergence.model import (
@@ -24,6 +23,8 @@ from moe_emergence.model import (
     set_router_step,
 )
 from moe_emergence.model.module import MoEGPT2Module
+
+DOMAINS = ("code", "math", "prose")  # the default domain set (conf/data/domains)
 
 TINY = {"vocab_size": 100, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2}
 
@@ -103,6 +104,7 @@ def test_pretrained_module_takes_positions_from_the_weights(saved_tiny_gpt2):
 def test_build_from_mirror_without_weights_says_how_to_train_from_scratch(
     tmp_path, tiny_tokenizer_dir
 ):
+
     folder = tmp_path / "gpt2"
     shutil.copytree(tiny_tokenizer_dir, folder)
     GPT2Config(**TINY).save_pretrained(folder)

@@ -22,12 +22,13 @@ from omegaconf import open_dict
 from moe_emergence.analysis.callback import RoutingAnalysis
 from moe_emergence.analysis.tables import read_table
 from moe_emergence.config import compose_config
-from moe_emergence.data.sources import DOMAINS
 from moe_emergence.errors import UserError
 from moe_emergence.model.gpt2_moe import _chunk_losses, next_token_losses
 from moe_emergence.model.module import MoEGPT2Module, RecentDomainLosses, check_compile
 from moe_emergence.model.moe import cutlass_grouped_mm
 from moe_emergence.train import train
+
+DOMAINS = ("code", "math", "prose")  # the default domain set (conf/data/domains)
 
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 
@@ -323,6 +324,7 @@ class SyncGuard(L.Callback):
 def test_lightning_training_steps_of_the_grouped_path_make_no_host_sync_on_cuda(
     tiny_mirror, tiny_tokenizer_dir, tmp_path
 ):
+
     cfg = compose_config(
         tiny_overrides(
             tiny_mirror,
@@ -347,7 +349,7 @@ def test_compiled_grouped_dispatch_outside_bf16_is_refused_in_one_line(tmp_path)
     cfg = compose_config(
         [
             "experiment=debug",
-            "data/source=sample",
+            "data/domains=sample",
             f"paths.run_dir={tmp_path}",
             "model.compile=true",
             "model.moe.dispatch=grouped",

@@ -45,9 +45,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from moe_emergence.data.checks import SettingError, is_int
-from moe_emergence.data.sample.mathgen import STYLES, format_math, generate_math
+from moe_emergence.data.domains import domain_set
+from moe_emergence.data.sample.mathgen import format_math, generate_math
 from moe_emergence.data.sources import (
-    MATH_TEMPLATE,
     MAX_EXAMPLE_CHARS,
     Source,
     StreamStats,
@@ -61,14 +61,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_VERSION = 1  # bump when the corpus recipe (selection, cleaning, generator) changes
 BUILDER_NAME = "sample"
-SAMPLE_SOURCES: dict[str, tuple[Source, ...]] = {
-    "code": (Source("sample/python-stdlib", "{content}", min_chars=100),),
-    "math": (Source("sample/generated-math", MATH_TEMPLATE, configs=STYLES),),
-    "prose": (
-        Source("sample/python-docs", "{text}", configs=("pydoc-topics",), min_chars=200),
-        Source("sample/package-descriptions", "{text}", min_chars=200),
-    ),
-}
+SAMPLE_SET = "sample"  # its domain set: conf/data/domains/sample.yaml
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 OWN_DISTRIBUTION = "moe-emergence"
 MAX_REJECTED_IN_A_ROW = 20_000  # a filter rejecting this many texts in a row keeps none
@@ -467,8 +460,10 @@ def load_sample_domain(
     seed: int = 0,
     show_progress: bool = False,
     quiet: bool = False,
+    sources: tuple[Source, ...] | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
-    """Read the sample sources of ``domain`` in order until ``size_mb`` MiB of characters.
+    """Read the sample ``sources`` of ``domain`` (default: its sources in the ``sample`` domain
+    set) in order until ``size_mb`` MiB of characters.
 
     A text is kept when ``min_chars < len(text) < max_example_chars`` and taken while the
     running total is below ``budget_chars(size_mb)``; the one that crosses is kept. Sources
@@ -476,13 +471,22 @@ def load_sample_domain(
     with ``load_domain``'s metadata keys plus ``"source": "sample"``; ``seed`` picks the
     generated math problems; ``quiet`` leaves out the warning when the sources run out.
     """
-    if domain not in SAMPLE_SOURCES:
-        raise UserError(
-            f"Unknown sample domain {domain!r}: choose one of {', '.join(SAMPLE_SOURCES)}."
+    if sources is None:
+        sample_set = domain_set(SAMPLE_SET)
+        if domain not in sample_set:
+            raise UserError(
+                f"Unknown sample domain {domain!r}: choose one of {', '.join(sample_set)}."
+            )
+        sources = sample_set[domain]
+    unknown = [s.dataset for s in sources if s.dataset not in _OPENERS]
+    if unknown:
+        raise SettingError(
+            f"{domain}: {', '.join(unknown)} is not a dataset of the offline sample; its "
+            f"datasets are {', '.join(_OPENERS)}.",
+            "domain_set",
         )
     if not is_int(seed):
         raise UserError(f"seed={seed!r} must be an integer.")
-    sources = SAMPLE_SOURCES[domain]
     check_size_mb(size_mb)
     check_filters(sources, max_example_chars, domain)
     taken = _Taken(budget_chars(size_mb))
@@ -535,7 +539,11 @@ def texts_digest(texts: Iterable[str]) -> str:
 
 @functools.lru_cache(maxsize=32)
 def domain_identity(
-    domain: str, size_mb: float, max_example_chars: int = MAX_EXAMPLE_CHARS, seed: int = 0
+    domain: str,
+    size_mb: float,
+    max_example_chars: int = MAX_EXAMPLE_CHARS,
+    seed: int = 0,
+    sources: tuple[Source, ...] | None = None,
 ) -> dict[str, Any]:
     """What the sample corpus gives ``domain`` for this budget: the recipe version, the seed,
     and the number and SHA-256 of the texts chosen (JSON-ready).
@@ -544,7 +552,9 @@ def domain_identity(
     distribution whose description prose would read, not one it never reaches. Costs one
     load of the domain (~0.01-0.2 s per MiB); memoized per process.
     """
-    texts, _ = load_sample_domain(domain, size_mb, max_example_chars, seed, quiet=True)
+    texts, _ = load_sample_domain(
+        domain, size_mb, max_example_chars, seed, quiet=True, sources=sources
+    )
     return {
         "sample_version": SAMPLE_VERSION,
         "seed": seed,
@@ -554,13 +564,16 @@ def domain_identity(
 
 
 def sample_identity(size_mb: float, max_example_chars: int = MAX_EXAMPLE_CHARS, seed: int = 0):
-    """:func:`domain_identity` of every sample domain, in order (for the token cache and the
+    """:func:`domain_identity` of every domain of the ``sample`` set, in order (for the
     ``sample_bpe`` tokenizer's folder name)."""
-    return {d: domain_identity(d, size_mb, max_example_chars, seed) for d in SAMPLE_SOURCES}
+    return {
+        d: domain_identity(d, size_mb, max_example_chars, seed, sources)
+        for d, sources in domain_set(SAMPLE_SET).items()
+    }
 
 
 __all__ = [
-    "SAMPLE_SOURCES",
+    "SAMPLE_SET",
     "SAMPLE_VERSION",
     "InstalledDistribution",
     "domain_identity",

@@ -18,9 +18,9 @@ import os
 from pathlib import Path
 
 from moe_emergence.data.cache import check_cache_root, resolve_cache_dir, writing_cache
+from moe_emergence.data.domains import domain_set
 from moe_emergence.data.files import build_folder_once
-from moe_emergence.data.sample.corpus import load_sample_domain, sample_identity
-from moe_emergence.data.sources import DOMAINS
+from moe_emergence.data.sample.corpus import SAMPLE_SET, load_sample_domain, sample_identity
 from moe_emergence.data.tokenize import load_tokenizer_at
 from moe_emergence.files import sha256_file, write_atomic
 
@@ -53,7 +53,11 @@ def train_sample_tokenizer(folder: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = [t for d in DOMAINS for t in load_sample_domain(d, TRAIN_MB)[0]]
+    corpus = [
+        t
+        for d, sources in domain_set(SAMPLE_SET).items()
+        for t in load_sample_domain(d, TRAIN_MB, sources=sources)[0]
+    ]
     log.info("Training the %s tokenizer on %d sample texts...", SAMPLE_TOKENIZER, len(corpus))
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -1,0 +1,316 @@
+"""Domain sets: which domains a run trains on, in order, and each domain's ordered sources.
+
+A domain set is written once, as YAML under ``conf/data/domains/<name>.yaml`` (the Hydra group
+``data/domains``)::
+
+    domain_set:
+      math:                                   # a domain: its sources, read in order
+        - dataset: openai/gsm8k               # Hub id, or a folder; sample/... = offline corpus
+          configs: [main]                     # read round-robin (default: [null])
+          text: "Problem: {question}\\n\\nSolution: {answer}"   # str.format over the fields
+          split: train                        # default train
+          min_chars: null                     # keep min_chars < len(text) < max_example_chars
+          revision: null                      # Hub revision (default: the newest)
+
+The ``domain_set`` setting (``data.domain_set``) holds such a mapping (what Hydra composes), a
+set's name (a file in ``conf/data/domains/``), a path to a YAML file, or null for the source's
+default set
+(:data:`DEFAULT_DOMAIN_SETS`). :func:`parse_domains` turns it into ``{domain: (Source, ...)}``
+and raises ValueError naming the sub-key for a bad one (the settings prefix the config key).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import os
+import re
+import string
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moe_emergence.data.sources import (
+    MAX_EXAMPLE_CHARS,
+    Source,
+    check_filters,
+    check_size_mb,
+    load_domain,
+)
+from moe_emergence.settings import config_dir
+
+DOMAIN_SETS_DIR = Path("data") / "domains"  # under conf/: the Hydra group data/domains
+SET_KEY = "domain_set"  # the key a set file sets: data.domain_set
+DEFAULT_DOMAIN_SETS = {"hub": "code_math_prose", "sample": "sample"}  # per data.source
+SAMPLE_PREFIX = "sample/"  # datasets of the offline corpus (moe_emergence.data.sample)
+DOMAIN_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # becomes metric keys and CSV columns
+MAX_DOMAINS = 255  # domain ids are uint8 in the block order
+SOURCE_KEYS = tuple(f.name for f in dataclasses.fields(Source))
+REQUIRED_KEYS = ("dataset", "text")
+
+DomainSet = dict[str, tuple[Source, ...]]
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key written twice in one mapping (a duplicate domain)."""
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ValueError(
+                    f"'{key}' is written twice (line {key_node.start_mark.line + 1} of "
+                    f"{key_node.start_mark.name}): give each domain one entry"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def domain_set_path(name: str | os.PathLike) -> Path:
+    """The YAML file of the set ``name``: a file in ``conf/data/domains/`` or a path."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        return path
+    return config_dir() / DOMAIN_SETS_DIR / f"{name}.yaml"
+
+
+def available_sets() -> list[str]:
+    """Names of the domain sets in ``conf/data/domains/``."""
+    return sorted(p.stem for p in (config_dir() / DOMAIN_SETS_DIR).glob("*.yaml"))
+
+
+@functools.lru_cache(maxsize=32)
+def _read_set_file(path: Path, mtime_ns: int) -> Any:
+    del mtime_ns  # part of the cache key only: an edited file is read again
+    with path.open(encoding="utf-8") as f:
+        return yaml.load(f, Loader=_UniqueKeyLoader)
+
+
+def read_domain_set(name: str | os.PathLike) -> Any:
+    """The ``domain_set`` mapping of the set file ``name`` (unchecked: :func:`parse_domains`)."""
+    path = domain_set_path(name)
+    if not path.is_file():
+        known = ", ".join(available_sets())
+        raise ValueError(
+            f"no domain set '{name}' ('{path}' is not a file): name one of {known}, or a "
+            f"YAML file holding a '{SET_KEY}:' mapping"
+        )
+    try:
+        content = _read_set_file(path.resolve(), path.stat().st_mtime_ns)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"'{path}' is not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(content, Mapping) or SET_KEY not in content:
+        raise ValueError(f"'{path}' holds no '{SET_KEY}:' mapping")
+    return copy.deepcopy(content[SET_KEY])  # the caller's own: the parsed file is cached
+
+
+def plain_containers(value: Any) -> Any:
+    """A composed config's containers as plain dicts and lists (duck-typed: data imports no
+    config machinery)."""
+    if isinstance(value, Mapping):
+        return {k: plain_containers(v) for k, v in value.items()}
+    if isinstance(value, list | tuple) or type(value).__name__ == "ListConfig":
+        return [plain_containers(v) for v in value]
+    return value
+
+
+def _template_fields(where: str, text: Any) -> list[str]:
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"{where}.text must be a non-empty str.format template, got {text!r}")
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+    except ValueError as exc:
+        raise ValueError(f"{where}.text {text!r} is not a valid template ({exc})") from None
+    bad = [f for f in fields if not f.isidentifier()]
+    if bad or not fields:
+        raise ValueError(
+            f"{where}.text {text!r} must name the example's fields as {{field}} "
+            f"(got {bad or 'no field'}); write a literal brace as {{{{ or }}}}"
+        )
+    return fields
+
+
+def _source(where: str, entry: Any) -> Source:
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{where} must be a mapping with keys {', '.join(SOURCE_KEYS)}")
+    unknown = [k for k in entry if k not in SOURCE_KEYS]
+    if unknown:
+        raise ValueError(
+            f"{where} has unknown key(s) {', '.join(map(str, unknown))}; a source's keys are "
+            f"{', '.join(SOURCE_KEYS)}"
+        )
+    missing = [k for k in REQUIRED_KEYS if entry.get(k) is None]
+    if missing:
+        raise ValueError(f"{where} needs {' and '.join(missing)}")
+    if not isinstance(entry["dataset"], str) or not entry["dataset"]:
+        raise ValueError(f"{where}.dataset must be a Hub id or a folder, got {entry['dataset']!r}")
+    _template_fields(where, entry["text"])
+    configs = entry.get("configs", [None])
+    configs = [None] if configs is None else configs
+    if not isinstance(configs, list) or not configs:
+        raise ValueError(f"{where}.configs must be a non-empty list (or null), got {configs!r}")
+    if len(set(configs)) != len(configs) or not all(
+        c is None or isinstance(c, str) for c in configs
+    ):
+        raise ValueError(f"{where}.configs must be distinct names (or null), got {configs}")
+    min_chars = entry.get("min_chars")
+    if min_chars is not None and (
+        isinstance(min_chars, bool) or not isinstance(min_chars, int) or min_chars < 0
+    ):
+        raise ValueError(f"{where}.min_chars must be an integer ≥ 0 or null, got {min_chars!r}")
+    for key in ("split", "revision"):
+        value = entry.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{where}.{key} must be a string, got {value!r}")
+    return Source(
+        dataset=entry["dataset"],
+        text=entry["text"],
+        configs=tuple(configs),
+        split=entry.get("split") or "train",
+        min_chars=min_chars,
+        revision=entry.get("revision"),
+    )
+
+
+def parse_domains(spec: Any, source: str = "hub") -> DomainSet:
+    """``{domain: (Source, ...)}`` in the set's order from the ``domain_set`` setting (see the
+    module docstring). Raises ValueError naming the sub-key (``math[1].text``) for a bad set:
+    fewer than two domains, a bad name, an empty domain, an unknown or missing source key, a
+    template that names no field; and for a set that does not match ``source`` (``sample``
+    reads the offline corpus' ``sample/...`` datasets only, ``hub`` none of them)."""
+    if spec is None:
+        spec = DEFAULT_DOMAIN_SETS.get(source, DEFAULT_DOMAIN_SETS["hub"])
+    if isinstance(spec, str | os.PathLike):
+        spec = read_domain_set(spec)
+    spec = plain_containers(spec)
+    if not isinstance(spec, Mapping):
+        raise ValueError(
+            f"must map each domain to its list of sources (or name a domain set), got {spec!r}"
+        )
+    if not 2 <= len(spec) <= MAX_DOMAINS:
+        raise ValueError(
+            f"has {len(spec)} domain(s) ({', '.join(map(str, spec)) or 'none'}): a routing "
+            f"study needs at least 2 (and at most {MAX_DOMAINS})"
+        )
+    found: DomainSet = {}
+    for name, sources in spec.items():
+        if not isinstance(name, str) or not DOMAIN_NAME.fullmatch(name):
+            raise ValueError(
+                f"domain name {name!r} must start with a letter and hold only letters, digits "
+                f"and _ (it names metrics and table columns)"
+            )
+        if not isinstance(sources, list) or not sources:
+            raise ValueError(f"{name} has no sources: give it a list of at least one source")
+        found[name] = tuple(_source(f"{name}[{i}]", entry) for i, entry in enumerate(sources))
+    _check_source_kind(found, source)
+    return found
+
+
+def _check_source_kind(domains: DomainSet, source: str) -> None:
+    for name, sources in domains.items():
+        for i, s in enumerate(sources):
+            offline = s.dataset.startswith(SAMPLE_PREFIX)
+            if source == "sample" and not offline:
+                raise ValueError(
+                    f"{name}[{i}].dataset '{s.dataset}' is not part of the offline sample "
+                    f"(source=sample reads {SAMPLE_PREFIX}... datasets only): pick "
+                    f"data/domains=sample, or source=hub for the datasets"
+                )
+            if source != "sample" and offline:
+                raise ValueError(
+                    f"{name}[{i}].dataset '{s.dataset}' is the offline sample's: pick "
+                    f"data/domains=sample (it sets source=sample) to read it"
+                )
+
+
+def domain_set(name: str) -> DomainSet:
+    """The checked set ``name`` of ``conf/data/domains/`` (its source told by its datasets)."""
+    raw = read_domain_set(name)
+    offline = all(
+        str(e.get("dataset", "")).startswith(SAMPLE_PREFIX)
+        for sources in (raw or {}).values()
+        for e in (sources or [])
+        if isinstance(e, Mapping)
+    )
+    return parse_domains(raw, "sample" if offline else "hub")
+
+
+# ---- the original spec's loaders: one domain of the default set -------------------------------
+
+
+def _load_default(
+    domain: str,
+    max_size_mb: float,
+    max_example_chars: int,
+    min_example_chars: int | None,
+    hub_mirror: str | None,
+    show_progress: bool,
+) -> tuple[list[str], dict[str, Any]]:
+    """:func:`load_domain` of ``domain`` of the default set, after checking the budget and the
+    length filter (plain errors); ``min_example_chars`` (not None) replaces its sources'."""
+    sources = domain_set(DEFAULT_DOMAIN_SETS["hub"])[domain]
+    if min_example_chars is not None:
+        sources = tuple(dataclasses.replace(s, min_chars=min_example_chars) for s in sources)
+    check_size_mb(max_size_mb)
+    check_filters(sources, max_example_chars, domain)
+    return load_domain(domain, sources, max_size_mb, max_example_chars, hub_mirror, show_progress)
+
+
+def load_code_data(
+    max_size_mb: float = 10.0,
+    max_example_chars: int = MAX_EXAMPLE_CHARS,
+    min_example_chars: int | None = None,
+    *,
+    hub_mirror: str | None = None,
+    show_progress: bool = True,
+) -> tuple[list[str], dict[str, Any]]:
+    """The default set's ``code`` (codeparrot-clean), ``min < len < max`` characters
+    (``min_example_chars=None``: the set's own minimum)."""
+    return _load_default(
+        "code", max_size_mb, max_example_chars, min_example_chars, hub_mirror, show_progress
+    )
+
+
+def load_math_data(
+    max_size_mb: float = 10.0,
+    max_example_chars: int = MAX_EXAMPLE_CHARS,
+    *,
+    hub_mirror: str | None = None,
+    show_progress: bool = True,
+) -> tuple[list[str], dict[str, Any]]:
+    """The default set's ``math``: GSM8K, then MATH's subjects round-robin if GSM8K ran out
+    below the budget."""
+    return _load_default("math", max_size_mb, max_example_chars, None, hub_mirror, show_progress)
+
+
+def load_prose_data(
+    max_size_mb: float = 10.0,
+    max_example_chars: int = MAX_EXAMPLE_CHARS,
+    min_example_chars: int | None = None,
+    *,
+    hub_mirror: str | None = None,
+    show_progress: bool = True,
+) -> tuple[list[str], dict[str, Any]]:
+    """The default set's ``prose`` (WikiText-103 raw lines), ``min < len < max`` characters
+    (``min_example_chars=None``: the set's own minimum)."""
+    return _load_default(
+        "prose", max_size_mb, max_example_chars, min_example_chars, hub_mirror, show_progress
+    )
+
+
+__all__ = [
+    "DEFAULT_DOMAIN_SETS",
+    "DomainSet",
+    "available_sets",
+    "domain_set",
+    "domain_set_path",
+    "load_code_data",
+    "load_math_data",
+    "load_prose_data",
+    "parse_domains",
+    "read_domain_set",
+]

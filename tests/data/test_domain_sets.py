@@ -1,0 +1,177 @@
+"""Domain sets (conf/data/domains): the default set reproduces the blocks of the constant-defined
+domains it replaced, every shipped set parses, and a bad set is one line naming the key."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers.mirror import SHARED_HUB
+from helpers.script import assert_one_error_line, run_train
+
+from moe_emergence.config import check_group_overrides
+from moe_emergence.data import MixedDomainDataModule
+from moe_emergence.data.domains import (
+    available_sets,
+    domain_set,
+    parse_domains,
+    read_domain_set,
+)
+from moe_emergence.data.prepare import describe_request
+from moe_emergence.data.settings import DataSettings
+from moe_emergence.errors import UserError
+
+needs_shared_hub = pytest.mark.skipif(
+    not (SHARED_HUB / "openai" / "gsm8k").is_dir(), reason="../shared/hub is absent"
+)
+
+# Measured with the code before domain sets existed (commit 4fdb34f, the domains as Python
+# constants) on ../shared/hub: 0.25 MiB per domain, 128-token blocks, seed 3, 10% held out.
+# (balance_tokens, train blocks, SHA-256 of the train blocks in order, of the held-out blocks,
+# the data fingerprint); the token cache's fingerprint of that request.
+PINNED = [
+    (False, 1669, "34053ad734f71e6d", "062131ab4eb3f1b1", "246ea1d6205c9ef7"),
+    (True, 1230, "afdd8706167868e1", "062131ab4eb3f1b1", "246ea1d6205c9ef7"),
+]
+PINNED_CACHE_FINGERPRINT = "77797709cf5984a6"
+
+
+def blocks_digest(dataset) -> str:
+    """SHA-256 (16 hex digits) over every block's domain label and token ids, in order."""
+    digest = hashlib.sha256()
+    for i in range(len(dataset)):
+        item = dataset[i]
+        digest.update(item["domain"].encode())
+        digest.update(item["input_ids"].numpy().astype(np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+@needs_shared_hub
+def test_default_set_gives_the_pinned_blocks_and_fingerprints(tmp_path):
+    settings = DataSettings(size_mb=0.25, hub_mirror=str(SHARED_HUB), cache_dir=str(tmp_path))
+    assert describe_request(settings.validate()).fingerprint == PINNED_CACHE_FINGERPRINT
+    for balance, n_blocks, train, held_out, fingerprint in PINNED:
+        dm = MixedDomainDataModule(
+            size_mb=0.25,
+            block_size=128,
+            balance_tokens=balance,
+            seed=3,
+            hub_mirror=str(SHARED_HUB),
+            cache_dir=str(tmp_path),
+            show_progress=False,
+            eval_fraction=0.1,
+        )
+        dm.prepare_data()
+        dm.setup("fit")
+        assert dm.domains == ("code", "math", "prose")
+        assert len(dm.train_packed) == n_blocks
+        assert blocks_digest(dm.train_packed) == train
+        assert blocks_digest(dm.val_dataset) == held_out
+        assert dm.data_fingerprint == fingerprint
+
+
+def test_every_shipped_set_parses():
+    assert {"code_math_prose", "sample", "gsm8k_vs_math", "en_de_wikipedia"} <= set(
+        available_sets()
+    )
+    for name in available_sets():
+        found = domain_set(name)
+        assert len(found) >= 2 and all(found.values()), name
+    default = domain_set("code_math_prose")
+    assert [s.dataset for s in default["math"]] == ["openai/gsm8k", "EleutherAI/hendrycks_math"]
+    assert len(default["math"][1].configs) == 7 and default["prose"][0].min_chars == 200
+    assert DataSettings().domain_sources == default  # null: the source's default set
+    assert DataSettings(source="sample").domain_sources == domain_set("sample")
+
+
+def test_a_set_is_a_name_a_file_or_a_mapping(tmp_path):
+    two = {"a": [{"dataset": "x/y", "text": "{t}"}], "b": [{"dataset": "x/z", "text": "{u}"}]}
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        "domain_set:\n  a: [{dataset: x/y, text: '{t}'}]\n  b: [{dataset: x/z, text: '{u}'}]\n"
+    )
+    assert parse_domains(two) == parse_domains(str(path))
+    assert tuple(parse_domains(two)) == ("a", "b")  # the set's order is the domain index
+    assert parse_domains(two)["a"][0].configs == (None,)
+
+
+ONE_DOMAIN = {"code": [{"dataset": "x/y", "text": "{t}"}]}
+BAD_SETS = {
+    "one domain only": (ONE_DOMAIN, "at least 2"),
+    "empty source list": ({**ONE_DOMAIN, "math": []}, "math has no sources"),
+    "unknown source key": (
+        {**ONE_DOMAIN, "math": [{"datset": "x/y", "text": "{t}"}]},
+        "math[0] has unknown key(s) datset",
+    ),
+    "missing text": ({**ONE_DOMAIN, "math": [{"dataset": "x/y"}]}, "math[0] needs text"),
+    "template without field": (
+        {**ONE_DOMAIN, "math": [{"dataset": "x/y", "text": "{0}"}]},
+        "math[0].text",
+    ),
+    "broken template": (
+        {**ONE_DOMAIN, "math": [{"dataset": "x/y", "text": "{t"}]},
+        "math[0].text",
+    ),
+    "bad name": ({**ONE_DOMAIN, "9lives": [{"dataset": "x/y", "text": "{t}"}]}, "'9lives'"),
+    "sample dataset on the hub source": (
+        {**ONE_DOMAIN, "math": [{"dataset": "sample/generated-math", "text": "{t}"}]},
+        "math[0].dataset",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SETS))
+def test_a_bad_set_is_one_line_naming_the_key(case):
+    spec, words = BAD_SETS[case]
+    with pytest.raises(UserError) as excinfo:
+        DataSettings(domain_set=spec).validate()
+    message = str(excinfo.value)
+    assert "\n" not in message and "data.domain_set" in message and words in message
+
+
+def test_a_domain_written_twice_is_refused_before_hydra_composes(tmp_path):
+    (tmp_path / "data" / "domains").mkdir(parents=True)
+    (tmp_path / "data" / "domains" / "twice.yaml").write_text(
+        "# @package data\ndomain_set:\n  a: [{dataset: x/y, text: '{t}'}]\n"
+        "  a: [{dataset: x/z, text: '{t}'}]\n"
+    )
+    with pytest.raises(UserError, match=r"data/domains=twice: 'a' is written twice \(line 4"):
+        check_group_overrides(["data/domains=twice"], tmp_path)
+    with pytest.raises(
+        UserError, match=r"data/domains=nope: there is no .*; the domain sets are tw"
+    ):
+        check_group_overrides(["-m", "data/domains=nope,twice"], tmp_path)
+    with pytest.raises(ValueError, match="written twice"):
+        read_domain_set(tmp_path / "data" / "domains" / "twice.yaml")
+
+
+@needs_shared_hub
+@pytest.mark.parametrize(
+    ("overrides", "needles"),
+    [
+        (
+            ["data/domains=gsm8k_vs_math", "~data.domain_set.competition_math"],
+            ["data.domain_set", "has 1 domain(s) (gsm8k)", "at least 2"],
+        ),
+        (
+            ["data/domains=gsm8k_vs_math", "data.domain_set.gsm8k.0.text='{problem}'"],
+            ["data.domain_set", "gsm8k[0].text '{problem}' reads field(s) problem", "question"],
+        ),
+        (["data/domains=gsm8k_math"], ["data/domains=gsm8k_math", "the domain sets are"]),
+    ],
+)
+def test_bad_sets_through_train_py_are_one_line(overrides, needles, tmp_path):
+    proc = run_train(
+        "experiment=debug",
+        f"data.hub_mirror={SHARED_HUB}",
+        f"data.tokenizer={SHARED_HUB / 'gpt2'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"paths.run_dir={tmp_path / 'run'}",
+        *overrides,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1
+    assert_one_error_line(proc.stderr, *needles)
+    assert not any(Path(tmp_path / "cache").rglob("*.bin"))  # failed before any tokenizing
