@@ -7,7 +7,8 @@ assignments are summed over ranks once and rank 0 scores them
 (:func:`moe_emergence.analysis.scores.score_layer`) and writes ``<run dir>/routing/``:
 ``counts.csv``, ``trajectory.csv``, ``train_window_counts.csv`` (see
 :mod:`moe_emergence.analysis.tables`), ``probe.json``, and at the end ``heatmap.png`` and
-``emergence.png``.
+``emergence.png``. Rank 0 also sends each analysis's per-layer scores, and the figures, to the
+trainer's loggers (:mod:`moe_emergence.analysis.logger_sink`).
 
 Training-time routing (noisy, train mode) is only counted per window between two analysis
 steps, labelled as such. Its counters are plain tensors per rank; a checkpoint stores their
@@ -29,8 +30,10 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from matplotlib.figure import Figure
 
-from moe_emergence.analysis.plots import plot_emergence, plot_heatmap
+from moe_emergence.analysis.logger_sink import log_routing_figures, log_routing_scalars
+from moe_emergence.analysis.plots import emergence_figure, heatmap_figure, save_figure
 from moe_emergence.analysis.probe import (
     PROBE_FILE,
     Probe,
@@ -148,7 +151,7 @@ class RoutingAnalysis(L.Callback):
             self._analyse(trainer, pl_module)
         if self._rank == 0:
             started = time.perf_counter()
-            self._finish()
+            self._finish(trainer)
             self.seconds += time.perf_counter() - started
             log.info(
                 "Routing analysis took %.1f s in all (probe, scores, tables, figures).",
@@ -238,16 +241,20 @@ class RoutingAnalysis(L.Callback):
         window = sum_over_ranks(self._window)
         self._window.zero_()
         if self._rank == 0:
-            self._record(
+            trajectory = self._record(
                 step, experts.cpu().numpy(), (entropy / (p * t)).tolist(), window.cpu().numpy()
             )
+            log_routing_scalars(trainer, trajectory)
+            if self.log_figures == "every":
+                log_routing_figures(trainer, self._figures(step))
         self._last_step, self._window_start = step, step
         self.seconds += time.perf_counter() - started
 
     def _record(
         self, step: int, experts: np.ndarray, entropy: list[float], window: np.ndarray
-    ) -> None:
-        """Score and append the rows of one analysis step; rewrite the tables (rank 0)."""
+    ) -> list[dict[str, Any]]:
+        """Score and append the rows of one analysis step; rewrite the tables (rank 0). Returns
+        the step's trajectory rows."""
         kind = self.probe.kind
         scored = score_probe_routing(
             self.probe,
@@ -282,27 +289,19 @@ class RoutingAnalysis(L.Callback):
                         )
         self._latest = scored
         self._write_tables()
+        return trajectory
 
     def _write_tables(self) -> None:
         write_table(self._out / "counts.csv", COUNTS, self._rows["counts"])
         write_table(self._out / "trajectory.csv", TRAJECTORY, self._rows["trajectory"])
         write_table(self._out / "train_window_counts.csv", TRAIN_WINDOWS, self._rows["windows"])
 
-    def _finish(self) -> None:
-        """Figures, the collapse check on the latest eval-mode usage, a closing log line."""
-        if not self._latest:
-            return
+    def _figures(self, step: int) -> dict[str, Figure]:
+        """The heatmap of the latest analysis (at ``step``) and the emergence figure of the
+        trajectory so far."""
         kind = self.probe.kind
         tables = {layer: table for layer, (table, _) in self._latest.items()}
         scores = {layer: s for layer, (_, s) in self._latest.items()}
-        step = self._last_step
-        plot_heatmap(
-            tables,
-            scores,
-            self._domains,
-            self._out / "heatmap.png",
-            title=f"eval-mode routing of the probe ({kind}) at step {step}",
-        )
         trajectory: dict[int, list[tuple[int, LayerScores]]] = {}
         names = [f.name for f in fields(LayerScores)]
         for row in self._rows["trajectory"]:
@@ -311,11 +310,32 @@ class RoutingAnalysis(L.Callback):
             trajectory.setdefault(int(row["layer"]), []).append(
                 (int(row["step"]), LayerScores(**values))
             )
-        plot_emergence(
-            trajectory,
-            self._out / "emergence.png",
-            title=f"domain specialisation of the probe ({kind})",
-        )
+        return {
+            "heatmap": heatmap_figure(
+                tables,
+                scores,
+                self._domains,
+                title=f"eval-mode routing of the probe ({kind}) at step {step}",
+            ),
+            "emergence": emergence_figure(
+                trajectory, title=f"domain specialisation of the probe ({kind})"
+            ),
+        }
+
+    def _finish(self, trainer: L.Trainer) -> None:
+        """Figures (files; to the loggers unless every analysis sent them or none is asked),
+        the collapse check on the latest eval-mode usage, a closing log line."""
+        if not self._latest:
+            return
+        kind = self.probe.kind
+        tables = {layer: table for layer, (table, _) in self._latest.items()}
+        scores = {layer: s for layer, (_, s) in self._latest.items()}
+        step = self._last_step
+        figures = self._figures(step)
+        for name, fig in figures.items():
+            save_figure(fig, self._out / f"{name}.png")
+        if self.log_figures == "end":
+            log_routing_figures(trainer, figures)
         first = {
             int(r["layer"]): float(r["nmi"])
             for r in self._rows["trajectory"]

@@ -16,14 +16,15 @@ from matplotlib.figure import Figure  # no pyplot: leaves the user's backend alo
 from moe_emergence.analysis.scores import LayerScores, shares
 from moe_emergence.files import atomic_path
 
+DPI = 120  # of the PNG files, and of the images sent to the loggers
 
-def plot_heatmap(
+
+def heatmap_figure(
     tables: Mapping[int, np.ndarray],
     scores: Mapping[int, LayerScores],
     domains: Sequence[str],
-    path: str | os.PathLike,
     title: str = "",
-) -> Path:
+) -> Figure:
     """One panel per MoE layer: rows = domains, columns = experts, cell = the share of the
     domain's probe tokens sent to the expert. The colour scale is centred on the uniform
     share 1/E (white), so "as by chance" and "never" look different. For top-k the shares
@@ -43,7 +44,7 @@ def plot_heatmap(
     bar.ax.axhline(1.0 / n_experts, color="black", linewidth=0.8)
     if title:
         fig.suptitle(title, fontsize=10)
-    return save_figure(fig, path)
+    return fig
 
 
 def heatmap_panel(ax: Axes, table: np.ndarray, domains: Sequence[str], title: str) -> Any:
@@ -74,11 +75,9 @@ def heatmap_panel(ax: Axes, table: np.ndarray, domains: Sequence[str], title: st
     return image
 
 
-def plot_emergence(
-    trajectory: Mapping[int, Sequence[tuple[int, LayerScores]]],
-    path: str | os.PathLike,
-    title: str = "",
-) -> Path:
+def emergence_figure(
+    trajectory: Mapping[int, Sequence[tuple[int, LayerScores]]], title: str = ""
+) -> Figure:
     """NMI against optimizer step, one line per MoE layer, over a band from 0 to the
     document-level permutation null's 95th percentile (chance); dashed: the cross-fitted
     token-id router's NMI. The first point is step 0: the random router's baseline."""
@@ -105,12 +104,12 @@ def plot_emergence(
     ax.legend(fontsize=8, title=legend, title_fontsize=7)
     if title:
         ax.set_title(title, fontsize=10)
-    return save_figure(fig, path)
+    return fig
 
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
-    """Write ``fig`` as ``path`` (PNG at 120 dpi) through a temp file: never half a file."""
+    """Write ``fig`` as ``path`` (PNG at :data:`DPI`) through a temp file: never half a file."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
+        fig.savefig(tmp, dpi=DPI, format=path.suffix.lstrip(".") or "png")
     return path

@@ -12,7 +12,8 @@ from moe_emergence.settings import Settings, setting
 
 @dataclass
 class ProbeSettings(Settings):
-    """When the routing is measured, on which probe, and its permutation null."""
+    """When the routing is measured, on which probe, its permutation null, and which figures
+    go to the trainer's loggers (the per-layer scores always do)."""
 
     PREFIX: ClassVar[str] = "callbacks.routing_analysis"
 
@@ -35,6 +36,12 @@ class ProbeSettings(Settings):
     null_seed: int = setting(0, low=0, help="seed of the permutations and bootstrap draws")
     batch_size: int = setting(32, low=1, help="probe blocks per forward (no grad)")
     out_dir: str | None = setting(None, help="where the tables go (null: <run dir>/routing)")
+    log_figures: str = setting(
+        "end",
+        choices=("end", "every", "never"),
+        help="heatmap and emergence figures to the loggers that take images (TensorBoard, "
+        "W&B): at the end of fit, at every analysis, or never",
+    )
 
     # What decides the probe and its nulls (analyze rebuilds them from the run's record).
     PROBE_KEYS: ClassVar[tuple[str, ...]] = (

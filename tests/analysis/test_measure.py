@@ -48,6 +48,7 @@ def test_callback_and_analyze_write_the_same_routing_tables(tmp_path, monkeypatc
         default_root_dir=str(tmp_path),
         datamodule=None,
         precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext),
+        loggers=[],
     )
     callback = RoutingAnalysis(**SETTINGS, out_dir=str(tmp_path / "callback"))
     callback.setup(trainer, module, "fit")
