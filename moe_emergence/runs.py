@@ -35,6 +35,7 @@ from moe_emergence.errors import UserError, report_user_errors
 from moe_emergence.files import write_atomic
 from moe_emergence.model.gpt2_moe import has_per_expert_layout
 from moe_emergence.settings import is_int
+from moe_emergence.versions import library_versions
 
 log = logging.getLogger(__name__)
 
@@ -392,9 +393,10 @@ class RunFolderGuard(HydraCallback):
 
 class RunSummary(L.Callback):
     """Writes ``summary.json`` in the run dir at the end of training (rank 0): the final step,
-    the per-domain train losses over all ranks, the MoE dispatch path (None for a dense model)
-    and the last logged metrics. Under ddp_spawn the
-    parent process's trainer never sees the steps; it reads this file instead."""
+    the per-domain train losses over all ranks, the MoE dispatch path (None for a dense model),
+    the last logged metrics and the versions of Python and the libraries the run used
+    (:func:`~moe_emergence.versions.library_versions`). Under ddp_spawn the parent process's
+    trainer never sees the steps; it reads this file instead."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -408,6 +410,7 @@ class RunSummary(L.Callback):
             "domain_losses": losses,
             "moe_dispatch": getattr(pl_module, "dispatch", None),
             "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "library_versions": library_versions(),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(summary, indent=2))

@@ -66,7 +66,16 @@ CONTROL = {"&&", "||", ";", "|", "&"}
 SHARED_HUB_TEXT = "../shared/hub"  # the docs' local mirror, beside the repo
 CONFIG_ROOTS = ("data", "model", "trainer", "callbacks", "logger", "paths")
 OVERRIDE_ROOTS = (*CONFIG_ROOTS, "experiment", "condition", "seed", "ckpt_path", "init_from")
-PATH_PREFIXES = ("conf/", "docs/", "benchmarks/", "moe_emergence/", "tests/", "notebooks/", ".ci/")
+PATH_PREFIXES = (
+    "conf/",
+    "docs/",
+    "benchmarks/",
+    "moe_emergence/",
+    "tests/",
+    "notebooks/",
+    ".ci/",
+    "requirements/",
+)
 
 
 # ---------------------------------------------------------------------- reading the docs

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import platform
 import warnings
+from importlib import metadata
 from pathlib import Path
 
 import lightning as L
@@ -79,7 +81,13 @@ def test_thirty_steps_lower_the_loss_and_write_routing(tiny_mirror, tiny_tokeniz
     for name in ("heatmap.png", "emergence.png"):
         assert (routing / name).stat().st_size > 0
     assert (tmp_path / "data_report.json").exists()
-    assert json.loads((tmp_path / "summary.json").read_text())["global_step"] == 30
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["global_step"] == 30
+    versions = summary["library_versions"]  # what the run was made with, as installed
+    assert versions["python"] == platform.python_version()
+    libraries = ["torch", "lightning", "transformers", "tokenizers", "datasets", "hydra-core"]
+    for name in [*libraries, "omegaconf", "numpy", "moe_emergence"]:
+        assert versions[name] == metadata.version(name), name
 
 
 class RecordBatches(L.Callback):

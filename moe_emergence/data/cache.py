@@ -44,6 +44,7 @@ from moe_emergence.data.files import build_folder_once
 from moe_emergence.data.tokenize import TokenStream, iter_token_batches, token_dtype, untruncated
 from moe_emergence.errors import UserError
 from moe_emergence.files import sha256_file, write_atomic
+from moe_emergence.versions import library_versions
 
 log = logging.getLogger(__name__)
 
@@ -356,16 +357,6 @@ def _write_domain(
         "offsets_sha256": offsets_out.close(),
         "metadata": dict(domain.metadata),
     }
-
-
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("moe_emergence", "datasets", "tokenizers", "transformers", "numpy"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[name] = version(name)
-    return out
 
 
 def build_cache(

@@ -23,6 +23,7 @@ from moe_emergence.data.prepare import describe_request
 from moe_emergence.data.settings import DataSettings
 from moe_emergence.data.sources import load_domain
 from moe_emergence.data.tokenize import encode_texts
+from moe_emergence.versions import library_versions
 
 
 @pytest.fixture
@@ -85,6 +86,8 @@ def test_cache_read_back_equals_fresh_tokenization(settings, tiny_tokenizer):
         np.testing.assert_array_equal(cached.doc_offsets, fresh.doc_offsets)
         assert again.metadata[domain] == json.loads(json.dumps(meta))
     assert again.metadata == prepared.metadata
+    manifest = json.loads((prepared.cache_path / "manifest.json").read_text())
+    assert manifest["library_versions"] == library_versions()  # the one list, as summary.json
 
 
 def test_cache_hit_is_logged_with_the_rebuild_hint(settings, caplog):
