@@ -13,15 +13,19 @@ from helpers.script import assert_one_error_line, run_train
 
 from moe_emergence.config import check_group_overrides
 from moe_emergence.data import MixedDomainDataModule
+from moe_emergence.data.cli import parse_args
+from moe_emergence.data.dataset import PackedMixedDomainDataset
 from moe_emergence.data.domains import (
     available_sets,
     domain_set,
     parse_domains,
     read_domain_set,
 )
+from moe_emergence.data.packing import format_report
 from moe_emergence.data.prepare import describe_request
 from moe_emergence.data.settings import DataSettings
 from moe_emergence.errors import UserError
+from moe_emergence.runs import Checkpoint, check_resume_data
 
 needs_shared_hub = pytest.mark.skipif(
     not (SHARED_HUB / "openai" / "gsm8k").is_dir(), reason="../shared/hub is absent"
@@ -175,3 +179,46 @@ def test_bad_sets_through_train_py_are_one_line(overrides, needles, tmp_path):
     assert proc.returncode == 1
     assert_one_error_line(proc.stderr, *needles)
     assert not any(Path(tmp_path / "cache").rglob("*.bin"))  # failed before any tokenizing
+
+
+def test_balance_report_and_warning_work_for_any_number_of_domains(caplog):
+    """Five domains (a domain set of any size): balancing keeps the smallest domain's block
+    count for each, the warning names the smallest, every block keeps its label."""
+    sizes = {"a": 80, "b": 400, "c_long_name": 160, "d": 96, "e": 240}
+    streams = {
+        d: (1000 * i + np.arange(n)).astype(np.uint16) for i, (d, n) in enumerate(sizes.items())
+    }
+    with caplog.at_level("WARNING", logger="moe_emergence"):
+        ds = PackedMixedDomainDataset.from_token_streams(streams, 8, balance_tokens=True, seed=1)
+    assert tuple(ds.domains) == tuple(sizes)
+    assert ds.balanced_block_counts == {d: 10 for d in sizes}
+    assert len(ds) == 50
+    assert any("Smallest: a with 80 tokens" in m for m in caplog.messages)
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["domain"] == list(sizes)[int(item["input_ids"][0]) // 1000]
+    table = format_report(
+        {
+            d: {"num_texts": 1, "total_chars": n, "tokens": n, "blocks": n // 8}
+            for d, n in sizes.items()
+        }
+    )
+    assert len({len(line) for line in table.splitlines()}) == 1  # long names keep columns aligned
+
+
+def test_the_data_cli_takes_a_domain_set():
+    settings, _ = parse_args(["--domain-set", "gsm8k_vs_math"])
+    assert tuple(settings.domain_sources) == ("gsm8k", "competition_math")
+    settings, _ = parse_args(["--source", "sample"])
+    assert settings.domain_sources == domain_set("sample")
+
+
+def test_a_resume_with_other_domains_or_order_is_refused(tmp_path):
+    class Data:
+        domains = ("math", "code", "prose")
+
+    start = Checkpoint(
+        tmp_path / "last.ckpt", {"hyper_parameters": {"domains": ["code", "math", "prose"]}}
+    )
+    with pytest.raises(UserError, match=r"trained on the domains code, math, prose \(in this"):
+        check_resume_data(Data(), 1, start)
