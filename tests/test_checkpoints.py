@@ -23,6 +23,7 @@ from helpers.configs import tiny_overrides
 from helpers.script import assert_one_error_line, run_train
 from omegaconf import open_dict
 
+from moe_emergence.analysis.tables import read_table
 from moe_emergence.checkpoints import HashedCheckpointIO, sha256_file, sidecar_path
 from moe_emergence.config import compose_config
 from moe_emergence.errors import UserError
@@ -408,6 +409,23 @@ def test_an_in_place_resume_appends_to_the_runs_history(ctx, tmp_path):
     assert out["global_step"] == MAX_STEPS and not killed.exists()
     assert metric_cells(run_dir) == metric_cells(runs / "full")  # none lost, none twice
     assert (run_dir / "csv" / "metrics.start1.csv").read_text() == before
+
+
+def test_an_in_place_resume_at_an_analysis_step_keeps_its_routing_scalars(ctx, tmp_path):
+    """Routing every 2 steps, the run cut after step 4 (an analysis step) and resumed in place:
+    metrics.csv holds each analysis's routing scalars once, at the steps trajectory.csv has."""
+    _, go = ctx
+    run_dir = tmp_path / "run"
+    every = "callbacks.routing_analysis.every_n_steps=2"
+    go(run_dir, every, stop_at=4)
+    go(run_dir, every, "ckpt_path=last")
+    logged = [
+        (step, key) for step, key, _ in metric_cells(run_dir) if key.startswith("routing/layer")
+    ]
+    assert len(logged) == len(set(logged))  # none twice
+    analysed = {int(r["step"]) for r in read_table(run_dir / "routing" / "trajectory.csv")}
+    assert analysed == {0, 2, 4, 6, 8, MAX_STEPS}
+    assert {step for step, _ in logged} == analysed
 
 
 def test_a_run_folder_takes_no_new_run_and_keeps_its_earlier_starts(

@@ -128,6 +128,12 @@ class RoutingAnalysis(L.Callback):
             self._write_tables()
         if self._last_step is None:  # a fresh run: where routing starts
             self._analyse(trainer, pl_module)
+        elif self._rank == 0 and self._last_step == trainer.global_step:
+            # Resumed at an analysis step: its scores go to the loggers again (an in-place
+            # resume keeps the metrics rows logged before the step, and this step is not
+            # analysed again).
+            rows = [r for r in self._rows["trajectory"] if int(r["step"]) == self._last_step]
+            log_routing_scalars(trainer, rows)
 
     def on_train_batch_end(
         self,
