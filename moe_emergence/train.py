@@ -146,7 +146,7 @@ def train(
     outputs = {
         "run_dir": run_dir,
         "checkpoints": trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None,
-        "metrics": Path(trainer.logger.log_dir) / "metrics.csv" if trainer.logger else None,
+        "metrics": _metrics_location(trainer.logger),
         "routing": run_dir / "routing" if (run_dir / "routing").is_dir() else None,
         "data_report": run_dir / "data_report.json",
         "summary": run_dir / SUMMARY_FILE,
@@ -157,6 +157,16 @@ def train(
     if trainer.is_global_zero:
         _print_summary(outputs)
     return outputs
+
+
+def _metrics_location(logger: Any) -> Path | None:
+    """Where the logger wrote: its ``metrics.csv`` (the CSV logger), else its folder
+    (TensorBoard's event files); None without one."""
+    folder = getattr(logger, "log_dir", None) if logger is not None else None
+    if folder is None:
+        return None
+    csv_file = Path(folder) / "metrics.csv"
+    return csv_file if csv_file.is_file() else Path(folder)
 
 
 def _print_summary(outputs: dict[str, Any]) -> None:

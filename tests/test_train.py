@@ -305,3 +305,16 @@ def test_values_past_the_libraries_limits_are_one_line_errors(override, needle, 
     with pytest.raises(Exception) as refused:  # Hydra wraps the datamodule's error
         train(compose_config(["experiment=debug", f"paths.run_dir={tmp_path}", override]))
     assert needle in str(user_error_in(refused.value))  # the one line train.py prints
+
+
+def test_the_closing_lines_name_what_the_logger_wrote(tmp_path):
+    """The CSV logger's metrics.csv, else the logger's folder (TensorBoard's event files)."""
+    from moe_emergence.train import _metrics_location
+
+    class Logger:
+        log_dir = str(tmp_path)
+
+    assert _metrics_location(Logger()) == tmp_path
+    (tmp_path / "metrics.csv").write_text("step\n")
+    assert _metrics_location(Logger()) == tmp_path / "metrics.csv"
+    assert _metrics_location(None) is None
