@@ -14,9 +14,9 @@ A domain set is written once, as YAML under ``conf/data/domains/<name>.yaml`` (t
 
 The ``domain_set`` setting (``data.domain_set``) holds such a mapping (what Hydra composes), a
 set's name (a file in ``conf/data/domains/``), a path to a YAML file, or null for the source's
-default set
-(:data:`DEFAULT_DOMAIN_SETS`). :func:`parse_domains` turns it into ``{domain: (Source, ...)}``
-and raises ValueError naming the sub-key for a bad one (the settings prefix the config key).
+default set (:data:`DEFAULT_DOMAIN_SETS`). :func:`parse_domains` turns it into
+``{domain: (Source, ...)}`` and raises ValueError naming the sub-key for a bad one (the settings
+prefix the config key).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key in seen:
                 raise ValueError(
                     f"'{key}' is written twice (line {key_node.start_mark.line + 1} of "
-                    f"{key_node.start_mark.name}): give each domain one entry"
+                    f"{key_node.start_mark.name}): write each domain, and each key, once"
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
