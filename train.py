@@ -1,4 +1,4 @@
-"""Train the MoE GPT-2 on the packed code/math/prose data.
+"""Train the MoE GPT-2 on the packed multi-domain data (by default code, math, prose).
 
 python train.py                                   # defaults (conf/config.yaml)
 python train.py data/size=10mb data.balance_tokens=true

@@ -75,7 +75,8 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> tuple[DataSettings, argparse.Namespace]:
     parser = argparse.ArgumentParser(
         prog="python -m moe_emergence.data",
-        description="Prepare the packed code/math/prose dataset and report its token counts.",
+        description="Prepare the packed multi-domain dataset (by default code, math, prose) and "
+        "report its token counts.",
     )
     add_setting_flags(parser)
     parser.add_argument("--report", default=None, help="write the JSON report to this file")
