@@ -256,7 +256,7 @@ def check_resume_data(datamodule: Any, world_size: int, start: Checkpoint) -> No
     if trained is not None and now and tuple(trained) != now:
         raise UserError(
             f"ckpt_path={start.path} trained on the domains {', '.join(trained)} (in this "
-            f"order); data.domains now gives {', '.join(now)}: resume with the run's domain "
+            f"order); data.domain_set now gives {', '.join(now)}: resume with the run's domain "
             f"set, or start a new run from its weights with init_from={start.path}."
         )
     if hasattr(datamodule, "resume_identity"):
