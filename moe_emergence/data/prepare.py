@@ -274,9 +274,11 @@ def prepare_domains(
                 checked,
                 REBUILD_HINT,
             )
+    order = list(settings.domain_sources)  # the set's order, whichever order built the cache
+    streams, metadata = cache.streams(), cache.metadata
     return PreparedDomains(
-        streams=cache.streams(),
-        metadata=cache.metadata,
+        streams={d: streams[d] for d in order},
+        metadata={d: metadata[d] for d in order},
         tokenizer_info=info,
         cache_path=cache.path,
         from_cache=not cache.built_now,

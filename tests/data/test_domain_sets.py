@@ -222,3 +222,32 @@ def test_a_resume_with_other_domains_or_order_is_refused(tmp_path):
     )
     with pytest.raises(UserError, match=r"trained on the domains code, math, prose \(in this"):
         check_resume_data(Data(), 1, start)
+
+
+def test_a_reordered_set_reuses_the_cache_and_keeps_its_own_order(
+    tiny_mirror, tiny_tokenizer_dir, tmp_path
+):
+    """The cache entry is the same (sorted inputs), the streams and blocks follow the set."""
+    forward = read_domain_set("code_math_prose")
+    backward = dict(reversed(list(forward.items())))
+
+    def datamodule(domain_set, cache: str = "cache") -> MixedDomainDataModule:
+        dm = MixedDomainDataModule(
+            size_mb=1.0,
+            block_size=16,
+            hub_mirror=str(tiny_mirror),
+            tokenizer=str(tiny_tokenizer_dir),
+            cache_dir=str(tmp_path / cache),
+            show_progress=False,
+            domain_set=domain_set,
+        )
+        dm.prepare_data()
+        dm.setup("fit")
+        return dm
+
+    first, second = datamodule(backward), datamodule(forward)
+    assert first.report["cache"]["path"] == second.report["cache"]["path"]
+    assert first.domains == tuple(first.train_packed.domains) == ("prose", "math", "code")
+    assert second.domains == tuple(second.train_packed.domains) == ("code", "math", "prose")
+    fresh = datamodule(forward, "fresh")  # a cache the set itself built: the same blocks
+    assert blocks_digest(fresh.train_packed) == blocks_digest(second.train_packed)
