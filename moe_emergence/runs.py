@@ -11,6 +11,7 @@ A run folder (``outputs/runs/<date>/<time>``, or a sweep job's folder) holds ``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -19,7 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -333,11 +334,58 @@ def holds_a_run(folder: Path) -> bool:
     return (folder / HYDRA_CONFIG).is_file() or any((folder / CHECKPOINTS_DIR).glob("*.ckpt"))
 
 
+RECORD_FILES = (HYDRA_CONFIG.name, HYDRA_OVERRIDES.name, HYDRA_SETTINGS.name)
+
+
+@dataclass
+class HeldRecord:
+    """The record of a run continued in place, copied to ``kept`` (``.hydra/start<k>/``)
+    before Hydra writes the new start's files over it in ``hydra_dir``; ``existed``: which of
+    :data:`RECORD_FILES` the run had."""
+
+    hydra_dir: Path
+    kept: Path
+    existed: tuple[str, ...]
+
+    def put_back(self) -> None:
+        """Undo the start: the run's own files back in ``hydra_dir`` (the refused start's
+        removed), ``kept`` removed, so ``.hydra/`` is as it was before the start."""
+        for name in RECORD_FILES:
+            if name in self.existed:
+                os.replace(self.kept / name, self.hydra_dir / name)
+            else:
+                (self.hydra_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(self.kept, ignore_errors=True)
+
+
+_held_record: HeldRecord | None = None  # set by RunFolderGuard, settled by start_or_put_back
+
+
+@contextlib.contextmanager
+def start_or_put_back() -> Iterator[None]:
+    """Around the checks that may refuse a start (train's settings, checkpoints, data): where
+    the start continues a run in place and anything in the block raises (a refusal, a bad
+    value, an interrupt), the run's ``.hydra/`` is put back as it was (:class:`HeldRecord`),
+    so that a refused start leaves no trace in the run's record; where the block ends, the new
+    start's record stands and the earlier one stays in ``.hydra/start<k>/``."""
+    global _held_record
+    try:
+        yield
+    except BaseException:
+        held, _held_record = _held_record, None
+        if held is not None:
+            held.put_back()
+        raise
+    _held_record = None
+
+
 def check_run_folder(run_dir: Path, task_overrides: Sequence[str]) -> Path | None:
     """Before Hydra writes ``.hydra/`` into an explicit ``hydra.run.dir``: refuse (one line) a
     new run in a folder that holds a run (only ``ckpt_path`` continues one there); for a run
     continued in place, keep the earlier start's ``.hydra/*.yaml`` as ``.hydra/start<k>/``
-    (k numbers the starts) and return that folder."""
+    (k numbers the starts), held until :func:`start_or_put_back` settles the start, and
+    return that folder."""
+    global _held_record
     if not holds_a_run(run_dir):
         return None
     ckpt = [v for k, v in map(split_override, task_overrides) if k == "ckpt_path"]
@@ -351,10 +399,22 @@ def check_run_folder(run_dir: Path, task_overrides: Sequence[str]) -> Path | Non
     starts = len(list(hydra_dir.glob("start*")))
     kept = hydra_dir / f"start{starts + 1}"
     kept.mkdir(parents=True)
-    for name in (HYDRA_CONFIG.name, HYDRA_OVERRIDES.name, HYDRA_SETTINGS.name):
-        if (hydra_dir / name).is_file():
-            shutil.copy2(hydra_dir / name, kept / name)
+    existed = tuple(name for name in RECORD_FILES if (hydra_dir / name).is_file())
+    for name in existed:
+        shutil.copy2(hydra_dir / name, kept / name)
+    _held_record = HeldRecord(hydra_dir, kept, existed)
     return kept
+
+
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID")
+
+
+def launched_rank() -> int:
+    """This process's rank where a launcher set one (Lightning's ddp re-runs ``train.py`` per
+    rank with ``LOCAL_RANK`` and ``hydra.run.dir`` set to rank 0's run folder; SLURM sets
+    ``SLURM_PROCID``), else 0."""
+    ranks = [os.environ.get(name, "0") for name in RANK_VARIABLES]
+    return max(int(r) if r.isdigit() else 0 for r in ranks)
 
 
 class RunFolderGuard(HydraCallback):
@@ -373,6 +433,8 @@ class RunFolderGuard(HydraCallback):
 
     @staticmethod
     def _check(config: DictConfig) -> None:
+        if launched_rank() != 0:  # rank 0 checked (and holds) the folder; it is this run's
+            return
         hydra_overrides = OmegaConf.select(config, "hydra.overrides.hydra", default=[]) or []
         given = [v for k, v in map(split_override, hydra_overrides) if k == "hydra.run.dir"]
         if not given:  # a fresh folder from ${unique_dir:...} under paths.output_dir

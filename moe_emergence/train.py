@@ -25,6 +25,7 @@ from moe_emergence.errors import UserError
 from moe_emergence.model.module import check_compile
 from moe_emergence.runs import (
     SUMMARY_FILE,
+    Checkpoint,
     RunSummary,
     check_resume_data,
     check_resume_settings,
@@ -32,6 +33,7 @@ from moe_emergence.runs import (
     remove_partial_writes,
     resolve_start,
     resumes_in_place,
+    start_or_put_back,
 )
 from moe_emergence.settings import is_int
 
@@ -87,15 +89,11 @@ def _plugins(cfg: DictConfig) -> list[Any]:
     return [*found, HashedCheckpointIO()]
 
 
-def train(
-    cfg: DictConfig, multirun: bool = False, launcher: str = "BasicLauncher"
-) -> dict[str, Any]:
-    """Seed, build datamodule, model and trainer from ``cfg``, fit; return where outputs are.
-
-    ``multirun`` / ``launcher``: whether this is a sweep job and the Hydra launcher's target.
-    ``ckpt_path`` resumes a run (refused when data settings, seed or world size changed);
-    ``init_from`` starts a new run from a checkpoint's weights.
-    """
+def _start(
+    cfg: DictConfig, multirun: bool, launcher: str
+) -> tuple[Any, L.LightningModule, L.Trainer, Checkpoint | None, Checkpoint | None]:
+    """Every check that may refuse the start, and the datamodule, model and trainer it builds:
+    ``(datamodule, model, trainer, resume, init)``."""
     check_launch(cfg, multirun, launcher)
     seed = cfg.get("seed")
     if not is_int(seed) or not 0 <= seed < SEED_LIMIT:
@@ -129,9 +127,25 @@ def train(
     trainer.callbacks.append(RunSummary(run_dir / SUMMARY_FILE))
     trainer.callbacks.append(RandomStates(seed=cfg.seed))
     trainer.callbacks.append(StepZeroCheckpoint())  # after RoutingAnalysis: its step-0 rows
-    ckpt_path = resume.path if resume is not None else None
+    return datamodule, model, trainer, resume, init
+
+
+def train(
+    cfg: DictConfig, multirun: bool = False, launcher: str = "BasicLauncher"
+) -> dict[str, Any]:
+    """Seed, build datamodule, model and trainer from ``cfg``, fit; return where outputs are.
+
+    ``multirun`` / ``launcher``: whether this is a sweep job and the Hydra launcher's target.
+    ``ckpt_path`` resumes a run (refused when data settings, seed or world size changed);
+    ``init_from`` starts a new run from a checkpoint's weights.
+    """
+    with start_or_put_back():  # a refused start leaves the run's .hydra/ as it was
+        datamodule, model, trainer, resume, init = _start(cfg, multirun, launcher)
+        run_dir = Path(trainer.default_root_dir)
+        ckpt_path = resume.path if resume is not None else None
+        if resume is not None:
+            check_resume_data(datamodule, trainer.world_size, resume)
     if resume is not None:
-        check_resume_data(datamodule, trainer.world_size, resume)
         if resumes_in_place(resume, run_dir):
             step = int(resume.contents.get("global_step", 0))
             if (copy := continue_csv_history(trainer.logger, step)) is not None:

@@ -499,3 +499,116 @@ def test_a_new_run_is_never_written_into_a_folder_holding_a_run(ctx, tmp_path):
         with pytest.raises(UserError, match=r"already holds a run's checkpoints.*ckpt_path=last"):
             go(folder, *extra)
     assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == before
+
+
+def hydra_snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder/.hydra`` (sub-folders included) and its bytes."""
+    root = folder / ".hydra"
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def record_a_run(runs: Path, folder: Path) -> dict[str, bytes]:
+    """``runs/first`` copied to ``folder`` with a ``.hydra/`` record of its own start."""
+    shutil.copytree(runs / "first", folder)
+    (folder / ".hydra").mkdir()
+    (folder / ".hydra" / "config.yaml").write_text("seed: 42\ncondition: top1\n")
+    (folder / ".hydra" / "overrides.yaml").write_text("- condition=top1\n")
+    (folder / ".hydra" / "hydra.yaml").write_text("hydra: {}\n")
+    return hydra_snapshot(folder)
+
+
+def reversed_domain_set(tmp_path: Path) -> Path:
+    from moe_emergence.data.domains import read_domain_set
+
+    forward = read_domain_set("code_math_prose")
+    file = tmp_path / "reversed.yaml"
+    file.write_text(json.dumps({"domain_set": dict(reversed(list(forward.items())))}))
+    return file
+
+
+@pytest.mark.parametrize(
+    ("refused", "message"),
+    [
+        (("seed=7",), "seed: checkpoint 42, now 7"),
+        (("seed=-1",), "seed must be an integer"),
+        (("data.batch_size=8",), "data.batch_size: checkpoint 4, now 8"),
+        (("trainer.max_steps=4",), "nothing is left to train"),
+        (("domains",), "trained on the domains code, math, prose"),
+        (("ckpt_path=/nonexistent.ckpt",), "does not exist"),
+    ],
+)
+def test_a_refused_start_in_place_leaves_the_runs_record_as_it_was(ctx, tmp_path, refused, message):
+    """Each way a start in a run's folder can be refused after Hydra wrote the new start's
+    ``.hydra/`` files (RunFolderGuard's hold, then the refusal in ``train()``): the run's
+    ``.hydra/`` is byte-equal afterwards, no ``start<k>/`` left behind."""
+    from moe_emergence.runs import check_run_folder
+
+    runs, go = ctx
+    folder = tmp_path / "run"
+    before = record_a_run(runs, folder)
+    extra = [f"data.domain_set={reversed_domain_set(tmp_path)}"] if refused == ("domains",) else []
+    extra += [e for e in refused if e != "domains"]
+    ckpt_arg = [e for e in extra if e.startswith("ckpt_path=")] or ["ckpt_path=last"]
+    check_run_folder(folder, [*ckpt_arg, *extra])  # as RunFolderGuard does before the job
+    for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):  # as Hydra does next
+        (folder / ".hydra" / name).write_text(f"# the refused start's {name}\n")
+    extra = [e for e in extra if not e.startswith("ckpt_path=")]
+    with pytest.raises(UserError, match=re.escape(message)):
+        go(folder, *ckpt_arg, *extra)
+    assert hydra_snapshot(folder) == before
+
+
+def test_a_refused_resume_through_train_py_keeps_the_runs_record(
+    ctx, tiny_mirror, tiny_tokenizer_dir, tmp_path
+):
+    """The red team's major, end to end: ``hydra.run.dir=<run> ckpt_path=last seed=7`` is
+    refused and the run's ``.hydra/`` is byte-equal after it."""
+    runs, _ = ctx
+    folder = tmp_path / "run"
+    before = record_a_run(runs, folder)
+    args = overrides(tiny_mirror, tiny_tokenizer_dir, None)
+    env = {"MOE_CACHE_DIR": str(runs / "cache")}
+    refused = run_train(
+        f"hydra.run.dir={folder}", "ckpt_path=last", "seed=7", *args, cwd=tmp_path, env_extra=env
+    )
+    assert refused.returncode == 1
+    assert_one_error_line(refused.stderr, "seed: checkpoint 42, now 7")
+    assert hydra_snapshot(folder) == before
+
+
+def test_analyze_takes_the_seed_a_run_trained_with_from_its_checkpoint(ctx, caplog):
+    """``.hydra/overrides.yaml`` can be rewritten (by hand, or by a start before the fix
+    above); the checkpoint's RandomStates seed is what the run trained with, and a record that
+    disagrees is named in a warning."""
+    from moe_emergence.analysis.evaluate import trained_seed
+    from moe_emergence.analysis.loading import load_checkpoint
+
+    runs, _ = ctx
+    loaded = load_checkpoint(ckpt(runs, 4), require_moe=False)
+    assert loaded.seed == 42
+    assert trained_seed("run", loaded, None) == 42
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        assert trained_seed("run", loaded, 7) == 42
+    assert "overrides.yaml says seed=7 but its checkpoints trained with seed 42" in caplog.text
+
+
+def test_the_folder_guard_leaves_a_ddp_ranks_relaunch_alone(tmp_path, monkeypatch):
+    """Lightning's ddp re-runs train.py per rank with ``hydra.run.dir`` = rank 0's folder, which
+    by then holds rank 0's record: only rank 0 checks (and holds) the folder."""
+    from omegaconf import OmegaConf
+
+    from moe_emergence.runs import RunFolderGuard
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("seed: 42\n")
+    config = OmegaConf.create(
+        {"hydra": {"overrides": {"hydra": [f"hydra.run.dir={tmp_path}"], "task": []}}}
+    )
+    with pytest.raises(UserError, match="already holds a run"):
+        RunFolderGuard._check(config)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    RunFolderGuard._check(config)
+    assert not (tmp_path / ".hydra" / "start1").exists()

@@ -55,6 +55,25 @@ def probe_settings(run_dir: Path | None) -> dict[str, Any]:
     return found
 
 
+def trained_seed(name: str, final: LoadedCheckpoint, recorded: int | None) -> int | None:
+    """The seed the run trained with: its checkpoint's (``RandomStates``), else the seed its
+    ``.hydra/overrides.yaml`` records, else its data seed. A warning names the run where the
+    record's seed disagrees with the checkpoint's (a record rewritten by another start)."""
+    if final.seed is None:
+        return recorded if recorded is not None else final.data_settings.get("seed")
+    if recorded is not None and recorded != final.seed:
+        log.warning(
+            "%s: .hydra/overrides.yaml says seed=%s but its checkpoints trained with seed %s; "
+            "reported under seed %s (check the run's .hydra/ record: its condition is read "
+            "from there too).",
+            name,
+            recorded,
+            final.seed,
+            final.seed,
+        )
+    return int(final.seed)
+
+
 def rebuild_hint(settings: dict[str, Any]) -> str:
     """The data CLI command that rebuilds a run's token cache."""
     flags = [
@@ -268,9 +287,8 @@ def evaluate_run(
         )
         on_checkpoint()
     layers = moe_layers(final.model)
-    overrides, seed = run_overrides(run.run_dir)
-    if seed is None:
-        seed = final.data_settings.get("seed")
+    overrides, recorded_seed = run_overrides(run.run_dir)
+    seed = trained_seed(run.name, final, recorded_seed)
     return RunResult(
         name=run.name,
         run_dir=run.run_dir or run.checkpoints[0].parent,

@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from transformers import GPT2LMHeadModel
 
-from moe_emergence.checkpoints import load_mapped
+from moe_emergence.checkpoints import RandomStates, load_mapped
 from moe_emergence.errors import UserError
 from moe_emergence.model.gpt2_moe import (
     build_model,
@@ -32,6 +32,9 @@ class LoadedCheckpoint:
     data_fingerprint: the training data's content identity its train loader recorded (None in
     checkpoints without one).
 
+    seed: the run's ``seed`` as its :class:`~moe_emergence.checkpoints.RandomStates` saved it
+    (None in checkpoints without one): the seed it trained with, whatever its ``.hydra/`` says.
+
     dispatch: the MoE dispatch path it trained with (``loop`` | ``grouped``; ``loop (per-expert
     layout)`` for checkpoints of per-expert modules, converted to stacked weights on loading;
     None for a dense model). Its MoE layers run that path here.
@@ -44,6 +47,7 @@ class LoadedCheckpoint:
     data_settings: dict[str, Any]
     dispatch: str | None = None
     data_fingerprint: str | None = None
+    seed: int | None = None
 
 
 def load_checkpoint(path: Path, option: str = "CKPT", require_moe: bool = True) -> LoadedCheckpoint:
@@ -101,6 +105,7 @@ def load_checkpoint(path: Path, option: str = "CKPT", require_moe: bool = True) 
         data_settings=dict(checkpoint.get("datamodule_hyper_parameters") or {}),
         dispatch=dispatch,
         data_fingerprint=saved_loader_state(checkpoint).get("data_fingerprint"),
+        seed=(checkpoint.get("callbacks") or {}).get(RandomStates.__qualname__, {}).get("seed"),
     )
 
 
