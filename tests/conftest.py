@@ -1,15 +1,25 @@
 """Shared fixtures: offline env, tiny hub-layout mirrors and a tiny tokenizer (built by
 ``helpers.mirror`` and ``helpers.tokenizer``; tests import those, never this file).
 
-No test reaches the network: the Hub's offline switches are set before any HF library loads.
+No test reaches the network: the Hub's offline switches are set before any HF library loads,
+and the session's Hugging Face caches live in a temporary folder of its own.
 Tests that need real data use ``../shared/hub`` (or ``$MOE_TEST_HUB``) and skip without it.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
+# The session's own Hugging Face caches (datasets, hub, modules), removed at exit: what the
+# machine's ~/.cache/huggingface remembers of another copy of a dataset must not answer for the
+# files a test reads (a green suite on a fresh machine only, red on one that ran it before).
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="moe-tests-hf-")
+os.environ["HF_DATASETS_CACHE"] = os.path.join(os.environ["HF_HOME"], "datasets")
+os.environ["HF_HUB_CACHE"] = os.path.join(os.environ["HF_HOME"], "hub")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.pop("MOE_HUB_MIRROR", None)
@@ -18,6 +28,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 from helpers.mirror import SHARED_HUB, build_hub_mirror, default_mirror_content
 from helpers.tokenizer import build_tiny_tokenizer
+
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

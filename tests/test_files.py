@@ -72,3 +72,14 @@ def test_files_is_a_leaf():
         for alias in node.names
     ]
     assert not [name for name in imported if name and name.startswith("moe_emergence")]
+
+
+def test_the_suite_has_hugging_face_caches_of_its_own():
+    """Set in conftest before any HF library loads: datasets' cache is the session's, not the
+    machine's ~/.cache/huggingface (whose entries for another copy of a mirror once answered a
+    test's field check)."""
+    import datasets.config
+
+    home = Path(os.environ["HF_HOME"])
+    assert home != Path.home() / ".cache" / "huggingface"
+    assert Path(datasets.config.HF_DATASETS_CACHE).is_relative_to(home)
