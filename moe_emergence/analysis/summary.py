@@ -21,7 +21,8 @@ routing, per MoE layer of MoE groups (values at each run's final checkpoint)
     ``nmi_fold_change`` (method ``log_t``): the primary test of change from step 0, the
     one-sample t of the per-seed log(NMI final / NMI step 0), reported as the geometric-mean
     fold change with its back-transformed interval (values: each seed's fold change); family
-    ``fold_change``, Holm over all MoE groups x layers;
+    ``fold_change``, Holm over all MoE groups x layers but the reference routers (hash,
+    domain: routing fixed by construction, their row descriptive);
     ``<m>_share_of_domain_router`` for m in :data:`SHARE_METRICS` when a ``domain_router``
     group is present (its twin: equal other overrides, else the only one): per seed, the
     group's value over the domain router's (mean and t-interval of the ratios), or the ratio of
@@ -183,7 +184,7 @@ FAMILY_TITLES = {
     ),
     "fold_change": (
         "change from step 0: paired log-ratio log(NMI final / NMI step 0) over seeds; every MoE "
-        "condition x layer"
+        "condition but the reference routers (hash, domain) x layer"
     ),
     "minus_dense": (
         "MoE - dense held-out loss: every MoE condition with a dense twin x (domains, overall)"
@@ -548,13 +549,15 @@ def _level(
 
 def _fold_change(group: str, layer: int, runs: Sequence[RunResult]) -> SummaryRow:
     """``nmi_fold_change``: the paired log-ratio test of NMI final over NMI step 0 (family
-    ``fold_change``); values: each run's fold change (NaN without a step 0)."""
+    ``fold_change``; a reference router's is descriptive: its routing is fixed by
+    construction); values: each run's fold change (NaN without a step 0)."""
     after = [_final(layer, "nmi")(r) for r in runs]
     before = [_at_step0(layer, "nmi")(r) for r in runs]
     i = fold_change_interval(after, before, confidence=CONFIDENCE)
     ratios = [_ratio(a, b) if a > 0 and b > 0 else NAN for a, b in zip(after, before, strict=True)]
     seeds = [r.seed for r in runs]
-    return SummaryRow.of(group, layer, "nmi_fold_change", i, seeds, ratios, family="fold_change")
+    family = "" if _condition(runs) in REFERENCE_ROUTERS else "fold_change"
+    return SummaryRow.of(group, layer, "nmi_fold_change", i, seeds, ratios, family=family)
 
 
 def _difference(

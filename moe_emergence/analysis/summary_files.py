@@ -214,6 +214,7 @@ def _change_table(summary: Summary) -> list[str]:
 
 
 def _power_line(summary: Summary) -> list[str]:
+    """The design's power for the primary test of change from step 0."""
     family = summary.family("fold_change")
     if family is None or not family.m or family.n_seeds < 2:
         return []
@@ -228,6 +229,23 @@ def _power_line(summary: Summary) -> list[str]:
         "column.",
         "",
     ]
+
+
+def _primary_power_lines(summary: Summary) -> list[str]:
+    """The same for each primary-contrast family: the smallest difference it detects."""
+    lines = []
+    for name, what in (("primary_nmi", "NMI"), ("primary_domain_gain", "domain gain (nats)")):
+        family = summary.family(name)
+        if family is None or not family.m or family.n_seeds < 2:
+            continue
+        lines.append(
+            f"Power of `{name}`: {family.m} tests (layers), Holm's first threshold "
+            f"{ALPHA}/{family.m} = {family.threshold:.3g}; at n = {family.n_seeds} seed pairs and "
+            f"the observed SD of the paired differences (pooled over the family) "
+            f"{family.pooled_sd:.3g}, the smallest {what} difference detected with {POWER:.0%} "
+            f"power is {_num(family.detectable, '.3g')} (noncentral t)."
+        )
+    return [*lines, ""] if lines else []
 
 
 def _run_change_table(summary: Summary) -> list[str]:
@@ -506,7 +524,7 @@ def render_markdown(summary: Summary) -> str:
             "Primary: top-1 - frozen router at the final step (paired by seed; Holm over layers, "
             "one family per metric)",
             _primary_table(summary),
-            [],
+            _primary_power_lines(summary),
         ),
         (
             "Change from step 0: NMI final / NMI step 0 per seed, the primary test per condition "

@@ -537,6 +537,10 @@ def test_the_primary_contrast_top1_minus_frozen_router_paired_by_seed():
     md = render_markdown(summary)
     first = next(x for x in md.splitlines() if x.startswith("## "))
     assert first.startswith("## Primary: top-1 - frozen router at the final step")
+    family = summary.family("primary_nmi")
+    sd = float(np.std(np.subtract(TOP1_NMI, FROZEN_NMI), ddof=1))
+    assert family.detectable == pytest.approx(detectable_effect(3, sd, 0.05)) == nmi.detectable
+    assert f"the smallest NMI difference detected with 80% power is {family.detectable:.3g}" in md
     name = condition_labels([MOE, FROZEN])[FROZEN]  # the label results.py gives it
     assert f"| top-1 - {name} | 1 | NMI | {np.mean(TOP1_NMI):.4f} [" in md
 
@@ -567,6 +571,9 @@ def test_every_moe_condition_as_a_share_of_the_domain_router():
     gain = summary.row(FROZEN, "domain_gain_share_of_domain_router", layer=1)
     assert gain.values == pytest.approx(np.divide(FROZEN_NMI, 4) / 0.5)
     assert summary.row(DOMAIN_ROUTER, "nmi_share_of_domain_router", layer=1) is None
+    # its routing is fixed by construction: its fold change is shown, not tested
+    fold = summary.row(DOMAIN_ROUTER, "nmi_fold_change", layer=1)
+    assert fold.family == "" and math.isnan(fold.p) and summary.family("fold_change").m == 2
     # a reference router is no direct routing contrast; its loss contrasts stay
     assert summary.row(f"{DOMAIN_ROUTER} - {MOE}", "nmi_change", layer=1) is None
     md = render_markdown(summary)
