@@ -29,14 +29,15 @@ routing, per MoE layer of MoE groups (values at each run's final checkpoint)
     the means (method ``ratio_of_means``) when the seeds differ;
     the :data:`ABOVE_NULL` counts at the final step: method ``count``, mean = the runs (of n)
     whose permutation p is below :data:`ALPHA` after Holm over all MoE groups x layers x runs
-    of that column (values: each run's Holm-adjusted p; family ``final_<metric>``).
+    of that column, the reference routers left out (values: each run's Holm-adjusted p; family
+    ``final_<metric>``).
 step 0, once per initial model, group ``"step 0: <group> | <group> ..."`` (:attr:`initial_models`)
     Runs whose :attr:`RunResult.initial_model` is equal share their step 0 (same step-0
     weights and same first-choice routing of the probe: top-1, top-2, no LB and the frozen
     router of one seed, typically); each distinct initial model counts once, under the groups
     that share it. :data:`STEP0_METRICS` at step 0 (``t``), and the :data:`ABOVE_NULL` counts
-    with Holm over all initial models x layers (family ``step0_<metric>``). A run without a key
-    is its own initial model.
+    with Holm over all initial models x layers (family ``step0_<metric>``; none for an initial
+    model of reference routers only). A run without a key is its own initial model.
 held-out loss (nats), every group with losses, ``layer`` empty
     ``loss_<domain>``, ``ppl_<domain>`` (mean of the per-run exp(loss)), ``loss`` (each run's
     token-weighted mean over its domains); no p.
@@ -278,11 +279,13 @@ class GroupInfo:
 @dataclass(frozen=True)
 class InitialModel:
     """The step 0 that one or more groups share: the groups (by name), and the one run per
-    distinct initial model its rows rest on (names and seeds, in seed order)."""
+    distinct initial model its rows rest on (names and seeds, in seed order); reference: all
+    its groups are reference routers (no step-0 counts: nothing to test)."""
 
     groups: list[str]
     runs: list[str]
     seeds: list[int | None]
+    reference: bool = False
 
 
 Test = tuple[str, "int | None", str, "int | None"]  # (group, layer, metric, seed or None)
@@ -425,6 +428,12 @@ def _is_moe(runs: Sequence[RunResult]) -> bool:
     return any(run.moe for run in runs)
 
 
+def _reference(runs: Sequence[RunResult]) -> bool:
+    """Whether the group is a reference router (hash, domain): routing fixed by construction,
+    read beside the others but tested in no family."""
+    return _condition(runs) in REFERENCE_ROUTERS
+
+
 def _step0(run: RunResult) -> CheckpointResult | None:
     """The run's step-0 checkpoint (its first, when that is at step 0), else None."""
     first = run.checkpoints[0] if run.checkpoints else None
@@ -556,7 +565,7 @@ def _fold_change(group: str, layer: int, runs: Sequence[RunResult]) -> SummaryRo
     i = fold_change_interval(after, before, confidence=CONFIDENCE)
     ratios = [_ratio(a, b) if a > 0 and b > 0 else NAN for a, b in zip(after, before, strict=True)]
     seeds = [r.seed for r in runs]
-    family = "" if _condition(runs) in REFERENCE_ROUTERS else "fold_change"
+    family = "" if _reference(runs) else "fold_change"
     return SummaryRow.of(group, layer, "nmi_fold_change", i, seeds, ratios, family=family)
 
 
@@ -676,9 +685,14 @@ def _final_counts(
     groups: Mapping[str, Sequence[RunResult]],
 ) -> tuple[dict[tuple[str, int], list[SummaryRow]], list[Family]]:
     cells = [
-        (g, layer, runs) for g, runs in groups.items() if _is_moe(runs) for layer in _layers(runs)
+        (g, layer, runs)
+        for g, runs in groups.items()
+        if _is_moe(runs) and not _reference(runs)
+        for layer in _layers(runs)
     ]
-    out: dict[tuple[str, int], list[SummaryRow]] = {(g, layer): [] for g, layer, _ in cells}
+    out: dict[tuple[str, int], list[SummaryRow]] = {
+        (g, layer): [] for g, runs in groups.items() if _is_moe(runs) for layer in _layers(runs)
+    }
     families = []
     for metric, field_name in ABOVE_NULL.items():
         rows, family = _count_rows(cells, metric, field_name, False, f"final_{metric}")
@@ -716,7 +730,8 @@ def initial_models(
     for names, runs in sorted(cohorts.items()):
         runs = sorted(runs, key=lambda r: (r.seed is None, r.seed or 0, r.name))
         label = STEP0_PREFIX + " | ".join(names)
-        model = InitialModel(list(names), [r.name for r in runs], [r.seed for r in runs])
+        reference = all(_reference(groups[g]) for g in names)
+        model = InitialModel(list(names), [r.name for r in runs], [r.seed for r in runs], reference)
         out[label] = (model, runs)
     return out
 
@@ -731,10 +746,11 @@ def _step0_rows(
         (label, layer): [_level(label, layer, m, runs, _at_step0(layer, m)) for m in STEP0_METRICS]
         for label, layer, runs in cells
     }
+    tested = [cell for cell in cells if not models[cell[0]][0].reference]
     families = []
     for metric, field_name in ABOVE_NULL.items():
-        rows, family = _count_rows(cells, metric, field_name, True, f"step0_{metric}")
-        for (label, layer, _), row in zip(cells, rows, strict=True):
+        rows, family = _count_rows(tested, metric, field_name, True, f"step0_{metric}")
+        for (label, layer, _), row in zip(tested, rows, strict=True):
             levels[(label, layer)].append(row)
         families.append(family)
     return [row for rows in levels.values() for row in rows], families
@@ -809,9 +825,7 @@ def _primary_rows(
 def _routing_contrast(a: str, b: str, groups: Mapping[str, Sequence[RunResult]]) -> bool:
     """Whether the NMI-change contrast of a and b is a test of its own: both MoE, neither a
     reference router."""
-    return all(
-        _is_moe(groups[g]) and _condition(groups[g]) not in REFERENCE_ROUTERS for g in (a, b)
-    )
+    return all(_is_moe(groups[g]) and not _reference(groups[g]) for g in (a, b))
 
 
 def _contrast_rows(

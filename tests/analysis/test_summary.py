@@ -325,8 +325,9 @@ def test_the_power_of_the_primary_test_at_its_n_and_family_size():
 
 def test_step_0_counts_once_per_initial_model_shared_by_three_conditions():
     """top-1, top-2 and no LB of one seed share their initial model: the step-0 family holds
-    each seed once (with a hash router's own step 0: m = 3, not 7), so a step-0 p of 0.01
-    passes Holm (0.03) where counting each condition (0.07) would not."""
+    each seed once (m = 2, not 6; the hash router's own step 0 is a reference, tested in no
+    family), so a step-0 p of 0.01 passes Holm (0.02) where counting each condition (0.06)
+    would not."""
     groups = [MOE, MOE2, "condition=no_lb,experiment=x"]
     runs = [
         moe_run(
@@ -359,9 +360,11 @@ def test_step_0_counts_once_per_initial_model_shared_by_three_conditions():
     nmi = summary.row(shared, "nmi", layer=1)
     assert nmi.n == 2 and nmi.values == pytest.approx((0.01, 0.02))
     above = summary.row(shared, "above_null", layer=1)
-    assert (above.n, above.mean) == (2, 2.0) and above.values == pytest.approx((0.03, 0.03))
+    assert (above.n, above.mean) == (2, 2.0) and above.values == pytest.approx((0.02, 0.02))
+    assert summary.row(hashed, "above_null", layer=1) is None
+    assert summary.row(hashed, "nmi", layer=1).mean == pytest.approx(0.05)
     family = summary.family("step0_above_null")
-    assert family.m == 3 and family.survivors == (
+    assert family.m == 2 and family.survivors == (
         (shared, 1, "above_null", 0),
         (shared, 1, "above_null", 1),
     )
@@ -574,6 +577,8 @@ def test_every_moe_condition_as_a_share_of_the_domain_router():
     # its routing is fixed by construction: its fold change is shown, not tested
     fold = summary.row(DOMAIN_ROUTER, "nmi_fold_change", layer=1)
     assert fold.family == "" and math.isnan(fold.p) and summary.family("fold_change").m == 2
+    assert summary.row(DOMAIN_ROUTER, "above_null", layer=1) is None  # nor its null counts
+    assert summary.family("final_above_null").m == 6
     # a reference router is no direct routing contrast; its loss contrasts stay
     assert summary.row(f"{DOMAIN_ROUTER} - {MOE}", "nmi_change", layer=1) is None
     md = render_markdown(summary)
@@ -697,6 +702,7 @@ def test_csv_and_json_hold_the_rows_with_p_values_and_per_seed_values(tmp_path):
             "groups": [MOE],
             "runs": [f"{MOE}-seed0", f"{MOE}-seed1"],
             "seeds": [0, 1],
+            "reference": False,
         }
     }
     families = {f["name"]: f for f in doc["families"]}
