@@ -64,6 +64,7 @@ summary.md) and draws the sweep figures.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -333,10 +334,15 @@ class Summary:
     def row(self, group: str, metric: str, layer: int | None = None) -> SummaryRow | None:
         """The row of ``group`` (or contrast / initial-model label) x ``layer`` x ``metric``,
         or None."""
+        return self._index.get((group, layer, metric))
+
+    @functools.cached_property
+    def _index(self) -> dict[tuple[str, int | None, str], SummaryRow]:
+        """(group, layer, metric) -> its first row."""
+        index: dict[tuple[str, int | None, str], SummaryRow] = {}
         for r in self.rows:
-            if (r.group, r.layer, r.metric) == (group, layer, metric):
-                return r
-        return None
+            index.setdefault((r.group, r.layer, r.metric), r)
+        return index
 
     def family(self, name: str) -> Family | None:
         return next((f for f in self.families if f.name == name), None)
