@@ -102,8 +102,10 @@ __all__ = [
     "InitialModel",
     "Summary",
     "SummaryRow",
+    "Test",
     "dense_twins",
     "group_runs",
+    "initial_models",
     "summarize",
 ]
 
