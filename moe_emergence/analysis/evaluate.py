@@ -9,6 +9,7 @@ and the token cache, which it rebuilds from the recorded data settings when it i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shlex
@@ -29,6 +30,7 @@ from moe_emergence.analysis.probe import (
     score_probe_routing,
 )
 from moe_emergence.analysis.results import NO_OVERRIDES, CheckpointResult, HeldOutLoss, RunResult
+from moe_emergence.analysis.scores import nmi
 from moe_emergence.analysis.settings import ProbeSettings
 from moe_emergence.analysis.token_types import CATEGORIES, token_type_table
 from moe_emergence.data import MixedDomainDataModule
@@ -164,6 +166,19 @@ def evaluate_checkpoint(
     """Route ``probe`` through the checkpoint's model in eval mode and score it; the held-out
     loss per domain over ``held_out`` (one pass when the probe is the held-out set);
     ``decode`` given: the code token-type tables too."""
+    return route_and_score(loaded, probe, held_out, settings, device, decode)[0]
+
+
+def route_and_score(
+    loaded: LoadedCheckpoint,
+    probe: Probe,
+    held_out: Probe | None,
+    settings: dict[str, Any],
+    device: torch.device,
+    decode: Callable[[int], str] | None = None,
+) -> tuple[CheckpointResult, dict[int, np.ndarray]]:
+    """:func:`evaluate_checkpoint`, and the probe's experts per MoE layer (int64 [P, T, k];
+    empty for a dense model)."""
     model = loaded.model.to(device)
     batch = int(settings["batch_size"])
     same = held_out is not None and held_out.digest == probe.digest
@@ -179,7 +194,7 @@ def evaluate_checkpoint(
         losses = block_losses(held_out, loss_sum.cpu().numpy())
     layers = moe_layers(model)
     if not layers:
-        return CheckpointResult(step=loaded.step, losses=losses)
+        return CheckpointResult(step=loaded.step, losses=losses), {}
     n_experts = next(iter(layers.values())).n_experts
     tokens = probe.input_ids.size
     experts = {i: e.cpu().numpy() for i, e in routed.experts.items()}
@@ -188,13 +203,113 @@ def evaluate_checkpoint(
         probe, experts, entropy, n_experts, settings["null_permutations"], settings["null_seed"]
     )
     types = code_token_types(probe, experts, n_experts, decode) if decode is not None else {}
-    return CheckpointResult(
+    result = CheckpointResult(
         step=loaded.step,
         counts={layer: table for layer, (table, _) in scored.items()},
         scores={layer: scores for layer, (_, scores) in scored.items()},
         losses=losses,
         token_types=types,
     )
+    return result, experts
+
+
+# ---------------------------------------------------------------------- change from step 0
+
+
+def initial_model_key(model: torch.nn.Module, experts: Mapping[int, np.ndarray]) -> str:
+    """The identity of a run's step-0 model: SHA-256 of its weights (every state-dict entry's
+    name, dtype, shape and bytes, in name order) and of its first-choice experts on the probe
+    (``experts[layer]`` int [P, T, k], slot 0). Runs with equal keys have the same step-0
+    scores: top-1, top-2 and no LB of one seed share their weights and their first choice
+    (the highest router logit); a router that does not read its weights (hash, domain) routes
+    otherwise and so gets a key of its own."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    for layer, chosen in sorted(experts.items()):
+        first = np.asarray(chosen).reshape(*np.shape(chosen)[:2], -1)[..., 0]
+        h.update(f"layer {layer}|".encode())
+        h.update(np.ascontiguousarray(first, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _paired_change_interval_stand_in(
+    token_ids: np.ndarray,
+    token_docs: np.ndarray,
+    doc_domains: np.ndarray,
+    experts_before: np.ndarray,
+    experts_after: np.ndarray,
+    n_domains: int,
+    n_experts: int,
+    n_draws: int,
+    seed: int,
+    confidence: float = 0.95,
+) -> tuple[float, float]:
+    """TODO-merge: a stand-in for ``scores.paired_change_interval`` (same signature), used only
+    while that function is absent. The probe interval of NMI(after) - NMI(before): a basic
+    bootstrap over documents, resampled within each domain, the SAME resample for both
+    checkpoints (the pairing); first choice (slot 0) read. (nan, nan) without draws."""
+    docs = np.asarray(token_docs, dtype=np.int64).ravel()
+    dom = np.asarray(doc_domains, dtype=np.int64)
+    if n_draws < 1 or docs.size == 0:
+        return float("nan"), float("nan")
+
+    def doc_counts(experts: np.ndarray) -> np.ndarray:  # [U, E]
+        first = np.asarray(experts, dtype=np.int64).reshape(docs.size, -1)[:, 0]
+        flat = np.bincount(docs * n_experts + first, minlength=dom.size * n_experts)
+        return flat.reshape(dom.size, n_experts).astype(np.float64)
+
+    onehot = (dom[None, :] == np.arange(n_domains)[:, None]).astype(np.float64)  # [D, U]
+    before, after = doc_counts(experts_before), doc_counts(experts_after)
+    observed = nmi(onehot @ after) - nmi(onehot @ before)
+    rng = np.random.default_rng(seed)
+    weights = np.zeros((n_draws, dom.size))
+    for d in range(n_domains):
+        mine = np.flatnonzero(dom == d)
+        if mine.size:
+            share = np.full(mine.size, 1 / mine.size)
+            weights[:, mine] = rng.multinomial(mine.size, share, size=n_draws)
+    tables_before = np.einsum("ku,du,ue->kde", weights, onehot, before)
+    tables_after = np.einsum("ku,du,ue->kde", weights, onehot, after)
+    draws = [nmi(a) - nmi(b) for a, b in zip(tables_after, tables_before, strict=True)]
+    low, high = np.percentile(draws, [50 * (1 - confidence), 50 * (1 + confidence)])
+    return float(2 * observed - high), float(2 * observed - low)
+
+
+try:  # TODO-merge: the scores helper adds it; drop the stand-in then
+    from moe_emergence.analysis.scores import paired_change_interval  # type: ignore[attr-defined]
+except ImportError:
+    paired_change_interval = _paired_change_interval_stand_in
+
+
+def change_intervals(
+    probe: Probe,
+    before: Mapping[int, np.ndarray],
+    after: Mapping[int, np.ndarray],
+    n_experts: int,
+    settings: dict[str, Any],
+) -> dict[int, tuple[float, float]]:
+    """Per MoE layer in both, the probe interval of NMI(after) - NMI(before) with the same
+    documents resampled for both (``null_permutations`` draws, ``null_seed``)."""
+    return {
+        layer: tuple(
+            float(v)
+            for v in paired_change_interval(
+                probe.input_ids,
+                probe.token_docs,
+                probe.doc_domains,
+                before[layer],
+                after[layer],
+                len(probe.domains),
+                n_experts,
+                n_draws=int(settings["null_permutations"]),
+                seed=int(settings["null_seed"]),
+            )
+        )
+        for layer in sorted(set(before) & set(after))
+    }
 
 
 # ---------------------------------------------------------------------- one run
@@ -278,15 +393,22 @@ def evaluate_run(
     def decode(token_id: int) -> str:
         return tokenizer.decode([token_id])
 
-    results = []
+    results, step0_experts, initial, intervals = [], None, None, {}
+    layers = moe_layers(final.model)
+    n_experts = next(iter(layers.values())).n_experts if layers else 0
     for path in run.checkpoints:
         last = path == run.checkpoints[-1]
         loaded = final if last else load_checkpoint(path, OPTION, require_moe=False)
-        results.append(
-            evaluate_checkpoint(loaded, probe, held_out, settings, device, decode if last else None)
+        result, experts = route_and_score(
+            loaded, probe, held_out, settings, device, decode if last else None
         )
+        results.append(result)
+        if len(results) == 1 and result.step == 0 and experts:
+            # the run's step 0: its identity, and its routing for the paired change interval
+            step0_experts, initial = experts, initial_model_key(loaded.model, experts)
+        elif last and step0_experts is not None and experts:
+            intervals = change_intervals(probe, step0_experts, experts, n_experts, settings)
         on_checkpoint()
-    layers = moe_layers(final.model)
     overrides, recorded_seed = run_overrides(run.run_dir)
     seed = trained_seed(run.name, final, recorded_seed)
     return RunResult(
@@ -298,9 +420,12 @@ def evaluate_run(
         moe=bool(layers),
         domains=domains,
         layers=sorted(layers),
-        n_experts=next(iter(layers.values())).n_experts if layers else 0,
+        n_experts=n_experts,
         probe=probe.kind,
         probe_blocks={d: int((probe.block_domains == i).sum()) for i, d in enumerate(domains)},
         checkpoints=results,
         dispatch=final.dispatch,
+        nmi_change_intervals=intervals,
+        initial_model=initial,
+        null_permutations=int(settings["null_permutations"]),
     )

@@ -60,6 +60,14 @@ class RunResult:
     domains: the domain order of every [D, E] table; layers: the MoE layers (block indices).
     probe: ``held_out`` or ``train_sample``; probe_blocks: blocks per domain. dispatch: the
     MoE dispatch path the final checkpoint trained with (None: dense).
+
+    nmi_change_intervals: MoE layer -> (low, high), the run's 95% probe interval of NMI at the
+    final checkpoint minus NMI at step 0, the same probe documents resampled for both (empty
+    without a step-0 checkpoint). initial_model: the identity of the run's step-0 model (SHA-256
+    of its step-0 weights and of its step-0 first-choice routing of the probe; None without a
+    step-0 checkpoint): runs with equal keys share their step 0, which the summary counts once.
+    null_permutations: K, the permutations behind each permutation p-value (its smallest value
+    is 1 / (1 + K)); None when unknown.
     """
 
     name: str
@@ -75,6 +83,9 @@ class RunResult:
     probe_blocks: dict[str, int]
     checkpoints: list[CheckpointResult]
     dispatch: str | None = None
+    nmi_change_intervals: dict[int, tuple[float, float]] = field(default_factory=dict)
+    initial_model: str | None = None
+    null_permutations: int | None = None
 
     @property
     def final(self) -> CheckpointResult:

@@ -22,8 +22,10 @@ from moe_emergence.analysis.summary import (
     ALPHA,
     COLUMNS,
     CONFIDENCE,
+    POWER,
     Summary,
     SummaryRow,
+    Test,
     summarize,
 )
 from moe_emergence.analysis.tables import write_table
@@ -32,17 +34,22 @@ from moe_emergence.files import write_atomic
 __all__ = ["FEW_SEEDS", "SummaryFiles", "render_markdown", "write_summary"]
 
 FEW_SEEDS = 5  # below this many runs, summary.md shows the per-seed values beside the mean
+MAX_LISTED = 24  # a Holm family of at most this many t-tests lists them in summary.md
+NAN = float("nan")
+METRIC_NAMES = {"nmi": "NMI", "domain_gain": "held-out domain gain (nats)"}
 INTERVAL_TEXT = (
     f"{CONFIDENCE:.0%} interval of the mean over a group's runs (seeds): Student's t with n - 1 "
-    "df (paired differences: per shared seed, pairs - 1 df; unpaired differences: Welch's df); "
-    "a single run has none. A t-interval of a non-negative score (NMI, MI) can reach below 0 "
-    "with few seeds; it is not clipped."
+    "df (paired differences: per shared seed, pairs - 1 df; unpaired differences: Welch's df; "
+    "fold changes: the t-interval of the per-seed log-ratios, back-transformed); a single run "
+    "has none. A t-interval of a non-negative score (NMI, MI) can reach below 0 with few "
+    "seeds; it is not clipped."
 )
 P_TEXT = (
-    "p: two-sided t-test against 0 (change and difference rows only). p_holm: Holm-adjusted over "
-    "the family a table reads: all groups x layers of one <m>_change metric; all MoE groups x "
-    "(domains, overall) of MoE - dense; all pairs x (domains, overall) of the direct loss "
-    "contrasts; all MoE pairs x layers of the direct nmi_change contrasts."
+    "p: two-sided t-test (fold change: of the log-ratios against 0, i.e. no change); each test "
+    "belongs to exactly one Holm family, declared in the Holm families section, and appears in "
+    "one table, so it has one p_holm. detectable: the smallest effect the test detects with "
+    f"{POWER:.0%} power at {ALPHA} / m (Holm's first threshold in its family of m tests), given "
+    "the observed seed-to-seed SD of its per-seed values (noncentral t)."
 )
 
 
@@ -100,8 +107,23 @@ def _runs_above(row: SummaryRow | None) -> str:
     return f"{round(row.mean)}/{row.n}" if row is not None and row.n else "-"
 
 
-def _mean_text(row: SummaryRow | None) -> str:
-    return "-" if row is None or row.n == 0 else _num(row.mean, ".4f")
+def _mean_text(row: SummaryRow | None, fmt: str = ".4f") -> str:
+    return "-" if row is None or row.n == 0 else _num(row.mean, fmt)
+
+
+def _null_text(summary: Summary, group: str, layer: int, prefix: str) -> str:
+    """``p95 (mean)`` of a score's null: ``<prefix>_p95`` and ``<prefix>_mean`` rows."""
+    p95, mean = (
+        summary.row(group, f"{prefix}_p95", layer),
+        summary.row(group, f"{prefix}_mean", layer),
+    )
+    if p95 is None or p95.n == 0 or math.isnan(p95.mean):
+        return "-"
+    return f"{p95.mean:.4f} ({_mean_text(mean)})"
+
+
+def _fold_text(value: float) -> str:
+    return "-" if math.isnan(value) else f"x{value:.3g}"
 
 
 def _moe_layers(summary: Summary) -> list[tuple[str, int]]:
@@ -115,75 +137,264 @@ def _moe_layers(summary: Summary) -> list[tuple[str, int]]:
 
 def _names(summary: Summary) -> dict[str, str]:
     """Group key -> the condition as people say it (:func:`condition_labels`); a contrast's
-    key -> ``"<A> - <B>"`` in those names."""
+    key -> ``"<A> - <B>"`` in those names; an initial model's -> its groups' names joined."""
     names = condition_labels(summary.groups)
-    for label, (a, b) in summary.contrasts.items():
+    for label, (a, b) in {**summary.contrasts, **summary.primary}.items():
         names[label] = f"{names.get(a, a)} - {names.get(b, b)}"
+    for label, model in summary.initial_models.items():
+        names[label] = " / ".join(names.get(g, g) for g in model.groups)
     return names
 
 
-def _routing_tables(summary: Summary) -> tuple[list[str], list[str]]:
-    """(NMI against its null and step 0, the controls), both per MoE group x layer."""
-    names = _names(summary)
-    nmi, controls = [], []
+def _primary_table(summary: Summary) -> list[str]:
+    """top-1 - frozen router per pair x layer x metric: both levels, the difference, p."""
+    names, lines = _names(summary), []
+    for label, (a, b) in summary.primary.items():
+        for r in summary.rows:
+            if r.group != label:
+                continue
+            fmt = ".4f"
+            lines.append(
+                [
+                    _cell(names[label]),
+                    str(r.layer),
+                    METRIC_NAMES.get(r.metric, r.metric),
+                    _interval_text(summary.row(a, r.metric, r.layer), fmt),
+                    _interval_text(summary.row(b, r.metric, r.layer), fmt),
+                    _interval_text(r, fmt),
+                    r.method,
+                    _p_text(r.p),
+                    _p_text(r.p_holm),
+                    _num(r.detectable, fmt),
+                ]
+            )
+    header = [
+        "A - B",
+        "layer",
+        "metric",
+        "A (final)",
+        "B (final)",
+        "A - B [95% CI]",
+        "method",
+        "p",
+        "p_holm",
+        f"detectable ({POWER:.0%} power)",
+    ]
+    return _table(header, lines) if lines else []
+
+
+def _change_table(summary: Summary) -> list[str]:
+    """Per MoE group x layer: NMI step 0, final, the raw change, the fold change test."""
+    names, lines = _names(summary), []
+    for g, layer in _moe_layers(summary):
+        fold = summary.row(g, "nmi_fold_change", layer)
+        lines.append(
+            [
+                _cell(names[g]),
+                str(layer),
+                _interval_text(summary.row(g, "nmi_step0", layer), ".4f"),
+                _interval_text(summary.row(g, "nmi", layer), ".4f"),
+                _interval_text(summary.row(g, "nmi_change", layer), ".4f"),
+                _interval_text(fold, ".3g"),
+                _p_pair(fold),
+                _fold_text(fold.detectable if fold is not None else NAN),
+            ]
+        )
+    header = [
+        "condition",
+        "layer",
+        "NMI step 0",
+        "NMI final",
+        "change (descriptive)",
+        "fold change [95% CI]",
+        "p / p_holm",
+        f"detectable fold ({POWER:.0%} power)",
+    ]
+    return _table(header, lines) if lines else []
+
+
+def _power_line(summary: Summary) -> list[str]:
+    """The design's power for the primary test of change from step 0."""
+    family = summary.family("fold_change")
+    if family is None or not family.m or family.n_seeds < 2:
+        return []
+    return [
+        f"Power of the primary test: {family.m} fold-change tests in one Holm family, so a "
+        f"single true change must reach p < {ALPHA}/{family.m} = {family.threshold:.3g}. With "
+        f"n = {family.n_seeds} seeds and the observed seed-to-seed SD of the log-ratios, pooled "
+        f"over the family (root mean square of each test's SD) = {family.pooled_sd:.3g}, the "
+        f"smallest fold change detected with {POWER:.0%} power is "
+        f"{_fold_text(family.detectable)} (two-sided one-sample t on the log-ratios, n - 1 df; "
+        "power from the noncentral t). Each row's own figure, from its own SD, is in the last "
+        "column.",
+        "",
+    ]
+
+
+def _primary_power_lines(summary: Summary) -> list[str]:
+    """The same for each primary-contrast family: the smallest difference it detects."""
+    lines = []
+    for name, what in (("primary_nmi", "NMI"), ("primary_domain_gain", "domain gain (nats)")):
+        family = summary.family(name)
+        if family is None or not family.m or family.n_seeds < 2:
+            continue
+        lines.append(
+            f"Power of `{name}`: {family.m} tests (layers), Holm's first threshold "
+            f"{ALPHA}/{family.m} = {family.threshold:.3g}; at n = {family.n_seeds} seed pairs and "
+            f"the observed SD of the paired differences (pooled over the family) "
+            f"{family.pooled_sd:.3g}, the smallest {what} difference detected with {POWER:.0%} "
+            f"power is {_num(family.detectable, '.3g')} (noncentral t)."
+        )
+    return [*lines, ""] if lines else []
+
+
+def _run_change_table(summary: Summary) -> list[str]:
+    """Each run's NMI change from step 0 with its document-paired probe interval."""
+    names, lines = _names(summary), []
+    for g, layer in _moe_layers(summary):
+        rows = {
+            m: summary.row(g, m, layer)
+            for m in ("nmi_step0", "nmi", "nmi_change", "nmi_change_low", "nmi_change_high")
+        }
+        if any(r is None for r in rows.values()):
+            continue
+        for i, seed in enumerate(rows["nmi"].seeds):
+            v = {m: r.values[i] if i < len(r.values) else NAN for m, r in rows.items()}
+            if math.isnan(v["nmi_step0"]):
+                continue
+            interval = f"[{_num(v['nmi_change_low'], '.4f')}, {_num(v['nmi_change_high'], '.4f')}]"
+            lines.append(
+                [
+                    _cell(names[g]),
+                    str(seed),
+                    str(layer),
+                    _num(v["nmi_step0"], ".4f"),
+                    _num(v["nmi"], ".4f"),
+                    f"{_num(v['nmi_change'], '.4f')} {interval}",
+                ]
+            )
+    header = ["condition", "seed", "layer", "NMI step 0", "NMI final", "change [95% probe CI]"]
+    return _table(header, lines) if lines else []
+
+
+def _routing_table(summary: Summary) -> list[str]:
+    names, lines = _names(summary), []
+    for g, layer in _moe_layers(summary):
+        lines.append(
+            [
+                _cell(names[g]),
+                str(layer),
+                _interval_text(summary.row(g, "nmi", layer), ".4f"),
+                _null_text(summary, g, layer, "null"),
+                _runs_above(summary.row(g, "above_null", layer)),
+                _interval_text(summary.row(g, "token_id_nmi", layer), ".4f"),
+                _interval_text(summary.row(g, "nmi_share_of_domain_router", layer), ".3f"),
+            ]
+        )
+    header = [
+        "condition",
+        "layer",
+        "NMI final",
+        "null p95 (mean): chance",
+        "runs > null",
+        "token-id NMI",
+        "share of domain router",
+    ]
+    return _table(header, lines) if lines else []
+
+
+def _gains_table(summary: Summary) -> list[str]:
+    names, lines = _names(summary), []
     for g, layer in _moe_layers(summary):
         row = lambda metric, g=g, layer=layer: summary.row(g, metric, layer)  # noqa: E731
-        nmi.append(
+        lines.append(
             [
                 _cell(names[g]),
                 str(layer),
-                _interval_text(row("nmi_step0"), ".4f"),
-                _interval_text(row("nmi"), ".4f"),
-                _interval_text(row("nmi_change"), ".4f"),
-                _p_pair(row("nmi_change")),
-                _mean_text(row("null_p95")),
-                _runs_above(row("above_null")),
-                _runs_above(row("above_null_step0")),
+                _interval_text(row("domain_gain"), ".4f"),
+                _null_text(summary, g, layer, "domain_gain_null"),
+                _runs_above(row("domain_gain_above_null")),
+                _interval_text(row("domain_gain_share_of_domain_router"), ".3f"),
+                _interval_text(row("domain_beyond_token_gain"), ".4f"),
+                _null_text(summary, g, layer, "domain_beyond_token_gain_null"),
+                _runs_above(row("domain_beyond_token_above_null")),
             ]
         )
-        controls.append(
+    header = [
+        "condition",
+        "layer",
+        "domain gain",
+        "null p95 (mean): chance",
+        "runs > null",
+        "share of domain router",
+        "domain beyond token",
+        "null p95 (mean): chance",
+        "runs > null",
+    ]
+    return _table(header, lines) if lines else []
+
+
+def _token_table(summary: Summary) -> list[str]:
+    names, lines = _names(summary), []
+    for g, layer in _moe_layers(summary):
+        row = lambda metric, g=g, layer=layer: summary.row(g, metric, layer)  # noqa: E731
+        lines.append(
             [
                 _cell(names[g]),
                 str(layer),
-                _interval_text(row("token_id_nmi"), ".4f"),
-                _interval_text(row("domain_only_nmi"), ".4f"),
-                _interval_text(row("cond_mi"), ".4f"),
-                _mean_text(row("cond_mi_null_p95")),
+                _interval_text(row("token_gain"), ".4f"),
+                _null_text(summary, g, layer, "token_gain_null"),
+                f"{_mean_text(row('token_gain_ref_domain'))} / "
+                f"{_mean_text(row('token_gain_ref_token'))}",
+                _interval_text(row("cond_mi_excess"), ".4f"),
                 _runs_above(row("cond_mi_above_null")),
-                _runs_above(row("cond_mi_above_null_step0")),
             ]
         )
-    if not nmi:
-        return [], []
-    return (
-        _table(
-            [
-                "condition",
-                "layer",
-                "NMI step 0",
-                "NMI final",
-                "change [95% CI]",
-                "p / p_holm",
-                "null p95 (mean)",
-                "runs > null (final)",
-                "runs > null (step 0)",
-            ],
-            nmi,
-        ),
-        _table(
-            [
-                "condition",
-                "layer",
-                "token-id NMI",
-                "domain-only NMI",
-                "cond. MI (nats)",
-                "cond. MI null p95 (mean)",
-                "runs > null (final)",
-                "runs > null (step 0)",
-            ],
-            controls,
-        ),
-    )
+    header = [
+        "condition",
+        "layer",
+        "token gain",
+        "null p95 (mean): chance",
+        "references: domain router / token router",
+        "cond. MI excess over its null mean (nats)",
+        "runs > null",
+    ]
+    return _table(header, lines) if lines else []
+
+
+def _step0_table(summary: Summary) -> list[str]:
+    names, lines = _names(summary), []
+    for label, model in summary.initial_models.items():
+        layers = sorted({r.layer for r in summary.rows if r.group == label and r.layer is not None})
+        for layer in layers:
+            row = lambda metric, label=label, layer=layer: summary.row(label, metric, layer)  # noqa: E731
+            lines.append(
+                [
+                    _cell(names[label]),
+                    ", ".join(map(str, model.seeds)),
+                    str(layer),
+                    _interval_text(row("nmi"), ".4f"),
+                    _runs_above(row("above_null")),
+                    _interval_text(row("domain_gain"), ".4f"),
+                    _runs_above(row("domain_gain_above_null")),
+                    _runs_above(row("domain_beyond_token_above_null")),
+                    _interval_text(row("token_id_nmi"), ".4f"),
+                    _runs_above(row("cond_mi_above_null")),
+                ]
+            )
+    header = [
+        "initial model of",
+        "seeds",
+        "layer",
+        "NMI step 0",
+        "runs > null",
+        "domain gain",
+        "runs > null",
+        "domain beyond token: runs > null",
+        "token-id NMI",
+        "cond. MI: runs > null",
+    ]
+    return _table(header, lines) if lines else []
 
 
 def _loss_domains(summary: Summary, groups: Iterable[str], suffix: str = "") -> list[str]:
@@ -238,7 +449,7 @@ def _minus_dense_table(summary: Summary) -> list[str]:
 
 
 def _contrast_tables(summary: Summary) -> tuple[list[str], list[str]]:
-    """(held-out loss contrasts, NMI-change contrasts) of every pair of groups."""
+    """(held-out loss contrasts, NMI-change contrasts) of the pairs of groups."""
     losses, changes = [], []
     names = _names(summary)
     for label in summary.contrasts:
@@ -256,11 +467,45 @@ def _contrast_tables(summary: Summary) -> tuple[list[str], list[str]]:
     )
 
 
+def _test_name(test: Test, names: dict[str, str]) -> str:
+    """``<condition> layer <L> [<metric>] [seed <s>]`` of one test of a family."""
+    group, layer, metric, seed = test
+    text = names.get(group, group)
+    text += f" layer {layer}" if layer is not None else f" {metric}"
+    return text + (f" seed {seed}" if seed is not None else "")
+
+
+def _families_section(summary: Summary) -> list[str]:
+    """Each Holm family once: name, m, Holm's first threshold, what it holds, its tests (when
+    they are few), its survivors, or that none passes."""
+    names, out = _names(summary), []
+    for f in summary.families:
+        if not f.m:
+            continue
+        line = f"- `{f.name}` (m = {f.m}; Holm's first threshold {ALPHA}/{f.m} = {f.threshold:.3g}"
+        if not math.isnan(f.resolution):
+            line += f"; smallest possible permutation p 1/(1+K) = {f.resolution:.3g}"
+        line += f"): {f.title}."
+        if len(f.tests) <= MAX_LISTED and f.tests[0][3] is None:
+            line += " Tests: " + "; ".join(_cell(_test_name(t, names)) for t in f.tests) + "."
+        if f.survivors:
+            shown = [_cell(_test_name(t, names)) for t in f.survivors]
+            line += f" Pass Holm at {ALPHA} ({len(shown)}): " + "; ".join(shown) + "."
+        else:
+            unit = "run" if f.tests[0][3] is not None else "test"
+            line += f" No {unit} passes Holm (smallest p {_p_text(f.smallest_p)})."
+        out.append(line)
+    return out
+
+
 def render_markdown(summary: Summary) -> str:
-    """summary.md's text: a line on n, the unit of replication, intervals and p-values, then
-    the routing (NMI, controls), held-out loss (nats), MoE - dense and direct contrast tables
-    (those that have rows). NMI 4 decimals, losses 3; per-seed values in parentheses below
-    :data:`FEW_SEEDS` runs; ``(n=1)`` where a single run gives no interval."""
+    """summary.md's text: a line on n, the unit of replication, intervals and p-values; the
+    primary contrast (top-1 - frozen router) first; the change from step 0 (the primary test
+    per condition and layer, with the design's power), each run's change; routing, held-out
+    gains and token controls beside their nulls; step 0 once per initial model; held-out loss,
+    MoE - dense and direct contrasts; the Holm families, each declared once; warnings. NMI 4
+    decimals, losses 3; per-seed values in parentheses below :data:`FEW_SEEDS` runs;
+    ``(n=1)`` where a single run gives no interval."""
     names = _names(summary)
     runs = ", ".join(f"{_cell(names[g])} {len(i.runs)}" for g, i in summary.groups.items())
     out = [
@@ -270,36 +515,65 @@ def render_markdown(summary: Summary) -> str:
         f"each run's probe intervals). Cells: mean [{CONFIDENCE:.0%} interval] "
         f"(per-seed values, seed order, when n < {FEW_SEEDS}); {INTERVAL_TEXT} {P_TEXT} "
         f"Runs > null: runs whose document-level permutation p-value is below {ALPHA} after "
-        "Holm over all groups x layers x runs of that column. `(n=1)`: one run, no interval.",
+        "Holm over the column's family. `(n=1)`: one run, no interval.",
         "",
     ]
-    nmi, controls = _routing_tables(summary)
     loss_contrasts, nmi_contrasts = _contrast_tables(summary)
     sections = [
         (
-            "Routing: NMI = I(domain; expert) / H(domain), eval mode, fixed probe; change = final "
-            "- step 0 per run, p_holm over this table",
-            nmi,
+            "Primary: top-1 - frozen router at the final step (paired by seed; Holm over layers, "
+            "one family per metric)",
+            _primary_table(summary),
+            _primary_power_lines(summary),
         ),
         (
-            "Routing controls at the final checkpoint: cross-fitted token-id and domain-only "
-            "routers' NMI; I(domain; expert | token) against its null",
-            controls,
+            "Change from step 0: NMI final / NMI step 0 per seed, the primary test per condition "
+            "and layer (family fold_change)",
+            _change_table(summary),
+            _power_line(summary),
         ),
-        ("Held-out loss (nats per token)", _loss_table(summary)),
         (
-            "MoE - dense held-out loss (nats per token; p_holm over this table)",
+            "Each run's change from step 0 (NMI; probe interval: the same documents resampled "
+            "for both checkpoints)",
+            _run_change_table(summary),
+            [],
+        ),
+        (
+            "Routing: NMI = I(domain; expert) / H(domain), eval mode, fixed probe, final step",
+            _routing_table(summary),
+            [],
+        ),
+        (
+            "Held-out gains (nats per token; fitted on one half of the documents, scored on the "
+            "other), final step",
+            _gains_table(summary),
+            [],
+        ),
+        ("Token controls, final step", _token_table(summary), []),
+        ("Step 0, once per initial model", _step0_table(summary), []),
+        ("Held-out loss (nats per token)", _loss_table(summary), []),
+        (
+            "MoE - dense held-out loss (nats per token; family minus_dense)",
             _minus_dense_table(summary),
+            [],
         ),
         (
-            "Direct contrasts: held-out loss A - B (nats per token; p_holm over this table)",
+            "Direct contrasts: held-out loss A - B (nats per token; family contrast_loss)",
             loss_contrasts,
+            [],
         ),
-        ("Direct contrasts: NMI change from step 0, A - B (p_holm over this table)", nmi_contrasts),
+        (
+            "Direct contrasts: NMI change from step 0, A - B (family contrast_nmi_change)",
+            nmi_contrasts,
+            [],
+        ),
     ]
-    for title, table in sections:
+    for title, table, after in sections:
         if table:
-            out += [f"## {title}", "", *table, ""]
+            out += [f"## {title}", "", *table, "", *after]
+    families = _families_section(summary)
+    if families:
+        out += ["## Holm families", "", *families, ""]
     if summary.warnings:
         out += ["## Warnings", "", *[f"- {w}" for w in summary.warnings], ""]
     return "\n".join(out)
@@ -328,8 +602,12 @@ def _json_document(summary: Summary) -> dict:
         "rows": rows,
         "groups": {g: asdict(info) for g, info in summary.groups.items()},
         "contrasts": {label: list(pair) for label, pair in summary.contrasts.items()},
+        "primary": {label: list(pair) for label, pair in summary.primary.items()},
+        "initial_models": {label: asdict(m) for label, m in summary.initial_models.items()},
+        "families": [{k: _nan_to_none(v) for k, v in asdict(f).items()} for f in summary.families],
         "confidence": CONFIDENCE,
         "alpha": ALPHA,
+        "power": POWER,
         "interval": INTERVAL_TEXT,
         "p_values": P_TEXT,
         "warnings": summary.warnings,

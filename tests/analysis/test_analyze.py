@@ -76,11 +76,14 @@ def test_sweep_summary_has_two_seeds_per_condition(sweep, tmp_path, capsys):
     assert summary["groups"][moe]["dense_twin"] == dense
 
     rows = summary["rows"]
-    assert rows and {r["n"] for r in rows} == {2}
+    # every row with a value rests on both seeds (a score field the runs lack reads NaN: n 0)
+    assert rows and {r["n"] for r in rows if r["mean"] is not None} == {2}
     for group, metric, layer, method in [
         (moe, "nmi", 2, "t"),
         (moe, "token_id_nmi", 3, "t"),
         (moe, "nmi_change", 2, "t"),
+        (moe, "nmi_change_low", 2, "t"),  # each run's document-paired interval
+        (moe, "nmi_change_high", 3, "t"),
         (moe, "nmi_step0", 3, "t"),
         (moe, "loss_code", None, "t"),
         (dense, "loss_prose", None, "t"),
@@ -91,12 +94,62 @@ def test_sweep_summary_has_two_seeds_per_condition(sweep, tmp_path, capsys):
         assert row["method"] == method
         assert math.isfinite(row["ci_low"]) and math.isfinite(row["ci_high"])
         assert row["ci_low"] <= row["mean"] <= row["ci_high"]
+    fold = next(
+        r for r in rows if (r["group"], r["metric"], r["layer"]) == (moe, "nmi_fold_change", 2)
+    )
+    assert (fold["method"], fold["family"], fold["n"]) == ("log_t", "fold_change", 2)
+    low, high, change = (
+        next(r for r in rows if (r["group"], r["metric"], r["layer"]) == (moe, m, 2))["values"]
+        for m in ("nmi_change_low", "nmi_change_high", "nmi_change")
+    )
+    assert all(lo <= c <= hi for lo, c, hi in zip(low, change, high, strict=True))
+    # each seed's initial model once (the dense runs have no routing)
+    assert [m["seeds"] for m in summary["initial_models"].values()] == [[1, 2]]
     csv_rows = read_table(tmp_path / "summary.csv")
     assert len(csv_rows) == len(rows)
-    assert "| layer" in (tmp_path / "summary.md").read_text()
+    md = (tmp_path / "summary.md").read_text()
+    assert (
+        "| layer" in md and "## Holm families" in md and "## Step 0, once per initial model" in md
+    )
     for figure in ("emergence.png", "heatmaps.png", "held_out_loss.png"):
         assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "summary.md" in out and "NMI" in out
+
+
+def test_a_frozen_twin_gives_the_primary_row_and_shares_its_step_0(sweep, tmp_path, capsys):
+    """The top-1 runs and a copy of them recorded as ``condition=frozen_router`` (the same
+    checkpoints: the same initial model per seed): the top-1 - frozen router rows come first,
+    step 0 is counted once per seed, and every tested row is in one declared family."""
+    twins = tmp_path / "sweep"
+    for run in (p for p in _run_dirs(sweep) if "condition=top1" in p.name):
+        shutil.copytree(run, twins / run.name)
+        frozen = twins / run.name.replace("condition=top1", "condition=frozen_router")
+        shutil.copytree(run, frozen)
+        record = frozen / ".hydra" / "overrides.yaml"
+        record.write_text(record.read_text().replace("condition=top1", "condition=frozen_router"))
+        for copy in (twins / run.name, frozen):  # step 0 and the final step are enough (time)
+            for path in (copy / "checkpoints").glob("step000002.ckpt*"):
+                path.unlink()
+    code, _, err = _analyze(capsys, twins, "--out", tmp_path / "out")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    [(label, (top1, frozen))] = summary["primary"].items()
+    assert "condition=top1" in top1 and "condition=frozen_router" in frozen
+    rows = summary["rows"]
+    primary = [r for r in rows if r["group"] == label]
+    assert {(r["metric"], r["layer"]) for r in primary} == {
+        (m, int(layer)) for m in ("nmi", "domain_gain") for layer in LAYERS
+    }
+    nmi = next(r for r in primary if (r["metric"], r["layer"]) == ("nmi", 2))
+    assert (nmi["method"], nmi["family"], nmi["values"]) == ("paired_t", "primary_nmi", [0, 0])
+    [model] = summary["initial_models"].values()  # one per seed, not one per condition
+    assert sorted(model["groups"]) == sorted([top1, frozen]) and model["seeds"] == [1, 2]
+    family = next(f for f in summary["families"] if f["name"] == "step0_above_null")
+    assert family["m"] == 2 * len(LAYERS)  # seeds x layers, not conditions x seeds x layers
+    tested = [(r["group"], r["layer"], r["metric"]) for r in rows if r["family"]]
+    assert len(tested) == len(set(tested))
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert md.split("\n## ")[1].startswith("Primary: top-1 - frozen router")
 
 
 def test_routing_and_loss_equal_the_runs_own_measurements(sweep, tmp_path, capsys):
@@ -146,7 +199,8 @@ def test_routing_and_loss_equal_the_runs_own_measurements(sweep, tmp_path, capsy
         assert float(r["loss"]) == pytest.approx(expected, rel=1e-5)
         assert float(r["perplexity"]) == pytest.approx(math.exp(float(r["loss"])))
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert {r["n"] for r in summary["rows"]} == {1}  # one run: values, no intervals
+    # one run: values, no intervals (a score field the run lacks reads NaN: n 0)
+    assert {r["n"] for r in summary["rows"] if r["mean"] is not None} == {1}
     assert all(r["ci_low"] is None for r in summary["rows"])
     assert (folder / "token_types.txt").read_text().count("layer ") == len(LAYERS)
 

@@ -1,5 +1,6 @@
 """The over-seeds intervals against scipy: one-sample t (any n, no bootstrap), paired t, Welch,
-their p-values against 0, and Holm's adjustment against a hand-computed example."""
+the paired log-ratio (fold change), their p-values against 0, Holm's adjustment against a
+hand-computed example, and the detectable effect against the noncentral t and a simulation."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import pytest
 from scipy import stats
 
 from moe_emergence.analysis.intervals import (
+    detectable_effect,
     difference_interval,
+    fold_change_interval,
     holm,
     mean_interval,
     paired_difference_interval,
@@ -86,3 +89,41 @@ def test_holm_by_hand():
     assert holm([0.5, 0.6]) == [1.0, 1.0]  # capped at 1
     assert holm([0.2]) == [0.2] and holm([]) == []
     assert all(math.isnan(p) for p in holm([float("nan")] * 2))
+
+
+def test_fold_change_is_the_t_test_of_the_paired_log_ratios_back_transformed():
+    after, before = [0.584, 0.09, 0.04, float("nan")], [0.004, 0.006, 0.001, 0.01]
+    got = fold_change_interval(after, before)
+    logs = np.log(np.divide(after[:3], before[:3]))
+    want = stats.ttest_1samp(logs, 0.0)
+    low, high = want.confidence_interval(0.95)
+    assert (got.n, got.method) == (3, "log_t")
+    assert got.mean == pytest.approx(math.exp(logs.mean()), rel=1e-12)  # the geometric mean
+    assert (got.ci_low, got.ci_high) == pytest.approx((math.exp(low), math.exp(high)), rel=1e-9)
+    assert got.p == pytest.approx(want.pvalue, rel=1e-9)
+    # a log-ratio needs two positive values: zeros drop out, as NaNs do
+    assert fold_change_interval([0.2, 0.3, 0.0], [0.0, 0.1, 0.1]).n == 1
+    with pytest.raises(ValueError, match="equal lengths"):
+        fold_change_interval([1.0], [1.0, 2.0])
+
+
+@pytest.mark.parametrize(("n", "alpha"), [(3, 0.05 / 6), (5, 0.05), (10, 0.01)])
+def test_detectable_effect_has_the_asked_power_under_the_noncentral_t(n, alpha):
+    sd = 0.7
+    effect = detectable_effect(n, sd, alpha, power=0.8)
+    nc = effect / (sd / math.sqrt(n))
+    crit = stats.t.ppf(1 - alpha / 2, n - 1)
+    lower = np.nan_to_num(stats.nct.cdf(-crit, n - 1, nc))  # far out scipy gives NaN for ~0
+    power = stats.nct.sf(crit, n - 1, nc) + lower
+    assert power == pytest.approx(0.8, abs=1e-4)
+    assert detectable_effect(n, 2 * sd, alpha) == pytest.approx(2 * effect)  # scales with sd
+
+
+def test_detectable_effect_by_simulation_and_edge_cases():
+    # n = 4, alpha = 0.05, sd 1: simulated t-tests at the returned mean reject about 80%
+    effect = detectable_effect(4, 1.0, 0.05)
+    x = np.random.default_rng(0).normal(effect, 1.0, size=(20000, 4))
+    rate = (stats.ttest_1samp(x, 0.0, axis=1).pvalue < 0.05).mean()
+    assert abs(rate - 0.8) < 0.015
+    assert math.isnan(detectable_effect(1, 1.0, 0.05)) and detectable_effect(3, 0.0, 0.05) == 0
+    assert math.isnan(detectable_effect(3, float("nan"), 0.05))
