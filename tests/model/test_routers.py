@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.configs import tiny_overrides
-from helpers.moe import DOMAINS, expert_forward, random_experts
+from helpers.moe import DOMAINS, expert_forward, random_experts, tiny_module
 
 from moe_emergence.analysis.evaluate import evaluate_checkpoint
 from moe_emergence.analysis.inspect import main as inspect_main
@@ -146,6 +146,23 @@ def test_nothing_trains_through_a_frozen_router():
     inputs.grad = None
     layer(inputs).sum().backward()
     torch.testing.assert_close(inputs.grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_training_and_validation_steps_route_each_block_by_its_domain():
+    """The module hands each batch's domain labels to the model (training and validation)."""
+    module = tiny_module(moe={"layers": [1], "n_experts": 3, "noise_std": 0.0, "router": "domain"})
+    batch = {
+        "input_ids": torch.randint(0, 32, (4, 8)),
+        "domains": ["prose", "code", "math", "code"],
+    }
+    expected = torch.tensor([2, 0, 1, 0]).repeat_interleave(8)
+    layer = moe_layers(module.model)[1]
+    module.training_step(batch, 0)
+    assert torch.equal(layer.last_indices[:, 0], expected)
+    module.on_validation_epoch_start()
+    module.validation_step(batch, 0)
+    assert torch.equal(layer.last_indices[:, 0], expected)
+    assert layer.block_domains is None  # handed for one forward only
 
 
 # ---------------------------------------------------------------------- refusals
