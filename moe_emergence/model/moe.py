@@ -1,5 +1,6 @@
-"""Mixture-of-Experts building blocks: a noisy top-k router, its auxiliary losses, experts as
-stacked weights, and a layer that dispatches tokens to them.
+"""Mixture-of-Experts building blocks: a noisy top-k router (learned, or frozen at its initial
+weights), the fixed reference routers (by token hash, by domain), the auxiliary losses, experts
+as stacked weights, and a layer that dispatches tokens to them.
 
 Shapes: N tokens (batch x time, flattened), E experts, k experts per token, d model width,
 h expert hidden width (4d for GPT-2), W micro-batches in the global load-balancing window.
