@@ -115,6 +115,24 @@ def check_group_overrides(args: Sequence[str], directory: str | os.PathLike | No
             )
 
 
+def check_moe_node(cfg: DictConfig) -> None:
+    """Refuse an MoE node that a condition or override wrote onto a dense model: where the
+    model is dense (``model.moe: null``, e.g. ``experiment=dense_baseline``), a condition that
+    sets ``model.moe.<key>`` (``condition=top2``, ``condition=frozen_router``) leaves a node
+    holding only those keys, which would silently build the default MoE layers."""
+    moe = cfg.model.get("moe") if cfg.get("model") is not None else None
+    if moe is None:
+        return
+    missing = [name for name in MoESettings.names() if name not in moe]
+    if missing:
+        given = ", ".join(f"{MoESettings.config_key(k)}={moe[k]}" for k in moe)
+        raise UserError(
+            f"{given} was set on a dense model (model.moe=null, e.g. experiment=dense_baseline "
+            f"or condition=dense): an MoE condition needs an MoE experiment (e.g. "
+            f"experiment=moe_main), or leave the condition out."
+        )
+
+
 def compose_config(
     overrides: Sequence[str] = (), directory: str | os.PathLike | None = None
 ) -> DictConfig:

@@ -173,7 +173,8 @@ def resolve_start(cfg: DictConfig) -> tuple[Checkpoint | None, Checkpoint | None
     return None, None
 
 
-# Model settings that change the weights' shapes: a resume with another value cannot load them.
+# Model settings that change the weights' shapes or what they are (a router trained, frozen or
+# none): a resume with another value cannot load them, or would continue another condition.
 MODEL_SHAPE_KEYS = (
     "vocab_size",
     "n_positions",
@@ -183,6 +184,7 @@ MODEL_SHAPE_KEYS = (
     "moe.layers",
     "moe.n_experts",
     "moe.top_k",
+    "moe.router",
 )
 
 

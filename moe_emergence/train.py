@@ -20,7 +20,7 @@ from moe_emergence.checkpoints import (
     StepZeroCheckpoint,
     load_initial_weights,
 )
-from moe_emergence.config import compose_config
+from moe_emergence.config import check_moe_node, compose_config
 from moe_emergence.errors import UserError
 from moe_emergence.model.module import check_compile
 from moe_emergence.runs import (
@@ -101,6 +101,7 @@ def _start(
             f"seed must be an integer in [0, {SEED_LIMIT}) (numpy's and Lightning's seed "
             f"range), got {seed!r} (e.g. seed=42)."
         )
+    check_moe_node(cfg)
     moe = cfg.model.get("moe") or {}
     check_compile(cfg.model.get("compile", False), moe.get("dispatch"), cfg.trainer.precision)
     resume, init = resolve_start(cfg)  # each checkpoint is read once, here

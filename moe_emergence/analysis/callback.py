@@ -235,6 +235,7 @@ class RoutingAnalysis(L.Callback):
             torch.from_numpy(probe.input_ids[mine.numpy()]).to(device),
             self.batch_size,
             trainer.precision_plugin.forward_context,
+            block_domains=torch.from_numpy(probe.block_domains[mine.numpy()]).to(device),
         )
         k = routed.experts[self._layers[0]].shape[-1]
         experts = torch.zeros(len(self._layers), p, t, k, dtype=torch.long, device=device)

@@ -183,14 +183,21 @@ def route_and_score(
     batch = int(settings["batch_size"])
     same = held_out is not None and held_out.digest == probe.digest
     routed = route_blocks(
-        model, torch.from_numpy(probe.input_ids).to(device), batch, with_loss=same
+        model,
+        torch.from_numpy(probe.input_ids).to(device),
+        batch,
+        with_loss=same,
+        block_domains=torch.from_numpy(probe.block_domains).to(device),
     )
     losses: dict[str, HeldOutLoss] = {}
     if held_out is not None:
         loss_sum = routed.loss_sum
         if not same:
             ids = torch.from_numpy(held_out.input_ids).to(device)
-            loss_sum = route_blocks(model, ids, batch, with_loss=True).loss_sum
+            domains = torch.from_numpy(held_out.block_domains).to(device)
+            loss_sum = route_blocks(
+                model, ids, batch, with_loss=True, block_domains=domains
+            ).loss_sum
         losses = block_losses(held_out, loss_sum.cpu().numpy())
     layers = moe_layers(model)
     if not layers:

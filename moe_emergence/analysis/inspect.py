@@ -1,6 +1,7 @@
 """Token-level inspection: which expert each token of a text goes to, per MoE layer.
 
-``python -m moe_emergence.inspect CKPT (--text STRING | --file PATH) [--html OUT]`` loads a
+``python -m moe_emergence.inspect CKPT (--text STRING | --file PATH) [--html OUT]`` (and
+``--domain NAME`` for a run whose router routes by domain) loads a
 checkpoint written by ``train.py`` (verified against its ``.sha256`` sidecar) and the run's
 tokenizer, routes the text in eval mode (no router noise, no dropout) and prints, per token,
 the expert of every MoE layer with the router's probability for it: coloured text per layer on
@@ -98,20 +99,27 @@ def encode(tokenizer: Any, text: str) -> tuple[np.ndarray, list[tuple[int, int]]
 # ---------------------------------------------------------------------- routing
 
 
-def route_text(model: GPT2LMHeadModel, token_ids: Sequence[int] | np.ndarray) -> Routing:
+def route_text(
+    model: GPT2LMHeadModel, token_ids: Sequence[int] | np.ndarray, domain: int | None = None
+) -> Routing:
     """Per MoE layer (block index), ``(experts int64 [T, k], probs float32 [T, E])`` of one
     token sequence, routed by :func:`moe_emergence.analysis.probe.route_blocks` (eval mode, no
     grad); ``probs`` is the softmax of the clean router logits. Sequences longer than
     ``model.config.n_positions`` go through in consecutive windows of that many tokens, one
-    window per forward."""
+    window per forward. ``domain``: the text's index in the run's domains (a ``domain``
+    router routes by it)."""
     if not moe_layers(model):
         raise UserError("The model has no MoE layers: there is no routing to inspect.")
-    ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long).reshape(-1)
-    ids = ids.to(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long).reshape(-1).to(device)
     window = model.config.n_positions
     whole = len(ids) - len(ids) % window
     parts = [ids[:whole].view(-1, window), ids[whole:].view(1, -1)]  # full windows, the rest
-    routed = [route_blocks(model, part, 1, with_probs=True) for part in parts if part.numel()]
+    routed = [
+        route_blocks(model, part, 1, with_probs=True, block_domains=_domains(part, domain))
+        for part in parts
+        if part.numel()
+    ]
     return {
         i: (
             torch.cat([r.experts[i].flatten(0, 1) for r in routed]).cpu().numpy(),
@@ -119,6 +127,13 @@ def route_text(model: GPT2LMHeadModel, token_ids: Sequence[int] | np.ndarray) ->
         )
         for i in sorted(routed[0].experts)
     }
+
+
+def _domains(blocks: torch.Tensor, domain: int | None) -> torch.Tensor | None:
+    """[B] long, ``domain`` for each of the B ``blocks`` (None stays None)."""
+    if domain is None:
+        return None
+    return torch.full((blocks.shape[0],), domain, dtype=torch.long, device=blocks.device)
 
 
 # ---------------------------------------------------------------------- rendering
@@ -267,6 +282,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="treat the text as Python and add the token-type x expert table (automatic for "
         "--file *.py)",
     )
+    parser.add_argument(
+        "--domain",
+        help="the text's domain, one of the run's (needed by, and only by, a domain router: "
+        "model.moe.router=domain)",
+    )
     parser.add_argument("--tokenizer", help="tokenizer name or folder (default: the run's)")
     parser.add_argument("--hub-mirror", help="Hub mirror for the tokenizer (default: the run's)")
     parser.add_argument("--cache-dir", help="cache root for sample_bpe (default: the run's)")
@@ -302,6 +322,27 @@ def check_html_path(out: str | None) -> None:
         raise UserError(f"--html {out}: the folder {path.parent} does not exist; create it first.")
 
 
+def text_domain(loaded: LoadedCheckpoint, domain: str | None) -> int | None:
+    """The index of ``--domain`` in the run's domains: required for a domain router, refused
+    for the others (whose routing it would not change)."""
+    router = (loaded.hparams.get("moe") or {}).get("router", "learned")
+    domains = list(loaded.hparams.get("domains") or [])
+    if router != "domain":
+        if domain is not None:
+            raise UserError(
+                f"--domain {domain}: this run's router (model.moe.router={router}) does not "
+                f"route by domain; leave --domain out."
+            )
+        return None
+    if domain not in domains:
+        given = "no --domain" if domain is None else f"--domain {domain}"
+        raise UserError(
+            f"{OPTION}={loaded.path} routes each text by its domain (model.moe.router=domain), "
+            f"{given} given: pass --domain, one of {', '.join(domains)}."
+        )
+    return domains.index(domain)
+
+
 def run(args: argparse.Namespace) -> str:
     """Do the work of one ``inspect`` call; return what to print."""
     check_html_path(args.html)
@@ -312,7 +353,7 @@ def run(args: argparse.Namespace) -> str:
     ids, spans = encode(tokenizer, text)
     if len(ids) == 0:
         raise UserError("The text encodes to no tokens: give some text to route.")
-    routing = route_text(loaded.model, ids)
+    routing = route_text(loaded.model, ids, text_domain(loaded, args.domain))
     tokens = [text[start:end] for start, end in spans]
     n_experts = int(loaded.hparams["moe"]["n_experts"])
     window = loaded.model.config.n_positions

@@ -24,7 +24,13 @@ from torch import nn
 
 from moe_emergence.analysis.scores import LayerScores, contingency, score_layer
 from moe_emergence.errors import UserError
-from moe_emergence.model.gpt2_moe import collect_aux_outputs, moe_layers, next_token_losses
+from moe_emergence.model.gpt2_moe import (
+    collect_aux_outputs,
+    moe_layers,
+    needs_domains,
+    next_token_losses,
+    routing_domains,
+)
 
 log = logging.getLogger(__name__)
 
@@ -214,13 +220,21 @@ def route_blocks(
     forward_context: Any = contextlib.nullcontext,
     with_loss: bool = False,
     with_probs: bool = False,
+    block_domains: torch.Tensor | None = None,
 ) -> ProbeRouting:
     """Route ``input_ids`` [p, T] (on the model's device) through ``model`` (a
     ``GPT2LMHeadModel``, with MoE layers or dense) in eval mode, ``batch_size`` blocks at a
     time, under ``forward_context()`` (the trainer's precision context). Draws no random
     numbers. ``with_loss`` also runs the LM head for each block's summed loss (as the
     LightningModule's validation: float32 logits, next token within the block);
-    ``with_probs`` also keeps every token's router distribution."""
+    ``with_probs`` also keeps every token's router distribution. ``block_domains`` [p] long:
+    each block's index in the run's domains, which a ``domain`` router routes by (required
+    there, unused by the other routers)."""
+    if block_domains is None and needs_domains(model):
+        raise UserError(
+            "model.moe.router=domain routes each block by its domain, and these blocks come "
+            "without their domains: route blocks of known domains (block_domains)."
+        )
     layers = moe_layers(model)
     p, t = input_ids.shape
     device = input_ids.device
@@ -241,7 +255,8 @@ def route_blocks(
     with eval_mode(model):
         for start in range(0, p, batch_size):
             chunk = input_ids[start : start + batch_size]
-            with forward_context():
+            domains = None if block_domains is None else block_domains[start : start + batch_size]
+            with forward_context(), routing_domains(model, domains):
                 if loss_sum is None:
                     model.transformer(input_ids=chunk)  # the MoE layers are all in here
                 else:

@@ -109,6 +109,9 @@ CONDITION_NAMES = {
     "no_lb": "no LB",
     "dense": "dense",
     "global_lb": "global LB",
+    "frozen_router": "frozen router",
+    "hash_router": "hash router",
+    "domain_router": "domain router",
 }
 NO_OVERRIDES = "(no overrides)"
 DEFAULTS_LABEL = "defaults"

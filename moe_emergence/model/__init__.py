@@ -1,4 +1,5 @@
-"""The model: a noisy top-k MoE layer (moe.py) installed into GPT-2's MLPs (gpt2_moe.py)."""
+"""The model: a noisy top-k MoE layer and its reference routers (frozen, hash, domain; moe.py)
+installed into GPT-2's MLPs (gpt2_moe.py)."""
 
 from moe_emergence.model.gpt2_moe import (
     AuxOutputs,
@@ -7,9 +8,13 @@ from moe_emergence.model.gpt2_moe import (
     count_parameters,
     install_moe_layers,
     moe_layers,
+    routing_domains,
     set_router_step,
 )
 from moe_emergence.model.moe import (
+    DomainRouter,
+    FixedRouter,
+    HashRouter,
     MoELayer,
     Router,
     RouterOutput,
@@ -19,6 +24,9 @@ from moe_emergence.model.moe import (
 
 __all__ = [
     "AuxOutputs",
+    "DomainRouter",
+    "FixedRouter",
+    "HashRouter",
     "MoELayer",
     "Router",
     "RouterOutput",
@@ -28,6 +36,7 @@ __all__ = [
     "install_moe_layers",
     "load_balancing_loss",
     "moe_layers",
+    "routing_domains",
     "set_router_step",
     "z_loss",
 ]

@@ -6,8 +6,9 @@ Blocks are indexed 0..n_layer-1 as in ``model.transformer.h``.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from moe_emergence.model.moe import (
     StackedExperts,
     check_dispatch,
     check_lb_settings,
+    hash_parameters,
 )
 from moe_emergence.model.settings import ModelSettings, MoESettings
 from moe_emergence.settings import is_int
@@ -163,6 +165,7 @@ def install_moe_layers(
     init_noise: float = 0.0,
     seed: int = 0,
     dispatch: str = "auto",
+    router: str = "learned",
 ) -> list[MoELayer]:
     """Replace ``model.transformer.h[i].mlp`` for each i in ``layers`` by an MoE layer (in place).
 
@@ -171,6 +174,12 @@ def install_moe_layers(
     router noise (eval mode) the model computes the dense model's logits, for any top_k and
     dispatch. Expert noise (expert by expert, parameter by parameter) and then the router init
     draw from a generator seeded with ``seed``. Returns the layers in ``layers`` order.
+
+    ``router`` (``model.moe.router``): every kind draws the same numbers, so a model of one
+    seed has the same experts whatever its router, and a ``frozen`` router the initial gate of
+    the ``learned`` one (it is that gate, then frozen). A ``hash`` router of block i hashes
+    with :func:`~moe_emergence.model.moe.hash_parameters` ``(seed, i)``; the GPT-2 body gets a
+    pre-hook that hands each forward's ``input_ids`` to its MoE layers.
     """
     blocks = model.transformer.h
     n_layer = len(blocks)
@@ -196,13 +205,54 @@ def install_moe_layers(
         experts = StackedExperts.from_mlp(dense, n_experts)
         if init_noise > 0:
             _perturb(experts, init_noise, generator)
-        moe = MoELayer(experts, top_k, noise_std, noise_anneal_steps, dispatch=dispatch)
+        moe = MoELayer(
+            experts,
+            top_k,
+            noise_std,
+            noise_anneal_steps,
+            dispatch=dispatch,
+            router=router,
+            hash_key=hash_parameters(seed, i),
+        )
         moe.router.reset_parameters(generator)
         reference = next(dense.parameters())
         moe.router.to(device=reference.device, dtype=reference.dtype)
         blocks[i].mlp = moe
         installed.append(moe)
+    hooks = model.transformer._forward_pre_hooks.values()
+    if any(layer.router.key == "token_ids" for layer in installed) and hand_token_ids not in hooks:
+        model.transformer.register_forward_pre_hook(hand_token_ids, with_kwargs=True)
     return installed
+
+
+def hand_token_ids(body: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of the GPT-2 body (``model.transformer``): give its MoE layers this
+    forward's ``input_ids`` [B, T] (None when it has none), the key of a hash router. A plain
+    function (no state), so copies and pickles of the model keep a working hook."""
+    input_ids = args[0] if args else kwargs.get("input_ids")
+    for block in body.h:
+        if isinstance(block.mlp, MoELayer):
+            block.mlp.token_ids = input_ids
+
+
+@contextlib.contextmanager
+def routing_domains(model: GPT2LMHeadModel, block_domains: Tensor | None) -> Iterator[None]:
+    """Within the block, every MoE layer of ``model`` knows the domain of each block of its
+    forwards: ``block_domains`` [B] long, indices into the run's ``domains`` (None: unknown).
+    A ``domain`` router needs them; the others ignore them."""
+    layers = list(moe_layers(model).values())
+    for layer in layers:
+        layer.block_domains = block_domains
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.block_domains = None
+
+
+def needs_domains(model: GPT2LMHeadModel) -> bool:
+    """Whether a router of ``model`` routes by each block's domain (``model.moe.router=domain``)."""
+    return any(layer.router.key == "domains" for layer in moe_layers(model).values())
 
 
 @torch.no_grad()

@@ -23,10 +23,11 @@ from moe_emergence.model.gpt2_moe import (
     collect_aux_outputs,
     moe_layers,
     next_token_losses,
+    routing_domains,
     set_load_balancing,
     set_router_step,
 )
-from moe_emergence.model.moe import check_lb_settings, router_entropy
+from moe_emergence.model.moe import check_domain_map, check_lb_settings, router_entropy
 from moe_emergence.model.settings import ModelSettings, MoESettings
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,12 @@ class MoEGPT2Module(L.LightningModule):
     device and precision (:attr:`dispatch`), saved in checkpoints (``moe_dispatch``) and in
     ``summary.json``.
 
+    ``moe.router`` (:class:`MoESettings`): under a ``frozen``, ``hash`` or ``domain`` router no
+    loss has a gradient path through the router, so the load-balancing and z-losses are
+    constants: still computed, logged (``train/lb_loss``: how balanced the fixed routing is)
+    and added to ``train/loss``, changing nothing that trains. A ``domain`` router reads each
+    block's domain, handed to the model's forward (:meth:`forward`).
+
     A training step reads nothing back to the host except at logging steps (every
     ``trainer.log_every_n_steps``): per-domain losses accumulate on the device.
     ``train/loss_<domain>`` is the mean over the domain's blocks of the logging step (nan when
@@ -120,6 +127,8 @@ class MoEGPT2Module(L.LightningModule):
                 "moe": self.moe_settings.to_dict() if self.moe_settings else None,
             }
         )
+        if self.moe_settings is not None and self.moe_settings.router == "domain":
+            check_domain_map(self.moe_settings.n_experts, self.moe_settings.top_k, domains)
         self.model = build_model(self.settings, self.moe_settings, vocab_size)
         n_positions = self.model.config.n_positions
         if block_size > n_positions:
@@ -150,9 +159,13 @@ class MoEGPT2Module(L.LightningModule):
 
     # ------------------------------------------------------------------ forward and losses
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T, vocab] for ``input_ids`` [B, T]."""
-        return self.model(input_ids=input_ids).logits
+    def forward(
+        self, input_ids: torch.Tensor, block_domains: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] for ``input_ids`` [B, T]; ``block_domains`` [B] long: each
+        block's index in :attr:`domains` (a ``domain`` router needs it)."""
+        with routing_domains(self.model, block_domains):
+            return self.model(input_ids=input_ids).logits
 
     def _domain_ids(self, domains: Sequence[str]) -> torch.Tensor:
         try:
@@ -168,9 +181,9 @@ class MoEGPT2Module(L.LightningModule):
     def _losses(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """Per-block LM loss [B] (mean over next-token predictions) and the aux outputs."""
         ids = batch["input_ids"]
-        logits = self(ids)
-        per_block = next_token_losses(logits, ids).mean(1)
         domain_ids = self._domain_ids(batch["domains"])
+        logits = self(ids, domain_ids)
+        per_block = next_token_losses(logits, ids).mean(1)
         return per_block, domain_ids, collect_aux_outputs(self.model)
 
     # ------------------------------------------------------------------ training
@@ -306,9 +319,12 @@ class MoEGPT2Module(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """The optimizer (fused on CUDA where it takes ``fused`` and the config does not set
-        it: one kernel for all parameters) and the warm-up + cosine schedule."""
-        optimizer = self.optimizer_factory(self.parameters(), **self._fused_option())
+        """The optimizer over the trainable parameters (a frozen router's gate is not one:
+        it stays bitwise at its initial value, weight decay included), fused on CUDA where it
+        takes ``fused`` and the config does not set it (one kernel for all parameters), and the
+        warm-up + cosine schedule."""
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(trainable, **self._fused_option())
         total = int(self.trainer.estimated_stepping_batches)
         warmup, ratio = self.settings.warmup_steps, self.settings.min_lr_ratio
         scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -1,5 +1,6 @@
-"""Mixture-of-Experts building blocks: a noisy top-k router, its auxiliary losses, experts as
-stacked weights, and a layer that dispatches tokens to them.
+"""Mixture-of-Experts building blocks: a noisy top-k router (learned, or frozen at its initial
+weights), the fixed reference routers (by token hash, by domain), the auxiliary losses, experts
+as stacked weights, and a layer that dispatches tokens to them.
 
 Shapes: N tokens (batch x time, flattened), E experts, k experts per token, d model width,
 h expert hidden width (4d for GPT-2), W micro-batches in the global load-balancing window.
@@ -8,6 +9,9 @@ h expert hidden width (4d for GPT-2), W micro-batches in the global load-balanci
 from __future__ import annotations
 
 import copy
+import hashlib
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +21,7 @@ from torch import Tensor, nn
 
 from moe_emergence.distributed import sum_over_ranks
 from moe_emergence.errors import UserError
-from moe_emergence.model.settings import DISPATCHES, LB_SCOPES
+from moe_emergence.model.settings import DISPATCHES, LB_SCOPES, ROUTERS
 from moe_emergence.model.settings import ModelSettings as MODEL
 from moe_emergence.model.settings import MoESettings as MOE
 from moe_emergence.settings import is_int
@@ -53,9 +57,16 @@ class Router(nn.Module):
     noise at all). The step lives in the ``step`` buffer, advanced by the owner with
     :meth:`set_step`, so it follows the trainer's global step and is saved in checkpoints.
     Eval mode adds no noise.
+
+    ``frozen=True`` (``model.moe.router=frozen``): the gate keeps the weights it is given (no
+    gradient: ``requires_grad`` False) and reads the hidden states detached, so no loss reaches
+    anything through the router: the load-balancing and z-losses and the straight-through
+    top-1 weight are constants. Routing then changes only as the representations it reads
+    change under the LM loss. A frozen router takes no noise (``noise_std`` must be 0).
     """
 
     step: Tensor
+    key: str | None = None  # what it reads besides the hidden states: nothing
 
     def __init__(
         self,
@@ -64,13 +75,14 @@ class Router(nn.Module):
         top_k: int = 1,
         noise_std: float = 1.0,
         noise_anneal_steps: int = 1000,
+        frozen: bool = False,
     ) -> None:
         super().__init__()
-        if n_experts < 1:
-            raise UserError(f"{MOE.option('n_experts')} must be >= 1, got {n_experts}")
-        if not 1 <= top_k <= n_experts:
+        check_experts(n_experts, top_k)
+        if frozen and noise_std > 0:
             raise UserError(
-                f"{MOE.option('top_k')} must be in [1, n_experts={n_experts}], got {top_k}"
+                f"{MOE.option('noise_std', str(noise_std))} with {MOE.option('router', 'frozen')}:"
+                f" a frozen router takes no noise; set {MOE.option('noise_std', '0')}."
             )
         if noise_std < 0:
             raise UserError(f"{MOE.option('noise_std')} must be >= 0, got {noise_std}")
@@ -82,7 +94,9 @@ class Router(nn.Module):
         self.top_k = top_k
         self.noise_std = float(noise_std)
         self.noise_anneal_steps = int(noise_anneal_steps)
+        self.frozen = bool(frozen)
         self.gate = nn.Linear(d_model, n_experts, bias=False)
+        self.gate.weight.requires_grad_(not self.frozen)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.reset_parameters()
 
@@ -111,8 +125,11 @@ class Router(nn.Module):
         """Std of the training noise at the current step (the eval std is always 0)."""
         return float(self._noise_scale())
 
-    def forward(self, x: Tensor) -> RouterOutput:
-        """Route ``x`` [N, d_model] to ``top_k`` of ``n_experts`` experts."""
+    def forward(self, x: Tensor, keys: Tensor | None = None) -> RouterOutput:
+        """Route ``x`` [N, d_model] to ``top_k`` of ``n_experts`` experts (``keys``: unused, the
+        fixed routers' argument)."""
+        if self.frozen:
+            x = x.detach()
         # Gate, selection and softmax in float32, also under autocast (bf16 would flip ~0.1%
         # of the top-1 choices).
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -129,6 +146,156 @@ class Router(nn.Module):
         else:
             weights = top_logits.softmax(dim=-1)
         return RouterOutput(logits=logits, probs=probs, weights=weights, indices=indices)
+
+
+def check_experts(n_experts: int, top_k: int) -> None:
+    """Refuse fewer than 1 expert, or a ``top_k`` outside [1, n_experts]."""
+    if n_experts < 1:
+        raise UserError(f"{MOE.option('n_experts')} must be >= 1, got {n_experts}")
+    if not 1 <= top_k <= n_experts:
+        raise UserError(f"{MOE.option('top_k')} must be in [1, n_experts={n_experts}], got {top_k}")
+
+
+# The logit of an expert a fixed router never picks: its softmax is exactly 0 in float32 and
+# float64, and entropies (p log p) stay finite (-inf would give nan).
+UNCHOSEN_LOGIT = -1.0e4
+HASH_PRIME = 2**31 - 1  # a Mersenne prime; token ids (< 2^32) times a (< 2^31) fit in int64
+
+
+def hash_parameters(seed: int, layer: int) -> tuple[int, int]:
+    """``(a, b)`` of the hash router of block ``layer`` in a model of ``model.moe.seed=seed``:
+    from SHA-256 of ``"hash-router:<seed>:<layer>"``, so the same on every machine and version;
+    1 <= a < p, 0 <= b < p, p = 2^31 - 1."""
+    digest = hashlib.sha256(f"hash-router:{seed}:{layer}".encode()).digest()
+    a = 1 + int.from_bytes(digest[:8], "big") % (HASH_PRIME - 1)
+    b = int.from_bytes(digest[8:16], "big") % HASH_PRIME
+    return a, b
+
+
+class FixedRouter(nn.Module):
+    """A router whose choice is a fixed function of one key per token (:attr:`key`: its
+    ``token_ids`` or its block's ``domains``), not of the hidden states: no parameters, no
+    noise, no gradient. Its ``top_k`` experts are distinct and weighted ``1 / top_k`` each
+    (1 for top-1). Subclasses give :meth:`experts_of`.
+
+    What it reports as router logits is the log of that fixed distribution (``log(1/k)`` on
+    the chosen experts, :data:`UNCHOSEN_LOGIT` elsewhere): its entropy is ``log k``, its
+    z-loss 0, and its load-balancing loss ``E * sum_i f_i^2`` (1.0 when balanced), logged but
+    with no gradient.
+    """
+
+    key: str = ""
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int = 1) -> None:
+        super().__init__()
+        check_experts(n_experts, top_k)
+        self.d_model, self.n_experts, self.top_k = d_model, n_experts, top_k
+        self.noise_std = 0.0
+        self.current_noise_std = 0.0
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Draw what a learned router's init draws (a [E, d] normal) and discard it, so that
+        the MoE layers after this one get the experts of the learned router's model of the
+        same seed."""
+        torch.empty(self.n_experts, self.d_model).normal_(std=ROUTER_INIT_STD, generator=generator)
+
+    def set_step(self, step: int) -> None:
+        """Nothing anneals (no noise)."""
+
+    def experts_of(self, keys: Tensor) -> Tensor:
+        """keys [N] long -> the experts [N, top_k] long (distinct per row)."""
+        raise NotImplementedError
+
+    @torch.compiler.disable  # a few integer ops; keys come from outside the compiled block
+    def forward(self, x: Tensor, keys: Tensor | None = None) -> RouterOutput:
+        """Route the N tokens of ``x`` [N, d] by ``keys`` [N] long (:attr:`key` of each)."""
+        if keys is None or keys.shape != x.shape[:1]:
+            raise RuntimeError(
+                f"{type(self).__name__} needs the {self.key} of the {x.shape[0]} tokens, got "
+                f"{None if keys is None else tuple(keys.shape)}"
+            )
+        indices = self.experts_of(keys.to(device=x.device, dtype=torch.long))
+        n, k = indices.shape
+        logits = torch.full((n, self.n_experts), UNCHOSEN_LOGIT, device=x.device)
+        logits.scatter_(1, indices, math.log(1.0 / k))
+        weights = torch.full((n, k), 1.0 / k, device=x.device)
+        probs = logits.softmax(-1)
+        return RouterOutput(logits=logits, probs=probs, weights=weights, indices=indices)
+
+    def extra_repr(self) -> str:
+        return f"n_experts={self.n_experts}, top_k={self.top_k}"
+
+
+class HashRouter(FixedRouter):
+    """Routing by token identity alone (Roller et al. 2021, Hash Layers): token id t goes to
+    ``h(t) = ((a * t + b) mod p) mod E`` (a universal hash, p = 2^31 - 1; ``(a, b)`` from
+    :func:`hash_parameters` of the seed and the layer) and, for top-k, also to ``h(t) + 1, ...,
+    h(t) + k - 1`` (mod E)."""
+
+    key = "token_ids"
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int, a: int, b: int) -> None:
+        super().__init__(d_model, n_experts, top_k)
+        if not (1 <= a < HASH_PRIME and 0 <= b < HASH_PRIME):
+            raise ValueError(f"hash parameters need 1 <= a < p and 0 <= b < p, got {a}, {b}")
+        self.a, self.b = int(a), int(b)
+
+    def experts_of(self, keys: Tensor) -> Tensor:
+        first = (keys * self.a + self.b) % HASH_PRIME % self.n_experts
+        offsets = torch.arange(self.top_k, device=keys.device)
+        return (first[:, None] + offsets) % self.n_experts
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, a={self.a}, b={self.b}"
+
+
+class DomainRouter(FixedRouter):
+    """Ideal domain specialisation: every token of a block of domain i (its index in the
+    model's ``domains``) goes to experts ``i * k, ..., i * k + k - 1`` (mod E): domain i ->
+    expert i for top-1. Each domain has its own experts when ``E >= n_domains * k``
+    (:func:`check_domain_map`)."""
+
+    key = "domains"
+
+    def experts_of(self, keys: Tensor) -> Tensor:
+        offsets = torch.arange(self.top_k, device=keys.device)
+        return (keys[:, None] * self.top_k + offsets) % self.n_experts
+
+
+def check_domain_map(n_experts: int, top_k: int, domains: Sequence[str]) -> None:
+    """Refuse a domain router that cannot give each domain its own ``top_k`` experts."""
+    if n_experts < len(domains) * top_k:
+        raise UserError(
+            f"{MOE.option('router', 'domain')} needs {MOE.option('n_experts')} >= domains x "
+            f"top_k = {len(domains)} x {top_k} (each domain its own experts), got "
+            f"{MOE.option('n_experts', str(n_experts))}: raise it or lower "
+            f"{MOE.option('top_k')}."
+        )
+
+
+def make_router(
+    kind: str,
+    d_model: int,
+    n_experts: int,
+    top_k: int = 1,
+    noise_std: float = 1.0,
+    noise_anneal_steps: int = 1000,
+    hash_key: tuple[int, int] = (1, 0),
+) -> Router | FixedRouter:
+    """The router of ``model.moe.router=kind`` (:data:`ROUTERS`); ``hash_key``: the hash
+    router's ``(a, b)`` (:func:`hash_parameters`)."""
+    if kind not in ROUTERS:
+        raise UserError(f"{MOE.option('router')} must be one of {', '.join(ROUTERS)}, got {kind!r}")
+    if kind in ("learned", "frozen"):
+        return Router(d_model, n_experts, top_k, noise_std, noise_anneal_steps, kind == "frozen")
+    if noise_std > 0:
+        raise UserError(
+            f"{MOE.option('noise_std', str(noise_std))} with {MOE.option('router', kind)}: a "
+            f"{kind} router takes no noise; set {MOE.option('noise_std', '0')}."
+        )
+    if kind == "hash":
+        return HashRouter(d_model, n_experts, top_k, *hash_key)
+    return DomainRouter(d_model, n_experts, top_k)
 
 
 def router_entropy(logits: Tensor) -> Tensor:
@@ -427,6 +594,13 @@ class MoELayer(nn.Module):
     (train mode with grad enabled), which all-reduce and push into that window; eval-mode or
     no-grad forwards (validation, routing probes) neither all-reduce nor push, and report the
     ``batch`` loss of their own tokens.
+
+    ``router`` (``model.moe.router``, :func:`make_router`): ``learned``, ``frozen``, ``hash``
+    or ``domain``. The last two read one key per token besides the hidden states, handed to
+    the layer before each forward: :attr:`token_ids` [B, T] long (set by the GPT-2 body's
+    pre-hook, :func:`moe_emergence.model.gpt2_moe.install_moe_layers`) or
+    :attr:`block_domains` [B] long (set around the forward by
+    :func:`moe_emergence.model.gpt2_moe.routing_domains`).
     """
 
     def __init__(
@@ -438,11 +612,18 @@ class MoELayer(nn.Module):
         lb_scope: str = "batch",
         lb_window: int = 1,
         dispatch: str = "auto",
+        router: str = "learned",
+        hash_key: tuple[int, int] = (1, 0),
     ) -> None:
         super().__init__()
         self.experts = experts
         self.d_model = experts.d_model
-        self.router = Router(self.d_model, experts.n_experts, top_k, noise_std, noise_anneal_steps)
+        self.router_kind = router
+        self.router = make_router(
+            router, self.d_model, experts.n_experts, top_k, noise_std, noise_anneal_steps, hash_key
+        )
+        self.token_ids: Tensor | None = None
+        self.block_domains: Tensor | None = None
         self.set_dispatch(dispatch)
         self.set_load_balancing(lb_scope, lb_window)
         self._clear_state()
@@ -496,6 +677,8 @@ class MoELayer(nn.Module):
         # The last losses hold the autograd graph, which deepcopy and pickle refuse.
         state = super().__getstate__()
         state.update(
+            token_ids=None,
+            block_domains=None,
             last_indices=None,
             last_logits=None,
             last_counts=None,
@@ -508,7 +691,7 @@ class MoELayer(nn.Module):
         """hidden [B, T, d] -> [B, T, d]."""
         shape = hidden.shape
         x = hidden.reshape(-1, self.d_model)  # [N, d]
-        route = self.router(x)
+        route = self.router(x, self._router_keys(shape[:-1]))
         routed = Dispatch.sort(route.indices, self.n_experts)
         counts = routed.counts
         path = self.path_for(x.device.type, _compute_dtype(x))
@@ -529,6 +712,34 @@ class MoELayer(nn.Module):
             self.last_lb_loss = load_balancing_loss(route.probs, route.indices, self.n_experts)
         self.last_z_loss = z_loss(route.logits)
         return out.reshape(shape)
+
+    def _router_keys(self, shape: torch.Size) -> Tensor | None:
+        """The key per token [N] a fixed router reads (None for the others): the token ids
+        [B, T] flattened, or each block's domain [B] repeated over its T tokens."""
+        key = self.router.key
+        if key is None:
+            return None
+        given = self.token_ids if key == "token_ids" else self.block_domains
+        if given is None:
+            hint = (
+                "pass input_ids to the model's forward (not inputs_embeds)"
+                if key == "token_ids"
+                else "route under moe_emergence.model.gpt2_moe.routing_domains(model, domains): "
+                "the domain of each block, as an index into the run's domains"
+            )
+            raise UserError(
+                f"{MOE.option('router', self.router_kind)} routes by the {key} of each "
+                f"token, which this forward was not given: {hint}."
+            )
+        expected = tuple(shape) if key == "token_ids" else tuple(shape[:1])
+        if tuple(given.shape) != expected:
+            raise RuntimeError(
+                f"the {key} handed to this MoE layer have shape {tuple(given.shape)}, its "
+                f"input {tuple(shape)} tokens (a forward's keys left from another forward?)"
+            )
+        if key == "token_ids":
+            return given.reshape(-1)
+        return given.repeat_interleave(shape[1])
 
     @staticmethod
     def _combine(rows: Tensor, routed: Dispatch, weights: Tensor) -> Tensor:
@@ -551,4 +762,7 @@ class MoELayer(nn.Module):
             if self.lb_counts is not None
             else ""
         )
-        return f"n_experts={self.n_experts}, top_k={self.top_k}, dispatch={self.dispatch}{lb}"
+        return (
+            f"n_experts={self.n_experts}, top_k={self.top_k}, router={self.router_kind}, "
+            f"dispatch={self.dispatch}{lb}"
+        )

@@ -12,10 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from moe_emergence.errors import UserError
 from moe_emergence.settings import Settings, setting
 
 LB_SCOPES = ("batch", "global")
 DISPATCHES = ("auto", "loop", "grouped")
+# How a router chooses: learned (trained), frozen (its initial weights kept), hash (by token id),
+# domain (by each block's domain). The last three are references for the learned one.
+ROUTERS = ("learned", "frozen", "hash", "domain")
 
 
 def _check_layers(layers: list[int]) -> None:
@@ -83,3 +87,21 @@ class MoESettings(Settings):
         choices=DISPATCHES,
         help="loop | grouped | auto (grouped on CUDA bf16 with SM 9.x/10.x, loop elsewhere)",
     )
+    router: str = setting(
+        "learned",
+        choices=ROUTERS,
+        help="learned | frozen (kept at its init, top-1's at the same seed) | hash (a seeded "
+        "hash of the token id) | domain (expert(s) fixed per domain); docs/method.md",
+    )
+
+    def validate(self) -> MoESettings:
+        """The field checks, then: a router that is not learned takes no noise (the noise is
+        exploration for a router that learns; ``noise_std`` must be 0)."""
+        super().validate()
+        if self.router != "learned" and self.noise_std > 0:
+            raise UserError(
+                f"{self.option('noise_std', repr(self.noise_std))} with "
+                f"{self.option('router', self.router)}: only a learned router takes noise; set "
+                f"{self.option('noise_std', '0')} (condition={self.router}_router does)."
+            )
+        return self
