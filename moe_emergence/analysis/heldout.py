@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SMOOTHING = 4.0  # B: pseudo-tokens of the coarser prediction in every fine cell
+SMOOTHING = 16.0  # B: pseudo-tokens of the coarser prediction in every fine cell
 CHUNK = 32  # labellings per batch, at most
 CELLS_PER_BATCH = 4_000_000  # float64 cells a batch may hold (32 MB)
 
@@ -125,19 +125,24 @@ def token_gain_batch(
         fit_m, score_m = token_folds == fit, token_folds != fit
         if not fit_m.any() or not score_m.any():
             continue
+        n_t = np.bincount(token_idx[fit_m], minlength=n_ids).astype(np.float64)  # label-free
+        score_t = token_idx[score_m]
+        denominator = np.log(n_t[score_t] + SMOOTHING)[None, :]
         step = _chunk(cells)
         for start in range(0, k_all, step):
             ex = experts[start : start + step]
             k = ex.shape[0]
-            offset = (np.arange(k) * cells)[:, None]
-            fit_keys = offset + token_idx[fit_m] * n_experts + ex[:, fit_m]
-            fit_te = np.bincount(fit_keys.ravel(), minlength=k * cells).reshape(k, n_ids, -1)
-            log_q = _log_marginal(fit_te.sum(axis=1))  # [k, E]
-            log_fine = _log_fine(fit_te, np.exp(log_q)[:, None, :])  # [k, ids, E]
-            score_ex = ex[:, score_m]
             rows = np.arange(k)[:, None]
-            fine = log_fine[rows, token_idx[score_m][None, :], score_ex]
-            coarse = np.take_along_axis(log_q, score_ex, axis=1)
+            fit_keys = rows * cells + token_idx[fit_m] * n_experts + ex[:, fit_m]
+            fit_te = np.bincount(fit_keys.ravel(), minlength=k * cells)
+            marginal = np.bincount(
+                (rows * n_experts + ex[:, fit_m]).ravel(), minlength=k * n_experts
+            )
+            log_q = _log_marginal(marginal.reshape(k, n_experts).astype(np.float64))  # [k, E]
+            score_ex = ex[:, score_m]
+            coarse = np.take_along_axis(log_q, score_ex, axis=1)  # [k, n]
+            counts = fit_te[rows * cells + score_t[None, :] * n_experts + score_ex]
+            fine = np.log(counts + SMOOTHING * np.exp(coarse)) - denominator
             out[start : start + k] += (fine - coarse).sum(axis=1)
     return out / n_tok
 
@@ -182,18 +187,26 @@ class TokenDomainGroups:
         pairs, pair_count = np.unique(group_of * n_experts + experts, return_counts=True)
         self.n_ids, self.n_experts = n_ids, n_experts
         self.t, doc = np.divmod(groups, n_docs)
+        self.doc = doc
         self.fold = doc_folds[doc]
         self.label = doc_domains[doc]
         self.pair_group, self.pair_expert = np.divmod(pairs, n_experts)
         self.pair_count = pair_count.astype(np.float64)
+        self.size = np.bincount(group_of, minlength=groups.size)
         self.n_tokens = float(token_idx.size)
 
-    def within_id_permutations(self, n_permutations: int, seed: int) -> np.ndarray:
+    def within_id_permutations(
+        self, n_permutations: int, seed: int, by_size: bool = True
+    ) -> np.ndarray:
         """[K, G] labels, each the observed group labels permuted among the groups of each
         (id, fold): an id's documents exchange their domains; an id seen in one domain only
         keeps it, so a token's own domain proxy is never read as domain signal."""
         rng = np.random.default_rng(seed)
-        stratum = (self.t * 2 + self.fold).astype(np.float64)
+        stratum = self.t * 2 + self.fold
+        if by_size:
+            size_class = np.floor(np.log2(self.size)).astype(np.int64)  # 1, 2-3, 4-7, ...
+            stratum = stratum * (int(size_class.max(initial=0)) + 1) + size_class
+        stratum = _compact_sorted(stratum).astype(np.float64)
         by_stratum = np.argsort(stratum, kind="stable")
         keys = stratum[None, :] + 0.5 * rng.random((n_permutations, stratum.size))
         order = np.argsort(keys, axis=1)
@@ -223,23 +236,28 @@ class TokenDomainGroups:
             log_t = _log_fine(te, q_e[None, :])  # [ids, E], label-free
             s_t, s_e = pair_t[score_p], self.pair_expert[score_p]
             s_count = self.pair_count[score_p]
+            coarse = log_t[s_t, s_e][None, :]  # label-free
+            prior = SMOOTHING * np.exp(coarse)
+            f_group, f_t = self.pair_group[fit_p], pair_t[fit_p]
+            f_e, f_count = self.pair_expert[fit_p], self.pair_count[fit_p]
             cells = n_ids * n_domains * n_exp
             step = _chunk(cells)
             for start in range(0, labels.shape[0], step):
                 lab = labels[start : start + step]
                 k = lab.shape[0]
-                offset = (np.arange(k) * cells)[:, None]
-                fit_lab = lab[:, self.pair_group[fit_p]]
-                keys = offset + (pair_t[fit_p] * n_domains + fit_lab) * n_exp
-                keys = keys + self.pair_expert[fit_p]
-                w = np.broadcast_to(self.pair_count[fit_p], keys.shape)
-                tde = np.bincount(keys.ravel(), weights=w.ravel(), minlength=k * cells)
-                tde = tde.reshape(k, n_ids, n_domains, n_exp)
-                prob_t = np.exp(log_t)[None, :, None, :]
-                log_td = _log_fine(tde, prob_t)  # [k, ids, D, E]
-                score_lab = lab[:, self.pair_group[score_p]]
                 rows = np.arange(k)[:, None]
-                fine = log_td[rows, s_t[None, :], score_lab, s_e[None, :]]
-                coarse = log_t[s_t, s_e][None, :]
+                td_keys = rows * (n_ids * n_domains) + f_t * n_domains + lab[:, f_group]
+                w = np.broadcast_to(f_count, td_keys.shape).ravel()
+                tde = np.bincount((td_keys * n_exp + f_e).ravel(), weights=w, minlength=k * cells)
+                td = np.bincount(td_keys.ravel(), weights=w, minlength=k * n_ids * n_domains)
+                s_td = (
+                    rows * (n_ids * n_domains) + s_t * n_domains + lab[:, self.pair_group[score_p]]
+                )
+                fine = np.log(tde[s_td * n_exp + s_e] + prior) - np.log(td[s_td] + SMOOTHING)
                 out[start : start + k] += ((fine - coarse) * s_count[None, :]).sum(axis=1)
         return out / self.n_tokens
+
+
+def _compact_sorted(values: np.ndarray) -> np.ndarray:
+    """Each value's index among the sorted distinct values (int64)."""
+    return np.unique(values, return_inverse=True)[1].astype(np.int64).ravel()

@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -43,9 +42,9 @@ from moe_emergence.analysis.heldout import (
     within_document_shuffles,
 )
 
-# The probe interval of the NMI is read as approximate below this many documents in a domain
-# (its coverage on the real probe layouts: docs/method.md, tests/analysis/test_calibration.py).
-INTERVAL_MIN_DOCUMENTS = 30
+# The probe interval of the NMI is exact enough (coverage >= 93%) on size-matched probes with at
+# least this many documents per domain (benchmarks/interval_coverage.py; docs/method.md).
+INTERVAL_MIN_DOCUMENTS = 18
 
 __all__ = [
     "INTERVAL_MIN_DOCUMENTS",
@@ -652,30 +651,77 @@ def _weighted_tables(weights: np.ndarray, doc_counts: np.ndarray, doc_domains, n
     return tables
 
 
-def _leave_one_out_tables(doc_counts: np.ndarray, doc_domains: np.ndarray, n_domains: int):
-    """[U, D, E] the domain x expert table without document u, for every u (jackknife)."""
-    full = _weighted_tables(np.ones((1, doc_counts.shape[0])), doc_counts, doc_domains, n_domains)
-    out = np.repeat(full, doc_counts.shape[0], axis=0)
-    out[np.arange(doc_counts.shape[0]), doc_domains, :] -= doc_counts
+def _jackknife_se(
+    tables: np.ndarray,
+    weights: np.ndarray,
+    counts: list[np.ndarray],
+    doc_domains: np.ndarray,
+    statistic,
+) -> np.ndarray:
+    """[B] jackknife standard errors of ``statistic`` over the documents of each weighted
+    resample: ``tables`` [C, B, D, E] (one per checkpoint in ``counts``, each [U, E]),
+    ``weights`` [B, U] the resample's multiplicities; removing one copy of document u at a
+    time, ``se^2 = (n - 1) / n * sum_u w_u (theta_(u) - mean)^2`` with n = sum_u w_u."""
+    n_draws, n_docs = weights.shape
+    cells = n_docs * tables[0, 0].size * len(counts)
+    step = max(1, 4_000_000 // max(cells, 1))
+    out = np.empty(n_draws)
+    for start in range(0, n_draws, step):
+        stop = min(start + step, n_draws)
+        per_checkpoint = []
+        for table, doc_counts in zip(tables, counts, strict=True):
+            loo = np.repeat(table[start:stop, None], n_docs, axis=1)  # [b, U, D, E]
+            loo[:, np.arange(n_docs), doc_domains, :] -= doc_counts[None]
+            per_checkpoint.append(_nmi_batch(loo))
+        values = statistic(per_checkpoint)  # [b, U]
+        w = weights[start:stop]
+        n = w.sum(axis=1)
+        mean = (w * values).sum(axis=1) / n
+        var = (n - 1) / n * (w * (values - mean[:, None]) ** 2).sum(axis=1)
+        out[start:stop] = np.sqrt(np.maximum(var, 0.0))
     return out
 
 
-def _bca(observed: float, draws: np.ndarray, jackknife: np.ndarray, confidence: float):
-    """Bias-corrected and accelerated percentile interval of ``draws`` [B] around
-    ``observed``, the acceleration from the jackknife values [U] (Efron 1987)."""
-    normal = NormalDist()
-    below = np.count_nonzero(draws < observed) + 0.5 * np.count_nonzero(draws == observed)
-    share = min(max(below / draws.size, 0.5 / draws.size), 1 - 0.5 / draws.size)
-    z0 = normal.inv_cdf(share)
-    dev = jackknife.mean() - jackknife
-    spread = float((dev**2).sum())
-    accel = float((dev**3).sum()) / (6 * spread**1.5) if spread > 0 else 0.0
-    ends = []
-    for tail in ((1 - confidence) / 2, (1 + confidence) / 2):
-        z = z0 + normal.inv_cdf(tail)
-        ends.append(100 * normal.cdf(z0 + z / (1 - accel * z)))
-    low, high = np.percentile(draws, ends)
-    return float(low), float(high)
+def _studentised_interval(
+    counts: list[np.ndarray],
+    doc_domains: np.ndarray,
+    n_domains: int,
+    n_draws: int,
+    seed: int,
+    confidence: float,
+    statistic,
+) -> tuple[float, float]:
+    """Studentised (bootstrap-t) interval of ``statistic`` (a function of the NMIs of each
+    checkpoint's table: list of arrays -> array) over a within-domain document bootstrap:
+    ``t* = (theta* - theta) / se*``, se* the jackknife SE inside each resample, and ``(theta -
+    t*_hi se, theta - t*_lo se)``. ``counts``: each checkpoint's document expert counts [U, E],
+    the same documents and resamples for all (paired). (nan, nan) without draws or tokens."""
+    if n_draws < 1 or any(c.sum() == 0 for c in counts):
+        return float("nan"), float("nan")
+    ones = np.ones((1, doc_domains.shape[0]))
+    weights = _bootstrap_weights(doc_domains, n_domains, n_draws, seed)
+    full = np.stack([_weighted_tables(ones, c, doc_domains, n_domains) for c in counts])
+    drawn = np.stack([_weighted_tables(weights, c, doc_domains, n_domains) for c in counts])
+    theta = float(statistic([_nmi_batch(t) for t in full])[0])
+    se = float(_jackknife_se(full, ones, counts, doc_domains, statistic)[0])
+    theta_b = statistic([_nmi_batch(t) for t in drawn])
+    se_b = _jackknife_se(drawn, weights, counts, doc_domains, statistic)
+    ok = se_b > 0
+    if not ok.any() or se <= 0:
+        return theta, theta
+    t = (theta_b[ok] - theta) / se_b[ok]
+    low, high = np.percentile(t, 100 * np.array([(1 - confidence) / 2, (1 + confidence) / 2]))
+    return float(theta - high * se), float(theta - low * se)
+
+
+def _nmi_of(values: list[np.ndarray]) -> np.ndarray:
+    """The NMI of the one checkpoint."""
+    return values[0]
+
+
+def _change_of(values: list[np.ndarray]) -> np.ndarray:
+    """NMI after minus NMI before."""
+    return values[1] - values[0]
 
 
 def document_bootstrap(
@@ -690,9 +736,9 @@ def document_bootstrap(
     confidence: float = 0.95,
     mask=None,
 ) -> tuple[float, float]:
-    """The probe interval of the NMI: a BCa bootstrap (bias-corrected and accelerated
-    percentile; acceleration from the leave-one-document-out jackknife) over ``n_draws``
-    resamples of the probe's documents, with replacement within each domain. (nan, nan)
+    """The probe interval of the NMI: a studentised (bootstrap-t) interval over ``n_draws``
+    resamples of the probe's documents, with replacement within each domain, each resample's
+    standard error from its leave-one-document-out jackknife. (nan, nan)
     without draws. The uncertainty of which documents the probe holds, for one run; the
     spread over seeds is another. Its coverage is checked on the real probe layouts
     (tests/analysis/test_calibration.py; docs/method.md): see :func:`interval_is_approximate`."""
@@ -712,17 +758,9 @@ def _nmi_interval(
     confidence: float = 0.95,
 ) -> tuple[float, float]:
     """:func:`document_bootstrap` from the documents' expert counts [U, E]."""
-    if n_draws < 1 or doc_counts.sum() == 0:
-        return float("nan"), float("nan")
-    observed = float(
-        _nmi_batch(
-            _weighted_tables(np.ones((1, doc_counts.shape[0])), doc_counts, doc_domains, n_domains)
-        )[0]
+    return _studentised_interval(
+        [doc_counts], doc_domains, n_domains, n_draws, seed, confidence, _nmi_of
     )
-    weights = _bootstrap_weights(doc_domains, n_domains, n_draws, seed)
-    draws = _nmi_batch(_weighted_tables(weights, doc_counts, doc_domains, n_domains))
-    jack = _nmi_batch(_leave_one_out_tables(doc_counts, doc_domains, n_domains))
-    return _bca(observed, draws, jack, confidence)
 
 
 def paired_change_interval(
@@ -738,7 +776,7 @@ def paired_change_interval(
     confidence: float = 0.95,
     mask=None,
 ) -> tuple[float, float]:
-    """Document-paired BCa bootstrap interval of NMI(after) - NMI(before) of one run on one
+    """Document-paired studentised bootstrap interval of NMI(after) - NMI(before) of one run on one
     probe (say the final checkpoint and step 0): each draw resamples the documents (within
     each domain) once and scores both checkpoints' first-choice routing on that one resample,
     so the probe's document make-up cancels in the difference. experts_before / _after: [P, T,
@@ -749,29 +787,24 @@ def paired_change_interval(
     _, _, _, after = _probe(
         token_ids, token_docs, doc_domains, experts_after, n_domains, n_experts, mask
     )
-    if n_draws < 1 or docs.size == 0:
+    if docs.size == 0:
         return float("nan"), float("nan")
     counts = [_unit_counts(docs, e, dom.shape[0], n_experts) for e in (before, after)]
-    ones = np.ones((1, dom.shape[0]))
-    weights = _bootstrap_weights(dom, n_domains, n_draws, seed)
-
-    def change(w_or_jack) -> np.ndarray:
-        values = [_nmi_batch(w_or_jack(c)) for c in counts]
-        return values[1] - values[0]
-
-    observed = float(change(lambda c: _weighted_tables(ones, c, dom, n_domains))[0])
-    draws = change(lambda c: _weighted_tables(weights, c, dom, n_domains))
-    jack = change(lambda c: _leave_one_out_tables(c, dom, n_domains))
-    return _bca(observed, draws, jack, confidence)
+    return _studentised_interval(counts, dom, n_domains, n_draws, seed, confidence, _change_of)
 
 
-def interval_is_approximate(doc_domains, n_domains: int) -> bool:
-    """Whether the probe interval of the NMI is to be read as approximate: the fewest
-    documents of a domain is below :data:`INTERVAL_MIN_DOCUMENTS`, where the simulations on the
-    real probe layouts (docs/method.md) found its coverage below 93%."""
+def interval_is_approximate(doc_domains, doc_sizes, n_domains: int) -> bool:
+    """Whether the probe interval of the NMI is to be read as approximate: unless the probe is
+    size-matched (as many documents in every domain, as many scored tokens in every document)
+    with at least :data:`INTERVAL_MIN_DOCUMENTS` documents per domain, the layouts its coverage
+    was checked on (docs/method.md: 93-96% on the matched study and hub probes; 90.5% on the
+    unmatched study probe). doc_domains [U]; doc_sizes [U] scored tokens per document."""
     dom = _ids(doc_domains, n_domains, "doc_domains")
+    sizes = np.asarray(doc_sizes)
     per_domain = np.bincount(dom, minlength=n_domains)
-    return bool(per_domain.min(initial=0) < INTERVAL_MIN_DOCUMENTS)
+    matched = per_domain.size > 0 and (per_domain == per_domain[0]).all()
+    matched = matched and sizes.size > 0 and (sizes == sizes.flat[0]).all()
+    return not (matched and per_domain.min() >= INTERVAL_MIN_DOCUMENTS)
 
 
 # ----------------------------------------------------------------------------- one layer
@@ -786,10 +819,11 @@ class LayerScores:
     p-values are permutation p-values ``(1 + #{null >= observed}) / (1 + K)``.
 
     mi: I(D;E) of the domain x expert table: the statistic of the NMI's test.
-    nmi, nmi_low, nmi_high: the effect size I(D;E) / H(D), and its 95% probe interval (BCa
-        bootstrap over documents, resampled within each domain).
-    nmi_interval_approximate: the interval's coverage on this layout may be below 93% (too few
-        documents in a domain; :func:`interval_is_approximate`): print it as approximate.
+    nmi, nmi_low, nmi_high: the effect size I(D;E) / H(D), and its 95% probe interval
+        (studentised bootstrap over documents, resampled within each domain).
+    nmi_interval_approximate: the interval's coverage may be below 93% on this probe (not
+        size-matched, or too few documents; :func:`interval_is_approximate`): print it as
+        approximate.
     null_mean, null_p95: the NMI of the document-level permutation null (domain labels
         permuted across documents): chance levels on the NMI's scale.
     null_p: the test's p-value, computed on I(D;E) (its scale is not moved by a permutation).
@@ -898,7 +932,7 @@ def score_layer(
         nmi=nmi(table),
         nmi_low=nmi_low,
         nmi_high=nmi_high,
-        nmi_interval_approximate=interval_is_approximate(dom, n_domains),
+        nmi_interval_approximate=interval_is_approximate(dom, doc_counts.sum(axis=1), n_domains),
         null_mean=null_mean,
         null_p95=null_p95,
         null_p=permutation_p(null_mi, observed_mi),
