@@ -155,11 +155,19 @@ def within_document_shuffles(
     what the token id alone predicts is broken."""
     rng = np.random.default_rng(seed)
     by_doc = np.argsort(token_docs, kind="stable")
+    sizes = np.bincount(token_docs)
+    sizes = sizes[sizes > 0]
+    out = np.empty((n_permutations, token_docs.size), dtype=np.int64)
+    if sizes.size and (sizes == sizes[0]).all():  # equal documents (size-matched): in place
+        grouped = np.broadcast_to(
+            experts[by_doc].reshape(sizes.size, -1), (n_permutations, sizes.size, sizes[0])
+        )
+        out[:, by_doc] = rng.permuted(grouped, axis=2).reshape(n_permutations, -1)
+        return out
     keys = token_docs.astype(np.float64)[None, :] + 0.5 * rng.random(
         (n_permutations, token_docs.size)
     )
     order = np.argsort(keys, axis=1)  # each row: the tokens by document, shuffled within
-    out = np.empty((n_permutations, token_docs.size), dtype=np.int64)
     np.put_along_axis(out, order, np.broadcast_to(experts[by_doc], out.shape), axis=1)
     return out
 
