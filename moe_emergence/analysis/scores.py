@@ -4,21 +4,24 @@ The unit of replication inside a run is the DOCUMENT (a probe text): the tokens 
 and the blocks cut from it, are not independent, so every null permutes and every interval
 resamples documents, and every control fitted on the probe is cross-fitted on held-out
 documents. For top-k > 1 every score reads the first choice (slot 0), so NMIs share one scale.
+A ``mask`` (a size-matched probe, :func:`moe_emergence.analysis.probe.size_matched`) restricts
+every score to the scored tokens and the documents that keep some.
 
-- ``nmi = I(D;E) / H(D)`` of the domain x expert table: 0 when routing ignores the domain, 1
-  when the chosen expert determines it. Its null (:func:`permutation_null`) permutes the domain
-  labels across documents: the chance level of a domain-blind router on this probe, whatever
-  each document's own preferences.
-- ``cond_mi = I(D;E | T)``, plug-in, over the token ids seen in >= 2 domains: domain information
-  left once the token id is known. The plug-in is biased upward when ids are rare; its null
-  (:func:`conditional_mi_null`) permutes the domain labels among the (id, document) groups of
-  each shared id, which keeps the set of shared ids, every id's expert counts and every
-  document's routing of an id: the level reached with no domain effect beyond the token.
-- The cross-fitted controls (:func:`cross_fitted_routers`): a token-id router (each id sent by
-  its expert distribution) and a domain-only router (each domain by its expert distribution),
-  each fitted on one half of the documents and scored on the other, both ways. Their NMIs are
-  beside the NMI, never turned into a "share explained".
-- The probe interval of the NMI (:func:`document_bootstrap`): basic bootstrap over documents,
+- ``nmi = I(D;E) / H(D)`` of the domain x expert table: the effect size, 0 when routing ignores
+  the domain, 1 when the chosen expert determines it. Its test permutes the domain labels
+  across documents (:func:`permutation_tables`) with I(D;E) as the statistic: a permutation
+  moves H(D) when documents differ in size by domain, never I(D;E)'s scale; the NMI of the
+  same permutations gives the chance levels on the NMI's scale.
+- Held-out gains (:mod:`moe_emergence.analysis.heldout`, :func:`held_out_gains`): log-loss
+  gains of predicting a held-out document's experts from its domain, from the token id, and
+  from the domain beyond the token id, each with its document-level null.
+- ``cond_mi = I(D;E | T)``, plug-in, over the token ids seen in >= 2 domains, reported as its
+  excess over its null mean (:func:`conditional_mi_null`: labels permuted among the (id,
+  document) groups of each shared id); its null is conservative under document preference.
+- The cross-fitted token-id router (:func:`cross_fitted_routers`): each id sent by its expert
+  distribution on the other half of the documents; its NMI stands beside the NMI.
+- The probe interval of the NMI (:func:`document_bootstrap`) and of one run's change between
+  two checkpoints (:func:`paired_change_interval`): studentised bootstraps over documents,
   resampled within each domain.
 
 Shapes: D domains, E experts, k experts per token, N tokens, U documents. ``0 * log 0 = 0``;
