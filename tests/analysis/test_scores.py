@@ -495,6 +495,16 @@ def test_gain_nulls_keep_what_each_null_must_keep() -> None:
         for u in range(doc_domains.size):
             assert sorted(row[doc == u]) == sorted(ex[doc == u])
     assert not np.array_equal(shuffled[0], ex)
+    # Documents of equal size (a size-matched probe) take the in-place path: the same guarantee.
+    equal_docs = np.repeat(np.arange(8), 25)[np.random.default_rng(2).permutation(200)]
+    equal_ex = np.random.default_rng(3).integers(0, 5, 200)
+    for row in heldout.within_document_shuffles(equal_docs, equal_ex, 20, 1):
+        for u in range(8):
+            assert sorted(row[equal_docs == u]) == sorted(equal_ex[equal_docs == u])
+    assert (
+        np.unique(heldout.within_document_shuffles(equal_docs, equal_ex, 20, 1), axis=0).shape[0]
+        == 20
+    )
     t_idx, n_ids = scores._compact(tok)
     groups = heldout.TokenDomainGroups(t_idx, n_ids, doc, doc_domains, folds, ex, 5)
     size_class = np.floor(np.log2(groups.size))
