@@ -207,8 +207,11 @@ class TokenDomainGroups:
         self, n_permutations: int, seed: int, by_size: bool = True
     ) -> np.ndarray:
         """[K, G] labels, each the observed group labels permuted among the groups of each
-        (id, fold): an id's documents exchange their domains; an id seen in one domain only
-        keeps it, so a token's own domain proxy is never read as domain signal."""
+        (id, fold) and, with ``by_size``, of each size class (1, 2-3, 4-7, ... tokens of the id
+        in the document): an id's documents exchange their domains; an id seen in one domain
+        only keeps it, so a token's own domain proxy is never read as domain signal; and a
+        permuted (id, domain) cell keeps about its size (the smoothing makes the statistic
+        depend on it: without the size classes the null runs liberal under token routing)."""
         rng = np.random.default_rng(seed)
         stratum = self.t * 2 + self.fold
         if by_size:

@@ -155,6 +155,13 @@ def size_matched(probe: Probe) -> Probe:
     by_domain = [np.flatnonzero(probe.doc_domains == d) for d in range(len(probe.domains))]
     ranked = [docs[np.argsort(-sizes[docs], kind="stable")] for docs in by_domain]
     n_docs, n_tokens = _best_match([sizes[docs] for docs in ranked])
+    if n_docs == 0:
+        empty = [d for d, docs in zip(probe.domains, by_domain, strict=True) if docs.size == 0]
+        raise UserError(
+            f"callbacks.routing_analysis.size_matched=true keeps nothing: the probe has no "
+            f"document of {empty}; set it false or give the probe more texts "
+            f"(data.eval_fraction)."
+        )
     kept_docs = np.concatenate([docs[:n_docs] for docs in ranked]).astype(np.int64)
     flat_docs = probe.token_docs.ravel()
     keep_doc = np.zeros(probe.n_docs, dtype=bool)

@@ -28,6 +28,7 @@ from moe_emergence.analysis.results import RunResult
 from moe_emergence.analysis.scores import score_layer
 from moe_emergence.analysis.settings import ProbeSettings
 from moe_emergence.analysis.tables import COUNTS, TRAJECTORY, read_table, routing_rows
+from moe_emergence.errors import UserError
 
 STEP = 3
 SETTINGS = {"batch_size": 4, "null_permutations": 19, "null_seed": 5}
@@ -170,6 +171,9 @@ def test_size_matched_keeps_as_many_documents_and_tokens_per_domain_as_it_can():
     assert replace(probe, token_mask=np.ones((5, 4), dtype=bool)).digest == probe.digest
     with pytest.raises(ValueError):
         size_matched(matched)
+    one_domain = make_probe(np.zeros((2, 4), dtype=np.int64), np.zeros(2), ("a", "b"), "held_out")
+    with pytest.raises(UserError, match="size_matched"):
+        size_matched(one_domain)
 
 
 def test_a_size_matched_probe_is_scored_on_its_kept_tokens_only():
