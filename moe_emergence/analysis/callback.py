@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +111,7 @@ class RoutingAnalysis(L.Callback):
             self.train_sample_blocks,
             self.held_out_blocks,
             self.probe_seed,
+            self.size_matched,
         )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -310,12 +310,9 @@ class RoutingAnalysis(L.Callback):
         tables = {layer: table for layer, (table, _) in self._latest.items()}
         scores = {layer: s for layer, (_, s) in self._latest.items()}
         trajectory: dict[int, list[tuple[int, LayerScores]]] = {}
-        names = [f.name for f in fields(LayerScores)]
         for row in self._rows["trajectory"]:
-            values = {name: float(row[name]) for name in names}
-            values["n_documents"] = int(values["n_documents"])
             trajectory.setdefault(int(row["layer"]), []).append(
-                (int(row["step"]), LayerScores(**values))
+                (int(row["step"]), LayerScores.from_row(row))
             )
         return {
             "heatmap": heatmap_figure(
@@ -348,20 +345,25 @@ class RoutingAnalysis(L.Callback):
             for r in self._rows["trajectory"]
             if int(r["step"]) == 0
         }
+        n_docs = sum(self.probe.scored_counts()[0].values())
         lines = [
             f"Routing at step {step} (eval mode, probe {kind}, "
-            f"{self.probe.input_ids.shape[0]:,} blocks from {self.probe.n_docs:,} "
-            f"documents; first choice): NMI [probe 95% interval] vs step 0; document-level "
-            f"null p95 and p; cross-fitted token-id and domain-only router NMIs"
+            f"{self.probe.input_ids.shape[0]:,} blocks, {n_docs:,} documents scored; first "
+            f"choice): NMI [probe 95% interval] vs step 0; document-level "
+            f"null p95 and p (on I(D;E)); held-out gains (nats/token) of the domain, the token "
+            f"id (its references: a domain router, a token router) and the domain beyond the "
+            f"token, each with its null p"
         ]
         for layer, s in scores.items():
             base = f"{first[layer]:.4f}" if layer in first else "n/a"
+            approx = " approx." if s.nmi_interval_approximate else ""
             lines.append(
-                f"  layer {layer}: NMI {s.nmi:.4f} [{s.nmi_low:.4f}, {s.nmi_high:.4f}] "
+                f"  layer {layer}: NMI {s.nmi:.4f} [{s.nmi_low:.4f}, {s.nmi_high:.4f}{approx}] "
                 f"(step 0: {base}); null p95 {s.null_p95:.4f}, p = {s.null_p:.3f}; "
-                f"token-id {s.token_id_nmi:.4f}, domain-only {s.domain_only_nmi:.4f}; "
-                f"I(D;E|T) {s.cond_mi:.4f} (null p95 {s.cond_mi_null_p95:.4f}, "
-                f"p = {s.cond_mi_null_p:.3f})"
+                f"domain gain {s.domain_gain:+.4f} (p = {s.domain_gain_p:.3f}); "
+                f"token gain {s.token_gain:+.4f} (p = {s.token_gain_p:.3f}; references "
+                f"{s.token_gain_ref_domain:+.4f}, {s.token_gain_ref_token:+.4f}); domain beyond "
+                f"token {s.domain_beyond_token_gain:+.4f} (p = {s.domain_beyond_token_gain_p:.3f})"
             )
         lines.append(
             "  one run, one probe: read seeds and step 0 together (python -m "

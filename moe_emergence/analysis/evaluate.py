@@ -391,6 +391,7 @@ def evaluate_run(
         settings["train_sample_blocks"],
         settings["held_out_blocks"],
         settings["probe_seed"],
+        settings["size_matched"],
     )
     check_same_probe(run.name, run.run_dir, probe)
     # All held-out blocks (the loss's set; the probe too, unless it is a subset or train_sample).

@@ -15,7 +15,7 @@ import functools
 import hashlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,10 @@ class Probe:
     probe document in 0..n_docs-1 (numbered by first appearance, block-major); doc_domains
     int64 [n_docs]; doc_texts int64 [n_docs], the document's text index in its domain's token
     stream (-1 when the data records no text offsets: then each block is its own document).
+
+    token_mask: bool [P, T], the tokens that are scored (None: all of them). Every block is
+    routed whole (each scored token keeps its context); the scores read the scored tokens only.
+    :func:`size_matched` sets it and records what it kept and dropped in ``matching``.
     """
 
     input_ids: np.ndarray
@@ -57,37 +61,165 @@ class Probe:
     token_docs: np.ndarray
     doc_domains: np.ndarray
     doc_texts: np.ndarray
+    token_mask: np.ndarray | None = None
+    matching: dict[str, Any] | None = field(default=None, compare=False)
 
     @functools.cached_property
     def digest(self) -> str:
-        """SHA-256 of the blocks, their domains and documents: the same probe, the same digest."""
+        """SHA-256 of the blocks, their domains and documents, and of the scored-token mask
+        when it leaves tokens out: the same tokens scored, the same digest."""
         h = hashlib.sha256()
         for arr in (self.input_ids, self.block_domains, self.token_docs, self.doc_texts):
             h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
         h.update(",".join(self.domains).encode())
+        if self.token_mask is not None and not self.token_mask.all():
+            h.update(b"mask")
+            h.update(np.packbits(np.ascontiguousarray(self.token_mask, dtype=bool)).tobytes())
         return h.hexdigest()
 
     @property
     def n_docs(self) -> int:
         return int(self.doc_domains.shape[0])
 
+    @property
+    def scored(self) -> np.ndarray:
+        """bool [P, T]: the tokens the scores read."""
+        if self.token_mask is None:
+            return np.ones(self.input_ids.shape, dtype=bool)
+        return self.token_mask
+
+    def scored_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(documents, tokens) per domain that the scores read."""
+        scored = self.scored
+        docs = np.unique(self.token_docs[scored])
+        tokens = np.bincount(
+            np.repeat(self.block_domains, self.input_ids.shape[1])[scored.ravel()],
+            minlength=len(self.domains),
+        )
+        n_docs = np.bincount(self.doc_domains[docs], minlength=len(self.domains))
+        return (
+            {d: int(n_docs[i]) for i, d in enumerate(self.domains)},
+            {d: int(tokens[i]) for i, d in enumerate(self.domains)},
+        )
+
     def describe(self) -> dict[str, Any]:
-        """What the probe is, for ``probe.json``: kind, blocks, tokens and documents per domain,
-        each block's documents (text indices in its domain's stream), digest."""
+        """What the probe is, for ``probe.json``: kind, blocks, the documents and tokens per
+        domain that are scored, each block's documents (text indices in its domain's stream),
+        what size matching kept and dropped (null: not matched), digest."""
         blocks = {d: int((self.block_domains == i).sum()) for i, d in enumerate(self.domains)}
-        docs = {d: int((self.doc_domains == i).sum()) for i, d in enumerate(self.domains)}
+        docs, tokens = self.scored_counts()
         return {
             "probe": self.kind,
             "block_size": int(self.input_ids.shape[1]),
             "blocks": blocks,
-            "tokens": {d: n * int(self.input_ids.shape[1]) for d, n in blocks.items()},
+            "tokens": tokens,
             "documents": docs,
+            "size_matched": self.matching,
             "block_documents": [
                 {"domain": self.domains[int(d)], "texts": self.doc_texts[np.unique(row)].tolist()}
                 for d, row in zip(self.block_domains, self.token_docs, strict=True)
             ],
             "digest": self.digest,
         }
+
+    def summary(self) -> str:
+        """One line: what the probe scores (and, when size-matched, what it dropped)."""
+        docs, tokens = self.scored_counts()
+        per_domain = ", ".join(f"{d} {docs[d]} ({tokens[d]:,} tokens)" for d in self.domains)
+        line = (
+            f"Probe ({self.kind}): {self.input_ids.shape[0]:,} blocks of "
+            f"{self.input_ids.shape[1]} tokens; documents scored: {per_domain}"
+        )
+        m = self.matching
+        if m is None:
+            return line + "; not size-matched"
+        dropped = ", ".join(
+            f"{d} {m['dropped'][d]['documents']} documents / {m['dropped'][d]['tokens']:,} tokens"
+            for d in self.domains
+        )
+        return (
+            f"{line}; size-matched: {m['documents_per_domain']} documents per domain x "
+            f"{m['tokens_per_document']} tokens (each document's first); dropped {dropped}"
+        )
+
+
+def size_matched(probe: Probe) -> Probe:
+    """The probe with the same number of documents per domain and the same number of tokens
+    from each kept document, so that permuting domain labels across documents is exact under
+    the null (the documents' count vectors are exchangeable whatever their domain).
+
+    With the documents of each domain by size (tokens in the probe), largest first (ties: the
+    earlier document), m documents per domain and s tokens each keep ``D * m * s`` tokens, s
+    the smallest size among the m largest of every domain; m is chosen to keep the most tokens
+    (ties: more documents). Each kept document keeps its first s tokens in the probe (block
+    order: stream order); blocks left with no kept token are dropped; kept blocks are routed
+    whole and the rest of their tokens are masked out of the scores."""
+    if probe.token_mask is not None:
+        raise ValueError("the probe is already size-matched")
+    p, t = probe.input_ids.shape
+    sizes = np.bincount(probe.token_docs.ravel(), minlength=probe.n_docs)
+    by_domain = [np.flatnonzero(probe.doc_domains == d) for d in range(len(probe.domains))]
+    ranked = [docs[np.argsort(-sizes[docs], kind="stable")] for docs in by_domain]
+    n_docs, n_tokens = _best_match([sizes[docs] for docs in ranked])
+    if n_docs == 0:
+        empty = [d for d, docs in zip(probe.domains, by_domain, strict=True) if docs.size == 0]
+        raise UserError(
+            f"callbacks.routing_analysis.size_matched=true keeps nothing: the probe has no "
+            f"document of {empty}; set it false or give the probe more texts "
+            f"(data.eval_fraction)."
+        )
+    kept_docs = np.concatenate([docs[:n_docs] for docs in ranked]).astype(np.int64)
+    flat_docs = probe.token_docs.ravel()
+    keep_doc = np.zeros(probe.n_docs, dtype=bool)
+    keep_doc[kept_docs] = True
+    order = np.argsort(flat_docs, kind="stable")  # tokens by document, block-major within
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    rank = np.empty(flat_docs.size, dtype=np.int64)
+    rank[order] = np.arange(flat_docs.size) - np.repeat(starts, sizes)
+    mask = (keep_doc[flat_docs] & (rank < n_tokens)).reshape(p, t)
+    blocks = np.flatnonzero(mask.any(axis=1))
+    token_docs = probe.token_docs[blocks]
+    present, first = np.unique(token_docs.ravel(), return_index=True)
+    present = present[np.argsort(first, kind="stable")]  # documents by first appearance
+    renumber = np.full(probe.n_docs, -1, dtype=np.int64)
+    renumber[present] = np.arange(present.size)
+    all_tokens = np.bincount(
+        np.repeat(probe.block_domains, t), minlength=len(probe.domains)
+    ).astype(int)
+    dropped = {
+        d: {
+            "documents": int(by_domain[i].size - min(n_docs, by_domain[i].size)),
+            "tokens": int(all_tokens[i] - (n_tokens * n_docs if n_docs else 0)),
+        }
+        for i, d in enumerate(probe.domains)
+    }
+    matching = {
+        "documents_per_domain": int(n_docs),
+        "tokens_per_document": int(n_tokens),
+        "dropped": dropped,
+    }
+    return replace(
+        probe,
+        input_ids=probe.input_ids[blocks],
+        block_domains=probe.block_domains[blocks],
+        token_docs=renumber[token_docs],
+        doc_domains=probe.doc_domains[present],
+        doc_texts=probe.doc_texts[present],
+        token_mask=mask[blocks],
+        matching=matching,
+    )
+
+
+def _best_match(sizes_by_domain: list[np.ndarray]) -> tuple[int, int]:
+    """(m documents per domain, s tokens each) keeping the most tokens, given each domain's
+    document sizes largest first; ties: the larger m. (0, 0) when a domain has no document."""
+    m_max = min(len(sizes) for sizes in sizes_by_domain)
+    if m_max == 0:
+        return 0, 0
+    common = np.min(np.stack([sizes[:m_max] for sizes in sizes_by_domain]), axis=0)  # [m_max]
+    kept = common * np.arange(1, m_max + 1)
+    m = int(np.flatnonzero(kept == kept.max())[-1]) + 1
+    return m, int(common[m - 1])
 
 
 def _documents(
@@ -131,6 +263,7 @@ def build_probe(
     train_sample_blocks: int = 64,
     held_out_blocks: int | None = None,
     seed: int = 0,
+    match_sizes: bool = False,
 ) -> Probe:
     """The probe of a set-up :class:`~moe_emergence.data.MixedDomainDataModule`.
 
@@ -180,7 +313,11 @@ def build_probe(
             "The probe's data records no text offsets: each probe block counts as its own "
             "document, so the routing nulls and intervals treat blocks as independent."
         )
-    return make_probe(np.concatenate(ids), np.concatenate(labels), domains, kind, token_texts)
+    probe = make_probe(np.concatenate(ids), np.concatenate(labels), domains, kind, token_texts)
+    if match_sizes:
+        probe = size_matched(probe)
+    log.info(probe.summary())
+    return probe
 
 
 @dataclass
@@ -282,14 +419,17 @@ def score_probe_routing(
     n_permutations: int,
     seed: int,
 ) -> dict[int, tuple[np.ndarray, LayerScores]]:
-    """Per MoE layer, the domain x expert table [D, E] of the probe's assignments (all k
-    slots: the heatmap's counts) and its scores (first choice, documents as units);
+    """Per MoE layer, the domain x expert table [D, E] of the probe's scored tokens'
+    assignments (all k slots: the heatmap's counts) and its scores (first choice, documents as
+    units, the scored tokens only);
     ``experts[layer]``: int [P, T, k] for ``probe.input_ids`` [P, T]. Layers in sorted order."""
     n_domains, (p, t) = len(probe.domains), probe.input_ids.shape
-    token_domains = np.repeat(probe.block_domains, t)
+    scored = probe.scored.ravel()
+    token_domains = np.repeat(probe.block_domains, t)[scored]
     out = {}
     for layer, chosen in sorted(experts.items()):
-        table = contingency(token_domains, chosen.reshape(p * t, -1), n_domains, n_experts)
+        assigned = chosen.reshape(p * t, -1)[scored]
+        table = contingency(token_domains, assigned, n_domains, n_experts)
         scores = score_layer(
             probe.input_ids,
             probe.token_docs,
@@ -300,6 +440,7 @@ def score_probe_routing(
             n_permutations=n_permutations,
             seed=seed,
             router_entropy=router_entropy[layer],
+            mask=probe.token_mask,
         )
         out[layer] = (table, scores)
     return out

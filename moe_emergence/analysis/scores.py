@@ -4,21 +4,24 @@ The unit of replication inside a run is the DOCUMENT (a probe text): the tokens 
 and the blocks cut from it, are not independent, so every null permutes and every interval
 resamples documents, and every control fitted on the probe is cross-fitted on held-out
 documents. For top-k > 1 every score reads the first choice (slot 0), so NMIs share one scale.
+A ``mask`` (a size-matched probe, :func:`moe_emergence.analysis.probe.size_matched`) restricts
+every score to the scored tokens and the documents that keep some.
 
-- ``nmi = I(D;E) / H(D)`` of the domain x expert table: 0 when routing ignores the domain, 1
-  when the chosen expert determines it. Its null (:func:`permutation_null`) permutes the domain
-  labels across documents: the chance level of a domain-blind router on this probe, whatever
-  each document's own preferences.
-- ``cond_mi = I(D;E | T)``, plug-in, over the token ids seen in >= 2 domains: domain information
-  left once the token id is known. The plug-in is biased upward when ids are rare; its null
-  (:func:`conditional_mi_null`) permutes the domain labels among the (id, document) groups of
-  each shared id, which keeps the set of shared ids, every id's expert counts and every
-  document's routing of an id: the level reached with no domain effect beyond the token.
-- The cross-fitted controls (:func:`cross_fitted_routers`): a token-id router (each id sent by
-  its expert distribution) and a domain-only router (each domain by its expert distribution),
-  each fitted on one half of the documents and scored on the other, both ways. Their NMIs are
-  beside the NMI, never turned into a "share explained".
-- The probe interval of the NMI (:func:`document_bootstrap`): basic bootstrap over documents,
+- ``nmi = I(D;E) / H(D)`` of the domain x expert table: the effect size, 0 when routing ignores
+  the domain, 1 when the chosen expert determines it. Its test permutes the domain labels
+  across documents (:func:`permutation_tables`) with I(D;E) as the statistic: a permutation
+  moves H(D) when documents differ in size by domain, never I(D;E)'s scale; the NMI of the
+  same permutations gives the chance levels on the NMI's scale.
+- Held-out gains (:mod:`moe_emergence.analysis.heldout`, :func:`held_out_gains`): log-loss
+  gains of predicting a held-out document's experts from its domain, from the token id, and
+  from the domain beyond the token id, each with its document-level null.
+- ``cond_mi = I(D;E | T)``, plug-in, over the token ids seen in >= 2 domains, reported as its
+  excess over its null mean (:func:`conditional_mi_null`: labels permuted among the (id,
+  document) groups of each shared id); its null is conservative under document preference.
+- The cross-fitted token-id router (:func:`cross_fitted_routers`): each id sent by its expert
+  distribution on the other half of the documents; its NMI stands beside the NMI.
+- The probe interval of the NMI (:func:`document_bootstrap`) and of one run's change between
+  two checkpoints (:func:`paired_change_interval`): studentised bootstraps over documents,
   resampled within each domain.
 
 Shapes: D domains, E experts, k experts per token, N tokens, U documents. ``0 * log 0 = 0``;
@@ -28,12 +31,28 @@ float64 throughout.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 
+from moe_emergence.analysis.heldout import (
+    TokenDomainGroups,
+    domain_gain_batch,
+    fold_permutations,
+    token_gain_batch,
+    within_document_shuffles,
+)
+
+# The probe interval of the NMI is exact enough (coverage >= 93%) on size-matched probes with at
+# least this many documents per domain (benchmarks/interval_coverage.py; docs/method.md).
+INTERVAL_MIN_DOCUMENTS = 18
+
 __all__ = [
+    "INTERVAL_MIN_DOCUMENTS",
     "CrossFitted",
+    "HeldOutGains",
     "LayerScores",
     "collapsed_expert",
     "conditional_mi",
@@ -43,11 +62,15 @@ __all__ = [
     "document_bootstrap",
     "document_folds",
     "entropy",
+    "held_out_gains",
+    "interval_is_approximate",
     "mutual_information",
     "nmi",
     "null_summary",
+    "paired_change_interval",
     "permutation_null",
     "permutation_p",
+    "permutation_tables",
     "score_layer",
     "shares",
     "usage_entropy",
@@ -164,11 +187,19 @@ def usage_entropy(table) -> float:
 
 
 def _probe(
-    token_ids, token_docs, doc_domains, experts, n_domains: int, n_experts: int
+    token_ids,
+    token_docs,
+    doc_domains,
+    experts,
+    n_domains: int,
+    n_experts: int,
+    mask=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A probe checked and flattened: (token ids [N], documents [N], document domains [U],
-    first-choice experts [N]), all int64. token_ids, token_docs [P, T] (or [N]); experts
-    [P, T, k], [P, T] or [N]; doc_domains [U] in [0, D)."""
+    """A probe checked and flattened to its scored tokens: (token ids [N], documents [N],
+    document domains [U], first-choice experts [N]), all int64. token_ids, token_docs [P, T]
+    (or [N]); experts [P, T, k], [P, T] or [N]; doc_domains [U] in [0, D); ``mask`` bool like
+    token_ids (None: every token): the tokens scored. Documents left with no scored token are
+    dropped and the rest renumbered in order, so U counts the documents the scores rest on."""
     tok = np.asarray(token_ids)
     if tok.size and not np.issubdtype(tok.dtype, np.integer):
         raise ValueError(f"token_ids must be integers, got dtype {tok.dtype}")
@@ -185,7 +216,17 @@ def _probe(
         raise ValueError(f"experts must be {shape} or {shape} + (k,), got {ex.shape}")
     ex = ex.reshape(tok.shape[0], -1) if tok.size else ex.reshape(0, 1)
     first = _assignments(ex, tok.shape[0], n_experts)[:, 0]
-    return tok, docs.ravel(), dom, first
+    docs = docs.ravel()
+    if mask is None:
+        return tok, docs, dom, first
+    keep = np.asarray(mask, dtype=bool)
+    if keep.shape != shape:
+        raise ValueError(f"mask must be {shape} like token_ids, got {keep.shape}")
+    keep = keep.ravel()
+    present = np.zeros(dom.shape[0], dtype=bool)
+    present[docs[keep]] = True
+    renumber = np.cumsum(present) - 1
+    return tok[keep], renumber[docs[keep]], dom[present], first[keep]
 
 
 def _compact(values: np.ndarray) -> tuple[np.ndarray, int]:
@@ -244,17 +285,12 @@ def _labelled_tables(counts: np.ndarray, labels: np.ndarray, n_domains: int) -> 
     return tables
 
 
-def permutation_null(
-    unit_expert_counts,
-    unit_domains,
-    n_domains: int,
-    n_permutations: int,
-    seed: int = 0,
+def permutation_tables(
+    unit_expert_counts, unit_domains, n_domains: int, n_permutations: int, seed: int = 0
 ) -> np.ndarray:
-    """[n_permutations] NMIs of the domain x expert table after permuting the domain labels
-    across units (documents): the chance level with each document's routing kept whole.
-    unit_expert_counts [U, E]; unit_domains [U]. Draw i uses the i-th
-    ``np.random.default_rng(seed).permutation``."""
+    """[n_permutations, D, E] domain x expert tables after permuting the domain labels across
+    units (documents), each document's routing kept whole. unit_expert_counts [U, E];
+    unit_domains [U]. Draw i uses the i-th ``np.random.default_rng(seed).permutation``."""
     counts = _counts(unit_expert_counts, name="unit_expert_counts")
     dom = _ids(unit_domains, n_domains, "unit_domains")
     if dom.ndim != 1 or dom.shape[0] != counts.shape[0]:
@@ -262,7 +298,26 @@ def permutation_null(
             f"unit_domains must be [{counts.shape[0]}] to match unit_expert_counts, got {dom.shape}"
         )
     labels = _permutation_labels(dom, n_permutations, seed)
-    return _nmi_batch(_labelled_tables(counts, labels, n_domains))
+    return _labelled_tables(counts, labels, n_domains)
+
+
+def permutation_null(
+    unit_expert_counts,
+    unit_domains,
+    n_domains: int,
+    n_permutations: int,
+    seed: int = 0,
+    statistic: str = "nmi",
+) -> np.ndarray:
+    """[n_permutations] values of ``statistic`` (``"nmi"``, or ``"mi"``: I(D;E) in nats) of the
+    :func:`permutation_tables`: the chance level of a domain-blind router on this probe, each
+    document's routing kept whole. Test with ``"mi"``: permuting labels moves each domain's
+    token total and so H(D), the NMI's denominator, when documents differ in size by domain
+    (the NMI's null is then conservative or liberal); I(D;E) is not rescaled by it."""
+    if statistic not in ("nmi", "mi"):
+        raise ValueError(f"statistic must be 'nmi' or 'mi', got {statistic!r}")
+    tables = permutation_tables(unit_expert_counts, unit_domains, n_domains, n_permutations, seed)
+    return _nmi_batch(tables) if statistic == "nmi" else _mi_and_hd(tables)[0]
 
 
 def null_summary(null) -> tuple[float, float]:
@@ -440,39 +495,41 @@ def conditional_mi_null(
 
 @dataclass(frozen=True)
 class CrossFitted:
-    """Domain x expert tables [D, E] (float64, fractional) of the two cross-fitted control
-    routers, summed over both directions, and their NMIs."""
+    """The domain x expert table [D, E] (float64, fractional) of the cross-fitted token-id
+    router, summed over both directions, and its NMI."""
 
     token_id_table: np.ndarray
-    domain_only_table: np.ndarray
 
     @property
     def token_id_nmi(self) -> float:
         return nmi(self.token_id_table)
 
-    @property
-    def domain_only_nmi(self) -> float:
-        return nmi(self.domain_only_table)
-
 
 def cross_fitted_routers(
-    token_ids, token_docs, doc_domains, experts, n_domains: int, n_experts: int, seed: int = 0
+    token_ids,
+    token_docs,
+    doc_domains,
+    experts,
+    n_domains: int,
+    n_experts: int,
+    seed: int = 0,
+    mask=None,
 ) -> CrossFitted:
     """Fit on one half of the documents (:func:`document_folds`), score on the other, both
     ways. Token-id router: a token is sent by its id's expert distribution in the fit half (an
-    id unseen there: the fit half's expert marginal). Domain-only router: by its domain's
-    expert distribution in the fit half (a domain absent there: the marginal). Each scored token
-    adds its router's distribution to its domain's row. Distributions, not modal experts: a
-    mode sharpens stochastic routing into domain signal that is not there (a random router's
-    modal domain-only router has NMI 1)."""
+    id unseen there: the fit half's expert marginal); each scored token adds its router's
+    distribution to its domain's row. Distributions, not modal experts: a mode sharpens
+    stochastic routing into domain signal that is not there."""
     tok, docs, dom, first = _probe(
-        token_ids, token_docs, doc_domains, experts, n_domains, n_experts
+        token_ids, token_docs, doc_domains, experts, n_domains, n_experts, mask
     )
-    n_dom, n_exp = n_domains, n_experts
+    return _token_router(tok, docs, dom, first, n_domains, n_experts, seed)
+
+
+def _token_router(tok, docs, dom, first, n_dom: int, n_exp: int, seed: int) -> CrossFitted:
     token_table = np.zeros((n_dom, n_exp))
-    domain_table = np.zeros((n_dom, n_exp))
     if tok.size == 0:
-        return CrossFitted(token_table, domain_table)
+        return CrossFitted(token_table)
     fold = document_folds(dom, n_dom, seed)[docs]
     t_idx, n_tok = _compact(tok)
     tok_dom = dom[docs]
@@ -482,11 +539,9 @@ def cross_fitted_routers(
             continue
         marginal = np.bincount(first[fit_m], minlength=n_exp) / fit_m.sum()
         by_id = _unit_counts(t_idx[fit_m], first[fit_m], n_tok, n_exp)
-        by_dom = _unit_counts(tok_dom[fit_m], first[fit_m], n_dom, n_exp)
         scored = _unit_counts(tok_dom[score_m], t_idx[score_m], n_dom, n_tok)  # [D, ids]
         token_table += scored @ _rows_or(by_id, marginal)
-        domain_table += scored.sum(axis=1)[:, None] * _rows_or(by_dom, marginal)
-    return CrossFitted(token_table, domain_table)
+    return CrossFitted(token_table)
 
 
 def _rows_or(counts: np.ndarray, fallback: np.ndarray) -> np.ndarray:
@@ -495,6 +550,82 @@ def _rows_or(counts: np.ndarray, fallback: np.ndarray) -> np.ndarray:
     rows = np.divide(counts, total, out=np.zeros_like(counts), where=total > 0)
     rows[total[:, 0] == 0] = fallback
     return rows
+
+
+# ----------------------------------------------------------------------------- held-out gains
+
+
+@dataclass(frozen=True)
+class HeldOutGains:
+    """Cross-fitted log-loss gains (nats per scored token; :mod:`.heldout`) and their nulls
+    ([K] arrays). domain: q(e | d) over q(e), null: domain labels permuted across the
+    documents of each half. token: q(e | id) over q(e), null: experts shuffled among the
+    tokens of each document; ref_domain / ref_token: the token gain of a simulated
+    token-blind domain router (domain d -> expert d mod E) and of a pure token router (each id
+    a seeded random expert) on the same tokens. domain_beyond_token: q(e | id, d) over q(e |
+    id), null: domain labels permuted among the documents of each (id, half)."""
+
+    domain: float
+    domain_null: np.ndarray
+    token: float
+    token_null: np.ndarray
+    token_ref_domain: float
+    token_ref_token: float
+    domain_beyond_token: float
+    domain_beyond_token_null: np.ndarray
+
+
+def held_out_gains(
+    token_ids,
+    token_docs,
+    doc_domains,
+    experts,
+    n_domains: int,
+    n_experts: int,
+    n_permutations: int,
+    seed: int = 0,
+    mask=None,
+) -> HeldOutGains:
+    """The three held-out gains of the first-choice routing and their ``n_permutations``-draw
+    nulls; the halves are :func:`document_folds` of ``seed``, the nulls draw from ``seed``."""
+    if n_permutations < 0:
+        raise ValueError(f"n_permutations must be >= 0, got {n_permutations}")
+    flat = _probe(token_ids, token_docs, doc_domains, experts, n_domains, n_experts, mask)
+    return _gains(*flat, n_domains, n_experts, n_permutations, seed)
+
+
+def _gains(tok, docs, dom, first, n_dom: int, n_exp: int, k: int, seed: int) -> HeldOutGains:
+    folds = document_folds(dom, n_dom, seed)
+    doc_counts = _unit_counts(docs, first, dom.shape[0], n_exp)
+    observed_labels = np.concatenate([dom[None, :], fold_permutations(dom, folds, k, seed)])
+    domain = domain_gain_batch(doc_counts, observed_labels, folds, n_dom)
+
+    t_idx, n_ids = _compact(tok)
+    token_folds = folds[docs]
+    reference = np.stack([dom[docs] % n_exp, _seeded_id_experts(n_ids, n_exp, seed)[t_idx]])
+    shuffled = within_document_shuffles(docs, first, k, seed)
+    token = token_gain_batch(
+        t_idx, n_ids, token_folds, np.concatenate([first[None, :], reference, shuffled]), n_exp
+    )
+
+    groups = TokenDomainGroups(t_idx, n_ids, docs, dom, folds, first, n_exp)
+    group_labels = np.concatenate([groups.label[None, :], groups.within_id_permutations(k, seed)])
+    beyond = groups.gain_batch(group_labels, n_dom)
+    return HeldOutGains(
+        domain=float(domain[0]),
+        domain_null=domain[1:],
+        token=float(token[0]),
+        token_null=token[3:],
+        token_ref_domain=float(token[1]),
+        token_ref_token=float(token[2]),
+        domain_beyond_token=float(beyond[0]),
+        domain_beyond_token_null=beyond[1:],
+    )
+
+
+def _seeded_id_experts(n_ids: int, n_experts: int, seed: int) -> np.ndarray:
+    """[n_ids] a fixed random expert per (compacted) token id: the reference token router."""
+    return np.random.default_rng([seed, 1]).integers(0, n_experts, n_ids)
 
 
 # ----------------------------------------------------------------------------- probe intervals
@@ -514,6 +645,88 @@ def _bootstrap_weights(doc_domains: np.ndarray, n_domains: int, n_draws: int, se
     return weights
 
 
+def _weighted_tables(weights: np.ndarray, doc_counts: np.ndarray, doc_domains, n_domains: int):
+    """[B, D, E] domain x expert tables of the documents' counts [U, E] weighted [B, U]."""
+    tables = np.empty((weights.shape[0], n_domains, doc_counts.shape[1]))
+    for d in range(n_domains):
+        mine = doc_domains == d
+        tables[:, d, :] = weights[:, mine] @ doc_counts[mine]
+    return tables
+
+
+def _jackknife_se(
+    tables: np.ndarray,
+    weights: np.ndarray,
+    counts: list[np.ndarray],
+    doc_domains: np.ndarray,
+    statistic,
+) -> np.ndarray:
+    """[B] jackknife standard errors of ``statistic`` over the documents of each weighted
+    resample: ``tables`` [C, B, D, E] (one per checkpoint in ``counts``, each [U, E]),
+    ``weights`` [B, U] the resample's multiplicities; removing one copy of document u at a
+    time, ``se^2 = (n - 1) / n * sum_u w_u (theta_(u) - mean)^2`` with n = sum_u w_u."""
+    n_draws, n_docs = weights.shape
+    cells = n_docs * tables[0, 0].size * len(counts)
+    step = max(1, 4_000_000 // max(cells, 1))
+    out = np.empty(n_draws)
+    for start in range(0, n_draws, step):
+        stop = min(start + step, n_draws)
+        per_checkpoint = []
+        for table, doc_counts in zip(tables, counts, strict=True):
+            loo = np.repeat(table[start:stop, None], n_docs, axis=1)  # [b, U, D, E]
+            loo[:, np.arange(n_docs), doc_domains, :] -= doc_counts[None]
+            per_checkpoint.append(_nmi_batch(loo))
+        values = statistic(per_checkpoint)  # [b, U]
+        w = weights[start:stop]
+        n = w.sum(axis=1)
+        mean = (w * values).sum(axis=1) / n
+        var = (n - 1) / n * (w * (values - mean[:, None]) ** 2).sum(axis=1)
+        out[start:stop] = np.sqrt(np.maximum(var, 0.0))
+    return out
+
+
+def _studentised_interval(
+    counts: list[np.ndarray],
+    doc_domains: np.ndarray,
+    n_domains: int,
+    n_draws: int,
+    seed: int,
+    confidence: float,
+    statistic,
+) -> tuple[float, float]:
+    """Studentised (bootstrap-t) interval of ``statistic`` (a function of the NMIs of each
+    checkpoint's table: list of arrays -> array) over a within-domain document bootstrap:
+    ``t* = (theta* - theta) / se*``, se* the jackknife SE inside each resample, and ``(theta -
+    t*_hi se, theta - t*_lo se)``. ``counts``: each checkpoint's document expert counts [U, E],
+    the same documents and resamples for all (paired). (nan, nan) without draws or tokens."""
+    if n_draws < 1 or any(c.sum() == 0 for c in counts):
+        return float("nan"), float("nan")
+    ones = np.ones((1, doc_domains.shape[0]))
+    weights = _bootstrap_weights(doc_domains, n_domains, n_draws, seed)
+    full = np.stack([_weighted_tables(ones, c, doc_domains, n_domains) for c in counts])
+    drawn = np.stack([_weighted_tables(weights, c, doc_domains, n_domains) for c in counts])
+    theta = float(statistic([_nmi_batch(t) for t in full])[0])
+    se = float(_jackknife_se(full, ones, counts, doc_domains, statistic)[0])
+    theta_b = statistic([_nmi_batch(t) for t in drawn])
+    se_b = _jackknife_se(drawn, weights, counts, doc_domains, statistic)
+    ok = se_b > 0
+    if not ok.any() or se <= 0:
+        return theta, theta
+    t = (theta_b[ok] - theta) / se_b[ok]
+    low, high = np.percentile(t, 100 * np.array([(1 - confidence) / 2, (1 + confidence) / 2]))
+    return float(theta - high * se), float(theta - low * se)
+
+
+def _nmi_of(values: list[np.ndarray]) -> np.ndarray:
+    """The NMI of the one checkpoint."""
+    return values[0]
+
+
+def _change_of(values: list[np.ndarray]) -> np.ndarray:
+    """NMI after minus NMI before."""
+    return values[1] - values[0]
+
+
 def document_bootstrap(
     token_ids,
     token_docs,
@@ -524,39 +737,77 @@ def document_bootstrap(
     n_draws: int = 200,
     seed: int = 0,
     confidence: float = 0.95,
+    mask=None,
 ) -> tuple[float, float]:
-    """The probe interval of the NMI: a basic (reverse-percentile) bootstrap over ``n_draws``
-    resamples of the probe's documents, with replacement within each domain; ``(2 nmi - q_hi,
-    2 nmi - q_lo)``, which undoes the upward shift a plug-in NMI gets from resampled
-    (duplicated) documents (a percentile interval of a near-zero NMI can exclude the NMI
-    itself). Not clipped at 0. (nan, nan) without draws. The uncertainty of which documents the
-    probe holds, for one run; the spread over seeds is another."""
-    _, docs, dom, first = _probe(token_ids, token_docs, doc_domains, experts, n_domains, n_experts)
+    """The probe interval of the NMI: a studentised (bootstrap-t) interval over ``n_draws``
+    resamples of the probe's documents, with replacement within each domain, each resample's
+    standard error from its leave-one-document-out jackknife. (nan, nan)
+    without draws. The uncertainty of which documents the probe holds, for one run; the
+    spread over seeds is another. Its coverage is checked on the real probe layouts
+    (tests/analysis/test_calibration.py; docs/method.md): see :func:`interval_is_approximate`."""
+    _, docs, dom, first = _probe(
+        token_ids, token_docs, doc_domains, experts, n_domains, n_experts, mask
+    )
     doc_counts = _unit_counts(docs, first, dom.shape[0], n_experts)
-    observed = nmi(contingency(dom[docs], first, n_domains, n_experts))
-    return _basic_interval(doc_counts, dom, observed, n_domains, n_draws, seed, confidence)
+    return _nmi_interval(doc_counts, dom, n_domains, n_draws, seed, confidence)
 
 
-def _basic_interval(
+def _nmi_interval(
     doc_counts: np.ndarray,
     doc_domains: np.ndarray,
-    observed: float,
     n_domains: int,
     n_draws: int,
     seed: int,
     confidence: float = 0.95,
 ) -> tuple[float, float]:
-    """:func:`document_bootstrap` from the documents' expert counts [U, E] and the NMI."""
-    if n_draws < 1 or doc_counts.sum() == 0:
+    """:func:`document_bootstrap` from the documents' expert counts [U, E]."""
+    return _studentised_interval(
+        [doc_counts], doc_domains, n_domains, n_draws, seed, confidence, _nmi_of
+    )
+
+
+def paired_change_interval(
+    token_ids,
+    token_docs,
+    doc_domains,
+    experts_before,
+    experts_after,
+    n_domains: int,
+    n_experts: int,
+    n_draws: int,
+    seed: int,
+    confidence: float = 0.95,
+    mask=None,
+) -> tuple[float, float]:
+    """Document-paired studentised bootstrap interval of NMI(after) - NMI(before) of one run on one
+    probe (say the final checkpoint and step 0): each draw resamples the documents (within
+    each domain) once and scores both checkpoints' first-choice routing on that one resample,
+    so the probe's document make-up cancels in the difference. experts_before / _after: [P, T,
+    k], [P, T] or [N] like ``token_ids``; (nan, nan) without draws or tokens."""
+    _, docs, dom, before = _probe(
+        token_ids, token_docs, doc_domains, experts_before, n_domains, n_experts, mask
+    )
+    _, _, _, after = _probe(
+        token_ids, token_docs, doc_domains, experts_after, n_domains, n_experts, mask
+    )
+    if docs.size == 0:
         return float("nan"), float("nan")
-    weights = _bootstrap_weights(doc_domains, n_domains, n_draws, seed)
-    tables = np.empty((n_draws, n_domains, doc_counts.shape[1]))
-    for d in range(n_domains):
-        mine = doc_domains == d
-        tables[:, d, :] = weights[:, mine] @ doc_counts[mine]
-    q = 100 * np.array([(1 - confidence) / 2, (1 + confidence) / 2])
-    low, high = np.percentile(_nmi_batch(tables), q)
-    return float(2 * observed - high), float(2 * observed - low)
+    counts = [_unit_counts(docs, e, dom.shape[0], n_experts) for e in (before, after)]
+    return _studentised_interval(counts, dom, n_domains, n_draws, seed, confidence, _change_of)
+
+
+def interval_is_approximate(doc_domains, doc_sizes, n_domains: int) -> bool:
+    """Whether the probe interval of the NMI is to be read as approximate: unless the probe is
+    size-matched (as many documents in every domain, as many scored tokens in every document)
+    with at least :data:`INTERVAL_MIN_DOCUMENTS` documents per domain, the layouts its coverage
+    was checked on (docs/method.md: 93-96% on the matched study and hub probes; 90.5% on the
+    unmatched study probe). doc_domains [U]; doc_sizes [U] scored tokens per document."""
+    dom = _ids(doc_domains, n_domains, "doc_domains")
+    sizes = np.asarray(doc_sizes)
+    per_domain = np.bincount(dom, minlength=n_domains)
+    matched = per_domain.size > 0 and (per_domain == per_domain[0]).all()
+    matched = matched and sizes.size > 0 and (sizes == sizes.flat[0]).all()
+    return not (matched and per_domain.min() >= INTERVAL_MIN_DOCUMENTS)
 
 
 # ----------------------------------------------------------------------------- one layer
@@ -564,46 +815,86 @@ def _basic_interval(
 
 @dataclass(frozen=True)
 class LayerScores:
-    """All scores of one MoE layer on the probe, at the unit of replication inside a run: the
-    document (a probe text; blocks of one text are not independent). For top-k > 1 every score
-    reads the first choice (slot 0, the highest router logit), so that NMIs share one scale.
+    """All scores of one MoE layer on the probe's scored tokens (all of them, or those a
+    size-matched probe keeps), at the unit of replication inside a run: the document (a probe
+    text; blocks of one text are not independent). For top-k > 1 every score reads the first
+    choice (slot 0, the highest router logit), so that NMIs share one scale. Nats throughout;
+    p-values are permutation p-values ``(1 + #{null >= observed}) / (1 + K)``.
 
-    nmi, nmi_low, nmi_high: NMI of the domain x expert table, and its 95% probe interval
-        (basic bootstrap over documents, resampled within each domain: not clipped at 0).
-    null_mean, null_p95, null_p: the document-level permutation null of the NMI (domain labels
-        permuted across documents): its mean, 95th percentile, and the permutation p-value
-        ``(1 + #{null >= nmi}) / (1 + K)``.
-    cond_mi: I(D;E | T) (nats, plug-in, biased upward: read it only against its null) over
-        the token ids seen in >= 2 domains.
-    cond_mi_null_mean, cond_mi_null_p95, cond_mi_null_p: its null, domain labels permuted among
-        the (id, document) groups of each shared id (the shared set kept); cond_mi is domain
-        signal beyond the token only above it.
+    mi: I(D;E) of the domain x expert table: the statistic of the NMI's test.
+    nmi, nmi_low, nmi_high: the effect size I(D;E) / H(D), and its 95% probe interval
+        (studentised bootstrap over documents, resampled within each domain).
+    nmi_interval_approximate: the interval's coverage may be below 93% on this probe (not
+        size-matched, or too few documents; :func:`interval_is_approximate`): print it as
+        approximate.
+    null_mean, null_p95: the NMI of the document-level permutation null (domain labels
+        permuted across documents): chance levels on the NMI's scale.
+    null_p: the test's p-value, computed on I(D;E) (its scale is not moved by a permutation).
+    domain_gain: held-out log-loss gain (nats per token) of q(e | d) over q(e), fitted on one
+        half of the documents and scored on the other, both ways: the domain signal that
+        replicates on documents it was not fitted on; with its null (labels permuted across
+        the documents of each half): domain_gain_null_mean, _null_p95, domain_gain_p.
+    token_gain: the same of q(e | token id) over q(e); null: experts shuffled among the tokens
+        of each document (a token-blind router keeps every document's expert counts):
+        token_gain_null_mean, _null_p95, token_gain_p. token_gain_ref_domain,
+        token_gain_ref_token: this probe's references, the token gain of a token-blind domain
+        router (domain d -> expert d mod E) and of a pure token router (each id one expert).
+    domain_beyond_token_gain: q(e | id, d) over q(e | id): domain signal the token id does not
+        carry; null: labels permuted among the documents holding each id (within each half):
+        domain_beyond_token_gain_null_mean, _null_p95, domain_beyond_token_gain_p.
+    cond_mi_excess: plug-in I(D;E | T) over the ids seen in >= 2 domains minus its null's mean
+        (labels permuted among each shared id's (id, document) groups): the plug-in's bias
+        removed; cond_mi_null_p its p-value (conservative under document preference).
     token_id_nmi: NMI of the cross-fitted token-id router (each token sent by its id's expert
-        distribution on the other half of the documents; ids unseen there by that half's
-        expert marginal): the domain signal that token identity alone would carry.
-    domain_only_nmi: NMI of the cross-fitted domain-only router (each token sent by its
-        domain's expert distribution on the other half): the domain signal that replicates on
-        held-out documents.
+        distribution on the other half of the documents).
     usage_entropy: H(E) of expert usage, in [0, log E].
     router_entropy: passed through from the caller (measured on router logits).
-    n_documents: probe documents the scores rest on.
+    n_documents, n_tokens: documents and tokens the scores rest on.
     """
 
+    mi: float
     nmi: float
     nmi_low: float
     nmi_high: float
+    nmi_interval_approximate: bool
     null_mean: float
     null_p95: float
     null_p: float
-    cond_mi: float
-    cond_mi_null_mean: float
-    cond_mi_null_p95: float
+    domain_gain: float
+    domain_gain_null_mean: float
+    domain_gain_null_p95: float
+    domain_gain_p: float
+    token_gain: float
+    token_gain_null_mean: float
+    token_gain_null_p95: float
+    token_gain_p: float
+    token_gain_ref_domain: float
+    token_gain_ref_token: float
+    domain_beyond_token_gain: float
+    domain_beyond_token_gain_null_mean: float
+    domain_beyond_token_gain_null_p95: float
+    domain_beyond_token_gain_p: float
+    cond_mi_excess: float
     cond_mi_null_p: float
     token_id_nmi: float
-    domain_only_nmi: float
     usage_entropy: float
     router_entropy: float
     n_documents: int
+    n_tokens: int
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> LayerScores:
+        """The scores from a trajectory.csv row (strings as csv writes them), by field type."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            text = row[f.name]
+            if f.type == "bool":
+                values[f.name] = str(text).strip().lower() in ("true", "1", "1.0")
+            elif f.type == "int":
+                values[f.name] = int(float(text))
+            else:
+                values[f.name] = float(text)
+        return cls(**values)
 
 
 def score_layer(
@@ -616,42 +907,64 @@ def score_layer(
     n_permutations: int,
     seed: int = 0,
     router_entropy: float = float("nan"),
+    mask=None,
 ) -> LayerScores:
     """Score one MoE layer on a probe: token_ids, token_docs [P, T]; doc_domains [U]; experts
-    [P, T, k] or [P, T] (first choice read). The NMI null, the cond_mi null, the document folds
-    and the bootstrap each draw from ``seed`` (``n_permutations`` draws each)."""
+    [P, T, k] or [P, T] (first choice read); ``mask`` bool [P, T]: the tokens scored (None:
+    all). The NMI null, the gains' nulls, the cond_mi null, the document folds and the
+    bootstrap each draw from ``seed`` (``n_permutations`` draws each)."""
     tok, docs, dom, first = _probe(
-        token_ids, token_docs, doc_domains, experts, n_domains, n_experts
+        token_ids, token_docs, doc_domains, experts, n_domains, n_experts, mask
     )
     n_docs = int(dom.shape[0])
     doc_counts = _unit_counts(docs, first, n_docs, n_experts)
     table = contingency(dom[docs], first, n_domains, n_experts)
-    observed = nmi(table)
-    null = permutation_null(doc_counts, dom, n_domains, n_permutations, seed)
-    null_mean, null_p95 = null_summary(null)
+    null_tables = _labelled_tables(
+        doc_counts, _permutation_labels(dom, n_permutations, seed), n_domains
+    )
+    null_mi, _ = _mi_and_hd(null_tables)
+    null_mean, null_p95 = null_summary(_nmi_batch(null_tables))
+    observed_mi = mutual_information(table)
+    gains = _gains(tok, docs, dom, first, n_domains, n_experts, n_permutations, seed)
     groups = _SharedGroups.of(tok, docs, dom, first, n_domains, n_experts)
     cond = groups.cond_mi(groups.label, n_domains)
     cond_null = groups.null(n_domains, n_permutations, seed)
-    cond_null_mean, cond_null_p95 = null_summary(cond_null)
-    routers = cross_fitted_routers(tok, docs, dom, first, n_domains, n_experts, seed)
-    nmi_low, nmi_high = _basic_interval(doc_counts, dom, observed, n_domains, n_permutations, seed)
+    nmi_low, nmi_high = _nmi_interval(doc_counts, dom, n_domains, n_permutations, seed)
     return LayerScores(
-        nmi=observed,
+        mi=observed_mi,
+        nmi=nmi(table),
         nmi_low=nmi_low,
         nmi_high=nmi_high,
+        nmi_interval_approximate=interval_is_approximate(dom, doc_counts.sum(axis=1), n_domains),
         null_mean=null_mean,
         null_p95=null_p95,
-        null_p=permutation_p(null, observed),
-        cond_mi=cond,
-        cond_mi_null_mean=cond_null_mean,
-        cond_mi_null_p95=cond_null_p95,
+        null_p=permutation_p(null_mi, observed_mi),
+        **_tested("domain_gain", gains.domain, gains.domain_null),
+        **_tested("token_gain", gains.token, gains.token_null),
+        token_gain_ref_domain=gains.token_ref_domain,
+        token_gain_ref_token=gains.token_ref_token,
+        **_tested(
+            "domain_beyond_token_gain", gains.domain_beyond_token, gains.domain_beyond_token_null
+        ),
+        cond_mi_excess=cond - null_summary(cond_null)[0] if cond_null.size else float("nan"),
         cond_mi_null_p=permutation_p(cond_null, cond),
-        token_id_nmi=routers.token_id_nmi,
-        domain_only_nmi=routers.domain_only_nmi,
+        token_id_nmi=_token_router(tok, docs, dom, first, n_domains, n_experts, seed).token_id_nmi,
         usage_entropy=usage_entropy(table),
         router_entropy=float(router_entropy),
         n_documents=n_docs,
+        n_tokens=int(tok.size),
     )
+
+
+def _tested(name: str, observed: float, null: np.ndarray) -> dict[str, float]:
+    """``{name, name_null_mean, name_null_p95, name_p}`` of a statistic and its null."""
+    mean, p95 = null_summary(null)
+    return {
+        name: observed,
+        f"{name}_null_mean": mean,
+        f"{name}_null_p95": p95,
+        f"{name}_p": permutation_p(null, observed),
+    }
 
 
 # ----------------------------------------------------------------------------- table views

@@ -27,6 +27,12 @@ class ProbeSettings(Settings):
         None, low=1, help="probe with data.eval_fraction > 0: blocks per domain (null: all)"
     )
     probe_seed: int = setting(0, low=0, help="which blocks the probe takes")
+    size_matched: bool = setting(
+        False,
+        help="score the same number of documents per domain and the same number of tokens "
+        "from each (each document's first), so that the document-label permutation null is "
+        "exact; what it keeps and drops goes to the log and probe.json",
+    )
     null_permutations: int = setting(
         999,
         low=1,
@@ -48,6 +54,7 @@ class ProbeSettings(Settings):
         "train_sample_blocks",
         "held_out_blocks",
         "probe_seed",
+        "size_matched",
         "null_permutations",
         "null_seed",
         "batch_size",

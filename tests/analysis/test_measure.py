@@ -6,9 +6,11 @@ and those rows are what the columns of tables.py say."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from helpers.moe import tiny_module
 
@@ -16,9 +18,17 @@ from moe_emergence.analysis import callback as callback_module
 from moe_emergence.analysis.analyze import write_run_tables
 from moe_emergence.analysis.callback import RoutingAnalysis
 from moe_emergence.analysis.evaluate import evaluate_checkpoint
-from moe_emergence.analysis.probe import make_probe, route_blocks, score_probe_routing
+from moe_emergence.analysis.probe import (
+    make_probe,
+    route_blocks,
+    score_probe_routing,
+    size_matched,
+)
 from moe_emergence.analysis.results import RunResult
+from moe_emergence.analysis.scores import score_layer
+from moe_emergence.analysis.settings import ProbeSettings
 from moe_emergence.analysis.tables import COUNTS, TRAJECTORY, read_table, routing_rows
+from moe_emergence.errors import UserError
 
 STEP = 3
 SETTINGS = {"batch_size": 4, "null_permutations": 19, "null_seed": 5}
@@ -116,3 +126,79 @@ def test_route_blocks_probs_are_the_router_distribution():
     top = probs.topk(2, dim=-1).indices.sort(-1).values
     assert (top == routed.experts[1].sort(-1).values).all()  # eval mode: the top-k experts
     assert route_blocks(module.model, ids, 2).probs is None
+
+
+# ----------------------------------------------------------------------------- size-matched probes
+
+
+def _uneven_probe():
+    """Block size 4; domain a: documents of 8 and 3 tokens (block 1 holds the 3-token document
+    and the first token of a 1-token one); domain b: one document of 6 tokens and one of 2."""
+    texts = np.array(
+        [
+            [0, 0, 0, 0],
+            [0, 0, 0, 0],
+            [1, 1, 1, 2],
+            [5, 5, 5, 5],
+            [5, 5, 6, 6],
+        ]
+    )
+    ids = np.arange(20).reshape(5, 4)
+    return make_probe(ids, np.array([0, 0, 0, 1, 1]), ("a", "b"), "held_out", texts)
+
+
+def test_size_matched_keeps_as_many_documents_and_tokens_per_domain_as_it_can():
+    probe = _uneven_probe()
+    matched = size_matched(probe)
+    # m = 1 document x min(8, 6) = 6 tokens per domain: 12 tokens; m = 2: min(3, 2) = 2: 8.
+    assert matched.matching["documents_per_domain"] == 1
+    assert matched.matching["tokens_per_document"] == 6
+    kept = matched.scored
+    assert kept.sum() == 12
+    # Each domain's largest document, its first 6 tokens; the block of short documents goes.
+    assert matched.input_ids[kept].tolist() == [0, 1, 2, 3, 4, 5, 12, 13, 14, 15, 16, 17]
+    assert matched.input_ids.shape == (4, 4)
+    assert matched.describe()["tokens"] == {"a": 6, "b": 6}
+    assert matched.describe()["documents"] == {"a": 1, "b": 1}
+    assert matched.matching["dropped"] == {
+        "a": {"documents": 2, "tokens": 6},
+        "b": {"documents": 1, "tokens": 2},
+    }
+    line = matched.summary()
+    assert "size-matched: 1 documents per domain x 6 tokens" in line and "a 2 documents" in line
+    assert "not size-matched" in probe.summary()
+    assert matched.digest != probe.digest
+    assert replace(probe, token_mask=np.ones((5, 4), dtype=bool)).digest == probe.digest
+    with pytest.raises(ValueError):
+        size_matched(matched)
+    one_domain = make_probe(np.zeros((2, 4), dtype=np.int64), np.zeros(2), ("a", "b"), "held_out")
+    with pytest.raises(UserError, match="size_matched"):
+        size_matched(one_domain)
+
+
+def test_a_size_matched_probe_is_scored_on_its_kept_tokens_only():
+    matched = size_matched(_uneven_probe())
+    rng = np.random.default_rng(0)
+    experts = rng.integers(0, 3, (*matched.input_ids.shape, 2))
+    scored = score_probe_routing(matched, {4: experts}, {4: 0.1}, 3, n_permutations=9, seed=1)
+    table, scores = scored[4]
+    assert table.sum() == 12 * 2  # the kept tokens, both slots
+    assert scores.n_tokens == 12 and scores.n_documents == 2
+    keep = matched.scored
+    assert scores == score_layer(
+        matched.input_ids,
+        matched.token_docs,
+        matched.doc_domains,
+        experts,
+        2,
+        3,
+        9,
+        1,
+        router_entropy=0.1,
+        mask=keep,
+    )
+
+
+def test_size_matched_is_a_probe_setting_analyze_rebuilds():
+    assert "size_matched" in ProbeSettings.PROBE_KEYS
+    assert ProbeSettings().size_matched is False  # runs recorded before the key: unmatched

@@ -19,11 +19,15 @@ from moe_emergence.analysis.scores import (
     document_bootstrap,
     document_folds,
     entropy,
+    held_out_gains,
+    interval_is_approximate,
     mutual_information,
     nmi,
     null_summary,
+    paired_change_interval,
     permutation_null,
     permutation_p,
+    permutation_tables,
     score_layer,
     shares,
     usage_entropy,
@@ -127,8 +131,15 @@ def test_random_routing_is_within_null_and_specialised_routing_far_above() -> No
     assert special.nmi > 5 * special.null_p95
     assert special.null_p == pytest.approx(1 / 201)
     assert special.nmi_low > special.null_p95
-    assert special.domain_only_nmi == pytest.approx(special.nmi, rel=0.1)
+    assert special.mi == pytest.approx(special.nmi * _h(1 / 3, 1 / 3, 1 / 3), rel=1e-9)
+    # The domain signal replicates on held-out documents; a domain router is token-blind.
+    assert special.domain_gain > 0.3 > special.domain_gain_null_p95
+    assert special.domain_gain_p == pytest.approx(1 / 201)
+    assert special.domain_beyond_token_gain_p < 0.05
+    assert special.token_gain_p > 0.05
     assert special.token_id_nmi < 0.1 * special.nmi  # a shared vocabulary: no token proxy
+    assert chance.domain_gain_p > 0.05 and chance.domain_gain < chance.domain_gain_null_p95
+    assert chance.token_gain_ref_domain < chance.token_gain_ref_token
 
 
 def test_permutation_null_is_seeded() -> None:
@@ -144,6 +155,28 @@ def test_permutation_null_is_seeded() -> None:
     assert not np.array_equal(a, c)
     assert np.all((a >= 0) & (a <= 1))
     assert permutation_null(counts, block_domains, 3, n_permutations=0).shape == (0,)
+    mi = permutation_null(counts, block_domains, 3, n_permutations=50, seed=7, statistic="mi")
+    tables = permutation_tables(counts, block_domains, 3, n_permutations=50, seed=7)
+    assert mi == pytest.approx([mutual_information(t) for t in tables], abs=1e-12)
+    with pytest.raises(ValueError):
+        permutation_null(counts, block_domains, 3, 5, statistic="nmi_excess")
+
+
+def test_the_nmi_test_reads_mi_which_permutation_does_not_rescale() -> None:
+    # Documents of unequal size by domain: permuting labels moves H(D) and so the NMI, not the
+    # MI's scale; the p-value of score_layer is the MI's.
+    rng = np.random.default_rng(4)
+    sizes = np.array([200] * 4 + [20] * 20 + [60] * 6)
+    doc_domains = np.repeat([0, 1, 2], [4, 20, 6])
+    docs = np.repeat(np.arange(sizes.size), sizes)
+    experts = rng.integers(0, 4, docs.size)
+    out = score_layer(docs * 0, docs, doc_domains, experts, 3, 4, n_permutations=99, seed=2)
+    counts = np.zeros((sizes.size, 4))
+    np.add.at(counts, (docs, experts), 1)
+    mi_null = permutation_null(counts, doc_domains, 3, 99, 2, statistic="mi")
+    nmi_null = permutation_null(counts, doc_domains, 3, 99, 2)
+    assert out.null_p == permutation_p(mi_null, out.mi)
+    assert (out.null_mean, out.null_p95) == null_summary(nmi_null)
 
 
 def test_permuted_tables_follow_the_documented_draws_and_keep_margins() -> None:
@@ -273,7 +306,7 @@ def test_domain_dependent_routing_of_shared_tokens_is_far_above_its_cond_mi_null
     own = (tok + 3 * dom) % 8  # an expert set by (token id, domain)
     ex = np.where(rng.random(tok.size) < 0.8, own, rng.integers(0, 8, tok.size))
     out = score_layer(tok, doc, doc_domains, ex, 3, 8, n_permutations=200)
-    assert out.cond_mi > out.cond_mi_null_p95 + 0.3
+    assert out.cond_mi_excess > 0.3
     assert out.cond_mi_null_p == pytest.approx(1 / 201)
 
 
@@ -296,7 +329,7 @@ def test_cross_fitted_routers_by_hand() -> None:
     doc = np.array([0, 0, 0, 1, 1, 2, 2, 3])
     ex = np.array([0, 0, 1, 0, 1, 1, 0, 1])
     out = cross_fitted_routers(tok, doc, doc_domains, ex, 2, 2, seed=0)
-    token, domain = np.zeros((2, 2)), np.zeros((2, 2))
+    token = np.zeros((2, 2))
     for fit in (0, 1):
         f = folds[doc] == fit
         marginal = np.bincount(ex[f], minlength=2) / f.sum()
@@ -305,30 +338,191 @@ def test_cross_fitted_routers_by_hand() -> None:
             same_id = f & (tok == tok[i])
             by_id = np.bincount(ex[same_id], minlength=2) / max(same_id.sum(), 1)
             token[d] += by_id if same_id.any() else marginal
-            same_dom = f & (doc_domains[doc] == d)
-            domain[d] += np.bincount(ex[same_dom], minlength=2) / same_dom.sum()
     np.testing.assert_allclose(out.token_id_table, token, atol=1e-12)
-    np.testing.assert_allclose(out.domain_only_table, domain, atol=1e-12)
     assert out.token_id_nmi == pytest.approx(nmi(token), abs=1e-12)
-    assert out.domain_only_nmi == pytest.approx(nmi(domain), abs=1e-12)
 
 
-def test_document_bootstrap_is_the_basic_interval_over_documents() -> None:
-    tok, doc, doc_domains, ex = _doc_probe(8, n=2000)
+def _slow_studentised(doc_counts_list, doc_domains, n_dom, weights, statistic, confidence=0.95):
+    """Bootstrap-t by hand: each resample's documents listed with repeats, its jackknife SE by
+    leaving out one listed document at a time."""
+
+    def stat(docs) -> float:
+        values = []
+        for counts in doc_counts_list:
+            table = np.zeros((n_dom, counts.shape[1]))
+            for u in docs:
+                table[doc_domains[u]] += counts[u]
+            values.append(nmi(table))
+        return statistic(values)
+
+    def jack_se(docs) -> float:
+        loo = np.array([stat(docs[:i] + docs[i + 1 :]) for i in range(len(docs))])
+        n = len(docs)
+        return math.sqrt((n - 1) / n * ((loo - loo.mean()) ** 2).sum())
+
+    everyone = list(range(len(doc_domains)))
+    theta, se = stat(everyone), jack_se(everyone)
+    t = []
+    for w in weights:
+        docs = [u for u in everyone for _ in range(int(w[u]))]
+        t.append((stat(docs) - theta) / jack_se(docs))
+    q_low, q_high = np.percentile(t, [100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2])
+    return theta - q_high * se, theta - q_low * se
+
+
+def test_document_bootstrap_is_the_studentised_interval_over_documents() -> None:
+    tok, doc, doc_domains, ex = _doc_probe(8, n=600, n_docs=9)
     ex = np.where(doc_domains[doc] == 0, 0, ex)  # domain 0 to expert 0
-    low, high = document_bootstrap(tok, doc, doc_domains, ex, 3, 5, n_draws=100, seed=3)
-    assert (low, high) == document_bootstrap(tok, doc, doc_domains, ex, 3, 5, 100, 3)
+    low, high = document_bootstrap(tok, doc, doc_domains, ex, 3, 5, n_draws=40, seed=3)
+    assert (low, high) == document_bootstrap(tok, doc, doc_domains, ex, 3, 5, 40, 3)
     observed = nmi(contingency(doc_domains[doc], ex, 3, 5))
     assert low < observed < high
-    # Basic interval: 2 * observed minus the percentiles of the resampled NMIs.
-    weights = scores._bootstrap_weights(doc_domains, 3, 100, 3)
-    counts = np.zeros((18, 5))
+    counts = np.zeros((9, 5))
     np.add.at(counts, (doc, ex), 1)
-    resampled = [
-        nmi(np.stack([(w * (doc_domains == d)) @ counts for d in range(3)])) for w in weights
-    ]
-    q_low, q_high = np.percentile(resampled, [2.5, 97.5])
-    assert (low, high) == pytest.approx((2 * observed - q_high, 2 * observed - q_low))
+    weights = scores._bootstrap_weights(doc_domains, 3, 40, 3)
+    expected = _slow_studentised([counts], doc_domains, 3, weights, lambda v: v[0])
+    assert (low, high) == pytest.approx(expected, abs=1e-10)
+    assert all(math.isnan(x) for x in document_bootstrap(tok, doc, doc_domains, ex, 3, 5, 0))
+
+
+def test_bootstrap_resamples_documents_within_each_domain() -> None:
+    doc_domains = np.array([0] * 5 + [1] * 3 + [2] * 2)
+    weights = scores._bootstrap_weights(doc_domains, 3, 50, 1)
+    per_domain = np.stack([weights[:, doc_domains == d].sum(axis=1) for d in range(3)], axis=1)
+    assert np.array_equal(per_domain, np.broadcast_to([5, 3, 2], (50, 3)))
+    assert np.unique(weights[:, 0]).size > 1
+
+
+def test_paired_change_interval_resamples_the_same_documents_for_both() -> None:
+    tok, doc, doc_domains, before = _doc_probe(9, n=600, n_docs=9)
+    specialised = np.where(doc_domains[doc] == 0, 0, before)
+    # No change: every resample's change is 0.
+    assert paired_change_interval(tok, doc, doc_domains, before, before, 3, 5, 30, 1) == (0, 0)
+    low, high = paired_change_interval(tok, doc, doc_domains, before, specialised, 3, 5, 30, 1)
+    counts = []
+    for ex in (before, specialised):
+        c = np.zeros((9, 5))
+        np.add.at(c, (doc, ex), 1)
+        counts.append(c)
+    weights = scores._bootstrap_weights(doc_domains, 3, 30, 1)
+    expected = _slow_studentised(counts, doc_domains, 3, weights, lambda v: v[1] - v[0])
+    assert (low, high) == pytest.approx(expected, abs=1e-10)
+    change = nmi(contingency(doc_domains[doc], specialised, 3, 5)) - nmi(
+        contingency(doc_domains[doc], before, 3, 5)
+    )
+    assert 0 < low < change < high
+    # A mask scores the kept tokens only: the same as the probe cut down to them.
+    keep = np.arange(doc.size) % 3 != 0
+    masked = paired_change_interval(
+        tok, doc, doc_domains, before, specialised, 3, 5, 30, 1, mask=keep
+    )
+    cut = paired_change_interval(
+        tok[keep], doc[keep], doc_domains, before[keep], specialised[keep], 3, 5, 30, 1
+    )
+    assert masked == cut
+
+
+def test_interval_is_approximate_unless_size_matched_with_enough_documents() -> None:
+    n = scores.INTERVAL_MIN_DOCUMENTS
+    matched = np.repeat([0, 1, 2], n)
+    assert interval_is_approximate(matched, np.full(3 * n, 88), 3) is False
+    assert interval_is_approximate(matched, np.arange(3 * n), 3) is True  # unequal sizes
+    fewer = np.repeat([0, 1, 2], [n, n - 1, n])
+    assert interval_is_approximate(fewer, np.full(3 * n - 1, 88), 3) is True
+    small = np.repeat([0, 1, 2], n - 1)
+    assert interval_is_approximate(small, np.full(3 * n - 3, 88), 3) is True
+
+
+# ----------------------------------------------------------------------------- held-out gains
+
+
+def _slow_gains(tok, doc, doc_domains, ex, n_dom, n_exp, folds, smoothing):
+    """The three held-out gains by hand, token by token."""
+    dom = doc_domains[doc]
+    fold = folds[doc]
+    total = {"domain": 0.0, "token": 0.0, "beyond": 0.0}
+    for i in range(tok.size):
+        fit = fold != fold[i]
+
+        def dist(mask, prior):
+            counts = np.bincount(ex[mask], minlength=n_exp).astype(float)
+            return (counts + smoothing * prior) / (counts.sum() + smoothing)
+
+        counts = np.bincount(ex[fit], minlength=n_exp)
+        q = (counts + 0.5) / (counts.sum() + n_exp / 2)
+        q_d = dist(fit & (dom == dom[i]), q)
+        q_t = dist(fit & (tok == tok[i]), q)
+        q_td = dist(fit & (tok == tok[i]) & (dom == dom[i]), q_t)
+        e = ex[i]
+        total["domain"] += math.log(q_d[e] / q[e])
+        total["token"] += math.log(q_t[e] / q[e])
+        total["beyond"] += math.log(q_td[e] / q_t[e])
+    return {k: v / tok.size for k, v in total.items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_held_out_gains_match_the_direct_reference(seed: int) -> None:
+    from moe_emergence.analysis import heldout
+
+    tok, doc, doc_domains, ex = _doc_probe(seed, n=300, n_ids=12)
+    ex = np.where((doc_domains[doc] == 1) & (tok % 2 == 0), 2, ex)  # some domain x id signal
+    out = held_out_gains(tok, doc, doc_domains, ex, 3, 5, n_permutations=7, seed=seed)
+    folds = document_folds(doc_domains, 3, seed)
+    expected = _slow_gains(tok, doc, doc_domains, ex, 3, 5, folds, heldout.SMOOTHING)
+    assert out.domain == pytest.approx(expected["domain"], abs=1e-12)
+    assert out.token == pytest.approx(expected["token"], abs=1e-12)
+    assert out.domain_beyond_token == pytest.approx(expected["beyond"], abs=1e-12)
+    assert out.domain_null.shape == out.token_null.shape == (7,)
+    assert out.domain_beyond_token_null.shape == (7,)
+    # The references: a domain router and a token router on the same tokens.
+    by_domain = _slow_gains(tok, doc, doc_domains, doc_domains[doc] % 5, 3, 5, folds, 16.0)
+    assert out.token_ref_domain == pytest.approx(by_domain["token"], abs=1e-12)
+    assert out.token_ref_token > 0.5
+
+
+def test_gain_nulls_keep_what_each_null_must_keep() -> None:
+    from moe_emergence.analysis import heldout
+
+    tok, doc, doc_domains, ex = _doc_probe(3, n=400)
+    folds = document_folds(doc_domains, 3, 0)
+    labels = heldout.fold_permutations(doc_domains, folds, 20, 1)
+    for row in labels:  # each half keeps its documents per domain
+        for f in (0, 1):
+            assert sorted(row[folds == f]) == sorted(doc_domains[folds == f])
+    assert np.unique(labels, axis=0).shape[0] > 1
+    shuffled = heldout.within_document_shuffles(doc, ex, 20, 1)
+    for row in shuffled:  # each document keeps its expert counts
+        for u in range(doc_domains.size):
+            assert sorted(row[doc == u]) == sorted(ex[doc == u])
+    assert not np.array_equal(shuffled[0], ex)
+    # Documents of equal size (a size-matched probe) take the in-place path: the same guarantee.
+    equal_docs = np.repeat(np.arange(8), 25)[np.random.default_rng(2).permutation(200)]
+    equal_ex = np.random.default_rng(3).integers(0, 5, 200)
+    for row in heldout.within_document_shuffles(equal_docs, equal_ex, 20, 1):
+        for u in range(8):
+            assert sorted(row[equal_docs == u]) == sorted(equal_ex[equal_docs == u])
+    assert (
+        np.unique(heldout.within_document_shuffles(equal_docs, equal_ex, 20, 1), axis=0).shape[0]
+        == 20
+    )
+    t_idx, n_ids = scores._compact(tok)
+    groups = heldout.TokenDomainGroups(t_idx, n_ids, doc, doc_domains, folds, ex, 5)
+    size_class = np.floor(np.log2(groups.size))
+    for row in groups.within_id_permutations(20, 1):  # each (id, half, size class) keeps its
+        for key in set(zip(groups.t, groups.fold, size_class, strict=True)):
+            mine = (groups.t == key[0]) & (groups.fold == key[1]) & (size_class == key[2])
+            assert sorted(row[mine]) == sorted(groups.label[mine])
+
+
+def test_id_confined_to_a_domain_is_never_read_as_domain_beyond_the_token() -> None:
+    # Every id in one domain only, each id routed by its own expert: the domain beyond the
+    # token has nothing to add, and the within-id null cannot move a confined id's label.
+    tok, doc, doc_domains, _ = _doc_probe(4, n=600)
+    confined = tok + 1000 * doc_domains[doc]
+    ex = confined % 5
+    out = held_out_gains(confined, doc, doc_domains, ex, 3, 5, n_permutations=9, seed=0)
+    assert np.all(out.domain_beyond_token_null == out.domain_beyond_token)
+    assert out.token > 0.5
 
 
 # ----------------------------------------------------------------------------- one layer
@@ -351,23 +545,85 @@ def test_score_layer_combines_the_scores_on_the_first_choice() -> None:
     np.add.at(counts, (docs.ravel(), first.ravel()), 1)
     null = permutation_null(counts, doc_domains, n_dom, 30, 4)
     assert out.nmi == nmi(table)
+    assert out.mi == mutual_information(table)
     assert (out.null_mean, out.null_p95) == null_summary(null)
-    assert out.null_p == permutation_p(null, out.nmi)
-    assert out.cond_mi == conditional_mi(token_ids, docs, doc_domains, first, n_dom, n_exp)
-    cond_null = conditional_mi_null(token_ids, docs, doc_domains, first, n_dom, n_exp, 30, 4)
-    assert (out.cond_mi_null_mean, out.cond_mi_null_p95) == null_summary(cond_null)
-    routers = cross_fitted_routers(token_ids, docs, doc_domains, first, n_dom, n_exp, 4)
-    assert (out.token_id_nmi, out.domain_only_nmi) == (
-        routers.token_id_nmi,
-        routers.domain_only_nmi,
+    mi_null = permutation_null(counts, doc_domains, n_dom, 30, 4, statistic="mi")
+    assert out.null_p == permutation_p(mi_null, out.mi)
+    gains = held_out_gains(token_ids, docs, doc_domains, first, n_dom, n_exp, 30, 4)
+    for name, observed, gain_null in (
+        ("domain_gain", gains.domain, gains.domain_null),
+        ("token_gain", gains.token, gains.token_null),
+        ("domain_beyond_token_gain", gains.domain_beyond_token, gains.domain_beyond_token_null),
+    ):
+        assert getattr(out, name) == observed
+        mean, p95 = null_summary(gain_null)
+        assert (getattr(out, f"{name}_null_mean"), getattr(out, f"{name}_null_p95")) == (mean, p95)
+        assert getattr(out, f"{name}_p") == permutation_p(gain_null, observed)
+    assert (out.token_gain_ref_domain, out.token_gain_ref_token) == (
+        gains.token_ref_domain,
+        gains.token_ref_token,
     )
+    cond = conditional_mi(token_ids, docs, doc_domains, first, n_dom, n_exp)
+    cond_null = conditional_mi_null(token_ids, docs, doc_domains, first, n_dom, n_exp, 30, 4)
+    assert out.cond_mi_excess == pytest.approx(cond - cond_null.mean(), abs=1e-15)
+    assert out.cond_mi_null_p == permutation_p(cond_null, cond)
+    routers = cross_fitted_routers(token_ids, docs, doc_domains, first, n_dom, n_exp, 4)
+    assert out.token_id_nmi == routers.token_id_nmi
     boot = document_bootstrap(token_ids, docs, doc_domains, first, n_dom, n_exp, 30, 4)
     assert (out.nmi_low, out.nmi_high) == boot
+    assert out.nmi_interval_approximate is True  # 2 documents per domain
     assert out.usage_entropy == usage_entropy(table)
     assert out.router_entropy == 0.5
-    assert out.n_documents == 6
+    assert (out.n_documents, out.n_tokens) == (6, n_blocks * length)
     assert math.isnan(score_layer(token_ids, docs, doc_domains, first, 3, 4, 30).router_entropy)
-    assert "token_id_share" not in {f.name for f in fields(LayerScores)}
+    names = {f.name for f in fields(LayerScores)}
+    assert not names & {"token_id_share", "domain_only_nmi", "cond_mi", "cond_mi_null_p95"}
+
+
+def test_a_mask_scores_the_kept_tokens_and_documents_only() -> None:
+    rng = np.random.default_rng(3)
+    token_ids = rng.integers(0, 30, (8, 10))
+    docs = np.repeat(np.arange(8), 10).reshape(8, 10)
+    doc_domains = np.arange(8) % 2
+    experts = rng.integers(0, 3, (8, 10))
+    mask = np.zeros((8, 10), dtype=bool)
+    mask[:, :6] = True
+    mask[5] = False  # document 5 drops out
+    out = score_layer(token_ids, docs, doc_domains, experts, 2, 3, 20, 1, mask=mask)
+    kept = [u for u in range(8) if u != 5]
+    cut = score_layer(
+        token_ids[kept, :6],
+        np.repeat(np.arange(7), 6).reshape(7, 6),
+        doc_domains[kept],
+        experts[kept, :6],
+        2,
+        3,
+        20,
+        1,
+    )
+    assert out == cut
+    assert (out.n_documents, out.n_tokens) == (7, 42)
+    with pytest.raises(ValueError):
+        score_layer(token_ids, docs, doc_domains, experts, 2, 3, 20, 1, mask=mask[:, :5])
+
+
+def test_layer_scores_read_back_from_a_trajectory_row() -> None:
+    from moe_emergence.analysis.tables import TRAJECTORY, read_table, routing_rows, write_table
+
+    tok, doc, doc_domains, ex = _doc_probe(2)
+    out = score_layer(tok, doc, doc_domains, ex, 3, 5, 9, router_entropy=0.5)
+    _, rows = routing_rows(5, "held_out", ("a", "b", "c"), {1: np.zeros((3, 5))}, {1: out})
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "trajectory.csv"
+        write_table(path, TRAJECTORY, rows)
+        (row,) = read_table(path)
+    back = LayerScores.from_row(row)
+    assert back == out
+    assert isinstance(back.nmi_interval_approximate, bool)
+    assert isinstance(back.n_tokens, int)
 
 
 # ----------------------------------------------------------------------------- table views
