@@ -30,7 +30,7 @@ from moe_emergence.analysis.probe import (
     score_probe_routing,
 )
 from moe_emergence.analysis.results import NO_OVERRIDES, CheckpointResult, HeldOutLoss, RunResult
-from moe_emergence.analysis.scores import nmi
+from moe_emergence.analysis.scores import paired_change_interval
 from moe_emergence.analysis.settings import ProbeSettings
 from moe_emergence.analysis.token_types import CATEGORIES, token_type_table
 from moe_emergence.data import MixedDomainDataModule
@@ -242,55 +242,6 @@ def initial_model_key(model: torch.nn.Module, experts: Mapping[int, np.ndarray])
     return h.hexdigest()
 
 
-def _paired_change_interval_stand_in(
-    token_ids: np.ndarray,
-    token_docs: np.ndarray,
-    doc_domains: np.ndarray,
-    experts_before: np.ndarray,
-    experts_after: np.ndarray,
-    n_domains: int,
-    n_experts: int,
-    n_draws: int,
-    seed: int,
-    confidence: float = 0.95,
-) -> tuple[float, float]:
-    """TODO-merge: a stand-in for ``scores.paired_change_interval`` (same signature), used only
-    while that function is absent. The probe interval of NMI(after) - NMI(before): a basic
-    bootstrap over documents, resampled within each domain, the SAME resample for both
-    checkpoints (the pairing); first choice (slot 0) read. (nan, nan) without draws."""
-    docs = np.asarray(token_docs, dtype=np.int64).ravel()
-    dom = np.asarray(doc_domains, dtype=np.int64)
-    if n_draws < 1 or docs.size == 0:
-        return float("nan"), float("nan")
-
-    def doc_counts(experts: np.ndarray) -> np.ndarray:  # [U, E]
-        first = np.asarray(experts, dtype=np.int64).reshape(docs.size, -1)[:, 0]
-        flat = np.bincount(docs * n_experts + first, minlength=dom.size * n_experts)
-        return flat.reshape(dom.size, n_experts).astype(np.float64)
-
-    onehot = (dom[None, :] == np.arange(n_domains)[:, None]).astype(np.float64)  # [D, U]
-    before, after = doc_counts(experts_before), doc_counts(experts_after)
-    observed = nmi(onehot @ after) - nmi(onehot @ before)
-    rng = np.random.default_rng(seed)
-    weights = np.zeros((n_draws, dom.size))
-    for d in range(n_domains):
-        mine = np.flatnonzero(dom == d)
-        if mine.size:
-            share = np.full(mine.size, 1 / mine.size)
-            weights[:, mine] = rng.multinomial(mine.size, share, size=n_draws)
-    tables_before = np.einsum("ku,du,ue->kde", weights, onehot, before)
-    tables_after = np.einsum("ku,du,ue->kde", weights, onehot, after)
-    draws = [nmi(a) - nmi(b) for a, b in zip(tables_after, tables_before, strict=True)]
-    low, high = np.percentile(draws, [50 * (1 - confidence), 50 * (1 + confidence)])
-    return float(2 * observed - high), float(2 * observed - low)
-
-
-try:  # TODO-merge: the scores helper adds it; drop the stand-in then
-    from moe_emergence.analysis.scores import paired_change_interval  # type: ignore[attr-defined]
-except ImportError:
-    paired_change_interval = _paired_change_interval_stand_in
-
-
 def change_intervals(
     probe: Probe,
     before: Mapping[int, np.ndarray],
@@ -313,6 +264,7 @@ def change_intervals(
                 n_experts,
                 n_draws=int(settings["null_permutations"]),
                 seed=int(settings["null_seed"]),
+                mask=probe.token_mask,
             )
         )
         for layer in sorted(set(before) & set(after))
