@@ -133,12 +133,14 @@ FROZEN = "frozen_router"
 DOMAIN_ROUTER = "domain_router"  # the upper bound every MoE condition is read as a share of
 REFERENCE_ROUTERS = ("hash_router", DOMAIN_ROUTER)  # routing fixed by construction
 # Each run's value in the row's ``values``: nmi_low / nmi_high are the runs' probe intervals
-# (documents resampled); *_p the runs' document-level permutation p-values. Each held-out gain
-# sits beside its null (chance level).
+# (documents resampled; nmi_interval_approximate is 1 where their coverage may fall below 93%);
+# *_p the runs' document-level permutation p-values. Each held-out gain sits beside its null
+# (chance level).
 ROUTING_METRICS = (
     "nmi",
     "nmi_low",
     "nmi_high",
+    "nmi_interval_approximate",  # 1 where the run's probe intervals are approximate, else 0
     "null_mean",
     "null_p95",
     "null_p",

@@ -258,11 +258,14 @@ def _run_change_table(summary: Summary) -> list[str]:
         }
         if any(r is None for r in rows.values()):
             continue
+        approximate = summary.row(g, "nmi_interval_approximate", layer)
         for i, seed in enumerate(rows["nmi"].seeds):
             v = {m: r.values[i] if i < len(r.values) else NAN for m, r in rows.items()}
             if math.isnan(v["nmi_step0"]):
                 continue
             interval = f"[{_num(v['nmi_change_low'], '.4f')}, {_num(v['nmi_change_high'], '.4f')}]"
+            if approximate is not None and i < len(approximate.values) and approximate.values[i]:
+                interval += " approx."
             lines.append(
                 [
                     _cell(names[g]),
@@ -274,7 +277,11 @@ def _run_change_table(summary: Summary) -> list[str]:
                 ]
             )
     header = ["condition", "seed", "layer", "NMI step 0", "NMI final", "change [95% probe CI]"]
-    return _table(header, lines) if lines else []
+    note = (
+        "approx.: an interval whose coverage may fall below 93% on this probe (not size-matched, "
+        "or under 18 documents per domain; docs/method.md)."
+    )
+    return [*_table(header, lines), "", note] if lines else []
 
 
 def _routing_table(summary: Summary) -> list[str]:

@@ -816,3 +816,20 @@ def test_only_the_figures_with_something_to_draw(tmp_path):
     files = write_summary(dense, tmp_path, figures=True)
     assert [p.name for p in files.figures] == ["held_out_loss.png"]
     assert "Routing" not in files.markdown.read_text()
+
+
+def test_approximate_probe_intervals_are_marked_in_each_runs_change_table(tmp_path):
+    """A run whose probe intervals may cover less than 93% (unmatched or few documents) is
+    marked ``approx.``; one whose probe is matched is not."""
+    runs = [
+        moe_run(0, layer_scores(0.2, nmi_interval_approximate=True), {"code": 2.0}),
+        moe_run(1, layer_scores(0.3), {"code": 2.1}),
+    ]
+    summary = summarize(runs)
+    assert summary.row(MOE, "nmi_interval_approximate", layer=1).values == (1.0, 0.0)
+    text = write_summary(runs, tmp_path).markdown.read_text()
+    table = text.split("## Each run's change from step 0")[1].split("\n## ")[0]
+    lines = [line for line in table.splitlines() if line.startswith("| top-1 |")]
+    assert len(lines) == 2
+    assert lines[0].endswith("approx. |") and not lines[1].endswith("approx. |")
+    assert "approx.: an interval whose coverage may fall below 93%" in table
