@@ -1,7 +1,8 @@
 """Evaluate a run's checkpoints for ``python -m moe_emergence.analyze``: find the runs and their
 checkpoints, rebuild each run's data and probe from what the run recorded, and route and score
 every checkpoint in eval mode (the same probe, routing and scores as the training-time
-:class:`~moe_emergence.analysis.RoutingAnalysis`), with the per-domain held-out loss.
+:class:`~moe_emergence.analysis.RoutingAnalysis`), with the per-domain held-out loss, and the
+final checkpoint's knock-out readings (:mod:`moe_emergence.analysis.knockout`).
 
 Reads only the run dirs (``.hydra/config.yaml``, ``.hydra/overrides.yaml``, ``checkpoints/``)
 and the token cache, which it rebuilds from the recorded data settings when it is gone.
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from moe_emergence.analysis.knockout import knockout_effects
 from moe_emergence.analysis.loading import LoadedCheckpoint, load_checkpoint
 from moe_emergence.analysis.probe import (
     PROBE_FILE,
@@ -369,6 +371,16 @@ def evaluate_run(
         elif last and step0_experts is not None and experts:
             intervals = change_intervals(probe, step0_experts, experts, n_experts, settings)
         on_checkpoint()
+    knockout = []
+    if layers and held_out is not None:  # the causal test: final checkpoint, held-out set
+        knockout = knockout_effects(
+            final.model,
+            held_out,
+            int(settings["batch_size"]),
+            device,
+            n_draws=int(settings["null_permutations"]),
+            seed=int(settings["null_seed"]),
+        )
     overrides, recorded_seed = run_overrides(run.run_dir)
     seed = trained_seed(run.name, final, recorded_seed)
     return RunResult(
@@ -388,4 +400,5 @@ def evaluate_run(
         nmi_change_intervals=intervals,
         initial_model=initial,
         null_permutations=int(settings["null_permutations"]),
+        knockout=knockout,
     )
