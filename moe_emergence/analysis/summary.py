@@ -52,6 +52,15 @@ direct contrasts, pairs of groups A < B (by name), group ``"A - B"`` (:attr:`con
     its step 0, so the difference of changes is the primary test again): family
     ``contrast_nmi_change``.
 
+knock-out, per MoE layer of MoE groups whose runs have knock-out readings
+(:attr:`RunResult.knockout`; :mod:`moe_emergence.analysis.knockout`)
+    ``knockout_share_<D>`` (the preferred expert's share of D's first choices), then per
+    measured domain D' ``knockout_<D>_on_<D'>`` (D''s held-out loss change with D's preferred
+    expert removed), ``knockout_control_<D>_on_<D'>`` (with the load-matched control removed)
+    and ``knockout_excess_<D>_on_<D'>`` (their difference); ``t`` over seeds. The excess on
+    D' = D is tested: family ``knockout_own``, Holm over MoE groups x layers x domains, the
+    reference routers left out (descriptive).
+
 Every tested row is in exactly one family and shown in one table, so a test has one p_holm.
 ``detectable``: the smallest effect the row's test detects with :data:`POWER` power at
 ``ALPHA / m`` (Holm's first threshold in its family of m tests), given the observed SD of its
