@@ -53,6 +53,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="output folder (default: PATH/analysis)")
     parser.add_argument("--device", default="cpu", help="torch device for the forwards (cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-knockout",
+        action="store_true",
+        help="skip the knock-out by domain (final checkpoint, held-out set: 1 + layers x "
+        "min(2 x domains, experts) passes of the held-out set per MoE run)",
+    )
     for flag, what in (
         ("--hub-mirror", "the Hub mirror folder"),
         ("--cache-dir", "the token cache root"),
@@ -177,6 +183,7 @@ def _analyse(
                 device,
                 on_checkpoint=lambda: bar.update(1),
                 data_overrides=data_overrides(args),
+                knockout=not args.no_knockout,
             )
             write_run_tables(result, folder)
             results.append(result)

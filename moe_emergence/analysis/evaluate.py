@@ -325,6 +325,7 @@ def evaluate_run(
     device: torch.device,
     on_checkpoint: Callable[[], None] = lambda: None,
     data_overrides: Mapping[str, Any] | None = None,
+    knockout: bool = True,
 ) -> RunResult:
     """Every checkpoint of ``run`` (verified beforehand: :func:`verify_checkpoints`), oldest
     first, on the run's own probe and held-out split; ``on_checkpoint`` is called after each
@@ -332,7 +333,8 @@ def evaluate_run(
     ``data_overrides``: ``hub_mirror``, ``cache_dir``, ``tokenizer`` in place of the run's
     recorded ones (a key absent: the recorded; ``hub_mirror`` None: no mirror). The rebuilt
     data must have the fingerprint the run's checkpoint records, and the probe the digest of
-    its ``routing/probe.json``."""
+    its ``routing/probe.json``. ``knockout``: also the final checkpoint's knock-out readings
+    (:func:`~moe_emergence.analysis.knockout.knockout_effects`) where there is a held-out split."""
     final = load_checkpoint(run.checkpoints[-1], OPTION, require_moe=False)
     data_settings = {**final.data_settings, **(data_overrides or {})} if final.data_settings else {}
     datamodule = load_data(run.name, data_settings, report_dir)
@@ -371,9 +373,9 @@ def evaluate_run(
         elif last and step0_experts is not None and experts:
             intervals = change_intervals(probe, step0_experts, experts, n_experts, settings)
         on_checkpoint()
-    knockout = []
-    if layers and held_out is not None:  # the causal test: final checkpoint, held-out set
-        knockout = knockout_effects(
+    readings = []
+    if knockout and layers and held_out is not None:  # the causal test: final, held-out set
+        readings = knockout_effects(
             final.model,
             held_out,
             int(settings["batch_size"]),
@@ -400,5 +402,5 @@ def evaluate_run(
         nmi_change_intervals=intervals,
         initial_model=initial,
         null_permutations=int(settings["null_permutations"]),
-        knockout=knockout,
+        knockout=readings,
     )

@@ -236,14 +236,23 @@ def test_single_checkpoint_and_a_gone_cache(sweep, tmp_path, capsys):
     assert {r["step"] for r in read_table(folder / "counts.csv")} == {"2"}
     before = read_table(folder / "counts.csv")
 
+    assert (folder / "knockout.csv").is_file()
+
     # The token cache is gone: analyze rebuilds it from the checkpoint's data settings.
     shutil.rmtree(sweep.parent / "cache")
     code, _, err = _analyze(
-        capsys, copy / "checkpoints" / "step000002.ckpt", "--out", tmp_path / "again"
+        capsys,
+        copy / "checkpoints" / "step000002.ckpt",
+        "--out",
+        tmp_path / "again",
+        "--no-knockout",
     )
     assert code == 0, err
     [folder] = (tmp_path / "again" / "runs").iterdir()
     assert read_table(folder / "counts.csv") == before
+    assert not (folder / "knockout.csv").exists()
+    summary = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert not any(r["metric"].startswith("knockout") for r in summary["rows"])
 
 
 def test_overrides_group_without_seed_and_places(tmp_path):
