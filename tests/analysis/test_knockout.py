@@ -220,6 +220,26 @@ def test_removing_codes_expert_costs_code_not_the_others_and_more_than_a_control
     assert {r["role"] for r in rows} == {"preferred", "control", "difference"}
 
 
+@pytest.mark.parametrize(
+    ("router", "top_k"), [("learned", 2), ("frozen", 1), ("hash", 2), ("hash", 1)]
+)
+def test_every_router_kind_reads_a_finite_knock_out(router, top_k):
+    """The hash router takes the token ids from the model's pre-hook, the frozen and learned
+    routers their masked logits; top-2 keeps a next choice besides the one removed."""
+    torch.manual_seed(0)
+    moe = {"layers": [1], "n_experts": 4, "top_k": top_k, "router": router, "init_noise": 0.5}
+    if router != "learned":
+        moe["noise_std"] = 0
+    model = tiny_module(moe=moe).model.eval()
+    effects = knockout_effects(model, _probe(docs=3), 6, torch.device("cpu"), n_draws=49)
+    assert len(effects) == 9
+    for e in effects:
+        assert e.preferred != e.control and 0 < e.preferred_share <= 1
+        values = (e.intact, e.preferred_change, e.control_change, *e.difference_interval)
+        assert all(math.isfinite(v) for v in values)
+    assert any(e.preferred_change != 0 for e in effects)  # removing an expert changes a loss
+
+
 def test_the_document_losses_sum_to_the_blocks_losses(code_expert_model):
     probe = _probe(docs=3)
     doc_loss, first = held_out_pass(code_expert_model, probe, 5, torch.device("cpu"))
