@@ -590,7 +590,8 @@ def render_markdown(summary: Summary) -> str:
     primary contrast (top-1 - frozen router) first; the change from step 0 (the primary test
     per condition and layer, with the design's power), each run's change; routing, held-out
     gains and token controls beside their nulls; step 0 once per initial model; held-out loss,
-    MoE - dense and direct contrasts; the Holm families, each declared once; warnings. NMI 4
+    MoE - dense, the knock-out by domain (table and one sentence per condition x layer x
+    domain) and direct contrasts; the Holm families, each declared once; warnings. NMI 4
     decimals, losses 3; per-seed values in parentheses below :data:`FEW_SEEDS` runs;
     ``(n=1)`` where a single run gives no interval."""
     names = _names(summary)
