@@ -13,6 +13,7 @@ checkpoint's folder's ``analysis``)::
     runs/<run>/trajectory.csv, counts.csv      every checkpoint (columns of tables.py)
     runs/<run>/losses.csv                      step, domain, loss, perplexity, tokens
     runs/<run>/token_types.txt                 code tokens by Python category x expert
+    runs/<run>/knockout.csv                    final checkpoint: a domain's expert removed
     runs/<run>/data_report.json                the rebuilt data's report
 """
 
@@ -27,6 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from moe_emergence.analysis.evaluate import OPTION, evaluate_run
+from moe_emergence.analysis.knockout import COLUMNS as KNOCKOUT
+from moe_emergence.analysis.knockout import KNOCKOUT_FILE, knockout_rows
 from moe_emergence.analysis.results import RunResult
 from moe_emergence.analysis.summary_files import write_summary
 from moe_emergence.analysis.tables import COUNTS, LOSSES, TRAJECTORY, routing_rows, write_table
@@ -50,6 +53,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="output folder (default: PATH/analysis)")
     parser.add_argument("--device", default="cpu", help="torch device for the forwards (cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-knockout",
+        action="store_true",
+        help="skip the knock-out by domain (final checkpoint, held-out set: 1 + layers x "
+        "min(2 x domains, experts) passes of the held-out set per MoE run)",
+    )
     for flag, what in (
         ("--hub-mirror", "the Hub mirror folder"),
         ("--cache-dir", "the token cache root"),
@@ -99,7 +108,7 @@ def run_names(runs: Sequence[RunCheckpoints]) -> list[str]:
 
 def write_run_tables(result: RunResult, folder: Path) -> None:
     """The per-run tables: trajectory, counts and losses of every checkpoint, and the final
-    checkpoint's code token-type tables."""
+    checkpoint's code token-type tables and knock-out readings."""
     trajectory, counts, losses = [], [], []
     for checkpoint in result.checkpoints:
         step_counts, step_trajectory = routing_rows(
@@ -122,6 +131,9 @@ def write_run_tables(result: RunResult, folder: Path) -> None:
         write_table(folder / "counts.csv", COUNTS, counts)
     if losses:
         write_table(folder / "losses.csv", LOSSES, losses)
+    if result.knockout:
+        rows = knockout_rows(result.final.step, result.knockout)
+        write_table(folder / KNOCKOUT_FILE, KNOCKOUT, rows)
     types = result.final.token_types
     if types:
         text = [
@@ -171,6 +183,7 @@ def _analyse(
                 device,
                 on_checkpoint=lambda: bar.update(1),
                 data_overrides=data_overrides(args),
+                knockout=not args.no_knockout,
             )
             write_run_tables(result, folder)
             results.append(result)

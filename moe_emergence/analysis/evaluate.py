@@ -1,7 +1,8 @@
 """Evaluate a run's checkpoints for ``python -m moe_emergence.analyze``: find the runs and their
 checkpoints, rebuild each run's data and probe from what the run recorded, and route and score
 every checkpoint in eval mode (the same probe, routing and scores as the training-time
-:class:`~moe_emergence.analysis.RoutingAnalysis`), with the per-domain held-out loss.
+:class:`~moe_emergence.analysis.RoutingAnalysis`), with the per-domain held-out loss, and the
+final checkpoint's knock-out readings (:mod:`moe_emergence.analysis.knockout`).
 
 Reads only the run dirs (``.hydra/config.yaml``, ``.hydra/overrides.yaml``, ``checkpoints/``)
 and the token cache, which it rebuilds from the recorded data settings when it is gone.
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from moe_emergence.analysis.knockout import knockout_effects
 from moe_emergence.analysis.loading import LoadedCheckpoint, load_checkpoint
 from moe_emergence.analysis.probe import (
     PROBE_FILE,
@@ -323,6 +325,7 @@ def evaluate_run(
     device: torch.device,
     on_checkpoint: Callable[[], None] = lambda: None,
     data_overrides: Mapping[str, Any] | None = None,
+    knockout: bool = True,
 ) -> RunResult:
     """Every checkpoint of ``run`` (verified beforehand: :func:`verify_checkpoints`), oldest
     first, on the run's own probe and held-out split; ``on_checkpoint`` is called after each
@@ -330,7 +333,8 @@ def evaluate_run(
     ``data_overrides``: ``hub_mirror``, ``cache_dir``, ``tokenizer`` in place of the run's
     recorded ones (a key absent: the recorded; ``hub_mirror`` None: no mirror). The rebuilt
     data must have the fingerprint the run's checkpoint records, and the probe the digest of
-    its ``routing/probe.json``."""
+    its ``routing/probe.json``. ``knockout``: also the final checkpoint's knock-out readings
+    (:func:`~moe_emergence.analysis.knockout.knockout_effects`) where there is a held-out split."""
     final = load_checkpoint(run.checkpoints[-1], OPTION, require_moe=False)
     data_settings = {**final.data_settings, **(data_overrides or {})} if final.data_settings else {}
     datamodule = load_data(run.name, data_settings, report_dir)
@@ -369,6 +373,16 @@ def evaluate_run(
         elif last and step0_experts is not None and experts:
             intervals = change_intervals(probe, step0_experts, experts, n_experts, settings)
         on_checkpoint()
+    readings = []
+    if knockout and layers and held_out is not None:  # the causal test: final, held-out set
+        readings = knockout_effects(
+            final.model,
+            held_out,
+            int(settings["batch_size"]),
+            device,
+            n_draws=int(settings["null_permutations"]),
+            seed=int(settings["null_seed"]),
+        )
     overrides, recorded_seed = run_overrides(run.run_dir)
     seed = trained_seed(run.name, final, recorded_seed)
     return RunResult(
@@ -388,4 +402,5 @@ def evaluate_run(
         nmi_change_intervals=intervals,
         initial_model=initial,
         null_permutations=int(settings["null_permutations"]),
+        knockout=readings,
     )

@@ -49,6 +49,38 @@ class CheckpointResult:
     token_types: dict[int, np.ndarray] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class KnockoutEffect:
+    """One knock-out reading of one run's final checkpoint (:mod:`moe_emergence.analysis.knockout`):
+    at MoE ``layer``, the expert that domain ``removed``'s held-out tokens choose first most
+    often (``preferred``) is removed, and separately a load-matched ``control`` expert that
+    ``removed`` does not prefer; ``measured`` is the domain whose held-out loss is read.
+
+    preferred_share, control_share: the share of ``removed``'s held-out tokens whose first
+    choice is that expert. intact: ``measured``'s held-out loss (nats per token) of the intact
+    model; preferred_change, control_change: its loss with that expert removed minus intact;
+    difference: preferred_change - control_change. ``*_interval``: (low, high), 95%
+    studentised bootstrap over ``measured``'s held-out documents (the same resamples for all
+    three). tokens: ``measured``'s predictions.
+    """
+
+    layer: int
+    removed: str
+    measured: str
+    preferred: int
+    control: int
+    preferred_share: float
+    control_share: float
+    intact: float
+    preferred_change: float
+    control_change: float
+    difference: float
+    preferred_interval: tuple[float, float]
+    control_interval: tuple[float, float]
+    difference_interval: tuple[float, float]
+    tokens: int
+
+
 @dataclass
 class RunResult:
     """Every analysed checkpoint of one run, oldest first (``checkpoints[-1]`` is the final).
@@ -67,7 +99,8 @@ class RunResult:
     of its step-0 weights and of its step-0 first-choice routing of the probe; None without a
     step-0 checkpoint): runs with equal keys share their step 0, which the summary counts once.
     null_permutations: K, the permutations behind each permutation p-value (its smallest value
-    is 1 / (1 + K)); None when unknown.
+    is 1 / (1 + K)); None when unknown. knockout: the final checkpoint's knock-out readings,
+    layer x removed domain x measured domain (empty: dense, or no held-out split).
     """
 
     name: str
@@ -86,6 +119,7 @@ class RunResult:
     nmi_change_intervals: dict[int, tuple[float, float]] = field(default_factory=dict)
     initial_model: str | None = None
     null_permutations: int | None = None
+    knockout: list[KnockoutEffect] = field(default_factory=list)
 
     @property
     def final(self) -> CheckpointResult:

@@ -52,6 +52,15 @@ direct contrasts, pairs of groups A < B (by name), group ``"A - B"`` (:attr:`con
     its step 0, so the difference of changes is the primary test again): family
     ``contrast_nmi_change``.
 
+knock-out, per MoE layer of MoE groups whose runs have knock-out readings
+(:attr:`RunResult.knockout`; :mod:`moe_emergence.analysis.knockout`)
+    ``knockout_share_<D>`` (the preferred expert's share of D's first choices), then per
+    measured domain D' ``knockout_<D>_on_<D'>`` (D''s held-out loss change with D's preferred
+    expert removed), ``knockout_control_<D>_on_<D'>`` (with the load-matched control removed)
+    and ``knockout_excess_<D>_on_<D'>`` (their difference); ``t`` over seeds. The excess on
+    D' = D is tested: family ``knockout_own``, Holm over MoE groups x layers x domains, the
+    reference routers left out (descriptive).
+
 Every tested row is in exactly one family and shown in one table, so a test has one p_holm.
 ``detectable``: the smallest effect the row's test detects with :data:`POWER` power at
 ``ALPHA / m`` (Holm's first threshold in its family of m tests), given the observed SD of its
@@ -202,6 +211,11 @@ FAMILY_TITLES = {
     "contrast_nmi_change": (
         "direct contrasts of the NMI change from step 0: every pair of learned-router MoE "
         "conditions except the primary pair x layer"
+    ),
+    "knockout_own": (
+        "knock-out: removing a domain's preferred expert minus removing a load-matched control, "
+        "on that domain's own held-out loss, over seeds; every MoE condition but the reference "
+        "routers (hash, domain) x layer x domain"
     ),
 }
 TWIN_FREE_KEYS = ("condition", "model", "experiment")  # and every key under ``model.``
@@ -870,6 +884,67 @@ def _contrast_rows(
     return rows, contrasts
 
 
+# ----------------------------------------------------------------------------- knock-out
+
+KNOCKOUT_FAMILY = "knockout_own"
+
+
+def knockout_metric(kind: str, removed: str, measured: str) -> str:
+    """The row name of a knock-out reading: ``kind`` ``preferred`` -> ``knockout_<removed>_on_
+    <measured>`` (the change of ``measured``'s held-out loss when ``removed``'s preferred
+    expert is removed), ``control`` -> ``knockout_control_...``, ``excess`` ->
+    ``knockout_excess_...`` (preferred minus control), ``share`` -> ``knockout_share_<removed>``
+    (the preferred expert's share of ``removed``'s first choices)."""
+    if kind == "share":
+        return f"knockout_share_{removed}"
+    prefix = "knockout" if kind == "preferred" else f"knockout_{kind}"
+    return f"{prefix}_{removed}_on_{measured}"
+
+
+def _knockout_value(layer: int, removed: str, measured: str, name: str) -> RunValue:
+    """The run's final knock-out reading field ``name`` (NaN without it)."""
+
+    def get(run: RunResult) -> float:
+        for e in run.knockout:
+            if (e.layer, e.removed, e.measured) == (layer, removed, measured):
+                return float(getattr(e, name))
+        return NAN
+
+    return get
+
+
+def _knockout_rows(group: str, runs: Sequence[RunResult]) -> list[SummaryRow]:
+    """Per layer and removed domain D (where a run has knock-out readings): the preferred
+    expert's share of D's tokens, then per measured domain D' the change of D''s loss with D's
+    preferred expert removed, with the control removed, and their difference (mean and
+    t-interval over seeds); the difference on D' = D is tested (family ``knockout_own``; a
+    reference router's is descriptive)."""
+    cells: dict[tuple[int, str], list[str]] = {}  # (layer, D) -> measured domains
+    for run in runs:
+        for e in run.knockout:
+            measured = cells.setdefault((e.layer, e.removed), [])
+            if e.measured not in measured:
+                measured.append(e.measured)
+    family = "" if _reference(runs) else KNOCKOUT_FAMILY
+    seeds = [r.seed for r in runs]
+    rows = []
+    for (layer, removed), measured_domains in sorted(cells.items(), key=lambda c: c[0][0]):
+        share = _knockout_value(layer, removed, removed, "preferred_share")
+        rows.append(_level(group, layer, knockout_metric("share", removed, ""), runs, share))
+        for measured in measured_domains:
+            for kind, name in (
+                ("preferred", "preferred_change"),
+                ("control", "control_change"),
+                ("excess", "difference"),
+            ):
+                values = [_knockout_value(layer, removed, measured, name)(r) for r in runs]
+                tested = family if kind == "excess" and measured == removed else ""
+                i = mean_interval(values, confidence=CONFIDENCE)
+                metric = knockout_metric(kind, removed, measured)
+                rows.append(SummaryRow.of(group, layer, metric, i, seeds, values, family=tested))
+    return rows
+
+
 # ----------------------------------------------------------------------------- Holm
 
 
@@ -971,6 +1046,7 @@ def summarize(results: Sequence[RunResult]) -> Summary:
                 twin = _condition_twin(g, groups, DOMAIN_ROUTER, sole=True)
                 reference = groups[twin] if twin is not None else None
             rows += _routing_rows(g, runs, counts, reference)
+            rows += _knockout_rows(g, runs)
         rows += _loss_rows(g, runs)
         if (twin := twins.get(g)) is not None:
             rows += _loss_differences(g, runs, groups[twin], "_minus_dense", "minus_dense")

@@ -22,10 +22,12 @@ from moe_emergence.analysis.summary import (
     ALPHA,
     COLUMNS,
     CONFIDENCE,
+    KNOCKOUT_FAMILY,
     POWER,
     Summary,
     SummaryRow,
     Test,
+    knockout_metric,
     summarize,
 )
 from moe_emergence.analysis.tables import write_table
@@ -474,11 +476,89 @@ def _contrast_tables(summary: Summary) -> tuple[list[str], list[str]]:
     )
 
 
+def _knockout_cells(summary: Summary) -> list[tuple[str, int, str, list[str]]]:
+    """(group, layer, removed domain D, measured domains: D first, then the others in row
+    order) of the knock-out rows."""
+    share = knockout_metric("share", "", "")
+    cells = []
+    for r in summary.rows:
+        if r.metric.startswith(share) and r.layer is not None:
+            removed = r.metric.removeprefix(share)
+            prefix = knockout_metric("preferred", removed, "")
+            measured = [
+                q.metric.removeprefix(prefix)
+                for q in summary.rows
+                if (q.group, q.layer) == (r.group, r.layer) and q.metric.startswith(prefix)
+            ]
+            measured.sort(key=lambda m: m != removed)
+            cells.append((r.group, r.layer, removed, measured))
+    return cells
+
+
+def _knockout_section(summary: Summary) -> tuple[list[str], list[str]]:
+    """(the table: per condition, layer, removed domain and measured domain, the loss change
+    with the domain's preferred expert removed, with a control removed, and their difference,
+    with p on the domain's own; one sentence per condition x layer x removed domain)."""
+    names, lines, sentences = _names(summary), [], []
+    for group, layer, removed, measured in _knockout_cells(summary):
+        share = summary.row(group, knockout_metric("share", removed, ""), layer)
+        rows = {
+            (kind, m): summary.row(group, knockout_metric(kind, removed, m), layer)
+            for m in measured
+            for kind in ("preferred", "control", "excess")
+        }
+        for m in measured:
+            lines.append(
+                [
+                    _cell(names.get(group, group)),
+                    str(layer),
+                    f"{_cell(removed)} ({_mean_text(share, '.0%')} of its tokens)",
+                    _cell(m),
+                    _interval_text(rows["preferred", m], ".3f"),
+                    _interval_text(rows["control", m], ".3f"),
+                    _interval_text(rows["excess", m], ".3f"),
+                    _p_pair(rows["excess", m]) if m == removed else "-",
+                ]
+            )
+        costs = [f"{m} {_mean_text(rows['preferred', m], '.3f')}" for m in measured]
+        control = summary.row(group, knockout_metric("control", removed, removed), layer)
+        excess = summary.row(group, knockout_metric("excess", removed, removed), layer)
+        sentences.append(
+            f"- {_cell(names.get(group, group))}: removing {removed}'s expert (layer {layer}) "
+            f"costs {costs[0]} nats per token"
+            + (f" and {', '.join(costs[1:])}" if len(costs) > 1 else "")
+            + f"; removing a load-matched control costs {removed} "
+            f"{_mean_text(control, '.3f')}; preferred minus control on {removed}: "
+            f"{_interval_text(excess, '.3f')}."
+        )
+    header = [
+        "condition",
+        "layer",
+        "expert of (its share)",
+        "measured",
+        "removing it",
+        "removing a control",
+        "preferred - control [95% CI]",
+        "p / p_holm",
+    ]
+    if not lines:
+        return [], []
+    note = (
+        "Each run removes its own domain's expert (expert numbers are arbitrary per run); the "
+        "control is the expert, among those the domain does not prefer, whose load on the "
+        "held-out set is closest. p: one-sample t over seeds of preferred - control on the "
+        "domain's own loss. Each run's document intervals: runs/<run>/knockout.csv."
+    )
+    return _table(header, lines), [note, "", *sentences]
+
+
 def _test_name(test: Test, names: dict[str, str]) -> str:
     """``<condition> layer <L> [<metric>] [seed <s>]`` of one test of a family."""
     group, layer, metric, seed = test
     text = names.get(group, group)
     text += f" layer {layer}" if layer is not None else f" {metric}"
+    if layer is not None and metric.startswith(knockout_metric("excess", "", "")):
+        text += f" {metric}"  # several domains per layer
     return text + (f" seed {seed}" if seed is not None else "")
 
 
@@ -510,7 +590,8 @@ def render_markdown(summary: Summary) -> str:
     primary contrast (top-1 - frozen router) first; the change from step 0 (the primary test
     per condition and layer, with the design's power), each run's change; routing, held-out
     gains and token controls beside their nulls; step 0 once per initial model; held-out loss,
-    MoE - dense and direct contrasts; the Holm families, each declared once; warnings. NMI 4
+    MoE - dense, the knock-out by domain (table and one sentence per condition x layer x
+    domain) and direct contrasts; the Holm families, each declared once; warnings. NMI 4
     decimals, losses 3; per-seed values in parentheses below :data:`FEW_SEEDS` runs;
     ``(n=1)`` where a single run gives no interval."""
     names = _names(summary)
@@ -526,6 +607,7 @@ def render_markdown(summary: Summary) -> str:
         "",
     ]
     loss_contrasts, nmi_contrasts = _contrast_tables(summary)
+    knockout_table, knockout_sentences = _knockout_section(summary)
     sections = [
         (
             "Primary: top-1 - frozen router at the final step (paired by seed; Holm over layers, "
@@ -563,6 +645,13 @@ def render_markdown(summary: Summary) -> str:
             "MoE - dense held-out loss (nats per token; family minus_dense)",
             _minus_dense_table(summary),
             [],
+        ),
+        (
+            "Knock-out by domain: held-out loss change (nats per token) when a domain's most "
+            "used expert is removed at one layer, against a load-matched control (final step; "
+            f"family {KNOCKOUT_FAMILY})",
+            knockout_table,
+            knockout_sentences,
         ),
         (
             "Direct contrasts: held-out loss A - B (nats per token; family contrast_loss)",

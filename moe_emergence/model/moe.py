@@ -8,10 +8,11 @@ h expert hidden width (4d for GPT-2), W micro-batches in the global load-balanci
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,7 @@ class Router(nn.Module):
 
     step: Tensor
     key: str | None = None  # what it reads besides the hidden states: nothing
+    knocked_out: int | None = None  # an expert never selected (:func:`knocked_out`)
 
     def __init__(
         self,
@@ -137,6 +139,10 @@ class Router(nn.Module):
         noisy = logits
         if self.training and self.noise_std > 0:
             noisy = logits + torch.randn_like(logits) * self._noise_scale()
+        if self.knocked_out is not None:  # its tokens take their next choice
+            noisy = noisy.index_fill(
+                -1, torch.tensor([self.knocked_out], device=x.device), -math.inf
+            )
         probs = noisy.softmax(dim=-1)
         top_logits, indices = noisy.topk(self.top_k, dim=-1)
         if self.top_k == 1:
@@ -185,6 +191,7 @@ class FixedRouter(nn.Module):
     """
 
     key: str = ""
+    knocked_out: int | None = None  # an expert never selected (:func:`knocked_out`)
 
     def __init__(self, d_model: int, n_experts: int, top_k: int = 1) -> None:
         super().__init__()
@@ -215,6 +222,8 @@ class FixedRouter(nn.Module):
                 f"{None if keys is None else tuple(keys.shape)}"
             )
         indices = self.experts_of(keys.to(device=x.device, dtype=torch.long))
+        if self.knocked_out is not None:
+            indices = next_free_expert(indices, self.knocked_out, self.n_experts)
         n, k = indices.shape
         logits = torch.full((n, self.n_experts), UNCHOSEN_LOGIT, device=x.device)
         logits.scatter_(1, indices, math.log(1.0 / k))
@@ -224,6 +233,17 @@ class FixedRouter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, top_k={self.top_k}"
+
+
+def next_free_expert(indices: Tensor, expert: int, n_experts: int) -> Tensor:
+    """``indices`` [N, k] (distinct per row) with ``expert`` replaced, where a row holds it, by
+    the first of ``expert + 1, expert + 2, ...`` (mod E) that the row does not hold: a fixed
+    router's "next choice" (the hash router's own rule past its k experts). Needs E > k."""
+    hit = indices == expert
+    candidates = (expert + torch.arange(1, n_experts, device=indices.device)) % n_experts
+    held = (indices[:, :, None] == candidates).any(dim=1)  # [N, E - 1]
+    replacement = candidates[(~held).int().argmax(dim=1)]  # the first free candidate
+    return torch.where(hit, replacement[:, None], indices)
 
 
 class HashRouter(FixedRouter):
@@ -296,6 +316,32 @@ def make_router(
     if kind == "hash":
         return HashRouter(d_model, n_experts, top_k, *hash_key)
     return DomainRouter(d_model, n_experts, top_k)
+
+
+@contextlib.contextmanager
+def knocked_out(layer: MoELayer, expert: int) -> Iterator[MoELayer]:
+    """Within the block, ``layer`` never selects ``expert``: its router's selection logit of
+    that expert is -inf before top-k (learned and frozen routers), so each token that chose it
+    takes its next choice and the combine weights are the softmax over the k experts then
+    selected (top-1: 1.0); a fixed router (hash, domain) gives it instead to the next expert
+    in cyclic order that the token does not hold (:func:`next_free_expert`). The router's
+    reported logits stay the clean ones. Afterwards the layer is exactly as before. For
+    analysis (eval mode, no grad): the layer's training path is not meant to run under it."""
+    if not 0 <= expert < layer.n_experts:
+        raise ValueError(f"expert {expert} is not in 0..{layer.n_experts - 1}")
+    if layer.top_k >= layer.n_experts:
+        raise ValueError(
+            f"a layer of top_k={layer.top_k} of {layer.n_experts} experts uses every expert: "
+            "nothing to take a knocked-out expert's place"
+        )
+    router = layer.router
+    if router.knocked_out is not None:
+        raise RuntimeError(f"expert {router.knocked_out} of this layer is already knocked out")
+    router.knocked_out = int(expert)
+    try:
+        yield layer
+    finally:
+        del router.knocked_out  # back to the class's None
 
 
 def router_entropy(logits: Tensor) -> Tensor:

@@ -103,6 +103,16 @@ def test_sweep_summary_has_two_seeds_per_condition(sweep, tmp_path, capsys):
         for m in ("nmi_change_low", "nmi_change_high", "nmi_change")
     )
     assert all(lo <= c <= hi for lo, c, hi in zip(low, change, high, strict=True))
+    # the knock-out readings of the final checkpoint, over both seeds; own domain tested
+    own = next(
+        r
+        for r in rows
+        if (r["group"], r["metric"], r["layer"]) == (moe, "knockout_excess_code_on_code", 2)
+    )
+    assert (own["n"], own["method"], own["family"]) == (2, "t", "knockout_own")
+    family = next(f for f in summary["families"] if f["name"] == "knockout_own")
+    assert family["m"] == len(LAYERS) * len(DOMAINS)
+    assert not any(r["metric"].startswith("knockout") for r in rows if r["group"] == dense)
     # each seed's initial model once (the dense runs have no routing)
     assert [m["seeds"] for m in summary["initial_models"].values()] == [[1, 2]]
     csv_rows = read_table(tmp_path / "summary.csv")
@@ -203,6 +213,15 @@ def test_routing_and_loss_equal_the_runs_own_measurements(sweep, tmp_path, capsy
     assert {r["n"] for r in summary["rows"] if r["mean"] is not None} == {1}
     assert all(r["ci_low"] is None for r in summary["rows"])
     assert (folder / "token_types.txt").read_text().count("layer ") == len(LAYERS)
+    # knock-out: every layer x removed x measured domain; the intact loss is losses.csv's
+    knockout = read_table(folder / "knockout.csv")
+    assert len(knockout) == len(LAYERS) * len(DOMAINS) ** 2 * 3  # preferred, control, difference
+    final_loss = {r["domain"]: float(r["loss"]) for r in losses if r["step"] == str(STEPS)}
+    for r in knockout:
+        assert r["step"] == str(STEPS) and r["layer"] in LAYERS
+        assert float(r["intact"]) == pytest.approx(final_loss[r["measured"]], rel=1e-9)
+        if r["role"] == "preferred" and r["removed"] == r["measured"]:
+            assert float(r["ci_low"]) <= float(r["change"]) <= float(r["ci_high"])
 
 
 def test_single_checkpoint_and_a_gone_cache(sweep, tmp_path, capsys):
@@ -217,14 +236,23 @@ def test_single_checkpoint_and_a_gone_cache(sweep, tmp_path, capsys):
     assert {r["step"] for r in read_table(folder / "counts.csv")} == {"2"}
     before = read_table(folder / "counts.csv")
 
+    assert (folder / "knockout.csv").is_file()
+
     # The token cache is gone: analyze rebuilds it from the checkpoint's data settings.
     shutil.rmtree(sweep.parent / "cache")
     code, _, err = _analyze(
-        capsys, copy / "checkpoints" / "step000002.ckpt", "--out", tmp_path / "again"
+        capsys,
+        copy / "checkpoints" / "step000002.ckpt",
+        "--out",
+        tmp_path / "again",
+        "--no-knockout",
     )
     assert code == 0, err
     [folder] = (tmp_path / "again" / "runs").iterdir()
     assert read_table(folder / "counts.csv") == before
+    assert not (folder / "knockout.csv").exists()
+    summary = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert not any(r["metric"].startswith("knockout") for r in summary["rows"])
 
 
 def test_overrides_group_without_seed_and_places(tmp_path):
