@@ -42,6 +42,7 @@ from moe_emergence.analysis.scores import (
 NAN = float("nan")
 CHANCE_DRAWS = 16  # simulated random routers behind a simulated chance level
 SHUFFLE_CHUNK = 32  # within-document shuffles per batch
+REPETITION_SHUFFLES = 199  # at most, behind a repetition p-value (descriptive: p >= 1/200)
 
 
 def _scored_experts(experts, shape: tuple[int, ...], n_experts: int, mask) -> np.ndarray:
@@ -197,6 +198,17 @@ def _meet(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a[..., :, None] == b[..., None, :]).any(axis=(-1, -2))
 
 
+def _set_codes(experts: np.ndarray, n_experts: int) -> np.ndarray:
+    """[N] each token's top-k set as a bit mask (int64; E <= 62), else [N, k] the experts."""
+    return (np.int64(1) << experts).sum(axis=1) if n_experts <= 62 else experts
+
+
+def _codes_meet(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[K, n] bool: the shuffled sets coded by :func:`_set_codes` meet (bit masks [K, n], or
+    expert lists [K, n, k])."""
+    return (a & b) != 0 if a.ndim == 2 else _meet(a, b)
+
+
 def repetition(
     token_docs,
     doc_domains,
@@ -230,13 +242,15 @@ def repetition(
         per_domain(_meet(ex[a], ex[b]).astype(np.float64)) if k >= 2 else np.full_like(first, NAN)
     )
     null_first, null_topk = [], []
+    sets = _set_codes(ex, n_experts)
     for start in range(0, n_permutations, SHUFFLE_CHUNK):
         size = min(SHUFFLE_CHUNK, n_permutations - start)
         order = within_document_shuffles(docs, np.arange(docs.size), size, [seed, 26, start])
-        shuffled = ex[order]  # [K, N, k]
-        null_first.append(per_domain((shuffled[:, a, 0] == shuffled[:, b, 0]).astype(float)))
+        first_s = ex[:, 0][order]  # [K, N]
+        null_first.append(per_domain((first_s[:, a] == first_s[:, b]).astype(float)))
         if k >= 2:
-            null_topk.append(per_domain(_meet(shuffled[:, a], shuffled[:, b]).astype(float)))
+            sets_s = sets[order]
+            null_topk.append(per_domain(_codes_meet(sets_s[:, a], sets_s[:, b]).astype(float)))
     nf = np.concatenate(null_first) if null_first else np.zeros((0, n_domains + 1))
     nk = np.concatenate(null_topk) if null_topk else np.zeros((0, n_domains + 1))
     chance = _repetition_chance(ex[:, 0], dom[docs], n_domains, n_experts, n_pairs)
@@ -367,7 +381,7 @@ class ExpertTokens:
     lift = p(id | e) / p(id) = n_ie N / (n_i n_e) on that half. replicated: on fold 1 the id's
     count on the expert exceeds its expectation ``n_i n_e / N`` by more than z = 1.645 binomial
     standard deviations (one-sided 5%: about 5% of the listed ids replicate under a random
-    router); an id absent from fold 1 does not."""
+    router); an id absent from fold 1 does not. text: each id decoded (empty: not decoded)."""
 
     expert: np.ndarray
     token_id: np.ndarray
@@ -376,6 +390,7 @@ class ExpertTokens:
     check_count: np.ndarray
     check_lift: np.ndarray
     replicated: np.ndarray
+    text: tuple[str, ...] = ()
 
     @property
     def replicated_share(self) -> float:
@@ -435,4 +450,99 @@ def expert_token_lists(
         check_count=c_counts[ix, ex].astype(np.int64),
         check_lift=c_lift[ix, ex],
         replicated=(z[ix, ex] > REPLICATION_Z) & (c_counts[ix].sum(axis=1) > 0),
+    )
+
+
+# ----------------------------------------------------------------------------- one layer
+
+
+@dataclass(frozen=True)
+class LayerSpecialisation:
+    """The metrics of one MoE layer at one checkpoint, each beside its chance level (the
+    scalars: :data:`SCALARS`), with the co-activation matrix [E, E] and the repetition per
+    domain (:attr:`Repetition.by_domain`). Saturation reads against the run's final
+    checkpoint (NaN where there is none)."""
+
+    saturation_top1: float
+    saturation_top1_chance: float
+    saturation_topk: float
+    saturation_topk_chance: float
+    coactivation_strongest: float
+    coactivation_strongest_chance: float
+    coactivation_uniform: float
+    repetition: float
+    repetition_chance: float
+    repetition_null_mean: float
+    repetition_p: float
+    repetition_topk: float
+    repetition_topk_null_mean: float
+    repetition_topk_p: float
+    vocab_spec: float
+    vocab_spec_chance: float
+    vocab_spec_ids: int
+    coactivation: np.ndarray
+    repetition_by_domain: dict[str, np.ndarray]
+
+    def scalars(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in SCALARS}
+
+
+SCALARS = tuple(
+    f
+    for f in LayerSpecialisation.__dataclass_fields__
+    if f
+    not in (
+        "coactivation",
+        "repetition_by_domain",
+    )
+)
+
+
+def specialise_layer(
+    token_ids,
+    token_docs,
+    doc_domains,
+    experts,
+    final_experts,
+    n_domains: int,
+    n_experts: int,
+    n_permutations: int,
+    seed: int = 0,
+    min_count: int = 10,
+    mask=None,
+) -> LayerSpecialisation:
+    """Every metric of one layer's routing ``experts`` [P, T, k] (``final_experts``: the run's
+    final routing, for saturation; None: NaN); min(``n_permutations``,
+    :data:`REPETITION_SHUFFLES`) within-document shuffles for the repetition null."""
+    if final_experts is None:
+        sat = Saturation(NAN, NAN, NAN, NAN)
+    else:
+        sat = router_saturation(experts, final_experts, n_experts, mask)
+    co = coactivation(experts, n_experts, mask, seed)
+    rep = repetition(
+        token_docs, doc_domains, experts, n_domains, n_experts, n_permutations, seed, mask
+    )
+    voc = vocabulary_specialisation(
+        token_ids, token_docs, doc_domains, experts, n_domains, n_experts, min_count, seed, mask
+    )
+    return LayerSpecialisation(
+        saturation_top1=sat.top1,
+        saturation_top1_chance=sat.top1_chance,
+        saturation_topk=sat.topk,
+        saturation_topk_chance=sat.topk_chance,
+        coactivation_strongest=co.strongest,
+        coactivation_strongest_chance=co.strongest_chance,
+        coactivation_uniform=co.uniform,
+        repetition=rep.first,
+        repetition_chance=rep.first_chance,
+        repetition_null_mean=rep.first_null_mean,
+        repetition_p=rep.first_p,
+        repetition_topk=rep.topk,
+        repetition_topk_null_mean=rep.topk_null_mean,
+        repetition_topk_p=rep.topk_p,
+        vocab_spec=voc.value,
+        vocab_spec_chance=voc.chance,
+        vocab_spec_ids=voc.n_ids,
+        coactivation=co.matrix,
+        repetition_by_domain=rep.by_domain,
     )
