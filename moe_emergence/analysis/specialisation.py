@@ -519,9 +519,8 @@ def specialise_layer(
     else:
         sat = router_saturation(experts, final_experts, n_experts, mask)
     co = coactivation(experts, n_experts, mask, seed)
-    rep = repetition(
-        token_docs, doc_domains, experts, n_domains, n_experts, n_permutations, seed, mask
-    )
+    shuffles = min(n_permutations, REPETITION_SHUFFLES)
+    rep = repetition(token_docs, doc_domains, experts, n_domains, n_experts, shuffles, seed, mask)
     voc = vocabulary_specialisation(
         token_ids, token_docs, doc_domains, experts, n_domains, n_experts, min_count, seed, mask
     )
