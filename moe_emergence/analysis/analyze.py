@@ -181,7 +181,10 @@ def write_specialisation(result: RunResult, folder: Path) -> None:
         ]
         for layer in result.layers
     }
-    fig = saturation_figure(nmi, saturation, f"{result.name}: router saturation beside the NMI")
+    title = (
+        f"router saturation beside the NMI, eval mode, probe {result.probe} (seed {result.seed})"
+    )
+    fig = saturation_figure(nmi, saturation, title)
     save_figure(fig, folder / "saturation.png")
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from moe_emergence.analysis.specialisation import (
+    REPETITION_SHUFFLES,
     coactivation,
     coactivation_matrix,
     expert_token_lists,
@@ -15,6 +16,7 @@ from moe_emergence.analysis.specialisation import (
     relative_load,
     repetition,
     router_saturation,
+    specialise_layer,
     vocabulary_specialisation,
 )
 
@@ -203,3 +205,27 @@ def test_token_lists_replicate_for_a_token_router_and_not_for_a_random_one(probe
     noise = expert_token_lists(ids, token_docs, doc_domains, random_router(rng, 8, 1), D, 8)
     assert noise.expert.size > 0 and noise.replicated_share < 0.2
     assert np.isin(lists.token_id, ids).all()
+
+
+def test_random_top8_of_64_sets_meet_at_their_chance(probe):
+    """More than 62 experts: the top-k sets compared as lists, not bit masks."""
+    _, token_docs, doc_domains = probe
+    rng = np.random.default_rng(7)
+    r = repetition(token_docs, doc_domains, random_router(rng, 64, 8), D, 64, 19)
+    disjoint = np.prod([(56 - i) / (64 - i) for i in range(8)])  # C(56, 8) / C(64, 8)
+    assert r.topk == pytest.approx(1 - disjoint, abs=0.02)
+    assert r.topk_null_mean == pytest.approx(1 - disjoint, abs=0.01)
+
+
+def test_one_layer_holds_every_metric_and_caps_the_repetition_shuffles(probe):
+    ids, token_docs, doc_domains = probe
+    ex = token_router(ids, 8, 2)
+    ex[:, 1:] = ex[:, :1]  # every token repeats its block's first expert set
+    m = specialise_layer(ids, token_docs, doc_domains, ex, ex, D, 8, n_permutations=999)
+    assert m.repetition_p == pytest.approx(1 / (REPETITION_SHUFFLES + 1))
+    assert m.saturation_top1 == m.saturation_topk == 1.0
+    assert m.coactivation_uniform == pytest.approx(1 / 7)
+    assert set(m.scalars()) >= {"vocab_spec", "vocab_spec_chance", "repetition_chance"}
+    assert m.repetition_by_domain["first"].shape == (D,)
+    none = specialise_layer(ids, token_docs, doc_domains, ex, None, D, 8, n_permutations=9)
+    assert np.isnan(none.saturation_top1)
