@@ -37,7 +37,7 @@ from moe_emergence.analysis.specialisation import (
     ExpertTokens,
     LayerSpecialisation,
     expert_token_lists,
-    specialise_layer,
+    specialise_probe,
 )
 from moe_emergence.analysis.token_types import CATEGORIES, token_type_table
 from moe_emergence.data import MixedDomainDataModule
@@ -290,22 +290,15 @@ def specialisation(
 ) -> dict[int, LayerSpecialisation]:
     """Per MoE layer, the field's metrics of ``experts[layer]`` (int [P, T, k]) on the probe's
     scored tokens, saturation against ``final[layer]`` (the run's final routing; None: NaN)."""
-    return {
-        layer: specialise_layer(
-            probe.input_ids,
-            probe.token_docs,
-            probe.doc_domains,
-            chosen,
-            None if final is None else final.get(layer),
-            len(probe.domains),
-            n_experts,
-            n_permutations=int(settings["null_permutations"]),
-            seed=int(settings["null_seed"]),
-            min_count=int(settings.get("vocab_min_count", 10)),
-            mask=probe.token_mask,
-        )
-        for layer, chosen in sorted(experts.items())
-    }
+    return specialise_probe(
+        probe,
+        experts,
+        final,
+        n_experts,
+        int(settings["null_permutations"]),
+        int(settings["null_seed"]),
+        int(settings.get("vocab_min_count", 10)),
+    )
 
 
 def expert_tokens(

@@ -25,7 +25,9 @@ token_docs [P, T]; doc_domains [U]; experts [P, T, k] (slot 0 the first choice);
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -484,7 +486,11 @@ class LayerSpecialisation:
     repetition_by_domain: dict[str, np.ndarray]
 
     def scalars(self) -> dict[str, float]:
-        return {name: getattr(self, name) for name in SCALARS}
+        """The :data:`SCALARS` as plain Python numbers."""
+        return {
+            name: (int if name == "vocab_spec_ids" else float)(getattr(self, name))
+            for name in SCALARS
+        }
 
 
 SCALARS = tuple(
@@ -545,3 +551,33 @@ def specialise_layer(
         coactivation=co.matrix,
         repetition_by_domain=rep.by_domain,
     )
+
+
+def specialise_probe(
+    probe: Any,
+    experts: Mapping[int, np.ndarray],
+    final: Mapping[int, np.ndarray] | None,
+    n_experts: int,
+    n_permutations: int,
+    seed: int = 0,
+    min_count: int = 10,
+) -> dict[int, LayerSpecialisation]:
+    """Per MoE layer (sorted), :func:`specialise_layer` of ``experts[layer]`` (int [P, T, k])
+    on a probe (:class:`~moe_emergence.analysis.probe.Probe`: its input_ids, token_docs,
+    doc_domains, domains and token_mask), saturation against ``final[layer]`` (None: NaN)."""
+    return {
+        layer: specialise_layer(
+            probe.input_ids,
+            probe.token_docs,
+            probe.doc_domains,
+            chosen,
+            None if final is None else final.get(layer),
+            len(probe.domains),
+            n_experts,
+            n_permutations=n_permutations,
+            seed=seed,
+            min_count=min_count,
+            mask=probe.token_mask,
+        )
+        for layer, chosen in sorted(experts.items())
+    }

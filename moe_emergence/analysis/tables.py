@@ -62,6 +62,12 @@ REPETITION = (
     "topk_p",
 )
 RELATIVE_LOAD = ("step", "layer", "domain", "expert", "relative_load")
+# file name (without .csv) -> columns, in the order :func:`specialisation_rows` returns them
+SPECIALISATION_TABLES = {
+    "specialisation": SPECIALISATION,
+    "repetition": REPETITION,
+    "relative_load": RELATIVE_LOAD,
+}
 COACTIVATION = ("layer", "expert", "partner", "share", "uniform")
 EXPERT_TOKENS = (
     "layer",
@@ -119,13 +125,14 @@ def specialisation_rows(
     metrics: Mapping[int, LayerSpecialisation],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """The :data:`SPECIALISATION`, :data:`REPETITION` and :data:`RELATIVE_LOAD` rows of one
-    checkpoint (``counts[layer]`` the domain x expert table [D, E], rows of ``domains``)."""
+    checkpoint (``counts[layer]`` the domain x expert table [D, E], rows of ``domains``); plain
+    Python values (the callback's checkpoint state loads with ``weights_only``)."""
     scalars, repeats, loads = [], [], []
     for layer, m in metrics.items():
         scalars.append({"step": step, "layer": layer, "probe": probe_kind, **m.scalars()})
         by_domain = m.repetition_by_domain
         for d, domain in enumerate(domains):
-            row = {key: by_domain[key][d] for key in REPETITION[3:]}
+            row = {key: float(by_domain[key][d]) for key in REPETITION[3:]}
             repeats.append({"step": step, "layer": layer, "domain": domain, **row})
     for layer, table in counts.items():
         load = relative_load(table)
