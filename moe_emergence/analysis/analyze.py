@@ -14,6 +14,9 @@ checkpoint's folder's ``analysis``)::
     runs/<run>/losses.csv                      step, domain, loss, perplexity, tokens
     runs/<run>/token_types.txt                 code tokens by Python category x expert
     runs/<run>/knockout.csv                    final checkpoint: a domain's expert removed
+    runs/<run>/specialisation.csv, repetition.csv, relative_load.csv, coactivation.csv,
+               expert_tokens.csv, expert_tokens.md, saturation.png
+                                               the field's specialisation metrics (tables.py)
     runs/<run>/data_report.json                the rebuilt data's report
 """
 
@@ -30,9 +33,24 @@ from tqdm.auto import tqdm
 from moe_emergence.analysis.evaluate import OPTION, evaluate_run
 from moe_emergence.analysis.knockout import COLUMNS as KNOCKOUT
 from moe_emergence.analysis.knockout import KNOCKOUT_FILE, knockout_rows
+from moe_emergence.analysis.plots import saturation_figure, save_figure
 from moe_emergence.analysis.results import RunResult
 from moe_emergence.analysis.summary_files import write_summary
-from moe_emergence.analysis.tables import COUNTS, LOSSES, TRAJECTORY, routing_rows, write_table
+from moe_emergence.analysis.tables import (
+    COACTIVATION,
+    COUNTS,
+    EXPERT_TOKENS,
+    LOSSES,
+    RELATIVE_LOAD,
+    REPETITION,
+    SPECIALISATION,
+    TRAJECTORY,
+    coactivation_rows,
+    expert_token_rows,
+    routing_rows,
+    specialisation_rows,
+    write_table,
+)
 from moe_emergence.analysis.token_types import format_type_table
 from moe_emergence.data.files import locked
 from moe_emergence.errors import UserError, report_user_errors
@@ -40,6 +58,7 @@ from moe_emergence.files import write_atomic
 from moe_emergence.runs import RunCheckpoints, find_runs, verify_checkpoints
 
 RUNS_DIR = "runs"
+CONFIRMED = " \u2713"  # an expert's listed token that the other half of the documents confirms
 LOCK_FILE = ".analyze.lock"  # held while an analysis writes into its --out folder
 
 
@@ -144,6 +163,75 @@ def write_run_tables(result: RunResult, folder: Path) -> None:
         write_atomic(folder / "token_types.txt", "\n".join(text) + "\n")
 
 
+def write_specialisation(result: RunResult, folder: Path) -> None:
+    """The per-run tables and figure of the field's specialisation metrics (every checkpoint;
+    co-activation pairs and token lists of the final one)."""
+    if not result.moe or not result.final.specialisation:
+        return
+    scalars, repeats, loads = [], [], []
+    for c in result.checkpoints:
+        rows = specialisation_rows(c.step, result.probe, result.domains, c.counts, c.specialisation)
+        scalars, repeats, loads = scalars + rows[0], repeats + rows[1], loads + rows[2]
+    write_table(folder / "specialisation.csv", SPECIALISATION, scalars)
+    write_table(folder / "repetition.csv", REPETITION, repeats)
+    write_table(folder / "relative_load.csv", RELATIVE_LOAD, loads)
+    write_table(
+        folder / "coactivation.csv", COACTIVATION, coactivation_rows(result.final.specialisation)
+    )
+    token_rows = expert_token_rows(result.final.expert_tokens)
+    write_table(folder / "expert_tokens.csv", EXPERT_TOKENS, token_rows)
+    write_atomic(folder / "expert_tokens.md", expert_tokens_markdown(result, token_rows))
+    nmi = {
+        layer: [(c.step, c.scores[layer]) for c in result.checkpoints if layer in c.scores]
+        for layer in result.layers
+    }
+    saturation = {
+        layer: [
+            (c.step, c.specialisation[layer])
+            for c in result.checkpoints
+            if layer in c.specialisation
+        ]
+        for layer in result.layers
+    }
+    title = (
+        f"router saturation beside the NMI, eval mode, probe {result.probe} (seed {result.seed})"
+    )
+    fig = saturation_figure(nmi, saturation, title)
+    save_figure(fig, folder / "saturation.png")
+
+
+def expert_tokens_markdown(result: RunResult, rows: Sequence[dict]) -> str:
+    """Each expert's over-represented tokens (found on one half of the probe's documents; a
+    check mark where the other half confirms it), one table per layer."""
+    lines = [
+        f"# Per-expert token lists, step {result.final.step} ({result.name})",
+        "",
+        "Ids over-represented on an expert's first-choice tokens (lift = p(id | expert) / p(id))"
+        " on one half of the probe's documents; \u2713: confirmed on the other half (z > 1.645;"
+        " about 5% of a random router's listed ids confirm).",
+    ]
+    for layer in result.layers:
+        mine = [r for r in rows if r["layer"] == layer]
+        lines += [
+            "",
+            f"## layer {layer}",
+            "",
+            "| expert | confirmed | tokens (lift) |",
+            "|---|---|---|",
+        ]
+        for e in range(result.n_experts):
+            listed = [r for r in mine if r["expert"] == e]
+            confirmed = sum(r["replicated"] for r in listed)
+            cells = ", ".join(
+                f"`{r['token']!r}` {r['lift']:.1f}{CONFIRMED if r['replicated'] else ''}".replace(
+                    "|", "\\|"
+                )
+                for r in listed
+            )
+            lines.append(f"| {e} | {confirmed}/{len(listed)} | {cells or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 def run(args: argparse.Namespace) -> str:
     """Do the work of one ``analyze`` call; return what to print."""
     device = check_device(args.device)
@@ -186,6 +274,7 @@ def _analyse(
                 knockout=not args.no_knockout,
             )
             write_run_tables(result, folder)
+            write_specialisation(result, folder)
             results.append(result)
     written = write_summary(results, out)
     lines = [*notes, *written.warnings]

@@ -5,7 +5,8 @@ fit, the probe (:mod:`moe_emergence.analysis.probe`) is routed in eval mode (no 
 dropout, no grad, no random numbers drawn), each DDP rank routing a disjoint share; the
 assignments are summed over ranks once and rank 0 scores them
 (:func:`moe_emergence.analysis.scores.score_layer`) and writes ``<run dir>/routing/``:
-``counts.csv``, ``trajectory.csv``, ``train_window_counts.csv`` (see
+``counts.csv``, ``trajectory.csv``, ``train_window_counts.csv``, the field's specialisation
+metrics but saturation (``specialisation.csv``, ``repetition.csv``, ``relative_load.csv``; see
 :mod:`moe_emergence.analysis.tables`), ``probe.json``, and at the end ``heatmap.png`` and
 ``emergence.png``. Rank 0 also sends each analysis's per-layer scores, and the figures, to the
 trainer's loggers (:mod:`moe_emergence.analysis.logger_sink`).
@@ -42,11 +43,14 @@ from moe_emergence.analysis.probe import (
 )
 from moe_emergence.analysis.scores import LayerScores, collapsed_expert
 from moe_emergence.analysis.settings import ProbeSettings
+from moe_emergence.analysis.specialisation import specialise_probe
 from moe_emergence.analysis.tables import (
     COUNTS,
+    SPECIALISATION_TABLES,
     TRAIN_WINDOWS,
     TRAJECTORY,
     routing_rows,
+    specialisation_rows,
     write_table,
 )
 from moe_emergence.distributed import sum_over_ranks
@@ -88,6 +92,7 @@ class RoutingAnalysis(L.Callback):
             "counts": [],
             "trajectory": [],
             "windows": [],
+            **{name: [] for name in SPECIALISATION_TABLES},
         }
         self._latest: dict[int, tuple[np.ndarray, LayerScores]] = {}
 
@@ -202,6 +207,8 @@ class RoutingAnalysis(L.Callback):
             return
         self._last_step = state["last_step"]
         self._rows = {k: list(v) for k, v in state["rows"].items()}
+        for name in SPECIALISATION_TABLES:  # a state saved before these tables: none yet
+            self._rows.setdefault(name, [])
 
     # ------------------------------------------------------------------ measuring
 
@@ -280,6 +287,7 @@ class RoutingAnalysis(L.Callback):
         )
         self._rows["counts"] += counts
         self._rows["trajectory"] += trajectory
+        self._record_specialisation(step, experts, scored)
         if step > self._window_start:  # training-time counts of the window that ends here
             for n, layer in enumerate(self._layers):
                 for d, domain in enumerate(self._domains):
@@ -298,7 +306,26 @@ class RoutingAnalysis(L.Callback):
         self._write_tables()
         return trajectory
 
+    def _record_specialisation(self, step: int, experts: np.ndarray, scored: dict) -> None:
+        """Append the rows of the field's specialisation metrics of one analysis step (all
+        but saturation, which needs the final checkpoint: ``analyze``)."""
+        metrics = specialise_probe(
+            self.probe,
+            {layer: experts[n] for n, layer in enumerate(self._layers)},
+            None,
+            self._n_experts,
+            self.null_permutations,
+            self.null_seed,
+            self.vocab_min_count,
+        )
+        counts = {layer: table for layer, (table, _) in scored.items()}
+        rows = specialisation_rows(step, self.probe.kind, self._domains, counts, metrics)
+        for name, new in zip(SPECIALISATION_TABLES, rows, strict=True):
+            self._rows[name] += new
+
     def _write_tables(self) -> None:
+        for name, columns in SPECIALISATION_TABLES.items():
+            write_table(self._out / f"{name}.csv", columns, self._rows[name])
         write_table(self._out / "counts.csv", COUNTS, self._rows["counts"])
         write_table(self._out / "trajectory.csv", TRAJECTORY, self._rows["trajectory"])
         write_table(self._out / "train_window_counts.csv", TRAIN_WINDOWS, self._rows["windows"])

@@ -10,6 +10,7 @@ and the token cache, which it rebuilds from the recorded data settings when it i
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,6 +35,12 @@ from moe_emergence.analysis.probe import (
 from moe_emergence.analysis.results import NO_OVERRIDES, CheckpointResult, HeldOutLoss, RunResult
 from moe_emergence.analysis.scores import paired_change_interval
 from moe_emergence.analysis.settings import ProbeSettings
+from moe_emergence.analysis.specialisation import (
+    ExpertTokens,
+    LayerSpecialisation,
+    expert_token_lists,
+    specialise_probe,
+)
 from moe_emergence.analysis.token_types import CATEGORIES, token_type_table
 from moe_emergence.data import MixedDomainDataModule
 from moe_emergence.errors import UserError, user_error_in
@@ -273,6 +280,84 @@ def change_intervals(
     }
 
 
+# ---------------------------------------------------------------------- specialisation
+
+
+def specialisation(
+    probe: Probe,
+    experts: Mapping[int, np.ndarray],
+    final: Mapping[int, np.ndarray] | None,
+    n_experts: int,
+    settings: Mapping[str, Any],
+) -> dict[int, LayerSpecialisation]:
+    """Per MoE layer, the field's metrics of ``experts[layer]`` (int [P, T, k]) on the probe's
+    scored tokens, saturation against ``final[layer]`` (the run's final routing; None: NaN)."""
+    return specialise_probe(
+        probe,
+        experts,
+        final,
+        n_experts,
+        int(settings["null_permutations"]),
+        int(settings["null_seed"]),
+        int(settings.get("vocab_min_count", 10)),
+    )
+
+
+def expert_tokens(
+    probe: Probe,
+    experts: Mapping[int, np.ndarray],
+    n_experts: int,
+    settings: Mapping[str, Any],
+    decode: Callable[[int], str] | None = None,
+) -> dict[int, ExpertTokens]:
+    """Per MoE layer, each expert's over-represented token ids (found on one half of the
+    documents, checked on the other), decoded when ``decode`` is given."""
+    out = {
+        layer: expert_token_lists(
+            probe.input_ids,
+            probe.token_docs,
+            probe.doc_domains,
+            chosen,
+            len(probe.domains),
+            n_experts,
+            min_count=int(settings.get("vocab_min_count", 10)),
+            seed=int(settings["null_seed"]),
+            mask=probe.token_mask,
+        )
+        for layer, chosen in sorted(experts.items())
+    }
+    if decode is None:
+        return out
+    return {
+        layer: dataclasses.replace(lists, text=tuple(decode(int(i)) for i in lists.token_id))
+        for layer, lists in out.items()
+    }
+
+
+def with_specialisation(
+    results: list[CheckpointResult],
+    routed: list[dict[int, np.ndarray]],
+    probe: Probe,
+    n_experts: int,
+    settings: Mapping[str, Any],
+    decode: Callable[[int], str] | None = None,
+) -> list[CheckpointResult]:
+    """The checkpoints' results with their specialisation metrics (saturation against the last
+    one's routing) and, on the last, the per-expert token lists; ``routed``: each checkpoint's
+    experts per layer (empty for a dense model)."""
+    if not routed or not routed[-1]:
+        return results
+    final = routed[-1]
+    out = [
+        dataclasses.replace(r, specialisation=specialisation(probe, e, final, n_experts, settings))
+        for r, e in zip(results, routed, strict=True)
+    ]
+    out[-1] = dataclasses.replace(
+        out[-1], expert_tokens=expert_tokens(probe, final, n_experts, settings, decode)
+    )
+    return out
+
+
 # ---------------------------------------------------------------------- one run
 
 
@@ -357,7 +442,7 @@ def evaluate_run(
     def decode(token_id: int) -> str:
         return tokenizer.decode([token_id])
 
-    results, step0_experts, initial, intervals = [], None, None, {}
+    results, step0_experts, initial, intervals, routed = [], None, None, {}, []
     layers = moe_layers(final.model)
     n_experts = next(iter(layers.values())).n_experts if layers else 0
     for path in run.checkpoints:
@@ -367,6 +452,7 @@ def evaluate_run(
             loaded, probe, held_out, settings, device, decode if last else None
         )
         results.append(result)
+        routed.append(experts)
         if len(results) == 1 and result.step == 0 and experts:
             # the run's step 0: its identity, and its routing for the paired change interval
             step0_experts, initial = experts, initial_model_key(loaded.model, experts)
@@ -383,6 +469,7 @@ def evaluate_run(
             n_draws=int(settings["null_permutations"]),
             seed=int(settings["null_seed"]),
         )
+    results = with_specialisation(results, routed, probe, n_experts, settings, decode)
     overrides, recorded_seed = run_overrides(run.run_dir)
     seed = trained_seed(run.name, final, recorded_seed)
     return RunResult(

@@ -107,6 +107,61 @@ def emergence_figure(
     return fig
 
 
+def saturation_figure(
+    nmi: Mapping[int, Sequence[tuple[int, LayerScores]]],
+    saturation: Mapping[int, Sequence[tuple[int, Any]]],
+    title: str = "",
+) -> Figure:
+    """Router saturation over training beside the NMI: right, per MoE layer, the share of
+    probe tokens whose first choice (solid) and top-k (dashed) agree with the final
+    checkpoint's, with the agreement two independent routers of these usages get (dotted:
+    first-choice chance); left, the NMI over its document null's 95th percentile (band).
+    ``saturation[layer]``: (step, :class:`~moe_emergence.analysis.specialisation.
+    LayerSpecialisation`) pairs."""
+    fig = Figure(figsize=(10.0, 3.8), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
+    for n, (layer, points) in enumerate(sorted(nmi.items())):
+        color = colors[n % len(colors)]
+        steps = [step for step, _ in points]
+        left.fill_between(
+            steps, 0, [s.null_p95 for _, s in points], color=color, alpha=0.15, linewidth=0
+        )
+        left.plot(
+            steps, [s.nmi for _, s in points], color=color, marker=".", label=f"layer {layer}"
+        )
+    for n, (layer, points) in enumerate(sorted(saturation.items())):
+        color = colors[n % len(colors)]
+        steps = [step for step, _ in points]
+        right.plot(
+            steps,
+            [m.saturation_top1 for _, m in points],
+            color=color,
+            marker=".",
+            label=f"layer {layer}",
+        )
+        right.plot(steps, [m.saturation_topk for _, m in points], color=color, linestyle="--")
+        right.plot(
+            steps,
+            [m.saturation_top1_chance for _, m in points],
+            color=color,
+            linestyle=":",
+            linewidth=0.9,
+        )
+    left.set(xlabel="optimizer step", ylabel="NMI (band: document null 95th pct)")
+    left.set_ylim(bottom=0)
+    right.set(xlabel="optimizer step", ylabel="agreement with the final checkpoint")
+    right.set_ylim(0, 1.02)
+    right.legend(
+        fontsize=8,
+        title="solid: first choice; dashed: top-k;\ndotted: independent routers (chance)",
+        title_fontsize=7,
+    )
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """Write ``fig`` as ``path`` (PNG at :data:`DPI`) through a temp file: never half a file."""
     path = Path(path)

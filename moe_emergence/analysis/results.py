@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_emergence.analysis.scores import LayerScores
+from moe_emergence.analysis.specialisation import ExpertTokens, LayerSpecialisation
 from moe_emergence.runs import split_override
 
 
@@ -40,6 +41,10 @@ class CheckpointResult:
     token_types: MoE layer -> Python token category x expert int64 [C, E] of the probe's code
     blocks (:data:`moe_emergence.analysis.token_types.CATEGORIES` order); only for the final
     checkpoint, empty elsewhere or without code.
+    specialisation: MoE layer -> the field's metrics with their chance levels
+    (:mod:`moe_emergence.analysis.specialisation`; ``analyze`` only). expert_tokens: MoE layer
+    -> each expert's over-represented token ids, found on one half of the documents and checked
+    on the other; only for the final checkpoint.
     """
 
     step: int
@@ -47,6 +52,8 @@ class CheckpointResult:
     scores: dict[int, LayerScores] = field(default_factory=dict)
     losses: dict[str, HeldOutLoss] = field(default_factory=dict)
     token_types: dict[int, np.ndarray] = field(default_factory=dict)
+    specialisation: dict[int, LayerSpecialisation] = field(default_factory=dict)
+    expert_tokens: dict[int, ExpertTokens] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,12 @@ class ProbeSettings(Settings):
         "p >= 1/(n+1): 999 is enough for Holm over ~50 tests",
     )
     null_seed: int = setting(0, low=0, help="seed of the permutations and bootstrap draws")
+    vocab_min_count: int = setting(
+        10,
+        low=1,
+        help="vocabulary specialisation and per-expert token lists: a token id counts once "
+        "seen this many times on the probe's scored tokens (rare ids read as specialised)",
+    )
     batch_size: int = setting(32, low=1, help="probe blocks per forward (no grad)")
     out_dir: str | None = setting(None, help="where the tables go (null: <run dir>/routing)")
     log_figures: str = setting(
@@ -57,5 +63,6 @@ class ProbeSettings(Settings):
         "size_matched",
         "null_permutations",
         "null_seed",
+        "vocab_min_count",
         "batch_size",
     )

@@ -183,6 +183,31 @@ STEP0_METRICS = (
     "cond_mi_excess",
     "token_id_nmi",
 )
+# The field's specialisation metrics (specialisation.py), each beside its chance level, at the
+# final checkpoint; descriptive rows (no family). Saturation at each run's middle checkpoint
+# (``_mid``): at the final it is 1 by definition. expert_tokens_replicated: the share of the
+# per-expert token lists that the other half of the documents confirms.
+SPECIALISATION_METRICS = (
+    "coactivation_strongest",
+    "coactivation_strongest_chance",
+    "coactivation_uniform",
+    "repetition",
+    "repetition_chance",
+    "repetition_null_mean",
+    "repetition_p",
+    "repetition_topk",
+    "repetition_topk_null_mean",
+    "repetition_topk_p",
+    "vocab_spec",
+    "vocab_spec_chance",
+    "vocab_spec_ids",
+)
+SATURATION_METRICS = (
+    "saturation_top1",
+    "saturation_top1_chance",
+    "saturation_topk",
+    "saturation_topk_chance",
+)
 PRIMARY_METRICS = ("nmi", "domain_gain")
 SHARE_METRICS = ("nmi", "domain_gain")
 # count metric -> the LayerScores permutation p-value field it counts
@@ -541,6 +566,42 @@ def _change_bound(layer: int, side: int) -> RunValue:
     return get
 
 
+def _specialisation(checkpoint: CheckpointResult, layer: int, metric: str) -> float:
+    """The checkpoint's specialisation ``metric`` of ``layer``; NaN without it."""
+    metrics = checkpoint.specialisation.get(layer)
+    return NAN if metrics is None else float(getattr(metrics, metric, NAN))
+
+
+def _middle(run: RunResult) -> CheckpointResult:
+    """The run's middle checkpoint (of 3: the second; of 2: the first)."""
+    return run.checkpoints[(len(run.checkpoints) - 1) // 2]
+
+
+def _replicated(layer: int) -> RunValue:
+    def get(run: RunResult) -> float:
+        lists = run.final.expert_tokens.get(layer)
+        return NAN if lists is None else lists.replicated_share
+
+    return get
+
+
+def _specialisation_rows(group: str, layer: int, runs: Sequence[RunResult]) -> list[SummaryRow]:
+    """Descriptive rows of the field's metrics (:data:`SPECIALISATION_METRICS` at the final
+    checkpoint, :data:`SATURATION_METRICS` at the middle one as ``<metric>_mid``)."""
+    if not any(r.final.specialisation for r in runs):
+        return []
+    rows = [
+        _level(group, layer, m, runs, lambda r, m=m: _specialisation(r.final, layer, m))
+        for m in SPECIALISATION_METRICS
+    ]
+    rows += [
+        _level(group, layer, f"{m}_mid", runs, lambda r, m=m: _specialisation(_middle(r), layer, m))
+        for m in SATURATION_METRICS
+    ]
+    rows.append(_level(group, layer, "expert_tokens_replicated", runs, _replicated(layer)))
+    return rows
+
+
 def _loss(domain: str) -> RunValue:
     def get(run: RunResult) -> float:
         held = run.final.losses.get(domain)
@@ -798,6 +859,7 @@ def _routing_rows(
             rows.append(_level(group, layer, f"{m}_step0", runs, _at_step0(layer, m)))
             rows.append(_level(group, layer, f"{m}_change", runs, _change(layer, m)))
         rows.append(_fold_change(group, layer, runs))
+        rows += _specialisation_rows(group, layer, runs)
         if domain_router is not None:
             rows += [_share(group, layer, m, runs, domain_router) for m in SHARE_METRICS]
         rows += counts[(group, layer)]

@@ -371,6 +371,42 @@ def _token_table(summary: Summary) -> list[str]:
     return _table(header, lines) if lines else []
 
 
+def _specialisation_table(summary: Summary) -> list[str]:
+    """The field's metrics beside their chance levels (rows of summary.SPECIALISATION_METRICS)."""
+    names, lines = _names(summary), []
+    for g, layer in _moe_layers(summary):
+        row = lambda metric, g=g, layer=layer: summary.row(g, metric, layer)  # noqa: E731
+        if row("repetition") is None:
+            continue
+        pairs = [
+            ("saturation_top1_mid", "saturation_top1_chance_mid"),
+            ("coactivation_strongest", "coactivation_strongest_chance"),
+            ("repetition", "repetition_chance"),
+            ("repetition_topk", "repetition_topk_null_mean"),
+            ("vocab_spec", "vocab_spec_chance"),
+        ]
+        cells = [f"{_mean_text(row(a), '.3f')} ({_mean_text(row(b), '.3f')})" for a, b in pairs]
+        lines.append(
+            [
+                _cell(names[g]),
+                str(layer),
+                *cells,
+                _mean_text(row("expert_tokens_replicated"), ".2f"),
+            ]
+        )
+    header = [
+        "condition",
+        "layer",
+        "saturation top-1, mid (chance)",
+        "strongest co-activation (chance)",
+        "repetition (chance)",
+        "top-k sets meet (shuffle)",
+        "vocabulary spec. (chance)",
+        "token lists confirmed",
+    ]
+    return _table(header, lines) if lines else []
+
+
 def _step0_table(summary: Summary) -> list[str]:
     names, lines = _names(summary), []
     for label, model in summary.initial_models.items():
@@ -639,6 +675,12 @@ def render_markdown(summary: Summary) -> str:
             [],
         ),
         ("Token controls, final step", _token_table(summary), []),
+        (
+            "The field's specialisation metrics, final step (saturation: middle checkpoint), "
+            "each beside its chance level (docs/method.md)",
+            _specialisation_table(summary),
+            [],
+        ),
         ("Step 0, once per initial model", _step0_table(summary), []),
         ("Held-out loss (nats per token)", _loss_table(summary), []),
         (

@@ -11,12 +11,21 @@ train_window_counts.csv step_start, step_end, layer, domain, expert, assignments
     steps in (step_start, step_end], summed over ranks; not a measurement of the model
 losses.csv              step, domain, loss, perplexity, tokens   (``analyze`` only)
     token-weighted mean next-token loss (nats) of the domain's held-out blocks, eval mode
+
+The field's specialisation metrics (:mod:`moe_emergence.analysis.specialisation`; ``analyze``):
+specialisation.csv      step, layer, probe, then :data:`SCALARS` (each metric beside its chance)
+repetition.csv          step, layer, domain, pairs, first(_chance, _null_mean, _p), topk(...)
+relative_load.csv       step, layer, domain, expert, relative_load (load / balanced load)
+coactivation.csv        layer, expert, partner, share, uniform        (final checkpoint)
+expert_tokens.csv       layer, expert, rank, token_id, token, count, lift, check_count,
+                        check_lift, replicated                        (final checkpoint)
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, fields
@@ -26,12 +35,52 @@ from typing import Any
 import numpy as np
 
 from moe_emergence.analysis.scores import LayerScores
+from moe_emergence.analysis.specialisation import (
+    SCALARS,
+    ExpertTokens,
+    LayerSpecialisation,
+    relative_load,
+)
 from moe_emergence.files import write_atomic
 
 COUNTS = ("step", "layer", "probe", "domain", "expert", "tokens")
 TRAJECTORY = ("step", "layer", "probe", *(f.name for f in fields(LayerScores)))
 TRAIN_WINDOWS = ("step_start", "step_end", "layer", "domain", "expert", "assignments")
 LOSSES = ("step", "domain", "loss", "perplexity", "tokens")
+SPECIALISATION = ("step", "layer", "probe", *SCALARS)
+REPETITION = (
+    "step",
+    "layer",
+    "domain",
+    "pairs",
+    "first",
+    "first_chance",
+    "first_null_mean",
+    "first_p",
+    "topk",
+    "topk_null_mean",
+    "topk_p",
+)
+RELATIVE_LOAD = ("step", "layer", "domain", "expert", "relative_load")
+# file name (without .csv) -> columns, in the order :func:`specialisation_rows` returns them
+SPECIALISATION_TABLES = {
+    "specialisation": SPECIALISATION,
+    "repetition": REPETITION,
+    "relative_load": RELATIVE_LOAD,
+}
+COACTIVATION = ("layer", "expert", "partner", "share", "uniform")
+EXPERT_TOKENS = (
+    "layer",
+    "expert",
+    "rank",
+    "token_id",
+    "token",
+    "count",
+    "lift",
+    "check_count",
+    "check_lift",
+    "replicated",
+)
 
 
 def routing_rows(
@@ -66,6 +115,86 @@ def routing_rows(
                     }
                 )
     return count_rows, trajectory_rows
+
+
+def specialisation_rows(
+    step: int,
+    probe_kind: str,
+    domains: Sequence[str],
+    counts: Mapping[int, np.ndarray],
+    metrics: Mapping[int, LayerSpecialisation],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The :data:`SPECIALISATION`, :data:`REPETITION` and :data:`RELATIVE_LOAD` rows of one
+    checkpoint (``counts[layer]`` the domain x expert table [D, E], rows of ``domains``); plain
+    Python values (the callback's checkpoint state loads with ``weights_only``)."""
+    scalars, repeats, loads = [], [], []
+    for layer, m in metrics.items():
+        scalars.append({"step": step, "layer": layer, "probe": probe_kind, **m.scalars()})
+        by_domain = m.repetition_by_domain
+        for d, domain in enumerate(domains):
+            row = {key: float(by_domain[key][d]) for key in REPETITION[3:]}
+            repeats.append({"step": step, "layer": layer, "domain": domain, **row})
+    for layer, table in counts.items():
+        load = relative_load(table)
+        for d, domain in enumerate(domains):
+            for e in range(load.shape[1]):
+                loads.append(
+                    {
+                        "step": step,
+                        "layer": layer,
+                        "domain": domain,
+                        "expert": e,
+                        "relative_load": float(load[d, e]),
+                    }
+                )
+    return scalars, repeats, loads
+
+
+def coactivation_rows(metrics: Mapping[int, LayerSpecialisation]) -> list[dict[str, Any]]:
+    """The :data:`COACTIVATION` rows (off-diagonal pairs of each layer's [E, E] matrix); none
+    for a top-1 layer."""
+    rows = []
+    for layer, m in metrics.items():
+        if math.isnan(m.coactivation_uniform):
+            continue
+        matrix = m.coactivation
+        for i in range(matrix.shape[0]):
+            for j in range(matrix.shape[1]):
+                if i != j:
+                    rows.append(
+                        {
+                            "layer": layer,
+                            "expert": i,
+                            "partner": j,
+                            "share": float(matrix[i, j]),
+                            "uniform": m.coactivation_uniform,
+                        }
+                    )
+    return rows
+
+
+def expert_token_rows(lists: Mapping[int, ExpertTokens]) -> list[dict[str, Any]]:
+    """The :data:`EXPERT_TOKENS` rows, by layer, expert and rank (1 first)."""
+    rows = []
+    for layer, t in lists.items():
+        rank = 0
+        for r in range(t.expert.size):
+            rank = 1 if r == 0 or t.expert[r] != t.expert[r - 1] else rank + 1
+            rows.append(
+                {
+                    "layer": layer,
+                    "expert": int(t.expert[r]),
+                    "rank": rank,
+                    "token_id": int(t.token_id[r]),
+                    "token": t.text[r] if t.text else "",
+                    "count": int(t.count[r]),
+                    "lift": float(t.lift[r]),
+                    "check_count": int(t.check_count[r]),
+                    "check_lift": float(t.check_lift[r]),
+                    "replicated": bool(t.replicated[r]),
+                }
+            )
+    return rows
 
 
 def write_table(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[dict]) -> Path:

@@ -420,3 +420,42 @@ def test_a_damaged_run_record_is_one_line(sweep, tmp_path, capsys):
     code, out, err = _analyze(capsys, copy, "--out", tmp_path / "out")
     assert code == 1 and not out
     assert_one_error_line(err, "config.yaml is damaged", "restore it")
+
+
+def test_the_fields_specialisation_metrics_are_in_analyzes_outputs(sweep, tmp_path, capsys):
+    """Every checkpoint's specialisation metrics beside their chance levels, the final's
+    co-activation pairs and token lists, the saturation figure, and the summary's rows."""
+    moe_run = next(p for p in _run_dirs(sweep) if "condition=top1" in p.name)
+    code, _, err = _analyze(capsys, moe_run, "--out", tmp_path)
+    assert code == 0, err
+    [folder] = (tmp_path / "runs").iterdir()
+    rows = read_table(folder / "specialisation.csv")
+    assert [(r["step"], r["layer"]) for r in rows] == [(s, la) for s in "024" for la in LAYERS]
+    final = [r for r in rows if r["step"] == "4"]
+    assert all(float(r["saturation_top1"]) == 1.0 for r in final)  # the final against itself
+    for r in rows:
+        assert 0 <= float(r["repetition"]) <= 1 and 0 < float(r["repetition_chance"]) <= 1
+        assert 0 < float(r["saturation_top1_chance"]) <= 1
+    repeats = read_table(folder / "repetition.csv")
+    assert len(repeats) == 3 * len(LAYERS) * len(DOMAINS)
+    loads = read_table(folder / "relative_load.csv")
+    counts = read_table(folder / "counts.csv")
+    assert len(loads) == len(counts)
+    for domain in DOMAINS:  # load / balanced load averages 1 over the experts
+        mine = [
+            float(r["relative_load"])
+            for r in loads
+            if (r["step"], r["layer"], r["domain"]) == ("4", "2", domain)
+        ]
+        assert sum(mine) == pytest.approx(len(mine))
+    assert read_table(folder / "coactivation.csv") == []  # top-1: no pairs
+    tokens = read_table(folder / "expert_tokens.csv")
+    assert all(r["token"] for r in tokens)  # decoded
+    assert "## layer 2" in (folder / "expert_tokens.md").read_text()
+    assert (folder / "saturation.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    metrics = {(r["metric"], r["layer"]) for r in summary["rows"]}
+    for metric in ("repetition", "repetition_chance", "vocab_spec", "vocab_spec_chance"):
+        assert (metric, 2) in metrics
+    assert ("saturation_top1_mid", 3) in metrics
+    assert "specialisation metrics" in (tmp_path / "summary.md").read_text()

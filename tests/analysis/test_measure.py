@@ -17,7 +17,7 @@ from helpers.moe import tiny_module
 from moe_emergence.analysis import callback as callback_module
 from moe_emergence.analysis.analyze import write_run_tables
 from moe_emergence.analysis.callback import RoutingAnalysis
-from moe_emergence.analysis.evaluate import evaluate_checkpoint
+from moe_emergence.analysis.evaluate import evaluate_checkpoint, route_and_score, specialisation
 from moe_emergence.analysis.probe import (
     make_probe,
     route_blocks,
@@ -27,7 +27,15 @@ from moe_emergence.analysis.probe import (
 from moe_emergence.analysis.results import RunResult
 from moe_emergence.analysis.scores import score_layer
 from moe_emergence.analysis.settings import ProbeSettings
-from moe_emergence.analysis.tables import COUNTS, TRAJECTORY, read_table, routing_rows
+from moe_emergence.analysis.tables import (
+    COUNTS,
+    SPECIALISATION_TABLES,
+    TRAJECTORY,
+    read_table,
+    routing_rows,
+    specialisation_rows,
+    write_table,
+)
 from moe_emergence.errors import UserError
 
 STEP = 3
@@ -87,6 +95,19 @@ def test_callback_and_analyze_write_the_same_routing_tables(tmp_path, monkeypatc
         trained = (tmp_path / "callback" / name).read_bytes()
         analysed = (tmp_path / "analyze" / name).read_bytes()
         assert trained == analysed, name
+    # the field's metrics at the analysis step: analyze's function on analyze's routing
+    _, experts = route_and_score(loaded, probe, None, SETTINGS, torch.device("cpu"))
+    metrics = specialisation(probe, experts, None, 4, SETTINGS)
+    expected = specialisation_rows(STEP, probe.kind, module.domains, result.counts, metrics)
+    for (name, columns), rows in zip(SPECIALISATION_TABLES.items(), expected, strict=True):
+        write_table(tmp_path / "expected" / f"{name}.csv", columns, rows)
+        trained = (tmp_path / "callback" / f"{name}.csv").read_bytes()
+        assert trained == (tmp_path / "expected" / f"{name}.csv").read_bytes(), name
+    plain = {type(v) for rows in expected for row in rows for v in row.values()}
+    assert plain <= {int, float, str}  # the callback's state loads with weights_only
+    spec = read_table(tmp_path / "callback" / "specialisation.csv")
+    assert len(spec) == 2 and all(r["saturation_top1"] == "nan" for r in spec)  # analyze's
+    assert all(0 < float(r["coactivation_uniform"]) < 1 for r in spec)  # top-2: 1/3
     counts = read_table(tmp_path / "analyze" / "counts.csv")
     assert len(counts) == 2 * len(module.domains) * 4  # layers x domains x experts
     assert sum(int(r["tokens"]) for r in counts) == 2 * probe.input_ids.size * 2  # top-2
