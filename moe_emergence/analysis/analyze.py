@@ -66,7 +66,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m moe_emergence.analyze",
         description="Route and score every checkpoint of a run or a seed sweep in eval mode; "
-        "summarise each condition over seeds with 95%% intervals.",
+        "summarise each condition over seeds with 95% intervals.",
     )
     parser.add_argument("path", metavar=OPTION, help="a run dir, a multirun dir or a .ckpt file")
     parser.add_argument("--out", default=None, help="output folder (default: PATH/analysis)")

@@ -459,3 +459,13 @@ def test_the_fields_specialisation_metrics_are_in_analyzes_outputs(sweep, tmp_pa
         assert (metric, 2) in metrics
     assert ("saturation_top1_mid", 3) in metrics
     assert "specialisation metrics" in (tmp_path / "summary.md").read_text()
+
+
+def test_help_says_95_percent_once(capsys):
+    """argparse formats help strings with %, not the description: '95%%' printed as written."""
+    from moe_emergence.analysis.analyze import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "95% intervals" in out and "%%" not in out
