@@ -31,6 +31,7 @@ SIZE_MB = 0.05  # 52,428 characters per domain: a few dozen files, a few hundred
 DOMAINS = ("code", "math", "prose")
 STATS_KEYS = {f.name for f in dataclasses.fields(StreamStats)}
 LOW = {"code": 100, "math": 0, "prose": 200}
+LIVE = {d: sample.live_sources(d) for d in ("code", "prose")}  # this machine's stdlib and packages
 
 
 def mb(chars: int) -> float:
@@ -61,9 +62,9 @@ def hub_metadata_keys(tiny_mirror) -> set[str]:
 
 def test_three_domains_have_the_hub_metadata_shape(loaded, hub_metadata_keys):
     expected = {
-        "code": [("sample/python-stdlib", None)],
+        "code": [("sample/frozen-python-stdlib", None)],
         "math": [("sample/generated-math", "gsm8k-style"), ("sample/generated-math", "math-style")],
-        "prose": [("sample/python-docs", "pydoc-topics")],  # 52K chars: descriptions unopened
+        "prose": [("sample/frozen-python-docs", "pydoc-topics")],  # 52K chars: one source
     }
     for domain, (texts, meta) in loaded.items():
         assert texts, domain
@@ -140,7 +141,7 @@ def test_code_reads_py_files_in_path_order_with_the_hub_filter(tmp_path, monkeyp
         (tmp_path / name).write_text(content, encoding="utf-8")
     (tmp_path / "bad.py").write_bytes(b"\xff" * 150)
     monkeypatch.setattr(sample, "stdlib_dir", lambda: tmp_path)
-    texts, meta = load_sample_domain("code", 1, max_example_chars=300)
+    texts, meta = load_sample_domain("code", 1, max_example_chars=300, sources=LIVE["code"])
     assert texts == ["é" * 299, "b" * 101]
     (stats,) = meta["sources"]
     assert stats["location"] == str(tmp_path)
@@ -148,11 +149,13 @@ def test_code_reads_py_files_in_path_order_with_the_hub_filter(tmp_path, monkeyp
     assert meta["budget_met"] is False
 
 
-def test_code_texts_are_stdlib_files_as_they_are(loaded):
-    """The code domain is the running Python's standard library (found here from a stdlib
-    module's file, not from ``sample.stdlib_dir``): its .py files in path order, as they are."""
+def test_live_code_texts_are_stdlib_files_as_they_are():
+    """The live code reader reads the running Python's standard library (found here from a
+    stdlib module's file, not from ``sample.stdlib_dir``): its .py files in path order, as they
+    are."""
     root = Path(dataclasses.__file__).parent
-    assert loaded["code"][1]["sources"][0]["location"] == str(root)
+    texts, meta = load_sample_domain("code", SIZE_MB, sources=LIVE["code"])
+    assert meta["sources"][0]["location"] == str(root)
     skipped = {"site-packages", "dist-packages", "__pycache__"}
     paths = sorted(
         (p for p in root.rglob("*.py") if not skipped & set(p.relative_to(root).parts)),
@@ -168,7 +171,7 @@ def test_code_texts_are_stdlib_files_as_they_are(loaded):
             first.append(text)
         if len(first) == 5:
             break
-    assert loaded["code"][0][:5] == first
+    assert texts[:5] == first
 
 
 # --- budget rule on controlled sources (prose readers patched) --------------------------------
@@ -195,14 +198,14 @@ def two_prose_sources(monkeypatch):
 
 def test_budget_crossing_text_is_kept_and_reading_stops(two_prose_sources):
     topics, _ = two_prose_sources
-    texts, meta = load_sample_domain("prose", mb(301))
+    texts, meta = load_sample_domain("prose", mb(301), sources=LIVE["prose"])
     assert texts == [topics["t0"], topics["t1"]]  # 300 < 301 budget: the second crosses
     (stats,) = meta["sources"]  # the next source is never opened
     assert (stats["num_rows_read"], stats["exhausted"], meta["total_chars"]) == (2, False, 600)
 
 
 def test_budget_reached_exactly_stops_there(two_prose_sources):
-    texts, meta = load_sample_domain("prose", mb(600))
+    texts, meta = load_sample_domain("prose", mb(600), sources=LIVE["prose"])
     assert len(texts) == 2 and (meta["total_chars"], meta["budget_met"]) == (600, True)
     assert len(meta["sources"]) == 1
 
@@ -210,7 +213,7 @@ def test_budget_reached_exactly_stops_there(two_prose_sources):
 def test_next_source_opens_when_one_runs_out_and_exhaustion_is_reported(two_prose_sources, caplog):
     topics, dist = two_prose_sources
     with caplog.at_level(logging.WARNING):
-        texts, meta = load_sample_domain("prose", 1)
+        texts, meta = load_sample_domain("prose", 1, sources=LIVE["prose"])
     pkg_text = "\n".join(prose_paragraphs(dist.description))  # both paragraphs packed
     assert texts == [*topics.values(), pkg_text]
     docs, pkgs = meta["sources"]
@@ -427,9 +430,11 @@ def test_prose_corpus_has_no_code(caplog):
         assert "```" not in text and ">>>" not in text and "::=" not in text, text
         assert all(line == line.strip() and line for line in text.split("\n")), text
     # The pydoc topics are about 0.3 MiB: 2 MiB reads on into the package descriptions.
-    [descriptions] = [s for s in meta["sources"] if s["dataset"] == "sample/package-descriptions"]
+    [descriptions] = [
+        s for s in meta["sources"] if s["dataset"] == "sample/frozen-package-descriptions"
+    ]
     assert descriptions["num_rows_read"] >= 1 and descriptions["num_examples"] >= 1
-    assert "installed distributions" in descriptions["location"]  # how many were found
+    assert "package-descriptions.jsonl.xz" in descriptions["location"]
 
 
 # --- identity ----------------------------------------------------------------------------------
@@ -459,25 +464,35 @@ def fresh_identity():
     sample.domain_identity.cache_clear()
 
 
-def test_sample_identity_ignores_distributions_it_never_reads(monkeypatch, fresh_identity):
-    """pip install of a package whose description the budget never reaches keeps the cache."""
-    before = sample_identity(0.05)
+def test_sample_identity_ignores_what_is_installed(monkeypatch, fresh_identity):
+    """The frozen corpus does not move when a package is installed or the stdlib differs, even
+    at a budget that reads the package descriptions (the live readers do: next test)."""
+    before = sample_identity(1.0)
+    extra = sample.InstalledDistribution("aaa-new-package", "0.1", PROSE_PARAGRAPH)
+    installed = sample.installed_distributions()
+    monkeypatch.setattr(sample, "installed_distributions", lambda: [extra, *installed])
+    monkeypatch.setattr(sample, "stdlib_dir", lambda: Path("/nonexistent"))
+    sample.domain_identity.cache_clear()
+    assert sample_identity(1.0) == before
+
+
+def test_live_identity_ignores_distributions_it_never_reads(monkeypatch, fresh_identity):
+    """Live prose: a package whose description the budget never reaches changes nothing."""
+    before = sample.domain_identity("prose", 0.05, sources=LIVE["prose"])
     extra = sample.InstalledDistribution("aaa-new-package", "0.1", PROSE_PARAGRAPH)
     installed = sample.installed_distributions()
     monkeypatch.setattr(sample, "installed_distributions", lambda: [extra, *installed])
     sample.domain_identity.cache_clear()
-    assert sample_identity(0.05) == before  # prose at 0.05 MiB reads pydoc topics only
+    assert sample.domain_identity("prose", 0.05, sources=LIVE["prose"]) == before
 
 
-def test_sample_identity_follows_a_description_it_reads(monkeypatch, fresh_identity):
-    before = sample_identity(1.0)  # past the pydoc topics: descriptions are read
+def test_live_identity_follows_a_description_it_reads(monkeypatch, fresh_identity):
+    before = sample.domain_identity("prose", 1.0, sources=LIVE["prose"])  # reads descriptions
     extra = sample.InstalledDistribution("aaa-new-package", "0.1", PROSE_PARAGRAPH)
     installed = sample.installed_distributions()
     monkeypatch.setattr(sample, "installed_distributions", lambda: [extra, *installed])
     sample.domain_identity.cache_clear()
-    after = sample_identity(1.0)
-    assert after["prose"] != before["prose"]
-    assert after["code"] == before["code"] and after["math"] == before["math"]
+    assert sample.domain_identity("prose", 1.0, sources=LIVE["prose"]) != before
 
 
 PROSE_PARAGRAPH = "The quick brown fox jumps over the lazy dog near the quiet river bank. " * 6

@@ -1,4 +1,9 @@
-"""The offline ``sample`` source: a corpus built on this machine, with no download.
+"""The offline ``sample`` source: a corpus with no download.
+
+The ``sample`` domain set reads code and prose from the frozen snapshot shipped in the package
+(:mod:`moe_emergence.data.sample.frozen`: the same texts everywhere) and generates math. The live
+readers below, which read this machine's stdlib and installed packages, are what the snapshot
+was built from (``python -m moe_emergence.data.sample.freeze``; :func:`live_sources`).
 
 Same contract as :func:`moe_emergence.data.sources.load_domain`: ``(texts, metadata)``, the
 same budget rule (a text is taken while the running total is below ``size_mb * 1024 * 1024``
@@ -10,9 +15,10 @@ characters; the one that crosses is kept) and the same metadata keys, plus
   ``__pycache__`` and unreadable or non-UTF-8 files; ``100 < len < max_example_chars``.
 - math: problems from :mod:`moe_emergence.data.sample.mathgen`, GSM8K-style and MATH-style
   alternating, deterministic by ``seed``; never exhausted.
-- prose: paragraphs of Python's documentation topics (``pydoc_data.topics``, topics in sorted
-  order), then of the long descriptions of installed distributions (sorted by normalized
-  name; this project's own is left out: it changes without a version bump). Code is removed
+- prose: paragraphs (cleaned by :mod:`moe_emergence.data.sample.prose`) of Python's
+  documentation topics (``pydoc_data.topics``, topics in sorted order), then of the long
+  descriptions of installed distributions (sorted by normalized name; this project's own is
+  left out: it changes without a version bump). Code is removed
   (fenced and indented blocks, reST ``::`` literal blocks and directives, doctest blocks),
   as are headings, tables, HTML, badges, link-reference lines and paragraphs that do not read
   as prose. Each paragraph is re-flowed onto one line (words joined by single spaces, like
@@ -46,7 +52,9 @@ from tqdm.auto import tqdm
 
 from moe_emergence.data.checks import SettingError, is_int
 from moe_emergence.data.domains import domain_set
+from moe_emergence.data.sample.frozen import MAX_CHARS, frozen_file, frozen_rows, manifest
 from moe_emergence.data.sample.mathgen import format_math, generate_math
+from moe_emergence.data.sample.prose import prose_paragraphs
 from moe_emergence.data.sources import (
     MAX_EXAMPLE_CHARS,
     Source,
@@ -166,135 +174,6 @@ def _open_math(source: Source, seed: int, max_chars: int) -> _Opened:
     return _Opened(list(by_style.values()), candidates())
 
 
-# ---- prose: cleaning reST / Markdown / plain text into paragraphs -----------------------
-
-_FENCE = re.compile(r"^\s*(```|~~~)")
-_HTML_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
-_UNDERLINE = re.compile(r"^\s*([=\-~^*#\"+`'.:_])\1{2,}\s*$")
-_DROP_LINE = re.compile(
-    r"""^\s*(?:
-        \#{1,6}(?:\s|$)             # Markdown heading
-      | \| | \+[-=]                 # table row or border, reST substitution line
-      | =+(?:\s+=+)+\s*$            # reST simple-table border
-      | \[[^\]]+\]:\s*\S            # Markdown link reference
-      | <                           # HTML
-      | !?\[!\[                     # badge
-      | !\[                         # image
-      | (?:https?|ftp)://\S+\s*$    # bare URL
-    )""",
-    re.VERBOSE,
-)
-_BULLET = re.compile(r"^(?:[-*+\u2022]|\d{1,3}[.)]|\(\d{1,3}\))\s+")
-_MD_IMAGE = re.compile(r"!\[[^\]]*\]\([^)]*\)")
-_MD_LINK = re.compile(r"\[([^\]]+)\](?:\([^)]*\)|\[[^\]]*\])")  # [text](url), [text][ref]
-_RST_LINK = re.compile(r"`([^`<]+?)\s*<[^>]*>`__?")
-_PROSE_CHARS = re.compile(r"[A-Za-z\s,.;:'\"()?!\-\u2019]")
-
-
-def _indent(line: str) -> int:
-    return len(line) - len(line.lstrip())
-
-
-def _drop_fences(lines: list[str]) -> list[str]:
-    """``lines`` with Markdown fenced blocks (``` or ~~~, through the closing fence) blanked."""
-    out: list[str] = []
-    fence: str | None = None
-    for line in lines:
-        match = _FENCE.match(line)
-        if fence is None and match:
-            fence = match.group(1)
-        elif fence is not None and line.strip().startswith(fence):
-            fence = None
-        else:
-            out.append("" if fence else line)
-            continue
-        out.append("")
-    return out
-
-
-def _drop_lines(lines: list[str]) -> list[str]:
-    """Headings (Markdown, and reST/setext titles with their under/overlines), tables, HTML,
-    badges, link references and bare URLs blanked."""
-    out = list(lines)
-    for i, line in enumerate(lines):
-        if _UNDERLINE.match(line):
-            out[i] = ""
-            if i > 0 and lines[i - 1].strip() and not _UNDERLINE.match(lines[i - 1]):
-                out[i - 1] = ""  # the title above an underline
-        elif _DROP_LINE.match(line):
-            out[i] = ""
-    return out
-
-
-def _blocks(lines: list[str]) -> Iterator[list[str]]:
-    """Runs of non-blank lines."""
-    block: list[str] = []
-    for line in [*lines, ""]:
-        if line.strip():
-            block.append(line)
-        elif block:
-            yield block
-            block = []
-
-
-def _split_items(block: list[str]) -> Iterator[list[str]]:
-    """A block split where a list item starts (``- ``, ``* ``, ``1. `` ...), markers removed."""
-    item: list[str] = []
-    for line in block:
-        bullet = _BULLET.match(line.lstrip())
-        if bullet and item:
-            yield item
-            item = []
-        item.append(line.lstrip()[bullet.end() :] if bullet else line.strip())
-    if item:
-        yield item
-
-
-def _reads_as_prose(text: str) -> bool:
-    """Mostly (90%) letters, spaces and punctuation, ending like a sentence (``.!?:``, maybe
-    inside closing quotes or brackets); no grammar rules (``::=``)."""
-    if not text.rstrip(")]\"'\u201d\u2019*_").endswith((".", "!", "?", ":")) or "::=" in text:
-        return False
-    return len(_PROSE_CHARS.findall(text)) >= 0.9 * len(text)
-
-
-def _is_code_block(block: list[str]) -> bool:
-    return any(">>>" in line or "```" in line for line in block) or any(
-        line.lstrip().startswith(("$ ", "% ", "... ")) for line in block
-    )
-
-
-def prose_paragraphs(document: str) -> Iterator[str]:
-    """The prose paragraphs of a reST, Markdown or plain-text ``document``, one line each.
-
-    A block indented deeper than the paragraph before it is dropped when that paragraph ends
-    with ``:`` (a literal block in reST, code in rendered docs and READMEs) or is a reST
-    directive or comment (``.. name::``); other indented blocks are kept when they read as
-    prose (indented paragraphs of rendered docs). Only paragraphs that read as prose remain.
-    """
-    lines = _drop_lines(_drop_fences(_HTML_COMMENT.sub("", document).expandtabs(8).splitlines()))
-    literal_above: int | None = None  # blocks indented deeper than this are literal
-    for block in _blocks(lines):
-        indent = _indent(block[0])
-        if literal_above is not None and indent > literal_above:
-            continue
-        literal_above = None
-        first = block[0].strip()
-        if first.startswith(".."):
-            literal_above = indent
-            continue
-        if block[-1].rstrip().endswith(":"):
-            literal_above = indent
-        if _is_code_block(block):
-            continue
-        for item in _split_items(block):
-            text = " ".join(" ".join(item).split())
-            text = _RST_LINK.sub(r"\1", _MD_LINK.sub(r"\1", _MD_IMAGE.sub("", text)))
-            text = text.removesuffix("::") + (":" if text.endswith("::") else "")
-            if _reads_as_prose(text):
-                yield text
-
-
 # ---- prose: sources ---------------------------------------------------------------------
 
 
@@ -370,11 +249,12 @@ def pack_paragraphs(paragraphs: Iterable[str], max_chars: int) -> Iterator[str]:
 
 
 def _document_candidates(
-    stats: StreamStats, documents: Iterable[str], max_chars: int
+    stats: StreamStats, documents: Iterable[Iterable[str]], max_chars: int
 ) -> Candidates:
-    for document in documents:
+    """Each document's paragraphs (in order) packed into texts: one row per document."""
+    for paragraphs in documents:
         stats.num_rows_read += 1
-        for text in pack_paragraphs(prose_paragraphs(document), max_chars):
+        for text in pack_paragraphs(paragraphs, max_chars):
             yield stats, text
     stats.exhausted = True
 
@@ -389,24 +269,81 @@ def _open_pydoc(source: Source, seed: int, max_chars: int) -> _Opened:
         max_chars,
     )
     topics = _pydoc_topics()
-    return _Opened(
-        [stats], _document_candidates(stats, (topics[k] for k in sorted(topics)), max_chars)
-    )
+    documents = (prose_paragraphs(topics[k]) for k in sorted(topics))
+    return _Opened([stats], _document_candidates(stats, documents, max_chars))
 
 
 def _open_descriptions(source: Source, seed: int, max_chars: int) -> _Opened:
     dists = installed_distributions()
     location = f"importlib.metadata ({len(dists)} installed distributions, sorted by name)"
     stats = _stats(source, None, location, _distributions_digest(dists), max_chars)
-    return _Opened([stats], _document_candidates(stats, (d.description for d in dists), max_chars))
+    documents = (prose_paragraphs(d.description) for d in dists)
+    return _Opened([stats], _document_candidates(stats, documents, max_chars))
 
 
-_OPENERS: dict[str, Callable[[Source, int, int], _Opened]] = {
+# ---- the frozen snapshot (frozen.py): what the ``sample`` domain set reads ---------------
+
+
+def _frozen_stats(source: Source, name: str, max_chars: int) -> StreamStats:
+    built = manifest()["built_with"]
+    location = f"{frozen_file(name).name} in the package (frozen {built['date']})"
+    config = source.configs[0] if source.configs else None
+    return _stats(source, config, location, manifest()["files"][name]["sha256"][:16], max_chars)
+
+
+def _open_frozen_code(source: Source, seed: int, max_chars: int) -> _Opened:
+    stats = _frozen_stats(source, "python-stdlib", max_chars)
+
+    def candidates() -> Candidates:
+        for row in frozen_rows("python-stdlib"):
+            stats.num_rows_read += 1
+            yield stats, row["text"]
+        stats.exhausted = True
+
+    return _Opened([stats], candidates())
+
+
+def _frozen_prose_opener(name: str) -> Callable[[Source, int, int], _Opened]:
+    def open_prose(source: Source, seed: int, max_chars: int) -> _Opened:
+        stats = _frozen_stats(source, name, max_chars)
+        documents = (row["paragraphs"] for row in frozen_rows(name))
+        return _Opened([stats], _document_candidates(stats, documents, max_chars))
+
+    return open_prose
+
+
+LIVE_READERS: dict[str, Callable[[Source, int, int], _Opened]] = {
     "sample/python-stdlib": _open_code,
-    "sample/generated-math": _open_math,
     "sample/python-docs": _open_pydoc,
     "sample/package-descriptions": _open_descriptions,
 }
+FROZEN_READERS: dict[str, Callable[[Source, int, int], _Opened]] = {
+    "sample/frozen-python-stdlib": _open_frozen_code,
+    "sample/frozen-python-docs": _frozen_prose_opener("python-docs"),
+    "sample/frozen-package-descriptions": _frozen_prose_opener("package-descriptions"),
+}
+_OPENERS = {**LIVE_READERS, "sample/generated-math": _open_math, **FROZEN_READERS}
+
+
+def live_sources(domain: str) -> tuple[Source, ...]:
+    """The ``sample`` set's sources of ``domain`` with each frozen dataset swapped for the live
+    reader it was frozen from (this machine's stdlib and installed packages): what
+    ``python -m moe_emergence.data.sample.freeze`` reads."""
+    return tuple(
+        dataclasses.replace(s, dataset=s.dataset.replace("sample/frozen-", "sample/"))
+        for s in domain_set(SAMPLE_SET)[domain]
+    )
+
+
+def _check_frozen_max(sources: tuple[Source, ...], max_chars: int, domain: str) -> None:
+    frozen = [s.dataset for s in sources if s.dataset in FROZEN_READERS]
+    if frozen and max_chars > MAX_CHARS:
+        raise SettingError(
+            f"max_example_chars={max_chars}: the frozen sample corpus ({domain}: "
+            f"{', '.join(frozen)}) holds only texts shorter than {MAX_CHARS:,} characters, so it "
+            f"cannot give longer ones: use max_example_chars <= {MAX_CHARS}, or a Hub mirror.",
+            "max_example_chars",
+        )
 
 
 # ---- the loader -------------------------------------------------------------------------
@@ -489,6 +426,7 @@ def load_sample_domain(
         raise UserError(f"seed={seed!r} must be an integer.")
     check_size_mb(size_mb)
     check_filters(sources, max_example_chars, domain)
+    _check_frozen_max(sources, max_example_chars, domain)
     taken = _Taken(budget_chars(size_mb))
     opened: list[StreamStats] = []
     bar = tqdm(
@@ -573,11 +511,14 @@ def sample_identity(size_mb: float, max_example_chars: int = MAX_EXAMPLE_CHARS, 
 
 
 __all__ = [
+    "FROZEN_READERS",
+    "LIVE_READERS",
     "SAMPLE_SET",
     "SAMPLE_VERSION",
     "InstalledDistribution",
     "domain_identity",
     "installed_distributions",
+    "live_sources",
     "load_sample_domain",
     "pack_paragraphs",
     "prose_paragraphs",
