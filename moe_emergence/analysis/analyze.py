@@ -1,6 +1,7 @@
 """``python -m moe_emergence.analyze PATH [--out DIR]``: turn runs and seed sweeps into findings.
 
-PATH is a run dir, a multirun dir (every run dir below it) or one ``.ckpt`` file. For every
+PATH is a run dir, a multirun dir (every run dir below it) or one ``.ckpt`` file; several PATHs
+(sweeps of one study run in several sittings) are analysed as one study into ``--out``. For every
 run, every saved checkpoint is routed and scored in eval mode on the run's own probe, with the
 per-domain held-out loss (:mod:`moe_emergence.analysis.evaluate`); runs are grouped by their
 overrides without ``seed``, and each group's mean and 95% interval over seeds
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -55,7 +57,7 @@ from moe_emergence.analysis.token_types import format_type_table
 from moe_emergence.data.files import locked
 from moe_emergence.errors import UserError, report_user_errors
 from moe_emergence.files import write_atomic
-from moe_emergence.runs import RunCheckpoints, find_runs, verify_checkpoints
+from moe_emergence.runs import RunCheckpoints, find_runs, run_overrides, verify_checkpoints
 
 RUNS_DIR = "runs"
 CONFIRMED = " \u2713"  # an expert's listed token that the other half of the documents confirms
@@ -68,7 +70,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Route and score every checkpoint of a run or a seed sweep in eval mode; "
         "summarise each condition over seeds with 95% intervals.",
     )
-    parser.add_argument("path", metavar=OPTION, help="a run dir, a multirun dir or a .ckpt file")
+    parser.add_argument(
+        "path",
+        metavar=OPTION,
+        nargs="+",
+        help="a run dir, a multirun dir or a .ckpt file; several: one study (e.g. sweeps run in "
+        "several sittings; the same condition and seed twice is refused; --out required)",
+    )
     parser.add_argument("--out", default=None, help="output folder (default: PATH/analysis)")
     parser.add_argument("--device", default="cpu", help="torch device for the forwards (cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -232,13 +240,46 @@ def expert_tokens_markdown(result: RunResult, rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def study_runs(paths: Sequence[Path]) -> tuple[list[RunCheckpoints], list[str]]:
+    """The runs of every path, as one study: with several paths, each run's name starts with its
+    path's folder name (``primary/3``); a condition (overrides but the seed) with one seed in
+    two runs is refused before any work, naming both."""
+    if len(paths) == 1:
+        return find_runs(paths[0], OPTION)
+    labels = [p.name or str(p) for p in paths]
+    if len(set(labels)) < len(labels):
+        raise UserError(
+            f"{OPTION}: the folders {', '.join(map(str, paths))} share a name; their runs would "
+            "share names: pass folders with distinct names."
+        )
+    runs, notes = [], []
+    for path, label in zip(paths, labels, strict=True):
+        found, skipped = find_runs(path, OPTION)
+        runs += [replace(r, name=f"{label}/{r.name}") for r in found]
+        notes += [f"{label}/{note}" for note in skipped]
+    seen: dict[tuple[str, int | None], str] = {}
+    for run_ in runs:
+        overrides, seed = run_overrides(run_.run_dir)
+        key = (",".join(overrides), seed)
+        if key in seen:
+            raise UserError(
+                f"{OPTION}: runs {seen[key]} and {run_.name} are the same condition "
+                f"({key[0] or 'no overrides'}) with the same seed ({seed}): one study holds a "
+                "seed once per condition; leave one of the folders out."
+            )
+        seen[key] = run_.name
+    return runs, notes
+
+
 def run(args: argparse.Namespace) -> str:
     """Do the work of one ``analyze`` call; return what to print."""
     device = check_device(args.device)
-    path = Path(args.path).expanduser()
-    runs, notes = find_runs(path, OPTION)
+    paths = [Path(p).expanduser() for p in args.path]
+    if len(paths) > 1 and not args.out:
+        raise UserError(f"{len(paths)} PATHs: pass --out, the folder of their one analysis.")
+    runs, notes = study_runs(paths)
     verify_checkpoints(runs, OPTION)
-    out = Path(args.out).expanduser() if args.out else default_out(path)
+    out = Path(args.out).expanduser() if args.out else default_out(paths[0])
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: pass a folder (new or an earlier analysis's).")
     try:

@@ -469,3 +469,42 @@ def test_help_says_95_percent_once(capsys):
         parse_args(["--help"])
     out = capsys.readouterr().out
     assert "95% intervals" in out and "%%" not in out
+
+
+def _split_sweep(sweep: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The sweep as two sittings: the top-1 runs in ``first/``, the dense ones in ``second/``."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    for run in _run_dirs(sweep):
+        shutil.copytree(run, (first if "condition=top1" in run.name else second) / run.name)
+    return first, second
+
+
+def test_several_sweep_folders_are_one_study(sweep, tmp_path, capsys):
+    """Sweeps run in two sittings analyse as one: the groups, seeds and dense twin of the
+    one-folder analysis, the runs named by their folder."""
+    first, second = _split_sweep(sweep, tmp_path)
+    code, _, err = _analyze(capsys, first, second, "--out", tmp_path / "out", "--no-knockout")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    moe = next(g for g, info in summary["groups"].items() if info["moe"])
+    dense = next(g for g, info in summary["groups"].items() if not info["moe"])
+    assert summary["groups"][moe]["seeds"] == summary["groups"][dense]["seeds"] == [1, 2]
+    assert summary["groups"][moe]["dense_twin"] == dense
+    runs = sorted(p.name for p in (tmp_path / "out" / "runs").iterdir())
+    assert len(runs) == 4 and {r.split("__")[0] for r in runs} == {"first", "second"}
+
+
+def test_several_folders_need_out_and_hold_a_seed_once(sweep, tmp_path, capsys):
+    first, second = _split_sweep(sweep, tmp_path)
+    code, _, err = _analyze(capsys, first, second)
+    assert code == 1
+    assert_one_error_line(err, "2 PATHs: pass --out")
+    again = tmp_path / "again"
+    shutil.copytree(first, again)
+    code, _, err = _analyze(capsys, first, again, "--out", tmp_path / "out")
+    assert code == 1
+    assert_one_error_line(err, "the same condition")
+    shutil.copytree(second, tmp_path / "x" / "first")
+    code, _, err = _analyze(capsys, first, tmp_path / "x" / "first", "--out", tmp_path / "out")
+    assert code == 1
+    assert_one_error_line(err, "share a name")
