@@ -739,6 +739,7 @@ def _json_document(summary: Summary) -> dict:
     return {
         "rows": rows,
         "groups": {g: asdict(info) for g, info in summary.groups.items()},
+        "names": _names(summary),  # group, contrast or initial model key -> as summary.md names it
         "contrasts": {label: list(pair) for label, pair in summary.contrasts.items()},
         "primary": {label: list(pair) for label, pair in summary.primary.items()},
         "initial_models": {label: asdict(m) for label, m in summary.initial_models.items()},
