@@ -494,6 +494,12 @@ class RunCheckpoints:
     checkpoints: list[Path]
 
 
+def checkpoint_run_dir(path: Path) -> Path | None:
+    """The run dir of a ``.ckpt`` file: its folder's parent when that holds ``.hydra/``."""
+    run_dir = path.resolve().parent.parent
+    return run_dir if (run_dir / HYDRA_CONFIG).is_file() else None
+
+
 def find_runs(path: Path, option: str) -> tuple[list[RunCheckpoints], list[str]]:
     """The runs that ``option=path`` names: a ``.ckpt`` file, a run dir (holding ``.hydra/``)
     or a folder of run dirs (a multirun dir); and notes on runs skipped for having no
@@ -503,10 +509,8 @@ def find_runs(path: Path, option: str) -> tuple[list[RunCheckpoints], list[str]]
             f"{option}={path} does not exist: pass a run dir, a multirun dir or a .ckpt file."
         )
     if path.is_file():
-        run_dir = path.resolve().parent.parent
-        run_dir = run_dir if (run_dir / HYDRA_CONFIG).is_file() else None
         load_mapped(path, option)  # a readable checkpoint, else a one-line error
-        return [RunCheckpoints(path.stem, run_dir, [path])], []
+        return [RunCheckpoints(path.stem, checkpoint_run_dir(path), [path])], []
     if (path / HYDRA_CONFIG).is_file():
         run_dirs = [path]
     else:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from moe_emergence.analysis.evaluate import OPTION, evaluate_run
+from moe_emergence.analysis.evaluate import OPTION, data_overrides_of, evaluate_run
 from moe_emergence.analysis.knockout import COLUMNS as KNOCKOUT
 from moe_emergence.analysis.knockout import KNOCKOUT_FILE, knockout_rows
 from moe_emergence.analysis.plots import saturation_figure, save_figure
@@ -99,19 +99,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             + ("; null: none (a warm token cache, offline)" if flag == "--hub-mirror" else ""),
         )
     return parser.parse_args(argv)
-
-
-def data_overrides(args: argparse.Namespace) -> dict[str, str | None]:
-    """The data settings the flags replace (``--hub-mirror null``: no mirror)."""
-    given = {
-        "hub_mirror": args.hub_mirror,
-        "cache_dir": args.cache_dir,
-        "tokenizer": args.tokenizer,
-    }
-    found = {key: value for key, value in given.items() if value is not None}
-    if found.get("hub_mirror") in ("null", "none"):
-        found["hub_mirror"] = None
-    return found
 
 
 def default_out(path: Path) -> Path:
@@ -311,7 +298,7 @@ def _analyse(
                 folder,
                 device,
                 on_checkpoint=lambda: bar.update(1),
-                data_overrides=data_overrides(args),
+                data_overrides=data_overrides_of(args),
                 knockout=not args.no_knockout,
             )
             write_run_tables(result, folder)

@@ -28,6 +28,7 @@ from moe_emergence.analysis.loading import LoadedCheckpoint, load_checkpoint
 from moe_emergence.analysis.probe import (
     PROBE_FILE,
     Probe,
+    ProbeRouting,
     build_probe,
     route_blocks,
     score_probe_routing,
@@ -178,6 +179,24 @@ def evaluate_checkpoint(
     return route_and_score(loaded, probe, held_out, settings, device, decode)[0]
 
 
+def route_probe(
+    model: torch.nn.Module,
+    probe: Probe,
+    batch_size: int,
+    device: torch.device,
+    with_loss: bool = False,
+) -> ProbeRouting:
+    """The probe's blocks routed through ``model`` (on ``device``) in eval mode,
+    ``batch_size`` blocks per forward, each with its domain (:func:`route_blocks`)."""
+    return route_blocks(
+        model,
+        torch.from_numpy(probe.input_ids).to(device),
+        batch_size,
+        with_loss=with_loss,
+        block_domains=torch.from_numpy(probe.block_domains).to(device),
+    )
+
+
 def route_and_score(
     loaded: LoadedCheckpoint,
     probe: Probe,
@@ -191,13 +210,7 @@ def route_and_score(
     model = loaded.model.to(device)
     batch = int(settings["batch_size"])
     same = held_out is not None and held_out.digest == probe.digest
-    routed = route_blocks(
-        model,
-        torch.from_numpy(probe.input_ids).to(device),
-        batch,
-        with_loss=same,
-        block_domains=torch.from_numpy(probe.block_domains).to(device),
-    )
+    routed = route_probe(model, probe, batch, device, with_loss=same)
     losses: dict[str, HeldOutLoss] = {}
     if held_out is not None:
         loss_sum = routed.loss_sum
@@ -404,6 +417,73 @@ def check_same_probe(name: str, run_dir: Path | None, probe: Probe) -> None:
         )
 
 
+def rebuild_probe(
+    name: str,
+    loaded: LoadedCheckpoint,
+    run_dir: Path | None,
+    report_dir: Path,
+    data_overrides: Mapping[str, Any] | None = None,
+) -> tuple[MixedDomainDataModule, tuple[str, ...], dict[str, Any], Probe]:
+    """The run's datamodule (its recorded data settings, ``data_overrides`` in place of
+    ``hub_mirror``, ``cache_dir``, ``tokenizer``; its data report to ``report_dir``), its
+    domains, its probe settings (:func:`probe_settings`) and its training-time probe, from the
+    record of ``loaded`` (a checkpoint of the run) and ``run_dir`` (None: no ``.hydra/``
+    record). One-line errors where the rebuilt data's fingerprint differs from the one
+    ``loaded`` records, or the probe's digest from the run's ``routing/probe.json``."""
+    settings = {**loaded.data_settings, **(data_overrides or {})} if loaded.data_settings else {}
+    datamodule = load_data(name, settings, report_dir)
+    domains = tuple(loaded.hparams.get("domains") or datamodule.domains)
+    check_same_data(name, loaded.data_fingerprint, datamodule.data_fingerprint)
+    found = probe_settings(run_dir)
+    probe = build_probe(
+        datamodule,
+        domains,
+        found["train_sample_blocks"],
+        found["held_out_blocks"],
+        found["probe_seed"],
+        found["size_matched"],
+    )
+    check_same_probe(name, run_dir, probe)
+    return datamodule, domains, found, probe
+
+
+def checkpoint_expert_tokens(
+    name: str,
+    loaded: LoadedCheckpoint,
+    run_dir: Path | None,
+    report_dir: Path,
+    device: torch.device,
+    data_overrides: Mapping[str, Any] | None = None,
+) -> tuple[Probe, dict[int, ExpertTokens]]:
+    """The run's probe (:func:`rebuild_probe`) and, per MoE layer, the per-expert token lists
+    of one MoE checkpoint on it (:func:`expert_tokens`, decoded with the run's tokenizer): the
+    probe routed once in eval mode, as ``analyze`` lists its final checkpoint's."""
+    datamodule, _, settings, probe = rebuild_probe(
+        name, loaded, run_dir, report_dir, data_overrides
+    )
+    model = loaded.model.to(device)
+    routed = route_probe(model, probe, int(settings["batch_size"]), device)
+    experts = {i: e.cpu().numpy() for i, e in routed.experts.items()}
+    n_experts = next(iter(moe_layers(model).values())).n_experts
+    tokenizer = datamodule.tokenizer
+    lists = expert_tokens(probe, experts, n_experts, settings, lambda i: tokenizer.decode([i]))
+    return probe, lists
+
+
+def data_overrides_of(args: Any) -> dict[str, str | None]:
+    """The data settings that ``--hub-mirror``, ``--cache-dir`` and ``--tokenizer`` (the
+    attributes of ``args`` that are not None) replace; ``--hub-mirror null``: no mirror."""
+    given = {
+        "hub_mirror": args.hub_mirror,
+        "cache_dir": args.cache_dir,
+        "tokenizer": args.tokenizer,
+    }
+    found = {key: value for key, value in given.items() if value is not None}
+    if found.get("hub_mirror") in ("null", "none"):
+        found["hub_mirror"] = None
+    return found
+
+
 def evaluate_run(
     run: RunCheckpoints,
     report_dir: Path,
@@ -421,20 +501,8 @@ def evaluate_run(
     its ``routing/probe.json``. ``knockout``: also the final checkpoint's knock-out readings
     (:func:`~moe_emergence.analysis.knockout.knockout_effects`) where there is a held-out split."""
     final = load_checkpoint(run.checkpoints[-1], OPTION, require_moe=False)
-    data_settings = {**final.data_settings, **(data_overrides or {})} if final.data_settings else {}
-    datamodule = load_data(run.name, data_settings, report_dir)
-    domains = tuple(final.hparams.get("domains") or datamodule.domains)
-    check_same_data(run.name, final.data_fingerprint, datamodule.data_fingerprint)
-    settings = probe_settings(run.run_dir)
-    probe = build_probe(
-        datamodule,
-        domains,
-        settings["train_sample_blocks"],
-        settings["held_out_blocks"],
-        settings["probe_seed"],
-        settings["size_matched"],
-    )
-    check_same_probe(run.name, run.run_dir, probe)
+    rebuilt = rebuild_probe(run.name, final, run.run_dir, report_dir, data_overrides)
+    datamodule, domains, settings, probe = rebuilt
     # All held-out blocks (the loss's set; the probe too, unless it is a subset or train_sample).
     held_out = build_probe(datamodule, domains) if datamodule.val_dataset is not None else None
     tokenizer = datamodule.tokenizer

@@ -10,6 +10,13 @@ a terminal (``--color``), else a plain table. ``--html`` writes a self-contained
 For Python (``--file *.py`` or ``--code``) it adds the token-type x expert table per layer
 (:mod:`moe_emergence.analysis.token_types`).
 
+The page also lists, per MoE layer, each expert's most over-represented tokens on the run's
+fixed probe (:func:`~moe_emergence.analysis.specialisation.expert_token_lists`, as ``analyze``
+lists them: found on one half of the probe's documents, checked on the other), which costs
+rebuilding the run's probe from its token cache and routing it once through the checkpoint
+(``--no-token-lists`` skips both); a token of the text on an expert whose replicated list holds
+it is underlined.
+
 A text longer than the model's ``n_positions`` is routed in consecutive windows of
 ``n_positions`` tokens, each window without the context of the ones before (a note says so).
 """
@@ -19,7 +26,8 @@ from __future__ import annotations
 import argparse
 import html
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +35,26 @@ import numpy as np
 import torch
 from transformers import GPT2LMHeadModel
 
+from moe_emergence.analysis.evaluate import checkpoint_expert_tokens, data_overrides_of
 from moe_emergence.analysis.loading import LoadedCheckpoint, load_checkpoint, tokenizer_settings
-from moe_emergence.analysis.probe import route_blocks
+from moe_emergence.analysis.probe import Probe, route_blocks
+from moe_emergence.analysis.specialisation import REPLICATION_Z, ExpertTokens
+from moe_emergence.analysis.tables import expert_token_rows
 from moe_emergence.analysis.token_types import CATEGORIES, format_type_table, token_type_table
 from moe_emergence.data.prepare import load_data_tokenizer
 from moe_emergence.data.tokenize import untruncated
 from moe_emergence.errors import UserError, report_user_errors
 from moe_emergence.files import write_atomic
 from moe_emergence.model.gpt2_moe import moe_layers
-from moe_emergence.runs import resolve_checkpoint
+from moe_emergence.runs import checkpoint_run_dir, resolve_checkpoint
 
 OPTION = "CKPT"
 # 256-colour backgrounds, told apart on dark and light terminals (cycled beyond 12 experts).
 ANSI_BACKGROUNDS = (117, 215, 120, 211, 228, 183, 152, 223, 250, 157, 224, 189)
 ANSI_RESET = "\x1b[0m"
+
+REPLICATED = "\u2713"  # a listed token that the other half of the probe's documents confirms
+NO_LISTS = "--no-token-lists"
 
 Routing = dict[int, tuple[np.ndarray, np.ndarray]]
 
@@ -197,6 +211,61 @@ def _hue(expert: int) -> float:
     return (expert * 137.508) % 360  # golden angle: neighbours differ for any number of experts
 
 
+def replicated_sets(lists: Mapping[int, ExpertTokens]) -> dict[int, dict[int, set[int]]]:
+    """Per layer and expert, the token ids of its list that replicated."""
+    out: dict[int, dict[int, set[int]]] = {}
+    for layer, t in lists.items():
+        out[layer] = {}
+        for e, i in zip(t.expert[t.replicated], t.token_id[t.replicated], strict=True):
+            out[layer].setdefault(int(e), set()).add(int(i))
+    return out
+
+
+def token_list_caption(lists: ExpertTokens) -> str:
+    """One line: what the lists are, their chance reading and how many replicated."""
+    n, hits = int(lists.replicated.size), int(lists.replicated.sum())
+    return (
+        "Each expert's most over-represented tokens among its first-choice tokens on one half of "
+        "the probe's documents: lift = p(token | expert) / p(token) (1: as frequent on the "
+        "expert as on the probe), count on that half; "
+        f"{REPLICATED}: replicated on the other half (z > {REPLICATION_Z}; about 5% of a random "
+        f"router's listed tokens replicate). {hits} of {n} listed tokens replicated."
+    )
+
+
+def render_token_lists(layer: int, lists: ExpertTokens, n_experts: int) -> str:
+    """``<section id="expert-tokens-{layer}">``: the caption and one table row per expert,
+    each listed token (its text as ``repr``, escaped) with its lift and count, and a mark
+    where it replicated; its title gives the id and the other half's count and lift."""
+    rows = expert_token_rows({layer: lists})
+    body = []
+    for e in range(n_experts):
+        mine = [r for r in rows if r["expert"] == e]
+        cells = []
+        for r in mine:
+            hover = (
+                f"id {r['token_id']}; lift {r['lift']:.2f}, count {r['count']} (fit half); "
+                f"lift {r['check_lift']:.2f}, count {r['check_count']} (other half)"
+            )
+            mark = f" {REPLICATED}" if r["replicated"] else ""
+            cells.append(
+                f'<span class="listed{" rep" if r["replicated"] else ""}" '
+                f'title="{html.escape(hover)}"><code>{html.escape(repr(r["token"]))}</code> '
+                f"{r['lift']:.2f} ({r['count']}){mark}</span>"
+            )
+        hits = sum(r["replicated"] for r in mine)
+        body.append(
+            f'<tr><th class="e{e}">e{e}</th><td>{hits}/{len(mine)}</td>'
+            f'<td class="tokens">{"; ".join(cells) or "-"}</td></tr>'
+        )
+    return (
+        f'<section id="expert-tokens-{layer}"><h3>Layer {layer}: per-expert token lists</h3>'
+        f"<p>{html.escape(token_list_caption(lists))}</p>"
+        "<table><tr><th>expert</th><th>replicated</th><th>tokens: lift (count)</th></tr>"
+        f"{''.join(body)}</table></section>"
+    )
+
+
 def render_html(
     tokens: Sequence[str],
     routing: Routing,
@@ -204,11 +273,16 @@ def render_html(
     title: str,
     notes: Sequence[str] = (),
     type_tables: dict[int, np.ndarray] | None = None,
+    token_lists: Mapping[int, ExpertTokens] | None = None,
+    token_ids: Sequence[int] | np.ndarray | None = None,
 ) -> str:
     """A self-contained page (inline CSS, no script): per layer a ``<pre>`` with one
     ``<span class="tok e{expert}" title="...">`` per token (its first expert for top-k), the
     title holding the token's index, experts and the layer's probabilities; a legend; the
-    token-type tables when given."""
+    token-type tables when given; with ``token_lists`` (per layer) and the text's
+    ``token_ids`` [T], each layer's :func:`render_token_lists` after its text, and class
+    ``rep`` on the tokens whose first expert's replicated list holds their id."""
+    replicated = replicated_sets(token_lists or {})
     css = [
         "body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}",
         "pre{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:14px;"
@@ -217,6 +291,7 @@ def render_html(
         ".tok:hover{outline:2px solid #000}",
         "table{border-collapse:collapse}td,th{padding:2px 8px;text-align:right}",
         ".legend span{padding:2px 6px;margin-right:4px}",
+        ".rep{text-decoration:underline 2px}td.tokens{text-align:left}",
     ]
     css += [f".e{e}{{background:hsl({_hue(e):.0f},75%,80%)}}" for e in range(n_experts)]
     legend = "".join(f'<span class="e{e}">expert {e}</span>' for e in range(n_experts))
@@ -229,15 +304,26 @@ def render_html(
         *(f"<p>{html.escape(note)}</p>" for note in notes),
         f'<p class="legend">{legend}</p>',
     ]
+    if token_lists:
+        parts.append(
+            "<p>Underlined: a token routed to an expert whose replicated token list (below each "
+            "layer) holds it.</p>"
+        )
     for layer, (experts, probs) in routing.items():
         spans = []
         for t, (token, chosen, p) in enumerate(zip(tokens, experts, probs, strict=True)):
             names = "+".join(f"e{int(e)}" for e in chosen)
             dist = " ".join(f"e{e} {p[e]:.2f}" for e in range(len(p)))
             hover = f"#{t} {token!r} -> {names} | {dist}"
+            first = int(chosen[0])
+            listed = token_ids is not None and int(token_ids[t]) in replicated.get(layer, {}).get(
+                first, ()
+            )
+            if listed:
+                hover += f" | in e{first}'s replicated token list"
             spans.append(
-                f'<span class="tok e{int(chosen[0])}" title="{html.escape(hover)}">'
-                f"{html.escape(token, quote=False)}</span>"
+                f'<span class="tok e{first}{" rep" if listed else ""}" '
+                f'title="{html.escape(hover)}">{html.escape(token, quote=False)}</span>'
             )
         parts.append(f'<section id="layer-{layer}"><h2>Layer {layer}</h2>')
         parts.append(f"<pre>{''.join(spans)}</pre>")
@@ -253,6 +339,8 @@ def render_html(
                 f"<h3>Python token types x expert</h3><table><tr><th></th>{head}</tr>{rows}</table>"
             )
         parts.append("</section>")
+        if token_lists and layer in token_lists:
+            parts.append(render_token_lists(layer, token_lists[layer], n_experts))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
@@ -286,6 +374,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--domain",
         help="the text's domain, one of the run's (needed by, and only by, a domain router: "
         "model.moe.router=domain)",
+    )
+    parser.add_argument(
+        NO_LISTS,
+        action="store_true",
+        help="with --html, leave out each expert's over-represented tokens on the run's probe "
+        "(as analyze lists them); they cost rebuilding the run's probe from its token cache "
+        "(or its recorded sources when the cache is gone) and routing it once through CKPT",
     )
     parser.add_argument("--tokenizer", help="tokenizer name or folder (default: the run's)")
     parser.add_argument("--hub-mirror", help="Hub mirror for the tokenizer (default: the run's)")
@@ -343,6 +438,27 @@ def text_domain(loaded: LoadedCheckpoint, domain: str | None) -> int | None:
     return domains.index(domain)
 
 
+def probe_token_lists(
+    loaded: LoadedCheckpoint, args: argparse.Namespace
+) -> tuple[Probe, dict[int, ExpertTokens]]:
+    """The run's probe and the checkpoint's per-expert token lists on it
+    (:func:`~moe_emergence.analysis.evaluate.checkpoint_expert_tokens`; the rebuilt data's
+    report is dropped); a one-line error that names ``--no-token-lists`` when they cannot be
+    had."""
+    with tempfile.TemporaryDirectory(prefix="inspect-report-") as report_dir:
+        try:
+            return checkpoint_expert_tokens(
+                f"{OPTION}={loaded.path}",
+                loaded,
+                checkpoint_run_dir(loaded.path),
+                Path(report_dir),
+                torch.device("cpu"),
+                data_overrides_of(args),
+            )
+        except UserError as exc:
+            raise UserError(f"Per-expert token lists: {exc} Or pass {NO_LISTS}.") from None
+
+
 def run(args: argparse.Namespace) -> str:
     """Do the work of one ``inspect`` call; return what to print."""
     check_html_path(args.html)
@@ -381,9 +497,18 @@ def run(args: argparse.Namespace) -> str:
         for layer, table in type_tables.items():
             out += ["", format_type_table(table, f"Python token types x expert, layer {layer}:")]
     if args.html:
-        page = render_html(
-            tokens, routing, n_experts, f"Routing of {loaded.path.name}", notes, type_tables
-        )
+        lists = None
+        if not args.no_token_lists:
+            probe, lists = probe_token_lists(loaded, args)
+            notes.append(f"Per-expert token lists on the run's probe: {probe.summary()}")
+            out += ["", notes[-1]]
+            out += [
+                f"layer {layer}: {int(t.replicated.sum())} of {t.replicated.size} listed tokens "
+                f"replicated on the other half of the probe's documents"
+                for layer, t in lists.items()
+            ]
+        title = f"Routing of {loaded.path.name}"
+        page = render_html(tokens, routing, n_experts, title, notes, type_tables, lists, ids)
         write_atomic(args.html, page)
         out += ["", f"HTML written to {args.html}"]
     return "\n".join(out)

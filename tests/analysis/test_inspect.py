@@ -1,5 +1,6 @@
 """Token-level inspection: token-type tables (known answers), routing of one text, the CLI's
-plain and coloured output, its HTML page (parsed) and its one-line errors."""
+plain and coloured output, its HTML page (parsed) with the per-expert token lists that analyze
+writes for the same checkpoint, and its one-line errors."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ import torch
 from helpers.configs import short_demo_overrides
 from helpers.old_layout import write_per_expert_copy
 
-from moe_emergence.analysis.inspect import encode, load_checkpoint, main, route_text
+from moe_emergence.analysis.analyze import main as analyze_main
+from moe_emergence.analysis.inspect import encode, load_checkpoint, main, render_html, route_text
 from moe_emergence.analysis.probe import route_blocks
+from moe_emergence.analysis.specialisation import ExpertTokens
+from moe_emergence.analysis.tables import read_table
 from moe_emergence.analysis.token_types import (
     CATEGORIES,
     format_type_table,
@@ -151,30 +155,62 @@ def _edited_copy(ckpt: Path, folder: Path, edit) -> Path:
 
 
 class _TokenSpans(HTMLParser):
-    """Per ``<section>``: the class and title of each token span and the page's text."""
+    """Per ``<section>``: the class, title and text of each token span (``tok``) and listed
+    token (``listed``), the section's paragraphs, and per table row its header cell (the
+    expert) and the listed tokens in it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.sections: dict[str, list[dict]] = {}
+        self.paragraphs: dict[str, list[str]] = {}
+        self.rows: dict[str, dict[str, list[dict]]] = {}
         self._section: str | None = None
         self._span: dict | None = None
+        self._text: list[str] | None = None
+        self._row: str | None = None
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
+        classes = attrs.get("class", "").split()
         if tag == "section":
             self._section = attrs["id"]
             self.sections[self._section] = []
-        elif tag == "span" and "tok" in attrs.get("class", "").split():
-            self._span = {"class": attrs["class"].split(), "title": attrs["title"], "text": ""}
+            self.paragraphs[self._section] = []
+            self.rows[self._section] = {}
+        elif tag == "span" and {"tok", "listed"} & set(classes):
+            self._span = {"class": classes, "title": attrs["title"], "text": ""}
             self.sections[self._section].append(self._span)
+            if "listed" in classes:
+                self.rows[self._section][self._row].append(self._span)
+        elif self._section is not None and (tag == "p" or (tag == "th" and classes)):
+            self._text = []  # a caption, or an expert's row header
 
     def handle_endtag(self, tag):
         if tag == "span":
             self._span = None
+        elif tag == "p" and self._text is not None:
+            self.paragraphs[self._section].append("".join(self._text))
+            self._text = None
+        elif tag == "th" and self._text is not None:
+            self._row = "".join(self._text)
+            self.rows[self._section][self._row] = []
+            self._text = None
+        elif tag == "section":
+            self._section = None
 
     def handle_data(self, data):
         if self._span is not None:
             self._span["text"] += data
+        if self._text is not None:
+            self._text.append(data)
+
+
+def _listed(span: dict) -> tuple[str, str, str, bool]:
+    """(token as repr, lift, count, replicated) of a listed token's text ``'tok' 1.23 (45) ✓``."""
+    found = re.fullmatch(r"(.+) (\d+\.\d\d) \((\d+)\)( \u2713)?", span["text"], re.S)
+    assert found, span
+    assert ("rep" in span["class"]) == bool(found[4])
+    return found[1], found[2], found[3], bool(found[4])
 
 
 def test_inspect_prints_experts_and_writes_html(demo_ckpt, demo_tokenizer, tmp_path, capsys):
@@ -193,7 +229,7 @@ def test_inspect_prints_experts_and_writes_html(demo_ckpt, demo_tokenizer, tmp_p
 
     parser = _TokenSpans()
     parser.feed(out.read_text(encoding="utf-8"))
-    assert list(parser.sections) == [f"layer-{i}" for i in LAYERS]
+    assert list(parser.sections) == [f"{s}-{i}" for i in LAYERS for s in ("layer", "expert-tokens")]
     routing = route_text(load_checkpoint(demo_ckpt).model, ids)
     seen = set()
     for layer in LAYERS:
@@ -202,11 +238,110 @@ def test_inspect_prints_experts_and_writes_html(demo_ckpt, demo_tokenizer, tmp_p
         assert "".join(s["text"] for s in found) == CODE  # whitespace kept, nothing else
         experts, probs = routing[layer]
         for t, span in enumerate(found):
-            assert span["class"] == ["tok", f"e{experts[t, 0]}"]
+            assert span["class"][:2] == ["tok", f"e{experts[t, 0]}"]
             shares = re.findall(r"e\d (\d\.\d\d)", span["title"].split("|")[1])
             np.testing.assert_allclose([float(x) for x in shares], probs[t], atol=0.006)
             seen.add(span["class"][1])
     assert seen and all(re.fullmatch(r"e[0-3]", c) for c in seen)
+
+
+def test_html_lists_each_experts_tokens_as_analyze_does(demo_ckpt, tmp_path, capsys):
+    """Per MoE layer, a section with each expert's over-represented tokens on the run's probe:
+    the rows of analyze's expert_tokens.csv for this checkpoint (text, lift, count, replicated),
+    a caption with the chance reading and how many replicated; in the text, a token is
+    underlined exactly where its expert's replicated list holds its id. The run's record sets
+    the lists' settings (vocab_min_count, null_seed: the halves) away from the defaults, and
+    few nulls for analyze (which the lists do not read)."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("last.ckpt", "last.ckpt.sha256"):
+        shutil.copy(demo_ckpt.parent / name, run / "checkpoints" / name)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text(
+        "callbacks:\n  routing_analysis:\n    vocab_min_count: 6\n    null_seed: 3\n"
+        "    null_permutations: 9\n"
+    )
+    demo_ckpt = run / "checkpoints" / "last.ckpt"
+    assert analyze_main([str(run), "--out", str(tmp_path / "an"), "--no-knockout"]) == 0
+    capsys.readouterr()
+    [folder] = (tmp_path / "an" / "runs").iterdir()
+    expected = read_table(folder / "expert_tokens.csv")
+    assert expected  # the demo run lists tokens, some replicated, some not
+    assert {r["replicated"] for r in expected} == {"True", "False"}
+    text = " the cat\n" + "".join(r["token"] for r in expected)  # listed tokens occur in it
+    out = tmp_path / "tokens.html"
+    assert main([str(demo_ckpt), "--text", text, "--html", str(out), "--color", "never"]) == 0
+    printed = capsys.readouterr().out
+    parser = _TokenSpans()
+    parser.feed(out.read_text(encoding="utf-8"))
+    ids, _ = encode(load_run_tokenizer_of(demo_ckpt), text)
+    routing = route_text(load_checkpoint(demo_ckpt).model, ids)
+    marked = 0
+    for layer in LAYERS:
+        mine = [r for r in expected if r["layer"] == str(layer)]
+        rows = parser.rows[f"expert-tokens-{layer}"]
+        assert list(rows) == [f"e{e}" for e in range(N_EXPERTS)]
+        for e in range(N_EXPERTS):
+            want = [
+                (repr(r["token"]), f"{float(r['lift']):.2f}", r["count"], r["replicated"] == "True")
+                for r in mine
+                if r["expert"] == str(e)
+            ]
+            assert [_listed(span) for span in rows[f"e{e}"]] == want
+        hits = sum(r["replicated"] == "True" for r in mine)
+        [caption] = parser.paragraphs[f"expert-tokens-{layer}"]
+        assert "lift = p(token | expert) / p(token) (1: as frequent on the expert as on" in caption
+        assert caption.endswith(f" {hits} of {len(mine)} listed tokens replicated.")
+        assert f"layer {layer}: {hits} of {len(mine)} listed tokens replicated" in printed
+        replicated = {(r["expert"], r["token_id"]) for r in mine if r["replicated"] == "True"}
+        for t, span in enumerate(parser.sections[f"layer-{layer}"]):
+            listed = (str(routing[layer][0][t, 0]), str(ids[t])) in replicated
+            assert ("rep" in span["class"]) == listed
+            marked += listed
+    assert marked  # the text holds tokens on their listed experts
+    assert "Per-expert token lists on the run's probe: Probe (held_out)" in printed
+
+
+def load_run_tokenizer_of(ckpt: Path):
+    """The tokenizer the checkpoint records (the demo's sample_bpe)."""
+    from moe_emergence.analysis.inspect import load_run_tokenizer, parse_args
+
+    return load_run_tokenizer(load_checkpoint(ckpt), parse_args([str(ckpt), "--text", "x"]))
+
+
+def test_listed_tokens_are_escaped_and_marked():
+    """A listed token's text is HTML-escaped (shown as its repr); the text's tokens on an
+    expert whose replicated list holds them carry class rep, others not."""
+    lists = ExpertTokens(
+        expert=np.array([0, 0, 1]),
+        token_id=np.array([7, 8, 9]),
+        count=np.array([12, 5, 4]),
+        lift=np.array([3.5, 1.25, 2.0]),
+        check_count=np.array([9, 0, 6]),
+        check_lift=np.array([2.0, 0.0, 1.5]),
+        replicated=np.array([True, False, True]),
+        text=("<", '&"', "</pre><b>"),
+    )
+    tokens = ["<", "x", "</pre><b>", "<"]
+    token_ids = [7, 1, 9, 7]
+    experts = np.array([[0], [0], [0], [1]])  # id 9 is listed on e1, routed here to e0
+    routing = {2: (experts, np.full((4, 2), 0.5, dtype=np.float32))}
+    page = render_html(tokens, routing, 2, "t", token_lists={2: lists}, token_ids=token_ids)
+    assert "<b>" not in page and "'<'" not in page and "&#x27;&lt;&#x27;" in page
+    parser = _TokenSpans()
+    parser.feed(page)
+    rows = parser.rows["expert-tokens-2"]
+    assert [_listed(s) for s in rows["e0"]] == [
+        ("'<'", "3.50", "12", True),
+        ("'&\"'", "1.25", "5", False),
+    ]
+    assert [_listed(s) for s in rows["e1"]] == [("'</pre><b>'", "2.00", "4", True)]
+    assert parser.paragraphs["expert-tokens-2"][0].endswith(" 2 of 3 listed tokens replicated.")
+    spans = parser.sections["layer-2"]
+    assert "".join(s["text"] for s in spans) == "".join(tokens)
+    assert ["rep" in s["class"] for s in spans] == [True, False, False, False]
+    plain = render_html(tokens, routing, 2, "t")
+    assert "expert-tokens" not in plain and " rep" not in plain
 
 
 def test_route_text_matches_route_blocks_and_windows(demo_ckpt, demo_tokenizer):
@@ -263,6 +398,16 @@ def test_tokenizer_from_the_run_config_or_the_option(demo_ckpt, sample_cache, tm
     )
     assert main([str(bare), "--text", "x = 1"]) == 0
     assert "layer 3" in capsys.readouterr().out
+    # No data settings: no probe to list tokens on; --no-token-lists leaves them out.
+    html_out = tmp_path / "t.html"
+    assert main([str(bare), "--text", "x = 1", "--html", str(html_out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "records no data settings" in err
+    assert "Or pass --no-token-lists." in err and not html_out.exists()
+    assert main([str(bare), "--text", "x = 1", "--html", str(html_out), "--no-token-lists"]) == 0
+    assert "token lists" not in capsys.readouterr().out
+    page = html_out.read_text(encoding="utf-8")
+    assert 'id="layer-3"' in page and "expert-tokens" not in page and "Underlined" not in page
 
 
 def test_inspect_mistakes_are_one_line(demo_ckpt, tiny_tokenizer_dir, tmp_path, capsys):
