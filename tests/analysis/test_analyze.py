@@ -121,8 +121,9 @@ def test_sweep_summary_has_two_seeds_per_condition(sweep, tmp_path, capsys):
     assert (
         "| layer" in md and "## Holm families" in md and "## Step 0, once per initial model" in md
     )
-    for figure in ("emergence.png", "heatmaps.png", "held_out_loss.png"):
+    for figure in ("emergence.png", "heatmaps.png", "saturation.png", "held_out_loss.png"):
         assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"\n  {figure}\n" in out  # listed with the summary's other outputs
     assert "summary.md" in out and "NMI" in out
 
 
