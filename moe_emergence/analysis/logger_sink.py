@@ -9,7 +9,9 @@ Router saturation, once, at the end of fit (it reads against the final routing):
 and earlier analysis step ``s`` (and the final one, 1 by definition), the
 :data:`SATURATION_SCORES` of the step's ``saturation.csv`` rows as
 ``routing/layer{L}/{score}`` at step ``s`` (``logger.log_metrics(..., step=s)``: TensorBoard and
-the CSV logger place them at ``s``; W&B at ``trainer/global_step`` = ``s``, its x axis).
+the CSV logger place them at ``s``; W&B at ``trainer/global_step`` = ``s``, its x axis). A run
+resumed in place sends them again at its end against its own last analysis; its metrics.csv
+history drops the earlier start's (:func:`moe_emergence.runs.continue_csv_history`).
 
 Figures (``callbacks.routing_analysis.log_figures``): the heatmap and emergence figures as images
 ``routing/heatmap`` and ``routing/emergence``, and at the end of fit the saturation figure as
@@ -70,6 +72,18 @@ def saturation_scalars(rows: Iterable[Mapping[str, Any]]) -> dict[int, dict[str,
         for name in SATURATION_SCORES:
             metrics[f"{KEY_PREFIX}/layer{row['layer']}/{name}"] = float(row[name])
     return out
+
+
+def is_saturation_key(key: str) -> bool:
+    """Whether ``key`` is one of :func:`saturation_scalars`'s keys: values that read against the
+    final analysis of the start that sent them (a run resumed in place sends them again)."""
+    parts = key.split("/")
+    return (
+        len(parts) == 3
+        and parts[0] == KEY_PREFIX
+        and parts[1].startswith("layer")
+        and parts[2] in SATURATION_SCORES
+    )
 
 
 def log_saturation_scalars(trainer: Any, rows: Iterable[Mapping[str, Any]]) -> None:
