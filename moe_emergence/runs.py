@@ -280,10 +280,14 @@ def continue_csv_history(logger: Any, step: int) -> Path | None:
     its ``metrics.csv`` logged before that step (the resumed run logs the later ones again) and
     a copy of the whole file as ``metrics.start<k>.csv`` (k numbers the earlier starts), so that
     Lightning's CSV writer, which empties the file when it opens, appends to the history
-    instead. Rank zero only (the writer's rank); returns the copy, or None when nothing was
-    kept."""
+    instead. Router saturation's cells are not kept at any step: they read against the earlier
+    start's last analysis, and the resumed run logs every analysis step's again at its end
+    (:mod:`moe_emergence.analysis.logger_sink`). Rank zero only (the writer's rank); returns the
+    copy, or None when nothing was kept."""
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.utilities import rank_zero_only
+
+    from moe_emergence.analysis.logger_sink import is_saturation_key
 
     if not isinstance(logger, CSVLogger) or rank_zero_only.rank != 0:
         return None
@@ -294,6 +298,10 @@ def continue_csv_history(logger: Any, step: int) -> Path | None:
         reader = csv.DictReader(f)
         header = list(reader.fieldnames or [])
         rows = [row for row in reader if row.get("step") and int(float(row["step"])) < step]
+    for row in rows:
+        for key in filter(is_saturation_key, row):
+            row[key] = ""
+    rows = [row for row in rows if any(v for k, v in row.items() if k != "step")]
     starts = len(list(path.parent.glob("metrics.start*.csv")))
     copy = path.with_name(f"metrics.start{starts + 1}.csv")
     shutil.copy2(path, copy)

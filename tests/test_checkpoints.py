@@ -426,6 +426,15 @@ def test_an_in_place_resume_at_an_analysis_step_keeps_its_routing_scalars(ctx, t
     analysed = {int(r["step"]) for r in read_table(run_dir / "routing" / "trajectory.csv")}
     assert analysed == {0, 2, 4, 6, 8, MAX_STEPS}
     assert {step for step, _ in logged} == analysed
+    # Saturation: the first start's cells (against its step 4) are gone; the resumed run's
+    # (against the last step) cover every analysis step, the earlier ones from the checkpoint.
+    saturation = {
+        (int(r["step"]), f"routing/layer{r['layer']}/saturation_top1"): r["saturation_top1"]
+        for r in read_table(run_dir / "routing" / "saturation.csv")
+    }
+    assert {step for step, _ in saturation} == analysed
+    cells = {(s, k): v for s, k, v in metric_cells(run_dir) if k.endswith("/saturation_top1")}
+    assert cells == saturation
 
 
 def test_a_run_folder_takes_no_new_run_and_keeps_its_earlier_starts(

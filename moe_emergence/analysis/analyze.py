@@ -10,7 +10,10 @@ overrides without ``seed``, and each group's mean and 95% interval over seeds
 checkpoint's folder's ``analysis``)::
 
     summary.csv, summary.json, summary.md      one row per group x layer x metric
-    emergence.png, heatmaps.png, held_out_loss.png
+    emergence.png, heatmaps.png, saturation.png, held_out_loss.png
+                                               the sweep's figures (sweep_plots.py);
+                                               saturation.png: router saturation over
+                                               steps per condition, mean over seeds
     runs/<run>/trajectory.csv, counts.csv      every checkpoint (columns of tables.py)
     runs/<run>/losses.csv                      step, domain, loss, perplexity, tokens
     runs/<run>/token_types.txt                 code tokens by Python category x expert

@@ -7,15 +7,23 @@ assignments are summed over ranks once and rank 0 scores them
 (:func:`moe_emergence.analysis.scores.score_layer`) and writes ``<run dir>/routing/``:
 ``counts.csv``, ``trajectory.csv``, ``train_window_counts.csv``, the field's specialisation
 metrics but saturation (``specialisation.csv``, ``repetition.csv``, ``relative_load.csv``; see
-:mod:`moe_emergence.analysis.tables`), ``probe.json``, and at the end ``heatmap.png`` and
-``emergence.png``. Rank 0 also sends each analysis's per-layer scores, and the figures, to the
+:mod:`moe_emergence.analysis.tables`), ``probe.json``, and at the end ``heatmap.png``,
+``emergence.png``, and router saturation: every analysis step's routing against the final
+one's (``saturation.csv``, ``saturation.png``). Rank 0 also sends each analysis's per-layer
+scores, at the end the saturation of every analysis step at that step, and the figures, to the
 trainer's loggers (:mod:`moe_emergence.analysis.logger_sink`).
+
+For saturation rank 0 keeps each analysis step's top-k experts of the probe's scored tokens
+(the routing summed over ranks holds every token: each probe row is routed by one rank),
+int8 (int16 above 128 experts): MoE layers x scored tokens x k bytes per analysis step.
 
 Training-time routing (noisy, train mode) is only counted per window between two analysis
 steps, labelled as such. Its counters are plain tensors per rank; a checkpoint stores their
 sum over ranks, and a resume on any number of ranks gives it back to rank 0 only, so nothing
-is counted twice. The rows written so far travel in the checkpoint too: a resumed run's
-``routing/`` holds the whole trajectory.
+is counted twice. The rows written so far, and the stored experts behind saturation, travel
+in the checkpoint too: a resumed run's ``routing/`` holds the whole trajectory, and its
+saturation every analysis step (a checkpoint saved before saturation was measured here holds
+no experts: saturation then covers the steps analysed since the resume, and the log says so).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -32,8 +41,17 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from matplotlib.figure import Figure
 
-from moe_emergence.analysis.logger_sink import log_routing_figures, log_routing_scalars
-from moe_emergence.analysis.plots import emergence_figure, heatmap_figure, save_figure
+from moe_emergence.analysis.logger_sink import (
+    log_routing_figures,
+    log_routing_scalars,
+    log_saturation_scalars,
+)
+from moe_emergence.analysis.plots import (
+    emergence_figure,
+    heatmap_figure,
+    saturation_figure,
+    save_figure,
+)
 from moe_emergence.analysis.probe import (
     PROBE_FILE,
     Probe,
@@ -43,13 +61,15 @@ from moe_emergence.analysis.probe import (
 )
 from moe_emergence.analysis.scores import LayerScores, collapsed_expert
 from moe_emergence.analysis.settings import ProbeSettings
-from moe_emergence.analysis.specialisation import specialise_probe
+from moe_emergence.analysis.specialisation import router_saturation, specialise_probe
 from moe_emergence.analysis.tables import (
     COUNTS,
+    SATURATION,
     SPECIALISATION_TABLES,
     TRAIN_WINDOWS,
     TRAJECTORY,
     routing_rows,
+    saturation_rows,
     specialisation_rows,
     write_table,
 )
@@ -95,6 +115,8 @@ class RoutingAnalysis(L.Callback):
             **{name: [] for name in SPECIALISATION_TABLES},
         }
         self._latest: dict[int, tuple[np.ndarray, LayerScores]] = {}
+        # rank 0: analysis step -> int8/int16 [L, N, k] experts of the probe's N scored tokens
+        self._experts: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -183,6 +205,7 @@ class RoutingAnalysis(L.Callback):
             "window_start": self._window_start,
             "window": sum_over_ranks(self._window).cpu(),  # the global sum, saved once
             "rows": self._rows,
+            "experts": self._experts,  # rank 0's (the one saved)
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -209,6 +232,14 @@ class RoutingAnalysis(L.Callback):
         self._rows = {k: list(v) for k, v in state["rows"].items()}
         for name in SPECIALISATION_TABLES:  # a state saved before these tables: none yet
             self._rows.setdefault(name, [])
+        if "experts" not in state:  # saved before saturation was measured during training
+            rank_zero_warn(
+                "The checkpoint holds no routing of the earlier analysis steps: "
+                "routing/saturation.csv will cover the steps analysed from here on (analyze "
+                "measures it on every checkpoint)."
+            )
+        elif self._rank == 0:
+            self._experts = dict(state["experts"])
 
     # ------------------------------------------------------------------ measuring
 
@@ -288,6 +319,8 @@ class RoutingAnalysis(L.Callback):
         self._rows["counts"] += counts
         self._rows["trajectory"] += trajectory
         self._record_specialisation(step, experts, scored)
+        dtype = torch.int8 if self._n_experts <= 128 else torch.int16
+        self._experts[step] = torch.from_numpy(experts[:, self.probe.scored]).to(dtype)
         if step > self._window_start:  # training-time counts of the window that ends here
             for n, layer in enumerate(self._layers):
                 for d, domain in enumerate(self._domains):
@@ -330,17 +363,21 @@ class RoutingAnalysis(L.Callback):
         write_table(self._out / "trajectory.csv", TRAJECTORY, self._rows["trajectory"])
         write_table(self._out / "train_window_counts.csv", TRAIN_WINDOWS, self._rows["windows"])
 
+    def _trajectory(self) -> dict[int, list[tuple[int, LayerScores]]]:
+        """Per MoE layer, (step, scores) of every analysis so far."""
+        trajectory: dict[int, list[tuple[int, LayerScores]]] = {}
+        for row in self._rows["trajectory"]:
+            trajectory.setdefault(int(row["layer"]), []).append(
+                (int(row["step"]), LayerScores.from_row(row))
+            )
+        return trajectory
+
     def _figures(self, step: int) -> dict[str, Figure]:
         """The heatmap of the latest analysis (at ``step``) and the emergence figure of the
         trajectory so far."""
         kind = self.probe.kind
         tables = {layer: table for layer, (table, _) in self._latest.items()}
         scores = {layer: s for layer, (_, s) in self._latest.items()}
-        trajectory: dict[int, list[tuple[int, LayerScores]]] = {}
-        for row in self._rows["trajectory"]:
-            trajectory.setdefault(int(row["layer"]), []).append(
-                (int(row["step"]), LayerScores.from_row(row))
-            )
         return {
             "heatmap": heatmap_figure(
                 tables,
@@ -349,24 +386,96 @@ class RoutingAnalysis(L.Callback):
                 title=f"eval-mode routing of the probe ({kind}) at step {step}",
             ),
             "emergence": emergence_figure(
-                trajectory, title=f"domain specialisation of the probe ({kind})"
+                self._trajectory(), title=f"domain specialisation of the probe ({kind})"
             ),
         }
 
+    # ------------------------------------------------------------------ saturation
+
+    def _saturation_rows(self) -> list[dict[str, Any]]:
+        """The :data:`~moe_emergence.analysis.tables.SATURATION` rows of every analysis step
+        whose experts are kept, against the last analysis (rank 0); none without its experts.
+        The same function on the same scored tokens as ``analyze``
+        (:func:`~moe_emergence.analysis.specialisation.router_saturation`)."""
+        final_step = self._last_step
+        final = self._experts.get(final_step)
+        if final is None:
+            return []
+        rows = []
+        for step in sorted(self._experts):
+            now = self._experts[step]
+            saturation = {
+                layer: router_saturation(
+                    now[n, None].numpy(), final[n, None].numpy(), self._n_experts
+                )
+                for n, layer in enumerate(self._layers)
+            }
+            rows += saturation_rows(step, self.probe.kind, final_step, saturation)
+        return rows
+
+    def _finish_saturation(self, trainer: L.Trainer) -> Figure | None:
+        """Router saturation at the end of fit (rank 0): ``saturation.csv``, each step's values
+        to the loggers at that step; returns the saturation figure (None: nothing to draw)."""
+        rows = self._saturation_rows()
+        if not rows:
+            log.warning("No router saturation: the final analysis's routing is not kept.")
+            return None
+        write_table(self._out / "saturation.csv", SATURATION, rows)
+        log_saturation_scalars(trainer, rows)
+        analysed = {int(r["step"]) for r in self._rows["trajectory"]}
+        missing = sorted(analysed - set(self._experts))
+        if missing:
+            log.warning(
+                "Router saturation covers the analysis steps from %d on: the run resumed from a "
+                "checkpoint that holds no routing of steps %s (analyze measures them).",
+                min(self._experts),
+                ", ".join(map(str, missing)),
+            )
+        points: dict[int, list[tuple[int, SimpleNamespace]]] = {}
+        for row in rows:
+            points.setdefault(row["layer"], []).append((row["step"], SimpleNamespace(**row)))
+        title = (
+            f"router saturation against step {self._last_step} beside the NMI, eval mode, "
+            f"probe {self.probe.kind}"
+        )
+        return saturation_figure(self._trajectory(), points, title)
+
+    # ------------------------------------------------------------------ the end
+
     def _finish(self, trainer: L.Trainer) -> None:
-        """Figures (files; to the loggers unless every analysis sent them or none is asked),
-        the collapse check on the latest eval-mode usage, a closing log line."""
+        """Figures (files; to the loggers unless every analysis sent them or none is asked;
+        saturation's once, unless none is asked), router saturation, the collapse check on
+        the latest eval-mode usage, a closing log line."""
         if not self._latest:
             return
-        kind = self.probe.kind
-        tables = {layer: table for layer, (table, _) in self._latest.items()}
-        scores = {layer: s for layer, (_, s) in self._latest.items()}
-        step = self._last_step
-        figures = self._figures(step)
+        figures = self._figures(self._last_step)
+        sent = set(figures) if self.log_figures == "end" else set()
+        saturation = self._finish_saturation(trainer)
+        if saturation is not None:
+            figures["saturation"] = saturation
+            if self.log_figures != "never":
+                sent.add("saturation")
         for name, fig in figures.items():
             save_figure(fig, self._out / f"{name}.png")
-        if self.log_figures == "end":
-            log_routing_figures(trainer, figures)
+        if sent:
+            log_routing_figures(trainer, {n: f for n, f in figures.items() if n in sent})
+        log.info("\n".join(self._closing_lines()))
+        for layer, (table, _) in self._latest.items():
+            found = collapsed_expert(table, COLLAPSE_SHARE)
+            if found is not None:
+                expert, share = found
+                log.warning(
+                    "Router collapse in layer %d: expert %d took %.1f%% of the probe's tokens "
+                    "(> 90%%, eval mode). Consider a larger model.lb_coef or more router noise.",
+                    layer,
+                    expert,
+                    100 * share,
+                )
+
+    def _closing_lines(self) -> list[str]:
+        """The closing log lines: the latest analysis's scores per layer beside step 0's."""
+        kind, step = self.probe.kind, self._last_step
+        scores = {layer: s for layer, (_, s) in self._latest.items()}
         first = {
             int(r["layer"]): float(r["nmi"])
             for r in self._rows["trajectory"]
@@ -397,15 +506,4 @@ class RoutingAnalysis(L.Callback):
             "moe_emergence.analyze) before reading a difference"
         )
         lines.append(f"  written to {self._out}")
-        log.info("\n".join(lines))
-        for layer, table in tables.items():
-            found = collapsed_expert(table, COLLAPSE_SHARE)
-            if found is not None:
-                expert, share = found
-                log.warning(
-                    "Router collapse in layer %d: expert %d took %.1f%% of the probe's tokens "
-                    "(> 90%%, eval mode). Consider a larger model.lb_coef or more router noise.",
-                    layer,
-                    expert,
-                    100 * share,
-                )
+        return lines

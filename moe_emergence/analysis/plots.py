@@ -1,4 +1,5 @@
-"""Figures of the routing analysis: the final domain x expert heatmap, and NMI over steps."""
+"""Figures of the routing analysis: the final domain x expert heatmap, NMI over steps, and
+router saturation over steps beside the NMI."""
 
 from __future__ import annotations
 
@@ -117,7 +118,8 @@ def saturation_figure(
     checkpoint's, with the agreement two independent routers of these usages get (dotted:
     first-choice chance); left, the NMI over its document null's 95th percentile (band).
     ``saturation[layer]``: (step, :class:`~moe_emergence.analysis.specialisation.
-    LayerSpecialisation`) pairs."""
+    LayerSpecialisation`) pairs, or (step, any object with its ``saturation_top1``,
+    ``saturation_topk`` and ``saturation_top1_chance``: the training callback's rows)."""
     fig = Figure(figsize=(10.0, 3.8), layout="constrained")
     left, right = fig.subplots(1, 2)
     colors = rcParams["axes.prop_cycle"].by_key()["color"]

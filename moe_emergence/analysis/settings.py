@@ -52,7 +52,8 @@ class ProbeSettings(Settings):
         "end",
         choices=("end", "every", "never"),
         help="heatmap and emergence figures to the loggers that take images (TensorBoard, "
-        "W&B): at the end of fit, at every analysis, or never",
+        "W&B): at the end of fit, at every analysis, or never (the saturation figure: at the "
+        "end of fit unless never)",
     )
 
     # What decides the probe and its nulls (analyze rebuilds them from the run's record).

@@ -758,6 +758,8 @@ def _write_figures(results: Sequence[RunResult], summary: Summary, out_dir: Path
     if any(info.moe for info in summary.groups.values()):
         figures.append(sweep_plots.plot_sweep_emergence(results, out_dir / "emergence.png"))
         figures.append(sweep_plots.plot_sweep_heatmaps(results, out_dir / "heatmaps.png"))
+        if sweep_plots.has_saturation(results):
+            figures.append(sweep_plots.plot_sweep_saturation(results, out_dir / "saturation.png"))
     if any(r.metric == "loss" for r in summary.rows if r.group in summary.groups):
         figures.append(sweep_plots.plot_held_out_loss(results, out_dir / "held_out_loss.png"))
     return figures
@@ -768,7 +770,8 @@ def write_summary(
 ) -> SummaryFiles:
     """Write summary.csv (NaN as empty cells; seeds and values ';'-joined, NaN as ``nan``),
     summary.json (NaN as null), summary.md and, unless ``figures`` is False, emergence.png and
-    heatmaps.png (with MoE groups) and held_out_loss.png (with losses) into ``out_dir``.
+    heatmaps.png (with MoE groups), saturation.png (with MoE runs' specialisation metrics) and
+    held_out_loss.png (with losses) into ``out_dir``.
     Returns the paths and the warnings."""
     out = Path(out_dir)
     summary = summarize(results)

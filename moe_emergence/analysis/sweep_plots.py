@@ -1,6 +1,7 @@
 """Figures of a seed sweep: per group (runs over seeds), the mean NMI over steps with its 95%
 t-interval over runs, its chance level (null p95) and its step-0 level; the final domain x
-expert shares of each run; and the held-out loss over steps. Bands are not clipped: a
+expert shares of each run; router saturation over steps (mean over runs, band, chance); and the
+held-out loss over steps. Bands are not clipped: a
 t-interval of a non-negative score can reach below 0 with few seeds. Groups are shown by their
 condition's name (:func:`moe_emergence.analysis.results.condition_labels`: ``top-1``, ``no LB``,
 ...), never by their override strings."""
@@ -25,7 +26,14 @@ from moe_emergence.analysis.results import (
     group_runs,
 )
 
-__all__ = ["plot_held_out_loss", "plot_sweep_emergence", "plot_sweep_heatmaps"]
+__all__ = [
+    "has_saturation",
+    "plot_held_out_loss",
+    "plot_sweep_emergence",
+    "plot_sweep_heatmaps",
+    "plot_sweep_saturation",
+    "sweep_saturation_figure",
+]
 
 # A checkpoint's value of one quantity, or None where the checkpoint lacks it.
 Getter = Callable[[CheckpointResult], float | None]
@@ -88,6 +96,14 @@ def _loss_getter(domain: str) -> Getter:
     def get(c: CheckpointResult) -> float | None:
         held = c.losses.get(domain)
         return None if held is None else held.loss
+
+    return get
+
+
+def _saturation_getter(layer: int, metric: str) -> Getter:
+    def get(c: CheckpointResult) -> float | None:
+        m = c.specialisation.get(layer)
+        return None if m is None else float(getattr(m, metric))
 
     return get
 
@@ -174,6 +190,49 @@ def plot_sweep_heatmaps(results: Sequence[RunResult], path: str | os.PathLike) -
         if image is not None:
             sub.colorbar(image, ax=axes.tolist(), label="share of the domain's probe tokens")
     return save_figure(fig, path)
+
+
+def has_saturation(results: Sequence[RunResult]) -> bool:
+    """Whether an MoE run has router saturation (``analyze``'s specialisation metrics)."""
+    return any(c.specialisation for r in results if r.moe for c in r.checkpoints)
+
+
+def sweep_saturation_figure(results: Sequence[RunResult]) -> Figure:
+    """One panel per MoE layer: per MoE group, the mean over its runs of router saturation
+    (the share of probe tokens whose first choice is that of the run's own final checkpoint; 1
+    there by definition) against optimizer step (the steps all its runs have), a 95% t band
+    where n >= 2, dashed the runs' mean chance level (two independent routers with these
+    first-choice usages)."""
+    groups = _moe_groups(results)
+    layers = sorted({layer for runs in groups.values() for r in runs for layer in r.layers})
+    fig = Figure(figsize=(1.0 + 4.2 * max(len(layers), 1), 4.4), layout="constrained")
+    axes = fig.subplots(1, max(len(layers), 1), squeeze=False, sharey=True)[0]
+    palette, labels = _palette(results), condition_labels(group_runs(results))
+    for ax, layer in zip(axes, layers, strict=False):
+        for g, runs in groups.items():
+            top1 = _saturation_getter(layer, "saturation_top1")
+            if not _mean_band(ax, runs, top1, palette[g], labels[g]):
+                continue
+            steps, chances = _over_steps(runs, _saturation_getter(layer, "saturation_top1_chance"))
+            chance = [mean_interval(v).mean for v in chances]
+            ax.plot(steps, chance, color=palette[g], linestyle="--", linewidth=0.9)
+        ax.set_title(f"layer {layer}", fontsize=9)
+        ax.set_xlabel("optimizer step")
+    axes[0].set_ylabel("first-choice agreement with the final checkpoint")
+    axes[0].set_ylim(0, 1.02)
+    fig.suptitle("router saturation: each checkpoint against its run's final one", fontsize=10)
+    _legend(
+        fig,
+        axes,
+        "solid: mean over runs, band: 95% t-interval over runs\n"
+        "dashed: mean chance (independent routers with these usages)",
+    )
+    return fig
+
+
+def plot_sweep_saturation(results: Sequence[RunResult], path: str | os.PathLike) -> Path:
+    """:func:`sweep_saturation_figure` written to ``path``."""
+    return save_figure(sweep_saturation_figure(results), path)
 
 
 def plot_held_out_loss(results: Sequence[RunResult], path: str | os.PathLike) -> Path:

@@ -19,6 +19,13 @@ relative_load.csv       step, layer, domain, expert, relative_load (load / balan
 coactivation.csv        layer, expert, partner, share, uniform        (final checkpoint)
 expert_tokens.csv       layer, expert, rank, token_id, token, count, lift, check_count,
                         check_lift, replicated                        (final checkpoint)
+
+The training callback writes specialisation.csv, repetition.csv and relative_load.csv at every
+analysis step (saturation NaN there: it needs the final routing), and at the end of fit:
+saturation.csv           step, layer, probe, final_step, saturation_top1(_chance),
+                         saturation_topk(_chance)
+    router saturation of every analysis step against the last one (``final_step``; 1 there),
+    the values ``analyze`` puts in specialisation.csv for checkpoints at those steps
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from moe_emergence.analysis.specialisation import (
     SCALARS,
     ExpertTokens,
     LayerSpecialisation,
+    Saturation,
     relative_load,
 )
 from moe_emergence.files import write_atomic
@@ -68,6 +76,16 @@ SPECIALISATION_TABLES = {
     "repetition": REPETITION,
     "relative_load": RELATIVE_LOAD,
 }
+SATURATION = (
+    "step",
+    "layer",
+    "probe",
+    "final_step",
+    "saturation_top1",
+    "saturation_top1_chance",
+    "saturation_topk",
+    "saturation_topk_chance",
+)
 COACTIVATION = ("layer", "expert", "partner", "share", "uniform")
 EXPERT_TOKENS = (
     "layer",
@@ -148,6 +166,26 @@ def specialisation_rows(
                     }
                 )
     return scalars, repeats, loads
+
+
+def saturation_rows(
+    step: int, probe_kind: str, final_step: int, saturation: Mapping[int, Saturation]
+) -> list[dict[str, Any]]:
+    """The :data:`SATURATION` rows of one analysis step (per MoE layer, ``saturation`` order):
+    its routing against the routing at ``final_step``."""
+    return [
+        {
+            "step": step,
+            "layer": layer,
+            "probe": probe_kind,
+            "final_step": final_step,
+            "saturation_top1": s.top1,
+            "saturation_top1_chance": s.top1_chance,
+            "saturation_topk": s.topk,
+            "saturation_topk_chance": s.topk_chance,
+        }
+        for layer, s in saturation.items()
+    ]
 
 
 def coactivation_rows(metrics: Mapping[int, LayerSpecialisation]) -> list[dict[str, Any]]:

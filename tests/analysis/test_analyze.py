@@ -1,7 +1,7 @@
 """``python -m moe_emergence.analyze`` on a tiny 2-condition x 2-seed sweep trained here: the
-summary files with n = 2 and finite intervals, routing and held-out loss equal to what the run
-measured during training, a single run dir and a single checkpoint, a gone token cache, and
-one-line errors for bad paths."""
+summary files with n = 2 and finite intervals, routing, router saturation and held-out loss equal
+to what the run measured during training, a single run dir and a single checkpoint, a gone token
+cache, and one-line errors for bad paths."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from helpers.old_layout import write_per_expert_copy
 from helpers.script import assert_one_error_line, run_train
 
 from moe_emergence.analysis.analyze import main
-from moe_emergence.analysis.tables import read_table
+from moe_emergence.analysis.tables import SATURATION, read_table
 from moe_emergence.checkpoints import write_sidecar
 from moe_emergence.errors import UserError
 from moe_emergence.runs import find_runs, run_overrides
@@ -121,8 +121,9 @@ def test_sweep_summary_has_two_seeds_per_condition(sweep, tmp_path, capsys):
     assert (
         "| layer" in md and "## Holm families" in md and "## Step 0, once per initial model" in md
     )
-    for figure in ("emergence.png", "heatmaps.png", "held_out_loss.png"):
+    for figure in ("emergence.png", "heatmaps.png", "saturation.png", "held_out_loss.png"):
         assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"\n  {figure}\n" in out  # listed with the summary's other outputs
     assert "summary.md" in out and "NMI" in out
 
 
@@ -194,6 +195,14 @@ def test_routing_and_loss_equal_the_runs_own_measurements(sweep, tmp_path, capsy
     for row in trajectory:  # every score, its nulls and controls, cell for cell
         assert row["probe"] == "held_out"
         assert row == trained_scores[row["step"], row["layer"]]
+    # router saturation measured at the end of fit == analyze's against the last checkpoint
+    analysed_spec = {(r["step"], r["layer"]): r for r in read_table(folder / "specialisation.csv")}
+    saturation = read_table(moe_run / "routing" / "saturation.csv")
+    assert [(r["step"], r["layer"]) for r in saturation] == list(analysed_spec)
+    for row in saturation:
+        assert row["final_step"] == str(STEPS)
+        for name in SATURATION[4:]:
+            assert row[name] == analysed_spec[row["step"], row["layer"]][name], (row, name)
 
     logged = {}
     for r in read_table(moe_run / "csv" / "metrics.csv"):

@@ -1,7 +1,9 @@
 """The routing analysis in the trainer's loggers: each analysis's per-layer scores, equal to the
 rows of ``routing/trajectory.csv`` at the same steps, as ``routing/layer{L}/{score}`` scalars in
-every logger (TensorBoard's event file, the CSV logger's metrics.csv); the heatmap and emergence
-figures as images where the logger takes them, when ``log_figures`` says; rank 0 only."""
+every logger (TensorBoard's event file, the CSV logger's metrics.csv); at the end of fit the
+router saturation of every analysis step, equal to ``routing/saturation.csv``, at that step;
+the heatmap and emergence figures as images where the logger takes them, when ``log_figures``
+says, and the saturation figure at the end; rank 0 only."""
 
 from __future__ import annotations
 
@@ -25,8 +27,10 @@ from moe_emergence.analysis import callback as callback_module
 from moe_emergence.analysis.callback import RoutingAnalysis
 from moe_emergence.analysis.logger_sink import (
     LOGGED_SCORES,
+    SATURATION_SCORES,
     log_routing_figures,
     log_routing_scalars,
+    log_saturation_scalars,
     routing_scalars,
 )
 from moe_emergence.analysis.probe import make_probe
@@ -35,6 +39,7 @@ from moe_emergence.config import compose_config, config_dir
 from moe_emergence.train import train
 
 FIGURES = ("routing/heatmap", "routing/emergence")
+SATURATION_FIGURE = "routing/saturation"  # once, at the end of fit (unless log_figures=never)
 
 
 class Recording(Logger):
@@ -74,11 +79,13 @@ class RecordingWandb(WandbLogger):
 
 
 def table_scalars(run_dir: Path) -> dict[tuple[int, str], float]:
-    """(step, key) -> value of the logged scores, from the run's routing/trajectory.csv."""
+    """(step, key) -> value of the logged scores, from the run's routing/trajectory.csv and
+    routing/saturation.csv."""
     return {
         (int(row["step"]), f"routing/layer{row['layer']}/{name}"): float(row[name])
-        for row in read_table(run_dir / "routing" / "trajectory.csv")
-        for name in LOGGED_SCORES
+        for table, names in (("trajectory", LOGGED_SCORES), ("saturation", SATURATION_SCORES))
+        for row in read_table(run_dir / "routing" / f"{table}.csv")
+        for name in names
     }
 
 
@@ -102,6 +109,10 @@ def test_a_run_logs_its_routing_tables_to_csv_and_tensorboard(
     expected = table_scalars(tmp_path)
     assert {step for step, _ in expected} == {0, 2, 3}  # step 0, every 2 steps, the end
     assert {key for _, key in expected} >= {"routing/layer2/nmi", "routing/layer3/null_p95"}
+    for step in (0, 2, 3):  # saturation at every analysis step, sent at the end
+        for name in SATURATION_SCORES:
+            assert (step, f"routing/layer3/{name}") in expected
+    assert expected[3, "routing/layer2/saturation_top1"] == 1.0  # the final against itself
 
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
@@ -112,8 +123,8 @@ def test_a_run_logs_its_routing_tables_to_csv_and_tensorboard(
         for event in events.Scalars(tag)
     }
     assert logged == {key: float(np.float32(value)) for key, value in expected.items()}
-    assert sorted(events.Tags()["images"]) == sorted(FIGURES)
-    for tag in FIGURES:  # log_figures=end (the default): once, at the last step
+    assert sorted(events.Tags()["images"]) == sorted((*FIGURES, SATURATION_FIGURE))
+    for tag in (*FIGURES, SATURATION_FIGURE):  # log_figures=end (the default): at the last step
         (image,) = events.Images(tag)
         assert image.step == 3
         with Image.open(tmp_path / "routing" / f"{tag.split('/')[1]}.png") as png:
@@ -167,16 +178,18 @@ def test_log_figures_says_when_the_figures_go(log_figures, image_steps, tmp_path
 
     expected = table_scalars(tmp_path)
     for logger in (wandb, plain):
-        assert [step for step, _ in logger.metrics] == [0, 4]
+        # each analysis's scores at its step; at the end, saturation of step 0 and of step 4
+        assert [step for step, _ in logger.metrics] == [0, 4, 0, 4]
         got = {(step, key): v for step, metrics in logger.metrics for key, v in metrics.items()}
         assert got == expected
+    saturation = [(SATURATION_FIGURE, 4)] if image_steps else []
     assert sorted((key, step) for key, _, step in wandb.images) == sorted(
-        (key, step) for key in FIGURES for step in image_steps
+        [(key, step) for key in FIGURES for step in image_steps] + saturation
     )
     for _, images, _ in wandb.images:
         (image,) = images
         assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
-    for name in ("heatmap.png", "emergence.png"):  # the files, whatever log_figures says
+    for name in ("heatmap.png", "emergence.png", "saturation.png"):  # whatever log_figures says
         assert (tmp_path / "routing" / name).stat().st_size > 0
 
 
@@ -205,9 +218,32 @@ def test_a_logger_without_images_gets_the_scalars_only():
     assert plain.metrics == [(5, routing_scalars(ROWS))]
 
 
+SATURATION_ROWS = [
+    {"step": s, "layer": layer, "saturation_top1": s / 10 + layer / 100}
+    | {"saturation_top1_chance": 0.3, "saturation_topk": 0.5, "saturation_topk_chance": 0.4}
+    for s in (5, 0)
+    for layer in (2, 3)
+]
+
+
+def test_saturation_goes_to_every_logger_at_each_analysis_step():
+    """Sent at the end of fit (global step 5), each step's values at that step, steps
+    ascending, one log_metrics call per step and logger."""
+    wandb, plain = RecordingWandb(), Recording()
+    trainer = SimpleNamespace(global_rank=0, global_step=5, loggers=[wandb, plain])
+    log_saturation_scalars(trainer, SATURATION_ROWS)
+    for logger in (wandb, plain):
+        assert [step for step, _ in logger.metrics] == [0, 5]
+        step0 = logger.metrics[0][1]
+        assert len(step0) == 2 * len(SATURATION_SCORES)
+        assert step0["routing/layer3/saturation_top1"] == 0.03
+        assert logger.metrics[1][1]["routing/layer2/saturation_top1"] == 0.52
+
+
 def test_nothing_is_logged_off_rank_zero():
     wandb, plain = RecordingWandb(), Recording()
     trainer = SimpleNamespace(global_rank=1, global_step=5, loggers=[wandb, plain])
     log_routing_scalars(trainer, ROWS)
+    log_saturation_scalars(trainer, SATURATION_ROWS)
     log_routing_figures(trainer, NOT_DRAWN)
     assert wandb.metrics == wandb.images == plain.metrics == []

@@ -2,7 +2,10 @@
 
 The eval-mode counts in ``routing/counts.csv`` must equal one process routing the same probe
 with the final weights; the training-time window counts must equal a tally kept outside the
-module (forward hooks); and both must hold after resuming from a mid-window checkpoint.
+module (forward hooks); and both must hold after resuming from a mid-window checkpoint. Router
+saturation (``routing/saturation.csv``) reads every probe token, whichever rank routed it: the
+resumed run's step 0 (kept in the checkpoint) against its final step equals one process routing
+the probe with the initial and the final weights.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from moe_emergence.analysis import RoutingAnalysis, build_probe, route_blocks
+from moe_emergence.analysis.specialisation import router_saturation
 from moe_emergence.analysis.tables import read_table
 from moe_emergence.data import MixedDomainDataModule, collate_packed
 from moe_emergence.model.gpt2_moe import moe_layers
@@ -180,6 +184,32 @@ def check_final_counts(run_dir: Path, module: MoEGPT2Module, settings: dict, ste
             assert int(r["tokens"]) == int(((domains == d) & (experts == e)).sum()), r
 
 
+def check_saturation(run_dir: Path, final: MoEGPT2Module, settings: dict, steps: list[int]):
+    """saturation.csv: every analysis step against the last (``steps[-1]``); step 0's and the
+    last's equal this process routing the probe with the initial (:func:`make_module`) and the
+    final weights."""
+    datamodule = MixedDomainDataModule(**settings)
+    datamodule.setup("fit")
+    probe = build_probe(datamodule, DOMAINS)
+    ids = torch.from_numpy(probe.input_ids)
+    initial = make_module(len(datamodule.tokenizer))
+    routed = {
+        step: route_blocks(module.model, ids, batch_size=7).experts
+        for step, module in ((0, initial), (steps[-1], final))
+    }
+    rows = read_table(run_dir / "routing" / "saturation.csv")
+    assert [int(r["step"]) for r in rows] == [s for s in steps for _ in (0, 1)]
+    assert {int(r["final_step"]) for r in rows} == {steps[-1]}
+    for r in (r for r in rows if int(r["step"]) in routed):
+        layer = int(r["layer"])
+        expected = router_saturation(
+            routed[int(r["step"])][layer].numpy(), routed[steps[-1]][layer].numpy(), EXPERTS
+        )
+        assert float(r["saturation_top1"]) == expected.top1, r
+        assert float(r["saturation_top1_chance"]) == expected.top1_chance, r
+    assert all(float(r["saturation_top1"]) < 1 for r in rows if r["step"] == "0")
+
+
 def test_ddp_routing_counts_are_exact_and_survive_resume(tiny_mirror, tiny_tokenizer_dir, tmp_path):
     settings = dict(
         size_mb=1.0,
@@ -208,5 +238,6 @@ def test_ddp_routing_counts_are_exact_and_survive_resume(tiny_mirror, tiny_token
     tally = merged_tally((first, range(1, 4)), (second, range(4, 7)))
     check_windows(second, tally, [(0, 2), (2, 4), (4, 6)])
     check_final_counts(second, module, settings, step=6)
+    check_saturation(second, module, settings, steps=[0, 2, 4, 6])
     trajectory = read_table(second / "routing" / "trajectory.csv")
     assert [int(r["step"]) for r in trajectory] == [0, 0, 2, 2, 4, 4, 6, 6]

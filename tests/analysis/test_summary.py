@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,6 +38,7 @@ from moe_emergence.analysis.summary import (
 )
 from moe_emergence.analysis.summary_files import render_markdown
 from moe_emergence.analysis.summary_files import write_summary as _write_summary
+from moe_emergence.analysis.sweep_plots import sweep_saturation_figure
 
 MOE = "condition=top1,experiment=x"  # shown as "top-1" (experiment=x is shared)
 MOE2 = "condition=top2,experiment=x"
@@ -809,6 +811,69 @@ def test_the_three_sweep_figures_are_written(tmp_path):
     assert names == ["emergence.png", "heatmaps.png", "held_out_loss.png"]
     for path in files.figures:
         assert path.read_bytes()[:8] == PNG
+
+
+def with_saturation(run: RunResult, top1: dict[int, float], chance: float) -> RunResult:
+    """``run`` with router saturation at its checkpoints: first choice ``top1[step]``, chance
+    ``chance`` (top-k: half of them), as analyze's specialisation metrics give it."""
+    checkpoints = [
+        replace(
+            c,
+            specialisation={
+                1: SimpleNamespace(
+                    saturation_top1=top1[c.step],
+                    saturation_top1_chance=chance,
+                    saturation_topk=top1[c.step] / 2,
+                    saturation_topk_chance=chance / 2,
+                )
+            },
+        )
+        for c in run.checkpoints
+    ]
+    return replace(run, checkpoints=checkpoints)
+
+
+def saturation_sweep() -> list[RunResult]:
+    """top-1 and top-2, 2 seeds each, with saturation at steps 0, 50, 100; dense beside."""
+    losses = {"code": 2.0, "math": 3.0}
+    return [
+        with_saturation(moe_run(0, layer_scores(0.2), losses), {0: 0.3, 50: 0.6, 100: 1.0}, 0.3),
+        with_saturation(moe_run(1, layer_scores(0.3), losses), {0: 0.4, 50: 0.8, 100: 1.0}, 0.5),
+        with_saturation(
+            moe_run(0, layer_scores(0.1), losses, group=MOE2), {0: 0.2, 50: 0.5, 100: 1.0}, 0.25
+        ),
+        with_saturation(
+            moe_run(1, layer_scores(0.1), losses, group=MOE2), {0: 0.3, 50: 0.4, 100: 1.0}, 0.35
+        ),
+        dense_run(0, losses),
+        dense_run(1, losses),
+    ]
+
+
+def test_the_sweep_saturation_figure_draws_each_conditions_mean_band_and_chance(tmp_path):
+    """Per MoE condition and layer: the mean top-1 saturation over seeds (labelled by the
+    condition), its 95% band over seeds, the mean chance level dashed; written beside the
+    other sweep figures and listed with them."""
+    runs = saturation_sweep()
+    fig = sweep_saturation_figure(runs)
+    (ax,) = fig.axes  # one MoE layer
+    assert ax.get_title() == "layer 1"
+    solid = [line for line in ax.lines if line.get_linestyle() == "-"]
+    dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
+    assert [line.get_label() for line in solid] == ["top-1", "top-2"]  # no dense line
+    assert len(dashed) == 2 and len(ax.collections) == 2  # a chance line and a band each
+    for line, expected in zip(
+        solid + dashed,
+        ([0.35, 0.7, 1.0], [0.25, 0.45, 1.0], [0.4] * 3, [0.3] * 3),
+        strict=True,
+    ):
+        assert list(line.get_xdata()) == [0, 50, 100]
+        assert np.allclose(line.get_ydata(), expected)
+
+    files = write_summary(runs, tmp_path, figures=True)
+    names = [p.name for p in files.figures]
+    assert names == ["emergence.png", "heatmaps.png", "saturation.png", "held_out_loss.png"]
+    assert (tmp_path / "saturation.png").read_bytes()[:8] == PNG
 
 
 def test_only_the_figures_with_something_to_draw(tmp_path):
