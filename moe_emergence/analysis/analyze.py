@@ -51,6 +51,7 @@ from moe_emergence.analysis.tables import (
     expert_token_rows,
     routing_rows,
     specialisation_rows,
+    token_lists_markdown,
     write_table,
 )
 from moe_emergence.analysis.token_types import format_type_table
@@ -60,7 +61,6 @@ from moe_emergence.files import write_atomic
 from moe_emergence.runs import RunCheckpoints, find_runs, run_overrides, verify_checkpoints
 
 RUNS_DIR = "runs"
-CONFIRMED = " \u2713"  # an expert's listed token that the other half of the documents confirms
 LOCK_FILE = ".analyze.lock"  # held while an analysis writes into its --out folder
 
 
@@ -211,33 +211,8 @@ def write_specialisation(result: RunResult, folder: Path) -> None:
 def expert_tokens_markdown(result: RunResult, rows: Sequence[dict]) -> str:
     """Each expert's over-represented tokens (found on one half of the probe's documents; a
     check mark where the other half confirms it), one table per layer."""
-    lines = [
-        f"# Per-expert token lists, step {result.final.step} ({result.name})",
-        "",
-        "Ids over-represented on an expert's first-choice tokens (lift = p(id | expert) / p(id))"
-        " on one half of the probe's documents; \u2713: confirmed on the other half (z > 1.645;"
-        " about 5% of a random router's listed ids confirm).",
-    ]
-    for layer in result.layers:
-        mine = [r for r in rows if r["layer"] == layer]
-        lines += [
-            "",
-            f"## layer {layer}",
-            "",
-            "| expert | confirmed | tokens (lift) |",
-            "|---|---|---|",
-        ]
-        for e in range(result.n_experts):
-            listed = [r for r in mine if r["expert"] == e]
-            confirmed = sum(r["replicated"] for r in listed)
-            cells = ", ".join(
-                f"`{r['token']!r}` {r['lift']:.1f}{CONFIRMED if r['replicated'] else ''}".replace(
-                    "|", "\\|"
-                )
-                for r in listed
-            )
-            lines.append(f"| {e} | {confirmed}/{len(listed)} | {cells or '-'} |")
-    return "\n".join(lines) + "\n"
+    title = f"# Per-expert token lists, step {result.final.step} ({result.name})"
+    return token_lists_markdown(title, result.layers, result.n_experts, rows)
 
 
 def study_runs(paths: Sequence[Path]) -> tuple[list[RunCheckpoints], list[str]]:
