@@ -19,6 +19,9 @@ checkpoint's folder's ``analysis``)::
                expert_tokens.csv, expert_tokens.md, saturation.png
                                                the field's specialisation metrics (tables.py)
     runs/<run>/data_report.json                the rebuilt data's report
+
+``--model MODEL`` (instead of PATH) measures a Hugging Face MoE on a domain set the same way
+(:mod:`moe_emergence.analysis.external`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moe_emergence.analysis.evaluate import OPTION, evaluate_run
+from moe_emergence.analysis.external import add_model_arguments, model_only_flags, run_model
 from moe_emergence.analysis.knockout import COLUMNS as KNOCKOUT
 from moe_emergence.analysis.knockout import KNOCKOUT_FILE, knockout_rows
 from moe_emergence.analysis.plots import saturation_figure, save_figure
@@ -73,12 +77,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "path",
         metavar=OPTION,
-        nargs="+",
+        nargs="*",
         help="a run dir, a multirun dir or a .ckpt file; several: one study (e.g. sweeps run in "
         "several sittings; the same condition and seed twice is refused; --out required)",
     )
-    parser.add_argument("--out", default=None, help="output folder (default: PATH/analysis)")
-    parser.add_argument("--device", default="cpu", help="torch device for the forwards (cpu)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: PATH/analysis; --model: outputs/hf_analysis/<model>__<set>)",
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="torch device for the forwards (PATH: cpu; --model: cuda where there is one, else "
+        "cpu, or auto: spread over the GPUs by accelerate)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--no-knockout",
@@ -96,9 +109,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             default=None,
             help=f"{what} to rebuild the runs' data from (default: each run's recorded one); "
             "the data must be the runs' own (their checkpoints' data fingerprint)"
-            + ("; null: none (a warm token cache, offline)" if flag == "--hub-mirror" else ""),
+            + ("; null: none (a warm token cache, offline)" if flag == "--hub-mirror" else "")
+            + ("; --model: in place of the model's own" if flag == "--tokenizer" else ""),
         )
-    return parser.parse_args(argv)
+    add_model_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.model is not None and args.path:
+        parser.error(f"{OPTION} and --model exclude each other: pass one.")
+    if args.model is None:
+        if not args.path:
+            parser.error(f"pass {OPTION} (a run, a sweep or a checkpoint) or --model.")
+        given = [f for f, v in model_only_flags(args).items() if v not in (None, False)]
+        if given:
+            parser.error(f"{', '.join(given)} only go with --model.")
+    return args
 
 
 def data_overrides(args: argparse.Namespace) -> dict[str, str | None]:
@@ -248,7 +272,9 @@ def study_runs(paths: Sequence[Path]) -> tuple[list[RunCheckpoints], list[str]]:
 
 def run(args: argparse.Namespace) -> str:
     """Do the work of one ``analyze`` call; return what to print."""
-    device = check_device(args.device)
+    if args.model is not None:
+        return run_model(args)
+    device = check_device(args.device or "cpu")
     paths = [Path(p).expanduser() for p in args.path]
     if len(paths) > 1 and not args.out:
         raise UserError(f"{len(paths)} PATHs: pass --out, the folder of their one analysis.")
