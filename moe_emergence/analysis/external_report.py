@@ -108,7 +108,7 @@ class ModelRun:
         return self.loaded.layers[0].top_k
 
     def decode(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        return self.tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
 
 
 @dataclass
@@ -213,11 +213,11 @@ def decoded_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
     as its own decoding)."""
     pieces, previous = [], ""
     for n in range(1, len(ids) + 1):
-        text = tokenizer.decode(list(ids[:n]))
+        text = tokenizer.decode(list(ids[:n]), clean_up_tokenization_spaces=False)
         if text.startswith(previous):
             pieces.append(text[len(previous) :])
         else:
-            pieces.append(tokenizer.decode([ids[n - 1]]))
+            pieces.append(tokenizer.decode([ids[n - 1]], clean_up_tokenization_spaces=False))
         previous = text
     return pieces
 
