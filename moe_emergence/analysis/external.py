@@ -211,8 +211,9 @@ def check_fits(args: argparse.Namespace, config: Any, tokenizer: Any, tokenizer_
     vocab = getattr(text, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
         raise UserError(
-            f"Tokenizer '{tokenizer_name}' has {len(tokenizer):,} ids but --model {args.model} "
-            f"only {vocab:,}: it is not the model's tokenizer; pass the right one with --tokenizer."
+            f"--model {args.model}: tokenizer '{tokenizer_name}' has {len(tokenizer):,} ids but "
+            f"the model only {vocab:,}: it is not the model's tokenizer; pass the right one with "
+            f"--tokenizer."
         )
     positions = getattr(text, "max_position_embeddings", None)
     if positions is not None and args.block_size > positions:

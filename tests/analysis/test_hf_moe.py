@@ -313,7 +313,7 @@ def word_level_tokenizer(out: Path) -> Path:
 
 
 def refused_model(case: str, root: Path, tokenizer_dir: Path) -> Path:
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     folder = root / case
     if case == "unsupported":  # an MoE family whose routing is not captured here
@@ -322,6 +322,13 @@ def refused_model(case: str, root: Path, tokenizer_dir: Path) -> Path:
         AutoConfig.for_model("llama", hidden_size=32).save_pretrained(folder)
     elif case == "no_tokenizer":
         save_tiny_model(folder, "mixtral", None)
+    elif case == "other_tokenizer":  # 400 ids in the model, 410 in the tokenizer
+        save_tiny_model(folder, "mixtral", None)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tokenizer.add_tokens([f"extra{i}" for i in range(10)])
+        tokenizer.save_pretrained(folder)
+    elif case == "long_blocks":
+        save_tiny_model(folder, "mixtral", tokenizer_dir)
     else:
         save_tiny_model(folder, "mixtral", word_level_tokenizer(root / "words"))
     return folder
@@ -333,6 +340,8 @@ def refused_model(case: str, root: Path, tokenizer_dir: Path) -> Path:
         ("unsupported", "model type 'phimoe' .* is an MoE whose routing cannot be captured"),
         ("dense", "model type 'llama' .* is a dense model"),
         ("no_tokenizer", "its folder holds no tokenizer .* or pass --tokenizer"),
+        ("other_tokenizer", "has 410 ids but the model only 400: it is not the model's"),
+        ("long_blocks", "--block-size 1024 exceeds --model .*'s 512 positions"),
         ("unencodable", "the tokenizer cannot encode domain 'code' \\(100% of its probe tokens"),
     ],
 )
@@ -341,7 +350,10 @@ def test_models_and_sets_it_cannot_measure_are_refused_in_one_line(
 ):
     folder = refused_model(case, tmp_path / "models", tiny_tokenizer_dir)
     out = tmp_path / "out"
-    code, printed, err = run_analyze(capsys, folder, out, mirror=tiny_mirror, cache=tmp_path / "c")
+    extra = ["--block-size", "1024"] if case == "long_blocks" else []
+    code, printed, err = run_analyze(
+        capsys, folder, out, *extra, mirror=tiny_mirror, cache=tmp_path / "c"
+    )
     assert code == 1 and printed == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --"), err
