@@ -443,6 +443,13 @@ def load_model(
         model.to(device)
     model.eval()
     layers = moe_layers(model, family)
+    source = type(model).__module__
+    if not layers and not source.startswith("transformers."):
+        raise UserError(
+            f"--model {name}: its modelling code is its own ({source}), not transformers' "
+            f"{family.name}: its routing cannot be captured; leave out --trust-remote-code to "
+            f"load transformers' implementation."
+        )
     if not layers:
         raise UserError(
             f"--model {name}: a {family.name} model with no MoE layer (dense in every layer): "
