@@ -1,6 +1,7 @@
 """``python -m moe_emergence.analyze PATH [--out DIR]``: every checkpoint of a run or a seed
 sweep routed and scored in eval mode, summarised per condition over seeds with 95% intervals
-(see :mod:`moe_emergence.analysis.analyze`)."""
+(see :mod:`moe_emergence.analysis.analyze`); ``--model MODEL --domain-set SET``: a Hugging Face
+MoE measured the same way (:mod:`moe_emergence.analysis.external`)."""
 
 import sys
 

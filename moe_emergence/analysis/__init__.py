@@ -7,7 +7,9 @@ scores.py (pure functions: NMI, permutation null, token-identity control), inter
 token_types.py (``python -m moe_emergence.inspect``: one text, token by token), and
 ``python -m moe_emergence.analyze`` over runs and sweeps: analyze.py (the CLI), evaluate.py
 (a run's checkpoints routed and scored), results.py (what it measured), summary.py (numbers),
-summary_files.py and sweep_plots.py (rendering) (groups over seeds: intervals, tables, figures).
+summary_files.py and sweep_plots.py (rendering) (groups over seeds: intervals, tables, figures);
+``analyze --model``: hf_routing.py (a Hugging Face MoE's own routing, captured), external.py (the
+command: model, tokenizer, probe, routing) and external_report.py (its scores and outputs).
 """
 
 from moe_emergence.analysis.callback import RoutingAnalysis

@@ -22,6 +22,9 @@ checkpoint's folder's ``analysis``)::
                expert_tokens.csv, expert_tokens.md, saturation.png
                                                the field's specialisation metrics (tables.py)
     runs/<run>/data_report.json                the rebuilt data's report
+
+``--model MODEL`` (instead of PATH) measures a Hugging Face MoE on a domain set the same way
+(:mod:`moe_emergence.analysis.external`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moe_emergence.analysis.evaluate import OPTION, data_overrides_of, evaluate_run
+from moe_emergence.analysis.external import add_model_arguments, model_only_flags, run_model
 from moe_emergence.analysis.knockout import COLUMNS as KNOCKOUT
 from moe_emergence.analysis.knockout import KNOCKOUT_FILE, knockout_rows
 from moe_emergence.analysis.plots import saturation_figure, save_figure
@@ -54,6 +58,7 @@ from moe_emergence.analysis.tables import (
     expert_token_rows,
     routing_rows,
     specialisation_rows,
+    token_lists_markdown,
     write_table,
 )
 from moe_emergence.analysis.token_types import format_type_table
@@ -63,7 +68,6 @@ from moe_emergence.files import write_atomic
 from moe_emergence.runs import RunCheckpoints, find_runs, run_overrides, verify_checkpoints
 
 RUNS_DIR = "runs"
-CONFIRMED = " \u2713"  # an expert's listed token that the other half of the documents confirms
 LOCK_FILE = ".analyze.lock"  # held while an analysis writes into its --out folder
 
 
@@ -76,12 +80,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "path",
         metavar=OPTION,
-        nargs="+",
+        nargs="*",
         help="a run dir, a multirun dir or a .ckpt file; several: one study (e.g. sweeps run in "
         "several sittings; the same condition and seed twice is refused; --out required)",
     )
-    parser.add_argument("--out", default=None, help="output folder (default: PATH/analysis)")
-    parser.add_argument("--device", default="cpu", help="torch device for the forwards (cpu)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: PATH/analysis; --model: outputs/hf_analysis/<model>__<set>)",
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="torch device for the forwards (PATH: cpu; --model: cuda where there is one, else "
+        "cpu, or auto: spread over the GPUs by accelerate)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--no-knockout",
@@ -99,9 +112,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             default=None,
             help=f"{what} to rebuild the runs' data from (default: each run's recorded one); "
             "the data must be the runs' own (their checkpoints' data fingerprint)"
-            + ("; null: none (a warm token cache, offline)" if flag == "--hub-mirror" else ""),
+            + ("; null: none (a warm token cache, offline)" if flag == "--hub-mirror" else "")
+            + ("; --model: in place of the model's own" if flag == "--tokenizer" else ""),
         )
-    return parser.parse_args(argv)
+    add_model_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.model is not None and args.path:
+        parser.error(f"{OPTION} and --model exclude each other: pass one.")
+    if args.model is None:
+        if not args.path:
+            parser.error(f"pass {OPTION} (a run, a sweep or a checkpoint) or --model.")
+        given = [f for f, v in model_only_flags(args).items() if v not in (None, False)]
+        if given:
+            parser.error(f"{', '.join(given)} only go with --model.")
+    return args
 
 
 def default_out(path: Path) -> Path:
@@ -201,33 +225,8 @@ def write_specialisation(result: RunResult, folder: Path) -> None:
 def expert_tokens_markdown(result: RunResult, rows: Sequence[dict]) -> str:
     """Each expert's over-represented tokens (found on one half of the probe's documents; a
     check mark where the other half confirms it), one table per layer."""
-    lines = [
-        f"# Per-expert token lists, step {result.final.step} ({result.name})",
-        "",
-        "Ids over-represented on an expert's first-choice tokens (lift = p(id | expert) / p(id))"
-        " on one half of the probe's documents; \u2713: confirmed on the other half (z > 1.645;"
-        " about 5% of a random router's listed ids confirm).",
-    ]
-    for layer in result.layers:
-        mine = [r for r in rows if r["layer"] == layer]
-        lines += [
-            "",
-            f"## layer {layer}",
-            "",
-            "| expert | confirmed | tokens (lift) |",
-            "|---|---|---|",
-        ]
-        for e in range(result.n_experts):
-            listed = [r for r in mine if r["expert"] == e]
-            confirmed = sum(r["replicated"] for r in listed)
-            cells = ", ".join(
-                f"`{r['token']!r}` {r['lift']:.1f}{CONFIRMED if r['replicated'] else ''}".replace(
-                    "|", "\\|"
-                )
-                for r in listed
-            )
-            lines.append(f"| {e} | {confirmed}/{len(listed)} | {cells or '-'} |")
-    return "\n".join(lines) + "\n"
+    title = f"# Per-expert token lists, step {result.final.step} ({result.name})"
+    return token_lists_markdown(title, result.layers, result.n_experts, rows)
 
 
 def study_runs(paths: Sequence[Path]) -> tuple[list[RunCheckpoints], list[str]]:
@@ -263,7 +262,9 @@ def study_runs(paths: Sequence[Path]) -> tuple[list[RunCheckpoints], list[str]]:
 
 def run(args: argparse.Namespace) -> str:
     """Do the work of one ``analyze`` call; return what to print."""
-    device = check_device(args.device)
+    if args.model is not None:
+        return run_model(args)
+    device = check_device(args.device or "cpu")
     paths = [Path(p).expanduser() for p in args.path]
     if len(paths) > 1 and not args.out:
         raise UserError(f"{len(paths)} PATHs: pass --out, the folder of their one analysis.")
