@@ -23,12 +23,12 @@ from moe_emergence.checkpoints import (
 from moe_emergence.config import check_moe_node, compose_config
 from moe_emergence.errors import UserError
 from moe_emergence.model.module import check_compile
+from moe_emergence.resume import check_resume_settings
 from moe_emergence.runs import (
     SUMMARY_FILE,
     Checkpoint,
     RunSummary,
     check_resume_data,
-    check_resume_settings,
     continue_csv_history,
     remove_partial_writes,
     resolve_start,

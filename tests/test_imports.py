@@ -163,6 +163,7 @@ ANALYSIS_USERS = (
     "moe_emergence.train",
     "moe_emergence.config",
     "moe_emergence.runs",
+    "moe_emergence.resume",  # the settings check of a resume, out of runs.py
 )
 CONFIG_MACHINERY = ("hydra", "omegaconf")
 
