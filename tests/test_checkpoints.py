@@ -201,6 +201,46 @@ def test_every_checkpoint_has_a_matching_sidecar(runs):
             ["world size (trainer.devices x trainer.num_nodes): checkpoint 1, now 2"],
         ),
         (["model.n_embd=64"], ["model.n_embd: checkpoint 128, now 64"]),
+        # What trains without changing a shape (#29): the optimizer, the schedule, the loss
+        # weights, the router noise, dropout; each change named with both values.
+        (["model.optimizer.lr=5e-3"], ["model.optimizer.lr: checkpoint 0.001, now 0.005"]),
+        (
+            ["model.optimizer.betas=[0.9,0.99]", "+model.optimizer.eps=1e-6"],
+            [
+                "model.optimizer.betas: checkpoint [0.9, 0.95], now [0.9, 0.99]",
+                "model.optimizer.eps: checkpoint 1e-08, now 1e-06",
+            ],
+        ),
+        (
+            ["model.optimizer.weight_decay=0.1", "model.optimizer._target_=torch.optim.Adam"],
+            [
+                "model.optimizer.weight_decay: checkpoint 0.01, now 0.1",
+                "model.optimizer.decoupled_weight_decay: checkpoint True, now False",
+            ],
+        ),
+        (
+            ["model.warmup_steps=5", "model.min_lr_ratio=0.5"],
+            [
+                "model.warmup_steps: checkpoint 2, now 5",
+                "model.min_lr_ratio: checkpoint 0.1, now 0.5",
+            ],
+        ),
+        (
+            ["model.lb_coef=0.5", "model.z_coef=0", "model.lb_scope=global"],
+            [
+                "model.lb_coef: checkpoint 0.01, now 0.5",
+                "model.z_coef: checkpoint 0.001, now 0",
+                "model.lb_scope: checkpoint 'batch', now 'global'",
+            ],
+        ),
+        (
+            ["model.moe.noise_std=0.5", "model.moe.noise_anneal_steps=50", "model.dropout=0.1"],
+            [
+                "model.moe.noise_std: checkpoint 1.0, now 0.5",
+                "model.moe.noise_anneal_steps: checkpoint 200, now 50",
+                "model.dropout: checkpoint 0.0, now 0.1",
+            ],
+        ),
     ],
 )
 def test_a_resume_with_a_changed_setting_is_refused(ctx, tmp_path, extra, needles):
@@ -212,6 +252,24 @@ def test_a_resume_with_a_changed_setting_is_refused(ctx, tmp_path, extra, needle
     assert "\n" not in message
     for needle in [*needles, f"init_from={checkpoint}"]:
         assert needle in message, message
+
+
+def test_a_resume_may_change_how_it_runs_and_what_it_shows(ctx, tmp_path):
+    """The settings meant to change on a resume (resume.MAY_CHANGE: the experts' dispatch, the
+    logging and checkpoint cadence, the progress bar) are taken, and the losses stay the
+    uninterrupted run's, bit for bit."""
+    runs, go = ctx
+    out = go(
+        tmp_path / "second",
+        f"ckpt_path={ckpt(runs, 4)}",
+        "model.moe.dispatch=loop",
+        "trainer.log_every_n_steps=2",
+        "callbacks.model_checkpoint.every_n_train_steps=3",
+        "trainer.enable_progress_bar=true",
+    )
+    assert out["global_step"] == MAX_STEPS
+    full, resumed = lm_losses(runs / "full"), lm_losses(tmp_path / "second")
+    assert sorted(resumed) == [5, 7] and resumed == {s: full[s] for s in resumed}  # every 2nd
 
 
 def test_a_damaged_checkpoint_is_refused(ctx, tmp_path):
