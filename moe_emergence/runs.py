@@ -34,6 +34,7 @@ from moe_emergence.checkpoints import load_mapped, verify_sidecar
 from moe_emergence.data.loader import check_loader_state
 from moe_emergence.errors import UserError, report_user_errors
 from moe_emergence.files import write_atomic
+from moe_emergence.history import CheckpointStart, check_one_history, read_history
 from moe_emergence.versions import library_versions
 
 log = logging.getLogger(__name__)
@@ -466,7 +467,9 @@ def find_runs(path: Path, option: str) -> tuple[list[RunCheckpoints], list[str]]
         name = run_dir.name if run_dir == path else str(run_dir.relative_to(path))
         files = sorted((run_dir / CHECKPOINTS_DIR).glob("*.ckpt"))
         if files:
-            steps = checkpoint_steps(files, option)
+            history = read_history(files, option)
+            check_one_history(run_dir, history, option)
+            steps = checkpoint_steps(history)
             runs.append(RunCheckpoints(name, run_dir, [p for _, p in steps]))
         else:
             notes.append(f"{name}: no checkpoints, skipped")
@@ -479,13 +482,12 @@ def find_runs(path: Path, option: str) -> tuple[list[RunCheckpoints], list[str]]
     return runs, notes
 
 
-def checkpoint_steps(files: Sequence[Path], option: str) -> list[tuple[int, Path]]:
+def checkpoint_steps(history: Sequence[CheckpointStart]) -> list[tuple[int, Path]]:
     """One file per optimizer step, by step: a ``step*.ckpt`` wins over ``last.ckpt`` of the
-    same step. Each file's ``global_step`` is read memory-mapped (cheap)."""
+    same step (``history``: :func:`moe_emergence.history.read_history`)."""
     by_step: dict[int, Path] = {}
-    for path in sorted(files, key=lambda p: p.name.startswith("last")):
-        step = int(load_mapped(path, option).get("global_step", 0))
-        by_step.setdefault(step, path)
+    for entry in sorted(history, key=lambda c: c.path.name.startswith("last")):
+        by_step.setdefault(entry.step, entry.path)
     return sorted(by_step.items())
 
 
