@@ -42,17 +42,25 @@ Lineage = list[tuple[str, int]]
 
 class StartRecord(L.Callback):
     """Saves this start's lineage in every checkpoint (see the module doc): on a resume, the
-    resumed checkpoint's lineage plus ``[id, resumed step]``. Its ``on_train_start`` must run
-    before any checkpoint is saved there (``StepZeroCheckpoint``): add it before."""
+    resumed checkpoint's lineage plus ``[id, resumed step]``; and ``settings``, what this start
+    trained with that Lightning's checkpoint does not hold (the trainer's gradient clipping,
+    accumulation and precision: :func:`moe_emergence.resume.trainer_settings`), for the next
+    resume to compare. Its ``on_train_start`` must run before any checkpoint is saved there
+    (``StepZeroCheckpoint``): add it before."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: dict[str, Any] | None = None) -> None:
         self.start_id = uuid.uuid4().hex
+        self.settings = dict(settings or {})
         self._parent: Lineage | None = None
         self._lineage: Lineage | None = None
 
     def state_dict(self) -> dict[str, Any]:
         lineage = self._lineage or [(self.start_id, 0)]
-        return {"version": RECORD_VERSION, "lineage": [[i, int(s)] for i, s in lineage]}
+        return {
+            "version": RECORD_VERSION,
+            "lineage": [[i, int(s)] for i, s in lineage],
+            "settings": self.settings,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._parent = lineage_of({"callbacks": {type(self).__qualname__: state}})
@@ -63,6 +71,12 @@ class StartRecord(L.Callback):
             return
         parent = self._parent or [(UNRECORDED, 0)]
         self._lineage = [*parent, (self.start_id, int(trainer.global_step))]
+
+
+def recorded_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The settings a checkpoint's start recorded (``{}`` before the record existed)."""
+    state = (checkpoint.get("callbacks") or {}).get(StartRecord.__qualname__) or {}
+    return dict(state.get("settings") or {})
 
 
 def lineage_of(checkpoint: dict[str, Any]) -> Lineage:

@@ -13,6 +13,9 @@ checkpoint's; each one that differs is named in one line (``<key>: checkpoint <o
   ``lb_coef``, ``z_coef``, ``lb_scope``, ``lb_window``, the router noise ``moe.noise_std`` and
   ``moe.noise_anneal_steps``, ...), but those of :data:`MAY_CHANGE`; a setting the checkpoint
   predates is not compared;
+- the trainer's ``gradient_clip_val``, ``gradient_clip_algorithm``, ``accumulate_grad_batches``
+  and ``precision``, as the checkpoint's start recorded them (:func:`trainer_settings`;
+  checkpoints written before the record: not compared);
 - the optimizer, as its saved parameter group holds it: ``lr`` (the configured one, before the
   schedule: ``initial_lr``), ``betas``, ``eps``, ``weight_decay`` and every other
   hyper-parameter of its class (another class shows as keys the configured one lacks or sets
@@ -35,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe_emergence.checkpoints import RandomStates
 from moe_emergence.data.loader import RESUME_KEYS
 from moe_emergence.errors import UserError
+from moe_emergence.history import recorded_settings
 from moe_emergence.model.gpt2_moe import has_per_expert_layout
 from moe_emergence.runs import Checkpoint, plain, saved_loader_state
 from moe_emergence.settings import is_int
@@ -123,6 +127,27 @@ def optimizer_changes(cfg: DictConfig, checkpoint: Mapping[str, Any]) -> dict:
     return found
 
 
+# Trainer settings that change what trains; Lightning's checkpoint does not hold them, so each
+# start records them (history.StartRecord) as trainer_settings gives them.
+TRAINER_KEYS = ("gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches")
+# Lightning's short precision names, as it reads them.
+PRECISIONS = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+
+
+def trainer_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``trainer.<key>`` -> its value as Lightning reads it (no clipping: 0; the clipping
+    algorithm: norm unless set; precision by its full name), for :data:`TRAINER_KEYS` and
+    ``precision``."""
+    trainer = cfg.get("trainer") or {}
+    found = {f"trainer.{key}": plain(trainer.get(key)) for key in TRAINER_KEYS}
+    found["trainer.gradient_clip_val"] = found["trainer.gradient_clip_val"] or 0
+    found["trainer.gradient_clip_algorithm"] = found["trainer.gradient_clip_algorithm"] or "norm"
+    found["trainer.accumulate_grad_batches"] = found["trainer.accumulate_grad_batches"] or 1
+    precision = str(plain(trainer.get("precision")) or "32-true")
+    found["trainer.precision"] = PRECISIONS.get(precision, precision)
+    return found
+
+
 def check_resume_settings(cfg: DictConfig, start: Checkpoint, vocab_size: int | None) -> None:
     """Refuse, before any data or model is built, a resume with nothing left to train, of a
     checkpoint whose experts are in the per-expert layout (use ``init_from``), or whose
@@ -153,6 +178,8 @@ def check_resume_settings(cfg: DictConfig, start: Checkpoint, vocab_size: int | 
                 now[RESUME_KEYS[key]] = (loader[key], plain(cfg.data.get(key)))
     now |= model_changes(cfg, checkpoint, vocab_size)
     now |= optimizer_changes(cfg, checkpoint)
+    current = trainer_settings(cfg)
+    now |= {k: (v, current.get(k, ABSENT)) for k, v in recorded_settings(checkpoint).items()}
     changed = [
         f"{label}: checkpoint {old!r}, now {new!r}"
         for label, (old, new) in now.items()

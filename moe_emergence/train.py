@@ -24,7 +24,7 @@ from moe_emergence.config import check_moe_node, compose_config
 from moe_emergence.errors import UserError
 from moe_emergence.history import StartRecord, check_no_rewind
 from moe_emergence.model.module import check_compile
-from moe_emergence.resume import check_resume_settings
+from moe_emergence.resume import check_resume_settings, trainer_settings
 from moe_emergence.runs import (
     SUMMARY_FILE,
     Checkpoint,
@@ -131,7 +131,7 @@ def _start(
             log.info("Removed %s, left by a checkpoint write that did not finish.", path)
     trainer.callbacks.append(RunSummary(Path(trainer.default_root_dir) / SUMMARY_FILE))
     trainer.callbacks.append(RandomStates(seed=cfg.seed))
-    trainer.callbacks.append(StartRecord())  # before StepZeroCheckpoint: its lineage
+    trainer.callbacks.append(StartRecord(trainer_settings(cfg)))  # before StepZeroCheckpoint
     trainer.callbacks.append(StepZeroCheckpoint())  # after RoutingAnalysis: its step-0 rows
     return datamodule, model, trainer, resume, init
 

@@ -241,6 +241,18 @@ def test_every_checkpoint_has_a_matching_sidecar(runs):
                 "model.dropout: checkpoint 0.0, now 0.1",
             ],
         ),
+        (  # not in Lightning's checkpoint: recorded by each start (history.StartRecord)
+            [
+                "trainer.gradient_clip_val=0.5",
+                "trainer.accumulate_grad_batches=2",
+                "trainer.precision=bf16-mixed",
+            ],
+            [
+                "trainer.gradient_clip_val: checkpoint 1.0, now 0.5",
+                "trainer.accumulate_grad_batches: checkpoint 1, now 2",
+                "trainer.precision: checkpoint '32-true', now 'bf16-mixed'",
+            ],
+        ),
     ],
 )
 def test_a_resume_with_a_changed_setting_is_refused(ctx, tmp_path, extra, needles):
@@ -266,6 +278,7 @@ def test_a_resume_may_change_how_it_runs_and_what_it_shows(ctx, tmp_path):
         "trainer.log_every_n_steps=2",
         "callbacks.model_checkpoint.every_n_train_steps=3",
         "trainer.enable_progress_bar=true",
+        "trainer.precision=32",  # Lightning's short name of the same precision
     )
     assert out["global_step"] == MAX_STEPS
     full, resumed = lm_losses(runs / "full"), lm_losses(tmp_path / "second")
