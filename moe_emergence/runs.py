@@ -445,7 +445,8 @@ def checkpoint_run_dir(path: Path) -> Path | None:
 def find_runs(path: Path, option: str) -> tuple[list[RunCheckpoints], list[str]]:
     """The runs that ``option=path`` names: a ``.ckpt`` file, a run dir (holding ``.hydra/``)
     or a folder of run dirs (a multirun dir); and notes on runs skipped for having no
-    checkpoint. One-line :class:`UserError` when it names none, or none with a checkpoint."""
+    checkpoint. One-line :class:`UserError` when it names none, or none with a checkpoint, or
+    a run dir whose checkpoints are not one history (:func:`.history.check_one_history`)."""
     if not path.exists():
         raise UserError(
             f"{option}={path} does not exist: pass a run dir, a multirun dir or a .ckpt file."
