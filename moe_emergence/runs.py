@@ -30,12 +30,11 @@ import yaml
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
-from moe_emergence.checkpoints import RandomStates, load_mapped, verify_sidecar
-from moe_emergence.data.loader import RESUME_KEYS, check_loader_state
+from moe_emergence.checkpoints import load_mapped, verify_sidecar
+from moe_emergence.data.loader import check_loader_state
 from moe_emergence.errors import UserError, report_user_errors
 from moe_emergence.files import write_atomic
-from moe_emergence.model.gpt2_moe import has_per_expert_layout
-from moe_emergence.settings import is_int
+from moe_emergence.history import CheckpointStart, check_one_history, read_history
 from moe_emergence.versions import library_versions
 
 log = logging.getLogger(__name__)
@@ -173,22 +172,8 @@ def resolve_start(cfg: DictConfig) -> tuple[Checkpoint | None, Checkpoint | None
     return None, None
 
 
-# Model settings that change the weights' shapes or what they are (a router trained, frozen or
-# none): a resume with another value cannot load them, or would continue another condition.
-MODEL_SHAPE_KEYS = (
-    "vocab_size",
-    "n_positions",
-    "n_embd",
-    "n_layer",
-    "n_head",
-    "moe.layers",
-    "moe.n_experts",
-    "moe.top_k",
-    "moe.router",
-)
-
-
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """A config value as plain Python (resolved); other values as they are."""
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
@@ -196,57 +181,6 @@ def saved_loader_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The train loader's state in a Lightning checkpoint (``{}`` when it has none)."""
     fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
     return dict((fit_loop.get("state_dict", {}).get("combined_loader") or [{}])[0])
-
-
-def check_resume_settings(cfg: DictConfig, start: Checkpoint, vocab_size: int | None) -> None:
-    """Refuse, before any data or model is built, a resume of a checkpoint whose experts are
-    in the per-expert layout (use ``init_from``), or whose config differs from the
-    checkpoint's in ``seed``, the data settings the config alone decides (batch size, data
-    seed, balance, block size) or the model's shapes (``vocab_size``: the data's tokenizer's);
-    one line naming every change. The world size and the data's content are checked once the
-    trainer exists (:func:`check_resume_data`), and the train loader checks everything again
-    at the restore."""
-    path, checkpoint = start.path, start.contents
-    step, max_steps = int(checkpoint.get("global_step", 0)), cfg.trainer.get("max_steps")
-    if is_int(max_steps) and 0 <= max_steps <= step:
-        raise UserError(
-            f"ckpt_path={path} is at step {step} and trainer.max_steps={max_steps}: nothing is "
-            f"left to train; raise trainer.max_steps (e.g. trainer.max_steps={2 * step}) to "
-            f"train on."
-        )
-    if has_per_expert_layout(checkpoint.get("state_dict") or {}):
-        raise UserError(
-            f"ckpt_path={path} holds experts in the per-expert layout of an earlier version, "
-            f"which cannot resume (its optimizer state is per expert): start a new run from its "
-            f"weights with init_from={path} (and ckpt_path=null; it gets a new run folder)."
-        )
-    loader = saved_loader_state(checkpoint)
-    now: dict[str, tuple[Any, Any]] = {}  # label -> (checkpoint, now)
-    rng = checkpoint.get("callbacks", {}).get(RandomStates.__qualname__, {})
-    if "seed" in rng:
-        now["seed"] = (rng["seed"], cfg.seed)
-    if loader.get("version") is not None:
-        for key in ("batch_size", "seed", "balance_tokens", "block_size"):
-            if key in loader:
-                now[RESUME_KEYS[key]] = (loader[key], _plain(cfg.data.get(key)))
-    saved_model = OmegaConf.create(dict(checkpoint.get("hyper_parameters", {})))
-    handed = {"vocab_size": vocab_size}  # what the data hands to the model
-    for key in MODEL_SHAPE_KEYS:
-        saved = OmegaConf.select(saved_model, key, default=None)
-        if saved is not None:
-            value = handed[key] if key in handed else OmegaConf.select(cfg.model, key)
-            now[f"model.{key}"] = (_plain(saved), _plain(value))
-    changed = [
-        f"{label}: checkpoint {old!r}, now {new!r}"
-        for label, (old, new) in now.items()
-        if old != new
-    ]
-    if changed:
-        raise UserError(
-            f"Cannot resume with changed settings: {'; '.join(changed)}. Resume with the "
-            f"checkpoint's values, or start a new run from the checkpoint's weights with "
-            f"init_from={path} (and ckpt_path=null; it gets a new run folder)."
-        )
 
 
 def check_resume_data(datamodule: Any, world_size: int, start: Checkpoint) -> None:
@@ -511,7 +445,8 @@ def checkpoint_run_dir(path: Path) -> Path | None:
 def find_runs(path: Path, option: str) -> tuple[list[RunCheckpoints], list[str]]:
     """The runs that ``option=path`` names: a ``.ckpt`` file, a run dir (holding ``.hydra/``)
     or a folder of run dirs (a multirun dir); and notes on runs skipped for having no
-    checkpoint. One-line :class:`UserError` when it names none, or none with a checkpoint."""
+    checkpoint. One-line :class:`UserError` when it names none, or none with a checkpoint, or
+    a run dir whose checkpoints are not one history (:func:`.history.check_one_history`)."""
     if not path.exists():
         raise UserError(
             f"{option}={path} does not exist: pass a run dir, a multirun dir or a .ckpt file."
@@ -533,7 +468,9 @@ def find_runs(path: Path, option: str) -> tuple[list[RunCheckpoints], list[str]]
         name = run_dir.name if run_dir == path else str(run_dir.relative_to(path))
         files = sorted((run_dir / CHECKPOINTS_DIR).glob("*.ckpt"))
         if files:
-            steps = checkpoint_steps(files, option)
+            history = read_history(files, option)
+            check_one_history(run_dir, history, option)
+            steps = checkpoint_steps(history)
             runs.append(RunCheckpoints(name, run_dir, [p for _, p in steps]))
         else:
             notes.append(f"{name}: no checkpoints, skipped")
@@ -546,13 +483,12 @@ def find_runs(path: Path, option: str) -> tuple[list[RunCheckpoints], list[str]]
     return runs, notes
 
 
-def checkpoint_steps(files: Sequence[Path], option: str) -> list[tuple[int, Path]]:
+def checkpoint_steps(history: Sequence[CheckpointStart]) -> list[tuple[int, Path]]:
     """One file per optimizer step, by step: a ``step*.ckpt`` wins over ``last.ckpt`` of the
-    same step. Each file's ``global_step`` is read memory-mapped (cheap)."""
+    same step (``history``: :func:`moe_emergence.history.read_history`)."""
     by_step: dict[int, Path] = {}
-    for path in sorted(files, key=lambda p: p.name.startswith("last")):
-        step = int(load_mapped(path, option).get("global_step", 0))
-        by_step.setdefault(step, path)
+    for entry in sorted(history, key=lambda c: c.path.name.startswith("last")):
+        by_step.setdefault(entry.step, entry.path)
     return sorted(by_step.items())
 
 

@@ -22,18 +22,20 @@ from moe_emergence.checkpoints import (
 )
 from moe_emergence.config import check_moe_node, compose_config
 from moe_emergence.errors import UserError
+from moe_emergence.history import StartRecord, check_no_rewind
 from moe_emergence.model.module import check_compile
+from moe_emergence.resume import check_resume_settings, trainer_settings
 from moe_emergence.runs import (
     SUMMARY_FILE,
     Checkpoint,
     RunSummary,
     check_resume_data,
-    check_resume_settings,
     continue_csv_history,
     remove_partial_writes,
     resolve_start,
     resumes_in_place,
     start_or_put_back,
+    this_run_dir,
 )
 from moe_emergence.settings import is_int
 
@@ -105,6 +107,9 @@ def _start(
     moe = cfg.model.get("moe") or {}
     check_compile(cfg.model.get("compile", False), moe.get("dispatch"), cfg.trainer.precision)
     resume, init = resolve_start(cfg)  # each checkpoint is read once, here
+    run_dir = this_run_dir(cfg)
+    if resume is not None and run_dir is not None and resumes_in_place(resume, Path(run_dir)):
+        check_no_rewind(resume.path, int(resume.contents.get("global_step", 0)))
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)  # checks its settings; reads no data yet
     if resume is not None:
@@ -120,13 +125,13 @@ def _start(
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=logger, plugins=_plugins(cfg)
     )
-    run_dir = Path(trainer.default_root_dir)
     checkpoints = getattr(trainer.checkpoint_callback, "dirpath", None)
     if checkpoints and trainer.is_global_zero:
         for path in remove_partial_writes(Path(checkpoints)):
             log.info("Removed %s, left by a checkpoint write that did not finish.", path)
-    trainer.callbacks.append(RunSummary(run_dir / SUMMARY_FILE))
+    trainer.callbacks.append(RunSummary(Path(trainer.default_root_dir) / SUMMARY_FILE))
     trainer.callbacks.append(RandomStates(seed=cfg.seed))
+    trainer.callbacks.append(StartRecord(trainer_settings(cfg)))  # before StepZeroCheckpoint
     trainer.callbacks.append(StepZeroCheckpoint())  # after RoutingAnalysis: its step-0 rows
     return datamodule, model, trainer, resume, init
 

@@ -201,6 +201,58 @@ def test_every_checkpoint_has_a_matching_sidecar(runs):
             ["world size (trainer.devices x trainer.num_nodes): checkpoint 1, now 2"],
         ),
         (["model.n_embd=64"], ["model.n_embd: checkpoint 128, now 64"]),
+        # What trains without changing a shape (#29): the optimizer, the schedule, the loss
+        # weights, the router noise, dropout; each change named with both values.
+        (["model.optimizer.lr=5e-3"], ["model.optimizer.lr: checkpoint 0.001, now 0.005"]),
+        (
+            ["model.optimizer.betas=[0.9,0.99]", "+model.optimizer.eps=1e-6"],
+            [
+                "model.optimizer.betas: checkpoint [0.9, 0.95], now [0.9, 0.99]",
+                "model.optimizer.eps: checkpoint 1e-08, now 1e-06",
+            ],
+        ),
+        (
+            ["model.optimizer.weight_decay=0.1", "model.optimizer._target_=torch.optim.Adam"],
+            [
+                "model.optimizer.weight_decay: checkpoint 0.01, now 0.1",
+                "model.optimizer.decoupled_weight_decay: checkpoint True, now False",
+            ],
+        ),
+        (
+            ["model.warmup_steps=5", "model.min_lr_ratio=0.5"],
+            [
+                "model.warmup_steps: checkpoint 2, now 5",
+                "model.min_lr_ratio: checkpoint 0.1, now 0.5",
+            ],
+        ),
+        (
+            ["model.lb_coef=0.5", "model.z_coef=0", "model.lb_scope=global"],
+            [
+                "model.lb_coef: checkpoint 0.01, now 0.5",
+                "model.z_coef: checkpoint 0.001, now 0",
+                "model.lb_scope: checkpoint 'batch', now 'global'",
+            ],
+        ),
+        (
+            ["model.moe.noise_std=0.5", "model.moe.noise_anneal_steps=50", "model.dropout=0.1"],
+            [
+                "model.moe.noise_std: checkpoint 1.0, now 0.5",
+                "model.moe.noise_anneal_steps: checkpoint 200, now 50",
+                "model.dropout: checkpoint 0.0, now 0.1",
+            ],
+        ),
+        (  # not in Lightning's checkpoint: recorded by each start (history.StartRecord)
+            [
+                "trainer.gradient_clip_val=0.5",
+                "trainer.accumulate_grad_batches=2",
+                "trainer.precision=bf16-mixed",
+            ],
+            [
+                "trainer.gradient_clip_val: checkpoint 1.0, now 0.5",
+                "trainer.accumulate_grad_batches: checkpoint 1, now 2",
+                "trainer.precision: checkpoint '32-true', now 'bf16-mixed'",
+            ],
+        ),
     ],
 )
 def test_a_resume_with_a_changed_setting_is_refused(ctx, tmp_path, extra, needles):
@@ -212,6 +264,25 @@ def test_a_resume_with_a_changed_setting_is_refused(ctx, tmp_path, extra, needle
     assert "\n" not in message
     for needle in [*needles, f"init_from={checkpoint}"]:
         assert needle in message, message
+
+
+def test_a_resume_may_change_how_it_runs_and_what_it_shows(ctx, tmp_path):
+    """The settings meant to change on a resume (resume.MAY_CHANGE: the experts' dispatch, the
+    logging and checkpoint cadence, the progress bar) are taken, and the losses stay the
+    uninterrupted run's, bit for bit."""
+    runs, go = ctx
+    out = go(
+        tmp_path / "second",
+        f"ckpt_path={ckpt(runs, 4)}",
+        "model.moe.dispatch=loop",
+        "trainer.log_every_n_steps=2",
+        "callbacks.model_checkpoint.every_n_train_steps=3",
+        "trainer.enable_progress_bar=true",
+        "trainer.precision=32",  # Lightning's short name of the same precision
+    )
+    assert out["global_step"] == MAX_STEPS
+    full, resumed = lm_losses(runs / "full"), lm_losses(tmp_path / "second")
+    assert sorted(resumed) == [5, 7] and resumed == {s: full[s] for s in resumed}  # every 2nd
 
 
 def test_a_damaged_checkpoint_is_refused(ctx, tmp_path):
@@ -409,6 +480,21 @@ def test_an_in_place_resume_appends_to_the_runs_history(ctx, tmp_path):
     assert out["global_step"] == MAX_STEPS and not killed.exists()
     assert metric_cells(run_dir) == metric_cells(runs / "full")  # none lost, none twice
     assert (run_dir / "csv" / "metrics.start1.csv").read_text() == before
+    # One history: each checkpoint records the starts it went through; the resumed start's
+    # began at step 4. The copied folder's resume wrote last-v1.ckpt beside the first start's
+    # last.ckpt (Lightning found the name taken), and analyze still reads one history.
+    from moe_emergence.history import check_one_history, lineage_of, read_history
+
+    def lineage(name: str) -> list:
+        return lineage_of(torch.load(run_dir / "checkpoints" / name, weights_only=True))
+
+    first = lineage("step000004.ckpt")
+    assert len(first) == 1 and first[0][1] == 0
+    resumed = lineage(f"step{MAX_STEPS:06d}.ckpt")
+    assert resumed[:1] == first and resumed[1][1] == 4 and resumed[1][0] != first[0][0]
+    assert lineage("step000005.ckpt") == resumed
+    files = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    check_one_history(run_dir, read_history(files, "PATH"), "PATH")
 
 
 def test_an_in_place_resume_at_an_analysis_step_keeps_its_routing_scalars(ctx, tmp_path):
@@ -546,6 +632,7 @@ def reversed_domain_set(tmp_path: Path) -> Path:
         (("trainer.max_steps=4",), "nothing is left to train"),
         (("domains",), "trained on the domains code, math, prose"),
         (("ckpt_path=/nonexistent.ckpt",), "does not exist"),
+        (("rewind",), "is step 2 of this run, whose newest checkpoint is step 4"),
     ],
 )
 def test_a_refused_start_in_place_leaves_the_runs_record_as_it_was(ctx, tmp_path, refused, message):
@@ -558,7 +645,9 @@ def test_a_refused_start_in_place_leaves_the_runs_record_as_it_was(ctx, tmp_path
     folder = tmp_path / "run"
     before = record_a_run(runs, folder)
     extra = [f"data.domain_set={reversed_domain_set(tmp_path)}"] if refused == ("domains",) else []
-    extra += [e for e in refused if e != "domains"]
+    if refused == ("rewind",):  # an earlier checkpoint of the run's own folder
+        extra.append(f"ckpt_path={folder / 'checkpoints' / 'step000002.ckpt'}")
+    extra += [e for e in refused if e not in ("domains", "rewind")]
     ckpt_arg = [e for e in extra if e.startswith("ckpt_path=")] or ["ckpt_path=last"]
     check_run_folder(folder, [*ckpt_arg, *extra])  # as RunFolderGuard does before the job
     for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):  # as Hydra does next
@@ -621,3 +710,87 @@ def test_the_folder_guard_leaves_a_ddp_ranks_relaunch_alone(tmp_path, monkeypatc
     monkeypatch.setenv("LOCAL_RANK", "1")
     RunFolderGuard._check(config)
     assert not (tmp_path / ".hydra" / "start1").exists()
+
+
+def test_a_rewind_in_the_runs_own_folder_is_refused_before_any_work(ctx, tmp_path, monkeypatch):
+    """Resuming in place from a checkpoint older than the folder's newest would write a second
+    history beside the later steps (#29): one line naming the newest step, the checkpoint
+    given and the forms that work, before anything is built or written."""
+    from moe_emergence.history import check_no_rewind
+
+    runs, go = ctx
+    folder = tmp_path / "run"
+    shutil.copytree(runs / "first", folder)
+    before = sorted(p.name for p in folder.rglob("*"))
+    earlier = folder / "checkpoints" / "step000002.ckpt"
+    monkeypatch.setattr("moe_emergence.train.instantiate", None)  # nothing may be built
+    with pytest.raises(UserError) as caught:
+        go(folder, f"ckpt_path={earlier}")
+    message = str(caught.value)
+    assert "\n" not in message
+    for needle in (
+        f"ckpt_path={earlier} is step 2 of this run, whose newest checkpoint is step 4 "
+        "(step000004.ckpt)",
+        "Continue the run with ckpt_path=last",
+        f"ckpt_path={earlier} continues its history there, init_from={earlier} (instead of "
+        "ckpt_path) starts a new run from its weights",
+    ):
+        assert needle in message, message
+    assert sorted(p.name for p in folder.rglob("*")) == before
+    check_no_rewind(folder / "checkpoints" / "step000004.ckpt", 4)  # the newest: continues
+    # Without a last.ckpt at the newest step, the newest file is named instead.
+    (folder / "checkpoints" / "last.ckpt").unlink()
+    with pytest.raises(UserError, match=r"Continue the run with ckpt_path=\S+step000004\.ckpt"):
+        check_no_rewind(earlier, 2)
+
+
+def mixed_folder(runs: Path, folder: Path, *files: tuple[Path, str], record: bool = True) -> Path:
+    """``runs/first`` (steps 0-4, one start) as a run folder, with ``files`` added to its
+    checkpoints under the names given (their sidecars too); ``record=False``: every checkpoint
+    without its start record, as written before it existed."""
+    shutil.copytree(runs / "first", folder)
+    (folder / ".hydra").mkdir()
+    (folder / ".hydra" / "config.yaml").write_text("seed: 42\n")
+    for source, name in files:
+        shutil.copy(source, folder / "checkpoints" / name)
+    for target in (folder / "checkpoints").glob("*.ckpt"):
+        if not record:
+            checkpoint = torch.load(target, weights_only=True)
+            del checkpoint["callbacks"]["StartRecord"]
+            torch.save(checkpoint, target)
+        sidecar_path(target).write_text(f"{sha256_file(target)}  {target.name}\n")
+    return folder
+
+
+def test_analyze_refuses_a_folder_whose_checkpoints_come_from_two_starts(ctx, tmp_path):
+    """Two histories in one folder (a rewind in place by an earlier version, or files copied in)
+    are refused in one line naming the files: one step in two files (Lightning's -v<n> name)
+    that are not one start's, or checkpoints whose recorded starts are not one history.
+    Checkpoints without a record are one start."""
+    from moe_emergence.runs import find_runs
+
+    runs, _ = ctx
+
+    def refused(folder: Path) -> str:
+        with pytest.raises(UserError) as caught:
+            find_runs(folder, "PATH")
+        assert "\n" not in str(caught.value)
+        return str(caught.value)
+
+    other = runs / "full" / "checkpoints"  # another start's history of the same settings
+    twice = mixed_folder(runs, tmp_path / "v", (other / "step000004.ckpt", "step000004-v1.ckpt"))
+    assert "step000004-v1.ckpt, step000004.ckpt all hold step 4" in refused(twice)
+    before = mixed_folder(
+        runs, tmp_path / "old", (ckpt(runs, 4), "step000004-v1.ckpt"), record=False
+    )
+    assert "step000004-v1.ckpt, step000004.ckpt all hold step 4" in refused(before)
+    later = mixed_folder(runs, tmp_path / "two", (other / "step000006.ckpt", "step000006.ckpt"))
+    message = refused(later)
+    assert "step000004.ckpt at step 4 is not the history of step000006.ckpt at step 6" in message
+    assert "start 1 (from step 0): step000000.ckpt, step000001.ckpt" in message
+    assert "start 2 (from step 0): step000006.ckpt" in message
+    for folder in (
+        mixed_folder(runs, tmp_path / "one"),
+        mixed_folder(runs, tmp_path / "unrecorded", record=False),
+    ):
+        assert [len(r.checkpoints) for r in find_runs(folder, "PATH")[0]] == [5]  # one history

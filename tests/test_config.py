@@ -141,6 +141,50 @@ def test_config_dir_is_the_repos_conf():
     assert Path(__file__).resolve().parents[1] / "conf" == CONF
 
 
+NOTEBOOK = """
+import sys
+
+import moe_emergence
+assert "torch" not in sys.modules  # importing the package registers nothing, loads nothing
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
+    cfg = compose("config", overrides=sys.argv[2:])
+dm = instantiate(cfg.data)
+dm.prepare_data()
+dm.setup("fit")
+batch = next(iter(dm.train_dataloader()))
+print("batch", tuple(batch["input_ids"].shape), type(dm).__name__)
+"""
+
+
+def test_hydras_own_compose_api_composes_conf_in_a_fresh_process(sample_cache, tmp_path):
+    """A notebook's Hydra (initialize_config_dir + compose + instantiate(cfg.data), one batch)
+    in a fresh interpreter: the groups' base nodes (data/settings, ...) are registered by the
+    package conf/config.yaml's hydra.searchpath names, not by anything the notebook calls."""
+    import subprocess
+    import sys
+
+    overrides = [
+        "data/domains=sample",
+        "data.size_mb=0.05",
+        "data.block_size=64",
+        "data.batch_size=2",
+        "data.show_progress=false",
+        f"data.cache_dir={sample_cache}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", NOTEBOOK, str(CONF), *overrides],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "batch (2, 64) MixedDomainDataModule" in proc.stdout
+
+
 REFERENCE = {  # experiment -> (top_k or None for dense, lb_coef)
     "moe_main": (1, 0.01),
     "dense_baseline": (None, 0.01),

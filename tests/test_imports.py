@@ -162,7 +162,9 @@ ANALYSIS_USERS = (
     "moe_emergence.inspect",
     "moe_emergence.train",
     "moe_emergence.config",
+    "moe_emergence.config_store",  # registers config's base nodes when Hydra composes
     "moe_emergence.runs",
+    "moe_emergence.resume",  # the settings check of a resume, out of runs.py
 )
 CONFIG_MACHINERY = ("hydra", "omegaconf")
 
