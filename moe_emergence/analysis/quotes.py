@@ -14,8 +14,8 @@ A Markdown file marks what it quotes with HTML comments (invisible once rendered
 
 ``python -m moe_emergence.analysis.quotes [--check] [--summary DIR] FILE...`` rewrites what the
 markers hold from the summary (default: the committed study, ``docs/study``) or, with
-``--check``, exits 1 naming every quote that differs. ``tests/test_quotes.py`` runs the check on
-the README and docs/results.md.
+``--check``, exits 1 naming every quote that differs. ``tests/test_docs_quotes.py`` runs the
+check on the README and docs/results.md.
 """
 
 from __future__ import annotations
