@@ -222,8 +222,10 @@ def _check_source_kind(domains: DomainSet, source: str) -> None:
                 )
             if source != "sample" and offline:
                 raise ValueError(
-                    f"{name}[{i}].dataset '{s.dataset}' is the offline sample's: pick "
-                    f"data/domains=sample (it sets source=sample) to read it"
+                    f"{name}[{i}].dataset '{s.dataset}' is the offline sample's, which "
+                    f"source={source} does not read: for the Hub's datasets pick a Hub set, "
+                    f"e.g. data/domains=code_math_prose (it sets source=hub); for the sample, "
+                    f"leave data.source out"
                 )
 
 

@@ -251,3 +251,14 @@ def test_a_reordered_set_reuses_the_cache_and_keeps_its_own_order(
     assert second.domains == tuple(second.train_packed.domains) == ("code", "math", "prose")
     fresh = datamodule(forward, "fresh")  # a cache the set itself built: the same blocks
     assert blocks_digest(fresh.train_packed) == blocks_digest(second.train_packed)
+
+
+def test_a_hub_source_with_the_sample_set_points_to_a_hub_set(tmp_path):
+    """``experiment=study_cpu data.source=hub``: the user wants the Hub, so the hint names a Hub
+    set (not the sample set the experiment already picked)."""
+    proc = run_train(
+        "experiment=study_cpu", "data.source=hub", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path
+    )
+    assert proc.returncode != 0
+    assert_one_error_line(proc.stderr, "pick a Hub set, e.g. data/domains=code_math_prose")
+    assert "it sets source=sample" not in proc.stderr
