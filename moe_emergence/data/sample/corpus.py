@@ -486,9 +486,10 @@ def domain_identity(
     """What the sample corpus gives ``domain`` for this budget: the recipe version, the seed,
     and the number and SHA-256 of the texts chosen (JSON-ready).
 
-    It changes exactly when the chosen texts do: a new Python build or a newly installed
-    distribution whose description prose would read, not one it never reaches. Costs one
-    load of the domain (~0.01-0.2 s per MiB); memoized per process.
+    It changes exactly when the chosen texts do: for the frozen ``sample`` set, only when the
+    snapshot is rebuilt (or the math generator or seed change); for live sources, also with a
+    new Python build or a newly installed distribution whose description prose would read.
+    Costs one load of the domain (~0.01-0.2 s per MiB); memoized per process.
     """
     texts, _ = load_sample_domain(
         domain, size_mb, max_example_chars, seed, quiet=True, sources=sources
