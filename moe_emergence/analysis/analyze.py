@@ -22,6 +22,8 @@ checkpoint's folder's ``analysis``)::
                expert_tokens.csv, expert_tokens.md, saturation.png
                                                the field's specialisation metrics (tables.py)
     runs/<run>/data_report.json                the rebuilt data's report
+    runs/<run>/result.json.xz                  the run's whole analysis (result_files.py):
+                                               a later analyze reads it as a PATH
 
 ``--model MODEL`` (instead of PATH) measures a Hugging Face MoE on a domain set the same way
 (:mod:`moe_emergence.analysis.external`).
@@ -30,9 +32,10 @@ checkpoint's folder's ``analysis``)::
 from __future__ import annotations
 
 import argparse
+import shutil
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -43,7 +46,13 @@ from moe_emergence.analysis.external import add_model_arguments, model_only_flag
 from moe_emergence.analysis.knockout import COLUMNS as KNOCKOUT
 from moe_emergence.analysis.knockout import KNOCKOUT_FILE, knockout_rows
 from moe_emergence.analysis.plots import saturation_figure, save_figure
-from moe_emergence.analysis.results import RunResult
+from moe_emergence.analysis.result_files import (
+    RESULT_FILE,
+    analysis_code,
+    read_result,
+    write_result,
+)
+from moe_emergence.analysis.results import NO_OVERRIDES, RunResult
 from moe_emergence.analysis.summary_files import write_summary
 from moe_emergence.analysis.tables import (
     COACTIVATION,
@@ -81,8 +90,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "path",
         metavar=OPTION,
         nargs="*",
-        help="a run dir, a multirun dir or a .ckpt file; several: one study (e.g. sweeps run in "
-        "several sittings; the same condition and seed twice is refused; --out required)",
+        help="a run dir, a multirun dir, a .ckpt file or an earlier analysis's --out folder (its "
+        "runs' results are reused, no checkpoints needed); several: one study (e.g. sweeps run "
+        "in several sittings; the same condition and seed twice is refused; --out required)",
     )
     parser.add_argument(
         "--out",
@@ -229,35 +239,96 @@ def expert_tokens_markdown(result: RunResult, rows: Sequence[dict]) -> str:
     return token_lists_markdown(title, result.layers, result.n_experts, rows)
 
 
-def study_runs(paths: Sequence[Path]) -> tuple[list[RunCheckpoints], list[str]]:
-    """The runs of every path, as one study: with several paths, each run's name starts with its
-    path's folder name (``primary/3``); a condition (overrides but the seed) with one seed in
-    two runs is refused before any work, naming both."""
-    if len(paths) == 1:
-        return find_runs(paths[0], OPTION)
-    labels = [p.name or str(p) for p in paths]
+@dataclass(frozen=True)
+class ReusedRun:
+    """A run an earlier analysis measured: its result, its folder there (``runs/<run>``) and
+    the analysis code that measured it (:func:`.result_files.analysis_code`)."""
+
+    result: RunResult
+    folder: Path
+    code: str
+
+
+@dataclass
+class Study:
+    """What one ``analyze`` call summarises: runs to measure from their checkpoints, runs to
+    reuse from earlier analyses, and notes on runs skipped."""
+
+    runs: list[RunCheckpoints] = field(default_factory=list)
+    reused: list[ReusedRun] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def is_analysis(path: Path) -> bool:
+    """Whether ``path`` is an ``analyze`` output folder (it holds ``summary.json``)."""
+    return path.is_dir() and (path / "summary.json").is_file()
+
+
+def reused_runs(path: Path) -> list[ReusedRun]:
+    """The runs of the analysis folder ``path``, read from ``runs/*/result.json.xz``; a
+    one-line :class:`UserError` when it holds none (written before results were kept)."""
+    files = sorted((path / RUNS_DIR).glob(f"*/{RESULT_FILE}"))
+    if not files:
+        raise UserError(
+            f"{OPTION}={path} is an analysis without run results ({RUNS_DIR}/<run>/{RESULT_FILE}; "
+            "analyses before they were kept have none): pass the runs' own folders."
+        )
+    reused = []
+    for file in files:
+        result, code = read_result(file, f"{OPTION}={path}")
+        reused.append(ReusedRun(result, file.parent, code))
+    return reused
+
+
+def study_runs(paths: Sequence[Path]) -> Study:
+    """The runs of every path, as one study: with several paths, each run measured here has a
+    name that starts with its path's folder name (``primary/3``); a reused run keeps the name
+    its analysis gave it. A condition (overrides but the seed) with one seed in two runs, and
+    two runs of one name, are refused before any work, naming both."""
+    study = Study()
+    measured = [p for p in paths if not is_analysis(p)]
+    if len(paths) == 1 and measured:
+        study.runs, study.notes = find_runs(paths[0], OPTION)
+        return study
+    labels = [p.name or str(p) for p in measured]
     if len(set(labels)) < len(labels):
         raise UserError(
-            f"{OPTION}: the folders {', '.join(map(str, paths))} share a name; their runs would "
-            "share names: pass folders with distinct names."
+            f"{OPTION}: the folders {', '.join(map(str, measured))} share a name; their runs "
+            "would share names: pass folders with distinct names."
         )
-    runs, notes = [], []
-    for path, label in zip(paths, labels, strict=True):
+    for path in paths:
+        if is_analysis(path):
+            study.reused += reused_runs(path)
+            continue
         found, skipped = find_runs(path, OPTION)
-        runs += [replace(r, name=f"{label}/{r.name}") for r in found]
-        notes += [f"{label}/{note}" for note in skipped]
+        label = path.name or str(path)
+        study.runs += [replace(r, name=f"{label}/{r.name}") for r in found]
+        study.notes += [f"{label}/{note}" for note in skipped]
+    keys = [(r.name, _condition_key(r)) for r in study.runs]
+    keys += [(r.result.name, (r.result.group, r.result.seed)) for r in study.reused]
+    names: set[str] = set()
     seen: dict[tuple[str, int | None], str] = {}
-    for run_ in runs:
-        overrides, seed = run_overrides(run_.run_dir)
-        key = (",".join(overrides), seed)
+    for name, key in keys:
+        if name in names:
+            raise UserError(
+                f"{OPTION}: two runs are named {name}: one study names a run once; leave one of "
+                "the folders out."
+            )
+        names.add(name)
         if key in seen:
             raise UserError(
-                f"{OPTION}: runs {seen[key]} and {run_.name} are the same condition "
-                f"({key[0] or 'no overrides'}) with the same seed ({seed}): one study holds a "
-                "seed once per condition; leave one of the folders out."
+                f"{OPTION}: runs {seen[key]} and {name} are the same condition ({key[0]}) with "
+                f"the same seed ({key[1]}): one study holds a seed once per condition; leave one "
+                "of the folders out."
             )
-        seen[key] = run_.name
-    return runs, notes
+        seen[key] = name
+    return study
+
+
+def _condition_key(run_: RunCheckpoints) -> tuple[str, int | None]:
+    """(group, seed) of a run to measure, as its :class:`RunResult` will say them."""
+    overrides, seed = run_overrides(run_.run_dir)
+    return ",".join(overrides) or NO_OVERRIDES, seed
 
 
 def run(args: argparse.Namespace) -> str:
@@ -268,8 +339,13 @@ def run(args: argparse.Namespace) -> str:
     paths = [Path(p).expanduser() for p in args.path]
     if len(paths) > 1 and not args.out:
         raise UserError(f"{len(paths)} PATHs: pass --out, the folder of their one analysis.")
-    runs, notes = study_runs(paths)
-    verify_checkpoints(runs, OPTION)
+    if not args.out and is_analysis(paths[0]):
+        raise UserError(
+            f"{OPTION}={paths[0]} is an analysis: pass --out, the folder of the new one (it may "
+            "be that analysis itself, to write it again)."
+        )
+    study = study_runs(paths)
+    verify_checkpoints(study.runs, OPTION)
     out = Path(args.out).expanduser() if args.out else default_out(paths[0])
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: pass a folder (new or an earlier analysis's).")
@@ -280,16 +356,11 @@ def run(args: argparse.Namespace) -> str:
         raise UserError(f"--out {out} cannot be made ({reason}): pass a writable folder.") from None
     # One analysis at a time writes into a folder; a second one waits for the first.
     with locked(out / LOCK_FILE, "another analysis writing into this folder"):
-        return _analyse(args, runs, notes, out, device)
+        return _analyse(args, study, out, device)
 
 
-def _analyse(
-    args: argparse.Namespace,
-    runs: Sequence[RunCheckpoints],
-    notes: list[str],
-    out: Path,
-    device: torch.device,
-) -> str:
+def _analyse(args: argparse.Namespace, study: Study, out: Path, device: torch.device) -> str:
+    runs = study.runs
     total = sum(len(r.checkpoints) for r in runs)
     results = []
     with tqdm(total=total, desc="checkpoints", unit="ckpt", disable=args.no_progress) as bar:
@@ -307,20 +378,46 @@ def _analyse(
             )
             write_run_tables(result, folder)
             write_specialisation(result, folder)
+            write_result(result, folder)
             results.append(result)
+    results += [_take_over(reused, out) for reused in study.reused]
     written = write_summary(results, out)
-    lines = [*notes, *written.warnings]
+    lines = [*study.notes, *reused_notes(study.reused), *written.warnings]
     dispatches = Counter(r.dispatch for r in results if r.dispatch is not None)
     if dispatches:
         used = [f"{path} ({n} run{'s' if n > 1 else ''})" for path, n in sorted(dispatches.items())]
         lines.append("MoE dispatch at training: " + ", ".join(used))
-    lines += [f"{len(results)} run(s), {total} checkpoint(s); written to {out}:"]
+    lines += [f"{len(results)} run(s), {total} checkpoint(s) measured; written to {out}:"]
     paths = [written.csv, written.json, written.markdown, *written.figures]
     lines += [f"  {p.relative_to(out)}" for p in paths] + [f"  {RUNS_DIR}/<run>/ (per run)"]
     summary_md = out / "summary.md"
     if summary_md.is_file():
         lines += ["", summary_md.read_text().rstrip()]
     return "\n".join(lines)
+
+
+def _take_over(reused: ReusedRun, out: Path) -> RunResult:
+    """The reused run's result; its folder of tables copied into ``out/runs`` as its analysis
+    wrote it (unless ``out`` is that analysis)."""
+    folder = out / RUNS_DIR / reused.folder.name
+    if folder.resolve() != reused.folder.resolve():
+        shutil.copytree(reused.folder, folder, dirs_exist_ok=True)
+    return reused.result
+
+
+def reused_notes(reused: Sequence[ReusedRun]) -> list[str]:
+    """What to say of the reused runs: how many, and those measured by other analysis code."""
+    if not reused:
+        return []
+    lines = [f"{len(reused)} run(s) reused from earlier analyses ({RUNS_DIR}/<run>/{RESULT_FILE})"]
+    other = [r.result.name for r in reused if r.code != analysis_code()]
+    if other:
+        lines.append(
+            f"{len(other)} of them measured by other analysis code than this one's (their "
+            f"numbers are that code's; analyse them from their checkpoints to re-measure): "
+            + ", ".join(other)
+        )
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,9 +6,11 @@ cache, and one-line errors for bad paths."""
 from __future__ import annotations
 
 import json
+import lzma
 import math
 import shutil
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -517,3 +519,77 @@ def test_several_folders_need_out_and_hold_a_seed_once(sweep, tmp_path, capsys):
     code, _, err = _analyze(capsys, first, tmp_path / "x" / "first", "--out", tmp_path / "out")
     assert code == 1
     assert_one_error_line(err, "share a name")
+
+
+def _rewrite_result(file: Path, **changes) -> None:
+    record = json.loads(lzma.decompress(file.read_bytes()))
+    file.write_bytes(lzma.compress(json.dumps({**record, **changes}).encode()))
+
+
+def test_an_earlier_analysis_is_summarised_again_bit_for_bit(sweep, tmp_path, capsys):
+    """An analysis's folder as PATH: its runs are read from their result files, not measured
+    again (their checkpoints may be gone), and the summary is the one their analysis wrote, byte
+    for byte, knock-out included; the run folders come along."""
+    first = tmp_path / "first"
+    code, _, err = _analyze(capsys, sweep, "--out", first)
+    assert code == 0, err
+    again = tmp_path / "again"
+    with patch("moe_emergence.analysis.analyze.evaluate_run", side_effect=AssertionError):
+        code, out, err = _analyze(capsys, first, "--out", again)
+    assert code == 0, err
+    assert "4 run(s) reused from earlier analyses" in out and "other analysis code" not in out
+    for name in ("summary.json", "summary.csv", "summary.md"):
+        assert (again / name).read_bytes() == (first / name).read_bytes(), name
+    copied = sorted(p.name for p in (again / "runs").iterdir())
+    assert copied == sorted(p.name for p in (first / "runs").iterdir()) and len(copied) == 4
+    assert (again / "runs" / copied[0] / "trajectory.csv").is_file()
+
+
+def test_a_reused_analysis_and_a_new_sitting_are_one_study(sweep, tmp_path, capsys):
+    """The first sitting's analysis (checkpoints gone) and the second sitting's sweep: the groups,
+    seeds and dense twin of analysing both sweeps at once; a seed twice and a missing --out are
+    refused; the notes name runs measured by other analysis code."""
+    first, second = _split_sweep(sweep, tmp_path)
+    earlier = tmp_path / "earlier"
+    code, _, err = _analyze(capsys, first, "--out", earlier, "--no-knockout")
+    assert code == 0, err
+    shutil.rmtree(first)
+    code, out, err = _analyze(capsys, earlier, second, "--out", tmp_path / "out", "--no-knockout")
+    assert code == 0, err
+    assert "2 run(s) reused" in out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    moe = next(g for g, info in summary["groups"].items() if info["moe"])
+    dense = next(g for g, info in summary["groups"].items() if not info["moe"])
+    assert summary["groups"][moe]["seeds"] == summary["groups"][dense]["seeds"] == [1, 2]
+    assert summary["groups"][moe]["dense_twin"] == dense
+    assert (
+        next(r for r in summary["rows"] if (r["group"], r["metric"]) == (moe, "loss_minus_dense"))[
+            "n"
+        ]
+        == 2
+    )
+
+    code, _, err = _analyze(capsys, earlier, sweep, "--out", tmp_path / "x")
+    assert code == 1
+    assert_one_error_line(err, "the same condition", "leave one of the folders out")
+    code, _, err = _analyze(capsys, earlier, tmp_path / "out", "--out", tmp_path / "x")
+    assert code == 1
+    assert_one_error_line(err, "two runs are named", "leave one of the folders out")
+    code, _, err = _analyze(capsys, earlier)
+    assert code == 1
+    assert_one_error_line(err, "is an analysis: pass --out")
+
+    result = next((earlier / "runs").glob("*/result.json.xz"))
+    _rewrite_result(result, analysis_code="0" * 64)
+    code, out, err = _analyze(capsys, earlier, "--out", tmp_path / "y")
+    assert code == 0, err
+    assert "1 of them measured by other analysis code" in out and result.parent.name in out
+    _rewrite_result(result, format=0)
+    code, _, err = _analyze(capsys, earlier, "--out", tmp_path / "y")
+    assert code == 1
+    assert_one_error_line(err, "format 0", "analyse the run again from its checkpoints")
+    for file in (earlier / "runs").glob("*/result.json.xz"):
+        file.unlink()
+    code, _, err = _analyze(capsys, earlier, second, "--out", tmp_path / "y")
+    assert code == 1
+    assert_one_error_line(err, "an analysis without run results", "pass the runs' own folders")
