@@ -18,13 +18,14 @@ from omegaconf import DictConfig
 
 from moe_emergence.config import check_group_overrides, register_resolvers
 from moe_emergence.errors import report_user_errors
-from moe_emergence.train import train
 
 register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from moe_emergence.train import train  # torch and Lightning: not for --help
+
     hydra_cfg = HydraConfig.get()
     status = report_user_errors(
         lambda: train(

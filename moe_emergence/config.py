@@ -11,8 +11,10 @@ is handed to the model by the wiring (:mod:`moe_emergence.train`), not resolved 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -68,14 +70,56 @@ def settings_nodes() -> dict[str, dict[str, Any]]:
     }
 
 
+# The top-level keys of conf/config.yaml (no settings class holds them).
+RUN_KEYS = {
+    "seed": (42, "seeds Lightning (weights, router noise) and, through data.seed, block order"),
+    "ckpt_path": (
+        None,
+        "resume: a .ckpt file, a run dir (its last.ckpt) or `last` (with hydra.run.dir=<run dir>"
+        ", in that folder); the settings that change training must be the run's own",
+    ),
+    "init_from": (
+        None,
+        "start a NEW run (step 0, fresh optimizer) from the weights of a .ckpt file or a run "
+        "dir's last.ckpt; not together with ckpt_path",
+    ),
+}
+HELP_WIDTH = 100
+
+
+def settings_help() -> str:
+    """Resolver ``${settings_help:}`` (``train.py --help``): every key the settings classes
+    define, with its default and help, one block per key. ``$`` is doubled: Hydra renders its
+    help page as a ``string.Template``."""
+    rows = [(key, default, text) for key, (default, text) in RUN_KEYS.items()]
+    for cls in (DataSettings, LoaderSettings, ModelSettings, MoESettings, ProbeSettings):
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            rows.append((cls.config_key(f.name), default, f.metadata["help"]))
+    lines = []
+    for key, default, text in rows:
+        shown = (
+            "null"
+            if default is None
+            else str(default).lower()
+            if default in (True, False)
+            else default
+        )
+        lines.append(f"{key}={shown}")
+        lines += textwrap.wrap(text, HELP_WIDTH, initial_indent="    ", subsequent_indent="    ")
+    return "\n".join(lines).replace("$", "$$")
+
+
 def register_resolvers() -> None:
-    """``${path_safe:...}``, ``${unique_dir:...}`` and the groups' base nodes; idempotent.
-    ``train.py`` calls it before Hydra composes."""
+    """``${path_safe:...}``, ``${unique_dir:...}``, ``${settings_help:}`` and the groups' base
+    nodes; idempotent. ``train.py`` calls it before Hydra composes."""
     from hydra.core.config_store import ConfigStore
 
     run_dir.register()
     if not OmegaConf.has_resolver("path_safe"):
         OmegaConf.register_new_resolver("path_safe", path_safe)
+    if not OmegaConf.has_resolver("settings_help"):
+        OmegaConf.register_new_resolver("settings_help", settings_help)
     store = ConfigStore.instance()
     for group, node in settings_nodes().items():
         store.store(group=group, name=SETTINGS_NODE, node=node)

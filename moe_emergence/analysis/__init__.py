@@ -12,7 +12,28 @@ summary_files.py and sweep_plots.py (rendering) (groups over seeds: intervals, t
 command: model, tokenizer, probe, routing) and external_report.py (its scores and outputs).
 """
 
-from moe_emergence.analysis.callback import RoutingAnalysis
-from moe_emergence.analysis.probe import Probe, build_probe, route_blocks, score_probe_routing
+import importlib
+
+# name -> the module that defines it: imported on first use (PEP 562), so that importing
+# a light module of this package (its settings) does not load torch, transformers or
+# Lightning (train.py --help reads the settings alone)
+_EXPORTS = {
+    "Probe": "moe_emergence.analysis.probe",
+    "RoutingAnalysis": "moe_emergence.analysis.callback",
+    "build_probe": "moe_emergence.analysis.probe",
+    "route_blocks": "moe_emergence.analysis.probe",
+    "score_probe_routing": "moe_emergence.analysis.probe",
+}
 
 __all__ = ["Probe", "RoutingAnalysis", "build_probe", "route_blocks", "score_probe_routing"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -5,20 +5,29 @@ The original spec's names are importable from here. ``load_tokenizer`` is
 ``sample_bpe`` included.
 """
 
-from moe_emergence.data.dataset import PackedMixedDomainDataset, collate_packed
-from moe_emergence.data.domains import (
-    DomainSet,
-    domain_set,
-    load_code_data,
-    load_math_data,
-    load_prose_data,
-)
-from moe_emergence.data.packing import pack_sequences
-from moe_emergence.data.prepare import load_data_tokenizer as load_tokenizer
-from moe_emergence.data.settings import DataSettings, LoaderSettings
-from moe_emergence.data.sources import Source
-from moe_emergence.data.tokenize import TokenStream, encode_texts
-from moe_emergence.hub import HubUnavailableError
+import importlib
+
+# name -> the module that defines it: imported on first use (PEP 562), so that importing
+# a light module of this package (its settings) does not load torch, transformers or
+# Lightning (train.py --help reads the settings alone)
+_EXPORTS = {
+    "DataSettings": "moe_emergence.data.settings",
+    "DomainSet": "moe_emergence.data.domains",
+    "HubUnavailableError": "moe_emergence.hub",
+    "LoaderSettings": "moe_emergence.data.settings",
+    "MixedDomainDataModule": "moe_emergence.data.datamodule",
+    "PackedMixedDomainDataset": "moe_emergence.data.dataset",
+    "Source": "moe_emergence.data.sources",
+    "TokenStream": "moe_emergence.data.tokenize",
+    "collate_packed": "moe_emergence.data.dataset",
+    "domain_set": "moe_emergence.data.domains",
+    "encode_texts": "moe_emergence.data.tokenize",
+    "load_code_data": "moe_emergence.data.domains",
+    "load_math_data": "moe_emergence.data.domains",
+    "load_prose_data": "moe_emergence.data.domains",
+    "main": "moe_emergence.data.cli",
+    "pack_sequences": "moe_emergence.data.packing",
+}
 
 __all__ = [
     "DataSettings",
@@ -41,15 +50,15 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # Loaded on first use, not on `import moe_emergence.data`: the datamodule brings Lightning
-    # (~4 s), which the data CLI does without; `main` is the
-    # spec's name for the data CLI (`python -m moe_emergence.data`), which nothing here needs.
-    if name == "MixedDomainDataModule":
-        from moe_emergence.data.datamodule import MixedDomainDataModule
+    if name == "load_tokenizer":  # the spec's name for prepare.load_data_tokenizer
+        from moe_emergence.data.prepare import load_data_tokenizer
 
-        return MixedDomainDataModule
-    if name == "main":
-        from moe_emergence.data.cli import main
+        return load_data_tokenizer
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS, "load_tokenizer"])

@@ -1,26 +1,29 @@
 """The model: a noisy top-k MoE layer and its reference routers (frozen, hash, domain; moe.py)
 installed into GPT-2's MLPs (gpt2_moe.py)."""
 
-from moe_emergence.model.gpt2_moe import (
-    AuxOutputs,
-    build_gpt2,
-    collect_aux_outputs,
-    count_parameters,
-    install_moe_layers,
-    moe_layers,
-    routing_domains,
-    set_router_step,
-)
-from moe_emergence.model.moe import (
-    DomainRouter,
-    FixedRouter,
-    HashRouter,
-    MoELayer,
-    Router,
-    RouterOutput,
-    load_balancing_loss,
-    z_loss,
-)
+import importlib
+
+# name -> the module that defines it: imported on first use (PEP 562), so that importing
+# a light module of this package (its settings) does not load torch, transformers or
+# Lightning (train.py --help reads the settings alone)
+_EXPORTS = {
+    "AuxOutputs": "moe_emergence.model.gpt2_moe",
+    "DomainRouter": "moe_emergence.model.moe",
+    "FixedRouter": "moe_emergence.model.moe",
+    "HashRouter": "moe_emergence.model.moe",
+    "MoELayer": "moe_emergence.model.moe",
+    "Router": "moe_emergence.model.moe",
+    "RouterOutput": "moe_emergence.model.moe",
+    "build_gpt2": "moe_emergence.model.gpt2_moe",
+    "collect_aux_outputs": "moe_emergence.model.gpt2_moe",
+    "count_parameters": "moe_emergence.model.gpt2_moe",
+    "install_moe_layers": "moe_emergence.model.gpt2_moe",
+    "load_balancing_loss": "moe_emergence.model.moe",
+    "moe_layers": "moe_emergence.model.gpt2_moe",
+    "routing_domains": "moe_emergence.model.gpt2_moe",
+    "set_router_step": "moe_emergence.model.gpt2_moe",
+    "z_loss": "moe_emergence.model.moe",
+}
 
 __all__ = [
     "AuxOutputs",
@@ -40,3 +43,14 @@ __all__ = [
     "set_router_step",
     "z_loss",
 ]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
