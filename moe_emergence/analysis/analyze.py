@@ -260,8 +260,9 @@ class Study:
 
 
 def is_analysis(path: Path) -> bool:
-    """Whether ``path`` is an ``analyze`` output folder (it holds ``summary.json``)."""
-    return path.is_dir() and (path / "summary.json").is_file()
+    """Whether ``path`` is an ``analyze`` output folder (it holds ``summary.json`` and
+    ``runs/``; a run dir holds a ``summary.json`` of its training, but no ``runs/``)."""
+    return (path / "summary.json").is_file() and (path / RUNS_DIR).is_dir()
 
 
 def reused_runs(path: Path) -> list[ReusedRun]:
