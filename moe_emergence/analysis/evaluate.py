@@ -54,6 +54,7 @@ from moe_emergence.runs import RunCheckpoints, recorded_config, run_overrides
 log = logging.getLogger(__name__)
 
 OPTION = "PATH"
+DOMAIN_SET_FILE = "domain_set.yaml"  # a run's domain set, written for the rebuild hint
 CODE = "code"
 # ---------------------------------------------------------------------- the run's records
 
@@ -105,7 +106,7 @@ def domain_set_flag(settings: Mapping[str, Any], folder: Path) -> list[str]:
                 return ["--domain-set", name]
         except (OSError, ValueError):
             continue
-    file = folder / "domain_set.yaml"
+    file = folder / DOMAIN_SET_FILE
     write_atomic(file, yaml.safe_dump({"domain_set": spec}, sort_keys=False))
     return ["--domain-set", str(file)]
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import html
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -36,7 +37,11 @@ import numpy as np
 import torch
 from transformers import GPT2LMHeadModel
 
-from moe_emergence.analysis.evaluate import checkpoint_expert_tokens, data_overrides_of
+from moe_emergence.analysis.evaluate import (
+    DOMAIN_SET_FILE,
+    checkpoint_expert_tokens,
+    data_overrides_of,
+)
 from moe_emergence.analysis.loading import (
     LoadedCheckpoint,
     load_checkpoint,
@@ -471,19 +476,23 @@ def probe_token_lists(
     """The run's probe and the checkpoint's per-expert token lists on it
     (:func:`~moe_emergence.analysis.evaluate.checkpoint_expert_tokens`; the rebuilt data's
     report is dropped); a one-line error that names ``--no-token-lists`` when they cannot be
-    had."""
-    with tempfile.TemporaryDirectory(prefix="inspect-report-") as report_dir:
-        try:
-            return checkpoint_expert_tokens(
-                f"{OPTION}={loaded.path}",
-                loaded,
-                checkpoint_run_dir(loaded.path),
-                Path(report_dir),
-                torch.device("cpu"),
-                data_overrides_of(args),
-            )
-        except UserError as exc:
-            raise UserError(f"Per-expert token lists: {exc} Or pass {NO_LISTS}.") from None
+    had (the report's temporary folder kept when the error's rebuild command names the domain
+    set file written there)."""
+    report_dir = Path(tempfile.mkdtemp(prefix="inspect-report-"))
+    try:
+        return checkpoint_expert_tokens(
+            f"{OPTION}={loaded.path}",
+            loaded,
+            checkpoint_run_dir(loaded.path),
+            report_dir,
+            torch.device("cpu"),
+            data_overrides_of(args),
+        )
+    except UserError as exc:
+        raise UserError(f"Per-expert token lists: {exc} Or pass {NO_LISTS}.") from None
+    finally:  # kept where the error's rebuild command names the domain set written there
+        if not (report_dir / DOMAIN_SET_FILE).is_file():
+            shutil.rmtree(report_dir, ignore_errors=True)
 
 
 def run(args: argparse.Namespace) -> str:

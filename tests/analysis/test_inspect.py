@@ -541,3 +541,26 @@ def test_html_where_no_file_can_be_written_is_one_line(demo_ckpt, tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith("error: --html ") and err.count("\n") == 1, err
     assert "No space left on device" in err and not page.exists()
+
+
+def test_the_token_lists_rebuild_hint_names_a_domain_set_file_that_stays(
+    demo_ckpt, tmp_path, capsys
+):
+    """Data that cannot be rebuilt here (its mirror is gone) for a run of a domain set that no
+    conf/data/domains file holds: the hint names --domain-set with a file written for it, and
+    that file is still there after inspect ends (#29 item 8)."""
+    from moe_emergence.data.domains import read_domain_set
+
+    spec = {k: v for k, v in read_domain_set("code_math_prose").items() if k != "prose"}
+
+    def other_data(checkpoint):
+        data = checkpoint["datamodule_hyper_parameters"]
+        data.update(source="hub", hub_mirror=str(tmp_path / "gone"), domain_set=spec)
+
+    ckpt = _edited_copy(demo_ckpt, tmp_path / "run" / "checkpoints", other_data)
+    assert main([str(ckpt), "--text", "x = 1", "--html", str(tmp_path / "t.html")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: Per-expert token lists") and err.count("\n") == 1, err
+    found = re.search(r"--domain-set (\S+domain_set\.yaml)", err)
+    assert found and Path(found.group(1)).is_file(), err
+    shutil.rmtree(Path(found.group(1)).parent)
