@@ -556,7 +556,8 @@ def split_override(item: str) -> tuple[str, str]:
 
 def run_overrides(run_dir: Path | None) -> tuple[list[str], int | None]:
     """The run's condition overrides (sorted ``key=value``: see :data:`NOT_CONDITION_PREFIXES`)
-    and its ``seed=`` override (None when not overridden)."""
+    and its ``seed=`` override (None when not overridden); a one-line UserError naming the file
+    when that seed is not an integer."""
     file = run_dir / HYDRA_OVERRIDES if run_dir is not None else None
     if file is None or not file.is_file():
         return [], None
@@ -565,7 +566,14 @@ def run_overrides(run_dir: Path | None) -> tuple[list[str], int | None]:
     for item in read_record(file) or []:
         bare, value = split_override(item)
         if bare == "seed":
-            seed = int(value)
+            try:
+                seed = int(value)
+            except ValueError:
+                raise UserError(
+                    f"{file} says seed={value!r}, not an integer: restore the run's record (the "
+                    f"seed it trained with), or move its .hydra folder away to analyse its "
+                    f"checkpoints without it."
+                ) from None
         elif bare not in not_condition and not bare.startswith(NOT_CONDITION_PREFIXES):
             kept.append(str(item))
     return sorted(kept), seed

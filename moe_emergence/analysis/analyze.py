@@ -260,8 +260,9 @@ class Study:
 
 
 def is_analysis(path: Path) -> bool:
-    """Whether ``path`` is an ``analyze`` output folder (it holds ``summary.json``)."""
-    return path.is_dir() and (path / "summary.json").is_file()
+    """Whether ``path`` is an ``analyze`` output folder (it holds ``summary.json`` and
+    ``runs/``; a run dir holds a ``summary.json`` of its training, but no ``runs/``)."""
+    return (path / "summary.json").is_file() and (path / RUNS_DIR).is_dir()
 
 
 def reused_runs(path: Path) -> list[ReusedRun]:
@@ -289,6 +290,8 @@ def study_runs(paths: Sequence[Path]) -> Study:
     measured = [p for p in paths if not is_analysis(p)]
     if len(paths) == 1 and measured:
         study.runs, study.notes = find_runs(paths[0], OPTION)
+        for run_ in study.runs:  # a damaged record is refused now, not after the work
+            _condition_key(run_)
         return study
     labels = [p.name or str(p) for p in measured]
     if len(set(labels)) < len(labels):
@@ -331,6 +334,23 @@ def _condition_key(run_: RunCheckpoints) -> tuple[str, int | None]:
     return ",".join(overrides) or NO_OVERRIDES, seed
 
 
+def check_no_other_runs(study: Study, out: Path) -> None:
+    """Refuse (one line, before any work) an ``out`` whose ``runs/`` holds folders of runs that
+    are not in ``study``: its summary would leave them out while its run folders keep them."""
+    found = out / RUNS_DIR
+    if not found.is_dir():
+        return
+    mine = set(run_names(study.runs)) | {r.folder.name for r in study.reused}
+    other = sorted(p.name for p in found.iterdir() if p.is_dir() and p.name not in mine)
+    if other:
+        shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
+        raise UserError(
+            f"--out {out} holds {len(other)} run(s) of another analysis that are not in this "
+            f"study ({RUNS_DIR}/{shown}): its summary would leave them out; pass a new --out, or "
+            f"pass {out} as a {OPTION} too, so that its runs join this study."
+        )
+
+
 def run(args: argparse.Namespace) -> str:
     """Do the work of one ``analyze`` call; return what to print."""
     if args.model is not None:
@@ -345,10 +365,11 @@ def run(args: argparse.Namespace) -> str:
             "be that analysis itself, to write it again)."
         )
     study = study_runs(paths)
-    verify_checkpoints(study.runs, OPTION)
     out = Path(args.out).expanduser() if args.out else default_out(paths[0])
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: pass a folder (new or an earlier analysis's).")
+    check_no_other_runs(study, out)
+    verify_checkpoints(study.runs, OPTION)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

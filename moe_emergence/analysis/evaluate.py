@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from omegaconf import OmegaConf
 
 from moe_emergence.analysis.knockout import knockout_effects
@@ -44,13 +45,16 @@ from moe_emergence.analysis.specialisation import (
 )
 from moe_emergence.analysis.token_types import CATEGORIES, token_type_table
 from moe_emergence.data import MixedDomainDataModule
+from moe_emergence.data.domains import available_sets, plain_containers, read_domain_set
 from moe_emergence.errors import UserError, user_error_in
+from moe_emergence.files import write_atomic
 from moe_emergence.model.gpt2_moe import moe_layers
 from moe_emergence.runs import RunCheckpoints, recorded_config, run_overrides
 
 log = logging.getLogger(__name__)
 
 OPTION = "PATH"
+DOMAIN_SET_FILE = "domain_set.yaml"  # a run's domain set, written for the rebuild hint
 CODE = "code"
 # ---------------------------------------------------------------------- the run's records
 
@@ -86,8 +90,30 @@ def trained_seed(name: str, final: LoadedCheckpoint, recorded: int | None) -> in
     return int(final.seed)
 
 
-def rebuild_hint(settings: dict[str, Any]) -> str:
-    """The data CLI command that rebuilds a run's token cache."""
+def domain_set_flag(settings: Mapping[str, Any], folder: Path) -> list[str]:
+    """``--domain-set`` with what names the run's recorded domain set: nothing for the source's
+    default (None), a set's name when its file in ``conf/data/domains`` holds that mapping, else
+    a YAML file of it written into ``folder`` (``domain_set.yaml``)."""
+    spec = settings.get("domain_set")
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        return ["--domain-set", spec]
+    spec = json.loads(json.dumps(plain_containers(spec)))
+    for name in available_sets():
+        try:
+            if json.loads(json.dumps(read_domain_set(name))) == spec:
+                return ["--domain-set", name]
+        except (OSError, ValueError):
+            continue
+    file = folder / DOMAIN_SET_FILE
+    write_atomic(file, yaml.safe_dump({"domain_set": spec}, sort_keys=False))
+    return ["--domain-set", str(file)]
+
+
+def rebuild_hint(settings: dict[str, Any], folder: Path) -> str:
+    """The data CLI command that rebuilds a run's token cache (its domain set too:
+    :func:`domain_set_flag`, whose file, where one is needed, goes into ``folder``)."""
     flags = [
         "--size-mb",
         str(settings.get("size_mb")),
@@ -101,12 +127,17 @@ def rebuild_hint(settings: dict[str, Any]) -> str:
     for key, flag in (("hub_mirror", "--hub-mirror"), ("cache_dir", "--cache-dir")):
         if settings.get(key):
             flags += [flag, str(settings[key])]
+    flags += domain_set_flag(settings, folder)
     return "python -m moe_emergence.data " + shlex.join(flags)
 
 
-def load_data(name: str, settings: dict[str, Any], report_dir: Path) -> MixedDomainDataModule:
+def load_data(
+    name: str, settings: dict[str, Any], report_dir: Path, expected: str | None = None
+) -> MixedDomainDataModule:
     """The run's datamodule, set up from its recorded settings: the token cache when it is
-    there, else rebuilt (streams and tokenizes: the recorded source must be reachable)."""
+    there, else rebuilt (streams and tokenizes: the recorded source must be reachable).
+    ``expected``: the run's data fingerprint; offline, the cache entry holding that data is
+    taken before newer entries that match the settings too."""
     if not settings:
         raise UserError(
             f"{name}: its checkpoint records no data settings (written by an older train.py): "
@@ -115,6 +146,7 @@ def load_data(name: str, settings: dict[str, Any], report_dir: Path) -> MixedDom
     kwargs = {**settings, "report_dir": str(report_dir), "show_progress": False}
     try:
         datamodule = MixedDomainDataModule(**kwargs)
+        datamodule.expected_fingerprint = expected
         datamodule.prepare_data()  # a cache hit, or the cache written again
         datamodule.setup("fit")
     except Exception as exc:
@@ -124,7 +156,7 @@ def load_data(name: str, settings: dict[str, Any], report_dir: Path) -> MixedDom
         reason = " ".join(str(error or exc).split())[:200]
         raise UserError(
             f"{name}: the run's token cache cannot be read or rebuilt here ({reason}); rebuild "
-            f"it with: {rebuild_hint(settings)}"
+            f"it with: {rebuild_hint(settings, report_dir)}"
         ) from None
     return datamodule
 
@@ -431,7 +463,7 @@ def rebuild_probe(
     record). One-line errors where the rebuilt data's fingerprint differs from the one
     ``loaded`` records, or the probe's digest from the run's ``routing/probe.json``."""
     settings = {**loaded.data_settings, **(data_overrides or {})} if loaded.data_settings else {}
-    datamodule = load_data(name, settings, report_dir)
+    datamodule = load_data(name, settings, report_dir, loaded.data_fingerprint)
     domains = tuple(loaded.hparams.get("domains") or datamodule.domains)
     check_same_data(name, loaded.data_fingerprint, datamodule.data_fingerprint)
     found = probe_settings(run_dir)

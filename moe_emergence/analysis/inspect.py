@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import html
+import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -35,12 +37,22 @@ import numpy as np
 import torch
 from transformers import GPT2LMHeadModel
 
-from moe_emergence.analysis.evaluate import checkpoint_expert_tokens, data_overrides_of
-from moe_emergence.analysis.loading import LoadedCheckpoint, load_checkpoint, tokenizer_settings
+from moe_emergence.analysis.evaluate import (
+    DOMAIN_SET_FILE,
+    checkpoint_expert_tokens,
+    data_overrides_of,
+)
+from moe_emergence.analysis.loading import (
+    LoadedCheckpoint,
+    load_checkpoint,
+    recorded_tokenizer,
+    tokenizer_settings,
+)
 from moe_emergence.analysis.probe import Probe, route_blocks
 from moe_emergence.analysis.specialisation import REPLICATION_Z, ExpertTokens
 from moe_emergence.analysis.tables import expert_token_rows
 from moe_emergence.analysis.token_types import CATEGORIES, format_type_table, token_type_table
+from moe_emergence.data.cache import tokenizer_identity
 from moe_emergence.data.prepare import load_data_tokenizer
 from moe_emergence.data.tokenize import untruncated
 from moe_emergence.errors import UserError, report_user_errors
@@ -88,6 +100,16 @@ def load_run_tokenizer(loaded: LoadedCheckpoint, args: argparse.Namespace):
             f"it is another vocabulary, whose ids would be routed as other tokens; pass the "
             f"run's tokenizer with --tokenizer."
         )
+    found = recorded_tokenizer(loaded)
+    if found is not None:
+        (recorded, where), sha256 = found, tokenizer_identity(tokenizer, str(name))["sha256"]
+        if recorded.get("sha256") != sha256:
+            raise UserError(
+                f"Tokenizer '{name}' is not the run's: its definition (SHA-256 {sha256[:12]}) "
+                f"differs from the one the run trained with ({str(recorded.get('sha256'))[:12]}, "
+                f"'{recorded.get('name')}' in {where}), so its ids would be routed as other "
+                f"tokens; pass the run's tokenizer with --tokenizer."
+            )
     return tokenizer
 
 
@@ -407,7 +429,8 @@ def read_text(args: argparse.Namespace) -> str:
 
 
 def check_html_path(out: str | None) -> None:
-    """Refuse an ``--html`` path that cannot be written, before any work."""
+    """Refuse an ``--html`` path that cannot be written (a folder, no folder, a folder where no
+    file can be made: read-only, not writable), before any work."""
     if out is None:
         return
     path = Path(out)
@@ -415,6 +438,15 @@ def check_html_path(out: str | None) -> None:
         raise UserError(f"--html {out} is a folder: give a file path, e.g. {path / 'tokens.html'}.")
     if not path.parent.is_dir():
         raise UserError(f"--html {out}: the folder {path.parent} does not exist; create it first.")
+    try:
+        handle, trial = tempfile.mkstemp(prefix=".inspect-", dir=path.parent)
+    except OSError as exc:
+        raise UserError(
+            f"--html {out}: cannot write in {path.parent} ({exc.strerror or exc}): pass an --html "
+            f"path in a writable folder."
+        ) from None
+    os.close(handle)
+    os.unlink(trial)
 
 
 def text_domain(loaded: LoadedCheckpoint, domain: str | None) -> int | None:
@@ -444,19 +476,23 @@ def probe_token_lists(
     """The run's probe and the checkpoint's per-expert token lists on it
     (:func:`~moe_emergence.analysis.evaluate.checkpoint_expert_tokens`; the rebuilt data's
     report is dropped); a one-line error that names ``--no-token-lists`` when they cannot be
-    had."""
-    with tempfile.TemporaryDirectory(prefix="inspect-report-") as report_dir:
-        try:
-            return checkpoint_expert_tokens(
-                f"{OPTION}={loaded.path}",
-                loaded,
-                checkpoint_run_dir(loaded.path),
-                Path(report_dir),
-                torch.device("cpu"),
-                data_overrides_of(args),
-            )
-        except UserError as exc:
-            raise UserError(f"Per-expert token lists: {exc} Or pass {NO_LISTS}.") from None
+    had (the report's temporary folder kept when the error's rebuild command names the domain
+    set file written there)."""
+    report_dir = Path(tempfile.mkdtemp(prefix="inspect-report-"))
+    try:
+        return checkpoint_expert_tokens(
+            f"{OPTION}={loaded.path}",
+            loaded,
+            checkpoint_run_dir(loaded.path),
+            report_dir,
+            torch.device("cpu"),
+            data_overrides_of(args),
+        )
+    except UserError as exc:
+        raise UserError(f"Per-expert token lists: {exc} Or pass {NO_LISTS}.") from None
+    finally:  # kept where the error's rebuild command names the domain set written there
+        if not (report_dir / DOMAIN_SET_FILE).is_file():
+            shutil.rmtree(report_dir, ignore_errors=True)
 
 
 def run(args: argparse.Namespace) -> str:
@@ -509,7 +545,13 @@ def run(args: argparse.Namespace) -> str:
             ]
         title = f"Routing of {loaded.path.name}"
         page = render_html(tokens, routing, n_experts, title, notes, type_tables, lists, ids)
-        write_atomic(args.html, page)
+        try:
+            write_atomic(args.html, page)
+        except OSError as exc:
+            raise UserError(
+                f"--html {args.html} could not be written ({exc.strerror or exc}): free space "
+                f"there, or pass an --html path on another disk."
+            ) from None
         out += ["", f"HTML written to {args.html}"]
     return "\n".join(out)
 

@@ -4,6 +4,7 @@ the run's recorded data settings. Used by ``inspect`` and ``analyze``."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,9 @@ from omegaconf import OmegaConf
 from transformers import GPT2LMHeadModel
 
 from moe_emergence.checkpoints import RandomStates, load_mapped
+from moe_emergence.data.cache import cache_entries
+from moe_emergence.data.datamodule import REPORT_FILE, data_fingerprint
+from moe_emergence.data.settings import LoaderSettings
 from moe_emergence.errors import UserError
 from moe_emergence.model.gpt2_moe import (
     build_model,
@@ -128,3 +132,30 @@ def tokenizer_settings(loaded: LoadedCheckpoint) -> dict[str, Any] | None:
             f"{config_file}: cannot read data.tokenizer ({exc}); pass --tokenizer."
         ) from None
     return found if found["tokenizer"] else None
+
+
+def recorded_tokenizer(loaded: LoadedCheckpoint) -> tuple[dict[str, Any], str] | None:
+    """The identity of the tokenizer the run trained with (``tokenizer_identity``: class, sizes,
+    SHA-256 of its definition) and where it is recorded: the run's ``data_report.json`` (beside
+    the checkpoint's folder), else
+    the token cache entry (under the recorded ``cache_dir``) whose data has the checkpoint's
+    data fingerprint; None when neither is found."""
+    report = loaded.path.resolve().parent.parent / REPORT_FILE  # <run>/checkpoints/x.ckpt
+    if report.is_file():
+        try:
+            info = json.loads(report.read_text()).get("tokenizer")
+        except (OSError, ValueError, AttributeError):
+            info = None
+        if isinstance(info, dict) and info.get("sha256"):
+            return info, str(report)
+    if loaded.data_fingerprint is None or not loaded.data_settings:
+        return None
+    settings = loaded.data_settings
+    split = [settings.get(k, getattr(LoaderSettings(), k)) for k in LoaderSettings.EVAL_KEYS]
+    for folder, manifest in cache_entries(settings.get("cache_dir")):
+        try:
+            if data_fingerprint(manifest, *split) == loaded.data_fingerprint:
+                return dict(manifest["tokenizer"]), str(folder)
+        except (KeyError, TypeError, AttributeError, ValueError):
+            continue
+    return None

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from moe_emergence.data.checks import SettingError, is_int
 from moe_emergence.data.files import build_folder_once
+from moe_emergence.data.settings import option
 from moe_emergence.data.tokenize import TokenStream, iter_token_batches, token_dtype, untruncated
 from moe_emergence.errors import UserError
 from moe_emergence.files import sha256_file, write_atomic
@@ -276,7 +277,8 @@ def read_manifest(path: Path) -> Any:
 
 def check_files(path: Path, manifest: Mapping[str, Any], checksums: bool = False) -> None:
     """Raise CacheCorruptError unless every file of the (checked) ``manifest`` exists in
-    ``path`` with the size its count implies; with ``checksums``, also its recorded SHA-256."""
+    ``path`` with the size its count implies and each domain's offsets run from 0 to its token
+    count (their first and last values read); with ``checksums``, also its recorded SHA-256."""
     itemsize = np.dtype(manifest["dtype"]).itemsize
     for domain, entry in manifest["domains"].items():
         for kind, count, size in (
@@ -293,6 +295,22 @@ def check_files(path: Path, manifest: Mapping[str, Any], checksums: bool = False
                 )
             if checksums and sha256_file(file) != entry[f"{kind}_sha256"]:
                 raise CacheCorruptError(f"{file} does not match its checksum ({domain})")
+        ends = _offset_ends(path / entry["offsets_file"])
+        if ends != (0, entry["num_tokens"]):
+            raise CacheCorruptError(
+                f"{domain}'s offsets run from token {ends[0]} to {ends[1]}, its tokens file holds "
+                f"{entry['num_tokens']} (a truncated or mismatched file): delete {path} or pass "
+                f"{option('rebuild_cache')} to rebuild it"
+            )
+
+
+def _offset_ends(file: Path) -> tuple[int, int]:
+    """The first and last value of an int64 offsets file (16 bytes read)."""
+    with file.open("rb") as f:
+        first = f.read(8)
+        f.seek(-8, os.SEEK_END)
+        last = f.read(8)
+    return int.from_bytes(first, "little", signed=True), int.from_bytes(last, "little", signed=True)
 
 
 def verify(

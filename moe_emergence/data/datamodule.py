@@ -19,7 +19,7 @@ import functools
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,19 @@ def _naming_options(method: Callable) -> Callable:
             return method(*args, **kwargs)
 
     return wrapper
+
+
+def data_fingerprint(
+    manifest: Mapping[str, Any], eval_fraction: float, eval_seed: int, eval_min_texts: int
+) -> str:
+    """16 hex digits naming a run's training data: the token and offset checksums of every
+    domain in the token cache ``manifest``, and the held-out split (its seed and minimum only
+    where ``eval_fraction`` > 0); what a checkpoint's train loader records."""
+    tokens = {d: [e["tokens_sha256"], e["offsets_sha256"]] for d, e in manifest["domains"].items()}
+    held_out = eval_fraction > 0
+    split = [eval_fraction, *((eval_seed, eval_min_texts) if held_out else ())]
+    blob = json.dumps({"tokens": tokens, "held_out": split}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 class MixedDomainDataModule(L.LightningDataModule):
@@ -119,6 +132,9 @@ class MixedDomainDataModule(L.LightningDataModule):
         self.train_text_ids: dict[str, np.ndarray] = {}
         self.report: dict[str, Any] | None = None
         self.data_fingerprint: str | None = None
+        # Set by a reader of a run (analyze): offline, a token cache entry holding the data of
+        # this fingerprint is taken before newer ones that match the settings as well.
+        self.expected_fingerprint: str | None = None
         self._tokenizer = None
 
     @property
@@ -161,7 +177,9 @@ class MixedDomainDataModule(L.LightningDataModule):
     @_naming_options
     def prepare_data(self) -> None:
         """Fill the token cache (streams and tokenizes only when it is missing)."""
-        prepared = prepare_domains(self.settings, show_progress=self.show_progress)
+        prepared = prepare_domains(
+            self.settings, show_progress=self.show_progress, prefer=self._expected
+        )
         log.info(report_table(prepared, self.settings.block_size))
 
     @_naming_options
@@ -169,7 +187,10 @@ class MixedDomainDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             return
         prepared = prepare_domains(
-            self.settings, show_progress=self.show_progress, announce_hit=False
+            self.settings,
+            show_progress=self.show_progress,
+            announce_hit=False,
+            prefer=self._expected,
         )
         train_streams: dict[str, Any] = dict(prepared.streams)
         eval_streams: dict[str, Any] = {}
@@ -205,14 +226,20 @@ class MixedDomainDataModule(L.LightningDataModule):
         checksums from the cache manifest (not its path: a moved mirror or cache is the same
         data), and the held-out split (``eval_fraction``, and ``eval_seed`` when it is used).
         Block size, seed and balance are checked on their own."""
-        manifest = json.loads((prepared.cache_path / MANIFEST).read_text())
-        tokens = {
-            d: [e["tokens_sha256"], e["offsets_sha256"]] for d, e in manifest["domains"].items()
-        }
-        held_out = self.eval_fraction > 0
-        split = [self.eval_fraction, *((self.eval_seed, self.eval_min_texts) if held_out else ())]
-        blob = json.dumps({"tokens": tokens, "held_out": split}, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return self.fingerprint_of(json.loads((prepared.cache_path / MANIFEST).read_text()))
+
+    def fingerprint_of(self, manifest: Mapping[str, Any]) -> str:
+        """:meth:`_fingerprint` of the data a token cache ``manifest`` holds."""
+        return data_fingerprint(manifest, self.eval_fraction, self.eval_seed, self.eval_min_texts)
+
+    def _expected(self, manifest: Any) -> bool:
+        """Whether a token cache ``manifest`` holds the data of ``expected_fingerprint``."""
+        if self.expected_fingerprint is None:
+            return False
+        try:
+            return self.fingerprint_of(manifest) == self.expected_fingerprint
+        except (KeyError, TypeError, AttributeError):
+            return False
 
     @_naming_options
     def resume_identity(self, world_size: int | None = None) -> dict[str, Any]:

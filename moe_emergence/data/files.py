@@ -48,6 +48,27 @@ def discard(path: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def clear_stale(target: Path) -> None:
+    """Remove the partial folders (``.<name>.tmp-*``, ``.<name>.trash-*``) that killed builds
+    left beside ``target`` (whose lock the caller holds): ``target``'s own, and those of other
+    names whose lock is free (no build of theirs is running)."""
+    for stale in sorted(target.parent.glob(".*.tmp-*")) + sorted(target.parent.glob(".*.trash-*")):
+        name = stale.name[1:].rpartition(".tmp-" if ".tmp-" in stale.name else ".trash-")[0]
+        if name == target.name:
+            shutil.rmtree(stale, ignore_errors=True)
+            continue
+        lock = FileLock(str(target.with_name(f"{name}.lock")))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue  # its build is running
+        try:
+            log.info("Removing %s, left by a build that did not finish.", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        finally:
+            lock.release()
+
+
 def build_folder_once(
     target: Path,
     build: Callable[[Path], None],
@@ -58,7 +79,8 @@ def build_folder_once(
 
     The build fills ``.<name>.tmp-*`` beside ``target``, which is renamed into place only when
     complete; ``<name>.lock`` makes a second process wait and then re-check ``is_ready``.
-    Partial folders left by killed builds are removed. Returns whether this call built it.
+    Partial folders left by killed builds (of ``target`` or, when no build of theirs runs, of
+    folders beside it) are removed (:func:`clear_stale`). Returns whether this call built it.
     """
     if not rebuild and is_ready(target):
         return False
@@ -66,8 +88,7 @@ def build_folder_once(
     with locked(target.with_name(f"{target.name}.lock")):
         if not rebuild and is_ready(target):
             return False  # built while we waited
-        for stale in target.parent.glob(f".{target.name}.tmp-*"):  # we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
+        clear_stale(target)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         tmp.mkdir()
         try:

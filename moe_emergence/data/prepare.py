@@ -17,7 +17,7 @@ import copy
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,16 +214,23 @@ def matches(request: CacheRequest, settings: DataSettings, manifest: Any) -> boo
     return recorded == request.inputs
 
 
-def find_offline_entry(request: CacheRequest, settings: DataSettings) -> TokenCache | None:
+def find_offline_entry(
+    request: CacheRequest, settings: DataSettings, prefer: Callable[[Any], bool] | None = None
+) -> TokenCache | None:
     """The newest sound cache entry (checked as a hit is) matching the partly unknown
     ``request`` (logged with what could not be checked and how many entries matched), or
-    None."""
+    None. ``prefer(manifest)``: entries it accepts go first (a run's own data, by its data
+    fingerprint, before newer builds of other data)."""
     found = [(p, m) for p, m in cache_entries(settings.cache_dir) if matches(request, settings, m)]
+    if prefer is not None:
+        found.sort(key=lambda item: not prefer(item[1]))  # stable: newest first within each
     for n, (path, _) in enumerate(found):
         cache = open_entry(path, verify_files=settings.verify_cache)
         if cache is None:
             continue
         newest = "" if len(found) - n == 1 else f", the newest of {len(found) - n} that match"
+        if prefer is not None and len(found) > 1 and prefer(cache.manifest):
+            newest = f", the one of {len(found)} that match holding the expected data"
         log.info(
             "Offline: %s cannot be checked; using token cache %s (built %s%s) whose other "
             "inputs equal this run's.",
@@ -237,7 +244,10 @@ def find_offline_entry(request: CacheRequest, settings: DataSettings) -> TokenCa
 
 
 def prepare_domains(
-    settings: DataSettings, show_progress: bool = True, announce_hit: bool = True
+    settings: DataSettings,
+    show_progress: bool = True,
+    announce_hit: bool = True,
+    prefer: Callable[[Any], bool] | None = None,
 ) -> PreparedDomains:
     """Open the token cache of ``settings`` (validated: ``DataSettings.validate``, which the CLI
     and the datamodule run), streaming and tokenizing only on a miss.
@@ -248,11 +258,12 @@ def prepare_domains(
     keeps a cache hit quiet (setup after prepare_data has already said so). ``rebuild_cache``
     rebuilds once per process (prepare_data and setup share it). A hit checks the manifest and
     the files' sizes; ``verify_cache`` also checks every file's SHA-256 (on every call).
+    ``prefer``: offline, which of several matching entries go first (:func:`find_offline_entry`).
     """
     check_cache_root(settings.cache_dir)
     request = describe_request(settings)
     if not request.complete:
-        cache = None if settings.rebuild_cache else find_offline_entry(request, settings)
+        cache = None if settings.rebuild_cache else find_offline_entry(request, settings, prefer)
         if cache is None:
             raise request.errors[0]
         info = cache.manifest["tokenizer"]

@@ -161,6 +161,8 @@ class DataSettings(DataGroup):
 class LoaderSettings(DataGroup):
     """How the datamodule serves the blocks and which texts it holds out (config keys only)."""
 
+    EVAL_KEYS: ClassVar[tuple[str, ...]] = ("eval_fraction", "eval_seed", "eval_min_texts")
+
     batch_size: int = setting(8, low=1, help="blocks per device (per DDP rank)")
     num_workers: int = setting(0, low=0, help="DataLoader worker processes")
     pin_memory: bool | None = setting(None, help="null: on when CUDA is available")

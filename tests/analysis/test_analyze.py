@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import lzma
 import math
+import shlex
 import shutil
 from pathlib import Path
 from unittest.mock import patch
@@ -593,3 +594,111 @@ def test_a_reused_analysis_and_a_new_sitting_are_one_study(sweep, tmp_path, caps
     code, _, err = _analyze(capsys, earlier, second, "--out", tmp_path / "y")
     assert code == 1
     assert_one_error_line(err, "an analysis without run results", "pass the runs' own folders")
+
+
+def test_a_seed_that_is_not_a_number_is_one_line_before_any_work(sweep, tmp_path, capsys):
+    """``seed=abc`` in the run's ``.hydra/overrides.yaml``: one line naming the file and the
+    value, before any checkpoint is routed (#29 item 8)."""
+    copy = _copy_of_top1_run(sweep, tmp_path)
+    record = copy / ".hydra" / "overrides.yaml"
+    record.write_text(
+        "\n".join(
+            "- seed=abc" if line.startswith("- seed=") else line
+            for line in record.read_text().splitlines()
+        )
+        + "\n"
+    )
+    assert "- seed=abc" in record.read_text()
+    with patch("moe_emergence.analysis.analyze.evaluate_run", side_effect=AssertionError):
+        code, out, err = _analyze(capsys, copy, "--out", tmp_path / "out")
+    assert code == 1 and not out
+    assert_one_error_line(err, str(record), "seed='abc'", "not an integer")
+
+
+def test_an_out_holding_other_runs_is_refused_before_any_work(sweep, tmp_path, capsys):
+    """Two studies into one --out would leave a summary of the second beside the first's run
+    folders: refused in one line naming them and the fixes; the earlier analysis passed as a
+    PATH too joins its runs to the study (#29 item 8)."""
+    first, second = _split_sweep(sweep, tmp_path)
+    out = tmp_path / "out"
+    code, _, err = _analyze(capsys, first, "--out", out, "--no-knockout")
+    assert code == 0, err
+    earlier = sorted(p.name for p in (out / "runs").iterdir())
+    with patch("moe_emergence.analysis.analyze.evaluate_run", side_effect=AssertionError):
+        code, out_text, err = _analyze(capsys, second, "--out", out, "--no-knockout")
+    assert code == 1 and not out_text
+    assert_one_error_line(err, "holds 2 run(s)", earlier[0], "a new --out", f"{out} as a PATH")
+    code, _, err = _analyze(capsys, out, second, "--out", out, "--no-knockout")
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(info["seeds"] == [1, 2] for info in summary["groups"].values())
+    assert len(list((out / "runs").iterdir())) == 4
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_the_rebuild_hint_names_the_runs_own_domain_set(named, tiny_tokenizer_dir, tmp_path):
+    """Data that cannot be rebuilt (no mirror here): the hint's command names the run's domain
+    set, by its name when conf/data/domains holds it, else as a YAML file written beside the
+    report, so that following it builds the run's own data, not the default set (#29 item 8)."""
+    from moe_emergence.analysis.evaluate import load_data
+    from moe_emergence.data.domains import read_domain_set
+    from moe_emergence.data.settings import DataSettings
+
+    spec = read_domain_set("gsm8k_vs_math")
+    if not named:
+        spec = {k: v for k, v in read_domain_set("code_math_prose").items() if k != "prose"}
+    settings = {
+        "size_mb": 1.0,
+        "block_size": 32,
+        "source": "hub",
+        "tokenizer": str(tiny_tokenizer_dir),
+        "hub_mirror": str(tmp_path / "gone-mirror"),
+        "cache_dir": str(tmp_path / "cache"),
+        "domain_set": spec,
+    }
+    report = tmp_path / "report"
+    report.mkdir()
+    with pytest.raises(UserError, match="cannot be read or rebuilt here") as caught:
+        load_data("run", settings, report)
+    command = shlex.split(str(caught.value).split("rebuild it with: ")[1])
+    given = command[command.index("--domain-set") + 1]
+    if named:
+        assert given == "gsm8k_vs_math"
+    else:
+        assert given == str(report / "domain_set.yaml")
+    rebuilt = DataSettings(source="hub", domain_set=given).domain_sources
+    assert rebuilt == DataSettings(source="hub", domain_set=spec).domain_sources
+
+
+def test_offline_the_runs_own_cache_entry_is_taken_before_a_newer_one(sweep, tmp_path, capsys):
+    """Offline with no mirror the datasets cannot be identified, so every cache entry built
+    from the same settings matches; a newer one holding other data (as after the Hub data
+    moved on) must not hide the run's own, whose data fingerprint the checkpoint records
+    (#29 item 8)."""
+    from moe_emergence.data.cache import fingerprint
+    from moe_emergence.files import sha256_file
+
+    copy = _copy_of_top1_run(sweep, tmp_path)
+    cache = tmp_path / "cache"
+    shutil.copytree(sweep.parent / "cache", cache)
+    [own] = [p for p in cache.iterdir() if (p / "manifest.json").is_file()]
+    manifest = json.loads((own / "manifest.json").read_text())
+    manifest["inputs"]["sources"]["code"][0]["content"] = {"hub_revision": "f" * 40}
+    manifest["fingerprint"] = fingerprint(manifest["inputs"])
+    manifest["created_at"] = "2999-01-01T00:00:00+00:00"
+    newer = cache / manifest["fingerprint"]
+    shutil.copytree(own, newer)
+    tokens = newer / "code.tokens.bin"
+    data = bytearray(tokens.read_bytes())
+    data[0:2], data[2:4] = data[2:4], data[0:2]  # two tokens swapped: other data, same size
+    tokens.write_bytes(bytes(data))
+    manifest["domains"]["code"]["tokens_sha256"] = sha256_file(tokens)
+    (newer / "manifest.json").write_text(json.dumps(manifest))
+    assert data != bytearray((own / "code.tokens.bin").read_bytes())
+
+    args = ("--out", tmp_path / "out", "--cache-dir", cache, "--hub-mirror", "null")
+    code, _, err = _analyze(capsys, copy, *args, "--no-knockout")
+    assert code == 0, err
+    [folder] = (tmp_path / "out" / "runs").iterdir()
+    report = json.loads((folder / "data_report.json").read_text())
+    assert report["cache"]["path"] == str(own)

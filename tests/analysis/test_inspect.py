@@ -4,6 +4,7 @@ writes for the same checkpoint, and its one-line errors."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from html.parser import HTMLParser
@@ -473,3 +474,93 @@ def test_a_per_expert_checkpoint_inspects_like_its_stacked_original(
     assert "trained with dispatch loop (per-expert layout)" in printed
     assert main([str(demo_ckpt), "--text", CODE, "--color", "never"]) == 0
     assert printed.split("\n", 1)[1] == capsys.readouterr().out.split("\n", 1)[1]
+
+
+def test_a_tokenizer_of_the_same_size_with_other_ids_is_refused(
+    demo_ckpt, demo_tokenizer, sample_cache, tmp_path, capsys
+):
+    """Two ids swapped: the same vocabulary size, but each id names another token. Refused in
+    one line against the identity the run recorded (its data_report.json, else the token cache
+    entry holding the checkpoint's data); an unchanged copy of the run's tokenizer passes
+    (#29 item 8)."""
+    same, swapped = tmp_path / "same", tmp_path / "swapped"
+    demo_tokenizer.save_pretrained(same)
+    demo_tokenizer.save_pretrained(swapped)
+    definition = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = definition["model"]["vocab"]
+    names = {i: token for token, i in vocab.items()}
+    vocab[names[100]], vocab[names[101]] = 101, 100
+    (swapped / "tokenizer.json").write_text(json.dumps(definition))
+    text = ["--text", "def f(x):\n    return x + 1\n"]
+    assert main([str(demo_ckpt), *text, "--tokenizer", str(same)]) == 0
+    capsys.readouterr()
+    assert main([str(demo_ckpt), *text, "--tokenizer", str(swapped)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "is not the run's" in err and "data_report.json" in err and "--tokenizer" in err
+
+    loose = tmp_path / "loose" / "last.ckpt"  # no run dir: the token cache tells
+    loose.parent.mkdir()
+    shutil.copy(demo_ckpt, loose)
+    write_sidecar(loose)
+    assert main([str(loose), *text, "--tokenizer", str(swapped)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not the run's" in err and str(sample_cache) in err, err
+    assert main([str(loose), *text, "--tokenizer", str(same)]) == 0
+
+
+def test_html_where_no_file_can_be_written_is_one_line(demo_ckpt, tmp_path, capsys, monkeypatch):
+    """A read-only folder is refused before the checkpoint is loaded; a write that fails at the
+    end (a full disk) is one line naming --html, not a traceback (#29 item 8)."""
+    import errno
+
+    from moe_emergence.analysis import inspect as inspect_module
+
+    page = tmp_path / "page.html"
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work began")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(inspect_module.tempfile, "mkstemp", read_only)
+        patched.setattr(inspect_module, "load_checkpoint", no_work)
+        assert main([str(demo_ckpt), "--text", "x = 1", "--html", str(page)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --html ") and err.count("\n") == 1, err
+    assert "Read-only file system" in err and "writable folder" in err
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(inspect_module, "write_atomic", full)
+    argv = [str(demo_ckpt), "--text", "x = 1", "--html", str(page), "--no-token-lists"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --html ") and err.count("\n") == 1, err
+    assert "No space left on device" in err and not page.exists()
+
+
+def test_the_token_lists_rebuild_hint_names_a_domain_set_file_that_stays(
+    demo_ckpt, tmp_path, capsys
+):
+    """Data that cannot be rebuilt here (its mirror is gone) for a run of a domain set that no
+    conf/data/domains file holds: the hint names --domain-set with a file written for it, and
+    that file is still there after inspect ends (#29 item 8)."""
+    from moe_emergence.data.domains import read_domain_set
+
+    spec = {k: v for k, v in read_domain_set("code_math_prose").items() if k != "prose"}
+
+    def other_data(checkpoint):
+        data = checkpoint["datamodule_hyper_parameters"]
+        data.update(source="hub", hub_mirror=str(tmp_path / "gone"), domain_set=spec)
+
+    ckpt = _edited_copy(demo_ckpt, tmp_path / "run" / "checkpoints", other_data)
+    assert main([str(ckpt), "--text", "x = 1", "--html", str(tmp_path / "t.html")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: Per-expert token lists") and err.count("\n") == 1, err
+    found = re.search(r"--domain-set (\S+domain_set\.yaml)", err)
+    assert found and Path(found.group(1)).is_file(), err
+    shutil.rmtree(Path(found.group(1)).parent)

@@ -142,6 +142,48 @@ def test_damaged_file_is_detected_and_rebuilt(settings, caplog, damage, verify):
         np.testing.assert_array_equal(second.streams[domain].tokens, tokens)
 
 
+def test_a_truncated_tokens_file_its_manifest_agrees_with_is_rebuilt(settings, caplog):
+    """The tokens file cut short and its manifest's ``num_tokens`` edited to match: the sizes
+    agree, the offsets (which end at the full count) do not; the warning names the entry and
+    the fix, and the entry is rebuilt whole (#29 item 8)."""
+    first = prep(settings)
+    expected = {d: np.array(s.tokens) for d, s in first.streams.items()}
+    manifest_file = first.cache_path / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    entry = manifest["domains"]["math"]
+    kept = entry["num_tokens"] // 2
+    victim = first.cache_path / entry["tokens_file"]
+    victim.write_bytes(victim.read_bytes()[: kept * np.dtype(manifest["dtype"]).itemsize])
+    entry["num_tokens"] = kept
+    manifest_file.write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING):
+        second = prep(settings)
+    assert not second.from_cache
+    warning = next(m for m in caplog.messages if "damaged" in m)  # (checked again in the lock)
+    assert str(first.cache_path) in warning and "math's offsets run from token 0 to" in warning
+    assert f"holds {kept}" in warning and "--rebuild-cache" in warning
+    for domain, tokens in expected.items():
+        np.testing.assert_array_equal(second.streams[domain].tokens, tokens)
+
+
+def test_a_build_removes_partial_folders_of_dead_builds_beside_it(settings):
+    """A killed build of another entry left its temporary folder (and a discard its trash):
+    the next build removes them under that entry's lock, and keeps the one whose build still
+    runs (its lock held) (#29 item 8)."""
+    root = Path(settings.cache_dir)
+    root.mkdir(parents=True)
+    dead = [root / ".0123456789abcdef.tmp-4242-deadbeef", root / ".0123456789abcdef.trash-1a2b"]
+    running = root / ".fedcba9876543210.tmp-4343-cafecafe"
+    for folder in (*dead, running):
+        folder.mkdir()
+        (folder / "code.tokens.bin").write_bytes(b"\0" * 8)
+    with FileLock(str(root / "fedcba9876543210.lock")):
+        prepared = prep(settings)
+    assert not prepared.from_cache
+    assert not any(p.exists() for p in dead)
+    assert running.is_dir()
+
+
 def test_interrupted_prepare_leaves_nothing_behind(settings, monkeypatch):
     real = prepare_module.load_domain
 
