@@ -23,6 +23,7 @@ from helpers.configs import tiny_overrides
 from helpers.script import assert_one_error_line, run_train
 from omegaconf import open_dict
 
+from moe_emergence.analysis.loading import load_checkpoint
 from moe_emergence.analysis.tables import read_table
 from moe_emergence.checkpoints import HashedCheckpointIO, sha256_file, sidecar_path
 from moe_emergence.config import compose_config
@@ -794,3 +795,20 @@ def test_analyze_refuses_a_folder_whose_checkpoints_come_from_two_starts(ctx, tm
         mixed_folder(runs, tmp_path / "unrecorded", record=False),
     ):
         assert [len(r.checkpoints) for r in find_runs(folder, "PATH")[0]] == [5]  # one history
+
+
+def test_weights_only_checkpoints_analyse_and_start_runs_but_do_not_resume(ctx, tmp_path):
+    """``save_weights_only=true``: a third of the size (no optimizer moments); analyze and
+    inspect load it, init_from starts a run from it, a resume is refused in one line naming
+    init_from."""
+    runs, go = ctx
+    light = tmp_path / "light"
+    go(light, "callbacks.model_checkpoint.save_weights_only=true", stop_at=2)
+    file = light / "checkpoints" / "step000002.ckpt"
+    assert "optimizer_states" not in torch.load(file, map_location="cpu", weights_only=False)
+    assert file.stat().st_size < ckpt(runs, 2).stat().st_size / 2
+    assert load_checkpoint(file).step == 2
+    with pytest.raises(UserError, match=r"holds weights only .* init_from="):
+        go(tmp_path / "resumed", f"ckpt_path={file}")
+    go(tmp_path / "branch", f"init_from={file}", stop_at=1)
+    assert (tmp_path / "branch" / "checkpoints" / "step000001.ckpt").is_file()
