@@ -221,7 +221,7 @@ def _config_part(config: str | None) -> str:
 def _redownload_hint(source: Source, location: str, hub_mirror: str | None) -> str:
     if not is_hub_id(source.dataset):
         return "replace it with a good copy"
-    command = f"huggingface-cli download --repo-type dataset {source.dataset}"
+    command = f"hf download {source.dataset} --repo-type dataset"
     if hub_mirror is not None and Path(location) == Path(hub_mirror) / source.dataset:
         return f"re-download it with `{command} --local-dir {location}`"
     if "snapshots" in Path(location).parts:  # the Hugging Face hub cache
