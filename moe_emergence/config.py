@@ -68,14 +68,26 @@ def settings_nodes() -> dict[str, dict[str, Any]]:
     }
 
 
+def progress_refresh(log_every_n_steps: int, max_steps: int | None) -> int:
+    """Resolver ``${progress_refresh:...}``: optimizer steps between progress-bar refreshes,
+    ``log_every_n_steps`` but at most a tenth of a run of ``max_steps`` (at least 1), so that a
+    short run's bar moves (a refresh reads the loss: a host sync on GPUs)."""
+    every = max(1, int(log_every_n_steps))
+    if max_steps is None or int(max_steps) <= 0:  # a run bounded by epochs
+        return every
+    return max(1, min(every, int(max_steps) // 10))
+
+
 def register_resolvers() -> None:
-    """``${path_safe:...}``, ``${unique_dir:...}`` and the groups' base nodes; idempotent.
-    ``train.py`` calls it before Hydra composes."""
+    """``${path_safe:...}``, ``${unique_dir:...}``, ``${progress_refresh:...}`` and the groups'
+    base nodes; idempotent. ``train.py`` calls it before Hydra composes."""
     from hydra.core.config_store import ConfigStore
 
     run_dir.register()
     if not OmegaConf.has_resolver("path_safe"):
         OmegaConf.register_new_resolver("path_safe", path_safe)
+    if not OmegaConf.has_resolver("progress_refresh"):
+        OmegaConf.register_new_resolver("progress_refresh", progress_refresh)
     store = ConfigStore.instance()
     for group, node in settings_nodes().items():
         store.store(group=group, name=SETTINGS_NODE, node=node)

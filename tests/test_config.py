@@ -255,3 +255,22 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(override, tmp_path):
     proc = run_train("experiment=demo", override, cwd=tmp_path)
     assert proc.returncode == 1
     assert_one_error_line(proc.stderr, "/sys/moe", "cannot be written", "pass a writable folder")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "refresh"),
+    [
+        ([], 10),  # 2,000 steps: every log_every_n_steps
+        (["trainer.max_steps=5"], 1),  # a short run's bar moves at every step
+        (["trainer.max_steps=50"], 5),
+        (["trainer.max_steps=-1"], 10),  # bounded by epochs
+        (["trainer.max_steps=5", "trainer.log_every_n_steps=1"], 1),
+        (["experiment=demo", "trainer.max_steps=30"], 3),
+    ],
+)
+def test_the_progress_bar_refreshes_on_short_runs(overrides, refresh):
+    """#29 item 8: the bar refreshed every trainer.log_every_n_steps (10), so a run of fewer
+    steps never moved it; now at most a tenth of trainer.max_steps apart."""
+    cfg = compose_config(overrides)
+    assert cfg.callbacks.progress_bar.refresh_rate == refresh
+    assert instantiate(cfg.callbacks.progress_bar).refresh_rate == refresh
