@@ -97,10 +97,31 @@ CONDITION_GROUP = "condition"
 DOMAINS_GROUP = "data/domains"  # the domain sets: conf/data/domains/<name>.yaml
 
 
+DENSE_CONDITION = "dense"  # conf/condition/dense.yaml: model.moe=null
+
+
+def _check_no_moe_overrides(args: Sequence[str], conditions: str) -> None:
+    """Refuse a ``model.moe.<key>`` override beside ``condition=dense`` (alone or in a sweep):
+    the dense twin has no MoE node for it, and Hydra would refuse the whole sweep with a
+    traceback (``Key ... is not in struct``) suggesting a ``+`` that builds MoE layers."""
+    for arg in args:
+        key, sep, _ = arg.lstrip("+~").partition("=")
+        if sep and key.startswith("model.moe."):
+            moe_ones = [c for c in conditions.split(",") if c.strip() != DENSE_CONDITION]
+            sweep = ",".join(moe_ones) if moe_ones else "top1,top2"
+            raise UserError(
+                f"condition={conditions} with {arg.lstrip('+~')}: condition=dense has no MoE "
+                f"layers (model.moe=null), so an MoE setting cannot apply to it. Sweep the MoE "
+                f"conditions with it (python train.py -m condition={sweep} "
+                f"{arg.lstrip('+~')}) and run condition=dense on its own."
+            )
+
+
 def check_group_overrides(args: Sequence[str], directory: str | os.PathLike | None = None) -> None:
     """Refuse (one line), before Hydra composes, a ``condition`` override that is null or a list
-    (a run has one condition), and a ``data/domains`` choice whose file is missing or not a
-    domain set's YAML (a domain written twice): Hydra would fail with a traceback."""
+    (a run has one condition) or that is ``dense`` beside a ``model.moe.<key>`` override, and a
+    ``data/domains`` choice whose file is missing or not a domain set's YAML (a domain written
+    twice): Hydra would fail with a traceback."""
     root = Path(directory or config_dir())
     options = sorted(p.stem for p in (root / CONDITION_GROUP).glob("*.yaml"))
     for arg in args:
@@ -120,6 +141,8 @@ def check_group_overrides(args: Sequence[str], directory: str | os.PathLike | No
                     raise UserError(f"{DOMAINS_GROUP}={name}: {exc}.") from None
         if key != CONDITION_GROUP or not sep:
             continue
+        if DENSE_CONDITION in (v.strip() for v in value.split(",")):
+            _check_no_moe_overrides(args, value)
         if value.strip() in ("", "null", "None") or value.strip().startswith("["):
             raise UserError(
                 f"condition={value}: a run has one condition, one of {', '.join(options)}; "

@@ -274,3 +274,25 @@ def test_the_progress_bar_refreshes_on_short_runs(overrides, refresh):
     cfg = compose_config(overrides)
     assert cfg.callbacks.progress_bar.refresh_rate == refresh
     assert instantiate(cfg.callbacks.progress_bar).refresh_rate == refresh
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["condition=dense", "+model.moe.top_k=2"], ["model.moe.top_k=2", "condition=top1,top2"]),
+        (
+            ["-m", "condition=top1,dense", "model.moe.lb_coef=0.1"],
+            ["model.moe.lb_coef=0.1", "-m condition=top1 model.moe.lb_coef=0.1"],
+        ),
+    ],
+)
+def test_an_moe_setting_beside_the_dense_condition_names_the_conflict(args, needles, tmp_path):
+    """#29 item 8: was 'MoE layer index 8 is out of range' (alone) or Hydra's 'Key ... is not in
+    struct' refusing the whole sweep with a '+' hint that would build MoE layers."""
+    with pytest.raises(UserError, match="condition=dense has no MoE layers"):
+        check_group_overrides(args)
+    check_group_overrides(["-m", "condition=top1,top2", "model.moe.lb_coef=0.1"])  # no dense
+    check_group_overrides(["condition=dense", "model.n_layer=2"])  # not an MoE setting
+    proc = run_train(*args, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert_one_error_line(proc.stderr, "condition=dense has no MoE layers", *needles)
