@@ -162,9 +162,10 @@ def check_moe_node(cfg: DictConfig) -> None:
     if missing:
         given = ", ".join(f"{MoESettings.config_key(k)}={moe[k]}" for k in moe)
         raise UserError(
-            f"{given} was set on a dense model (model.moe=null, e.g. experiment=dense_baseline "
-            f"or condition=dense): an MoE condition needs an MoE experiment (e.g. "
-            f"experiment=moe_main), or leave the condition out."
+            f"{given} was set on a dense model (model.moe=null: experiment=dense_baseline or "
+            f"condition=dense), which has no MoE layers for it: an MoE condition needs an MoE "
+            f"experiment (e.g. experiment=moe_main); with condition=dense, drop the model.moe "
+            f"override (sweep it over the MoE conditions only)."
         )
 
 

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from moe_emergence.config import (
     MAX_DIR_NAME,
     check_group_overrides,
+    check_moe_node,
     compose_config,
     config_dir,
     path_safe,
@@ -296,3 +297,6 @@ def test_an_moe_setting_beside_the_dense_condition_names_the_conflict(args, need
     proc = run_train(*args, cwd=tmp_path)
     assert proc.returncode == 1
     assert_one_error_line(proc.stderr, "condition=dense has no MoE layers", *needles)
+    # composed without train.py's first check (notebooks, compose_config + train): the same
+    with pytest.raises(UserError, match=r"with condition=dense, drop the model\.moe override"):
+        check_moe_node(compose_config(["condition=dense", "+model.moe.top_k=2"]))
