@@ -237,15 +237,17 @@ def _check_source_kind(domains: DomainSet, source: str) -> None:
             if source == "sample" and not offline:
                 raise ValueError(
                     f"{name}[{i}].dataset '{s.dataset}' is not part of the offline sample "
-                    f"(source=sample reads {SAMPLE_PREFIX}... datasets only): pick "
-                    f"data/domains=sample, or source=hub for the datasets"
+                    f"(source=sample reads {SAMPLE_PREFIX}... datasets only): pick the sample "
+                    f"set (train.py: data/domains=sample; data CLI: --domain-set sample), or the "
+                    f"Hub's datasets (data.source=hub; data CLI: --source hub)"
                 )
             if source != "sample" and offline:
                 raise ValueError(
                     f"{name}[{i}].dataset '{s.dataset}' is the offline sample's, which "
-                    f"source={source} does not read: for the Hub's datasets pick a Hub set, "
-                    f"e.g. data/domains=code_math_prose (it sets source=hub); for the sample, "
-                    f"leave data.source out"
+                    f"source={source} does not read: for the Hub's datasets pick a Hub set "
+                    f"(train.py: data/domains=code_math_prose; data CLI: --domain-set "
+                    f"code_math_prose); for the sample, the source sample (train.py: "
+                    f"data/domains=sample; data CLI: --source sample)"
                 )
 
 

@@ -260,7 +260,7 @@ def test_a_hub_source_with_the_sample_set_points_to_a_hub_set(tmp_path):
         "experiment=study_cpu", "data.source=hub", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path
     )
     assert proc.returncode != 0
-    assert_one_error_line(proc.stderr, "pick a Hub set, e.g. data/domains=code_math_prose")
+    assert_one_error_line(proc.stderr, "pick a Hub set (train.py: data/domains=code_math_prose")
     assert "it sets source=sample" not in proc.stderr
 
 
@@ -288,6 +288,12 @@ def test_a_named_set_whose_file_sets_the_source_names_the_cli_flags(tmp_path, ca
         DataSettings(domain_set="sample").validate()  # datamodule_from_config, notebooks
     DataSettings(domain_set="sample", source="sample", tokenizer="sample_bpe").validate()
     DataSettings(domain_set="code_math_prose").validate()  # sets nothing else
+
+
+def test_a_hub_set_on_the_sample_source_names_the_cli_flags_too(capsys):
+    """The hint was in Hydra's syntax only (data/domains=sample, source=hub)."""
+    err = _data_cli(capsys, "--domain-set", "code_math_prose", "--source", "sample")
+    assert_one_error_line(err, "data CLI: --domain-set sample", "data CLI: --source hub")
 
 
 def test_a_set_file_key_that_only_hydra_applies_is_refused(tmp_path):
