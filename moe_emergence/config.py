@@ -110,9 +110,20 @@ def settings_help() -> str:
     return "\n".join(lines).replace("$", "$$")
 
 
+def progress_refresh(log_every_n_steps: int, max_steps: int | None) -> int:
+    """Resolver ``${progress_refresh:...}``: optimizer steps between progress-bar refreshes,
+    ``log_every_n_steps`` but at most a tenth of a run of ``max_steps`` (at least 1), so that a
+    short run's bar moves (a refresh reads the loss: a host sync on GPUs)."""
+    every = max(1, int(log_every_n_steps))
+    if max_steps is None or int(max_steps) <= 0:  # a run bounded by epochs
+        return every
+    return max(1, min(every, int(max_steps) // 10))
+
+
 def register_resolvers() -> None:
-    """``${path_safe:...}``, ``${unique_dir:...}``, ``${settings_help:}`` and the groups' base
-    nodes; idempotent. ``train.py`` calls it before Hydra composes."""
+    """``${path_safe:...}``, ``${unique_dir:...}``, ``${progress_refresh:...}``,
+    ``${settings_help:}`` and the groups' base nodes; idempotent. ``train.py`` calls it before
+    Hydra composes."""
     from hydra.core.config_store import ConfigStore
 
     run_dir.register()
@@ -120,6 +131,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("path_safe", path_safe)
     if not OmegaConf.has_resolver("settings_help"):
         OmegaConf.register_new_resolver("settings_help", settings_help)
+    if not OmegaConf.has_resolver("progress_refresh"):
+        OmegaConf.register_new_resolver("progress_refresh", progress_refresh)
     store = ConfigStore.instance()
     for group, node in settings_nodes().items():
         store.store(group=group, name=SETTINGS_NODE, node=node)
@@ -129,10 +142,31 @@ CONDITION_GROUP = "condition"
 DOMAINS_GROUP = "data/domains"  # the domain sets: conf/data/domains/<name>.yaml
 
 
+DENSE_CONDITION = "dense"  # conf/condition/dense.yaml: model.moe=null
+
+
+def _check_no_moe_overrides(args: Sequence[str], conditions: str) -> None:
+    """Refuse a ``model.moe.<key>`` override beside ``condition=dense`` (alone or in a sweep):
+    the dense twin has no MoE node for it, and Hydra would refuse the whole sweep with a
+    traceback (``Key ... is not in struct``) suggesting a ``+`` that builds MoE layers."""
+    for arg in args:
+        key, sep, _ = arg.lstrip("+~").partition("=")
+        if sep and key.startswith("model.moe."):
+            moe_ones = [c for c in conditions.split(",") if c.strip() != DENSE_CONDITION]
+            sweep = ",".join(moe_ones) if moe_ones else "top1,top2"
+            raise UserError(
+                f"condition={conditions} with {arg.lstrip('+~')}: condition=dense has no MoE "
+                f"layers (model.moe=null), so an MoE setting cannot apply to it. Sweep the MoE "
+                f"conditions with it (python train.py -m condition={sweep} "
+                f"{arg.lstrip('+~')}) and run condition=dense on its own."
+            )
+
+
 def check_group_overrides(args: Sequence[str], directory: str | os.PathLike | None = None) -> None:
     """Refuse (one line), before Hydra composes, a ``condition`` override that is null or a list
-    (a run has one condition), and a ``data/domains`` choice whose file is missing or not a
-    domain set's YAML (a domain written twice): Hydra would fail with a traceback."""
+    (a run has one condition) or that is ``dense`` beside a ``model.moe.<key>`` override, and a
+    ``data/domains`` choice whose file is missing or not a domain set's YAML (a domain written
+    twice): Hydra would fail with a traceback."""
     root = Path(directory or config_dir())
     options = sorted(p.stem for p in (root / CONDITION_GROUP).glob("*.yaml"))
     for arg in args:
@@ -152,6 +186,8 @@ def check_group_overrides(args: Sequence[str], directory: str | os.PathLike | No
                     raise UserError(f"{DOMAINS_GROUP}={name}: {exc}.") from None
         if key != CONDITION_GROUP or not sep:
             continue
+        if DENSE_CONDITION in (v.strip() for v in value.split(",")):
+            _check_no_moe_overrides(args, value)
         if value.strip() in ("", "null", "None") or value.strip().startswith("["):
             raise UserError(
                 f"condition={value}: a run has one condition, one of {', '.join(options)}; "
@@ -171,9 +207,10 @@ def check_moe_node(cfg: DictConfig) -> None:
     if missing:
         given = ", ".join(f"{MoESettings.config_key(k)}={moe[k]}" for k in moe)
         raise UserError(
-            f"{given} was set on a dense model (model.moe=null, e.g. experiment=dense_baseline "
-            f"or condition=dense): an MoE condition needs an MoE experiment (e.g. "
-            f"experiment=moe_main), or leave the condition out."
+            f"{given} was set on a dense model (model.moe=null: experiment=dense_baseline or "
+            f"condition=dense), which has no MoE layers for it: an MoE condition needs an MoE "
+            f"experiment (e.g. experiment=moe_main); with condition=dense, drop the model.moe "
+            f"override (sweep it over the MoE conditions only)."
         )
 
 

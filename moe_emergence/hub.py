@@ -1,7 +1,7 @@
 """Resolve Hub ids (datasets, tokenizers, models) to a local mirror folder or the Hub itself.
 
 A mirror root ``DIR`` holds each Hub repo ``org/name`` at ``DIR/org/name``, the layout that
-``huggingface-cli download --repo-type dataset org/name --local-dir DIR/org/name`` produces, so
+``hf download org/name --repo-type dataset --local-dir DIR/org/name`` produces, so
 the same ``datasets.load_dataset`` / ``from_pretrained`` call works on either. Offline
 (``HF_HUB_OFFLINE``) without a mirror, a repo that the standard Hugging Face hub cache holds
 (``<HF_HUB_CACHE>/<type>s--org--name/snapshots/<commit>``) is used from there, as the libraries
@@ -111,8 +111,8 @@ def _hub_endpoint() -> str:
 def _how_to_fix(repo_id: str, kind: str) -> str:
     repo_type = " --repo-type dataset" if kind == "dataset" else ""
     return (
-        f"Download it once where the Hub is reachable with `huggingface-cli download{repo_type} "
-        f"{repo_id} --local-dir <mirror>/{repo_id}` and pass `--hub-mirror <mirror>` "
+        f"Download it once where the Hub is reachable with `hf download {repo_id}{repo_type} "
+        f"--local-dir <mirror>/{repo_id}` and pass `--hub-mirror <mirror>` "
         f"(config: data.hub_mirror, env: {MIRROR_ENV})."
     )
 

@@ -96,6 +96,12 @@ def open_checkpoint(
         if run_dir is None:
             raise UserError(f"{option}=last needs a run dir: pass {option}=<run dir> instead.")
         found = last_of_run(Path(run_dir))
+        if found is None and option == "init_from":  # a new run's folder holds no checkpoints
+            raise UserError(
+                f"init_from=last: no {CHECKPOINTS_DIR}/last.ckpt in this run's folder {run_dir} "
+                f"(a new run's, and init_from starts a new run in a new folder); name the run "
+                f"to start from: init_from=<run dir> (or a .ckpt file)."
+            )
         if found is None:
             raise UserError(
                 f"{option}=last: no {CHECKPOINTS_DIR}/last.ckpt in this run's folder {run_dir}; "

@@ -368,6 +368,23 @@ def test_ckpt_path_last_and_run_dir_resolve_to_the_newest_last_ckpt(ctx, tmp_pat
     assert out["resumed_from"] == inplace / "checkpoints" / "last.ckpt"
 
 
+def test_init_from_last_hints_a_form_that_starts_the_run(ctx, tmp_path):
+    """#29 item 8: init_from=last in a new run's folder hinted ``hydra.run.dir=<run dir>
+    init_from=last``, which is refused (that folder already holds a run). Its hint, followed
+    with the run's folder, starts a new run from that run's weights."""
+    runs, go = ctx
+    with pytest.raises(UserError) as caught:
+        go(tmp_path / "fresh", "init_from=last")
+    message = str(caught.value)
+    assert "\n" not in message and "init_from=last" not in message.split(";", 1)[1], message
+    hint = re.search(r"init_from=<run dir>", message)
+    assert hint is not None, message
+    followed = hint.group(0).replace("<run dir>", str(runs / "first"))
+    out = go(tmp_path / "new", followed, "trainer.max_steps=1")
+    assert out["global_step"] == 1
+    assert out["init_from"] == runs / "first" / "checkpoints" / "last.ckpt"
+
+
 def test_a_symlinked_last_ckpt_is_verified_through_its_target(ctx, tmp_path):
     runs, _ = ctx
     from moe_emergence.runs import resolve_checkpoint

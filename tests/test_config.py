@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from moe_emergence.config import (
     MAX_DIR_NAME,
     check_group_overrides,
+    check_moe_node,
     compose_config,
     config_dir,
     path_safe,
@@ -255,3 +256,47 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(override, tmp_path):
     proc = run_train("experiment=demo", override, cwd=tmp_path)
     assert proc.returncode == 1
     assert_one_error_line(proc.stderr, "/sys/moe", "cannot be written", "pass a writable folder")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "refresh"),
+    [
+        ([], 10),  # 2,000 steps: every log_every_n_steps
+        (["trainer.max_steps=5"], 1),  # a short run's bar moves at every step
+        (["trainer.max_steps=50"], 5),
+        (["trainer.max_steps=-1"], 10),  # bounded by epochs
+        (["trainer.max_steps=5", "trainer.log_every_n_steps=1"], 1),
+        (["experiment=demo", "trainer.max_steps=30"], 3),
+    ],
+)
+def test_the_progress_bar_refreshes_on_short_runs(overrides, refresh):
+    """#29 item 8: the bar refreshed every trainer.log_every_n_steps (10), so a run of fewer
+    steps never moved it; now at most a tenth of trainer.max_steps apart."""
+    cfg = compose_config(overrides)
+    assert cfg.callbacks.progress_bar.refresh_rate == refresh
+    assert instantiate(cfg.callbacks.progress_bar).refresh_rate == refresh
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["condition=dense", "+model.moe.top_k=2"], ["model.moe.top_k=2", "condition=top1,top2"]),
+        (
+            ["-m", "condition=top1,dense", "model.moe.lb_coef=0.1"],
+            ["model.moe.lb_coef=0.1", "-m condition=top1 model.moe.lb_coef=0.1"],
+        ),
+    ],
+)
+def test_an_moe_setting_beside_the_dense_condition_names_the_conflict(args, needles, tmp_path):
+    """#29 item 8: was 'MoE layer index 8 is out of range' (alone) or Hydra's 'Key ... is not in
+    struct' refusing the whole sweep with a '+' hint that would build MoE layers."""
+    with pytest.raises(UserError, match="condition=dense has no MoE layers"):
+        check_group_overrides(args)
+    check_group_overrides(["-m", "condition=top1,top2", "model.moe.lb_coef=0.1"])  # no dense
+    check_group_overrides(["condition=dense", "model.n_layer=2"])  # not an MoE setting
+    proc = run_train(*args, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert_one_error_line(proc.stderr, "condition=dense has no MoE layers", *needles)
+    # composed without train.py's first check (notebooks, compose_config + train): the same
+    with pytest.raises(UserError, match=r"with condition=dense, drop the model\.moe override"):
+        check_moe_node(compose_config(["condition=dense", "+model.moe.top_k=2"]))

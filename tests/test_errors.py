@@ -157,3 +157,39 @@ def test_train_script_mistakes(
     )
     assert code == 1
     assert_one_error_line(capsys.readouterr().err, *needles)
+
+
+@pytest.mark.usefixtures("restore_log_handlers")
+def test_pretrained_gpt2_on_a_mirror_without_weights_is_one_line(
+    tiny_mirror, tiny_tokenizer_dir, tmp_path, capsys, monkeypatch
+):
+    """#29 item 7: ``python train.py ...`` with the default pretrained GPT-2 on a mirror holding
+    its tokenizer but no weights ends in one line naming the download and model.pretrained=null,
+    before any data is prepared (no token cache written)."""
+    import shutil
+
+    from transformers import GPT2Config
+
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for org in tiny_mirror.iterdir():
+        (mirror / org.name).symlink_to(org)
+    shutil.copytree(tiny_tokenizer_dir, mirror / "gpt2")
+    GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2).save_pretrained(mirror / "gpt2")
+    code = run_train_script(
+        monkeypatch,
+        "experiment=debug",
+        "model.pretrained=gpt2",
+        f"data.hub_mirror={mirror}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert code == 1
+    line = assert_one_error_line(
+        capsys.readouterr().err,
+        "no weights",
+        f"hf download gpt2 --local-dir {mirror / 'gpt2'}",
+        "model.pretrained=null",
+    )
+    assert "huggingface-cli" not in line
+    assert not (tmp_path / "cache").exists()  # refused before data preparation

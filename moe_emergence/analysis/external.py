@@ -232,14 +232,15 @@ def load_probe(
     """The set's held-out blocks in the token cache keyed by this tokenizer, size-matched;
     with ``--max-tokens``, a seeded subset of max_tokens / (domains x block size) blocks per
     domain first."""
+    source = set_source(spec)  # a missing or bad set: one line naming --domain-set
     datamodule = MixedDomainDataModule(
         size_mb=args.size_mb,
         block_size=args.block_size,
         tokenizer=tokenizer_name,
         hub_mirror=args.hub_mirror,
         cache_dir=args.cache_dir,
-        domain_set=spec,
-        source=set_source(spec),
+        domain_set=read_domain_set(spec),  # its other keys: the tokenizer is the model's here
+        source=source,
         eval_fraction=EVAL_FRACTION,
         eval_min_texts=EVAL_MIN_TEXTS,
         show_progress=not args.no_progress,

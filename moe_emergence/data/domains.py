@@ -48,6 +48,7 @@ DEFAULT_DOMAIN_SETS = {"hub": "code_math_prose", "sample": "sample"}  # per data
 SAMPLE_PREFIX = "sample/"  # datasets of the offline corpus (moe_emergence.data.sample)
 DOMAIN_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # becomes metric keys and CSV columns
 MAX_DOMAINS = 255  # domain ids are uint8 in the block order
+MAX_DOMAIN_NAME = 200  # characters: names the cache files <name>.offsets.bin (255-byte names)
 SOURCE_KEYS = tuple(f.name for f in dataclasses.fields(Source))
 REQUIRED_KEYS = ("dataset", "text")
 
@@ -176,6 +177,20 @@ def _source(where: str, entry: Any) -> Source:
     )
 
 
+def set_file_settings(name: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """``(path, {key: value})``: the set file's keys other than ``domain_set`` (``source``,
+    ``tokenizer``, ...: ``data.*`` values that Hydra's ``data/domains=<name>`` sets beside it);
+    ``{}`` for a file that is not a readable set (:func:`read_domain_set` says why)."""
+    path = domain_set_path(name)
+    try:
+        content = _read_set_file(path.resolve(), path.stat().st_mtime_ns)
+    except (OSError, ValueError, yaml.YAMLError):
+        return path, {}
+    if not isinstance(content, Mapping):
+        return path, {}
+    return path, {str(k): copy.deepcopy(v) for k, v in content.items() if k != SET_KEY}
+
+
 def parse_domains(spec: Any, source: str = "hub") -> DomainSet:
     """``{domain: (Source, ...)}`` in the set's order from the ``domain_set`` setting (see the
     module docstring). Raises ValueError naming the sub-key (``math[1].text``) for a bad set:
@@ -203,6 +218,11 @@ def parse_domains(spec: Any, source: str = "hub") -> DomainSet:
                 f"domain name {name!r} must start with a letter and hold only letters, digits "
                 f"and _ (it names metrics and table columns)"
             )
+        if len(name) > MAX_DOMAIN_NAME:
+            raise ValueError(
+                f"domain name '{name[:20]}...' has {len(name)} characters: at most "
+                f"{MAX_DOMAIN_NAME} (it names the token cache's files), so shorten it"
+            )
         if not isinstance(sources, list) or not sources:
             raise ValueError(f"{name} has no sources: give it a list of at least one source")
         found[name] = tuple(_source(f"{name}[{i}]", entry) for i, entry in enumerate(sources))
@@ -217,15 +237,17 @@ def _check_source_kind(domains: DomainSet, source: str) -> None:
             if source == "sample" and not offline:
                 raise ValueError(
                     f"{name}[{i}].dataset '{s.dataset}' is not part of the offline sample "
-                    f"(source=sample reads {SAMPLE_PREFIX}... datasets only): pick "
-                    f"data/domains=sample, or source=hub for the datasets"
+                    f"(source=sample reads {SAMPLE_PREFIX}... datasets only): pick the sample "
+                    f"set (train.py: data/domains=sample; data CLI: --domain-set sample), or the "
+                    f"Hub's datasets (data.source=hub; data CLI: --source hub)"
                 )
             if source != "sample" and offline:
                 raise ValueError(
                     f"{name}[{i}].dataset '{s.dataset}' is the offline sample's, which "
-                    f"source={source} does not read: for the Hub's datasets pick a Hub set, "
-                    f"e.g. data/domains=code_math_prose (it sets source=hub); for the sample, "
-                    f"leave data.source out"
+                    f"source={source} does not read: for the Hub's datasets pick a Hub set "
+                    f"(train.py: data/domains=code_math_prose; data CLI: --domain-set "
+                    f"code_math_prose); for the sample, the source sample (train.py: "
+                    f"data/domains=sample; data CLI: --source sample)"
                 )
 
 

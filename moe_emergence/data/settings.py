@@ -15,13 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from moe_emergence.data.checks import SettingError
-from moe_emergence.data.domains import DomainSet, parse_domains, plain_containers
+from moe_emergence.data.domains import (
+    DomainSet,
+    parse_domains,
+    plain_containers,
+    set_file_settings,
+)
 from moe_emergence.data.sources import MAX_EXAMPLE_CHARS, check_filters, check_size_mb
 from moe_emergence.data.tokenize import DEFAULT_TOKENIZER
 from moe_emergence.errors import UserError
@@ -137,10 +143,39 @@ class DataSettings(DataGroup):
         """Each field's own check, then the domain set (see :mod:`moe_emergence.data.domains`)
         and the length filter of each of its sources."""
         super().validate()
+        self._check_set_file_settings()
         for domain, sources in self.domain_sources.items():
             with naming_options():
                 check_filters(sources, self.max_example_chars, domain)
         return self
+
+    def _check_set_file_settings(self) -> None:
+        """A set named by name or file (outside Hydra's ``data/domains=<name>``, which merges
+        the whole file into ``data``): the file's other keys (``source: sample``, ``tokenizer:
+        sample_bpe``) must match these settings; one line naming the flags to add, if not."""
+        if not isinstance(self.domain_set, str | os.PathLike):
+            return
+        path, others = set_file_settings(self.domain_set)
+        fields = {f.name for f in dataclasses.fields(self)}
+        differ = {k: v for k, v in others.items() if k not in fields or getattr(self, k) != v}
+        if not differ:
+            return
+        unknown = [k for k in differ if k not in fields]
+        name = f"{option('domain_set')} {self.domain_set}"
+        if unknown:
+            raise UserError(
+                f"{name}: its file {path} also sets {', '.join(unknown)}, which only train.py "
+                f"applies: there, pick the set with data/domains={Path(self.domain_set).stem}."
+            )
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in differ.items())
+        keys = " ".join(f"{config_key(k)}={v}" for k, v in differ.items())
+        now = ", ".join(f"{k}={getattr(self, k)}" for k in differ)
+        raise UserError(
+            f"{name}: its file {path} also sets "
+            f"{', '.join(f'{k}={v}' for k, v in differ.items())} (here {now}), which naming "
+            f"the set does not change: pass {flags} too (config: {keys}; in train.py "
+            f"data/domains={Path(self.domain_set).stem} sets them)."
+        )
 
     @property
     def domain_sources(self) -> DomainSet:

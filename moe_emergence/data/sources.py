@@ -221,7 +221,7 @@ def _config_part(config: str | None) -> str:
 def _redownload_hint(source: Source, location: str, hub_mirror: str | None) -> str:
     if not is_hub_id(source.dataset):
         return "replace it with a good copy"
-    command = f"huggingface-cli download --repo-type dataset {source.dataset}"
+    command = f"hf download {source.dataset} --repo-type dataset"
     if hub_mirror is not None and Path(location) == Path(hub_mirror) / source.dataset:
         return f"re-download it with `{command} --local-dir {location}`"
     if "snapshots" in Path(location).parts:  # the Hugging Face hub cache
@@ -276,9 +276,42 @@ def check_templates(domains: Mapping[str, Sequence[Source]], hub_mirror: str | N
                 try:
                     _open(source, config, location, MAX_EXAMPLE_CHARS, f"{domain}[{i}]")
                 except Exception as exc:
+                    if error := _wrong_config_or_split(source, config, location, f"{domain}[{i}]"):
+                        raise error from exc
                     if error := _damage_behind(exc, source, config, location, hub_mirror):
                         raise error from exc
                     raise
+
+
+def _wrong_config_or_split(
+    source: Source, config: str | None, location: str, where: str
+) -> SettingError | None:
+    """A SettingError naming the set's ``where.configs`` entry or ``where.split`` that the
+    local copy at ``location`` does not have (with the ones it has), or None."""
+    if not Path(location).is_dir():
+        return None
+    from datasets import get_dataset_config_names, load_dataset_builder
+
+    try:
+        configs = [str(c) for c in get_dataset_config_names(location)]
+        if config is not None and configs and config not in configs:
+            return SettingError(
+                f"{where}.configs: '{config}' is not a config of dataset '{source.dataset}' "
+                f"({location}), whose configs are {', '.join(configs)}: fix the set's entry.",
+                "domain_set",
+            )
+        splits = [str(k) for k in (load_dataset_builder(location, config).config.data_files or {})]
+    except Exception as exc:  # the layout cannot be told: the damage check says more
+        log.debug("Could not list the configs and splits of %s: %s", location, exc)
+        return None
+    if splits and source.split not in splits:
+        return SettingError(
+            f"{where}.split: '{source.split}' is not a split of dataset '{source.dataset}'"
+            f"{_config_part(config)} ({location}), whose splits are {', '.join(splits)}: fix "
+            f"the set's split.",
+            "domain_set",
+        )
+    return None
 
 
 def _damage_behind(
@@ -390,6 +423,8 @@ def load_domain(
                 try:
                     streams.append(_open(source, config, location, max_example_chars, where))
                 except Exception as exc:
+                    if error := _wrong_config_or_split(source, config, location, f"{domain}[{i}]"):
+                        raise error from exc
                     if error := _damage_behind(exc, source, config, location, hub_mirror):
                         raise error from exc
                     raise

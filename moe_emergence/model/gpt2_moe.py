@@ -39,6 +39,10 @@ WEIGHT_FILES = (
 SCRATCH_HINT = "To train from scratch instead, set model.pretrained=null."
 
 
+class MissingWeightsError(UserError, FileNotFoundError):
+    """A pretrained model's folder holds config/tokenizer files but no weights."""
+
+
 def build_gpt2(
     pretrained: str | None = "gpt2",
     hub_mirror: str | None = None,
@@ -84,11 +88,11 @@ def build_gpt2(
     except (HubUnavailableError, FileNotFoundError) as exc:
         raise type(exc)(f"{exc} {SCRATCH_HINT}") from exc
     if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in WEIGHT_FILES):
-        raise FileNotFoundError(
+        raise MissingWeightsError(
             f"Model '{pretrained}' resolved to '{source}', which holds no weights (none of "
             f"{', '.join(WEIGHT_FILES)}); a mirror with only config/tokenizer files cannot "
-            f"give a pretrained model. Download the weights with `huggingface-cli download "
-            f"{pretrained} --local-dir <mirror>/{pretrained}`. {SCRATCH_HINT}"
+            f"give a pretrained model. Download the weights with `hf download "
+            f"{pretrained} --local-dir {source}`. {SCRATCH_HINT}"
         )
     config = GPT2Config.from_pretrained(source, **dropouts)
     if n_positions is not None and n_positions > config.n_positions:

@@ -175,6 +175,20 @@ def test_the_command_writes_a_trained_runs_outputs(
     assert len([p for p in shared_cache.iterdir() if (p / "manifest.json").is_file()]) == 1
 
 
+def test_a_set_whose_file_names_a_tokenizer_is_read_with_the_models_own(
+    models, tiny_mirror, tmp_path, capsys
+):
+    """#29 item 8: ``sample``'s file also sets ``tokenizer: sample_bpe``; here the model's own
+    tokenizer reads it (the set's source is told by its datasets), not a one-line refusal."""
+    out = tmp_path / "sample"
+    code, _, err = run_analyze(
+        capsys, models["mixtral"], out, "--domain-set", "sample",
+        mirror=tiny_mirror, cache=tmp_path / "cache",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads((out / "summary.json").read_text())["domain_set"] == "sample"
+
+
 def test_another_tokenizer_is_another_cache_entry_and_max_tokens_caps_the_probe(
     tiny_mirror, tiny_tokenizer_dir, shared_cache, tmp_path, capsys
 ):

@@ -260,5 +260,83 @@ def test_a_hub_source_with_the_sample_set_points_to_a_hub_set(tmp_path):
         "experiment=study_cpu", "data.source=hub", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path
     )
     assert proc.returncode != 0
-    assert_one_error_line(proc.stderr, "pick a Hub set, e.g. data/domains=code_math_prose")
+    assert_one_error_line(proc.stderr, "pick a Hub set (train.py: data/domains=code_math_prose")
     assert "it sets source=sample" not in proc.stderr
+
+
+# ---- #29 item 8: a set file outside Hydra, its fields' mistakes, a domain name's length ------
+
+
+def _data_cli(capsys, *argv: str) -> str:
+    from moe_emergence.data.cli import main as data_cli
+
+    try:
+        code = data_cli(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    assert code != 0
+    return capsys.readouterr().err
+
+
+def test_a_named_set_whose_file_sets_the_source_names_the_cli_flags(tmp_path, capsys):
+    """``--domain-set sample`` read the set but ignored its ``source: sample`` and ``tokenizer:
+    sample_bpe``, then hinted Hydra's data/domains=sample; now one line with the CLI's flags."""
+    err = _data_cli(capsys, "--domain-set", "sample", "--cache-dir", str(tmp_path / "c"))
+    line = assert_one_error_line(err, "--source sample --tokenizer sample_bpe", "sample.yaml")
+    assert "leave data.source out" not in line
+    with pytest.raises(UserError, match="--source sample --tokenizer sample_bpe"):
+        DataSettings(domain_set="sample").validate()  # datamodule_from_config, notebooks
+    DataSettings(domain_set="sample", source="sample", tokenizer="sample_bpe").validate()
+    DataSettings(domain_set="code_math_prose").validate()  # sets nothing else
+
+
+def test_a_hub_set_on_the_sample_source_names_the_cli_flags_too(capsys):
+    """The hint was in Hydra's syntax only (data/domains=sample, source=hub)."""
+    err = _data_cli(capsys, "--domain-set", "code_math_prose", "--source", "sample")
+    assert_one_error_line(err, "data CLI: --domain-set sample", "data CLI: --source hub")
+
+
+def test_a_set_file_key_that_only_hydra_applies_is_refused(tmp_path):
+    path = tmp_path / "batched.yaml"
+    path.write_text(
+        "batch_size: 4\ndomain_set:\n"
+        "  a: [{dataset: x/a, text: '{t}'}]\n  b: [{dataset: x/b, text: '{t}'}]\n"
+    )
+    with pytest.raises(UserError, match=r"also sets batch_size.*data/domains=batched"):
+        DataSettings(domain_set=str(path)).validate()
+
+
+@pytest.mark.parametrize(
+    ("entry", "needles"),
+    [
+        ("configs: [nope]", ["math[0].configs", "'nope'", "main"]),
+        ("configs: [main]\n      split: nope", ["math[0].split", "'nope'", "train"]),
+    ],
+)
+def test_a_wrong_config_or_split_names_the_set_files_field(
+    entry, needles, tiny_mirror, tiny_tokenizer_dir, tmp_path, capsys
+):
+    """Was blamed on the download ("its files are not what this source reads ... re-download
+    it with ...")."""
+    path = tmp_path / "wrong.yaml"
+    path.write_text(
+        "domain_set:\n"
+        "  code:\n    - dataset: codeparrot/codeparrot-clean\n      text: '{content}'\n"
+        f"  math:\n    - dataset: openai/gsm8k\n      {entry}\n"
+        "      text: '{question} {answer}'\n"
+    )
+    err = _data_cli(
+        capsys,
+        *("--domain-set", str(path), "--hub-mirror", str(tiny_mirror)),
+        *("--tokenizer", str(tiny_tokenizer_dir), "--cache-dir", str(tmp_path / "c")),
+        *("--size-mb", "0.01", "--block-size", "16", "--no-progress"),
+    )
+    line = assert_one_error_line(err, *needles)
+    assert "download" not in line
+
+
+def test_a_domain_name_past_the_file_name_limit_is_one_line():
+    source = [{"dataset": "x/a", "text": "{t}"}]
+    spec = {"a" * 300: source, "b": source}
+    with pytest.raises(UserError, match=r"domain name 'a{10}.*300 characters.*at most \d+"):
+        DataSettings(domain_set=spec).validate()

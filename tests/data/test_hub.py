@@ -129,7 +129,7 @@ def test_mirror_lacking_a_dataset_says_where_it_looked_and_how_to_download(tmp_p
         resolve_repo("openai/gsm8k", tmp_path)
     message = str(excinfo.value)
     assert str(tmp_path / "openai" / "gsm8k") in message
-    assert "huggingface-cli download --repo-type dataset openai/gsm8k" in message
+    assert "hf download openai/gsm8k --repo-type dataset" in message
     assert "--hub-mirror" in message
 
 
@@ -185,7 +185,7 @@ def test_tokenizer_missing_from_mirror(tmp_path, monkeypatch):
         load_tokenizer("org/tok", hub_mirror=str(tmp_path))
     message = str(excinfo.value)
     assert str(tmp_path / "org" / "tok") in message
-    assert "huggingface-cli download org/tok" in message  # a model repo: no --repo-type
+    assert "hf download org/tok --local-dir" in message  # a model repo: no --repo-type
 
 
 def test_tokenizer_offline_without_mirror(tmp_path, monkeypatch):

@@ -123,13 +123,13 @@ def test_cli_bad_local_tokenizer(case, tiny_mirror, tiny_tokenizer_dir, tmp_path
     value, needles = _tokenizer_case(case, tmp_path, tiny_tokenizer_dir)
     err = run_cli(tiny_mirror, value, tmp_path / "cache", capsys)
     line = assert_one_error_line(err, *needles)
-    assert "huggingface-cli" not in line  # no download hint for a local path
+    assert "hf download" not in line  # no download hint for a local path
     assert leftovers(tmp_path / "cache") == []
 
 
 def test_hub_name_missing_from_the_mirror_keeps_the_download_hint(tiny_mirror, tmp_path, capsys):
     err = run_cli(tiny_mirror, "org/tok", tmp_path / "cache", capsys)
-    assert_one_error_line(err, "'org/tok'", "huggingface-cli download org/tok")
+    assert_one_error_line(err, "'org/tok'", "hf download org/tok")
 
 
 def test_tokenizer_in_home_folder_is_expanded(tiny_tokenizer_dir, tmp_path, monkeypatch):
@@ -169,7 +169,7 @@ def _damage(mirror: Path, case: str) -> tuple[Path, list[str], str]:
     rel, damage, words, domain = DAMAGES[case]
     damage(mirror / rel)
     dataset = "/".join(rel.parts[:2])
-    fix = f"huggingface-cli download --repo-type dataset {dataset} --local-dir {mirror / dataset}"
+    fix = f"hf download {dataset} --repo-type dataset --local-dir {mirror / dataset}"
     return rel, [str(mirror / rel), words, fix], domain
 
 
