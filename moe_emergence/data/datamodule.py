@@ -203,14 +203,18 @@ class MixedDomainDataModule(L.LightningDataModule):
     def _fingerprint(self, prepared: PreparedDomains) -> str:
         """16 hex digits naming the training data's content: every domain's token and offset
         checksums from the cache manifest (not its path: a moved mirror or cache is the same
-        data), and the held-out split (``eval_fraction``, and ``eval_seed`` when it is used).
-        Block size, seed and balance are checked on their own."""
+        data), and the held-out split (``eval_fraction``, and ``eval_seed`` and
+        ``eval_min_texts`` when it is used; ``eval_min_texts`` None: the form of the code before
+        that setting, which its runs recorded). Block size, seed and balance are checked on
+        their own."""
         manifest = json.loads((prepared.cache_path / MANIFEST).read_text())
         tokens = {
             d: [e["tokens_sha256"], e["offsets_sha256"]] for d, e in manifest["domains"].items()
         }
         held_out = self.eval_fraction > 0
         split = [self.eval_fraction, *((self.eval_seed, self.eval_min_texts) if held_out else ())]
+        if self.eval_min_texts is None:  # before data.eval_min_texts (632c0ac)
+            split = [self.eval_fraction, self.eval_seed if held_out else None]
         blob = json.dumps({"tokens": tokens, "held_out": split}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -244,7 +248,7 @@ class MixedDomainDataModule(L.LightningDataModule):
                 stream.doc_offsets,
                 self.eval_fraction,
                 self.eval_seed,
-                self.eval_min_texts,
+                self.eval_min_texts or 0,  # None: no floor (runs made before it)
             )
             lengths = np.diff(stream.doc_offsets)
             train[domain] = TokenStream(train_tokens, offsets_from_lengths([lengths[~is_eval]]))
@@ -252,7 +256,7 @@ class MixedDomainDataModule(L.LightningDataModule):
             self.eval_text_ids[domain] = np.flatnonzero(is_eval)
             self.train_text_ids[domain] = np.flatnonzero(~is_eval)
             held = len(self.eval_text_ids[domain])
-            if held < self.eval_min_texts:
+            if held < (self.eval_min_texts or 0):
                 log.warning(
                     "Domain '%s' holds out %d texts, fewer than %s=%d (it has %d; the floor takes "
                     "at most half, and exact duplicates stay on one side): the routing nulls and "
