@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import shlex
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from moe_emergence.analysis.specialisation import (
 from moe_emergence.analysis.token_types import CATEGORIES, token_type_table
 from moe_emergence.data import MixedDomainDataModule
 from moe_emergence.data.domains import available_sets, plain_containers, read_domain_set
+from moe_emergence.data.settings import AddedSetting, as_made
 from moe_emergence.errors import UserError, user_error_in
 from moe_emergence.files import write_atomic
 from moe_emergence.model.gpt2_moe import moe_layers
@@ -406,20 +407,33 @@ def with_specialisation(
 # ---------------------------------------------------------------------- one run
 
 
-def check_same_data(name: str, recorded: str | None, rebuilt: str | None) -> None:
-    """Refuse (one line) data whose content fingerprint differs from the run's own."""
+def _predates(added: Sequence[AddedSetting]) -> str:
+    """The clause of a refusal naming the settings a run predates and the values it got."""
+    if not added:
+        return ""
+    named = "; ".join(a.describe() for a in added)
+    return f" (the run predates {named}: it was rebuilt with those values)"
+
+
+def check_same_data(
+    name: str, recorded: str | None, rebuilt: str | None, added: Sequence[AddedSetting] = ()
+) -> None:
+    """Refuse (one line) data whose content fingerprint differs from the run's own; ``added``:
+    the settings the run predates (:func:`~moe_emergence.data.settings.as_made`), named."""
     if recorded is not None and rebuilt != recorded:
         raise UserError(
             f"{name}: the data here is not the data the run trained on (its checkpoint records "
             f"data fingerprint {recorded[:12]}, the data rebuilt here has {str(rebuilt)[:12]}: "
-            f"other texts, tokenizer or held-out split), so its probe would not be the "
-            f"training-time one; restore the run's data or point --hub-mirror, --cache-dir and "
-            f"--tokenizer at it."
+            f"other texts, tokenizer or held-out split){_predates(added)}, so its probe would "
+            f"not be the training-time one; restore the run's data or point --hub-mirror, "
+            f"--cache-dir and --tokenizer at it."
         )
 
 
-def recorded_probe_digest(run_dir: Path | None) -> tuple[Path, str] | None:
-    """``(probe.json, its digest)`` of the run's training-time probe, when the run wrote one."""
+def recorded_probe_digest(run_dir: Path | None) -> tuple[Path, str, bool] | None:
+    """``(probe.json, its digest, whether that digest covers documents)`` of the run's
+    training-time probe, when the run wrote one (one written before 962fedb has no
+    ``block_documents`` and a digest of the blocks only: :attr:`Probe.blocks_digest`)."""
     if run_dir is None:
         return None
     cfg = recorded_config(run_dir)
@@ -429,7 +443,8 @@ def recorded_probe_digest(run_dir: Path | None) -> tuple[Path, str] | None:
     if not path.is_file():
         return None
     try:
-        return path, str(json.loads(path.read_text())["digest"])
+        record = json.loads(path.read_text())
+        return path, str(record["digest"]), "block_documents" in record
     except (ValueError, KeyError, TypeError):
         raise UserError(
             f"{path} is damaged (no probe digest in it): restore it, or delete it to analyse "
@@ -437,15 +452,21 @@ def recorded_probe_digest(run_dir: Path | None) -> tuple[Path, str] | None:
         ) from None
 
 
-def check_same_probe(name: str, run_dir: Path | None, probe: Probe) -> None:
-    """Refuse (one line) a rebuilt probe whose digest differs from the training-time one."""
+def check_same_probe(
+    name: str, run_dir: Path | None, probe: Probe, added: Sequence[AddedSetting] = ()
+) -> None:
+    """Refuse (one line) a rebuilt probe whose digest differs from the training-time one;
+    ``added`` as in :func:`check_same_data`."""
     found = recorded_probe_digest(run_dir)
-    if found is not None and found[1] != probe.digest:
-        path, digest = found
+    if found is None:
+        return
+    path, digest, with_documents = found
+    rebuilt = probe.digest if with_documents else probe.blocks_digest
+    if digest != rebuilt:
         raise UserError(
             f"{name}: the probe rebuilt here differs from the training-time one ({path} records "
-            f"digest {digest[:12]}, rebuilt {probe.digest[:12]}): the data or the "
-            f"callbacks.routing_analysis settings changed; restore them."
+            f"digest {digest[:12]}, rebuilt {rebuilt[:12]}){_predates(added)}: the data or "
+            f"the callbacks.routing_analysis settings changed; restore them."
         )
 
 
@@ -462,10 +483,11 @@ def rebuild_probe(
     record of ``loaded`` (a checkpoint of the run) and ``run_dir`` (None: no ``.hydra/``
     record). One-line errors where the rebuilt data's fingerprint differs from the one
     ``loaded`` records, or the probe's digest from the run's ``routing/probe.json``."""
-    settings = {**loaded.data_settings, **(data_overrides or {})} if loaded.data_settings else {}
+    recorded, added = as_made(loaded.data_settings)  # settings added since: the run's values
+    settings = {**recorded, **(data_overrides or {})} if recorded else {}
     datamodule = load_data(name, settings, report_dir, loaded.data_fingerprint)
     domains = tuple(loaded.hparams.get("domains") or datamodule.domains)
-    check_same_data(name, loaded.data_fingerprint, datamodule.data_fingerprint)
+    check_same_data(name, loaded.data_fingerprint, datamodule.data_fingerprint, added)
     found = probe_settings(run_dir)
     probe = build_probe(
         datamodule,
@@ -475,7 +497,7 @@ def rebuild_probe(
         found["probe_seed"],
         found["size_matched"],
     )
-    check_same_probe(name, run_dir, probe)
+    check_same_probe(name, run_dir, probe, added)
     return datamodule, domains, found, probe
 
 

@@ -15,7 +15,7 @@ from transformers import GPT2LMHeadModel
 from moe_emergence.checkpoints import RandomStates, load_mapped
 from moe_emergence.data.cache import cache_entries
 from moe_emergence.data.datamodule import REPORT_FILE, data_fingerprint
-from moe_emergence.data.settings import LoaderSettings
+from moe_emergence.data.settings import LoaderSettings, as_made
 from moe_emergence.errors import UserError
 from moe_emergence.model.gpt2_moe import (
     build_model,
@@ -150,7 +150,7 @@ def recorded_tokenizer(loaded: LoadedCheckpoint) -> tuple[dict[str, Any], str] |
             return info, str(report)
     if loaded.data_fingerprint is None or not loaded.data_settings:
         return None
-    settings = loaded.data_settings
+    settings, _ = as_made(loaded.data_settings)  # settings added since: the run's values
     split = [settings.get(k, getattr(LoaderSettings(), k)) for k in LoaderSettings.EVAL_KEYS]
     for folder, manifest in cache_entries(settings.get("cache_dir")):
         try:

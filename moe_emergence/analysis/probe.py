@@ -78,6 +78,16 @@ class Probe:
         return h.hexdigest()
 
     @property
+    def blocks_digest(self) -> str:
+        """The digest before it covered documents (962fedb, 2026-12-03): SHA-256 of the blocks and
+        their domains only, what a ``probe.json`` without ``block_documents`` records."""
+        h = hashlib.sha256()
+        for arr in (self.input_ids, self.block_domains):
+            h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+        h.update(",".join(self.domains).encode())
+        return h.hexdigest()
+
+    @property
     def n_docs(self) -> int:
         return int(self.doc_domains.shape[0])
 

@@ -45,6 +45,7 @@ from moe_emergence.data.settings import option
 from moe_emergence.data.tokenize import TokenStream, iter_token_batches, token_dtype, untruncated
 from moe_emergence.errors import UserError
 from moe_emergence.files import sha256_file, write_atomic
+from moe_emergence.hub import is_hub_id
 from moe_emergence.versions import library_versions
 
 log = logging.getLogger(__name__)
@@ -504,16 +505,30 @@ def open_entry(path: Path, verify_files: bool = False) -> TokenCache | None:
         return None
 
 
+def recorded_for(recorded: Any, name: str) -> bool:
+    """Whether a manifest's tokenizer name ``recorded`` was the tokenizer setting ``name``: the
+    same, or a folder laid out as a mirror copy of the Hub id ``name`` (``<dir>/gpt2``,
+    ``<dir>/org/name``: what ``--tokenizer ../shared/hub/gpt2`` records)."""
+    if not isinstance(recorded, str) or not recorded:
+        return False
+    if recorded == name:
+        return True
+    if not is_hub_id(name) or is_hub_id(recorded):  # a Hub id is no copy of another
+        return False
+    want, got = Path(name).parts, Path(recorded).parts
+    return len(got) > len(want) and got[-len(want) :] == want
+
+
 def cached_tokenizer_infos(cache_dir: str | os.PathLike | None, name: str) -> list[dict]:
-    """The tokenizer identities recorded by cache manifests under the name ``name``, newest
-    first (unverified: for the offline vocab-size resolver)."""
+    """The tokenizer identities that cache manifests record for the tokenizer setting ``name``,
+    newest first (unverified: for the offline fallback, where ``name`` cannot be loaded). Matched
+    by identity: every entry whose tokenizer definition (vocabulary, merges, rules: SHA-256) is
+    one recorded under ``name`` or a mirror copy of it (:func:`recorded_for`), whatever name or
+    path built it."""
     infos = []
     for _, manifest in cache_entries(cache_dir):
         info = manifest.get("tokenizer") if isinstance(manifest, dict) else None
-        if (
-            isinstance(info, dict)
-            and info.get("name") == name
-            and _is_count(info.get("vocab_size"))
-        ):
+        if isinstance(info, dict) and _is_count(info.get("vocab_size")):
             infos.append(info)
-    return infos
+    known = [tokenizer_definition(i) for i in infos if recorded_for(i.get("name"), name)]
+    return [i for i in infos if tokenizer_definition(i) in known]

@@ -63,14 +63,17 @@ def _naming_options(method: Callable) -> Callable:
 
 
 def data_fingerprint(
-    manifest: Mapping[str, Any], eval_fraction: float, eval_seed: int, eval_min_texts: int
+    manifest: Mapping[str, Any], eval_fraction: float, eval_seed: int, eval_min_texts: int | None
 ) -> str:
     """16 hex digits naming a run's training data: the token and offset checksums of every
     domain in the token cache ``manifest``, and the held-out split (its seed and minimum only
-    where ``eval_fraction`` > 0); what a checkpoint's train loader records."""
+    where ``eval_fraction`` > 0); what a checkpoint's train loader records. ``eval_min_texts``
+    None: the form of the code before that setting (632c0ac), which its runs recorded."""
     tokens = {d: [e["tokens_sha256"], e["offsets_sha256"]] for d, e in manifest["domains"].items()}
     held_out = eval_fraction > 0
     split = [eval_fraction, *((eval_seed, eval_min_texts) if held_out else ())]
+    if eval_min_texts is None:  # before data.eval_min_texts
+        split = [eval_fraction, eval_seed if held_out else None]
     blob = json.dumps({"tokens": tokens, "held_out": split}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -224,8 +227,8 @@ class MixedDomainDataModule(L.LightningDataModule):
     def _fingerprint(self, prepared: PreparedDomains) -> str:
         """16 hex digits naming the training data's content: every domain's token and offset
         checksums from the cache manifest (not its path: a moved mirror or cache is the same
-        data), and the held-out split (``eval_fraction``, and ``eval_seed`` when it is used).
-        Block size, seed and balance are checked on their own."""
+        data), and the held-out split (:func:`data_fingerprint`). Block size, seed and balance
+        are checked on their own."""
         return self.fingerprint_of(json.loads((prepared.cache_path / MANIFEST).read_text()))
 
     def fingerprint_of(self, manifest: Mapping[str, Any]) -> str:
@@ -271,7 +274,7 @@ class MixedDomainDataModule(L.LightningDataModule):
                 stream.doc_offsets,
                 self.eval_fraction,
                 self.eval_seed,
-                self.eval_min_texts,
+                self.eval_min_texts or 0,  # None: no floor (runs made before it)
             )
             lengths = np.diff(stream.doc_offsets)
             train[domain] = TokenStream(train_tokens, offsets_from_lengths([lengths[~is_eval]]))
@@ -279,7 +282,7 @@ class MixedDomainDataModule(L.LightningDataModule):
             self.eval_text_ids[domain] = np.flatnonzero(is_eval)
             self.train_text_ids[domain] = np.flatnonzero(~is_eval)
             held = len(self.eval_text_ids[domain])
-            if held < self.eval_min_texts:
+            if held < (self.eval_min_texts or 0):
                 log.warning(
                     "Domain '%s' holds out %d texts, fewer than %s=%d (it has %d; the floor takes "
                     "at most half, and exact duplicates stay on one side): the routing nulls and "

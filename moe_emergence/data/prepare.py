@@ -27,6 +27,7 @@ from moe_emergence.data.cache import (
     TokenCache,
     as_json,
     cache_entries,
+    cached_tokenizer_infos,
     check_cache_root,
     ensure_cache,
     fingerprint,
@@ -88,6 +89,10 @@ class CacheRequest:
     unknown: list[str] = field(default_factory=list)
     unknown_paths: list[tuple[str | int, ...]] = field(default_factory=list)
     errors: list[Exception] = field(default_factory=list)
+    # Offline, where the tokenizer cannot be loaded: the definitions cache manifests record for
+    # its name (:func:`~moe_emergence.data.cache.cached_tokenizer_infos`); an entry matches by
+    # its tokenizer's definition, whatever name or path built it.
+    known_tokenizers: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -180,6 +185,7 @@ def describe_request(settings: DataSettings) -> CacheRequest:
             sources[domain] = tuple(pinned)
         index.save()
     tokenizer = info = None
+    known: list[dict[str, Any]] = []
     try:
         tokenizer = load_data_tokenizer(
             settings.tokenizer, settings.hub_mirror, settings.cache_dir, settings.rebuild_cache
@@ -188,13 +194,15 @@ def describe_request(settings: DataSettings) -> CacheRequest:
     except HubUnavailableError as exc:
         unknown.append(f"tokenizer '{settings.tokenizer}'")
         errors.append(exc)
+        infos = cached_tokenizer_infos(settings.cache_dir, settings.tokenizer)
+        known = [as_json(tokenizer_definition(i)) for i in infos]
     inputs = cache_inputs(settings, entries, info)
-    return CacheRequest(as_json(inputs), sources, tokenizer, info, unknown, paths, errors)
+    return CacheRequest(as_json(inputs), sources, tokenizer, info, unknown, paths, errors, known)
 
 
 def matches(request: CacheRequest, settings: DataSettings, manifest: Any) -> bool:
     """Whether ``manifest`` records ``request``'s inputs, with its unknown places as wildcards
-    (an unknown tokenizer must have been recorded under the same name)."""
+    (an unknown tokenizer must have a definition recorded for its name: ``known_tokenizers``)."""
     if not isinstance(manifest, dict) or not isinstance(manifest.get("inputs"), dict):
         return False
     recorded = copy.deepcopy(manifest["inputs"])
@@ -205,8 +213,8 @@ def matches(request: CacheRequest, settings: DataSettings, manifest: Any) -> boo
                 target = target[key]
             target[path[-1]] = None
         if request.tokenizer_info is None:
-            name = (manifest.get("tokenizer") or {}).get("name")
-            if name != settings.tokenizer:
+            definition = as_json(tokenizer_definition(manifest.get("tokenizer") or {}))
+            if definition not in request.known_tokenizers:
                 return False
             recorded["tokenizer"] = None
     except (KeyError, IndexError, TypeError, AttributeError):

@@ -206,16 +206,59 @@ class LoaderSettings(DataGroup):
         0.0, low=0, below=1, help="share of each domain's texts held out for validation"
     )
     eval_seed: int = setting(0, low=0, help="which texts are held out (fixed across seeds)")
-    eval_min_texts: int = setting(
+    eval_min_texts: int | None = setting(
         20,
         low=0,
         help="hold out at least this many texts per domain (at most half of a domain's texts; "
-        "the routing nulls and probe intervals resample documents)",
+        "the routing nulls and probe intervals resample documents); null: no floor and the data "
+        "fingerprint of the code before it, what runs made before it get (ADDED_LATER)",
     )
     report_dir: str | None = setting(
         None, help="where data_report.json goes (null: the trainer's default_root_dir)"
     )
     show_progress: bool = setting(True, help="progress bars while streaming and tokenizing")
+
+
+@dataclass(frozen=True)
+class AddedSetting:
+    """A data setting added after runs were made with the code before it: ``old`` is the
+    value that reproduces such a run (its recorded settings lack the key), ``added`` the commit
+    and date that added it, ``before`` what the code did before it."""
+
+    name: str
+    old: Any
+    added: str
+    before: str
+
+    def describe(self) -> str:
+        """``data.eval_min_texts=null (added in 632c0ac, 2026-12-03; before it: ...)``."""
+        old = "null" if self.old is None else self.old
+        return f"{config_key(self.name)}={old} (added in {self.added}; before it: {self.before})"
+
+
+# Every data setting added after the first runs, oldest first. A run whose recorded settings lack
+# one was made before it: it is rebuilt (analyze, inspect) with ``old``, not today's default.
+ADDED_LATER: tuple[AddedSetting, ...] = (
+    AddedSetting("verify_cache", False, "63ba4b2, 2026-11-26", "a cache hit checked sizes only"),
+    AddedSetting(
+        "eval_min_texts",
+        None,
+        "632c0ac, 2026-12-03",
+        "no floor: round(eval_fraction * texts) held out, at least 1, and a data fingerprint "
+        "without it",
+    ),
+    AddedSetting("domain_set", None, "596b318, 2026-12-03", "the source's default set"),
+)
+
+
+def as_made(recorded: Mapping[str, Any]) -> tuple[dict[str, Any], list[AddedSetting]]:
+    """A run's recorded flat data settings with each setting added after the run (absent from
+    the record: :data:`ADDED_LATER`) set to the value that reproduces it, and those settings.
+    An empty record stays empty (nothing to rebuild from)."""
+    if not recorded:
+        return {}, []
+    added = [a for a in ADDED_LATER if a.name not in recorded]
+    return {**recorded, **{a.name: a.old for a in added}}, added
 
 
 def split_fields(fields: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

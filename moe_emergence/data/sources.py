@@ -10,11 +10,15 @@ re-download command.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import functools
 import gzip
 import logging
 import math
+import shutil
 import string
+import tempfile
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -334,15 +338,37 @@ def _damage_behind(
     return found
 
 
+@functools.cache
+def _no_arrow_cache() -> str:
+    """An empty ``datasets`` cache folder of this process (removed at exit) for local folders.
+
+    Even a streaming ``load_dataset`` takes a dataset's features from the shared Arrow cache
+    (``~/.cache/huggingface/datasets``) when an entry for the same dataset name, config and
+    files hash is there: one written by a non-streaming load of another copy of the mirror
+    answered for a copy whose parquet column was since renamed. With no entry to find, the
+    features are read from the files themselves (the first parquet file's schema).
+    """
+    folder = tempfile.mkdtemp(prefix="moe-emergence-stream-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def _open(
     source: Source, config: str | None, location: str, max_chars: int, where: str = "source"
 ) -> _OpenStream:
-    """``source``'s stream of ``config``; ``where`` names it in messages (``math[1]``)."""
+    """``source``'s stream of ``config``; ``where`` names it in messages (``math[1]``). A local
+    folder's fields come from its files, never from the Arrow cache (:func:`_no_arrow_cache`)."""
     from datasets import load_dataset
 
+    local = {"cache_dir": _no_arrow_cache()} if Path(location).is_dir() else {}
     try:
         ds = load_dataset(
-            location, config, split=source.split, streaming=True, revision=source.revision
+            location,
+            config,
+            split=source.split,
+            streaming=True,
+            revision=source.revision,
+            **local,
         )
     except ConnectionError as exc:
         reason = " ".join(str(exc).split())

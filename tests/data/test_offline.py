@@ -4,6 +4,7 @@ train), and what the standard Hugging Face hub cache holds loads offline."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -180,3 +181,44 @@ def test_dataset_in_the_hf_cache_loads_offline(empty_hf_cache, tiny_mirror):
         fake_hub_cache(empty_hf_cache, "dataset", repo_id, tiny_mirror / repo_id)
     texts, meta = load_math_data(1.0, show_progress=False)
     assert len(texts) == 30 + 21 and "snapshots" in meta["sources"][0]["location"]
+
+
+def _swapped_copy(tokenizer_dir: Path, out: Path) -> Path:
+    """A copy of ``tokenizer_dir`` whose vocabulary has two ids swapped: another tokenizer of
+    the same size."""
+    shutil.copytree(tokenizer_dir, out)
+    definition = json.loads((out / "tokenizer.json").read_text())
+    vocab = definition["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (out / "tokenizer.json").write_text(json.dumps(definition))
+    return out
+
+
+def test_offline_matches_the_tokenizer_by_identity_not_by_name(
+    mirror, cache_dir, tmp_path, tiny_tokenizer
+):
+    """An entry built with the docs' path form (``--tokenizer <mirror>/gpt2``) serves an offline
+    run naming the tokenizer by its Hub id (not loadable here: no mirror, empty HF cache), and
+    its vocabulary size; so does an entry built from the same files under another name, found by
+    their definition; an entry of another tokenizer does not."""
+    built = prepare_domains(
+        settings_for(mirror, cache_dir, tokenizer=str(mirror / "gpt2")), show_progress=False
+    )
+    offline = prepare_domains(settings_for(None, cache_dir), show_progress=False)
+    assert offline.cache_path == built.cache_path and offline.from_cache
+    datamodule = MixedDomainDataModule(tokenizer="gpt2", cache_dir=str(cache_dir))
+    assert datamodule.vocab_size == len(tiny_tokenizer)
+
+    elsewhere = shutil.copytree(mirror / "gpt2", tmp_path / "scratch" / "tok")
+    half = settings_for(mirror, cache_dir, tokenizer=str(elsewhere), size_mb=0.5)
+    built_half = prepare_domains(half, show_progress=False)
+    offline = prepare_domains(settings_for(None, cache_dir, size_mb=0.5), show_progress=False)
+    assert offline.cache_path == built_half.cache_path  # same definition as <mirror>/gpt2's
+
+    other = _swapped_copy(mirror / "gpt2", tmp_path / "other" / "tok")
+    quarter = settings_for(mirror, cache_dir, tokenizer=str(other), size_mb=0.25)
+    other_info = prepare_domains(quarter, show_progress=False).tokenizer_info
+    assert other_info["sha256"] != built.tokenizer_info["sha256"]
+    with pytest.raises(HubUnavailableError):
+        prepare_domains(settings_for(None, cache_dir, size_mb=0.25), show_progress=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import gzip
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -217,6 +218,38 @@ def test_files_of_another_shape_are_one_line(
     # The CLI ends with one line (datasets logs its own parse error before it).
     [line] = [x for x in err.splitlines() if x.startswith("error: ")]
     assert words in line and err.rstrip().endswith(line)
+
+
+def _field_error(mirror: Path) -> str:
+    with pytest.raises(UserError) as excinfo:
+        load_domain("prose", DEFAULT_SET["prose"], 1.0, hub_mirror=str(mirror), show_progress=False)
+    return str(excinfo.value)
+
+
+@pytest.mark.parametrize("copy", ["another copy", "the same copy"])
+def test_field_check_reads_the_files_not_the_arrow_cache(copy, tmp_path, monkeypatch):
+    """A ``datasets`` cache warmed by a non-streaming load of a mirror (same dataset name and
+    config) does not answer for a copy whose parquet column was renamed since: the field check
+    gives a fresh copy's message (naming the field), and a template over the new column
+    streams."""
+    import datasets
+
+    content = default_mirror_content()
+    fresh = build_hub_mirror(tmp_path / "fresh", **content)
+    _renamed_column(fresh / WIKI)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))
+    expected = _field_error(fresh)
+    assert "reads field(s) text, which" in expected and "fields are body" in expected
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "warm-cache"))
+    warm = build_hub_mirror(tmp_path / "warm", **content)
+    datasets.load_dataset(str(warm / "Salesforce" / "wikitext"), WIKI.parts[2], split="train")
+    edited = warm if copy == "the same copy" else build_hub_mirror(tmp_path / "b", **content)
+    _renamed_column(edited / WIKI)
+    assert _field_error(edited) == expected
+    body = [replace(DEFAULT_SET["prose"][0], text="{body}")]
+    texts, _ = load_domain("prose", body, 0.001, hub_mirror=str(edited), show_progress=False)
+    assert texts and texts[0] in content["wiki"]
 
 
 @pytest.mark.parametrize("case", list(DAMAGES))
