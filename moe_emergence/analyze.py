@@ -5,7 +5,16 @@ MoE measured the same way (:mod:`moe_emergence.analysis.external`)."""
 
 import sys
 
-from moe_emergence.analysis.analyze import main
+from moe_emergence.analysis.arguments import parse_analyze_args
+
+
+def main() -> int:
+    """Parse first (``--help`` and usage errors answer before torch loads), then run."""
+    args = parse_analyze_args()
+    from moe_emergence.analysis.analyze import main as run
+
+    return run(parsed=args)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -322,6 +322,10 @@ def check_command(command: Command, hub: Path, monkeypatch, capsys) -> None:
         assert targets and not unknown, f"{where}: make {' '.join(argv[1:])}: no such target"
     elif program == "bash":
         assert (ROOT / argv[1]).is_file(), f"{where}: bash {argv[1]}: no such script"
+    elif program in ("jupyter", ".venv/bin/jupyter") and argv[1:2] == ["nbconvert"]:
+        notebooks = [a for a in argv if a.endswith(".ipynb")]
+        assert notebooks and all((ROOT / n).is_file() for n in notebooks), f"{where}: no notebook"
+        assert importlib.util.find_spec("nbconvert"), f"{where}: nbconvert is not installed"
     else:
         allowed = (program, None) in ALLOWED or (program, (argv[1:] or [""])[0]) in ALLOWED
         assert allowed, (

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from helpers.script import REPO
 
 from moe_emergence.analysis.settings import ProbeSettings
@@ -47,3 +48,23 @@ def test_help_names_every_key_with_its_help_and_loads_no_framework():
         assert any(line.startswith(f"{key}=") for line in lines), key
     assert "$MOE_HUB_MIRROR" in out and "$$" not in out  # Hydra's template: $ kept, once
     assert "== Configuration groups ==" in out and "condition: dense," in out
+
+
+@pytest.mark.parametrize("module", ["moe_emergence.analyze", "moe_emergence.inspect"])
+def test_the_analysis_entry_points_answer_help_without_loading_torch(module):
+    script = textwrap.dedent(
+        f"""
+        import runpy, sys
+        sys.argv = [{module!r}, "--help"]
+        try:
+            runpy.run_module({module!r}, run_name="__main__")
+        except SystemExit:
+            pass
+        print("LOADED:", [m for m in {HEAVY!r} if m in sys.modules])
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage: python -m " + module in proc.stdout and "LOADED: []" in proc.stdout

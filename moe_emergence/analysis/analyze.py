@@ -41,8 +41,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from moe_emergence.analysis.evaluate import OPTION, data_overrides_of, evaluate_run
-from moe_emergence.analysis.external import add_model_arguments, model_only_flags, run_model
+from moe_emergence.analysis.arguments import OPTION
+from moe_emergence.analysis.arguments import parse_analyze_args as parse_args
+from moe_emergence.analysis.evaluate import data_overrides_of, evaluate_run
+from moe_emergence.analysis.external import run_model
 from moe_emergence.analysis.knockout import COLUMNS as KNOCKOUT
 from moe_emergence.analysis.knockout import KNOCKOUT_FILE, knockout_rows
 from moe_emergence.analysis.plots import saturation_figure, save_figure
@@ -78,64 +80,6 @@ from moe_emergence.runs import RunCheckpoints, find_runs, run_overrides, verify_
 
 RUNS_DIR = "runs"
 LOCK_FILE = ".analyze.lock"  # held while an analysis writes into its --out folder
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m moe_emergence.analyze",
-        description="Route and score every checkpoint of a run or a seed sweep in eval mode; "
-        "summarise each condition over seeds with 95% intervals.",
-    )
-    parser.add_argument(
-        "path",
-        metavar=OPTION,
-        nargs="*",
-        help="a run dir, a multirun dir, a .ckpt file or an earlier analysis's --out folder (its "
-        "runs' results are reused, no checkpoints needed); several: one study (e.g. sweeps run "
-        "in several sittings; the same condition and seed twice is refused; --out required)",
-    )
-    parser.add_argument(
-        "--out",
-        default=None,
-        help="output folder (default: PATH/analysis; --model: outputs/hf_analysis/<model>__<set>)",
-    )
-    parser.add_argument(
-        "--device",
-        default=None,
-        help="torch device for the forwards (PATH: cpu; --model: cuda where there is one, else "
-        "cpu, or auto: spread over the GPUs by accelerate)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument(
-        "--no-knockout",
-        action="store_true",
-        help="skip the knock-out by domain (final checkpoint, held-out set: 1 + layers x "
-        "min(2 x domains, experts) passes of the held-out set per MoE run)",
-    )
-    for flag, what in (
-        ("--hub-mirror", "the Hub mirror folder"),
-        ("--cache-dir", "the token cache root"),
-        ("--tokenizer", "the tokenizer (Hub name, folder or sample_bpe)"),
-    ):
-        parser.add_argument(
-            flag,
-            default=None,
-            help=f"{what} to rebuild the runs' data from (default: each run's recorded one); "
-            "the data must be the runs' own (their checkpoints' data fingerprint)"
-            + ("; null: none (a warm token cache, offline)" if flag == "--hub-mirror" else "")
-            + ("; --model: in place of the model's own" if flag == "--tokenizer" else ""),
-        )
-    add_model_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.model is not None and args.path:
-        parser.error(f"{OPTION} and --model exclude each other: pass one.")
-    if args.model is None:
-        if not args.path:
-            parser.error(f"pass {OPTION} (a run, a sweep or a checkpoint) or --model.")
-        given = [f for f, v in model_only_flags(args).items() if v not in (None, False)]
-        if given:
-            parser.error(f"{', '.join(given)} only go with --model.")
-    return args
 
 
 def default_out(path: Path) -> Path:
@@ -441,8 +385,9 @@ def reused_notes(reused: Sequence[ReusedRun]) -> list[str]:
     return lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m moe_emergence.analyze``; returns the exit status
+def main(argv: Sequence[str] | None = None, parsed: argparse.Namespace | None = None) -> int:
+    """Entry point of ``python -m moe_emergence.analyze``: ``argv`` parsed, or arguments
+    already ``parsed`` (by :mod:`.arguments`, before torch loads); returns the exit status
     (:func:`report_user_errors`)."""
-    args = parse_args(argv)
+    args = parsed if parsed is not None else parse_args(argv)
     return report_user_errors(lambda: print(run(args)))

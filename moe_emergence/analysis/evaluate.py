@@ -24,6 +24,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
+from moe_emergence.analysis.arguments import OPTION
 from moe_emergence.analysis.knockout import knockout_effects
 from moe_emergence.analysis.loading import LoadedCheckpoint, load_checkpoint
 from moe_emergence.analysis.probe import (
@@ -54,7 +55,6 @@ from moe_emergence.runs import RunCheckpoints, recorded_config, run_overrides
 
 log = logging.getLogger(__name__)
 
-OPTION = "PATH"
 DOMAIN_SET_FILE = "domain_set.yaml"  # a run's domain set, written for the rebuild hint
 CODE = "code"
 # ---------------------------------------------------------------------- the run's records

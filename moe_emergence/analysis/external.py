@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from moe_emergence.analysis.arguments import DEFAULTS
 from moe_emergence.analysis.external_report import ModelRun, write_model_outputs
 from moe_emergence.analysis.hf_routing import (
     family_of,
@@ -41,7 +42,6 @@ from moe_emergence.analysis.hf_routing import (
     route_probe,
 )
 from moe_emergence.analysis.probe import Probe, build_probe
-from moe_emergence.analysis.settings import ProbeSettings
 from moe_emergence.data import MixedDomainDataModule
 from moe_emergence.data.domains import SAMPLE_PREFIX, read_domain_set
 from moe_emergence.data.files import locked
@@ -52,81 +52,10 @@ from moe_emergence.hub import resolve_repo
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SET = "code_math_prose"
 EVAL_FRACTION = 0.05  # held-out share of each domain's texts, as experiment=moe_main
 EVAL_MIN_TEXTS = 20  # at least this many held-out texts per domain (the data's default)
 UNKNOWN_LIMIT = 0.5  # a domain whose probe tokens are mostly the unknown token is refused
 LOCK_FILE = ".analyze.lock"  # as analyze's PATH mode: one analysis writes into a folder
-
-
-# Defaults of the --model flags (None on the parser, so that PATH mode can refuse them).
-DEFAULTS: dict[str, Any] = {
-    "domain_set": DEFAULT_SET,
-    "size_mb": 10.0,
-    "block_size": 512,
-    "batch_size": 8,
-    "permutations": ProbeSettings().null_permutations,
-}
-MODEL_ONLY = (
-    "domain_set",
-    "dtype",
-    "max_tokens",
-    "trust_remote_code",
-    "size_mb",
-    "block_size",
-    "batch_size",
-    "permutations",
-    "save_routing",
-)
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of the ``--model`` mode (``--device``, ``--out``, ``--tokenizer``,
-    ``--hub-mirror``, ``--cache-dir``, ``--no-progress`` are shared with PATH mode)."""
-    group = parser.add_argument_group("a Hugging Face MoE instead of PATH")
-    group.add_argument(
-        "--model",
-        help="a Hugging Face MoE causal LM: a folder or a Hub id (through --hub-mirror like the "
-        "data); its routing is captured from its own forward",
-    )
-    group.add_argument(
-        "--domain-set",
-        help=f"a domain set: a name in conf/data/domains or a YAML file (default {DEFAULT_SET})",
-    )
-    group.add_argument(
-        "--dtype",
-        choices=("bf16", "fp16", "fp32"),
-        help="weights and activations (default: bf16 on a GPU, fp32 on the CPU)",
-    )
-    group.add_argument(
-        "--max-tokens",
-        type=int,
-        help="route at most this many probe tokens (a seeded subset of held-out blocks per "
-        "domain; default: every held-out block)",
-    )
-    group.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="let the model's own code run (off by default)",
-    )
-    for flag, kind, what in (
-        ("--size-mb", float, "MiB of text per domain"),
-        ("--block-size", int, "tokens per probe block"),
-        ("--batch-size", int, "blocks per forward"),
-        ("--permutations", int, "document-label permutations behind each null and interval"),
-    ):
-        key = flag[2:].replace("-", "_")
-        group.add_argument(flag, type=kind, help=f"{what} ({DEFAULTS[key]})")
-    group.add_argument(
-        "--save-routing",
-        action="store_true",
-        help="also write routing.npz: every probe token's experts and weights per MoE layer",
-    )
-
-
-def model_only_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """``{"--flag": value}`` of the flags that only the ``--model`` mode reads."""
-    return {"--" + key.replace("_", "-"): getattr(args, key) for key in MODEL_ONLY}
 
 
 def with_defaults(args: argparse.Namespace) -> argparse.Namespace:

@@ -37,6 +37,9 @@ import numpy as np
 import torch
 from transformers import GPT2LMHeadModel
 
+from moe_emergence.analysis.arguments import INSPECT_OPTION as OPTION
+from moe_emergence.analysis.arguments import NO_LISTS
+from moe_emergence.analysis.arguments import parse_inspect_args as parse_args
 from moe_emergence.analysis.evaluate import (
     DOMAIN_SET_FILE,
     checkpoint_expert_tokens,
@@ -60,13 +63,11 @@ from moe_emergence.files import write_atomic
 from moe_emergence.model.gpt2_moe import moe_layers
 from moe_emergence.runs import checkpoint_run_dir, resolve_checkpoint
 
-OPTION = "CKPT"
 # 256-colour backgrounds, told apart on dark and light terminals (cycled beyond 12 experts).
 ANSI_BACKGROUNDS = (117, 215, 120, 211, 228, 183, 152, 223, 250, 157, 224, 189)
 ANSI_RESET = "\x1b[0m"
 
 REPLICATED = "\u2713"  # a listed token that the other half of the probe's documents confirms
-NO_LISTS = "--no-token-lists"
 
 Routing = dict[int, tuple[np.ndarray, np.ndarray]]
 
@@ -370,46 +371,6 @@ def render_html(
 # ---------------------------------------------------------------------- command line
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m moe_emergence.inspect",
-        description="Show which expert each token of a text goes to, per MoE layer (eval mode).",
-    )
-    parser.add_argument("ckpt", metavar="CKPT", help="a .ckpt file of train.py, or its run dir")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text", help="the text to route")
-    source.add_argument("--file", help="a UTF-8 file whose text to route")
-    parser.add_argument("--html", metavar="OUT", help="write a self-contained HTML page here")
-    parser.add_argument(
-        "--color",
-        choices=["auto", "always", "never"],
-        default="auto",
-        help="coloured text per layer (auto: when stdout is a terminal), else a plain table",
-    )
-    parser.add_argument(
-        "--code",
-        action="store_true",
-        help="treat the text as Python and add the token-type x expert table (automatic for "
-        "--file *.py)",
-    )
-    parser.add_argument(
-        "--domain",
-        help="the text's domain, one of the run's (needed by, and only by, a domain router: "
-        "model.moe.router=domain)",
-    )
-    parser.add_argument(
-        NO_LISTS,
-        action="store_true",
-        help="with --html, leave out each expert's over-represented tokens on the run's probe "
-        "(as analyze lists them); they cost rebuilding the run's probe from its token cache "
-        "(or its recorded sources when the cache is gone) and routing it once through CKPT",
-    )
-    parser.add_argument("--tokenizer", help="tokenizer name or folder (default: the run's)")
-    parser.add_argument("--hub-mirror", help="Hub mirror for the tokenizer (default: the run's)")
-    parser.add_argument("--cache-dir", help="cache root for sample_bpe (default: the run's)")
-    return parser.parse_args(argv)
-
-
 def read_text(args: argparse.Namespace) -> str:
     if args.text is not None:
         text = args.text
@@ -556,8 +517,9 @@ def run(args: argparse.Namespace) -> str:
     return "\n".join(out)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m moe_emergence.inspect``; returns the exit status
+def main(argv: Sequence[str] | None = None, parsed: argparse.Namespace | None = None) -> int:
+    """Entry point of ``python -m moe_emergence.inspect``: ``argv`` parsed, or arguments
+    already ``parsed`` (by :mod:`.arguments`, before torch loads); returns the exit status
     (:func:`report_user_errors`)."""
-    args = parse_args(argv)
+    args = parsed if parsed is not None else parse_args(argv)
     return report_user_errors(lambda: print(run(args)))
