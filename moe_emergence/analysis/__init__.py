@@ -12,11 +12,9 @@ summary_files.py and sweep_plots.py (rendering) (groups over seeds: intervals, t
 command: model, tokenizer, probe, routing) and external_report.py (its scores and outputs).
 """
 
-import importlib
+from moe_emergence.lazy import lazy_exports
 
-# name -> the module that defines it: imported on first use (PEP 562), so that importing
-# a light module of this package (its settings) does not load torch, transformers or
-# Lightning (train.py --help reads the settings alone)
+# name -> the module that defines it, imported on first use (moe_emergence.lazy)
 _EXPORTS = {
     "Probe": "moe_emergence.analysis.probe",
     "RoutingAnalysis": "moe_emergence.analysis.callback",
@@ -28,12 +26,4 @@ _EXPORTS = {
 __all__ = ["Probe", "RoutingAnalysis", "build_probe", "route_blocks", "score_probe_routing"]
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -5,11 +5,9 @@ The original spec's names are importable from here. ``load_tokenizer`` is
 ``sample_bpe`` included.
 """
 
-import importlib
+from moe_emergence.lazy import lazy_exports
 
-# name -> the module that defines it: imported on first use (PEP 562), so that importing
-# a light module of this package (its settings) does not load torch, transformers or
-# Lightning (train.py --help reads the settings alone)
+# name -> the module that defines it, imported on first use (moe_emergence.lazy)
 _EXPORTS = {
     "DataSettings": "moe_emergence.data.settings",
     "DomainSet": "moe_emergence.data.domains",
@@ -25,6 +23,7 @@ _EXPORTS = {
     "load_code_data": "moe_emergence.data.domains",
     "load_math_data": "moe_emergence.data.domains",
     "load_prose_data": "moe_emergence.data.domains",
+    "load_tokenizer": "moe_emergence.data.prepare:load_data_tokenizer",
     "main": "moe_emergence.data.cli",
     "pack_sequences": "moe_emergence.data.packing",
 }
@@ -49,16 +48,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name == "load_tokenizer":  # the spec's name for prepare.load_data_tokenizer
-        from moe_emergence.data.prepare import load_data_tokenizer
-
-        return load_data_tokenizer
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS, "load_tokenizer"])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

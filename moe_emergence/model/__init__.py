@@ -1,11 +1,9 @@
 """The model: a noisy top-k MoE layer and its reference routers (frozen, hash, domain; moe.py)
 installed into GPT-2's MLPs (gpt2_moe.py)."""
 
-import importlib
+from moe_emergence.lazy import lazy_exports
 
-# name -> the module that defines it: imported on first use (PEP 562), so that importing
-# a light module of this package (its settings) does not load torch, transformers or
-# Lightning (train.py --help reads the settings alone)
+# name -> the module that defines it, imported on first use (moe_emergence.lazy)
 _EXPORTS = {
     "AuxOutputs": "moe_emergence.model.gpt2_moe",
     "DomainRouter": "moe_emergence.model.moe",
@@ -45,12 +43,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
