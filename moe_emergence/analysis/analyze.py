@@ -54,7 +54,7 @@ from moe_emergence.analysis.result_files import (
     read_result,
     write_result,
 )
-from moe_emergence.analysis.results import NO_OVERRIDES, RunResult
+from moe_emergence.analysis.results import RunResult, group_of
 from moe_emergence.analysis.summary_files import write_summary
 from moe_emergence.analysis.tables import (
     COACTIVATION,
@@ -275,7 +275,7 @@ def study_runs(paths: Sequence[Path]) -> Study:
 def _condition_key(run_: RunCheckpoints) -> tuple[str, int | None]:
     """(group, seed) of a run to measure, as its :class:`RunResult` will say them."""
     overrides, seed = run_overrides(run_.run_dir)
-    return ",".join(overrides) or NO_OVERRIDES, seed
+    return group_of(overrides), seed
 
 
 def check_no_other_runs(study: Study, out: Path) -> None:

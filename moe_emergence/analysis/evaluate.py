@@ -35,7 +35,7 @@ from moe_emergence.analysis.probe import (
     route_blocks,
     score_probe_routing,
 )
-from moe_emergence.analysis.results import NO_OVERRIDES, CheckpointResult, HeldOutLoss, RunResult
+from moe_emergence.analysis.results import CheckpointResult, HeldOutLoss, RunResult, group_of
 from moe_emergence.analysis.scores import paired_change_interval
 from moe_emergence.analysis.settings import ProbeSettings
 from moe_emergence.analysis.specialisation import (
@@ -597,7 +597,7 @@ def evaluate_run(
     return RunResult(
         name=run.name,
         run_dir=run.run_dir or run.checkpoints[0].parent,
-        group=",".join(overrides) or NO_OVERRIDES,
+        group=group_of(overrides),
         seed=seed,
         overrides=overrides,
         moe=bool(layers),

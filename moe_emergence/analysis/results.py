@@ -155,6 +155,13 @@ CONDITION_NAMES = {
     "domain_router": "domain router",
 }
 NO_OVERRIDES = "(no overrides)"
+
+
+def group_of(overrides: Iterable[str]) -> str:
+    """:attr:`RunResult.group` of a run with these condition ``overrides`` (sorted)."""
+    return ",".join(overrides) or NO_OVERRIDES
+
+
 DEFAULTS_LABEL = "defaults"
 
 
