@@ -99,6 +99,7 @@ class RoutingAnalysis(L.Callback):
 
         self.probe: Probe | None = None
         self.seconds = 0.0  # wall time spent analysing, this process
+        self._bars = False  # progress bars (rank 0, when the trainer shows its own)
         self._layers: list[int] = []
         self._n_experts = 0
         self._domains: tuple[str, ...] = ()
@@ -153,6 +154,8 @@ class RoutingAnalysis(L.Callback):
             self._out.mkdir(parents=True, exist_ok=True)
             write_atomic(self._out / PROBE_FILE, json.dumps(self.probe.describe(), indent=2))
             self._write_tables()
+            log.info(self._cost_line(trainer))
+        self._bars = self._rank == 0 and trainer.progress_bar_callback is not None
         if self._last_step is None:  # a fresh run: where routing starts
             self._analyse(trainer, pl_module)
         elif self._rank == 0 and self._last_step == trainer.global_step:
@@ -274,6 +277,7 @@ class RoutingAnalysis(L.Callback):
             self.batch_size,
             trainer.precision_plugin.forward_context,
             block_domains=torch.from_numpy(probe.block_domains[mine.numpy()]).to(device),
+            progress=f"routing analysis, step {step}: probe" if self._bars else None,
         )
         k = routed.experts[self._layers[0]].shape[-1]
         experts = torch.zeros(len(self._layers), p, t, k, dtype=torch.long, device=device)
@@ -285,6 +289,7 @@ class RoutingAnalysis(L.Callback):
         experts, entropy = sum_over_ranks(experts), sum_over_ranks(entropy)
         window = sum_over_ranks(self._window)
         self._window.zero_()
+        routed_at = time.perf_counter()
         if self._rank == 0:
             trajectory = self._record(
                 step, experts.cpu().numpy(), (entropy / (p * t)).tolist(), window.cpu().numpy()
@@ -292,8 +297,33 @@ class RoutingAnalysis(L.Callback):
             log_routing_scalars(trainer, trajectory)
             if self.log_figures == "every":
                 log_routing_figures(trainer, self._figures(step))
+            log.info(
+                "Routing analysis at step %d: %.1f s routing the probe, %.1f s scoring.",
+                step,
+                routed_at - started,
+                time.perf_counter() - routed_at,
+            )
         self._last_step, self._window_start = step, step
         self.seconds += time.perf_counter() - started
+
+    def _cost_line(self, trainer: L.Trainer) -> str:
+        """What each analysis costs, said before the first: when, what it routes, its nulls."""
+        p, t = self.probe.input_ids.shape
+        steps = trainer.max_steps
+        count = (
+            f"{len({0, *range(0, steps, self.every_n_steps), steps})} analyses in {steps} steps"
+            if steps > 0
+            else "analyses"
+        )
+        return (
+            f"Routing analysis: at step 0, every {self.every_n_steps} steps and at the end "
+            f"({count}); each routes the probe ({p:,} blocks x {t} tokens, eval mode, no grad, "
+            f"{self.batch_size} blocks a forward) and draws {self.null_permutations} "
+            f"permutations a null for {len(self._layers)} MoE layers (scoring: numpy, one "
+            f"process, memory bounded by the probe's size, not the permutations); each says "
+            f"its time when done. Fewer: callbacks.routing_analysis.every_n_steps, "
+            f"null_permutations."
+        )
 
     def _record(
         self, step: int, experts: np.ndarray, entropy: list[float], window: np.ndarray
@@ -308,6 +338,7 @@ class RoutingAnalysis(L.Callback):
             self._n_experts,
             self.null_permutations,
             self.null_seed,
+            progress=f"routing analysis, step {step}: nulls" if self._bars else None,
         )
         counts, trajectory = routing_rows(
             step,

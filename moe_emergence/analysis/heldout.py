@@ -25,10 +25,13 @@ unseen in the fit half predicts exactly the coarser distribution and adds 0.
 
 Every function here takes flat, checked int64 arrays (the callers in
 :mod:`moe_emergence.analysis.scores` check and flatten a probe) and draws labellings in
-batches of ``CHUNK`` so that memory stays bounded.
+batches (``CHUNK`` labellings, :func:`rows_per_batch` for the [K, N] draws) so that memory stays
+bounded whatever the number of permutations.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -40,6 +43,31 @@ CELLS_PER_BATCH = 4_000_000  # float64 cells a batch may hold (32 MB)
 def _chunk(cells: int) -> int:
     """Labellings per batch when each needs ``cells`` float64 cells."""
     return max(1, min(CHUNK, CELLS_PER_BATCH // max(cells, 1)))
+
+
+# Labellings as one array [K, M] or as its rows in order, in batches [k, M] (a generator:
+# memory of one batch at a time, whatever K).
+Rows = np.ndarray | Iterable[np.ndarray]
+
+
+def _rebatch(rows: Rows, step: int) -> Iterator[np.ndarray]:
+    """The rows of ``rows`` in batches of exactly ``step`` (the last may be shorter): each
+    batch holds the same rows whether they came as one array or in batches of any size."""
+    if isinstance(rows, np.ndarray):
+        for start in range(0, rows.shape[0], step):
+            yield rows[start : start + step]
+        return
+    held: list[np.ndarray] = []
+    count = 0
+    for batch in rows:
+        held.append(batch)
+        count += batch.shape[0]
+        while count >= step:
+            joined = np.concatenate(held) if len(held) > 1 else held[0]
+            yield joined[:step]
+            held, count = [joined[step:]], count - step
+    if count:
+        yield np.concatenate(held) if len(held) > 1 else held[0]
 
 
 def _log_marginal(counts: np.ndarray) -> np.ndarray:
@@ -109,30 +137,28 @@ def token_gain_batch(
     token_idx: np.ndarray,
     n_ids: int,
     token_folds: np.ndarray,
-    experts: np.ndarray,
+    experts: Rows,
     n_experts: int,
 ) -> np.ndarray:
     """[K] held-out gain (nats per token) of q(e | id) over q(e) for K expert assignments
-    ``experts`` [K, N] of the tokens (compacted ids ``token_idx`` [N] in [0, n_ids), each
-    token's fold ``token_folds`` [N])."""
+    ``experts`` [K, N] of the tokens, or their rows in batches [k, N] (see :data:`Rows`);
+    compacted ids ``token_idx`` [N] in [0, n_ids), each token's fold ``token_folds`` [N]."""
     n_tok = token_idx.size
-    k_all = experts.shape[0]
-    out = np.zeros(k_all)
-    if n_tok == 0:
-        return out
     cells = n_ids * n_experts
+    halves = []
     for fit in (0, 1):
         fit_m, score_m = token_folds == fit, token_folds != fit
         if not fit_m.any() or not score_m.any():
             continue
         n_t = np.bincount(token_idx[fit_m], minlength=n_ids).astype(np.float64)  # label-free
         score_t = token_idx[score_m]
-        denominator = np.log(n_t[score_t] + SMOOTHING)[None, :]
-        step = _chunk(cells)
-        for start in range(0, k_all, step):
-            ex = experts[start : start + step]
-            k = ex.shape[0]
-            rows = np.arange(k)[:, None]
+        halves.append((fit_m, score_m, score_t, np.log(n_t[score_t] + SMOOTHING)[None, :]))
+    parts = []
+    for ex in _rebatch(experts, _chunk(cells)):
+        k = ex.shape[0]
+        part = np.zeros(k)
+        rows = np.arange(k)[:, None]
+        for fit_m, score_m, score_t, denominator in halves:
             fit_keys = rows * cells + token_idx[fit_m] * n_experts + ex[:, fit_m]
             fit_te = np.bincount(fit_keys.ravel(), minlength=k * cells)
             marginal = np.bincount(
@@ -143,8 +169,10 @@ def token_gain_batch(
             coarse = np.take_along_axis(log_q, score_ex, axis=1)  # [k, n]
             counts = fit_te[rows * cells + score_t[None, :] * n_experts + score_ex]
             fine = np.log(counts + SMOOTHING * np.exp(coarse)) - denominator
-            out[start : start + k] += (fine - coarse).sum(axis=1)
-    return out / n_tok
+            part += (fine - coarse).sum(axis=1)
+        parts.append(part)
+    out = np.concatenate(parts) if parts else np.zeros(0)
+    return out / n_tok if n_tok else out
 
 
 def within_document_shuffles(
@@ -152,24 +180,43 @@ def within_document_shuffles(
 ) -> np.ndarray:
     """[K, N] experts, each the observed ``experts`` [N] shuffled among the tokens of each
     document: every document keeps its expert counts (its domain's and its own preferences);
-    what the token id alone predicts is broken."""
+    what the token id alone predicts is broken. The rows of
+    :func:`within_document_shuffle_batches`, joined."""
+    batches = list(within_document_shuffle_batches(token_docs, experts, n_permutations, seed))
+    return np.concatenate(batches) if batches else np.empty((0, token_docs.size), np.int64)
+
+
+def within_document_shuffle_batches(
+    token_docs: np.ndarray, experts: np.ndarray, n_permutations: int, seed: int
+) -> Iterator[np.ndarray]:
+    """The rows of :func:`within_document_shuffles` in batches [k, N] of at most
+    :func:`rows_per_batch` rows: one ``np.random.default_rng(seed)`` stream, drawn in row
+    order, so the rows are the same whatever the batch size (memory: O(k N), not O(K N))."""
     rng = np.random.default_rng(seed)
     by_doc = np.argsort(token_docs, kind="stable")
     sizes = np.bincount(token_docs)
     sizes = sizes[sizes > 0]
-    out = np.empty((n_permutations, token_docs.size), dtype=np.int64)
-    if sizes.size and (sizes == sizes[0]).all():  # equal documents (size-matched): in place
-        grouped = np.broadcast_to(
-            experts[by_doc].reshape(sizes.size, -1), (n_permutations, sizes.size, sizes[0])
-        )
-        out[:, by_doc] = rng.permuted(grouped, axis=2).reshape(n_permutations, -1)
-        return out
-    keys = token_docs.astype(np.float64)[None, :] + 0.5 * rng.random(
-        (n_permutations, token_docs.size)
-    )
-    order = np.argsort(keys, axis=1)  # each row: the tokens by document, shuffled within
-    np.put_along_axis(out, order, np.broadcast_to(experts[by_doc], out.shape), axis=1)
-    return out
+    equal = bool(sizes.size and (sizes == sizes[0]).all())  # size-matched: shuffle in place
+    step = rows_per_batch(token_docs.size)
+    for start in range(0, n_permutations, step):
+        k = min(step, n_permutations - start)
+        out = np.empty((k, token_docs.size), dtype=np.int64)
+        if equal:
+            grouped = np.broadcast_to(
+                experts[by_doc].reshape(sizes.size, -1), (k, sizes.size, sizes[0])
+            )
+            out[:, by_doc] = rng.permuted(grouped, axis=2).reshape(k, -1)
+        else:
+            keys = token_docs.astype(np.float64)[None, :] + 0.5 * rng.random((k, token_docs.size))
+            order = np.argsort(keys, axis=1)  # each row: the tokens by document, shuffled within
+            np.put_along_axis(out, order, np.broadcast_to(experts[by_doc], out.shape), axis=1)
+        yield out
+
+
+def rows_per_batch(n_columns: int) -> int:
+    """Rows of a batch of labellings [k, n_columns] within :data:`CELLS_PER_BATCH` cells (at
+    least 1)."""
+    return max(1, CELLS_PER_BATCH // max(n_columns, 1))
 
 
 # ----------------------------------------------------------------------------- domain beyond token
@@ -211,27 +258,38 @@ class TokenDomainGroups:
         in the document): an id's documents exchange their domains; an id seen in one domain
         only keeps it, so a token's own domain proxy is never read as domain signal; and a
         permuted (id, domain) cell keeps about its size (the smoothing makes the statistic
-        depend on it: without the size classes the null runs liberal under token routing)."""
+        depend on it: without the size classes the null runs liberal under token routing).
+        The rows of :meth:`within_id_permutation_batches`, joined."""
+        batches = list(self.within_id_permutation_batches(n_permutations, seed, by_size))
+        return np.concatenate(batches) if batches else np.empty((0, self.t.size), np.int64)
+
+    def within_id_permutation_batches(
+        self, n_permutations: int, seed: int, by_size: bool = True
+    ) -> Iterator[np.ndarray]:
+        """The rows of :meth:`within_id_permutations` in batches [k, G] of at most
+        :func:`rows_per_batch` rows (one ``np.random.default_rng(seed)`` stream in row order:
+        the same rows whatever the batch size)."""
         rng = np.random.default_rng(seed)
         stratum = self.t * 2 + self.fold
         if by_size:
             size_class = np.floor(np.log2(self.size)).astype(np.int64)  # 1, 2-3, 4-7, ...
             stratum = stratum * (int(size_class.max(initial=0)) + 1) + size_class
         stratum = _compact_sorted(stratum).astype(np.float64)
-        by_stratum = np.argsort(stratum, kind="stable")
-        keys = stratum[None, :] + 0.5 * rng.random((n_permutations, stratum.size))
-        order = np.argsort(keys, axis=1)
-        out = np.empty((n_permutations, stratum.size), dtype=np.int64)
-        np.put_along_axis(out, order, np.broadcast_to(self.label[by_stratum], out.shape), axis=1)
-        return out
+        sorted_labels = self.label[np.argsort(stratum, kind="stable")]
+        step = rows_per_batch(stratum.size)
+        for start in range(0, n_permutations, step):
+            k = min(step, n_permutations - start)
+            keys = stratum[None, :] + 0.5 * rng.random((k, stratum.size))
+            order = np.argsort(keys, axis=1)
+            out = np.empty((k, stratum.size), dtype=np.int64)
+            np.put_along_axis(out, order, np.broadcast_to(sorted_labels, out.shape), axis=1)
+            yield out
 
-    def gain_batch(self, labels: np.ndarray, n_domains: int) -> np.ndarray:
+    def gain_batch(self, labels: Rows, n_domains: int) -> np.ndarray:
         """[K] held-out gain (nats per token) of q(e | id, d) over q(e | id) under group
-        labels [K, G]."""
+        labels [K, G], or their rows in batches [k, G] (see :data:`Rows`)."""
         n_ids, n_exp = self.n_ids, self.n_experts
-        out = np.zeros(labels.shape[0])
-        if self.n_tokens == 0:
-            return out
+        halves = []
         pair_fold = self.fold[self.pair_group]
         pair_t = self.t[self.pair_group]
         for fit in (0, 1):
@@ -245,28 +303,44 @@ class TokenDomainGroups:
             ).reshape(n_ids, n_exp)
             q_e = np.exp(_log_marginal(te.sum(axis=0)))
             log_t = _log_fine(te, q_e[None, :])  # [ids, E], label-free
-            s_t, s_e = pair_t[score_p], self.pair_expert[score_p]
-            s_count = self.pair_count[score_p]
-            coarse = log_t[s_t, s_e][None, :]  # label-free
-            prior = SMOOTHING * np.exp(coarse)
-            f_group, f_t = self.pair_group[fit_p], pair_t[fit_p]
-            f_e, f_count = self.pair_expert[fit_p], self.pair_count[fit_p]
-            cells = n_ids * n_domains * n_exp
-            step = _chunk(cells)
-            for start in range(0, labels.shape[0], step):
-                lab = labels[start : start + step]
-                k = lab.shape[0]
-                rows = np.arange(k)[:, None]
-                td_keys = rows * (n_ids * n_domains) + f_t * n_domains + lab[:, f_group]
-                w = np.broadcast_to(f_count, td_keys.shape).ravel()
-                tde = np.bincount((td_keys * n_exp + f_e).ravel(), weights=w, minlength=k * cells)
-                td = np.bincount(td_keys.ravel(), weights=w, minlength=k * n_ids * n_domains)
-                s_td = (
-                    rows * (n_ids * n_domains) + s_t * n_domains + lab[:, self.pair_group[score_p]]
-                )
-                fine = np.log(tde[s_td * n_exp + s_e] + prior) - np.log(td[s_td] + SMOOTHING)
-                out[start : start + k] += ((fine - coarse) * s_count[None, :]).sum(axis=1)
-        return out / self.n_tokens
+            coarse = log_t[pair_t[score_p], self.pair_expert[score_p]][None, :]  # label-free
+            halves.append((fit_p, score_p, coarse))
+        parts = []
+        for lab in _rebatch(labels, _chunk(n_ids * n_domains * n_exp)):
+            part = np.zeros(lab.shape[0])
+            for fit_p, score_p, coarse in halves if self.n_tokens else ():
+                part += self._half_gain(lab, n_domains, fit_p, score_p, coarse)
+            parts.append(part)
+        out = np.concatenate(parts) if parts else np.zeros(0)
+        return out / self.n_tokens if self.n_tokens else out
+
+    def _half_gain(
+        self,
+        lab: np.ndarray,
+        n_domains: int,
+        fit_p: np.ndarray,
+        score_p: np.ndarray,
+        coarse: np.ndarray,
+    ) -> np.ndarray:
+        """[k] summed log-gains of the pairs ``score_p`` under q(e | id, d) fitted on the pairs
+        ``fit_p``, for group labels ``lab`` [k, G]; ``coarse`` [1, n]: their log q(e | id)."""
+        n_ids, n_exp = self.n_ids, self.n_experts
+        pair_t = self.t[self.pair_group]
+        s_t, s_e = pair_t[score_p], self.pair_expert[score_p]
+        f_group, f_t = self.pair_group[fit_p], pair_t[fit_p]
+        f_e, f_count = self.pair_expert[fit_p], self.pair_count[fit_p]
+        k = lab.shape[0]
+        rows = np.arange(k)[:, None]
+        cells = n_ids * n_domains * n_exp
+        td_keys = rows * (n_ids * n_domains) + f_t * n_domains + lab[:, f_group]
+        w = np.broadcast_to(f_count, td_keys.shape).ravel()
+        tde = np.bincount((td_keys * n_exp + f_e).ravel(), weights=w, minlength=k * cells)
+        td = np.bincount(td_keys.ravel(), weights=w, minlength=k * n_ids * n_domains)
+        s_td = rows * (n_ids * n_domains) + s_t * n_domains + lab[:, self.pair_group[score_p]]
+        fine = np.log(tde[s_td * n_exp + s_e] + SMOOTHING * np.exp(coarse)) - np.log(
+            td[s_td] + SMOOTHING
+        )
+        return ((fine - coarse) * self.pair_count[score_p][None, :]).sum(axis=1)
 
 
 def _compact_sorted(values: np.ndarray) -> np.ndarray:

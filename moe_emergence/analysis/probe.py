@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from moe_emergence.analysis.scores import LayerScores, contingency, score_layer
 from moe_emergence.errors import UserError
@@ -368,6 +369,7 @@ def route_blocks(
     with_loss: bool = False,
     with_probs: bool = False,
     block_domains: torch.Tensor | None = None,
+    progress: str | None = None,
 ) -> ProbeRouting:
     """Route ``input_ids`` [p, T] (on the model's device) through ``model`` (a
     ``GPT2LMHeadModel``, with MoE layers or dense) in eval mode, ``batch_size`` blocks at a
@@ -376,7 +378,8 @@ def route_blocks(
     LightningModule's validation: float32 logits, next token within the block);
     ``with_probs`` also keeps every token's router distribution. ``block_domains`` [p] long:
     each block's index in the run's domains, which a ``domain`` router routes by (required
-    there, unused by the other routers)."""
+    there, unused by the other routers). ``progress``: a bar over the blocks with this
+    description (None: no bar)."""
     if block_domains is None and needs_domains(model):
         raise UserError(
             "model.moe.router=domain routes each block by its domain, and these blocks come "
@@ -399,7 +402,8 @@ def route_blocks(
         if with_probs
         else None
     )
-    with eval_mode(model):
+    bar = tqdm(total=p, unit="block", desc=progress, disable=progress is None, leave=False)
+    with eval_mode(model), bar:
         for start in range(0, p, batch_size):
             chunk = input_ids[start : start + batch_size]
             domains = None if block_domains is None else block_domains[start : start + batch_size]
@@ -418,6 +422,7 @@ def route_blocks(
                 if probs is not None:
                     dist = logits.float().softmax(-1)
                     probs[i][start : start + len(chunk)] = dist.view(len(chunk), t, -1)
+            bar.update(len(chunk))
     return ProbeRouting(experts, entropy_sum, loss_sum, probs)
 
 
@@ -428,29 +433,37 @@ def score_probe_routing(
     n_experts: int,
     n_permutations: int,
     seed: int,
+    progress: str | None = None,
 ) -> dict[int, tuple[np.ndarray, LayerScores]]:
     """Per MoE layer, the domain x expert table [D, E] of the probe's scored tokens'
     assignments (all k slots: the heatmap's counts) and its scores (first choice, documents as
     units, the scored tokens only);
-    ``experts[layer]``: int [P, T, k] for ``probe.input_ids`` [P, T]. Layers in sorted order."""
+    ``experts[layer]``: int [P, T, k] for ``probe.input_ids`` [P, T]. Layers in sorted order.
+    ``progress``: a bar over the costly null draws (2 ``n_permutations`` a layer) with this
+    description (None: no bar)."""
     n_domains, (p, t) = len(probe.domains), probe.input_ids.shape
     scored = probe.scored.ravel()
     token_domains = np.repeat(probe.block_domains, t)[scored]
     out = {}
-    for layer, chosen in sorted(experts.items()):
-        assigned = chosen.reshape(p * t, -1)[scored]
-        table = contingency(token_domains, assigned, n_domains, n_experts)
-        scores = score_layer(
-            probe.input_ids,
-            probe.token_docs,
-            probe.doc_domains,
-            chosen,
-            n_domains,
-            n_experts,
-            n_permutations=n_permutations,
-            seed=seed,
-            router_entropy=router_entropy[layer],
-            mask=probe.token_mask,
-        )
-        out[layer] = (table, scores)
+    total = 2 * n_permutations * len(experts)
+    with tqdm(
+        total=total, unit="draw", desc=progress, disable=progress is None, leave=False
+    ) as bar:
+        for layer, chosen in sorted(experts.items()):
+            assigned = chosen.reshape(p * t, -1)[scored]
+            table = contingency(token_domains, assigned, n_domains, n_experts)
+            scores = score_layer(
+                probe.input_ids,
+                probe.token_docs,
+                probe.doc_domains,
+                chosen,
+                n_domains,
+                n_experts,
+                n_permutations=n_permutations,
+                seed=seed,
+                router_entropy=router_entropy[layer],
+                mask=probe.token_mask,
+                advance=bar.update,
+            )
+            out[layer] = (table, scores)
     return out

@@ -31,7 +31,8 @@ float64 throughout.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+import itertools
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -42,12 +43,24 @@ from moe_emergence.analysis.heldout import (
     domain_gain_batch,
     fold_permutations,
     token_gain_batch,
-    within_document_shuffles,
+    within_document_shuffle_batches,
 )
 
 # The probe interval of the NMI is exact enough (coverage >= 93%) on size-matched probes with at
 # least this many documents per domain (benchmarks/interval_coverage.py; docs/method.md).
 INTERVAL_MIN_DOCUMENTS = 18
+
+# Told how many null draws were just scored (a progress bar's update), or None.
+Advance = Callable[[int], object] | None
+
+
+def _counted(batches: Iterator[np.ndarray], advance: Advance) -> Iterator[np.ndarray]:
+    """``batches`` [k, M], ``advance(k)`` told after each one is used."""
+    for batch in batches:
+        yield batch
+        if advance is not None:
+            advance(batch.shape[0])
+
 
 __all__ = [
     "INTERVAL_MIN_DOCUMENTS",
@@ -594,7 +607,12 @@ def held_out_gains(
     return _gains(*flat, n_domains, n_experts, n_permutations, seed)
 
 
-def _gains(tok, docs, dom, first, n_dom: int, n_exp: int, k: int, seed: int) -> HeldOutGains:
+def _gains(
+    tok, docs, dom, first, n_dom: int, n_exp: int, k: int, seed: int, advance: Advance = None
+) -> HeldOutGains:
+    """The gains of :func:`held_out_gains` on flat checked arrays; the two [K, N]-sized nulls
+    are drawn and scored a batch at a time (memory O(k N) per batch), ``advance(rows)`` called
+    after each batch (2 K rows in all)."""
     folds = document_folds(dom, n_dom, seed)
     doc_counts = _unit_counts(docs, first, dom.shape[0], n_exp)
     observed_labels = np.concatenate([dom[None, :], fold_permutations(dom, folds, k, seed)])
@@ -603,14 +621,20 @@ def _gains(tok, docs, dom, first, n_dom: int, n_exp: int, k: int, seed: int) -> 
     t_idx, n_ids = _compact(tok)
     token_folds = folds[docs]
     reference = np.stack([dom[docs] % n_exp, _seeded_id_experts(n_ids, n_exp, seed)[t_idx]])
-    shuffled = within_document_shuffles(docs, first, k, seed)
+    shuffled = within_document_shuffle_batches(docs, first, k, seed)
     token = token_gain_batch(
-        t_idx, n_ids, token_folds, np.concatenate([first[None, :], reference, shuffled]), n_exp
+        t_idx,
+        n_ids,
+        token_folds,
+        itertools.chain([first[None, :], reference], _counted(shuffled, advance)),
+        n_exp,
     )
 
     groups = TokenDomainGroups(t_idx, n_ids, docs, dom, folds, first, n_exp)
-    group_labels = np.concatenate([groups.label[None, :], groups.within_id_permutations(k, seed)])
-    beyond = groups.gain_batch(group_labels, n_dom)
+    permuted = groups.within_id_permutation_batches(k, seed)
+    beyond = groups.gain_batch(
+        itertools.chain([groups.label[None, :]], _counted(permuted, advance)), n_dom
+    )
     return HeldOutGains(
         domain=float(domain[0]),
         domain_null=domain[1:],
@@ -908,11 +932,15 @@ def score_layer(
     seed: int = 0,
     router_entropy: float = float("nan"),
     mask=None,
+    advance: Advance = None,
 ) -> LayerScores:
     """Score one MoE layer on a probe: token_ids, token_docs [P, T]; doc_domains [U]; experts
     [P, T, k] or [P, T] (first choice read); ``mask`` bool [P, T]: the tokens scored (None:
     all). The NMI null, the gains' nulls, the cond_mi null, the document folds and the
-    bootstrap each draw from ``seed`` (``n_permutations`` draws each)."""
+    bootstrap each draw from ``seed`` (``n_permutations`` draws each). ``advance(draws)``:
+    told as the two costly nulls (token gain, domain beyond token) progress, 2 K draws in
+    all. Memory: O(N) and batches of :func:`~moe_emergence.analysis.heldout.rows_per_batch`
+    draws, never O(K N)."""
     tok, docs, dom, first = _probe(
         token_ids, token_docs, doc_domains, experts, n_domains, n_experts, mask
     )
@@ -925,7 +953,7 @@ def score_layer(
     null_mi, _ = _mi_and_hd(null_tables)
     null_mean, null_p95 = null_summary(_nmi_batch(null_tables))
     observed_mi = mutual_information(table)
-    gains = _gains(tok, docs, dom, first, n_domains, n_experts, n_permutations, seed)
+    gains = _gains(tok, docs, dom, first, n_domains, n_experts, n_permutations, seed, advance)
     groups = _SharedGroups.of(tok, docs, dom, first, n_domains, n_experts)
     cond = groups.cond_mi(groups.label, n_domains)
     cond_null = groups.null(n_domains, n_permutations, seed)

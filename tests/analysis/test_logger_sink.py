@@ -168,6 +168,8 @@ def test_log_figures_says_when_the_figures_go(log_figures, image_steps, tmp_path
         default_root_dir=str(tmp_path),
         datamodule=None,
         precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext),
+        max_steps=0,
+        progress_bar_callback=None,
         loggers=[wandb, plain],
     )
     callback = RoutingAnalysis(batch_size=4, null_permutations=9, log_figures=log_figures)

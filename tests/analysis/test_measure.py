@@ -66,6 +66,8 @@ def test_callback_and_analyze_write_the_same_routing_tables(tmp_path, monkeypatc
         default_root_dir=str(tmp_path),
         datamodule=None,
         precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext),
+        max_steps=STEP,
+        progress_bar_callback=None,
         loggers=[],
     )
     callback = RoutingAnalysis(**SETTINGS, out_dir=str(tmp_path / "callback"))
@@ -223,3 +225,43 @@ def test_a_size_matched_probe_is_scored_on_its_kept_tokens_only():
 def test_size_matched_is_a_probe_setting_analyze_rebuilds():
     assert "size_matched" in ProbeSettings.PROBE_KEYS
     assert ProbeSettings().size_matched is False  # runs recorded before the key: unmatched
+
+
+def test_the_callback_says_its_cost_first_shows_progress_and_times_each_analysis(
+    tmp_path, monkeypatch, caplog, capfd
+):
+    # A new user's first run must not look hung: before the first analysis one line says what
+    # each one routes and draws, a bar moves over the probe blocks and the null draws (rank 0,
+    # when the trainer shows its own bar), and each analysis says its time when done.
+    module = tiny_module(moe={"layers": [0, 1], "n_experts": 4})
+    probe = _probe(module.domains, vocab_size=32, block_size=8)
+    monkeypatch.setattr(callback_module, "build_probe", lambda *args, **kwargs: probe)
+    trainer = SimpleNamespace(
+        global_step=0,
+        global_rank=0,
+        world_size=1,
+        default_root_dir=str(tmp_path),
+        datamodule=None,
+        precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext),
+        max_steps=450,
+        progress_bar_callback=object(),
+        loggers=[],
+    )
+    callback = RoutingAnalysis(**SETTINGS, every_n_steps=200)
+    callback.setup(trainer, module, "fit")
+    with caplog.at_level("INFO", logger=callback_module.log.name):
+        callback.on_train_start(trainer, module)
+    text = caplog.text
+    assert "4 analyses in 450 steps" in text  # steps 0, 200, 400 and the end
+    assert f"{probe.input_ids.shape[0]:,} blocks x 8 tokens" in text
+    assert "19 permutations a null for 2 MoE layers" in text
+    assert "Routing analysis at step 0:" in text and "s scoring" in text
+    bars = capfd.readouterr().err
+    assert "routing analysis, step 0: probe" in bars and "routing analysis, step 0: nulls" in bars
+
+    trainer.progress_bar_callback = None  # no bar of its own (enable_progress_bar=False): none
+    quiet = RoutingAnalysis(**SETTINGS, out_dir=str(tmp_path / "quiet"))
+    quiet.setup(trainer, module, "fit")
+    quiet.on_train_start(trainer, module)
+    assert (tmp_path / "quiet" / "trajectory.csv").exists()  # it did analyse step 0
+    assert "routing analysis" not in capfd.readouterr().err

@@ -641,3 +641,31 @@ def test_shares() -> None:
     out = shares([[1, 3], [0, 0], [2, 2]])
     assert out.dtype == np.float64
     assert np.array_equal(out, [[0.25, 0.75], [0.0, 0.0], [0.5, 0.5]])
+
+
+@pytest.mark.parametrize("equal_documents", [False, True])
+def test_nulls_drawn_in_batches_score_what_one_array_scores(monkeypatch, equal_documents) -> None:
+    # The two [K, N] nulls are drawn and scored a batch at a time (memory O(k N)): whatever
+    # the batch size, every score is bit-equal to drawing all K rows at once, and the progress
+    # hook hears of every draw.
+    from moe_emergence.analysis import heldout
+
+    tok, doc, doc_domains, ex = _doc_probe(5, n_docs=12, n=360)
+    if equal_documents:
+        doc = np.repeat(np.arange(12), 30)[np.random.default_rng(4).permutation(360)]
+        doc_domains = np.arange(12) % 3
+    token_ids, token_docs, first = tok[None, :], doc[None, :], ex[None, :]
+    whole = scores.score_layer(token_ids, token_docs, doc_domains, first, 3, 5, 40, seed=2)
+    rows = heldout.within_document_shuffles(doc, ex, 40, 2)
+    heard = []
+    monkeypatch.setattr(heldout, "CELLS_PER_BATCH", 3 * doc.size)  # 3 rows a batch
+    batches = list(heldout.within_document_shuffle_batches(doc, ex, 40, 2))
+    assert [b.shape[0] for b in batches] == [3] * 13 + [1]
+    np.testing.assert_array_equal(np.concatenate(batches), rows)
+    batched = scores.score_layer(
+        token_ids, token_docs, doc_domains, first, 3, 5, 40, seed=2, advance=heard.append
+    )
+    for f in fields(whole):
+        a, b = getattr(whole, f.name), getattr(batched, f.name)
+        assert a == b or (math.isnan(a) and math.isnan(b)), f.name
+    assert sum(heard) == 2 * 40
