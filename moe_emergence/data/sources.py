@@ -20,7 +20,7 @@ import shutil
 import string
 import tempfile
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,23 @@ class _OpenStream:
                 return text
         self.stats.exhausted = True
         return None
+
+
+Kept = Iterator[tuple[StreamStats, str]]  # kept texts, each with the stats entry it counts into
+
+
+@dataclass
+class Opened:
+    """A source opened for reading: its stats entries (one per (dataset, config), in reading
+    order) and its streams of kept texts, read round-robin, one text from each in turn. A
+    stream counts its rows into its stats and marks them exhausted when it runs out; the
+    reader (:func:`read_domain`) counts what it takes."""
+
+    stats: list[StreamStats]
+    streams: list[Kept]
+
+
+Opener = Callable[[int, Source], Opened]  # (the source's index in its domain, the source)
 
 
 def budget_chars(size_mb: float) -> int:
@@ -277,14 +294,9 @@ def check_templates(domains: Mapping[str, Sequence[Source]], hub_mirror: str | N
         for i, source in enumerate(sources):
             location = resolve_repo(source.dataset, hub_mirror, "dataset", source.revision)
             for config in source.configs:
-                try:
-                    _open(source, config, location, MAX_EXAMPLE_CHARS, f"{domain}[{i}]")
-                except Exception as exc:
-                    if error := _wrong_config_or_split(source, config, location, f"{domain}[{i}]"):
-                        raise error from exc
-                    if error := _damage_behind(exc, source, config, location, hub_mirror):
-                        raise error from exc
-                    raise
+                _open_explained(
+                    source, config, location, MAX_EXAMPLE_CHARS, f"{domain}[{i}]", hub_mirror
+                )
 
 
 def _wrong_config_or_split(
@@ -403,6 +415,132 @@ def _open(
     return _OpenStream(stats, iter(ds), source.text, source.min_chars or 0, max_chars)
 
 
+def _open_explained(
+    source: Source,
+    config: str | None,
+    location: str,
+    max_chars: int,
+    where: str,
+    hub_mirror: str | None,
+) -> _OpenStream:
+    """:func:`_open`, a failure explained: the config or split the local copy lacks
+    (:func:`_wrong_config_or_split`), else the damaged file behind it (:func:`_damage_behind`)."""
+    try:
+        return _open(source, config, location, max_chars, where)
+    except Exception as exc:
+        if error := _wrong_config_or_split(source, config, location, where):
+            raise error from exc
+        if error := _damage_behind(exc, source, config, location, hub_mirror):
+            raise error from exc
+        raise
+
+
+def _kept_rows(stream: _OpenStream, source: Source, location: str, hub_mirror: str | None) -> Kept:
+    """``stream``'s texts passing its length filter; a failure to read names the damaged file
+    behind it (:func:`_damage_behind`)."""
+    while True:
+        try:
+            text = stream.next_text()
+        except Exception as exc:
+            config = stream.stats.config
+            if error := _damage_behind(exc, source, config, location, hub_mirror):
+                raise error from exc
+            raise
+        if text is None:
+            return
+        yield stream.stats, text
+
+
+def hub_opener(
+    domain: str, locations: Sequence[str], max_chars: int, hub_mirror: str | None
+) -> Opener:
+    """The opener of a domain's datasets (Hub ids or local folders at ``locations``, one per
+    source): one stream per config, read round-robin."""
+
+    def open_source(i: int, source: Source) -> Opened:
+        where = f"{domain}[{i}]"
+        streams = [
+            _open_explained(source, config, locations[i], max_chars, where, hub_mirror)
+            for config in source.configs
+        ]
+        return Opened(
+            [s.stats for s in streams],
+            [_kept_rows(s, source, locations[i], hub_mirror) for s in streams],
+        )
+
+    return open_source
+
+
+def read_domain(
+    domain: str,
+    sources: Sequence[Source],
+    size_mb: float,
+    open_source: Opener,
+    show_progress: bool = True,
+    label: str = "",
+    quiet: bool = False,
+) -> tuple[list[str], dict[str, Any]]:
+    """The one streaming loop: read ``sources`` in order (each opened by ``open_source`` only
+    when the ones before it ran out below the budget), a source's streams round-robin, until
+    ``size_mb`` worth of characters are taken.
+
+    A text is taken while the running total is below the budget (the one that crosses it is
+    kept). ``label`` names the reader in the progress bar and the warning when the sources run
+    out (``quiet``: no warning). Returns ``(texts, metadata)``; ``metadata["sources"]`` holds
+    one :class:`StreamStats` dict per (dataset, config) opened, in reading order.
+    """
+    budget = budget_chars(size_mb)
+    texts: list[str] = []
+    total = 0
+    opened: list[StreamStats] = []
+    bar = tqdm(
+        total=budget,
+        unit="char",
+        unit_scale=True,
+        desc=f"{label or 'stream'} {domain}",
+        disable=not show_progress,
+        leave=False,
+    )
+    with bar:
+        for i, source in enumerate(sources):
+            if total >= budget:
+                break
+            found = open_source(i, source)
+            opened.extend(found.stats)
+            streams = list(found.streams)
+            while streams and total < budget:
+                for stream in list(streams):
+                    if total >= budget:
+                        break
+                    taken = next(stream, None)
+                    if taken is None:
+                        streams.remove(stream)
+                        continue
+                    stats, text = taken
+                    texts.append(text)
+                    stats.num_examples += 1
+                    stats.total_chars += len(text)
+                    total += len(text)
+                    bar.update(len(text))
+    if total < budget and not quiet:
+        log.warning(
+            "%s: sources ran out at %s of %s budgeted characters (%s).",
+            f"{label} {domain}".lstrip(),
+            f"{total:,}",
+            f"{budget:,}",
+            ", ".join(f"{s.dataset}[{s.config}] exhausted" for s in opened if s.exhausted),
+        )
+    return texts, {
+        "domain": domain,
+        "size_mb": size_mb,
+        "budget_chars": budget,
+        "num_texts": len(texts),
+        "total_chars": total,
+        "budget_met": total >= budget,
+        "sources": [dataclasses.asdict(s) for s in opened],
+    }
+
+
 def load_domain(
     domain: str,
     sources: Sequence[Source],
@@ -412,86 +550,21 @@ def load_domain(
     show_progress: bool = True,
     check_files: bool = True,
 ) -> tuple[list[str], dict[str, Any]]:
-    """Read ``sources`` in order until ``size_mb`` worth of characters are taken.
+    """Read the datasets ``sources`` in order until ``size_mb`` worth of characters are taken
+    (:func:`read_domain`, with :func:`hub_opener`).
 
-    A text is taken while the running total is below the budget (the one that crosses it is
-    kept). Returns ``(texts, metadata)``; ``metadata["sources"]`` holds one
-    :class:`StreamStats` dict per (dataset, config) opened, in reading order. A damaged local
-    data file raises DataFileError naming it: found up front by :func:`check_local_files`
-    (``check_files``) where that is cheap, else when streaming it fails. ``size_mb`` and
-    ``max_example_chars`` are checked by the caller (``DataSettings.validate``, or the
-    ``load_*_data`` functions below).
+    A damaged local data file raises DataFileError naming it: found up front by
+    :func:`check_local_files` (``check_files``) where that is cheap, else when streaming it
+    fails. ``size_mb`` and ``max_example_chars`` are checked by the caller
+    (``DataSettings.validate``, or the ``load_*_data`` functions).
     """
     # Resolve every location first: a missing mirror folder or no network fails here, in
     # seconds, before anything is streamed.
     locations = [resolve_repo(s.dataset, hub_mirror, "dataset", s.revision) for s in sources]
     if check_files:
         check_local_files(sources, hub_mirror, locations)
-    budget = budget_chars(size_mb)
-    texts: list[str] = []
-    total = 0
-    opened: list[StreamStats] = []
-    bar = tqdm(
-        total=budget,
-        unit="char",
-        unit_scale=True,
-        desc=f"stream {domain}",
-        disable=not show_progress,
-        leave=False,
-    )
-    with bar:
-        for i, (source, location) in enumerate(zip(sources, locations, strict=True)):
-            if total >= budget:
-                break
-            streams = []
-            where = f"{domain}[{i}]"
-            for config in source.configs:
-                try:
-                    streams.append(_open(source, config, location, max_example_chars, where))
-                except Exception as exc:
-                    if error := _wrong_config_or_split(source, config, location, f"{domain}[{i}]"):
-                        raise error from exc
-                    if error := _damage_behind(exc, source, config, location, hub_mirror):
-                        raise error from exc
-                    raise
-            opened.extend(s.stats for s in streams)
-            while streams and total < budget:
-                for stream in list(streams):
-                    if total >= budget:
-                        break
-                    try:
-                        text = stream.next_text()
-                    except Exception as exc:
-                        config = stream.stats.config
-                        if error := _damage_behind(exc, source, config, location, hub_mirror):
-                            raise error from exc
-                        raise
-                    if text is None:
-                        streams.remove(stream)
-                        continue
-                    texts.append(text)
-                    stream.stats.num_examples += 1
-                    stream.stats.total_chars += len(text)
-                    total += len(text)
-                    bar.update(len(text))
-    metadata = {
-        "domain": domain,
-        "size_mb": size_mb,
-        "budget_chars": budget,
-        "num_texts": len(texts),
-        "total_chars": total,
-        "budget_met": total >= budget,
-        "sources": [dataclasses.asdict(s) for s in opened],
-    }
-    if total < budget:
-        log.warning(
-            "%s: sources ran out at %s of %s budgeted characters (%s).",
-            domain,
-            f"{total:,}",
-            f"{budget:,}",
-            ", ".join(f"{s.dataset}[{s.config}] exhausted" for s in opened if s.exhausted),
-        )
-    return texts, metadata
+    opener = hub_opener(domain, locations, max_example_chars, hub_mirror)
+    return read_domain(domain, sources, size_mb, opener, show_progress)
 
 
 __all__ = [
@@ -499,6 +572,8 @@ __all__ = [
     "MAX_EXAMPLE_CHARS",
     "DataFileError",
     "DatasetUnavailableError",
+    "Opened",
+    "Opener",
     "Source",
     "StreamStats",
     "budget_chars",
@@ -506,5 +581,7 @@ __all__ = [
     "check_local_files",
     "check_size_mb",
     "check_templates",
+    "hub_opener",
     "load_domain",
+    "read_domain",
 ]
