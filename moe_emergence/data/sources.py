@@ -471,6 +471,19 @@ def hub_opener(
     return open_source
 
 
+def _round_robin(streams: Sequence[Kept]) -> Kept:
+    """One text from each stream in turn, a stream dropped when it runs out; lazily (a stream
+    is read only when its next text is asked for)."""
+    left = list(streams)
+    while left:
+        for stream in list(left):
+            taken = next(stream, None)
+            if taken is None:
+                left.remove(stream)
+            else:
+                yield taken
+
+
 def read_domain(
     domain: str,
     sources: Sequence[Source],
@@ -507,21 +520,14 @@ def read_domain(
                 break
             found = open_source(i, source)
             opened.extend(found.stats)
-            streams = list(found.streams)
-            while streams and total < budget:
-                for stream in list(streams):
-                    if total >= budget:
-                        break
-                    taken = next(stream, None)
-                    if taken is None:
-                        streams.remove(stream)
-                        continue
-                    stats, text = taken
-                    texts.append(text)
-                    stats.num_examples += 1
-                    stats.total_chars += len(text)
-                    total += len(text)
-                    bar.update(len(text))
+            for stats, text in _round_robin(found.streams):
+                texts.append(text)
+                stats.num_examples += 1
+                stats.total_chars += len(text)
+                total += len(text)
+                bar.update(len(text))
+                if total >= budget:
+                    break
     if total < budget and not quiet:
         log.warning(
             "%s: sources ran out at %s of %s budgeted characters (%s).",
