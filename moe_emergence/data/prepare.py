@@ -36,7 +36,6 @@ from moe_emergence.data.cache import (
     tokenizer_definition,
     tokenizer_identity,
 )
-from moe_emergence.data.files import FILE_INDEX, FileIndex, folder_identity
 from moe_emergence.data.sample import (
     SAMPLE_TOKENIZER,
     domain_identity,
@@ -52,6 +51,7 @@ from moe_emergence.data.sources import (
     load_domain,
 )
 from moe_emergence.data.tokenize import DEFAULT_TOKENIZER, TokenStream, load_tokenizer
+from moe_emergence.files import FILE_INDEX, FileIndex, folder_identity
 from moe_emergence.hub import HubUnavailableError, hub_revision, resolve_repo
 
 log = logging.getLogger(__name__)
