@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_emergence.data.checks import SettingError, is_int
-from moe_emergence.data.domains import domain_set
+from moe_emergence.data.domains import SAMPLE_SET, domain_set
 from moe_emergence.data.sample.frozen import MAX_CHARS, frozen_file, frozen_rows, manifest
 from moe_emergence.data.sample.mathgen import format_math, generate_math
 from moe_emergence.data.sample.prose import prose_paragraphs
@@ -69,7 +69,6 @@ log = logging.getLogger(__name__)
 
 SAMPLE_VERSION = 1  # bump when the corpus recipe (selection, cleaning, generator) changes
 BUILDER_NAME = "sample"
-SAMPLE_SET = "sample"  # its domain set: conf/data/domains/sample.yaml
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 OWN_DISTRIBUTION = "moe-emergence"
 MAX_REJECTED_IN_A_ROW = 20_000  # a filter rejecting this many texts in a row keeps none
