@@ -1,11 +1,14 @@
 """Stream each domain's texts from its datasets, filter by length, stop at a character budget.
 
 A domain is an ordered list of :class:`Source`; the next source is opened only when the ones
-before it ran out below the budget. Within a source, several configs (e.g. MATH's subjects) are
-read round-robin, one kept text from each in turn. Texts are used exactly as the template makes
-them (no stripping). Lengths and budgets are in characters (``len(str)``). A damaged local
-data file (truncated, not parquet/gzip, no rows) raises DataFileError naming it and the
-re-download command.
+before it ran out below the budget. :func:`read_domain` is the one streaming loop; an opener
+turns a source into its streams: :func:`hub_opener` for the Hub's datasets (or their local
+copies, :func:`load_domain`), ``sample_opener`` for the offline sample
+(:mod:`moe_emergence.data.sample.corpus`). Within a source, several configs (e.g. MATH's
+subjects) are read round-robin, one kept text from each in turn. Texts are used exactly as the
+template makes them (no stripping). Lengths and budgets are in characters (``len(str)``). A
+damaged local data file (truncated, not parquet/gzip, no rows) raises DataFileError naming it
+and the re-download command.
 """
 
 from __future__ import annotations
