@@ -36,6 +36,7 @@ from moe_emergence.data.cache import (
     tokenizer_definition,
     tokenizer_identity,
 )
+from moe_emergence.data.damage import check_local_files
 from moe_emergence.data.sample import (
     SAMPLE_TOKENIZER,
     domain_identity,
@@ -46,7 +47,6 @@ from moe_emergence.data.settings import DataSettings, naming_options, option
 from moe_emergence.data.sources import (
     Source,
     budget_chars,
-    check_local_files,
     check_templates,
     load_domain,
 )
