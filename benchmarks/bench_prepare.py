@@ -612,7 +612,7 @@ def run_identity_cost(args: argparse.Namespace) -> int:
     figure is the median of ``--repeat`` runs; the tokenizer is loaded before timing."""
     import statistics
 
-    from moe_emergence.data import files as files_module
+    from moe_emergence import files as files_module
     from moe_emergence.data.domains import domain_set
     from moe_emergence.data.prepare import describe_request, prepare_domains
     from moe_emergence.data.settings import DataSettings

@@ -40,19 +40,16 @@ def _is_int_list(value: Any) -> bool:
     return isinstance(value, list | tuple) and all(is_int(v) for v in value)
 
 
-# Field type (as annotated) -> (its test, what a value must be, its command-line parser).
-KINDS: dict[str, tuple[Callable[[Any], bool], str, Callable[[str], Any] | None]] = {
+# A field type's (test, what a value must be, command-line parser).
+Kind = tuple[Callable[[Any], bool], str, Callable[[str], Any] | None]
+
+# Field type (as annotated) -> its Kind; a settings group adds its own types (Settings.KINDS).
+KINDS: dict[str, Kind] = {
     "int": (is_int, "an integer", int),
     "float": (is_number, "a number", float),
     "bool": (lambda v: isinstance(v, bool), "true or false", None),
     "str": (lambda v: isinstance(v, str | os.PathLike), "a string", str),
     "list[int]": (_is_int_list, "a list of integers", None),
-    # A domain set (data.domains): its name, a YAML file, or the mapping Hydra composed.
-    "DomainSpec": (
-        lambda v: isinstance(v, str | os.PathLike | Mapping),
-        "a domain set's name, a YAML file, or a mapping of each domain to its sources",
-        str,
-    ),
 }
 
 
@@ -72,13 +69,13 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, **check: Any) -> A
     )
 
 
-def problem(field: dataclasses.Field, value: Any) -> str | None:
+def problem(field: dataclasses.Field, value: Any, kinds: Mapping[str, Kind] = KINDS) -> str | None:
     """Why ``value`` does not fit ``field`` (" must be ..., got ..." or ": <check's message>"),
-    or None when it fits."""
+    or None when it fits; ``kinds``: the field types known (:attr:`Settings.KINDS`)."""
     name, nullable = kind(field)
     if value is None and nullable:
         return None
-    test, what, _ = KINDS[name]
+    test, what, _ = kinds[name]
     meta = field.metadata
     low, below, choices = meta.get("low"), meta.get("below"), meta.get("choices")
     if low is not None and below is not None:
@@ -107,6 +104,7 @@ class Settings:
     """Base of a settings dataclass; ``PREFIX`` is its node in the config."""
 
     PREFIX: ClassVar[str] = ""
+    KINDS: ClassVar[Mapping[str, Kind]] = KINDS  # the field types it knows
 
     @classmethod
     def config_key(cls, name: str) -> str:
@@ -127,7 +125,7 @@ class Settings:
         """Raise a UserError naming the key (and the fix) for the first bad value; return
         ``self``."""
         for field in dataclasses.fields(self):  # type: ignore[arg-type]
-            found = problem(field, getattr(self, field.name))
+            found = problem(field, getattr(self, field.name), self.KINDS)
             if found is not None:
                 raise UserError(f"{self.option(field.name)}{found}")
         return self

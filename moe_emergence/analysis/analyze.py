@@ -73,9 +73,8 @@ from moe_emergence.analysis.tables import (
     write_table,
 )
 from moe_emergence.analysis.token_types import format_type_table
-from moe_emergence.data.files import locked
 from moe_emergence.errors import UserError, report_user_errors
-from moe_emergence.files import write_atomic
+from moe_emergence.files import locked, write_atomic
 from moe_emergence.runs import RunCheckpoints, find_runs, run_overrides, verify_checkpoints
 
 RUNS_DIR = "runs"

@@ -44,10 +44,10 @@ from moe_emergence.analysis.hf_routing import (
 from moe_emergence.analysis.probe import Probe, build_probe
 from moe_emergence.data import MixedDomainDataModule
 from moe_emergence.data.domains import SAMPLE_PREFIX, read_domain_set
-from moe_emergence.data.files import locked
 from moe_emergence.data.prepare import load_data_tokenizer
 from moe_emergence.data.tokenize import check_tokenizer_folder
 from moe_emergence.errors import UserError
+from moe_emergence.files import locked
 from moe_emergence.hub import resolve_repo
 
 log = logging.getLogger(__name__)

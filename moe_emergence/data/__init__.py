@@ -20,12 +20,12 @@ _EXPORTS = {
     "collate_packed": "moe_emergence.data.dataset",
     "domain_set": "moe_emergence.data.domains",
     "encode_texts": "moe_emergence.data.tokenize",
-    "load_code_data": "moe_emergence.data.domains",
-    "load_math_data": "moe_emergence.data.domains",
-    "load_prose_data": "moe_emergence.data.domains",
+    "load_code_data": "moe_emergence.data.legacy",
+    "load_math_data": "moe_emergence.data.legacy",
+    "load_prose_data": "moe_emergence.data.legacy",
     "load_tokenizer": "moe_emergence.data.prepare:load_data_tokenizer",
     "main": "moe_emergence.data.cli",
-    "pack_sequences": "moe_emergence.data.packing",
+    "pack_sequences": "moe_emergence.data.legacy",
 }
 
 __all__ = [

@@ -40,11 +40,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from moe_emergence.data.checks import SettingError, is_int
-from moe_emergence.data.files import build_folder_once
 from moe_emergence.data.settings import option
 from moe_emergence.data.tokenize import TokenStream, iter_token_batches, token_dtype, untruncated
 from moe_emergence.errors import UserError
-from moe_emergence.files import sha256_file, write_atomic
+from moe_emergence.files import build_folder_once, sha256_file, write_atomic
 from moe_emergence.hub import is_hub_id
 from moe_emergence.versions import library_versions
 

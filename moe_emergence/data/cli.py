@@ -18,7 +18,7 @@ import numpy as np
 from moe_emergence.data.dataset import PackedMixedDomainDataset, collate_packed
 from moe_emergence.data.prepare import prepare_domains
 from moe_emergence.data.report import build_report, report_table, write_report
-from moe_emergence.data.settings import KINDS, DataSettings, kind, naming_options
+from moe_emergence.data.settings import DataSettings, kind, naming_options
 from moe_emergence.errors import UserError, report_user_errors
 
 log = logging.getLogger("moe_emergence.data")
@@ -65,7 +65,7 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
             help_text += " (default %(default)s)"
         parser.add_argument(
             flag,
-            type=KINDS[kind_name][2],
+            type=DataSettings.KINDS[kind_name][2],
             default=default,
             help=help_text,
             choices=field.metadata.get("choices"),

@@ -14,7 +14,8 @@ A domain set is written once, as YAML under ``conf/data/domains/<name>.yaml`` (t
 
 The ``domain_set`` setting (``data.domain_set``) holds such a mapping (what Hydra composes), a
 set's name (a file in ``conf/data/domains/``), a path to a YAML file, or null for the source's
-default set (:data:`DEFAULT_DOMAIN_SETS`). :func:`parse_domains` turns it into
+default set (:func:`default_set`: ``conf/data/mixed.yaml`` picks it, written there once).
+:func:`parse_domains` turns it into
 ``{domain: (Source, ...)}`` and raises ValueError naming the sub-key for a bad one (the settings
 prefix the config key).
 """
@@ -33,18 +34,13 @@ from typing import Any
 
 import yaml
 
-from moe_emergence.data.sources import (
-    MAX_EXAMPLE_CHARS,
-    Source,
-    check_filters,
-    check_size_mb,
-    load_domain,
-)
+from moe_emergence.data.sources import Source
 from moe_emergence.settings import config_dir
 
 DOMAIN_SETS_DIR = Path("data") / "domains"  # under conf/: the Hydra group data/domains
 SET_KEY = "domain_set"  # the key a set file sets: data.domain_set
-DEFAULT_DOMAIN_SETS = {"hub": "code_math_prose", "sample": "sample"}  # per data.source
+DEFAULTS_FILE = Path("data") / "mixed.yaml"  # under conf/: its defaults list picks the default set
+SAMPLE_SET = "sample"  # the offline corpus' set: the default of data.source=sample
 SAMPLE_PREFIX = "sample/"  # datasets of the offline corpus (moe_emergence.data.sample)
 DOMAIN_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # becomes metric keys and CSV columns
 MAX_DOMAINS = 255  # domain ids are uint8 in the block order
@@ -82,6 +78,20 @@ def domain_set_path(name: str | os.PathLike) -> Path:
 def available_sets() -> list[str]:
     """Names of the domain sets in ``conf/data/domains/``."""
     return sorted(p.stem for p in (config_dir() / DOMAIN_SETS_DIR).glob("*.yaml"))
+
+
+def default_set(source: str = "hub") -> str:
+    """The name of ``source``'s default domain set: the offline corpus' for ``sample``, else
+    the ``domains`` choice in the defaults list of ``conf/data/mixed.yaml`` (what train.py
+    composes; the one place the default set is written)."""
+    if source == "sample":
+        return SAMPLE_SET
+    path = config_dir() / DEFAULTS_FILE
+    defaults = _read_set_file(path.resolve(), path.stat().st_mtime_ns).get("defaults") or []
+    for entry in defaults:
+        if isinstance(entry, Mapping) and "domains" in entry:
+            return str(entry["domains"])
+    raise ValueError(f"'{path}' picks no domain set (a 'domains: <name>' in its defaults list)")
 
 
 @functools.lru_cache(maxsize=32)
@@ -198,7 +208,7 @@ def parse_domains(spec: Any, source: str = "hub") -> DomainSet:
     template that names no field; and for a set that does not match ``source`` (``sample``
     reads the offline corpus' ``sample/...`` datasets only, ``hub`` none of them)."""
     if spec is None:
-        spec = DEFAULT_DOMAIN_SETS.get(source, DEFAULT_DOMAIN_SETS["hub"])
+        spec = default_set(source)
     if isinstance(spec, str | os.PathLike):
         spec = read_domain_set(spec)
     spec = plain_containers(spec)
@@ -263,78 +273,13 @@ def domain_set(name: str) -> DomainSet:
     return parse_domains(raw, "sample" if offline else "hub")
 
 
-# ---- the original spec's loaders: one domain of the default set -------------------------------
-
-
-def _load_default(
-    domain: str,
-    max_size_mb: float,
-    max_example_chars: int,
-    min_example_chars: int | None,
-    hub_mirror: str | None,
-    show_progress: bool,
-) -> tuple[list[str], dict[str, Any]]:
-    """:func:`load_domain` of ``domain`` of the default set, after checking the budget and the
-    length filter (plain errors); ``min_example_chars`` (not None) replaces its sources'."""
-    sources = domain_set(DEFAULT_DOMAIN_SETS["hub"])[domain]
-    if min_example_chars is not None:
-        sources = tuple(dataclasses.replace(s, min_chars=min_example_chars) for s in sources)
-    check_size_mb(max_size_mb)
-    check_filters(sources, max_example_chars, domain)
-    return load_domain(domain, sources, max_size_mb, max_example_chars, hub_mirror, show_progress)
-
-
-def load_code_data(
-    max_size_mb: float = 10.0,
-    max_example_chars: int = MAX_EXAMPLE_CHARS,
-    min_example_chars: int | None = None,
-    *,
-    hub_mirror: str | None = None,
-    show_progress: bool = True,
-) -> tuple[list[str], dict[str, Any]]:
-    """The default set's ``code`` (codeparrot-clean), ``min < len < max`` characters
-    (``min_example_chars=None``: the set's own minimum)."""
-    return _load_default(
-        "code", max_size_mb, max_example_chars, min_example_chars, hub_mirror, show_progress
-    )
-
-
-def load_math_data(
-    max_size_mb: float = 10.0,
-    max_example_chars: int = MAX_EXAMPLE_CHARS,
-    *,
-    hub_mirror: str | None = None,
-    show_progress: bool = True,
-) -> tuple[list[str], dict[str, Any]]:
-    """The default set's ``math``: GSM8K, then MATH's subjects round-robin if GSM8K ran out
-    below the budget."""
-    return _load_default("math", max_size_mb, max_example_chars, None, hub_mirror, show_progress)
-
-
-def load_prose_data(
-    max_size_mb: float = 10.0,
-    max_example_chars: int = MAX_EXAMPLE_CHARS,
-    min_example_chars: int | None = None,
-    *,
-    hub_mirror: str | None = None,
-    show_progress: bool = True,
-) -> tuple[list[str], dict[str, Any]]:
-    """The default set's ``prose`` (WikiText-103 raw lines), ``min < len < max`` characters
-    (``min_example_chars=None``: the set's own minimum)."""
-    return _load_default(
-        "prose", max_size_mb, max_example_chars, min_example_chars, hub_mirror, show_progress
-    )
-
-
 __all__ = [
-    "DEFAULT_DOMAIN_SETS",
+    "SAMPLE_SET",
     "DomainSet",
     "available_sets",
+    "default_set",
     "domain_set",
     "domain_set_path",
-    "load_code_data",
-    "load_math_data",
-    "load_prose_data",
     "parse_domains",
     "read_domain_set",
 ]

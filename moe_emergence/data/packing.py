@@ -8,15 +8,12 @@ Balancing and shuffling work on index arrays, never on copies of the tokens.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import numpy as np
-import torch
 
 from moe_emergence.data.checks import SettingError, is_int
 from moe_emergence.data.settings import option
-from moe_emergence.data.tokenize import encode_texts
 
 log = logging.getLogger(__name__)
 
@@ -35,39 +32,6 @@ def block_view(tokens: np.ndarray, block_size: int) -> np.ndarray:
     check_block_size(block_size)
     n = tokens.shape[0] // block_size
     return tokens[: n * block_size].reshape(n, block_size)
-
-
-class PackedBlocks(Sequence[dict[str, Any]]):
-    """Blocks of one domain as a sequence of ``{"input_ids": LongTensor[block_size], "domain"}``.
-
-    Backed by a single ``(n, block_size)`` array; each item is made on access.
-    """
-
-    def __init__(self, blocks: np.ndarray, domain: str | None) -> None:
-        self.array = blocks
-        self.domain = domain
-
-    def __len__(self) -> int:
-        return int(self.array.shape[0])
-
-    def __getitem__(self, index):  # type: ignore[override]
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        row = self.array[index]
-        return {"input_ids": torch.from_numpy(row.astype(np.int64)), "domain": self.domain}
-
-
-def pack_sequences(
-    texts: Iterable[str], tokenizer, block_size: int = 512, domain_label: str | None = None
-) -> tuple[PackedBlocks, int]:
-    """Tokenize, add EOS after every text, concatenate and cut into ``block_size`` blocks.
-
-    Returns ``(blocks, total_tokens)``; ``total_tokens`` counts every token including EOS,
-    before the tail is dropped.
-    """
-    check_block_size(block_size)  # before the tokenizing
-    stream = encode_texts(texts, tokenizer)
-    return PackedBlocks(block_view(stream.tokens, block_size), domain_label), stream.num_tokens
 
 
 def format_report(rows: Mapping[str, Mapping[str, int]]) -> str:

@@ -36,7 +36,7 @@ from moe_emergence.data.cache import (
     tokenizer_definition,
     tokenizer_identity,
 )
-from moe_emergence.data.files import FILE_INDEX, FileIndex, folder_identity
+from moe_emergence.data.damage import check_local_files
 from moe_emergence.data.sample import (
     SAMPLE_TOKENIZER,
     domain_identity,
@@ -47,11 +47,11 @@ from moe_emergence.data.settings import DataSettings, naming_options, option
 from moe_emergence.data.sources import (
     Source,
     budget_chars,
-    check_local_files,
     check_templates,
     load_domain,
 )
 from moe_emergence.data.tokenize import DEFAULT_TOKENIZER, TokenStream, load_tokenizer
+from moe_emergence.files import FILE_INDEX, FileIndex, folder_identity
 from moe_emergence.hub import HubUnavailableError, hub_revision, resolve_repo
 
 log = logging.getLogger(__name__)

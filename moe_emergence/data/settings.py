@@ -31,17 +31,26 @@ from moe_emergence.data.domains import (
 from moe_emergence.data.sources import MAX_EXAMPLE_CHARS, check_filters, check_size_mb
 from moe_emergence.data.tokenize import DEFAULT_TOKENIZER
 from moe_emergence.errors import UserError
-from moe_emergence.settings import KINDS, Settings, kind, setting
+from moe_emergence.settings import KINDS, Kind, Settings, kind, setting
 
 DomainSpec = str | Mapping[str, Any]  # the ``domain_set`` setting (see ``data/domains.py``)
 
-__all__ = ["KINDS", "DataSettings", "LoaderSettings", "kind", "naming_options", "option"]
+__all__ = ["DataSettings", "LoaderSettings", "kind", "naming_options", "option"]
 
 
 class DataGroup(Settings):
     """A ``data.*`` group: a field of :class:`DataSettings` is also a flag of the data CLI."""
 
     PREFIX: ClassVar[str] = "data"
+    KINDS: ClassVar[Mapping[str, Kind]] = {
+        **KINDS,
+        # A domain set: its name, a YAML file, or the mapping Hydra composed.
+        "DomainSpec": (
+            lambda v: isinstance(v, str | os.PathLike | Mapping),
+            "a domain set's name, a YAML file, or a mapping of each domain to its sources",
+            str,
+        ),
+    }
 
     @classmethod
     def option(cls, name: str, value: str | None = None) -> str:

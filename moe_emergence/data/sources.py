@@ -1,11 +1,14 @@
 """Stream each domain's texts from its datasets, filter by length, stop at a character budget.
 
 A domain is an ordered list of :class:`Source`; the next source is opened only when the ones
-before it ran out below the budget. Within a source, several configs (e.g. MATH's subjects) are
-read round-robin, one kept text from each in turn. Texts are used exactly as the template makes
-them (no stripping). Lengths and budgets are in characters (``len(str)``). A damaged local
-data file (truncated, not parquet/gzip, no rows) raises DataFileError naming it and the
-re-download command.
+before it ran out below the budget. :func:`read_domain` is the one streaming loop; an opener
+turns a source into its streams: :func:`hub_opener` for the Hub's datasets (or their local
+copies, :func:`load_domain`), ``sample_opener`` for the offline sample
+(:mod:`moe_emergence.data.sample.corpus`). Within a source, several configs (e.g. MATH's
+subjects) are read round-robin, one kept text from each in turn. Texts are used exactly as the
+template makes them (no stripping). Lengths and budgets are in characters (``len(str)``). A
+damaged local data file (truncated, not parquet/gzip, no rows) raises DataFileError naming it
+and the re-download command.
 """
 
 from __future__ import annotations
@@ -13,14 +16,12 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import functools
-import gzip
 import logging
 import math
 import shutil
 import string
 import tempfile
-import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from moe_emergence.data.checks import SettingError, is_number
-from moe_emergence.errors import UserError
-from moe_emergence.hub import HubUnavailableError, is_hub_id, resolve_repo
+from moe_emergence.data.damage import check_local_files, damage_behind, wrong_config_or_split
+from moe_emergence.hub import HubUnavailableError, resolve_repo
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,23 @@ class _OpenStream:
         return None
 
 
+Kept = Iterator[tuple[StreamStats, str]]  # kept texts, each with the stats entry it counts into
+
+
+@dataclass
+class Opened:
+    """A source opened for reading: its stats entries (one per (dataset, config), in reading
+    order) and its streams of kept texts, read round-robin, one text from each in turn. A
+    stream counts its rows into its stats and marks them exhausted when it runs out; the
+    reader (:func:`read_domain`) counts what it takes."""
+
+    stats: list[StreamStats]
+    streams: list[Kept]
+
+
+Opener = Callable[[int, Source], Opened]  # (the source's index in its domain, the source)
+
+
 def budget_chars(size_mb: float) -> int:
     """A domain's character budget: ``size_mb * 1024 * 1024``."""
     return int(size_mb * 1024 * 1024)
@@ -129,144 +147,10 @@ def check_size_mb(size_mb: float) -> None:
         )
 
 
-# ---- damaged local data files ----------------------------------------------------------------
-
-DATA_SUFFIXES = (".parquet", ".gz", ".json", ".jsonl")
-SMALL_FILE_BYTES = 1 << 20  # compressed/plain files this small are read whole by the pre-check
-
-
-class DataFileError(UserError):
-    """A local data file (mirror or folder) that is truncated, not its format, or empty."""
-
-
 class DatasetUnavailableError(SettingError, HubUnavailableError):
     """A dataset that cannot be streamed from the Hub; a hub mirror with a copy is the fix."""
 
     field = "hub_mirror"
-
-
-def _parquet_problem(path: Path, thorough: bool) -> str | None:
-    import pyarrow.parquet as pq
-
-    with path.open("rb") as f:
-        head = f.read(4)
-        size = f.seek(0, 2)
-        f.seek(max(size - 4, 0))
-        tail = f.read(4)
-    if head != b"PAR1":
-        return "is not a parquet file" if size else "is empty (0 bytes)"
-    if size < 12 or tail != b"PAR1":
-        return "is truncated (its parquet footer is missing)"
-    try:
-        parquet = pq.ParquetFile(path)
-        if parquet.metadata.num_rows == 0:
-            return "holds no rows"
-        if thorough:
-            for _ in parquet.iter_batches(batch_size=65_536):
-                pass
-    except Exception as exc:  # pyarrow reports damage as ArrowInvalid, OSError, ...
-        return f"is damaged ({' '.join(str(exc).split())})"
-    return None
-
-
-def _text_problem(path: Path, thorough: bool) -> str | None:
-    """Gzip or plain JSON lines: truncated / not gzip / no rows (read whole when small or
-    ``thorough``)."""
-    if not thorough and path.stat().st_size > SMALL_FILE_BYTES:
-        return None
-    has_text = False
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                has_text = has_text or bool(chunk.strip())
-    except EOFError:
-        return "is truncated (the gzip stream ends early)"
-    except (gzip.BadGzipFile, zlib.error) as exc:
-        return f"is not valid gzip data ({exc})"
-    return None if has_text else "holds no rows"
-
-
-def data_file_problem(path: Path, thorough: bool = True) -> str | None:
-    """What is wrong with the data file ``path`` (truncated, not parquet/gzip, no rows), or
-    None. Not ``thorough``: cheap checks only (parquet footers, small files read whole)."""
-    if path.suffix == ".parquet":
-        return _parquet_problem(path, thorough)
-    if path.suffix in DATA_SUFFIXES:
-        return _text_problem(path, thorough)
-    return None
-
-
-def _data_files(location: str, config: str | None, split: str) -> list[Path]:
-    """The files ``datasets`` reads for (config, split) of the local folder ``location``;
-    every data file under it when that cannot be told."""
-    try:
-        from datasets import load_dataset_builder
-
-        files = load_dataset_builder(location, config).config.data_files or {}
-        chosen = [Path(str(f)) for key, fs in files.items() if str(key) == split for f in fs]
-        if chosen:
-            return chosen
-    except Exception as exc:  # an unreadable README or layout: check everything instead
-        log.debug("Could not list the data files of %s [%s]: %s", location, config, exc)
-    return sorted(
-        p
-        for p in Path(location).rglob("*")
-        if p.is_file()
-        and p.suffix in DATA_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(location).parts)
-    )
-
-
-def _config_part(config: str | None) -> str:
-    return "" if config is None else f" (config '{config}')"
-
-
-def _redownload_hint(source: Source, location: str, hub_mirror: str | None) -> str:
-    if not is_hub_id(source.dataset):
-        return "replace it with a good copy"
-    command = f"hf download {source.dataset} --repo-type dataset"
-    if hub_mirror is not None and Path(location) == Path(hub_mirror) / source.dataset:
-        return f"re-download it with `{command} --local-dir {location}`"
-    if "snapshots" in Path(location).parts:  # the Hugging Face hub cache
-        return f"re-download it with `{command} --force-download`"
-    return f"re-download it with `{command} --local-dir {location}`"
-
-
-def find_damaged_file(
-    source: Source,
-    config: str | None,
-    location: str,
-    hub_mirror: str | None = None,
-    thorough: bool = True,
-) -> DataFileError | None:
-    """The error naming the first damaged data file of ``source``'s (config, split) in the
-    local folder ``location``, or None (also for a Hub id)."""
-    if not Path(location).is_dir():
-        return None
-    for path in _data_files(location, config, source.split):
-        problem = data_file_problem(path, thorough)
-        if problem is not None:
-            return DataFileError(
-                f"Data file '{path}' of dataset '{source.dataset}'{_config_part(config)} "
-                f"{problem}: {_redownload_hint(source, location, hub_mirror)}."
-            )
-    return None
-
-
-def check_local_files(
-    sources: Sequence[Source], hub_mirror: str | None = None, locations: Sequence[str] = ()
-) -> None:
-    """Cheap pre-check of every local source's data files before streaming (parquet footers
-    and row counts, small files read whole); raise DataFileError for the first bad one."""
-    locations = locations or [
-        resolve_repo(s.dataset, hub_mirror, "dataset", s.revision) for s in sources
-    ]
-    for source, location in zip(sources, locations, strict=True):
-        for config in source.configs:
-            error = find_damaged_file(source, config, location, hub_mirror, thorough=False)
-            if error is not None:
-                raise error
 
 
 def check_templates(domains: Mapping[str, Sequence[Source]], hub_mirror: str | None = None) -> None:
@@ -277,65 +161,9 @@ def check_templates(domains: Mapping[str, Sequence[Source]], hub_mirror: str | N
         for i, source in enumerate(sources):
             location = resolve_repo(source.dataset, hub_mirror, "dataset", source.revision)
             for config in source.configs:
-                try:
-                    _open(source, config, location, MAX_EXAMPLE_CHARS, f"{domain}[{i}]")
-                except Exception as exc:
-                    if error := _wrong_config_or_split(source, config, location, f"{domain}[{i}]"):
-                        raise error from exc
-                    if error := _damage_behind(exc, source, config, location, hub_mirror):
-                        raise error from exc
-                    raise
-
-
-def _wrong_config_or_split(
-    source: Source, config: str | None, location: str, where: str
-) -> SettingError | None:
-    """A SettingError naming the set's ``where.configs`` entry or ``where.split`` that the
-    local copy at ``location`` does not have (with the ones it has), or None."""
-    if not Path(location).is_dir():
-        return None
-    from datasets import get_dataset_config_names, load_dataset_builder
-
-    try:
-        configs = [str(c) for c in get_dataset_config_names(location)]
-        if config is not None and configs and config not in configs:
-            return SettingError(
-                f"{where}.configs: '{config}' is not a config of dataset '{source.dataset}' "
-                f"({location}), whose configs are {', '.join(configs)}: fix the set's entry.",
-                "domain_set",
-            )
-        splits = [str(k) for k in (load_dataset_builder(location, config).config.data_files or {})]
-    except Exception as exc:  # the layout cannot be told: the damage check says more
-        log.debug("Could not list the configs and splits of %s: %s", location, exc)
-        return None
-    if splits and source.split not in splits:
-        return SettingError(
-            f"{where}.split: '{source.split}' is not a split of dataset '{source.dataset}'"
-            f"{_config_part(config)} ({location}), whose splits are {', '.join(splits)}: fix "
-            f"the set's split.",
-            "domain_set",
-        )
-    return None
-
-
-def _damage_behind(
-    exc: Exception, source: Source, config: str | None, location: str, hub_mirror: str | None
-) -> DataFileError | None:
-    """The DataFileError naming the damaged local file that made streaming fail with ``exc``,
-    or None (then ``exc`` is re-raised as it is)."""
-    if isinstance(exc, UserError):
-        return None
-    found = find_damaged_file(source, config, location, hub_mirror)
-    if found is None and Path(location).is_dir():  # intact files of another shape
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        where = f"{location} ({config})" if config else location
-        found = DataFileError(
-            f"Reading {source.dataset} from {where} failed ({type(exc).__name__}: {reason}): "
-            f"its files are not what this source reads (a split '{source.split}' with the "
-            f"field(s) {', '.join(source.fields)}, one record per line or row); "
-            f"{_redownload_hint(source, location, hub_mirror)}."
-        )
-    return found
+                _open_explained(
+                    source, config, location, MAX_EXAMPLE_CHARS, f"{domain}[{i}]", hub_mirror
+                )
 
 
 @functools.cache
@@ -403,6 +231,138 @@ def _open(
     return _OpenStream(stats, iter(ds), source.text, source.min_chars or 0, max_chars)
 
 
+def _open_explained(
+    source: Source,
+    config: str | None,
+    location: str,
+    max_chars: int,
+    where: str,
+    hub_mirror: str | None,
+) -> _OpenStream:
+    """:func:`_open`, a failure explained (:mod:`moe_emergence.data.damage`): the config or split
+    the local copy lacks, else the damaged file behind it."""
+    try:
+        return _open(source, config, location, max_chars, where)
+    except Exception as exc:
+        if error := wrong_config_or_split(source, config, location, where):
+            raise error from exc
+        if error := damage_behind(exc, source, config, location, hub_mirror):
+            raise error from exc
+        raise
+
+
+def _kept_rows(stream: _OpenStream, source: Source, location: str, hub_mirror: str | None) -> Kept:
+    """``stream``'s texts passing its length filter; a failure to read names the damaged file
+    behind it (:func:`~moe_emergence.data.damage.damage_behind`)."""
+    while True:
+        try:
+            text = stream.next_text()
+        except Exception as exc:
+            config = stream.stats.config
+            if error := damage_behind(exc, source, config, location, hub_mirror):
+                raise error from exc
+            raise
+        if text is None:
+            return
+        yield stream.stats, text
+
+
+def hub_opener(
+    domain: str, locations: Sequence[str], max_chars: int, hub_mirror: str | None
+) -> Opener:
+    """The opener of a domain's datasets (Hub ids or local folders at ``locations``, one per
+    source): one stream per config, read round-robin."""
+
+    def open_source(i: int, source: Source) -> Opened:
+        where = f"{domain}[{i}]"
+        streams = [
+            _open_explained(source, config, locations[i], max_chars, where, hub_mirror)
+            for config in source.configs
+        ]
+        return Opened(
+            [s.stats for s in streams],
+            [_kept_rows(s, source, locations[i], hub_mirror) for s in streams],
+        )
+
+    return open_source
+
+
+def _round_robin(streams: Sequence[Kept]) -> Kept:
+    """One text from each stream in turn, a stream dropped when it runs out; lazily (a stream
+    is read only when its next text is asked for)."""
+    left = list(streams)
+    while left:
+        for stream in list(left):
+            taken = next(stream, None)
+            if taken is None:
+                left.remove(stream)
+            else:
+                yield taken
+
+
+def read_domain(
+    domain: str,
+    sources: Sequence[Source],
+    size_mb: float,
+    open_source: Opener,
+    show_progress: bool = True,
+    label: str = "",
+    quiet: bool = False,
+) -> tuple[list[str], dict[str, Any]]:
+    """The one streaming loop: read ``sources`` in order (each opened by ``open_source`` only
+    when the ones before it ran out below the budget), a source's streams round-robin, until
+    ``size_mb`` worth of characters are taken.
+
+    A text is taken while the running total is below the budget (the one that crosses it is
+    kept). ``label`` names the reader in the progress bar and the warning when the sources run
+    out (``quiet``: no warning). Returns ``(texts, metadata)``; ``metadata["sources"]`` holds
+    one :class:`StreamStats` dict per (dataset, config) opened, in reading order.
+    """
+    budget = budget_chars(size_mb)
+    texts: list[str] = []
+    total = 0
+    opened: list[StreamStats] = []
+    bar = tqdm(
+        total=budget,
+        unit="char",
+        unit_scale=True,
+        desc=f"{label or 'stream'} {domain}",
+        disable=not show_progress,
+        leave=False,
+    )
+    with bar:
+        for i, source in enumerate(sources):
+            if total >= budget:
+                break
+            found = open_source(i, source)
+            opened.extend(found.stats)
+            for stats, text in _round_robin(found.streams):
+                texts.append(text)
+                stats.num_examples += 1
+                stats.total_chars += len(text)
+                total += len(text)
+                bar.update(len(text))
+                if total >= budget:
+                    break
+    if total < budget and not quiet:
+        log.warning(
+            "%s: sources ran out at %s of %s budgeted characters (%s).",
+            f"{label} {domain}".lstrip(),
+            f"{total:,}",
+            f"{budget:,}",
+            ", ".join(f"{s.dataset}[{s.config}] exhausted" for s in opened if s.exhausted),
+        )
+    return texts, {
+        "domain": domain,
+        "size_mb": size_mb,
+        "budget_chars": budget,
+        "num_texts": len(texts),
+        "total_chars": total,
+        "budget_met": total >= budget,
+        "sources": [dataclasses.asdict(s) for s in opened],
+    }
+
+
 def load_domain(
     domain: str,
     sources: Sequence[Source],
@@ -412,99 +372,36 @@ def load_domain(
     show_progress: bool = True,
     check_files: bool = True,
 ) -> tuple[list[str], dict[str, Any]]:
-    """Read ``sources`` in order until ``size_mb`` worth of characters are taken.
+    """Read the datasets ``sources`` in order until ``size_mb`` worth of characters are taken
+    (:func:`read_domain`, with :func:`hub_opener`).
 
-    A text is taken while the running total is below the budget (the one that crosses it is
-    kept). Returns ``(texts, metadata)``; ``metadata["sources"]`` holds one
-    :class:`StreamStats` dict per (dataset, config) opened, in reading order. A damaged local
-    data file raises DataFileError naming it: found up front by :func:`check_local_files`
-    (``check_files``) where that is cheap, else when streaming it fails. ``size_mb`` and
-    ``max_example_chars`` are checked by the caller (``DataSettings.validate``, or the
-    ``load_*_data`` functions below).
+    A damaged local data file raises DataFileError naming it: found up front by
+    :func:`check_local_files` (``check_files``) where that is cheap, else when streaming it
+    fails. ``size_mb`` and ``max_example_chars`` are checked by the caller
+    (``DataSettings.validate``, or the ``load_*_data`` functions).
     """
     # Resolve every location first: a missing mirror folder or no network fails here, in
     # seconds, before anything is streamed.
     locations = [resolve_repo(s.dataset, hub_mirror, "dataset", s.revision) for s in sources]
     if check_files:
         check_local_files(sources, hub_mirror, locations)
-    budget = budget_chars(size_mb)
-    texts: list[str] = []
-    total = 0
-    opened: list[StreamStats] = []
-    bar = tqdm(
-        total=budget,
-        unit="char",
-        unit_scale=True,
-        desc=f"stream {domain}",
-        disable=not show_progress,
-        leave=False,
-    )
-    with bar:
-        for i, (source, location) in enumerate(zip(sources, locations, strict=True)):
-            if total >= budget:
-                break
-            streams = []
-            where = f"{domain}[{i}]"
-            for config in source.configs:
-                try:
-                    streams.append(_open(source, config, location, max_example_chars, where))
-                except Exception as exc:
-                    if error := _wrong_config_or_split(source, config, location, f"{domain}[{i}]"):
-                        raise error from exc
-                    if error := _damage_behind(exc, source, config, location, hub_mirror):
-                        raise error from exc
-                    raise
-            opened.extend(s.stats for s in streams)
-            while streams and total < budget:
-                for stream in list(streams):
-                    if total >= budget:
-                        break
-                    try:
-                        text = stream.next_text()
-                    except Exception as exc:
-                        config = stream.stats.config
-                        if error := _damage_behind(exc, source, config, location, hub_mirror):
-                            raise error from exc
-                        raise
-                    if text is None:
-                        streams.remove(stream)
-                        continue
-                    texts.append(text)
-                    stream.stats.num_examples += 1
-                    stream.stats.total_chars += len(text)
-                    total += len(text)
-                    bar.update(len(text))
-    metadata = {
-        "domain": domain,
-        "size_mb": size_mb,
-        "budget_chars": budget,
-        "num_texts": len(texts),
-        "total_chars": total,
-        "budget_met": total >= budget,
-        "sources": [dataclasses.asdict(s) for s in opened],
-    }
-    if total < budget:
-        log.warning(
-            "%s: sources ran out at %s of %s budgeted characters (%s).",
-            domain,
-            f"{total:,}",
-            f"{budget:,}",
-            ", ".join(f"{s.dataset}[{s.config}] exhausted" for s in opened if s.exhausted),
-        )
-    return texts, metadata
+    opener = hub_opener(domain, locations, max_example_chars, hub_mirror)
+    return read_domain(domain, sources, size_mb, opener, show_progress)
 
 
 __all__ = [
     "MATH_TEMPLATE",
     "MAX_EXAMPLE_CHARS",
-    "DataFileError",
     "DatasetUnavailableError",
+    "Opened",
+    "Opener",
     "Source",
     "StreamStats",
     "budget_chars",
     "check_filters",
-    "check_local_files",
     "check_size_mb",
     "check_templates",
+    "hub_opener",
     "load_domain",
+    "read_domain",
 ]

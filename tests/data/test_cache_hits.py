@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from helpers.data import prep, tiny_settings
 
+from moe_emergence import files as files_module
 from moe_emergence.data import MixedDomainDataModule
 from moe_emergence.data import cache as cache_module
-from moe_emergence.data import files as files_module
 from moe_emergence.data.cache import MANIFEST, CacheCorruptError
 from moe_emergence.data.cli import parse_args
 from moe_emergence.data.settings import DataSettings

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers.data import prep, tiny_settings
 
-from moe_emergence.data import files as files_module
+from moe_emergence import files as files_module
 from moe_emergence.data.cache import MANIFEST
 from moe_emergence.data.prepare import describe_request, load_data_tokenizer
 from moe_emergence.data.sample.tokenizer import DIGESTS, ensure_sample_tokenizer

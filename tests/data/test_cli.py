@@ -10,12 +10,8 @@ import pytest
 from helpers.mirror import build_hub_mirror
 
 from moe_emergence.data import cli
-from moe_emergence.data.domains import (
-    domain_set,
-    load_code_data,
-    load_math_data,
-    load_prose_data,
-)
+from moe_emergence.data.domains import domain_set
+from moe_emergence.data.legacy import load_code_data, load_math_data, load_prose_data
 
 DOMAINS = ("code", "math", "prose")  # the default domain set (conf/data/domains)
 MATH_SUBJECTS = domain_set("code_math_prose")["math"][1].configs

@@ -10,7 +10,7 @@ import datasets
 import pytest
 
 from moe_emergence import hub
-from moe_emergence.data.domains import load_math_data
+from moe_emergence.data.legacy import load_math_data
 from moe_emergence.data.sources import MATH_TEMPLATE, Source, load_domain
 from moe_emergence.data.tokenize import load_tokenizer
 from moe_emergence.hub import HubUnavailableError, check_hub_reachable, resolve_repo

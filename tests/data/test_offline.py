@@ -16,7 +16,7 @@ from huggingface_hub import constants
 
 from moe_emergence.config import compose_config
 from moe_emergence.data import MixedDomainDataModule, cli
-from moe_emergence.data.domains import load_math_data
+from moe_emergence.data.legacy import load_math_data
 from moe_emergence.data.prepare import prepare_domains
 from moe_emergence.data.settings import DataSettings
 from moe_emergence.data.tokenize import load_tokenizer

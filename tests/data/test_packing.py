@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from moe_emergence.data.legacy import pack_sequences
 from moe_emergence.data.packing import (
     balance_line,
     balanced_subsets,
     block_view,
     format_report,
     imbalance_warning,
-    pack_sequences,
     shuffled_order,
 )
 from moe_emergence.data.tokenize import encode_texts

@@ -9,7 +9,7 @@ import datasets
 import pytest
 from helpers.mirror import MATH_SUBJECTS, build_hub_mirror
 
-from moe_emergence.data.domains import load_code_data, load_math_data, load_prose_data
+from moe_emergence.data.legacy import load_code_data, load_math_data, load_prose_data
 
 MAX = 300  # max_example_chars used throughout: keeps the texts small
 GSM_FORMAT = "Problem: {}\n\nSolution: {}"  # 21 characters around question and answer

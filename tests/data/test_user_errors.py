@@ -18,14 +18,11 @@ from helpers.script import assert_one_error_line, run_train_script
 
 from moe_emergence.data import cache as cache_module
 from moe_emergence.data.cli import main as data_cli
+from moe_emergence.data.damage import DataFileError, check_local_files
 from moe_emergence.data.domains import domain_set
 from moe_emergence.data.prepare import load_data_tokenizer
 from moe_emergence.data.sample.tokenizer import sample_tokenizer_dir
-from moe_emergence.data.sources import (
-    DataFileError,
-    check_local_files,
-    load_domain,
-)
+from moe_emergence.data.sources import load_domain
 from moe_emergence.data.tokenize import load_tokenizer
 from moe_emergence.errors import UserError
 
@@ -275,10 +272,10 @@ def test_damage_found_while_streaming_names_the_file(case, own_mirror, monkeypat
 
 def test_large_truncated_gzip_is_left_to_streaming(own_mirror, monkeypatch):
     """The up-front check reads only small compressed files whole."""
-    from moe_emergence.data import sources
+    from moe_emergence.data import damage
 
     _damage(own_mirror, "truncated json.gz")
-    monkeypatch.setattr(sources, "SMALL_FILE_BYTES", 0)
+    monkeypatch.setattr(damage, "SMALL_FILE_BYTES", 0)
     check_local_files(DEFAULT_SET["code"], str(own_mirror))  # too big to read: passes
     with pytest.raises(DataFileError, match="truncated"):
         load_domain(

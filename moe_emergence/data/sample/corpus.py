@@ -48,20 +48,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from moe_emergence.data.checks import SettingError, is_int
-from moe_emergence.data.domains import domain_set
+from moe_emergence.data.domains import SAMPLE_SET, domain_set
 from moe_emergence.data.sample.frozen import MAX_CHARS, frozen_file, frozen_rows, manifest
 from moe_emergence.data.sample.mathgen import format_math, generate_math
 from moe_emergence.data.sample.prose import prose_paragraphs
 from moe_emergence.data.sources import (
     MAX_EXAMPLE_CHARS,
+    Opened,
+    Opener,
     Source,
     StreamStats,
-    budget_chars,
     check_filters,
     check_size_mb,
+    read_domain,
 )
 from moe_emergence.errors import UserError
 
@@ -69,7 +69,6 @@ log = logging.getLogger(__name__)
 
 SAMPLE_VERSION = 1  # bump when the corpus recipe (selection, cleaning, generator) changes
 BUILDER_NAME = "sample"
-SAMPLE_SET = "sample"  # its domain set: conf/data/domains/sample.yaml
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 OWN_DISTRIBUTION = "moe-emergence"
 MAX_REJECTED_IN_A_ROW = 20_000  # a filter rejecting this many texts in a row keeps none
@@ -346,31 +345,18 @@ def _check_frozen_max(sources: tuple[Source, ...], max_chars: int, domain: str) 
         )
 
 
-# ---- the loader -------------------------------------------------------------------------
+# ---- the loader: the sources' one streaming loop, with these openers ------------------------
 
 
-@dataclass
-class _Taken:
-    """Texts taken so far against a budget of ``budget`` characters."""
-
-    budget: int
-    texts: list[str] = dataclasses.field(default_factory=list)
-    total: int = 0
-
-    @property
-    def met(self) -> bool:
-        return self.total >= self.budget
-
-
-def _read(stream: _Opened, source: Source, max_chars: int, taken: _Taken, bar: tqdm) -> None:
-    """Take ``stream``'s texts passing ``min_chars < len < max_chars`` until the budget is met.
+def _kept(candidates: Candidates, source: Source, max_chars: int) -> Candidates:
+    """The candidates passing ``min_chars < len < max_chars``.
 
     The generated source never ends, so a filter rejecting ``MAX_REJECTED_IN_A_ROW`` texts in a
     row raises instead of spinning forever.
     """
     low = source.min_chars or 0
     rejected = 0
-    for stats, text in stream.candidates:
+    for stats, text in candidates:
         if not low < len(text) < max_chars:
             rejected += 1
             if rejected >= MAX_REJECTED_IN_A_ROW:
@@ -381,13 +367,38 @@ def _read(stream: _Opened, source: Source, max_chars: int, taken: _Taken, bar: t
                 )
             continue
         rejected = 0
-        taken.texts.append(text)
-        taken.total += len(text)
-        stats.num_examples += 1
-        stats.total_chars += len(text)
-        bar.update(len(text))
-        if taken.met:
-            return
+        yield stats, text
+
+
+def sample_opener(seed: int, max_chars: int) -> Opener:
+    """The opener of the offline sample's datasets (:data:`LIVE_READERS`, the generated math,
+    :data:`FROZEN_READERS`) for :func:`~moe_emergence.data.sources.read_domain`: one stream per
+    source."""
+
+    def open_source(i: int, source: Source) -> Opened:
+        found = _OPENERS[source.dataset](source, seed, max_chars)
+        return Opened(found.stats, [_kept(found.candidates, source, max_chars)])
+
+    return open_source
+
+
+def _sample_sources(domain: str, sources: tuple[Source, ...] | None) -> tuple[Source, ...]:
+    """``sources``, or ``domain``'s in the ``sample`` set; every dataset one of the sample's."""
+    if sources is None:
+        sample_set = domain_set(SAMPLE_SET)
+        if domain not in sample_set:
+            raise UserError(
+                f"Unknown sample domain {domain!r}: choose one of {', '.join(sample_set)}."
+            )
+        sources = sample_set[domain]
+    unknown = [s.dataset for s in sources if s.dataset not in _OPENERS]
+    if unknown:
+        raise SettingError(
+            f"{domain}: {', '.join(unknown)} is not a dataset of the offline sample; its "
+            f"datasets are {', '.join(_OPENERS)}.",
+            "domain_set",
+        )
+    return sources
 
 
 def load_sample_domain(
@@ -408,61 +419,18 @@ def load_sample_domain(
     with ``load_domain``'s metadata keys plus ``"source": "sample"``; ``seed`` picks the
     generated math problems; ``quiet`` leaves out the warning when the sources run out.
     """
-    if sources is None:
-        sample_set = domain_set(SAMPLE_SET)
-        if domain not in sample_set:
-            raise UserError(
-                f"Unknown sample domain {domain!r}: choose one of {', '.join(sample_set)}."
-            )
-        sources = sample_set[domain]
-    unknown = [s.dataset for s in sources if s.dataset not in _OPENERS]
-    if unknown:
-        raise SettingError(
-            f"{domain}: {', '.join(unknown)} is not a dataset of the offline sample; its "
-            f"datasets are {', '.join(_OPENERS)}.",
-            "domain_set",
-        )
+    sources = _sample_sources(domain, sources)
     if not is_int(seed):
         raise UserError(f"seed={seed!r} must be an integer.")
     check_size_mb(size_mb)
     check_filters(sources, max_example_chars, domain)
     _check_frozen_max(sources, max_example_chars, domain)
-    taken = _Taken(budget_chars(size_mb))
-    opened: list[StreamStats] = []
-    bar = tqdm(
-        total=taken.budget,
-        unit="char",
-        unit_scale=True,
-        desc=f"sample {domain}",
-        disable=not show_progress,
-        leave=False,
+    opener = sample_opener(seed, max_example_chars)
+    texts, metadata = read_domain(
+        domain, sources, size_mb, opener, show_progress, label="sample", quiet=quiet
     )
-    with bar:
-        for source in sources:
-            if taken.met:
-                break
-            stream = _OPENERS[source.dataset](source, seed, max_example_chars)
-            opened.extend(stream.stats)
-            _read(stream, source, max_example_chars, taken, bar)
-    if not taken.met and not quiet:
-        log.warning(
-            "sample %s: sources ran out at %s of %s budgeted characters (%s).",
-            domain,
-            f"{taken.total:,}",
-            f"{taken.budget:,}",
-            ", ".join(f"{s.dataset}[{s.config}] exhausted" for s in opened if s.exhausted),
-        )
-    metadata = {
-        "domain": domain,
-        "size_mb": size_mb,
-        "budget_chars": taken.budget,
-        "num_texts": len(taken.texts),
-        "total_chars": taken.total,
-        "budget_met": taken.met,
-        "sources": [dataclasses.asdict(s) for s in opened],
-        "source": "sample",
-    }
-    return taken.texts, metadata
+    metadata["source"] = "sample"
+    return texts, metadata
 
 
 def texts_digest(texts: Iterable[str]) -> str:
@@ -524,6 +492,7 @@ __all__ = [
     "pack_paragraphs",
     "prose_paragraphs",
     "sample_identity",
+    "sample_opener",
     "stdlib_dir",
     "texts_digest",
 ]

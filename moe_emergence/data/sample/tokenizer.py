@@ -19,10 +19,9 @@ from pathlib import Path
 
 from moe_emergence.data.cache import check_cache_root, resolve_cache_dir, writing_cache
 from moe_emergence.data.domains import domain_set
-from moe_emergence.data.files import build_folder_once
 from moe_emergence.data.sample.corpus import SAMPLE_SET, load_sample_domain, sample_identity
 from moe_emergence.data.tokenize import load_tokenizer_at
-from moe_emergence.files import sha256_file, write_atomic
+from moe_emergence.files import build_folder_once, sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
