@@ -5,7 +5,6 @@ held-out loss, MoE - dense and the direct contrasts."""
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 
@@ -27,21 +26,46 @@ from moe_emergence.analysis.summary_cells import (
 from moe_emergence.analysis.summary_rows import ALPHA, POWER, Summary, SummaryRow
 
 METRIC_NAMES = {"nmi": "NMI", "domain_gain": "held-out domain gain (nats)"}
-LayerRow = Callable[[str], SummaryRow | None]  # metric -> a group's row of it at one layer
+# one column of a per MoE group x layer table: (its header, the cell of (summary, group, layer))
+Column = tuple[str, Callable[[Summary, str, int], str]]
 
 
-def _layer_table(
-    summary: Summary,
-    header: Sequence[str],
-    cells: Callable[[LayerRow, str, int], list[str] | None],
-) -> list[str]:
-    """One line per MoE group x layer: the condition, the layer, then ``cells(row, group,
-    layer)``; a group x layer whose cells are None has no line. Empty without lines."""
+def _of(metric: str, text: Callable[[SummaryRow | None], str]) -> Callable[..., str]:
+    """The cell ``text(row)`` of the group's ``metric`` row at the layer."""
+    return lambda summary, g, layer: text(summary.row(g, metric, layer))
+
+
+def _interval(metric: str, fmt: str) -> Callable[..., str]:
+    return _of(metric, lambda row: interval_text(row, fmt))
+
+
+def _mean(metric: str, fmt: str = ".4f") -> Callable[..., str]:
+    return _of(metric, lambda row: mean_text(row, fmt))
+
+
+def _null(prefix: str) -> Callable[..., str]:
+    return lambda summary, g, layer: null_text(summary, g, layer, prefix)
+
+
+def _two(first: str, second: str, fmt: str, form: str) -> Callable[..., str]:
+    """Two means in ``form`` (``"{} ({})"``: a value beside its chance level)."""
+    return lambda *at: form.format(_mean(first, fmt)(*at), _mean(second, fmt)(*at))
+
+
+def _beside(metric: str, chance: str) -> Callable[..., str]:
+    """``value (chance)``: two means, 3 decimals."""
+    return _two(metric, chance, ".3f", "{} ({})")
+
+
+def _layer_table(summary: Summary, columns: Sequence[Column], needs: str = "") -> list[str]:
+    """One line per MoE group x layer (with a ``needs`` row, when given): the condition, the
+    layer, then ``columns``' cells. Empty without lines."""
     names, lines = display_names(summary), []
     for g, layer in moe_layers(summary):
-        more = cells(functools.partial(summary.row, g, layer=layer), g, layer)
-        if more is not None:
-            lines.append([cell(names[g]), str(layer), *more])
+        if not needs or summary.row(g, needs, layer) is not None:
+            cells = [text(summary, g, layer) for _, text in columns]
+            lines.append([cell(names[g]), str(layer), *cells])
+    header = ["condition", "layer", *(name for name, _ in columns)]
     return md_table(header, lines) if lines else []
 
 
@@ -84,29 +108,17 @@ def primary_table(summary: Summary) -> list[str]:
 
 def change_table(summary: Summary) -> list[str]:
     """Per MoE group x layer: NMI step 0, final, the raw change, the fold change test."""
-
-    def cells(row: LayerRow, g: str, layer: int) -> list[str]:
-        fold = row("nmi_fold_change")
-        return [
-            interval_text(row("nmi_step0"), ".4f"),
-            interval_text(row("nmi"), ".4f"),
-            interval_text(row("nmi_change"), ".4f"),
-            interval_text(fold, ".3g"),
-            p_pair(fold),
-            fold_text(fold.detectable if fold is not None else NAN),
-        ]
-
-    header = [
-        "condition",
-        "layer",
-        "NMI step 0",
-        "NMI final",
-        "change (descriptive)",
-        "fold change [95% CI]",
-        "p / p_holm",
-        f"detectable fold ({POWER:.0%} power)",
+    fold = "nmi_fold_change"
+    detectable = _of(fold, lambda row: fold_text(row.detectable if row is not None else NAN))
+    columns = [
+        ("NMI step 0", _interval("nmi_step0", ".4f")),
+        ("NMI final", _interval("nmi", ".4f")),
+        ("change (descriptive)", _interval("nmi_change", ".4f")),
+        ("fold change [95% CI]", _interval(fold, ".3g")),
+        ("p / p_holm", _of(fold, p_pair)),
+        (f"detectable fold ({POWER:.0%} power)", detectable),
     ]
-    return _layer_table(summary, header, cells)
+    return _layer_table(summary, columns)
 
 
 def power_line(summary: Summary) -> list[str]:
@@ -181,103 +193,59 @@ def run_change_table(summary: Summary) -> list[str]:
 
 
 def routing_table(summary: Summary) -> list[str]:
-    def cells(row: LayerRow, g: str, layer: int) -> list[str]:
-        return [
-            interval_text(row("nmi"), ".4f"),
-            null_text(summary, g, layer, "null"),
-            runs_above(row("above_null")),
-            interval_text(row("token_id_nmi"), ".4f"),
-            interval_text(row("nmi_share_of_domain_router"), ".3f"),
-        ]
-
-    header = [
-        "condition",
-        "layer",
-        "NMI final",
-        "null p95 (mean): chance",
-        "runs > null",
-        "token-id NMI",
-        "share of domain router",
+    columns = [
+        ("NMI final", _interval("nmi", ".4f")),
+        ("null p95 (mean): chance", _null("null")),
+        ("runs > null", _of("above_null", runs_above)),
+        ("token-id NMI", _interval("token_id_nmi", ".4f")),
+        ("share of domain router", _interval("nmi_share_of_domain_router", ".3f")),
     ]
-    return _layer_table(summary, header, cells)
+    return _layer_table(summary, columns)
 
 
 def gains_table(summary: Summary) -> list[str]:
-    def cells(row: LayerRow, g: str, layer: int) -> list[str]:
-        return [
-            interval_text(row("domain_gain"), ".4f"),
-            null_text(summary, g, layer, "domain_gain_null"),
-            runs_above(row("domain_gain_above_null")),
-            interval_text(row("domain_gain_share_of_domain_router"), ".3f"),
-            interval_text(row("domain_beyond_token_gain"), ".4f"),
-            null_text(summary, g, layer, "domain_beyond_token_gain_null"),
-            runs_above(row("domain_beyond_token_above_null")),
-        ]
-
-    header = [
-        "condition",
-        "layer",
-        "domain gain",
-        "null p95 (mean): chance",
-        "runs > null",
-        "share of domain router",
-        "domain beyond token",
-        "null p95 (mean): chance",
-        "runs > null",
+    columns = [
+        ("domain gain", _interval("domain_gain", ".4f")),
+        ("null p95 (mean): chance", _null("domain_gain_null")),
+        ("runs > null", _of("domain_gain_above_null", runs_above)),
+        ("share of domain router", _interval("domain_gain_share_of_domain_router", ".3f")),
+        ("domain beyond token", _interval("domain_beyond_token_gain", ".4f")),
+        ("null p95 (mean): chance", _null("domain_beyond_token_gain_null")),
+        ("runs > null", _of("domain_beyond_token_above_null", runs_above)),
     ]
-    return _layer_table(summary, header, cells)
+    return _layer_table(summary, columns)
 
 
 def token_table(summary: Summary) -> list[str]:
-    def cells(row: LayerRow, g: str, layer: int) -> list[str]:
-        return [
-            interval_text(row("token_gain"), ".4f"),
-            null_text(summary, g, layer, "token_gain_null"),
-            f"{mean_text(row('token_gain_ref_domain'))} / {mean_text(row('token_gain_ref_token'))}",
-            interval_text(row("cond_mi_excess"), ".4f"),
-            runs_above(row("cond_mi_above_null")),
-        ]
-
-    header = [
-        "condition",
-        "layer",
-        "token gain",
-        "null p95 (mean): chance",
-        "references: domain router / token router",
-        "cond. MI excess over its null mean (nats)",
-        "runs > null",
+    references = _two("token_gain_ref_domain", "token_gain_ref_token", ".4f", "{} / {}")
+    columns = [
+        ("token gain", _interval("token_gain", ".4f")),
+        ("null p95 (mean): chance", _null("token_gain_null")),
+        ("references: domain router / token router", references),
+        ("cond. MI excess over its null mean (nats)", _interval("cond_mi_excess", ".4f")),
+        ("runs > null", _of("cond_mi_above_null", runs_above)),
     ]
-    return _layer_table(summary, header, cells)
+    return _layer_table(summary, columns)
 
 
 def specialisation_table(summary: Summary) -> list[str]:
     """The field's metrics beside their chance levels (rows of
     summary_rows.SPECIALISATION_METRICS); a group x layer without them has no line."""
-    pairs = [
-        ("saturation_top1_mid", "saturation_top1_chance_mid"),
-        ("coactivation_strongest", "coactivation_strongest_chance"),
-        ("repetition", "repetition_chance"),
-        ("repetition_topk", "repetition_topk_null_mean"),
-        ("vocab_spec", "vocab_spec_chance"),
+    columns = [
+        (
+            "saturation top-1, mid (chance)",
+            _beside("saturation_top1_mid", "saturation_top1_chance_mid"),
+        ),
+        (
+            "strongest co-activation (chance)",
+            _beside("coactivation_strongest", "coactivation_strongest_chance"),
+        ),
+        ("repetition (chance)", _beside("repetition", "repetition_chance")),
+        ("top-k sets meet (shuffle)", _beside("repetition_topk", "repetition_topk_null_mean")),
+        ("vocabulary spec. (chance)", _beside("vocab_spec", "vocab_spec_chance")),
+        ("token lists confirmed", _mean("expert_tokens_replicated", ".2f")),
     ]
-
-    def cells(row: LayerRow, g: str, layer: int) -> list[str] | None:
-        if row("repetition") is None:
-            return None
-        levels = [f"{mean_text(row(a), '.3f')} ({mean_text(row(b), '.3f')})" for a, b in pairs]
-        return [*levels, mean_text(row("expert_tokens_replicated"), ".2f")]
-
-    header = [
-        "condition",
-        "layer",
-        "saturation top-1, mid (chance)",
-        "strongest co-activation (chance)",
-        "repetition (chance)",
-        "top-k sets meet (shuffle)",
-        "vocabulary spec. (chance)",
-        "token lists confirmed",
-    ]
-    return _layer_table(summary, header, cells)
+    return _layer_table(summary, columns, needs="repetition")
 
 
 def step0_table(summary: Summary) -> list[str]:
