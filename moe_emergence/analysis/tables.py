@@ -277,6 +277,34 @@ def write_table(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[
     return write_atomic(path, text.getvalue())
 
 
+def stepless(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` without their ``step`` key (tables of one model, not of a run's steps)."""
+    return [{k: v for k, v in row.items() if k != "step"} for row in rows]
+
+
+def write_specialisation_tables(
+    folder: Path,
+    repeats: list[dict[str, Any]],
+    loads: list[dict[str, Any]],
+    final: Mapping[int, LayerSpecialisation],
+    tokens: Mapping[int, ExpertTokens],
+    step: bool = True,
+) -> list[dict[str, Any]]:
+    """repetition.csv and relative_load.csv of ``repeats`` and ``loads`` (rows of
+    :func:`specialisation_rows`; ``step`` False: without their step column), coactivation.csv of
+    ``final`` and expert_tokens.csv of ``tokens`` into ``folder`` (specialisation.csv is the
+    caller's: its columns differ). Returns the token rows (for the token lists' markdown)."""
+    first = 0 if step else 1  # REPETITION and RELATIVE_LOAD begin with the step
+    if not step:
+        repeats, loads = stepless(repeats), stepless(loads)
+    write_table(folder / "repetition.csv", REPETITION[first:], repeats)
+    write_table(folder / "relative_load.csv", RELATIVE_LOAD[first:], loads)
+    write_table(folder / "coactivation.csv", COACTIVATION, coactivation_rows(final))
+    token_rows = expert_token_rows(tokens)
+    write_table(folder / "expert_tokens.csv", EXPERT_TOKENS, token_rows)
+    return token_rows
+
+
 def read_table(path: str | os.PathLike) -> list[dict[str, str]]:
     with Path(path).open(newline="") as f:
         return list(csv.DictReader(f))
