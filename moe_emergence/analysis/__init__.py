@@ -6,8 +6,10 @@ scores.py (pure functions: NMI, permutation null, token-identity control), inter
 ``<run dir>/routing/``), loading.py (a checkpoint's model, rebuilt), inspect.py and
 token_types.py (``python -m moe_emergence.inspect``: one text, token by token), and
 ``python -m moe_emergence.analyze`` over runs and sweeps: analyze.py (the CLI), evaluate.py
-(a run's checkpoints routed and scored), results.py (what it measured), summary.py (numbers),
-summary_files.py and sweep_plots.py (rendering) (groups over seeds: intervals, tables, figures);
+(a run's checkpoints routed and scored), results.py (what it measured), summary.py (numbers:
+groups over seeds, intervals, tests; its parts summary_rows, summary_groups, summary_values,
+summary_contrasts, summary_knockout, summary_holm), summary_files.py (summary.csv, .json, .md:
+summary_cells, summary_tables, summary_markdown) and sweep_plots.py (figures);
 ``analyze --model``: hf_routing.py (a Hugging Face MoE's own routing, captured), external.py (the
 command: model, tokenizer, probe, routing) and external_report.py (its scores and outputs).
 """

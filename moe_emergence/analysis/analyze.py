@@ -57,19 +57,14 @@ from moe_emergence.analysis.result_files import (
 from moe_emergence.analysis.results import RunResult, group_of
 from moe_emergence.analysis.summary_files import write_summary
 from moe_emergence.analysis.tables import (
-    COACTIVATION,
     COUNTS,
-    EXPERT_TOKENS,
     LOSSES,
-    RELATIVE_LOAD,
-    REPETITION,
     SPECIALISATION,
     TRAJECTORY,
-    coactivation_rows,
-    expert_token_rows,
     routing_rows,
     specialisation_rows,
     token_lists_markdown,
+    write_specialisation_tables,
     write_table,
 )
 from moe_emergence.analysis.token_types import format_type_table
@@ -148,13 +143,10 @@ def write_specialisation(result: RunResult, folder: Path) -> None:
         rows = specialisation_rows(c.step, result.probe, result.domains, c.counts, c.specialisation)
         scalars, repeats, loads = scalars + rows[0], repeats + rows[1], loads + rows[2]
     write_table(folder / "specialisation.csv", SPECIALISATION, scalars)
-    write_table(folder / "repetition.csv", REPETITION, repeats)
-    write_table(folder / "relative_load.csv", RELATIVE_LOAD, loads)
-    write_table(
-        folder / "coactivation.csv", COACTIVATION, coactivation_rows(result.final.specialisation)
+    final = result.final
+    token_rows = write_specialisation_tables(
+        folder, repeats, loads, final.specialisation, final.expert_tokens
     )
-    token_rows = expert_token_rows(result.final.expert_tokens)
-    write_table(folder / "expert_tokens.csv", EXPERT_TOKENS, token_rows)
     write_atomic(folder / "expert_tokens.md", expert_tokens_markdown(result, token_rows))
     nmi = {
         layer: [(c.step, c.scores[layer]) for c in result.checkpoints if layer in c.scores]

@@ -44,17 +44,13 @@ from moe_emergence.analysis.specialisation import (
     specialise_probe,
 )
 from moe_emergence.analysis.tables import (
-    COACTIVATION,
     COUNTS,
-    EXPERT_TOKENS,
     LOSSES,
-    RELATIVE_LOAD,
-    REPETITION,
-    coactivation_rows,
-    expert_token_rows,
     routing_rows,
     specialisation_rows,
+    stepless,
     token_lists_markdown,
+    write_specialisation_tables,
     write_table,
 )
 from moe_emergence.analysis.token_types import format_type_table
@@ -158,10 +154,6 @@ def score_model(run: ModelRun) -> ModelScores:
 # ---------------------------------------------------------------------- tables and figures
 
 
-def _stepless(rows: Sequence[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "step"} for row in rows]
-
-
 def write_tables(run: ModelRun, result: ModelScores, out: Path) -> None:
     """The per-layer tables of a trained run's analysis, without its step column."""
     kind, domains = run.probe.kind, run.probe.domains
@@ -169,18 +161,16 @@ def write_tables(run: ModelRun, result: ModelScores, out: Path) -> None:
     for row in score_rows:
         for test, p in TESTS.items():
             row[f"{p}_holm"] = result.holm[test][row["layer"]]
-    write_table(out / "scores.csv", SCORES, _stepless(score_rows))
-    write_table(out / "counts.csv", COUNTS[1:], _stepless(counts))
+    write_table(out / "scores.csv", SCORES, stepless(score_rows))
+    write_table(out / "counts.csv", COUNTS[1:], stepless(counts))
     scalars, repeats, loads = specialisation_rows(
         0, kind, domains, result.counts, result.specialisation
     )
     scalars = [{k: row[k] for k in SPECIALISATION} for row in scalars]
     write_table(out / "specialisation.csv", SPECIALISATION, scalars)
-    write_table(out / "repetition.csv", REPETITION[1:], _stepless(repeats))
-    write_table(out / "relative_load.csv", RELATIVE_LOAD[1:], _stepless(loads))
-    write_table(out / "coactivation.csv", COACTIVATION, coactivation_rows(result.specialisation))
-    token_rows = expert_token_rows(result.expert_tokens)
-    write_table(out / "expert_tokens.csv", EXPERT_TOKENS, token_rows)
+    token_rows = write_specialisation_tables(
+        out, repeats, loads, result.specialisation, result.expert_tokens, step=False
+    )
     title = f"# Per-expert token lists ({run.loaded.name})"
     text = token_lists_markdown(title, sorted(result.scores), run.n_experts, token_rows)
     write_atomic(out / "expert_tokens.md", text)

@@ -8,6 +8,7 @@ condition's name (:func:`moe_emergence.analysis.results.condition_labels`: ``top
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -123,10 +124,15 @@ def _step0_level(runs: Sequence[RunResult], get: Getter) -> float:
     return mean_interval(values).mean
 
 
-def plot_sweep_emergence(results: Sequence[RunResult], path: str | os.PathLike) -> Path:
-    """One panel per MoE layer: per MoE group, the mean NMI over its runs against optimizer
-    step (the steps all its runs have), a 95% t band where n >= 2, dashed its runs' mean
-    permutation-null 95th percentile (chance), dotted its runs' mean step-0 NMI."""
+def _layer_panels(
+    results: Sequence[RunResult],
+    value: Callable[[int], Getter],
+    chance: Callable[[int], Getter],
+    step0: bool = False,
+) -> tuple[Figure, Sequence[Axes]]:
+    """One panel per MoE layer: per MoE group, the mean over its runs of ``value(layer)``
+    against optimizer step with its band (:func:`_mean_band`), dashed the runs' mean
+    ``chance(layer)`` and, with ``step0``, dotted the runs' mean value at step 0."""
     groups = _moe_groups(results)
     layers = sorted({layer for runs in groups.values() for r in runs for layer in r.layers})
     fig = Figure(figsize=(1.0 + 4.2 * max(len(layers), 1), 4.4), layout="constrained")
@@ -134,17 +140,27 @@ def plot_sweep_emergence(results: Sequence[RunResult], path: str | os.PathLike) 
     palette, labels = _palette(results), condition_labels(group_runs(results))
     for ax, layer in zip(axes, layers, strict=False):
         for g, runs in groups.items():
-            nmi = _score_getter(layer, "nmi")
-            if not _mean_band(ax, runs, nmi, palette[g], labels[g]):
+            get = value(layer)
+            if not _mean_band(ax, runs, get, palette[g], labels[g]):
                 continue
-            steps, nulls = _over_steps(runs, _score_getter(layer, "null_p95"))
-            chance = [mean_interval(v).mean for v in nulls]  # NaNs dropped
-            ax.plot(steps, chance, color=palette[g], linestyle="--", linewidth=0.9)
-            start = _step0_level(runs, nmi)
+            steps, chances = _over_steps(runs, chance(layer))
+            level = [mean_interval(v).mean for v in chances]  # NaNs dropped
+            ax.plot(steps, level, color=palette[g], linestyle="--", linewidth=0.9)
+            start = _step0_level(runs, get) if step0 else math.nan
             if math.isfinite(start):
                 ax.axhline(start, color=palette[g], linestyle=":", linewidth=0.9)
         ax.set_title(f"layer {layer}", fontsize=9)
         ax.set_xlabel("optimizer step")
+    return fig, axes
+
+
+def plot_sweep_emergence(results: Sequence[RunResult], path: str | os.PathLike) -> Path:
+    """One panel per MoE layer: per MoE group, the mean NMI over its runs against optimizer
+    step (the steps all its runs have), a 95% t band where n >= 2, dashed its runs' mean
+    permutation-null 95th percentile (chance), dotted its runs' mean step-0 NMI."""
+    nmi = functools.partial(_score_getter, metric="nmi")
+    null_p95 = functools.partial(_score_getter, metric="null_p95")
+    fig, axes = _layer_panels(results, nmi, null_p95, step0=True)
     axes[0].set_ylabel("NMI = I(domain; expert) / H(domain)")
     _legend(
         fig,
@@ -203,21 +219,9 @@ def sweep_saturation_figure(results: Sequence[RunResult]) -> Figure:
     there by definition) against optimizer step (the steps all its runs have), a 95% t band
     where n >= 2, dashed the runs' mean chance level (two independent routers with these
     first-choice usages)."""
-    groups = _moe_groups(results)
-    layers = sorted({layer for runs in groups.values() for r in runs for layer in r.layers})
-    fig = Figure(figsize=(1.0 + 4.2 * max(len(layers), 1), 4.4), layout="constrained")
-    axes = fig.subplots(1, max(len(layers), 1), squeeze=False, sharey=True)[0]
-    palette, labels = _palette(results), condition_labels(group_runs(results))
-    for ax, layer in zip(axes, layers, strict=False):
-        for g, runs in groups.items():
-            top1 = _saturation_getter(layer, "saturation_top1")
-            if not _mean_band(ax, runs, top1, palette[g], labels[g]):
-                continue
-            steps, chances = _over_steps(runs, _saturation_getter(layer, "saturation_top1_chance"))
-            chance = [mean_interval(v).mean for v in chances]
-            ax.plot(steps, chance, color=palette[g], linestyle="--", linewidth=0.9)
-        ax.set_title(f"layer {layer}", fontsize=9)
-        ax.set_xlabel("optimizer step")
+    top1 = functools.partial(_saturation_getter, metric="saturation_top1")
+    chance = functools.partial(_saturation_getter, metric="saturation_top1_chance")
+    fig, axes = _layer_panels(results, top1, chance)
     axes[0].set_ylabel("first-choice agreement with the final checkpoint")
     axes[0].set_ylim(0, 1.02)
     fig.suptitle("router saturation: each checkpoint against its run's final one", fontsize=10)

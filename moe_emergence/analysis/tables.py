@@ -34,7 +34,7 @@ import csv
 import io
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,22 @@ EXPERT_TOKENS = (
 )
 
 
+def _domain_expert_rows(
+    where: Mapping[str, Any],
+    domains: Sequence[str],
+    table: np.ndarray,
+    name: str,
+    value: Callable[[Any], Any],
+) -> list[dict[str, Any]]:
+    """One row per domain x expert of ``table`` [D, E] (rows of ``domains``): ``where``'s
+    keys, ``domain``, ``expert`` and ``name``: ``value(table[d, e])``."""
+    return [
+        {**where, "domain": domain, "expert": e, name: value(table[d, e])}
+        for d, domain in enumerate(domains)
+        for e in range(table.shape[1])
+    ]
+
+
 def routing_rows(
     step: int,
     probe_kind: str,
@@ -119,19 +135,8 @@ def routing_rows(
         trajectory_rows.append(
             {"step": step, "layer": layer, "probe": probe_kind, **asdict(layer_scores)}
         )
-        table = counts[layer]
-        for d, domain in enumerate(domains):
-            for e in range(table.shape[1]):
-                count_rows.append(
-                    {
-                        "step": step,
-                        "layer": layer,
-                        "probe": probe_kind,
-                        "domain": domain,
-                        "expert": e,
-                        "tokens": int(table[d, e]),
-                    }
-                )
+        where = {"step": step, "layer": layer, "probe": probe_kind}
+        count_rows += _domain_expert_rows(where, domains, counts[layer], "tokens", int)
     return count_rows, trajectory_rows
 
 
@@ -153,18 +158,8 @@ def specialisation_rows(
             row = {key: float(by_domain[key][d]) for key in REPETITION[3:]}
             repeats.append({"step": step, "layer": layer, "domain": domain, **row})
     for layer, table in counts.items():
-        load = relative_load(table)
-        for d, domain in enumerate(domains):
-            for e in range(load.shape[1]):
-                loads.append(
-                    {
-                        "step": step,
-                        "layer": layer,
-                        "domain": domain,
-                        "expert": e,
-                        "relative_load": float(load[d, e]),
-                    }
-                )
+        where = {"step": step, "layer": layer}
+        loads += _domain_expert_rows(where, domains, relative_load(table), "relative_load", float)
     return scalars, repeats, loads
 
 
@@ -280,6 +275,34 @@ def write_table(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[
     writer.writeheader()
     writer.writerows(rows)  # floats as repr: full precision, they read back equal
     return write_atomic(path, text.getvalue())
+
+
+def stepless(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` without their ``step`` key (tables of one model, not of a run's steps)."""
+    return [{k: v for k, v in row.items() if k != "step"} for row in rows]
+
+
+def write_specialisation_tables(
+    folder: Path,
+    repeats: list[dict[str, Any]],
+    loads: list[dict[str, Any]],
+    final: Mapping[int, LayerSpecialisation],
+    tokens: Mapping[int, ExpertTokens],
+    step: bool = True,
+) -> list[dict[str, Any]]:
+    """repetition.csv and relative_load.csv of ``repeats`` and ``loads`` (rows of
+    :func:`specialisation_rows`; ``step`` False: without their step column), coactivation.csv of
+    ``final`` and expert_tokens.csv of ``tokens`` into ``folder`` (specialisation.csv is the
+    caller's: its columns differ). Returns the token rows (for the token lists' markdown)."""
+    first = 0 if step else 1  # REPETITION and RELATIVE_LOAD begin with the step
+    if not step:
+        repeats, loads = stepless(repeats), stepless(loads)
+    write_table(folder / "repetition.csv", REPETITION[first:], repeats)
+    write_table(folder / "relative_load.csv", RELATIVE_LOAD[first:], loads)
+    write_table(folder / "coactivation.csv", COACTIVATION, coactivation_rows(final))
+    token_rows = expert_token_rows(tokens)
+    write_table(folder / "expert_tokens.csv", EXPERT_TOKENS, token_rows)
+    return token_rows
 
 
 def read_table(path: str | os.PathLike) -> list[dict[str, str]]:
