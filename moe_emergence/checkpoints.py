@@ -3,7 +3,8 @@
 - :class:`HashedCheckpointIO` writes every checkpoint atomically with ``<ckpt>.sha256`` beside
   it (``sha256sum`` format: ``<64 hex>  <file name>``, so ``sha256sum -c`` checks it too).
 - :func:`load_mapped` reads a checkpoint with its tensors memory-mapped, or raises a one-line
-  :class:`UserError` (which file ``ckpt_path`` / ``init_from`` name: :mod:`moe_emergence.runs`).
+  :class:`UserError` (which file ``ckpt_path`` / ``init_from`` name:
+  :mod:`moe_emergence.runs.checkpoint`).
 - :class:`RandomStates` saves torch (CPU and CUDA), numpy and Python random states of every
   rank in the checkpoint and puts them back right before the first resumed step, so that the
   losses after a resume equal the uninterrupted run's step for step.
@@ -12,6 +13,8 @@
   is read against, which ``analyze`` routes like any other checkpoint.
 - :func:`load_initial_weights`: ``init_from`` -- a new run (step 0, fresh optimizer and data
   order) from a checkpoint's weights.
+- :func:`stack_per_expert_state`: the upgrade of checkpoints written before experts were
+  stacked (one module per expert; :func:`has_per_expert_layout`) to the stacked weights.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import io
 import logging
 import os
 import random
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +34,12 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 
 from moe_emergence.distributed import gather_objects
 from moe_emergence.errors import UserError
 from moe_emergence.files import sha256_file, write_atomic
-from moe_emergence.model.gpt2_moe import stack_per_expert_state
+from moe_emergence.model.moe import PARAMETERS_OF_MLP
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +164,43 @@ def load_initial_weights(module: torch.nn.Module, checkpoint: dict[str, Any], pa
     return int(checkpoint.get("global_step", 0))
 
 
+# ---------------------------------------------------------------------- old checkpoints
+
+
+# An expert parameter of the per-expert layout (before stacked experts): its block, expert
+# and GPT-2 MLP parameter, e.g. "transformer.h.8.mlp.experts.3.c_fc.weight".
+_PER_EXPERT_KEY = re.compile(
+    r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\."
+    r"(?P<param>c_fc\.weight|c_fc\.bias|c_proj\.weight|c_proj\.bias)$"
+)
+
+
+def has_per_expert_layout(state: Mapping[str, Tensor]) -> bool:
+    """Whether a state dict holds experts in the per-expert layout (one module per expert)."""
+    return any(_PER_EXPERT_KEY.match(key) for key in state)
+
+
+def stack_per_expert_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict with per-expert MLP weights (``...mlp.experts.<e>.c_fc.weight``, ...)
+    converted to the stacked layout (``...mlp.experts.c_fc_weight`` [E, d, h], ...); other
+    keys unchanged (a state dict without per-expert keys comes back as it is). The values are
+    exactly the saved ones, so the model computes the same logits."""
+    out: dict[str, Tensor] = {}
+    groups: dict[tuple[str, str], dict[int, Tensor]] = {}
+    for key, value in state.items():
+        match = _PER_EXPERT_KEY.match(key)
+        if match is None:
+            out[key] = value
+            continue
+        groups.setdefault((match["prefix"], match["param"]), {})[int(match["expert"])] = value
+    names = {source: name for name, source in PARAMETERS_OF_MLP.items()}
+    for (prefix, param), by_expert in groups.items():
+        if sorted(by_expert) != list(range(len(by_expert))):
+            raise ValueError(f"{prefix}: experts {sorted(by_expert)} are not 0..E-1")
+        out[f"{prefix}.{names[param]}"] = torch.stack([by_expert[e] for e in sorted(by_expert)])
+    return out
+
+
 # ---------------------------------------------------------------------- random states
 
 
@@ -257,10 +300,12 @@ class RandomStates(L.Callback):
 __all__ = [
     "HashedCheckpointIO",
     "RandomStates",
+    "has_per_expert_layout",
     "load_initial_weights",
     "load_mapped",
     "sha256_file",
     "sidecar_path",
+    "stack_per_expert_state",
     "verify_sidecar",
     "write_sidecar",
 ]

@@ -21,12 +21,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from moe_emergence import run_dir
 from moe_emergence.analysis.settings import ProbeSettings
 from moe_emergence.data.domains import read_domain_set
 from moe_emergence.data.settings import DataSettings, LoaderSettings
 from moe_emergence.errors import UserError
 from moe_emergence.model.settings import ModelSettings, MoESettings
+from moe_emergence.runs import unique_dir
 from moe_emergence.settings import CONFIG_NAME, config_dir, defaults
 
 SETTINGS_NODE = "settings"  # the base node of a group: data/settings, model/settings
@@ -126,7 +126,7 @@ def register_resolvers() -> None:
     Hydra composes."""
     from hydra.core.config_store import ConfigStore
 
-    run_dir.register()
+    unique_dir.register()
     if not OmegaConf.has_resolver("path_safe"):
         OmegaConf.register_new_resolver("path_safe", path_safe)
     if not OmegaConf.has_resolver("settings_help"):

@@ -22,21 +22,16 @@ from moe_emergence.checkpoints import (
 )
 from moe_emergence.config import check_moe_node, compose_config
 from moe_emergence.errors import UserError
-from moe_emergence.history import StartRecord, check_no_rewind
 from moe_emergence.model.module import check_compile
-from moe_emergence.resume import check_resume_settings, trainer_settings
-from moe_emergence.runs import (
+from moe_emergence.runs.folder import (
     SUMMARY_FILE,
-    Checkpoint,
     RunSummary,
-    check_resume_data,
-    continue_csv_history,
     remove_partial_writes,
-    resolve_start,
-    resumes_in_place,
     start_or_put_back,
-    this_run_dir,
 )
+from moe_emergence.runs.history import StartRecord
+from moe_emergence.runs.resume_settings import trainer_settings
+from moe_emergence.runs.start import RunStart
 from moe_emergence.settings import is_int
 
 log = logging.getLogger(__name__)
@@ -93,9 +88,9 @@ def _plugins(cfg: DictConfig) -> list[Any]:
 
 def _start(
     cfg: DictConfig, multirun: bool, launcher: str
-) -> tuple[Any, L.LightningModule, L.Trainer, Checkpoint | None, Checkpoint | None]:
+) -> tuple[Any, L.LightningModule, L.Trainer, RunStart]:
     """Every check that may refuse the start, and the datamodule, model and trainer it builds:
-    ``(datamodule, model, trainer, resume, init)``."""
+    ``(datamodule, model, trainer, start)``."""
     check_launch(cfg, multirun, launcher)
     seed = cfg.get("seed")
     if not is_int(seed) or not 0 <= seed < SEED_LIMIT:
@@ -106,16 +101,12 @@ def _start(
     check_moe_node(cfg)
     moe = cfg.model.get("moe") or {}
     check_compile(cfg.model.get("compile", False), moe.get("dispatch"), cfg.trainer.precision)
-    resume, init = resolve_start(cfg)  # each checkpoint is read once, here
-    run_dir = this_run_dir(cfg)
-    if resume is not None and run_dir is not None and resumes_in_place(resume, Path(run_dir)):
-        check_no_rewind(resume.path, int(resume.contents.get("global_step", 0)))
+    start = RunStart.read(cfg)  # ckpt_path / init_from, each checkpoint read once, here
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)  # checks its settings; reads no data yet
-    if resume is not None:
-        check_resume_settings(cfg, resume, datamodule.vocab_size)
+    start.check_settings(cfg, datamodule.vocab_size)  # a resume's, before the model is built
     model = build_module(cfg.model, datamodule)
-    if init is not None:
+    if (init := start.init_from) is not None:
         step = load_initial_weights(model, init.contents, init.path)
         log.info("Weights from %s (its step %d); this run starts at step 0.", init.path, step)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -133,7 +124,8 @@ def _start(
     trainer.callbacks.append(RandomStates(seed=cfg.seed))
     trainer.callbacks.append(StartRecord(trainer_settings(cfg)))  # before StepZeroCheckpoint
     trainer.callbacks.append(StepZeroCheckpoint())  # after RoutingAnalysis: its step-0 rows
-    return datamodule, model, trainer, resume, init
+    start.check_data(datamodule, trainer.world_size)  # a resume's; opens the token cache
+    return datamodule, model, trainer, start
 
 
 def train(
@@ -146,20 +138,9 @@ def train(
     ``init_from`` starts a new run from a checkpoint's weights.
     """
     with start_or_put_back():  # a refused start leaves the run's .hydra/ as it was
-        datamodule, model, trainer, resume, init = _start(cfg, multirun, launcher)
-        run_dir = Path(trainer.default_root_dir)
-        ckpt_path = resume.path if resume is not None else None
-        if resume is not None:
-            check_resume_data(datamodule, trainer.world_size, resume)
-    if resume is not None:
-        if resumes_in_place(resume, run_dir):
-            step = int(resume.contents.get("global_step", 0))
-            if (copy := continue_csv_history(trainer.logger, step)) is not None:
-                log.info(
-                    "Continuing %s from step %d (the earlier file: %s).", copy.parent, step, copy
-                )
-        del resume  # Lightning reads the file next
-        log.info("Resuming from %s", ckpt_path)
+        datamodule, model, trainer, start = _start(cfg, multirun, launcher)
+    run_dir = Path(trainer.default_root_dir)
+    ckpt_path = start.resume(trainer)  # None for a new run
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
@@ -171,7 +152,7 @@ def train(
         "data_report": run_dir / "data_report.json",
         "summary": run_dir / SUMMARY_FILE,
         "resumed_from": ckpt_path,
-        "init_from": init.path if init is not None else None,
+        "init_from": start.init_from.path if start.init_from is not None else None,
         **summary,
     }
     if trainer.is_global_zero:

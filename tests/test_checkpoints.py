@@ -501,7 +501,7 @@ def test_an_in_place_resume_appends_to_the_runs_history(ctx, tmp_path):
     # One history: each checkpoint records the starts it went through; the resumed start's
     # began at step 4. The copied folder's resume wrote last-v1.ckpt beside the first start's
     # last.ckpt (Lightning found the name taken), and analyze still reads one history.
-    from moe_emergence.history import check_one_history, lineage_of, read_history
+    from moe_emergence.runs.history import check_one_history, lineage_of, read_history
 
     def lineage(name: str) -> list:
         return lineage_of(torch.load(run_dir / "checkpoints" / name, weights_only=True))
@@ -734,7 +734,7 @@ def test_a_rewind_in_the_runs_own_folder_is_refused_before_any_work(ctx, tmp_pat
     """Resuming in place from a checkpoint older than the folder's newest would write a second
     history beside the later steps (#29): one line naming the newest step, the checkpoint
     given and the forms that work, before anything is built or written."""
-    from moe_emergence.history import check_no_rewind
+    from moe_emergence.runs.history import check_no_rewind
 
     runs, go = ctx
     folder = tmp_path / "run"

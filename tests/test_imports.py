@@ -155,16 +155,15 @@ def test_find_cycle_known_answers():
 
 
 # Modules that may reach the analysis package: its entry points and the wiring: train.py builds
-# the routing callback, config.py composes its settings' node, runs.py reads a run's record
-# (its composed config, its probe settings among them).
+# the routing callback, config.py composes its settings' node, runs/start.py continues a resumed
+# run's metrics (blanking the analysis's saturation cells).
 ANALYSIS_USERS = (
     "moe_emergence.analyze",
     "moe_emergence.inspect",
     "moe_emergence.train",
     "moe_emergence.config",
     "moe_emergence.config_store",  # registers config's base nodes when Hydra composes
-    "moe_emergence.runs",
-    "moe_emergence.resume",  # the settings check of a resume, out of runs.py
+    "moe_emergence.runs.start",
 )
 CONFIG_MACHINERY = ("hydra", "omegaconf")
 

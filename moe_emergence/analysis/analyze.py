@@ -41,9 +41,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from moe_emergence.analysis.arguments import OPTION
+from moe_emergence.analysis.arguments import OPTION, data_overrides_of
 from moe_emergence.analysis.arguments import parse_analyze_args as parse_args
-from moe_emergence.analysis.evaluate import data_overrides_of, evaluate_run
+from moe_emergence.analysis.evaluate import evaluate_run
 from moe_emergence.analysis.external import run_model
 from moe_emergence.analysis.knockout import COLUMNS as KNOCKOUT
 from moe_emergence.analysis.knockout import KNOCKOUT_FILE, knockout_rows
@@ -70,7 +70,7 @@ from moe_emergence.analysis.tables import (
 from moe_emergence.analysis.token_types import format_type_table
 from moe_emergence.errors import UserError, report_user_errors
 from moe_emergence.files import locked, write_atomic
-from moe_emergence.runs import RunCheckpoints, find_runs, run_overrides, verify_checkpoints
+from moe_emergence.runs.find import RunCheckpoints, find_runs, verify_checkpoints
 
 RUNS_DIR = "runs"
 LOCK_FILE = ".analyze.lock"  # held while an analysis writes into its --out folder
@@ -265,8 +265,7 @@ def study_runs(paths: Sequence[Path]) -> Study:
 
 def _condition_key(run_: RunCheckpoints) -> tuple[str, int | None]:
     """(group, seed) of a run to measure, as its :class:`RunResult` will say them."""
-    overrides, seed = run_overrides(run_.run_dir)
-    return group_of(overrides), seed
+    return group_of(run_.record.overrides), run_.record.seed
 
 
 def check_no_other_runs(study: Study, out: Path) -> None:

@@ -183,3 +183,17 @@ def parse_inspect_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hub-mirror", help="Hub mirror for the tokenizer (default: the run's)")
     parser.add_argument("--cache-dir", help="cache root for sample_bpe (default: the run's)")
     return parser.parse_args(argv)
+
+
+def data_overrides_of(args: Any) -> dict[str, str | None]:
+    """The data settings that ``--hub-mirror``, ``--cache-dir`` and ``--tokenizer`` (the
+    attributes of ``args`` that are not None) replace; ``--hub-mirror null``: no mirror."""
+    given = {
+        "hub_mirror": args.hub_mirror,
+        "cache_dir": args.cache_dir,
+        "tokenizer": args.tokenizer,
+    }
+    found = {key: value for key, value in given.items() if value is not None}
+    if found.get("hub_mirror") in ("null", "none"):
+        found["hub_mirror"] = None
+    return found

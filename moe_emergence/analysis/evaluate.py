@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from omegaconf import OmegaConf
 
 from moe_emergence.analysis.arguments import OPTION
 from moe_emergence.analysis.knockout import knockout_effects
@@ -51,7 +50,8 @@ from moe_emergence.data.settings import AddedSetting, as_made
 from moe_emergence.errors import UserError, user_error_in
 from moe_emergence.files import write_atomic
 from moe_emergence.model.gpt2_moe import moe_layers
-from moe_emergence.runs import RunCheckpoints, recorded_config, run_overrides
+from moe_emergence.runs.find import RunCheckpoints
+from moe_emergence.runs.record import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +60,13 @@ CODE = "code"
 # ---------------------------------------------------------------------- the run's records
 
 
-def probe_settings(run_dir: Path | None) -> dict[str, Any]:
+def probe_settings(record: RunRecord) -> dict[str, Any]:
     """The run's ``callbacks.routing_analysis`` probe and null settings (the defaults where the
     run has none), so that the probe is the training-time one."""
     found = {key: getattr(ProbeSettings(), key) for key in ProbeSettings.PROBE_KEYS}
-    cfg = recorded_config(run_dir)
-    if cfg is not None:
-        for key in ProbeSettings.PROBE_KEYS:
-            value = OmegaConf.select(cfg, ProbeSettings.config_key(key), default=None)
-            found[key] = value if value is not None else found[key]
+    for key in ProbeSettings.PROBE_KEYS:
+        value = record.select(ProbeSettings.config_key(key))
+        found[key] = value if value is not None else found[key]
     return found
 
 
@@ -430,16 +428,14 @@ def check_same_data(
         )
 
 
-def recorded_probe_digest(run_dir: Path | None) -> tuple[Path, str, bool] | None:
+def recorded_probe_digest(record: RunRecord) -> tuple[Path, str, bool] | None:
     """``(probe.json, its digest, whether that digest covers documents)`` of the run's
     training-time probe, when the run wrote one (one written before 962fedb has no
     ``block_documents`` and a digest of the blocks only: :attr:`Probe.blocks_digest`)."""
-    if run_dir is None:
+    if record.run_dir is None:
         return None
-    cfg = recorded_config(run_dir)
-    key = ProbeSettings.config_key("out_dir")
-    folder = OmegaConf.select(cfg, key, default=None) if cfg is not None else None
-    path = (Path(folder) if folder else run_dir / "routing") / PROBE_FILE
+    folder = record.select(ProbeSettings.config_key("out_dir"))
+    path = (Path(folder) if folder else record.run_dir / "routing") / PROBE_FILE
     if not path.is_file():
         return None
     try:
@@ -453,11 +449,11 @@ def recorded_probe_digest(run_dir: Path | None) -> tuple[Path, str, bool] | None
 
 
 def check_same_probe(
-    name: str, run_dir: Path | None, probe: Probe, added: Sequence[AddedSetting] = ()
+    name: str, record: RunRecord, probe: Probe, added: Sequence[AddedSetting] = ()
 ) -> None:
     """Refuse (one line) a rebuilt probe whose digest differs from the training-time one;
     ``added`` as in :func:`check_same_data`."""
-    found = recorded_probe_digest(run_dir)
+    found = recorded_probe_digest(record)
     if found is None:
         return
     path, digest, with_documents = found
@@ -473,22 +469,22 @@ def check_same_probe(
 def rebuild_probe(
     name: str,
     loaded: LoadedCheckpoint,
-    run_dir: Path | None,
+    record: RunRecord,
     report_dir: Path,
     data_overrides: Mapping[str, Any] | None = None,
 ) -> tuple[MixedDomainDataModule, tuple[str, ...], dict[str, Any], Probe]:
     """The run's datamodule (its recorded data settings, ``data_overrides`` in place of
     ``hub_mirror``, ``cache_dir``, ``tokenizer``; its data report to ``report_dir``), its
     domains, its probe settings (:func:`probe_settings`) and its training-time probe, from the
-    record of ``loaded`` (a checkpoint of the run) and ``run_dir`` (None: no ``.hydra/``
-    record). One-line errors where the rebuilt data's fingerprint differs from the one
-    ``loaded`` records, or the probe's digest from the run's ``routing/probe.json``."""
+    record of ``loaded`` (a checkpoint of the run) and ``record`` (the run's ``.hydra/``; an
+    empty one without a run dir). One-line errors where the rebuilt data's fingerprint differs
+    from the one ``loaded`` records, or the probe's digest from the run's ``routing/probe.json``."""
     recorded, added = as_made(loaded.data_settings)  # settings added since: the run's values
     settings = {**recorded, **(data_overrides or {})} if recorded else {}
     datamodule = load_data(name, settings, report_dir, loaded.data_fingerprint)
     domains = tuple(loaded.hparams.get("domains") or datamodule.domains)
     check_same_data(name, loaded.data_fingerprint, datamodule.data_fingerprint, added)
-    found = probe_settings(run_dir)
+    found = probe_settings(record)
     probe = build_probe(
         datamodule,
         domains,
@@ -497,14 +493,14 @@ def rebuild_probe(
         found["probe_seed"],
         found["size_matched"],
     )
-    check_same_probe(name, run_dir, probe, added)
+    check_same_probe(name, record, probe, added)
     return datamodule, domains, found, probe
 
 
 def checkpoint_expert_tokens(
     name: str,
     loaded: LoadedCheckpoint,
-    run_dir: Path | None,
+    record: RunRecord,
     report_dir: Path,
     device: torch.device,
     data_overrides: Mapping[str, Any] | None = None,
@@ -512,9 +508,7 @@ def checkpoint_expert_tokens(
     """The run's probe (:func:`rebuild_probe`) and, per MoE layer, the per-expert token lists
     of one MoE checkpoint on it (:func:`expert_tokens`, decoded with the run's tokenizer): the
     probe routed once in eval mode, as ``analyze`` lists its final checkpoint's."""
-    datamodule, _, settings, probe = rebuild_probe(
-        name, loaded, run_dir, report_dir, data_overrides
-    )
+    datamodule, _, settings, probe = rebuild_probe(name, loaded, record, report_dir, data_overrides)
     model = loaded.model.to(device)
     routed = route_probe(model, probe, int(settings["batch_size"]), device)
     experts = {i: e.cpu().numpy() for i, e in routed.experts.items()}
@@ -522,20 +516,6 @@ def checkpoint_expert_tokens(
     tokenizer = datamodule.tokenizer
     lists = expert_tokens(probe, experts, n_experts, settings, lambda i: tokenizer.decode([i]))
     return probe, lists
-
-
-def data_overrides_of(args: Any) -> dict[str, str | None]:
-    """The data settings that ``--hub-mirror``, ``--cache-dir`` and ``--tokenizer`` (the
-    attributes of ``args`` that are not None) replace; ``--hub-mirror null``: no mirror."""
-    given = {
-        "hub_mirror": args.hub_mirror,
-        "cache_dir": args.cache_dir,
-        "tokenizer": args.tokenizer,
-    }
-    found = {key: value for key, value in given.items() if value is not None}
-    if found.get("hub_mirror") in ("null", "none"):
-        found["hub_mirror"] = None
-    return found
 
 
 def evaluate_run(
@@ -555,7 +535,7 @@ def evaluate_run(
     its ``routing/probe.json``. ``knockout``: also the final checkpoint's knock-out readings
     (:func:`~moe_emergence.analysis.knockout.knockout_effects`) where there is a held-out split."""
     final = load_checkpoint(run.checkpoints[-1], OPTION, require_moe=False)
-    rebuilt = rebuild_probe(run.name, final, run.run_dir, report_dir, data_overrides)
+    rebuilt = rebuild_probe(run.name, final, run.record, report_dir, data_overrides)
     datamodule, domains, settings, probe = rebuilt
     # All held-out blocks (the loss's set; the probe too, unless it is a subset or train_sample).
     held_out = build_probe(datamodule, domains) if datamodule.val_dataset is not None else None
@@ -592,14 +572,12 @@ def evaluate_run(
             seed=int(settings["null_seed"]),
         )
     results = with_specialisation(results, routed, probe, n_experts, settings, decode)
-    overrides, recorded_seed = run_overrides(run.run_dir)
-    seed = trained_seed(run.name, final, recorded_seed)
     return RunResult(
         name=run.name,
         run_dir=run.run_dir or run.checkpoints[0].parent,
-        group=group_of(overrides),
-        seed=seed,
-        overrides=overrides,
+        group=group_of(run.record.overrides),
+        seed=trained_seed(run.name, final, run.record.seed),
+        overrides=run.record.overrides,
         moe=bool(layers),
         domains=domains,
         layers=sorted(layers),

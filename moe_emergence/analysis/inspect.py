@@ -38,12 +38,11 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from moe_emergence.analysis.arguments import INSPECT_OPTION as OPTION
-from moe_emergence.analysis.arguments import NO_LISTS
+from moe_emergence.analysis.arguments import NO_LISTS, data_overrides_of
 from moe_emergence.analysis.arguments import parse_inspect_args as parse_args
 from moe_emergence.analysis.evaluate import (
     DOMAIN_SET_FILE,
     checkpoint_expert_tokens,
-    data_overrides_of,
 )
 from moe_emergence.analysis.loading import (
     LoadedCheckpoint,
@@ -61,7 +60,9 @@ from moe_emergence.data.tokenize import untruncated
 from moe_emergence.errors import UserError, report_user_errors
 from moe_emergence.files import write_atomic
 from moe_emergence.model.gpt2_moe import moe_layers
-from moe_emergence.runs import checkpoint_run_dir, resolve_checkpoint
+from moe_emergence.runs.checkpoint import resolve_checkpoint
+from moe_emergence.runs.find import checkpoint_run_dir
+from moe_emergence.runs.record import RunRecord
 
 # 256-colour backgrounds, told apart on dark and light terminals (cycled beyond 12 experts).
 ANSI_BACKGROUNDS = (117, 215, 120, 211, 228, 183, 152, 223, 250, 157, 224, 189)
@@ -444,7 +445,7 @@ def probe_token_lists(
         return checkpoint_expert_tokens(
             f"{OPTION}={loaded.path}",
             loaded,
-            checkpoint_run_dir(loaded.path),
+            RunRecord(checkpoint_run_dir(loaded.path)),
             report_dir,
             torch.device("cpu"),
             data_overrides_of(args),

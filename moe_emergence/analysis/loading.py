@@ -12,20 +12,21 @@ from typing import Any
 from omegaconf import OmegaConf
 from transformers import GPT2LMHeadModel
 
-from moe_emergence.checkpoints import RandomStates, load_mapped
+from moe_emergence.checkpoints import (
+    RandomStates,
+    has_per_expert_layout,
+    load_mapped,
+    stack_per_expert_state,
+)
 from moe_emergence.data.cache import cache_entries
 from moe_emergence.data.datamodule import REPORT_FILE, data_fingerprint
 from moe_emergence.data.settings import LoaderSettings, as_made
 from moe_emergence.errors import UserError
-from moe_emergence.model.gpt2_moe import (
-    build_model,
-    has_per_expert_layout,
-    moe_layers,
-    stack_per_expert_state,
-)
+from moe_emergence.model.gpt2_moe import build_model, moe_layers
 from moe_emergence.model.module import DISPATCH_KEY
 from moe_emergence.model.settings import ModelSettings, MoESettings
-from moe_emergence.runs import HYDRA_CONFIG, recorded_config, saved_loader_state
+from moe_emergence.runs.checkpoint import saved_loader_state
+from moe_emergence.runs.record import HYDRA_CONFIG, recorded_config
 
 
 @dataclass
@@ -56,7 +57,7 @@ class LoadedCheckpoint:
 
 def load_checkpoint(path: Path, option: str = "CKPT", require_moe: bool = True) -> LoadedCheckpoint:
     """Rebuild the model of a verified ``train.py`` checkpoint (see
-    :func:`moe_emergence.runs.resolve_checkpoint`) from its weights' shapes and
+    :func:`moe_emergence.runs.checkpoint.resolve_checkpoint`) from its weights' shapes and
     hyper-parameters, without downloading pretrained weights. ``option`` names the argument in
     errors; a dense model is refused unless ``require_moe`` is False."""
     checkpoint = load_mapped(path, option)

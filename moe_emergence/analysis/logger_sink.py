@@ -11,7 +11,7 @@ and earlier analysis step ``s`` (and the final one, 1 by definition), the
 ``routing/layer{L}/{score}`` at step ``s`` (``logger.log_metrics(..., step=s)``: TensorBoard and
 the CSV logger place them at ``s``; W&B at ``trainer/global_step`` = ``s``, its x axis). A run
 resumed in place sends them again at its end against its own last analysis; its metrics.csv
-history drops the earlier start's (:func:`moe_emergence.runs.continue_csv_history`).
+history drops the earlier start's (:func:`moe_emergence.runs.start.continue_csv_history`).
 
 Figures (``callbacks.routing_analysis.log_figures``): the heatmap and emergence figures as images
 ``routing/heatmap`` and ``routing/emergence``, and at the end of fit the saturation figure as

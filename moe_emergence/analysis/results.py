@@ -15,7 +15,7 @@ import numpy as np
 
 from moe_emergence.analysis.scores import LayerScores
 from moe_emergence.analysis.specialisation import ExpertTokens, LayerSpecialisation
-from moe_emergence.runs import split_override
+from moe_emergence.runs.record import split_override
 
 
 @dataclass(frozen=True)

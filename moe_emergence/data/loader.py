@@ -20,9 +20,11 @@ from moe_emergence.errors import UserError
 
 LOADER_STATE_VERSION = 2
 
+# The data settings a resume must find unchanged that the config alone decides (data.<key>).
+SETTING_KEYS = ("batch_size", "seed", "balance_tokens", "block_size")
 # What a resume must find unchanged (loader-state key -> what the user sets).
 RESUME_KEYS = {
-    **{key: config_key(key) for key in ("batch_size", "seed", "balance_tokens", "block_size")},
+    **{key: config_key(key) for key in SETTING_KEYS},
     "world_size": "world size (trainer.devices x trainer.num_nodes)",
     "data_fingerprint": f"the training data (its tokens: {config_key('size_mb')}, sources, "
     f"tokenizer, max_example_chars; {config_key('eval_fraction')}, {config_key('eval_seed')})",

@@ -7,7 +7,6 @@ Blocks are indexed 0..n_layer-1 as in ``model.transformer.h``.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,40 +270,6 @@ def _perturb(experts: StackedExperts, scale: float, generator: torch.Generator) 
                 continue
             noise = torch.randn(p.shape, generator=generator).to(device=p.device, dtype=p.dtype)
             p.add_(noise * (scale * p.float().std()).to(p.dtype))
-
-
-# An expert parameter of the per-expert layout (before stacked experts): its block, expert
-# and GPT-2 MLP parameter, e.g. "transformer.h.8.mlp.experts.3.c_fc.weight".
-_PER_EXPERT_KEY = re.compile(
-    r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\."
-    r"(?P<param>c_fc\.weight|c_fc\.bias|c_proj\.weight|c_proj\.bias)$"
-)
-
-
-def has_per_expert_layout(state: Mapping[str, Tensor]) -> bool:
-    """Whether a state dict holds experts in the per-expert layout (one module per expert)."""
-    return any(_PER_EXPERT_KEY.match(key) for key in state)
-
-
-def stack_per_expert_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A state dict with per-expert MLP weights (``...mlp.experts.<e>.c_fc.weight``, ...)
-    converted to the stacked layout (``...mlp.experts.c_fc_weight`` [E, d, h], ...); other
-    keys unchanged (a state dict without per-expert keys comes back as it is). The values are
-    exactly the saved ones, so the model computes the same logits."""
-    out: dict[str, Tensor] = {}
-    groups: dict[tuple[str, str], dict[int, Tensor]] = {}
-    for key, value in state.items():
-        match = _PER_EXPERT_KEY.match(key)
-        if match is None:
-            out[key] = value
-            continue
-        groups.setdefault((match["prefix"], match["param"]), {})[int(match["expert"])] = value
-    names = {source: name for name, source in PARAMETERS_OF_MLP.items()}
-    for (prefix, param), by_expert in groups.items():
-        if sorted(by_expert) != list(range(len(by_expert))):
-            raise ValueError(f"{prefix}: experts {sorted(by_expert)} are not 0..E-1")
-        out[f"{prefix}.{names[param]}"] = torch.stack([by_expert[e] for e in sorted(by_expert)])
-    return out
 
 
 def moe_layers(model: GPT2LMHeadModel) -> dict[int, MoELayer]:

@@ -24,6 +24,7 @@ from moe_emergence.analysis.loading import load_checkpoint
 from moe_emergence.analysis.tables import read_table
 from moe_emergence.checkpoints import write_sidecar
 from moe_emergence.data.settings import ADDED_LATER, as_made
+from moe_emergence.runs.record import RunRecord
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def _old_digest(run_dir: Path, report: Path) -> str:
     """The probe digest as 8f849e6 computed it (blocks and domains), of the run's probe as
     today's code rebuilds and checks it."""
     loaded = load_checkpoint(run_dir / "checkpoints" / "last.ckpt", require_moe=False)
-    probe = rebuild_probe("run", loaded, run_dir, report)[3]
+    probe = rebuild_probe("run", loaded, RunRecord(run_dir), report)[3]
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(probe.input_ids, dtype=np.int64).tobytes())
     h.update(np.ascontiguousarray(probe.block_domains, dtype=np.int64).tobytes())

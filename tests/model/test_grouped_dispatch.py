@@ -26,14 +26,9 @@ from torch import Tensor, nn
 from torch._dynamo.backends.common import aot_autograd
 from transformers import GPT2LMHeadModel
 
+from moe_emergence.checkpoints import has_per_expert_layout, stack_per_expert_state
 from moe_emergence.errors import UserError
-from moe_emergence.model.gpt2_moe import (
-    build_gpt2,
-    has_per_expert_layout,
-    install_moe_layers,
-    moe_layers,
-    stack_per_expert_state,
-)
+from moe_emergence.model.gpt2_moe import build_gpt2, install_moe_layers, moe_layers
 from moe_emergence.model.moe import (
     PARAMETERS_OF_MLP,
     Dispatch,

@@ -44,8 +44,8 @@ class StartRecord(L.Callback):
     """Saves this start's lineage in every checkpoint (see the module doc): on a resume, the
     resumed checkpoint's lineage plus ``[id, resumed step]``; and ``settings``, what this start
     trained with that Lightning's checkpoint does not hold (the trainer's gradient clipping,
-    accumulation and precision: :func:`moe_emergence.resume.trainer_settings`), for the next
-    resume to compare. Its ``on_train_start`` must run before any checkpoint is saved there
+    accumulation and precision: :func:`.resume_settings.trainer_settings`), for the next resume
+    to compare. Its ``on_train_start`` must run before any checkpoint is saved there
     (``StepZeroCheckpoint``): add it before."""
 
     def __init__(self, settings: dict[str, Any] | None = None) -> None:

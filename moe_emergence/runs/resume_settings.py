@@ -22,7 +22,7 @@ checkpoint's; each one that differs is named in one line (``<key>: checkpoint <o
   otherwise), but those of :data:`OPTIMIZER_MAY_CHANGE`.
 
 The world size and the data's content are checked once the trainer exists
-(:func:`moe_emergence.runs.check_resume_data`); ``trainer.max_steps`` must lie above the
+(:func:`moe_emergence.runs.start.check_resume_data`); ``trainer.max_steps`` must lie above the
 checkpoint's step.
 """
 
@@ -35,12 +35,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from moe_emergence.checkpoints import RandomStates
-from moe_emergence.data.loader import RESUME_KEYS
+from moe_emergence.checkpoints import RandomStates, has_per_expert_layout
+from moe_emergence.data.loader import RESUME_KEYS, SETTING_KEYS
 from moe_emergence.errors import UserError
-from moe_emergence.history import recorded_settings
-from moe_emergence.model.gpt2_moe import has_per_expert_layout
-from moe_emergence.runs import Checkpoint, plain, saved_loader_state
+from moe_emergence.runs.checkpoint import Checkpoint, saved_loader_state
+from moe_emergence.runs.history import recorded_settings
 from moe_emergence.settings import is_int
 
 # What a resume may change, in one place; everything else that trains is compared.
@@ -68,6 +67,11 @@ class _Absent:
 
 
 ABSENT = _Absent()
+
+
+def plain(value: Any) -> Any:
+    """A config value as plain Python (resolved); other values as they are."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def _flat(tree: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, Any]]:
@@ -173,7 +177,7 @@ def check_resume_settings(cfg: DictConfig, start: Checkpoint, vocab_size: int | 
     if "seed" in rng:
         now["seed"] = (rng["seed"], cfg.seed)
     if loader.get("version") is not None:
-        for key in ("batch_size", "seed", "balance_tokens", "block_size"):
+        for key in SETTING_KEYS:
             if key in loader:
                 now[RESUME_KEYS[key]] = (loader[key], plain(cfg.data.get(key)))
     now |= model_changes(cfg, checkpoint, vocab_size)
