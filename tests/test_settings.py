@@ -82,7 +82,7 @@ def test_the_walk_finds_a_restated_default(tmp_path, monkeypatch):
 
 def test_composed_nodes_hold_every_setting_and_only_those():
     cfg = compose_config([])
-    wiring = {"_target_", "_convert_", "block_size", "optimizer"}
+    wiring = {"_target_", "_convert_", "optimizer"}
     assert set(cfg.data) - {"_target_"} == set(DataSettings.names()) | set(LoaderSettings.names())
     assert set(cfg.model) - wiring == set(ModelSettings.names()) | {"moe"}
     assert set(cfg.model.moe) == set(MoESettings.names())
