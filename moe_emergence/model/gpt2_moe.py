@@ -21,7 +21,7 @@ from moe_emergence.errors import UserError
 from moe_emergence.hub import HubUnavailableError, resolve_repo
 from moe_emergence.model.experts import PARAMETERS_OF_MLP, StackedExperts
 from moe_emergence.model.losses import check_lb_settings
-from moe_emergence.model.moe import MoELayer, check_dispatch
+from moe_emergence.model.moe import MoELayer
 from moe_emergence.model.router import hash_parameters
 from moe_emergence.model.settings import ModelSettings, MoESettings
 from moe_emergence.settings import is_int
@@ -196,7 +196,6 @@ def install_moe_layers(
         seen.add(i)
     if init_noise < 0:
         raise UserError(f"init_noise must be >= 0, got {init_noise}")
-    check_dispatch(dispatch)
 
     generator = torch.Generator().manual_seed(seed)
     installed = []

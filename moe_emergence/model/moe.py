@@ -55,7 +55,6 @@ __all__ = [
     "MoELayer",
     "Router",
     "StackedExperts",
-    "check_dispatch",
     "check_domain_map",
     "check_lb_settings",
     "cutlass_grouped_mm",
@@ -68,15 +67,6 @@ __all__ = [
     "router_entropy",
     "z_loss",
 ]
-
-
-def check_dispatch(dispatch: str) -> None:
-    """Refuse a dispatch outside :data:`DISPATCHES`."""
-    if dispatch not in DISPATCHES:
-        raise UserError(
-            f"{MOE.option('dispatch')} must be one of {', '.join(DISPATCHES)}, got {dispatch!r}: "
-            f"auto picks grouped on CUDA in bf16 and loop elsewhere."
-        )
 
 
 def grouped_fits(d_model: int, d_hidden: int) -> bool:
@@ -97,8 +87,14 @@ def resolve_dispatch(dispatch: str, device_type: str, dtype: torch.dtype) -> str
     """The path ``dispatch`` runs on: ``auto`` is ``grouped`` on CUDA in bf16 where the fused
     grouped GEMM exists (:func:`cutlass_grouped_mm`) and ``loop`` elsewhere (on CPU the
     grouped GEMM is itself a loop over experts: benchmarks/README.md); the others are
-    themselves. ``dtype``: the compute dtype (the autocast dtype where autocast is on)."""
-    check_dispatch(dispatch)
+    themselves. ``dtype``: the compute dtype (the autocast dtype where autocast is on). A value
+    outside :data:`DISPATCHES` is refused by the setting's own check (``MoESettings.dispatch``)."""
+    MOE.check("dispatch", dispatch)
+    return _path(dispatch, device_type, dtype)
+
+
+def _path(dispatch: str, device_type: str, dtype: torch.dtype) -> str:
+    """:func:`resolve_dispatch` of a ``dispatch`` already checked."""
     if dispatch != "auto":
         return dispatch
     fused = device_type == "cuda" and dtype == torch.bfloat16 and cutlass_grouped_mm()
@@ -161,8 +157,8 @@ class MoELayer(nn.Module):
         self._clear_state()
 
     def set_dispatch(self, dispatch: str) -> None:
-        """Choose the dispatch path (``auto`` | ``loop`` | ``grouped``)."""
-        check_dispatch(dispatch)
+        """Choose the dispatch path (``auto`` | ``loop`` | ``grouped``: the setting's check)."""
+        MOE.check("dispatch", dispatch)
         if dispatch == "grouped" and not grouped_fits(self.d_model, self.experts.d_hidden):
             raise UserError(
                 f"{MOE.option('dispatch', 'grouped')} needs widths that are multiples of 8, got "
@@ -192,7 +188,7 @@ class MoELayer(nn.Module):
         """The path a forward on ``device_type`` in compute ``dtype`` runs:
         :func:`resolve_dispatch`, and ``loop`` where the grouped GEMM cannot take the widths
         (``auto`` only: an explicit ``grouped`` was refused at :meth:`set_dispatch`)."""
-        path = resolve_dispatch(self.dispatch, device_type, dtype)
+        path = _path(self.dispatch, device_type, dtype)  # checked at set_dispatch
         if path == "grouped" and not grouped_fits(self.d_model, self.experts.d_hidden):
             return "loop"
         return path
