@@ -211,7 +211,8 @@ class DataSettings(DataGroup):
 class LoaderSettings(DataGroup):
     """How the datamodule serves the blocks and which texts it holds out (config keys only)."""
 
-    EVAL_KEYS: ClassVar[tuple[str, ...]] = ("eval_fraction", "eval_seed", "eval_min_texts")
+    # Which texts are held out: the fields marked held_out=True, in field order.
+    EVAL_KEYS: ClassVar[tuple[str, ...]]
 
     batch_size: int = setting(8, low=1, help="blocks per device (per DDP rank)")
     num_workers: int = setting(0, low=0, untrained=True, help="DataLoader worker processes")
@@ -220,12 +221,19 @@ class LoaderSettings(DataGroup):
         None, untrained=True, help="null: on when num_workers > 0"
     )
     eval_fraction: float = setting(
-        0.0, low=0, below=1, help="share of each domain's texts held out for validation"
+        0.0,
+        low=0,
+        below=1,
+        held_out=True,
+        help="share of each domain's texts held out for validation",
     )
-    eval_seed: int = setting(0, low=0, help="which texts are held out (fixed across seeds)")
+    eval_seed: int = setting(
+        0, low=0, held_out=True, help="which texts are held out (fixed across seeds)"
+    )
     eval_min_texts: int | None = setting(
         20,
         low=0,
+        held_out=True,
         help="hold out at least this many texts per domain (at most half of a domain's texts; "
         "the routing nulls and probe intervals resample documents); null: no floor and the data "
         "fingerprint of the code before it, what runs made before it get (ADDED_LATER)",
@@ -238,6 +246,9 @@ class LoaderSettings(DataGroup):
     show_progress: bool = setting(
         True, untrained=True, help="progress bars while streaming and tokenizing"
     )
+
+
+LoaderSettings.EVAL_KEYS = LoaderSettings.flagged("held_out")
 
 
 @dataclass(frozen=True)
