@@ -70,6 +70,21 @@ def settings_nodes() -> dict[str, dict[str, Any]]:
     }
 
 
+SETTINGS_GROUPS = (DataSettings, LoaderSettings, ModelSettings, MoESettings, ProbeSettings)
+# Keys outside the settings classes that never change what trains (checkpoints to start from,
+# the progress bar); the settings' own such keys are marked untrained=True.
+UNTRAINED_KEYS = ("ckpt_path", "init_from", "trainer.enable_progress_bar")
+
+
+def untrained_keys() -> set[str]:
+    """The keys that name places or change only what is shown, never what trains: sweep folder
+    names and a run's condition leave them out (``conf/config.yaml``'s
+    ``hydra.job.config.override_dirname.exclude_keys`` lists exactly these, checked by
+    tests/test_settings.py)."""
+    marked = {g.config_key(n) for g in SETTINGS_GROUPS for n in g.flagged("untrained")}
+    return {*UNTRAINED_KEYS, *marked}
+
+
 # The top-level keys of conf/config.yaml (no settings class holds them).
 RUN_KEYS = {
     "seed": (42, "seeds Lightning (weights, router noise) and, through data.seed, block order"),
@@ -92,7 +107,7 @@ def settings_help() -> str:
     define, with its default and help, one block per key. ``$`` is doubled: Hydra renders its
     help page as a ``string.Template``."""
     rows = [(key, default, text) for key, (default, text) in RUN_KEYS.items()]
-    for cls in (DataSettings, LoaderSettings, ModelSettings, MoESettings, ProbeSettings):
+    for cls in SETTINGS_GROUPS:
         for f in dataclasses.fields(cls):
             default = f.default_factory() if callable(f.default_factory) else f.default
             rows.append((cls.config_key(f.name), default, f.metadata["help"]))

@@ -62,7 +62,9 @@ def kind(field: dataclasses.Field) -> tuple[str, bool]:
 def setting(default: Any = dataclasses.MISSING, *, help: str, **check: Any) -> Any:
     """A settings field: its default (a callable ``factory=`` instead, read when built), its
     help text, and what its value must be beyond its type: ``low`` (≥), ``below`` (<),
-    ``choices``, ``check`` (a function raising ValueError with a plain message)."""
+    ``choices``, ``check`` (a function raising ValueError with a plain message). Any other
+    keyword is a flag naming a list the field belongs to (e.g. ``probe=True``), read with
+    :meth:`Settings.flagged`, so that such lists are written beside the fields alone."""
     factory = check.pop("factory", dataclasses.MISSING)
     return dataclasses.field(
         default=default, default_factory=factory, metadata={"help": help, **check}
@@ -121,13 +123,30 @@ class Settings:
     def names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
 
+    @classmethod
+    def flagged(cls, flag: str) -> tuple[str, ...]:
+        """The names of the fields marked ``flag=True`` (:func:`setting`), in field order."""
+        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        return tuple(f.name for f in fields if f.metadata.get(flag))
+
+    @classmethod
+    def check(cls, name: str, value: Any) -> None:
+        """Refuse ``value`` of the setting ``name`` by its field's own checks (a one-line
+        UserError naming the key), for code handed one setting outside a settings object."""
+        field = next(f for f in dataclasses.fields(cls) if f.name == name)  # type: ignore[arg-type]
+        cls._refuse(field, value)
+
+    @classmethod
+    def _refuse(cls, field: dataclasses.Field, value: Any) -> None:
+        found = problem(field, value, cls.KINDS)
+        if found is not None:
+            raise UserError(f"{cls.option(field.name)}{found}")
+
     def validate(self) -> Self:
         """Raise a UserError naming the key (and the fix) for the first bad value; return
         ``self``."""
         for field in dataclasses.fields(self):  # type: ignore[arg-type]
-            found = problem(field, getattr(self, field.name), self.KINDS)
-            if found is not None:
-                raise UserError(f"{self.option(field.name)}{found}")
+            self._refuse(field, getattr(self, field.name))
         return self
 
     def to_dict(self) -> dict[str, Any]:

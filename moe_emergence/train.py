@@ -62,10 +62,14 @@ def check_launch(cfg: DictConfig, multirun: bool, launcher: str = "BasicLauncher
 
 
 def build_module(model_cfg: DictConfig, datamodule: Any) -> L.LightningModule:
-    """The model node instantiated with what the data knows: its tokenizer's ``vocab_size`` and
-    its ``domains`` (the config composes without loading either)."""
+    """The model node instantiated with what the data decides: its ``block_size``, its
+    tokenizer's ``vocab_size`` and its ``domains`` (the config composes without loading the
+    last two)."""
     return instantiate(
-        model_cfg, vocab_size=datamodule.vocab_size, domains=list(datamodule.domains)
+        model_cfg,
+        block_size=datamodule.settings.block_size,
+        vocab_size=datamodule.vocab_size,
+        domains=list(datamodule.domains),
     )
 
 

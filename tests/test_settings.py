@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from moe_emergence.analysis.settings import ProbeSettings
-from moe_emergence.config import compose_config, config_dir, settings_nodes
+from moe_emergence.config import compose_config, config_dir, settings_nodes, untrained_keys
 from moe_emergence.data.settings import DataSettings, LoaderSettings
 from moe_emergence.errors import UserError
 from moe_emergence.model.settings import ModelSettings, MoESettings
@@ -82,12 +82,20 @@ def test_the_walk_finds_a_restated_default(tmp_path, monkeypatch):
 
 def test_composed_nodes_hold_every_setting_and_only_those():
     cfg = compose_config([])
-    wiring = {"_target_", "_convert_", "block_size", "optimizer"}
+    wiring = {"_target_", "_convert_", "optimizer"}
     assert set(cfg.data) - {"_target_"} == set(DataSettings.names()) | set(LoaderSettings.names())
     assert set(cfg.model) - wiring == set(ModelSettings.names()) | {"moe"}
     assert set(cfg.model.moe) == set(MoESettings.names())
     assert set(settings_nodes()["model"]["moe"]) == set(MoESettings.names())
     assert set(cfg.callbacks.routing_analysis) - {"_target_"} == set(ProbeSettings.names())
+
+
+def test_the_sweep_folder_names_leave_out_the_untrained_settings():
+    """conf/config.yaml's exclude_keys are the keys marked untrained=True (and the root and
+    trainer keys of config.UNTRAINED_KEYS): a setting added or unmarked there fails here."""
+    conf = yaml.safe_load((config_dir() / "config.yaml").read_text())
+    listed = conf["hydra"]["job"]["config"]["override_dirname"]["exclude_keys"]
+    assert len(set(listed)) == len(listed) and set(listed) == untrained_keys()
 
 
 @pytest.mark.parametrize("group", GROUPS, ids=lambda g: g.__name__)

@@ -21,14 +21,18 @@ class ProbeSettings(Settings):
         200, low=1, help="optimizer steps between analyses (also at step 0 and at the end)"
     )
     train_sample_blocks: int = setting(
-        64, low=1, help="probe without a held-out split: training blocks per domain"
+        64, low=1, probe=True, help="probe without a held-out split: training blocks per domain"
     )
     held_out_blocks: int | None = setting(
-        None, low=1, help="probe with data.eval_fraction > 0: blocks per domain (null: all)"
+        None,
+        low=1,
+        probe=True,
+        help="probe with data.eval_fraction > 0: blocks per domain (null: all)",
     )
-    probe_seed: int = setting(0, low=0, help="which blocks the probe takes")
+    probe_seed: int = setting(0, low=0, probe=True, help="which blocks the probe takes")
     size_matched: bool = setting(
         False,
+        probe=True,
         help="score the same number of documents per domain and the same number of tokens "
         "from each (each document's first), so that the document-label permutation null is "
         "exact; what it keeps and drops goes to the log and probe.json",
@@ -36,17 +40,21 @@ class ProbeSettings(Settings):
     null_permutations: int = setting(
         999,
         low=1,
+        probe=True,
         help="document-label permutations (nulls) and bootstrap draws (probe interval); "
         "p >= 1/(n+1): 999 is enough for Holm over ~50 tests",
     )
-    null_seed: int = setting(0, low=0, help="seed of the permutations and bootstrap draws")
+    null_seed: int = setting(
+        0, low=0, probe=True, help="seed of the permutations and bootstrap draws"
+    )
     vocab_min_count: int = setting(
         10,
         low=1,
+        probe=True,
         help="vocabulary specialisation and per-expert token lists: a token id counts once "
         "seen this many times on the probe's scored tokens (rare ids read as specialised)",
     )
-    batch_size: int = setting(32, low=1, help="probe blocks per forward (no grad)")
+    batch_size: int = setting(32, low=1, probe=True, help="probe blocks per forward (no grad)")
     out_dir: str | None = setting(None, help="where the tables go (null: <run dir>/routing)")
     log_figures: str = setting(
         "end",
@@ -56,14 +64,9 @@ class ProbeSettings(Settings):
         "end of fit unless never)",
     )
 
-    # What decides the probe and its nulls (analyze rebuilds them from the run's record).
-    PROBE_KEYS: ClassVar[tuple[str, ...]] = (
-        "train_sample_blocks",
-        "held_out_blocks",
-        "probe_seed",
-        "size_matched",
-        "null_permutations",
-        "null_seed",
-        "vocab_min_count",
-        "batch_size",
-    )
+    # What decides the probe and its nulls (analyze rebuilds them from the run's record): the
+    # fields marked probe=True.
+    PROBE_KEYS: ClassVar[tuple[str, ...]]
+
+
+ProbeSettings.PROBE_KEYS = ProbeSettings.flagged("probe")

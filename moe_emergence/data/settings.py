@@ -116,19 +116,25 @@ class DataSettings(DataGroup):
     max_example_chars: int = setting(
         MAX_EXAMPLE_CHARS, help="keep texts shorter than this many characters"
     )
-    tokenizer: str = setting(DEFAULT_TOKENIZER, help="tokenizer Hub name or folder, or sample_bpe")
+    tokenizer: str = setting(
+        DEFAULT_TOKENIZER, untrained=True, help="tokenizer Hub name or folder, or sample_bpe"
+    )
     hub_mirror: str | None = setting(
         None,
         check=_check_folder,
+        untrained=True,
         help="folder holding Hub repos as <mirror>/<org>/<name> "
         "(null: $MOE_HUB_MIRROR, else the Hub)",
     )
     cache_dir: str | None = setting(
-        None, help="token cache root (default: $MOE_CACHE_DIR, else .cache/moe_emergence)"
+        None,
+        untrained=True,
+        help="token cache root (default: $MOE_CACHE_DIR, else .cache/moe_emergence)",
     )
-    rebuild_cache: bool = setting(False, help="tokenize again even on a cache hit")
+    rebuild_cache: bool = setting(False, untrained=True, help="tokenize again even on a cache hit")
     verify_cache: bool = setting(
         False,
+        untrained=True,
         help="on a cache hit, check every file's SHA-256 too (default: sizes only); "
         "a mismatch is rebuilt",
     )
@@ -205,27 +211,44 @@ class DataSettings(DataGroup):
 class LoaderSettings(DataGroup):
     """How the datamodule serves the blocks and which texts it holds out (config keys only)."""
 
-    EVAL_KEYS: ClassVar[tuple[str, ...]] = ("eval_fraction", "eval_seed", "eval_min_texts")
+    # Which texts are held out: the fields marked held_out=True, in field order.
+    EVAL_KEYS: ClassVar[tuple[str, ...]]
 
     batch_size: int = setting(8, low=1, help="blocks per device (per DDP rank)")
-    num_workers: int = setting(0, low=0, help="DataLoader worker processes")
-    pin_memory: bool | None = setting(None, help="null: on when CUDA is available")
-    persistent_workers: bool | None = setting(None, help="null: on when num_workers > 0")
-    eval_fraction: float = setting(
-        0.0, low=0, below=1, help="share of each domain's texts held out for validation"
+    num_workers: int = setting(0, low=0, untrained=True, help="DataLoader worker processes")
+    pin_memory: bool | None = setting(None, untrained=True, help="null: on when CUDA is available")
+    persistent_workers: bool | None = setting(
+        None, untrained=True, help="null: on when num_workers > 0"
     )
-    eval_seed: int = setting(0, low=0, help="which texts are held out (fixed across seeds)")
+    eval_fraction: float = setting(
+        0.0,
+        low=0,
+        below=1,
+        held_out=True,
+        help="share of each domain's texts held out for validation",
+    )
+    eval_seed: int = setting(
+        0, low=0, held_out=True, help="which texts are held out (fixed across seeds)"
+    )
     eval_min_texts: int | None = setting(
         20,
         low=0,
+        held_out=True,
         help="hold out at least this many texts per domain (at most half of a domain's texts; "
         "the routing nulls and probe intervals resample documents); null: no floor and the data "
         "fingerprint of the code before it, what runs made before it get (ADDED_LATER)",
     )
     report_dir: str | None = setting(
-        None, help="where data_report.json goes (null: the trainer's default_root_dir)"
+        None,
+        untrained=True,
+        help="where data_report.json goes (null: the trainer's default_root_dir)",
     )
-    show_progress: bool = setting(True, help="progress bars while streaming and tokenizing")
+    show_progress: bool = setting(
+        True, untrained=True, help="progress bars while streaming and tokenizing"
+    )
+
+
+LoaderSettings.EVAL_KEYS = LoaderSettings.flagged("held_out")
 
 
 @dataclass(frozen=True)

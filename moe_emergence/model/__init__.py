@@ -1,26 +1,27 @@
-"""The model: a noisy top-k MoE layer and its reference routers (frozen, hash, domain; moe.py)
-installed into GPT-2's MLPs (gpt2_moe.py)."""
+"""The model: a noisy top-k MoE layer (moe.py) with its routers (learned, frozen, hash, domain;
+router.py), stacked experts (experts.py) and auxiliary losses (losses.py), installed into
+GPT-2's MLPs (gpt2_moe.py)."""
 
 from moe_emergence.lazy import lazy_exports
 
 # name -> the module that defines it, imported on first use (moe_emergence.lazy)
 _EXPORTS = {
     "AuxOutputs": "moe_emergence.model.gpt2_moe",
-    "DomainRouter": "moe_emergence.model.moe",
-    "FixedRouter": "moe_emergence.model.moe",
-    "HashRouter": "moe_emergence.model.moe",
+    "DomainRouter": "moe_emergence.model.router",
+    "FixedRouter": "moe_emergence.model.router",
+    "HashRouter": "moe_emergence.model.router",
     "MoELayer": "moe_emergence.model.moe",
-    "Router": "moe_emergence.model.moe",
-    "RouterOutput": "moe_emergence.model.moe",
+    "Router": "moe_emergence.model.router",
+    "RouterOutput": "moe_emergence.model.router",
     "build_gpt2": "moe_emergence.model.gpt2_moe",
     "collect_aux_outputs": "moe_emergence.model.gpt2_moe",
     "count_parameters": "moe_emergence.model.gpt2_moe",
     "install_moe_layers": "moe_emergence.model.gpt2_moe",
-    "load_balancing_loss": "moe_emergence.model.moe",
+    "load_balancing_loss": "moe_emergence.model.losses",
     "moe_layers": "moe_emergence.model.gpt2_moe",
     "routing_domains": "moe_emergence.model.gpt2_moe",
     "set_router_step": "moe_emergence.model.gpt2_moe",
-    "z_loss": "moe_emergence.model.moe",
+    "z_loss": "moe_emergence.model.losses",
 }
 
 __all__ = [

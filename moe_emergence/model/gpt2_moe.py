@@ -18,14 +18,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from moe_emergence.errors import UserError
 from moe_emergence.hub import HubUnavailableError, resolve_repo
-from moe_emergence.model.moe import (
-    PARAMETERS_OF_MLP,
-    MoELayer,
-    StackedExperts,
-    check_dispatch,
-    check_lb_settings,
-    hash_parameters,
-)
+from moe_emergence.model.experts import PARAMETERS_OF_MLP, StackedExperts
+from moe_emergence.model.losses import check_lb_settings
+from moe_emergence.model.moe import MoELayer
+from moe_emergence.model.router import hash_parameters
 from moe_emergence.model.settings import ModelSettings, MoESettings
 from moe_emergence.settings import is_int
 
@@ -181,7 +177,7 @@ def install_moe_layers(
     ``router`` (``model.moe.router``): every kind draws the same numbers, so a model of one
     seed has the same experts whatever its router, and a ``frozen`` router the initial gate of
     the ``learned`` one (it is that gate, then frozen). A ``hash`` router of block i hashes
-    with :func:`~moe_emergence.model.moe.hash_parameters` ``(seed, i)``; the GPT-2 body gets a
+    with :func:`~moe_emergence.model.router.hash_parameters` ``(seed, i)``; the GPT-2 body gets a
     pre-hook that hands each forward's ``input_ids`` to its MoE layers.
     """
     blocks = model.transformer.h
@@ -199,7 +195,6 @@ def install_moe_layers(
         seen.add(i)
     if init_noise < 0:
         raise UserError(f"init_noise must be >= 0, got {init_noise}")
-    check_dispatch(dispatch)
 
     generator = torch.Generator().manual_seed(seed)
     installed = []

@@ -27,7 +27,8 @@ from moe_emergence.model.gpt2_moe import (
     set_load_balancing,
     set_router_step,
 )
-from moe_emergence.model.moe import check_domain_map, check_lb_settings, router_entropy
+from moe_emergence.model.losses import check_lb_settings, router_entropy
+from moe_emergence.model.router import check_domain_map
 from moe_emergence.model.settings import ModelSettings, MoESettings
 
 log = logging.getLogger(__name__)
