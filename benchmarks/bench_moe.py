@@ -72,7 +72,8 @@ On a GPU (compile off and on; add ``--batch 8`` for the study's batch)::
 
 ``--compile on`` with ``--dispatch grouped`` needs ``--bf16`` (compile's shape check of the
 grouped GEMM accepts bf16 only). It uses no data and no network, and is not part of the test
-run (``tests/test_bench_moe.py`` runs it at toy shapes).
+run (``tests/test_bench_moe.py`` runs it at toy shapes). The timed steps and the FLOPs and
+memory figures are in ``moe_timing.py`` beside it.
 """
 
 from __future__ import annotations
@@ -84,23 +85,25 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from machine import machine_info
-
-from moe_emergence.model.gpt2_moe import (
-    build_gpt2,
-    collect_aux_outputs,
-    count_parameters,
-    install_moe_layers,
-    moe_layers,
-    next_token_losses,
+from moe_timing import (
+    flops_per_token,
+    interleaved,
+    layer_step,
+    model_step,
+    peak_flops,
+    resident_bytes,
 )
+
+from moe_emergence.model.gpt2_moe import build_gpt2, install_moe_layers, moe_layers
 from moe_emergence.model.moe import DISPATCHES, grouped_fits
 
-LB_WEIGHT, Z_WEIGHT = 0.01, 0.001
+# what tests/test_bench_moe.py uses of this script
+__all__ = ["flops_per_token", "main", "parse_args", "run_config"]
+
 MIB = 2**20
 
 # Shapes: the synthetic default, and --real-shape (GPT-2 124M, MoE in blocks 8-11).
@@ -127,12 +130,9 @@ REAL_SHAPE = {
     "vocab_size": 50257,
 }
 
-# bf16 dense peak TFLOP/s by CUDA device name (first match wins; PCIe before the SXM default).
-PEAK_TFLOPS_BF16 = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and MoE shape flags (None: the shape's default, filled by parse_args)."""
     parser.add_argument(
         "--real-shape",
         action="store_true",
@@ -165,6 +165,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--moe-layer", type=int, nargs="+", help="MoE blocks; default 1 (real shape 8 9 10 11)"
     )
     parser.add_argument("--vocab-size", type=int, help="default 8192 (real shape 50257)")
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The timing, device and output flags."""
     parser.add_argument(
         "--repeat", type=int, help="timed runs; the median is kept (default: 5 on CPU, 10 CUDA)"
     )
@@ -182,8 +186,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="device peak TFLOP/s for MFU (default: looked up by CUDA device name with --bf16)",
     )
     parser.add_argument("--json-only", action="store_true", help="print only the JSON line")
-    args = parser.parse_args(argv)
 
+
+def _fill_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The shape's defaults (DEFAULTS or REAL_SHAPE) for flags not given, then the device's."""
     shape = REAL_SHAPE if args.real_shape else DEFAULTS
     for name, value in shape.items():
         if getattr(args, name) is None:
@@ -202,6 +208,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.repeat = 10 if cuda else 5
     if args.warmup is None:
         args.warmup = 3 if cuda else 1
+
+
+def _check_shape(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.repeat < 1 or args.warmup < 0:
         parser.error("--repeat must be >= 1 and --warmup >= 0")
     for name in ("d_model", "n_head", "block_size", "batch", "n_layer", "vocab_size"):
@@ -220,6 +229,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [i for i in args.moe_layer if not 0 <= i < args.n_layer]
     if bad or len(set(args.moe_layer)) != len(args.moe_layer):
         parser.error(f"--moe-layer must be distinct blocks in [0, {args.n_layer}) (--n-layer)")
+
+
+def _check_moe(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if min(args.experts) < 1:
         parser.error("--experts must all be >= 1")
     if not 1 <= args.top_k <= min(args.experts):
@@ -237,140 +249,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         parser.error("--peak-tflops must be > 0")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    _add_shape_arguments(parser)
+    _add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    _fill_defaults(parser, args)
+    _check_shape(parser, args)
+    _check_moe(parser, args)
     return args
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued kernels, so that a timer reads finished work (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# --------------------------------------------------------------------------- steps
-
-
-def model_step(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    ids: torch.Tensor,
-    moe: bool,
-    autocast: Callable[[], Any],
-) -> Callable[[], None]:
-    """One training step: forward, loss (LM + aux for the MoE model), backward, AdamW."""
-
-    def step() -> None:
-        with autocast():
-            logits = model(input_ids=ids).logits
-            loss = next_token_losses(logits, ids).mean()  # the training module's loss
-            if moe:
-                aux = collect_aux_outputs(model)
-                loss = loss + LB_WEIGHT * aux.lb_loss + Z_WEIGHT * aux.z_loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
-def layer_step(
-    layer: torch.nn.Module,
-    x: torch.Tensor,
-    grad: torch.Tensor,
-    moe: bool,
-    autocast: Callable[[], Any],
-) -> Callable[[], None]:
-    """The layer alone: forward, backward of ``(out * grad).sum()`` (+ aux losses for MoE)."""
-
-    def step() -> None:
-        with autocast():
-            loss = (layer(x) * grad).sum()
-            if moe:
-                loss = loss + LB_WEIGHT * layer.last_lb_loss + Z_WEIGHT * layer.last_z_loss
-        loss.backward()
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-
-    return step
-
-
-def interleaved(
-    steps: dict[str, Callable[[], None]],
-    repeat: int,
-    warmup: int,
-    device: torch.device,
-    first: bool = False,
-) -> tuple[dict[str, list[float]], dict[str, float | None], dict[str, int | None]]:
-    """Seconds of each step per timed run (the steps alternate order every run); the seconds
-    of one extra untimed first step each where ``first`` (compilation), else None; and on CUDA
-    the most each step allocated above what was allocated before it (bytes), else None."""
-    names = list(steps)
-    first_s: dict[str, float | None] = dict.fromkeys(names)
-    if first:
-        for name in names:
-            synchronize(device)
-            start = time.perf_counter()
-            steps[name]()
-            synchronize(device)
-            first_s[name] = round(time.perf_counter() - start, 2)
-    for _ in range(warmup):
-        for name in names:
-            steps[name]()
-    cuda = device.type == "cuda"
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    peak: dict[str, int | None] = {name: 0 if cuda else None for name in names}
-    for r in range(repeat):
-        for name in names if r % 2 == 0 else names[::-1]:
-            synchronize(device)
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-                before = torch.cuda.memory_allocated(device)
-            start = time.perf_counter()
-            steps[name]()
-            synchronize(device)
-            seconds[name].append(time.perf_counter() - start)
-            if cuda:
-                above = torch.cuda.max_memory_allocated(device) - before
-                peak[name] = max(peak[name], above)
-    return seconds, first_s, peak
-
-
-# --------------------------------------------------------------------------- FLOPs
-
-
-def flops_per_token(model: torch.nn.Module, block_size: int) -> int:
-    """PaLM / nanoGPT estimate: ``6 * N + 12 * n_layer * n_embd * block_size``, N the active
-    parameters but the position embeddings (the tied token embeddings count once, as the LM
-    head)."""
-    config = model.config
-    active = count_parameters(model)["active"] - model.transformer.wpe.weight.numel()
-    return 6 * active + 12 * config.n_layer * config.n_embd * block_size
-
-
-def peak_flops(args: argparse.Namespace) -> float | None:
-    """The device's peak FLOP/s for MFU: ``--peak-tflops``, else the bf16 peak looked up by
-    CUDA device name (with ``--bf16``), else None."""
-    if args.peak_tflops is not None:
-        return args.peak_tflops * 1e12
-    if not (args.device.startswith("cuda") and args.bf16):
-        return None
-    name = torch.cuda.get_device_name(args.device)
-    for key, tflops in PEAK_TFLOPS_BF16:
-        if key in name:
-            return tflops * 1e12
-    return None
-
-
-def tensor_bytes(tensors: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
-def resident_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
-    """Bytes of the module's parameters and the optimizer's state (grads are freed per step)."""
-    total = tensor_bytes(module.parameters())
-    if optimizer is not None:
-        for state in optimizer.state.values():
-            total += tensor_bytes(state.values())
-    return total
 
 
 # --------------------------------------------------------------------------- one configuration
@@ -394,26 +283,24 @@ def build_pair(args: argparse.Namespace, n_experts: int, dispatch: str) -> tuple
     return dense.to(device).train(), moe.to(device).train()
 
 
-def run_config(
-    args: argparse.Namespace, n_experts: int, dispatch: str, compiled: bool
-) -> dict[str, Any]:
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    if compiled:
-        torch._dynamo.reset()  # no cache entries (or recompile budget) left from other configs
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    dense, moe = build_pair(args, n_experts, dispatch)
-    tokens = args.batch * args.block_size
+def _inputs(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Token ids [batch, block] for the models; a layer input x [batch, block, d] (requires
+    grad) and the output gradient g of its shape for the layers, all seeded."""
     generator = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, args.vocab_size, (args.batch, args.block_size), generator=generator)
     x = torch.randn(args.batch, args.block_size, args.d_model, generator=generator)
     grad = torch.randn(x.shape, generator=generator)
     ids, x, grad = ids.to(device), x.to(device), grad.to(device)
     x.requires_grad_(True)
+    return ids, x, grad
 
-    # The layers timed alone are copies, so that compiling them leaves the models' blocks alone.
+
+def _layer_pair(
+    args: argparse.Namespace, dense: Any, moe: Any, compiled: bool
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Copies of the first MoE layer and the dense MLP it replaced, so that compiling them
+    leaves the models' blocks alone; with ``compiled`` every block of both models and both
+    copies are compiled in place."""
     block = args.moe_layer[0]
     moe_layer = copy.deepcopy(moe.transformer.h[block].mlp)
     dense_mlp = copy.deepcopy(dense.transformer.h[block].mlp)
@@ -423,12 +310,67 @@ def run_config(
                 b.compile()
         moe_layer.compile()
         dense_mlp.compile()
+    return moe_layer, dense_mlp
+
+
+def _by_part(model: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """``{"model_moe", "model_dense", "layer_moe", "layer_dense"}`` of two per-kind dicts."""
+    return {
+        f"{part}_{kind}": runs[kind]
+        for part, runs in (("model", model), ("layer", layer))
+        for kind in ("moe", "dense")
+    }
+
+
+def _memory(
+    device: torch.device, models: dict[str, Any], opt: dict[str, Any], step_peak: dict
+) -> dict[str, float | None]:
+    """Peak MiB on CUDA (None elsewhere): ``all`` over the configuration, and per model its
+    parameters and AdamW state plus the most its step allocated above what was before it."""
+    mem: dict[str, float | None] = {"all": None, "moe": None, "dense": None}
+    if device.type == "cuda":
+        mem["all"] = round(torch.cuda.max_memory_allocated(device) / MIB, 1)
+        for kind, model in models.items():
+            static = resident_bytes(model, opt[kind])
+            mem[kind] = round((static + step_peak[kind]) / MIB, 1)
+    return mem
+
+
+def _throughput(
+    args: argparse.Namespace, models: dict[str, Any], med: dict[str, float]
+) -> dict[str, Any]:
+    """Per kind (moe, dense): tokens/s of the step, FLOPs per token and MFU (None without a
+    peak); and the peak TFLOP/s used."""
+    tokens = args.batch * args.block_size
+    peak = peak_flops(args)
+    flops = {kind: flops_per_token(models[kind], args.block_size) for kind in ("moe", "dense")}
+    tokens_per_s = {kind: tokens / med[f"model_{kind}"] for kind in ("moe", "dense")}
+    mfu = {
+        kind: None if peak is None else float(f"{flops[kind] * tokens_per_s[kind] / peak:.4g}")
+        for kind in ("moe", "dense")
+    }
+    return {
+        "tokens_per_s": tokens_per_s,
+        "flops": flops,
+        "mfu": mfu,
+        "peak_tflops": None if peak is None else peak / 1e12,
+    }
+
+
+def _time_steps(
+    args: argparse.Namespace, device: torch.device, dense: Any, moe: Any, compiled: bool
+) -> dict[str, Any]:
+    """The model steps, then the layers alone, each pair interleaved: per-run seconds,
+    first-step seconds, per-step peak bytes, the optimizers and the dispatch paths run."""
+    ids, x, grad = _inputs(args, device)
+    moe_layer, dense_mlp = _layer_pair(args, dense, moe, compiled)
 
     def autocast() -> Any:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if cuda else None)
+        fused = True if device.type == "cuda" else None
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
 
     opt = {"moe": optimizer(moe), "dense": optimizer(dense)}
     model_s, model_first, model_peak = interleaved(
@@ -452,42 +394,42 @@ def run_config(
         first=compiled,
     )
     ran = sorted({layer.last_dispatch for layer in moe_layers(moe).values()})
-    layer_ran = moe_layer.last_dispatch
-    med = {
-        f"{part}_{kind}": statistics.median(runs[kind])
-        for part, runs in (("model", model_s), ("layer", layer_s))
-        for kind in ("moe", "dense")
+    return {
+        "seconds": _by_part(model_s, layer_s),
+        "first_s": _by_part(model_first, layer_first),
+        "model_peak": model_peak,
+        "opt": opt,
+        "ran": ran[0] if len(ran) == 1 else ran,
+        "layer_ran": moe_layer.last_dispatch,
     }
-    first_s = {
-        f"{part}_{kind}": first[kind]
-        for part, first in (("model", model_first), ("layer", layer_first))
-        for kind in ("moe", "dense")
-    }
-    mem: dict[str, float | None] = {"all": None, "moe": None, "dense": None}
-    if cuda:
-        mem["all"] = round(torch.cuda.max_memory_allocated(device) / MIB, 1)
-        for kind, model in (("moe", moe), ("dense", dense)):
-            static = resident_bytes(model, opt[kind])
-            mem[kind] = round((static + model_peak[kind]) / MIB, 1)
-    peak = peak_flops(args)
-    flops = {
-        "moe": flops_per_token(moe, args.block_size),
-        "dense": flops_per_token(dense, args.block_size),
-    }
-    tokens_per_s = {kind: tokens / med[f"model_{kind}"] for kind in ("moe", "dense")}
-    mfu = {
-        kind: None if peak is None else float(f"{flops[kind] * tokens_per_s[kind] / peak:.4g}")
-        for kind in ("moe", "dense")
-    }
+
+
+def run_config(
+    args: argparse.Namespace, n_experts: int, dispatch: str, compiled: bool
+) -> dict[str, Any]:
+    device = torch.device(args.device)
+    if compiled:
+        torch._dynamo.reset()  # no cache entries (or recompile budget) left from other configs
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    dense, moe = build_pair(args, n_experts, dispatch)
+    timed = _time_steps(args, device, dense, moe, compiled)
+    seconds = timed["seconds"]
+    med = {name: statistics.median(runs) for name, runs in seconds.items()}
+    models = {"moe": moe, "dense": dense}
+    mem = _memory(device, models, timed["opt"], timed["model_peak"])
+    rate = _throughput(args, models, med)
+    tokens = args.batch * args.block_size
     return {
         "n_experts": n_experts,
         "top_k": args.top_k,
         "dispatch": dispatch,
-        "dispatch_ran": ran[0] if len(ran) == 1 else ran,
-        "layer_dispatch_ran": layer_ran,
+        "dispatch_ran": timed["ran"],
+        "layer_dispatch_ran": timed["layer_ran"],
         "compile": "on" if compiled else "off",
-        "moe_tokens_per_s": round(tokens_per_s["moe"], 1),
-        "dense_tokens_per_s": round(tokens_per_s["dense"], 1),
+        "moe_tokens_per_s": round(rate["tokens_per_s"]["moe"], 1),
+        "dense_tokens_per_s": round(rate["tokens_per_s"]["dense"], 1),
         "ratio": round(med["model_dense"] / med["model_moe"], 3),
         "layer_moe_tokens_per_s": round(tokens / med["layer_moe"], 1),
         "layer_dense_tokens_per_s": round(tokens / med["layer_dense"], 1),
@@ -495,17 +437,13 @@ def run_config(
         "peak_mem_mb": mem["all"],
         "moe_peak_mem_mb": mem["moe"],
         "dense_peak_mem_mb": mem["dense"],
-        "moe_flops_per_token": flops["moe"],
-        "dense_flops_per_token": flops["dense"],
-        "peak_tflops": None if peak is None else peak / 1e12,
-        "moe_mfu": mfu["moe"],
-        "dense_mfu": mfu["dense"],
-        "first_step_s": first_s if compiled else None,
-        "seconds": {
-            f"{part}_{kind}": [round(s, 4) for s in runs[kind]]
-            for part, runs in (("model", model_s), ("layer", layer_s))
-            for kind in ("moe", "dense")
-        },
+        "moe_flops_per_token": rate["flops"]["moe"],
+        "dense_flops_per_token": rate["flops"]["dense"],
+        "peak_tflops": rate["peak_tflops"],
+        "moe_mfu": rate["mfu"]["moe"],
+        "dense_mfu": rate["mfu"]["dense"],
+        "first_step_s": timed["first_s"] if compiled else None,
+        "seconds": {name: [round(t, 4) for t in runs] for name, runs in seconds.items()},
     }
 
 

@@ -8,7 +8,6 @@ steps), so only its argument check is tested here.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shlex
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.script import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
@@ -44,11 +44,7 @@ TINY = [
 def bench(monkeypatch):
     """``bench_moe`` imported as the script runs (its ``from machine import ...`` needs the
     benchmarks folder on sys.path)."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("bench_moe", BENCHMARKS / "bench_moe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCHMARKS / "bench_moe.py", monkeypatch)
 
 
 def run(bench, capsys, *argv: str) -> dict:

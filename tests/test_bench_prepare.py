@@ -9,7 +9,6 @@ No timing is asserted.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from helpers.script import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
@@ -53,11 +53,7 @@ SUMMARY_KEYS = {
 def bench(monkeypatch) -> ModuleType:
     """``bench_prepare`` imported as the script runs (its ``from machine import ...`` needs the
     benchmarks folder on sys.path)."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("bench_prepare", BENCHMARKS / "bench_prepare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCHMARKS / "bench_prepare.py", monkeypatch)
 
 
 @pytest.fixture(scope="module")

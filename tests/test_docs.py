@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 from helpers.mirror import SHARED_HUB
+from helpers.script import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -255,15 +256,6 @@ def parse_with(where: str, parse_args, args: list[str], capsys) -> None:
             pytest.fail(f"{where}: {' '.join(args)}: {capsys.readouterr().err.strip()}")
 
 
-def load_script(path: Path, monkeypatch):
-    """A benchmark script imported as it runs (its own folder on sys.path)."""
-    monkeypatch.syspath_prepend(str(path.parent))
-    spec = importlib.util.spec_from_file_location(f"docs_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_help(where: str, argv: list[str]) -> None:
     """A ``--help`` command, run as written from the repo root (cheap: it loads nothing)."""
     exe = [sys.executable, *argv[1:]]
@@ -287,7 +279,7 @@ def check_python(where: str, argv: list[str], monkeypatch, capsys) -> None:
     elif args and args[0].startswith("benchmarks/") and args[0].endswith(".py"):
         script = ROOT / args[0]
         assert script.is_file(), f"{where}: {args[0]} does not exist"
-        module = load_script(script, monkeypatch)
+        module = load_script(script, monkeypatch, f"docs_{script.stem}")
         if "--device" in args and any(a.startswith("cuda") for a in args):
             # parse as on a GPU machine: the flags are what is checked, not this machine
             monkeypatch.setattr(module.torch.cuda, "is_available", lambda: True)

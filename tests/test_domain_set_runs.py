@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from helpers.mirror import SHARED_HUB
-from helpers.script import run_train
+from helpers.script import train_in
 
 from moe_emergence.analysis import sweep_plots
 from moe_emergence.analysis.analyze import main as analyze
@@ -43,7 +43,8 @@ def trained(request, tmp_path_factory) -> tuple[Path, tuple[str, ...]]:
     """``experiment=debug`` (4 steps, routing every 2, a checkpoint every 2) on the set."""
     overrides, domains = SETS[request.param]
     root = tmp_path_factory.mktemp(request.param)
-    proc = run_train(
+    run = train_in(
+        root,
         "experiment=debug",
         f"data.hub_mirror={SHARED_HUB}",
         f"data.tokenizer={SHARED_HUB / 'gpt2'}",
@@ -52,13 +53,9 @@ def trained(request, tmp_path_factory) -> tuple[Path, tuple[str, ...]]:
         "trainer.max_steps=4",
         "callbacks.routing_analysis.every_n_steps=2",
         "callbacks.model_checkpoint.every_n_train_steps=2",
-        f"data.cache_dir={root / 'cache'}",
-        f"hydra.run.dir={root / 'run'}",
         *overrides,
-        cwd=root,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root / "run", domains
+    return run, domains
 
 
 def test_routing_outputs_carry_the_sets_domains(trained):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers.configs import tiny_overrides
 from helpers.old_layout import write_per_expert_copy
-from helpers.script import assert_one_error_line, run_train
+from helpers.script import assert_one_error_line, train_in
 
 from moe_emergence.analysis.analyze import main
 from moe_emergence.analysis.tables import SATURATION, read_table
@@ -36,7 +36,8 @@ def sweep(tiny_mirror, tiny_tokenizer_dir, tmp_path_factory) -> Path:
     checkpoint every 2, validation and routing analysis every 2, 20% of texts held out."""
     root = tmp_path_factory.mktemp("analyze")
     args = tiny_overrides(tiny_mirror, tiny_tokenizer_dir, None)  # each job's own folder
-    proc = run_train(
+    return train_in(
+        root,
         "-m",
         "condition=top1,dense",
         "seed=1,2",
@@ -47,12 +48,7 @@ def sweep(tiny_mirror, tiny_tokenizer_dir, tmp_path_factory) -> Path:
         "trainer.val_check_interval=2",
         "trainer.check_val_every_n_epoch=null",
         "callbacks.routing_analysis.every_n_steps=2",
-        f"data.cache_dir={root / 'cache'}",
-        f"hydra.sweep.dir={root / 'sweep'}",
-        cwd=root,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root / "sweep"
 
 
 def _analyze(capsys, *args: str) -> tuple[int, str, str]:

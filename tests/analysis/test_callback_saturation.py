@@ -9,13 +9,12 @@ stand-in for training), on a size-matched probe that leaves tokens unscored."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from helpers.callback import stub_trainer
 from helpers.moe import tiny_module
 
 from moe_emergence.analysis import callback as callback_module
@@ -42,18 +41,6 @@ def _probe(domains):
     probe = size_matched(make_probe(ids, block_domains, domains, "held_out", texts))
     assert probe.scored.sum() == 18 * len(domains) and probe.scored.shape == ids.shape
     return probe
-
-
-def _trainer(tmp_path, loggers=()):
-    return SimpleNamespace(
-        global_step=0,
-        global_rank=0,
-        world_size=1,
-        default_root_dir=str(tmp_path),
-        datamodule=None,
-        precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext),
-        loggers=list(loggers),
-    )
 
 
 def _callback(name, trainer, module, tmp_path) -> RoutingAnalysis:
@@ -95,7 +82,7 @@ def setup(tmp_path, monkeypatch):
     module = tiny_module(moe={"layers": list(LAYERS), "n_experts": N_EXPERTS, "top_k": 2})
     probe = _probe(module.domains)
     monkeypatch.setattr(callback_module, "build_probe", lambda *args, **kwargs: probe)
-    return module, probe, _trainer(tmp_path)
+    return module, probe, stub_trainer(tmp_path)
 
 
 def test_saturation_at_the_end_is_analyzes_on_every_analysis_step(setup, tmp_path):

@@ -7,7 +7,6 @@ says, and the saturation figure at the end; rank 0 only."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers.callback import stub_trainer, two_document_probe
 from helpers.configs import tiny_overrides
 from helpers.moe import tiny_module
 from lightning.pytorch.loggers import Logger, WandbLogger
@@ -33,7 +33,6 @@ from moe_emergence.analysis.logger_sink import (
     log_saturation_scalars,
     routing_scalars,
 )
-from moe_emergence.analysis.probe import make_probe
 from moe_emergence.analysis.tables import read_table
 from moe_emergence.config import compose_config, config_dir
 from moe_emergence.train import train
@@ -141,16 +140,6 @@ def test_a_run_logs_its_routing_tables_to_csv_and_tensorboard(
     assert in_csv == expected  # written as repr: equal to the tables' values
 
 
-def _probe(domains, vocab_size: int, block_size: int):
-    """Two documents of two blocks per domain."""
-    rng = np.random.default_rng(0)
-    n = 4 * len(domains)
-    ids = rng.integers(0, vocab_size, size=(n, block_size))
-    block_domains = np.repeat(np.arange(len(domains)), 4)
-    texts = np.repeat(np.tile([0, 0, 1, 1], len(domains))[:, None], block_size, axis=1)
-    return make_probe(ids, block_domains, domains, "held_out", texts)
-
-
 @pytest.mark.parametrize(
     ("log_figures", "image_steps"), [("end", [4]), ("every", [0, 4]), ("never", [])]
 )
@@ -158,20 +147,10 @@ def test_log_figures_says_when_the_figures_go(log_figures, image_steps, tmp_path
     """The callback's own hooks on a tiny model: analyses at step 0 and at the end (step 4)."""
     torch.manual_seed(0)
     module = tiny_module()
-    probe = _probe(module.domains, vocab_size=32, block_size=8)
+    probe = two_document_probe(module.domains, vocab_size=32, block_size=8)
     monkeypatch.setattr(callback_module, "build_probe", lambda *args, **kwargs: probe)
     wandb, plain = RecordingWandb(), Recording()
-    trainer = SimpleNamespace(
-        global_step=0,
-        global_rank=0,
-        world_size=1,
-        default_root_dir=str(tmp_path),
-        datamodule=None,
-        precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext),
-        max_steps=0,
-        progress_bar_callback=None,
-        loggers=[wandb, plain],
-    )
+    trainer = stub_trainer(tmp_path, [wandb, plain])
     callback = RoutingAnalysis(batch_size=4, null_permutations=9, log_figures=log_figures)
     callback.setup(trainer, module, "fit")
     callback.on_train_start(trainer, module)

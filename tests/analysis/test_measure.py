@@ -5,13 +5,13 @@ and those rows are what the columns of tables.py say."""
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from helpers.callback import stub_trainer, two_document_probe
 from helpers.moe import tiny_module
 
 from moe_emergence.analysis import callback as callback_module
@@ -42,34 +42,14 @@ STEP = 3
 SETTINGS = {"batch_size": 4, "null_permutations": 19, "null_seed": 5}
 
 
-def _probe(domains, vocab_size: int, block_size: int):
-    """Two documents of two blocks per domain."""
-    rng = np.random.default_rng(0)
-    n = 4 * len(domains)
-    ids = rng.integers(0, vocab_size, size=(n, block_size))
-    block_domains = np.repeat(np.arange(len(domains)), 4)
-    texts = np.repeat(np.tile([0, 0, 1, 1], len(domains))[:, None], block_size, axis=1)
-    return make_probe(ids, block_domains, domains, "held_out", texts)
-
-
 def test_callback_and_analyze_write_the_same_routing_tables(tmp_path, monkeypatch):
     torch.manual_seed(0)
     module = tiny_module(moe={"layers": [0, 1], "n_experts": 4, "top_k": 2})
-    probe = _probe(module.domains, vocab_size=32, block_size=8)
+    probe = two_document_probe(module.domains, vocab_size=32, block_size=8)
 
     # Training time: the callback's own hooks, on one rank, with this probe.
     monkeypatch.setattr(callback_module, "build_probe", lambda *args, **kwargs: probe)
-    trainer = SimpleNamespace(
-        global_step=STEP,
-        global_rank=0,
-        world_size=1,
-        default_root_dir=str(tmp_path),
-        datamodule=None,
-        precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext),
-        max_steps=STEP,
-        progress_bar_callback=None,
-        loggers=[],
-    )
+    trainer = stub_trainer(tmp_path, global_step=STEP)
     callback = RoutingAnalysis(**SETTINGS, out_dir=str(tmp_path / "callback"))
     callback.setup(trainer, module, "fit")
     callback.on_train_start(trainer, module)  # a fresh run: analyses the probe at STEP
@@ -118,7 +98,7 @@ def test_callback_and_analyze_write_the_same_routing_tables(tmp_path, monkeypatc
 
 def test_routing_rows_follow_the_columns_and_the_tables():
     domains = ("code", "math", "prose")
-    probe = _probe(domains, vocab_size=32, block_size=8)
+    probe = two_document_probe(domains, vocab_size=32, block_size=8)
     module = tiny_module(moe={"layers": [1], "n_experts": 3})
     routed = route_blocks(module.model, torch.from_numpy(probe.input_ids), 4)
     experts = {layer: e.numpy() for layer, e in routed.experts.items()}
@@ -234,19 +214,9 @@ def test_the_callback_says_its_cost_first_shows_progress_and_times_each_analysis
     # each one routes and draws, a bar moves over the probe blocks and the null draws (rank 0,
     # when the trainer shows its own bar), and each analysis says its time when done.
     module = tiny_module(moe={"layers": [0, 1], "n_experts": 4})
-    probe = _probe(module.domains, vocab_size=32, block_size=8)
+    probe = two_document_probe(module.domains, vocab_size=32, block_size=8)
     monkeypatch.setattr(callback_module, "build_probe", lambda *args, **kwargs: probe)
-    trainer = SimpleNamespace(
-        global_step=0,
-        global_rank=0,
-        world_size=1,
-        default_root_dir=str(tmp_path),
-        datamodule=None,
-        precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext),
-        max_steps=450,
-        progress_bar_callback=object(),
-        loggers=[],
-    )
+    trainer = stub_trainer(tmp_path, max_steps=450, progress_bar=object())
     callback = RoutingAnalysis(**SETTINGS, every_n_steps=200)
     callback.setup(trainer, module, "fit")
     with caplog.at_level("INFO", logger=callback_module.log.name):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.script import run_train
+from helpers.script import train_in
 
 from moe_emergence.analysis.analyze import main as analyze
 from moe_emergence.analysis.evaluate import rebuild_probe
@@ -33,7 +33,8 @@ def runs(tmp_path_factory, sample_cache) -> dict[str, Path]:
     runs on 0.05 MB of the sample corpus, 10% of texts held out, with no floor (the split of the
     code before it) and with the floor of 20."""
     root = tmp_path_factory.mktemp("old-runs")
-    proc = run_train(
+    sweep = train_in(
+        root,
         "-m",
         "experiment=debug",
         "data/domains=sample",
@@ -41,13 +42,10 @@ def runs(tmp_path_factory, sample_cache) -> dict[str, Path]:
         "data.eval_fraction=0.1",
         "data.eval_min_texts=0,20",
         "trainer.max_steps=2",
-        f"data.cache_dir={sample_cache}",
-        f"hydra.sweep.dir={root / 'sweep'}",
-        cwd=root,
+        cache_dir=sample_cache,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     found = {}
-    for run_dir in (p for p in (root / "sweep").iterdir() if (p / ".hydra").is_dir()):
+    for run_dir in (p for p in sweep.iterdir() if (p / ".hydra").is_dir()):
         overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
         found["no_floor" if "eval_min_texts=0" in overrides else "floor"] = run_dir
     return found

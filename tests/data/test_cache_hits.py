@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.data import prep, tiny_settings
+from helpers.data import prep, tiny_datamodule_kwargs, tiny_settings
 
 from moe_emergence import files as files_module
 from moe_emergence.data import MixedDomainDataModule
@@ -81,13 +81,9 @@ def test_datamodule_hit_hashes_no_cache_file_and_keeps_its_fingerprint(
 ):
     def datamodule(**extra) -> MixedDomainDataModule:
         dm = MixedDomainDataModule(
-            size_mb=1.0,
-            block_size=32,
-            tokenizer=str(tiny_tokenizer_dir),
-            hub_mirror=str(tiny_mirror),
-            cache_dir=str(tmp_path / "cache"),
-            report_dir=str(tmp_path),
-            show_progress=False,
+            **tiny_datamodule_kwargs(
+                tiny_mirror, tiny_tokenizer_dir, tmp_path / "cache", 32, report_dir=str(tmp_path)
+            ),
             **extra,
         )
         dm.prepare_data()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from helpers.data import tiny_datamodule_kwargs
 
 from moe_emergence.data import MixedDomainDataModule
 
@@ -44,14 +45,12 @@ class RecordBlocks(L.LightningModule):
 def test_two_ranks_get_disjoint_blocks_covering_the_dataset(
     tiny_mirror, tiny_tokenizer_dir, tmp_path
 ):
-    settings = dict(
-        size_mb=1.0,
-        block_size=16,
-        tokenizer=str(tiny_tokenizer_dir),
-        hub_mirror=str(tiny_mirror),
-        cache_dir=str(tmp_path / "cache"),
+    settings = tiny_datamodule_kwargs(
+        tiny_mirror,
+        tiny_tokenizer_dir,
+        tmp_path / "cache",
+        16,
         batch_size=3,
-        show_progress=False,
         report_dir=str(tmp_path / "report"),
     )
     trainer = L.Trainer(

@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers.data import tiny_datamodule_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from moe_emergence.data import MixedDomainDataModule
@@ -74,14 +75,8 @@ def full_run(tiny_mirror, tiny_tokenizer_dir, tmp_path_factory) -> FullRun:
     """Two uninterrupted epochs of ~7 batches of 16 blocks of 64 tokens; a checkpoint after
     every step (ckpt/step) and at the end of every epoch (ckpt/epoch)."""
     root = tmp_path_factory.mktemp("full")
-    settings = dict(
-        size_mb=1.0,
-        block_size=64,
-        tokenizer=str(tiny_tokenizer_dir),
-        hub_mirror=str(tiny_mirror),
-        cache_dir=str(root / "cache"),
-        batch_size=BATCH,
-        show_progress=False,
+    settings = tiny_datamodule_kwargs(
+        tiny_mirror, tiny_tokenizer_dir, root / "cache", 64, batch_size=BATCH
     )
     checkpoints = [
         ModelCheckpoint(dirpath=root / "ckpt" / "step", every_n_train_steps=1, save_top_k=-1),

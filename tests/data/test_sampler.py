@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from helpers.data import tiny_datamodule_kwargs
 from torch.utils.data import DistributedSampler
 
 from moe_emergence.data import MixedDomainDataModule
@@ -62,15 +63,15 @@ def fake_trainer(world: int, rank: int, root) -> SimpleNamespace:
 @pytest.fixture
 def held_out_dm(tiny_mirror, tiny_tokenizer_dir, tmp_path):
     dm = MixedDomainDataModule(
-        size_mb=1.0,
-        block_size=64,
-        tokenizer=str(tiny_tokenizer_dir),
-        hub_mirror=str(tiny_mirror),
-        cache_dir=str(tmp_path / "cache"),
-        batch_size=4,
-        eval_fraction=0.2,
-        eval_min_texts=0,
-        show_progress=False,
+        **tiny_datamodule_kwargs(
+            tiny_mirror,
+            tiny_tokenizer_dir,
+            tmp_path / "cache",
+            64,
+            batch_size=4,
+            eval_fraction=0.2,
+            eval_min_texts=0,
+        )
     )
     dm.trainer = fake_trainer(2, 0, tmp_path)
     dm.setup("fit")

@@ -1,4 +1,5 @@
-"""Running the top-level ``train.py`` in-process, and reading its one-line errors."""
+"""Running the top-level ``train.py`` (in a subprocess or in-process), importing a script as it
+runs (the benchmarks), and reading one-line errors."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -41,6 +43,19 @@ def run_train(
     )
 
 
+def train_in(root: Path, *args: str, cache_dir: Path | None = None) -> Path:
+    """``python train.py <args>`` run in ``root`` (:func:`run_train`), which must exit 0 (the
+    tail of its stderr shown if not), the token cache in ``cache_dir`` (default
+    ``root/cache``) and the outputs in ``root/sweep`` with ``-m`` (Hydra's sweep folder), else
+    in ``root/run``. Returns that outputs folder."""
+    kind = "sweep" if "-m" in args else "run"
+    out = root / kind
+    cache = root / "cache" if cache_dir is None else cache_dir
+    proc = run_train(*args, f"data.cache_dir={cache}", f"hydra.{kind}.dir={out}", cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
 def run_train_script(monkeypatch: pytest.MonkeyPatch, *overrides: str) -> int:
     """``python train.py <overrides>`` in this process (config from the repo's conf/); the
     exit status it ends with (the cases tested here all end in SystemExit)."""
@@ -58,3 +73,13 @@ def assert_one_error_line(stderr: str, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+def load_script(path: Path, monkeypatch: pytest.MonkeyPatch, name: str | None = None) -> ModuleType:
+    """The script at ``path`` imported as it runs (its own folder on sys.path, for the
+    benchmarks' ``from machine import ...``), as module ``name`` (default: its stem)."""
+    monkeypatch.syspath_prepend(str(path.parent))
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
