@@ -17,7 +17,7 @@ from moe_emergence.analysis.heldout import (
     token_gain_batch,
     within_document_shuffle_batches,
 )
-from moe_emergence.analysis.score_probe import ProbeArrays, _probe, document_folds
+from moe_emergence.analysis.score_probe import ProbeArrays, document_folds
 from moe_emergence.analysis.score_tables import _compact, _unit_counts, nmi
 
 # Told how many null draws were just scored (a progress bar's update), or None.
@@ -47,27 +47,8 @@ class CrossFitted:
         return nmi(self.token_id_table)
 
 
-def cross_fitted_routers(
-    token_ids,
-    token_docs,
-    doc_domains,
-    experts,
-    n_domains: int,
-    n_experts: int,
-    seed: int = 0,
-    mask=None,
-) -> CrossFitted:
-    """Fit on one half of the documents (:func:`document_folds`), score on the other, both
-    ways. Token-id router: a token is sent by its id's expert distribution in the fit half (an
-    id unseen there: the fit half's expert marginal); each scored token adds its router's
-    distribution to its domain's row. Distributions, not modal experts: a mode sharpens
-    stochastic routing into domain signal that is not there."""
-    probe = _probe(token_ids, token_docs, doc_domains, experts, n_domains, n_experts, mask)
-    return _token_router(probe, seed)
-
-
 def _token_router(probe: ProbeArrays, seed: int) -> CrossFitted:
-    """:func:`cross_fitted_routers` of a checked probe."""
+    """:func:`~moe_emergence.analysis.scores.cross_fitted_routers` of a checked probe."""
     tok, docs, dom, first = probe.tok, probe.docs, probe.dom, probe.first
     n_dom, n_exp = probe.n_domains, probe.n_experts
     token_table = np.zeros((n_dom, n_exp))
@@ -118,29 +99,10 @@ class HeldOutGains:
     domain_beyond_token_null: np.ndarray
 
 
-def held_out_gains(
-    token_ids,
-    token_docs,
-    doc_domains,
-    experts,
-    n_domains: int,
-    n_experts: int,
-    n_permutations: int,
-    seed: int = 0,
-    mask=None,
-) -> HeldOutGains:
-    """The three held-out gains of the first-choice routing and their ``n_permutations``-draw
-    nulls; the halves are :func:`document_folds` of ``seed``, the nulls draw from ``seed``."""
-    if n_permutations < 0:
-        raise ValueError(f"n_permutations must be >= 0, got {n_permutations}")
-    probe = _probe(token_ids, token_docs, doc_domains, experts, n_domains, n_experts, mask)
-    return _gains(probe, n_permutations, seed)
-
-
 def _gains(probe: ProbeArrays, k: int, seed: int, advance: Advance = None) -> HeldOutGains:
-    """The gains of :func:`held_out_gains` on a checked probe; the two [K, N]-sized nulls are
-    drawn and scored a batch at a time (memory O(k N) per batch), ``advance(rows)`` called
-    after each batch (2 K rows in all)."""
+    """The gains of :func:`~moe_emergence.analysis.scores.held_out_gains` on a checked probe;
+    the two [K, N]-sized nulls are drawn and scored a batch at a time (memory O(k N) per
+    batch), ``advance(rows)`` called after each batch (2 K rows in all)."""
     tok, docs, dom, first = probe.tok, probe.docs, probe.dom, probe.first
     n_dom, n_exp = probe.n_domains, probe.n_experts
     folds = document_folds(dom, n_dom, seed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_emergence.analysis.score_probe import _probe
+from moe_emergence.analysis.score_probe import ProbeArrays
 from moe_emergence.analysis.score_tables import _ids, _nmi_batch
 
 # The probe interval of the NMI is exact enough (coverage >= 93%) on size-matched probes with at
@@ -112,28 +112,6 @@ def _change_of(values: list[np.ndarray]) -> np.ndarray:
     return values[1] - values[0]
 
 
-def document_bootstrap(
-    token_ids,
-    token_docs,
-    doc_domains,
-    experts,
-    n_domains: int,
-    n_experts: int,
-    n_draws: int = 200,
-    seed: int = 0,
-    confidence: float = 0.95,
-    mask=None,
-) -> tuple[float, float]:
-    """The probe interval of the NMI: a studentised (bootstrap-t) interval over ``n_draws``
-    resamples of the probe's documents, with replacement within each domain, each resample's
-    standard error from its leave-one-document-out jackknife. (nan, nan)
-    without draws. The uncertainty of which documents the probe holds, for one run; the
-    spread over seeds is another. Its coverage is checked on the real probe layouts
-    (tests/analysis/test_calibration.py; docs/method.md): see :func:`interval_is_approximate`."""
-    probe = _probe(token_ids, token_docs, doc_domains, experts, n_domains, n_experts, mask)
-    return _nmi_interval(probe.doc_counts, probe.dom, n_domains, n_draws, seed, confidence)
-
-
 def _nmi_interval(
     doc_counts: np.ndarray,
     doc_domains: np.ndarray,
@@ -142,38 +120,22 @@ def _nmi_interval(
     seed: int,
     confidence: float = 0.95,
 ) -> tuple[float, float]:
-    """:func:`document_bootstrap` from the documents' expert counts [U, E]."""
+    """:func:`~moe_emergence.analysis.scores.document_bootstrap` from the documents' expert
+    counts [U, E]."""
     return _studentised_interval(
         [doc_counts], doc_domains, n_domains, n_draws, seed, confidence, _nmi_of
     )
 
 
-def paired_change_interval(
-    token_ids,
-    token_docs,
-    doc_domains,
-    experts_before,
-    experts_after,
-    n_domains: int,
-    n_experts: int,
-    n_draws: int,
-    seed: int,
-    confidence: float = 0.95,
-    mask=None,
+def _change_interval(
+    before: ProbeArrays, after: ProbeArrays, n_draws: int, seed: int, confidence: float
 ) -> tuple[float, float]:
-    """Document-paired studentised bootstrap interval of NMI(after) - NMI(before) of one run on one
-    probe (say the final checkpoint and step 0): each draw resamples the documents (within
-    each domain) once and scores both checkpoints' first-choice routing on that one resample,
-    so the probe's document make-up cancels in the difference. experts_before / _after: [P, T,
-    k], [P, T] or [N] like ``token_ids``; (nan, nan) without draws or tokens."""
-    before, after = (
-        _probe(token_ids, token_docs, doc_domains, e, n_domains, n_experts, mask)
-        for e in (experts_before, experts_after)
-    )
+    """:func:`~moe_emergence.analysis.scores.paired_change_interval` of one probe's two
+    routings (the same documents: paired); (nan, nan) without tokens."""
     if before.docs.size == 0:
         return float("nan"), float("nan")
-    counts = [before.doc_counts, after.doc_counts]  # the same documents: paired
-    dom = before.dom
+    counts = [before.doc_counts, after.doc_counts]
+    dom, n_domains = before.dom, before.n_domains
     return _studentised_interval(counts, dom, n_domains, n_draws, seed, confidence, _change_of)
 
 

@@ -36,13 +36,7 @@ class ProbeArrays:
 
 
 def _probe(
-    token_ids,
-    token_docs,
-    doc_domains,
-    experts,
-    n_domains: int,
-    n_experts: int,
-    mask=None,
+    token_ids, token_docs, doc_domains, experts, n_domains: int, n_experts: int, mask=None
 ) -> ProbeArrays:
     """A probe checked and flattened to its scored tokens (:class:`ProbeArrays`). token_ids,
     token_docs [P, T] (or [N]); experts [P, T, k], [P, T] or [N]; doc_domains [U] in [0, D);

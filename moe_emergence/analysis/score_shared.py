@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moe_emergence.analysis.score_probe import ProbeArrays, _probe
+from moe_emergence.analysis.score_probe import ProbeArrays
 from moe_emergence.analysis.score_tables import _compact
 
 
@@ -119,16 +119,6 @@ class _SharedGroups:
         return c * np.log(c, out=np.zeros_like(c), where=c > 0)
 
 
-def conditional_mi(
-    token_ids, token_docs, doc_domains, experts, n_domains: int, n_experts: int
-) -> float:
-    """``I(D;E | T) = sum_t p(t) I(D;E | T=t)`` (nats, plug-in) of the first-choice routing, p
-    over the tokens whose id is seen in >= 2 domains; 0.0 when there are none."""
-    probe = _probe(token_ids, token_docs, doc_domains, experts, n_domains, n_experts)
-    groups = _SharedGroups.of_probe(probe)
-    return groups.cond_mi(groups.label, n_domains)
-
-
 def _within_id_permutations(groups: _SharedGroups, n_permutations: int, seed: int):
     """Yield [G] group labels, each the observed labels permuted among the groups of each id
     (one ``np.random.default_rng(seed)`` stream)."""
@@ -141,23 +131,3 @@ def _within_id_permutations(groups: _SharedGroups, n_permutations: int, seed: in
         labels = np.empty_like(groups.label)
         labels[order] = sorted_labels
         yield labels
-
-
-def conditional_mi_null(
-    token_ids,
-    token_docs,
-    doc_domains,
-    experts,
-    n_domains: int,
-    n_experts: int,
-    n_permutations: int,
-    seed: int = 0,
-) -> np.ndarray:
-    """[n_permutations] cond_mi after permuting the domain labels among the (id, document)
-    groups of each id seen in >= 2 domains: no domain effect beyond the token, the shared ids,
-    their expert counts and every document's routing of each id kept."""
-    if n_permutations < 0:
-        raise ValueError(f"n_permutations must be >= 0, got {n_permutations}")
-    probe = _probe(token_ids, token_docs, doc_domains, experts, n_domains, n_experts)
-    groups = _SharedGroups.of_probe(probe)
-    return groups.null(n_domains, n_permutations, seed)

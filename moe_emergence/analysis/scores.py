@@ -27,11 +27,12 @@ every score to the scored tokens and the documents that keep some.
 Shapes: D domains, E experts, k experts per token, N tokens, U documents. ``0 * log 0 = 0``;
 float64 throughout.
 
-This module holds :class:`LayerScores` and :func:`score_layer`, and re-exports the pieces, one
-job to a module: ``score_tables`` (input checks, tables, entropies), ``score_probe`` (a probe
-checked once into a :class:`~moe_emergence.analysis.score_probe.ProbeArrays`, the document
-halves), ``score_nulls`` (permutation nulls), ``score_shared`` (cond_mi), ``score_gains``
-(cross-fitted router, held-out gains), ``score_intervals`` (probe intervals).
+This module holds the functions on a probe's arrays (each checks them once into a
+:class:`~moe_emergence.analysis.score_probe.ProbeArrays` and hands that on),
+:class:`LayerScores` and :func:`score_layer`, and re-exports the pieces, one job to a module:
+``score_tables`` (input checks, tables, entropies), ``score_probe`` (the checked probe, the
+document halves), ``score_nulls`` (permutation nulls), ``score_shared`` (cond_mi),
+``score_gains`` (cross-fitted router, held-out gains), ``score_intervals`` (probe intervals).
 """
 
 from __future__ import annotations
@@ -49,15 +50,12 @@ from moe_emergence.analysis.score_gains import (
     HeldOutGains,
     _gains,
     _token_router,
-    cross_fitted_routers,
-    held_out_gains,
 )
 from moe_emergence.analysis.score_intervals import (
     INTERVAL_MIN_DOCUMENTS,
+    _change_interval,
     _nmi_interval,
-    document_bootstrap,
     interval_is_approximate,
-    paired_change_interval,
 )
 from moe_emergence.analysis.score_intervals import _bootstrap_weights as _bootstrap_weights
 from moe_emergence.analysis.score_intervals import _weighted_tables as _weighted_tables
@@ -71,11 +69,7 @@ from moe_emergence.analysis.score_nulls import (
 )
 from moe_emergence.analysis.score_probe import ProbeArrays as ProbeArrays
 from moe_emergence.analysis.score_probe import _probe, document_folds
-from moe_emergence.analysis.score_shared import (
-    _SharedGroups,
-    conditional_mi,
-    conditional_mi_null,
-)
+from moe_emergence.analysis.score_shared import _SharedGroups
 from moe_emergence.analysis.score_shared import _within_id_permutations as _within_id_permutations
 from moe_emergence.analysis.score_tables import _compact as _compact
 from moe_emergence.analysis.score_tables import _ids as _ids
@@ -118,6 +112,124 @@ __all__ = [
     "shares",
     "usage_entropy",
 ]
+
+
+# ----------------------------------------------------------------------------- on a probe's arrays
+
+
+def conditional_mi(
+    token_ids, token_docs, doc_domains, experts, n_domains: int, n_experts: int
+) -> float:
+    """``I(D;E | T) = sum_t p(t) I(D;E | T=t)`` (nats, plug-in) of the first-choice routing, p
+    over the tokens whose id is seen in >= 2 domains; 0.0 when there are none."""
+    probe = _probe(token_ids, token_docs, doc_domains, experts, n_domains, n_experts)
+    groups = _SharedGroups.of_probe(probe)
+    return groups.cond_mi(groups.label, n_domains)
+
+
+def conditional_mi_null(
+    token_ids,
+    token_docs,
+    doc_domains,
+    experts,
+    n_domains: int,
+    n_experts: int,
+    n_permutations: int,
+    seed: int = 0,
+) -> np.ndarray:
+    """[n_permutations] cond_mi after permuting the domain labels among the (id, document)
+    groups of each id seen in >= 2 domains: no domain effect beyond the token, the shared ids,
+    their expert counts and every document's routing of each id kept."""
+    if n_permutations < 0:
+        raise ValueError(f"n_permutations must be >= 0, got {n_permutations}")
+    probe = _probe(token_ids, token_docs, doc_domains, experts, n_domains, n_experts)
+    groups = _SharedGroups.of_probe(probe)
+    return groups.null(n_domains, n_permutations, seed)
+
+
+def cross_fitted_routers(
+    token_ids,
+    token_docs,
+    doc_domains,
+    experts,
+    n_domains: int,
+    n_experts: int,
+    seed: int = 0,
+    mask=None,
+) -> CrossFitted:
+    """Fit on one half of the documents (:func:`document_folds`), score on the other, both
+    ways. Token-id router: a token is sent by its id's expert distribution in the fit half (an
+    id unseen there: the fit half's expert marginal); each scored token adds its router's
+    distribution to its domain's row. Distributions, not modal experts: a mode sharpens
+    stochastic routing into domain signal that is not there."""
+    probe = _probe(token_ids, token_docs, doc_domains, experts, n_domains, n_experts, mask)
+    return _token_router(probe, seed)
+
+
+def held_out_gains(
+    token_ids,
+    token_docs,
+    doc_domains,
+    experts,
+    n_domains: int,
+    n_experts: int,
+    n_permutations: int,
+    seed: int = 0,
+    mask=None,
+) -> HeldOutGains:
+    """The three held-out gains of the first-choice routing and their ``n_permutations``-draw
+    nulls; the halves are :func:`document_folds` of ``seed``, the nulls draw from ``seed``."""
+    if n_permutations < 0:
+        raise ValueError(f"n_permutations must be >= 0, got {n_permutations}")
+    probe = _probe(token_ids, token_docs, doc_domains, experts, n_domains, n_experts, mask)
+    return _gains(probe, n_permutations, seed)
+
+
+def document_bootstrap(
+    token_ids,
+    token_docs,
+    doc_domains,
+    experts,
+    n_domains: int,
+    n_experts: int,
+    n_draws: int = 200,
+    seed: int = 0,
+    confidence: float = 0.95,
+    mask=None,
+) -> tuple[float, float]:
+    """The probe interval of the NMI: a studentised (bootstrap-t) interval over ``n_draws``
+    resamples of the probe's documents, with replacement within each domain, each resample's
+    standard error from its leave-one-document-out jackknife. (nan, nan)
+    without draws. The uncertainty of which documents the probe holds, for one run; the
+    spread over seeds is another. Its coverage is checked on the real probe layouts
+    (tests/analysis/test_calibration.py; docs/method.md): see :func:`interval_is_approximate`."""
+    probe = _probe(token_ids, token_docs, doc_domains, experts, n_domains, n_experts, mask)
+    return _nmi_interval(probe.doc_counts, probe.dom, n_domains, n_draws, seed, confidence)
+
+
+def paired_change_interval(
+    token_ids,
+    token_docs,
+    doc_domains,
+    experts_before,
+    experts_after,
+    n_domains: int,
+    n_experts: int,
+    n_draws: int,
+    seed: int,
+    confidence: float = 0.95,
+    mask=None,
+) -> tuple[float, float]:
+    """Document-paired studentised bootstrap interval of NMI(after) - NMI(before) of one run on one
+    probe (say the final checkpoint and step 0): each draw resamples the documents (within
+    each domain) once and scores both checkpoints' first-choice routing on that one resample,
+    so the probe's document make-up cancels in the difference. experts_before / _after: [P, T,
+    k], [P, T] or [N] like ``token_ids``; (nan, nan) without draws or tokens."""
+    before, after = (
+        _probe(token_ids, token_docs, doc_domains, e, n_domains, n_experts, mask)
+        for e in (experts_before, experts_after)
+    )
+    return _change_interval(before, after, n_draws, seed, confidence)
 
 
 # ----------------------------------------------------------------------------- one layer
