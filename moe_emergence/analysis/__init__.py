@@ -1,7 +1,8 @@
 """Routing analysis: what the experts do, measured in eval mode on a fixed probe.
 
-scores.py (pure functions: NMI, permutation null, token-identity control), intervals.py
-(mean and interval over seeds), probe.py (the probe and routing it), callback.py
+scores.py (pure functions: NMI, permutation null, token-identity control; its parts
+score_tables, score_probe, score_nulls, score_shared, score_gains, score_intervals),
+intervals.py (mean and interval over seeds), probe.py (the probe and routing it), callback.py
 (``RoutingAnalysis``, the Lightning callback), tables.py and plots.py (its outputs under
 ``<run dir>/routing/``), loading.py (a checkpoint's model, rebuilt), inspect.py and
 token_types.py (``python -m moe_emergence.inspect``: one text, token by token), and

@@ -32,14 +32,9 @@ from typing import Any
 import numpy as np
 
 from moe_emergence.analysis.heldout import within_document_shuffles
-from moe_emergence.analysis.scores import (
-    _compact,
-    _ids,
-    _probe,
-    _unit_counts,
-    document_folds,
-    permutation_p,
-)
+from moe_emergence.analysis.score_nulls import permutation_p
+from moe_emergence.analysis.score_probe import ProbeArrays, _probe, document_folds
+from moe_emergence.analysis.score_tables import _compact, _ids, _unit_counts
 
 NAN = float("nan")
 CHANCE_DRAWS = 16  # simulated random routers behind a simulated chance level
@@ -326,6 +321,15 @@ def _held_out_mode_share(t_idx, n_ids, folds, experts, n_experts: int, keep) -> 
     return np.concatenate(shares)
 
 
+def _id_halves(probe: ProbeArrays, seed: int) -> tuple[np.ndarray, int, np.ndarray]:
+    """(compacted token ids [N], number of distinct ids, each token's document half [N] in
+    {0, 1} from :func:`document_folds` of ``seed``) of a checked probe."""
+    t_idx, n_ids = _compact(probe.tok)
+    if probe.tok.size == 0:
+        return t_idx, n_ids, probe.tok
+    return t_idx, n_ids, document_folds(probe.dom, probe.n_domains, seed)[probe.docs]
+
+
 def vocabulary_specialisation(
     token_ids,
     token_docs,
@@ -338,13 +342,11 @@ def vocabulary_specialisation(
     mask=None,
 ) -> VocabularySpecialisation:
     """:class:`VocabularySpecialisation` on :func:`document_folds` of ``seed``."""
-    tok, docs, dom, first = _probe(
-        token_ids, token_docs, doc_domains, experts, n_domains, n_experts, mask
-    )
-    if tok.size == 0:
+    probe = _probe(token_ids, token_docs, doc_domains, experts, n_domains, n_experts, mask)
+    if probe.tok.size == 0:
         return VocabularySpecialisation(NAN, NAN, 0)
-    t_idx, n_ids = _compact(tok)
-    folds = document_folds(dom, n_domains, seed)[docs]
+    t_idx, n_ids, folds = _id_halves(probe, seed)
+    first = probe.first
     keep = np.bincount(t_idx, minlength=n_ids) >= min_count
     observed = _held_out_mode_share(t_idx, n_ids, folds, first, n_experts, keep)
     if observed.size == 0:
@@ -424,12 +426,9 @@ def expert_token_lists(
 ) -> ExpertTokens:
     """:class:`ExpertTokens`: up to ``top`` ids per expert with lift > 1, at least ``min_count``
     occurrences on fold 0 and 3 on the expert, by lift (ties: count)."""
-    tok, docs, dom, first = _probe(
-        token_ids, token_docs, doc_domains, experts, n_domains, n_experts, mask
-    )
-    t_idx, n_ids = _compact(tok)
-    uniq = np.unique(tok)
-    folds = document_folds(dom, n_domains, seed)[docs] if tok.size else tok
+    probe = _probe(token_ids, token_docs, doc_domains, experts, n_domains, n_experts, mask)
+    t_idx, n_ids, folds = _id_halves(probe, seed)
+    uniq, first = np.unique(probe.tok), probe.first
     fit, check = folds == 0, folds == 1
     counts, _, lift = _half_counts(t_idx[fit], first[fit], n_ids, n_experts)
     c_counts, c_expected, c_lift = _half_counts(t_idx[check], first[check], n_ids, n_experts)
