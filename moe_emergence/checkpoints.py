@@ -25,7 +25,7 @@ import logging
 import os
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -153,15 +153,27 @@ def load_initial_weights(module: torch.nn.Module, checkpoint: dict[str, Any], pa
     UserError."""
     # Experts written before they were stacked are stacked (the same weights); else a no-op.
     state = stack_per_expert_state(checkpoint["state_dict"])
+    load_strict(
+        module,
+        state,
+        lambda first: (
+            f"init_from={path}: its weights do not fit this model ({first}); use the "
+            f"model settings the checkpoint was trained with."
+        ),
+    )
+    return int(checkpoint.get("global_step", 0))
+
+
+def load_strict(
+    module: torch.nn.Module, state: Mapping[str, Tensor], mismatch: Callable[[str], str]
+) -> None:
+    """Load ``state`` into ``module`` strictly; weights that do not fit are a UserError reading
+    ``mismatch(first)``, ``first`` torch's complaint on one line (its first 240 characters)."""
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = " ".join(str(exc).split())[:240]
-        raise UserError(
-            f"init_from={path}: its weights do not fit this model ({first}); use the model "
-            f"settings the checkpoint was trained with."
-        ) from None
-    return int(checkpoint.get("global_step", 0))
+        raise UserError(mismatch(first)) from None
 
 
 # ---------------------------------------------------------------------- old checkpoints

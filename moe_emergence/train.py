@@ -22,7 +22,7 @@ from moe_emergence.checkpoints import (
 )
 from moe_emergence.config import check_moe_node, compose_config
 from moe_emergence.errors import UserError
-from moe_emergence.model.module import check_compile
+from moe_emergence.model.module import DISPATCH_KEY, check_compile
 from moe_emergence.runs.folder import (
     SUMMARY_FILE,
     RunSummary,
@@ -176,8 +176,8 @@ def _metrics_location(logger: Any) -> Path | None:
 
 def _print_summary(outputs: dict[str, Any]) -> None:
     lines = [f"Finished at step {outputs['global_step']}. Outputs in {outputs['run_dir']}:"]
-    if outputs.get("moe_dispatch"):
-        lines.append(f"  MoE dispatch: {outputs['moe_dispatch']}")
+    if outputs.get(DISPATCH_KEY):
+        lines.append(f"  MoE dispatch: {outputs[DISPATCH_KEY]}")
     if outputs["domain_losses"]:
         lines.append(
             "  final train loss per domain (mean of the last 50 steps): "

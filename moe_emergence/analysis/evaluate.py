@@ -46,7 +46,7 @@ from moe_emergence.analysis.specialisation import (
 from moe_emergence.analysis.token_types import CATEGORIES, token_type_table
 from moe_emergence.data import MixedDomainDataModule
 from moe_emergence.data.domains import available_sets, plain_containers, read_domain_set
-from moe_emergence.data.settings import AddedSetting, as_made
+from moe_emergence.data.settings import AddedSetting, as_made, cli_flag
 from moe_emergence.errors import UserError, user_error_in
 from moe_emergence.files import write_atomic
 from moe_emergence.model.gpt2_moe import moe_layers
@@ -93,39 +93,34 @@ def domain_set_flag(settings: Mapping[str, Any], folder: Path) -> list[str]:
     """``--domain-set`` with what names the run's recorded domain set: nothing for the source's
     default (None), a set's name when its file in ``conf/data/domains`` holds that mapping, else
     a YAML file of it written into ``folder`` (``domain_set.yaml``)."""
-    spec = settings.get("domain_set")
+    spec, flag = settings.get("domain_set"), cli_flag("domain_set")
     if spec is None:
         return []
     if isinstance(spec, str):
-        return ["--domain-set", spec]
+        return [flag, spec]
     spec = json.loads(json.dumps(plain_containers(spec)))
     for name in available_sets():
         try:
             if json.loads(json.dumps(read_domain_set(name))) == spec:
-                return ["--domain-set", name]
+                return [flag, name]
         except (OSError, ValueError):
             continue
     file = folder / DOMAIN_SET_FILE
     write_atomic(file, yaml.safe_dump({"domain_set": spec}, sort_keys=False))
-    return ["--domain-set", str(file)]
+    return [flag, str(file)]
 
 
 def rebuild_hint(settings: dict[str, Any], folder: Path) -> str:
     """The data CLI command that rebuilds a run's token cache (its domain set too:
     :func:`domain_set_flag`, whose file, where one is needed, goes into ``folder``)."""
     flags = [
-        "--size-mb",
-        str(settings.get("size_mb")),
-        "--source",
-        str(settings.get("source")),
-        "--tokenizer",
-        str(settings.get("tokenizer")),
-        "--max-example-chars",
-        str(settings.get("max_example_chars")),
+        part
+        for key in ("size_mb", "source", "tokenizer", "max_example_chars")
+        for part in (cli_flag(key), str(settings.get(key)))
     ]
-    for key, flag in (("hub_mirror", "--hub-mirror"), ("cache_dir", "--cache-dir")):
+    for key in ("hub_mirror", "cache_dir"):  # where the data comes from and goes: when set
         if settings.get(key):
-            flags += [flag, str(settings[key])]
+            flags += [cli_flag(key), str(settings[key])]
     flags += domain_set_flag(settings, folder)
     return "python -m moe_emergence.data " + shlex.join(flags)
 

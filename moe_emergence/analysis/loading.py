@@ -16,6 +16,7 @@ from moe_emergence.checkpoints import (
     RandomStates,
     has_per_expert_layout,
     load_mapped,
+    load_strict,
     stack_per_expert_state,
 )
 from moe_emergence.data.cache import cache_entries
@@ -88,13 +89,11 @@ def load_checkpoint(path: Path, option: str = "CKPT", require_moe: bool = True) 
     moe_fields = {k: v for k, v in moe.items() if k in MoESettings.names()}
     moe_settings = MoESettings(**moe_fields) if moe.get("layers") else None
     model = build_model(settings, moe_settings, vocab_size, weights=False)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = " ".join(str(exc).split())[:240]
-        raise UserError(
-            f"{option}={path}: its weights do not fit its own settings ({first})."
-        ) from None
+    load_strict(
+        model,
+        state,
+        lambda first: f"{option}={path}: its weights do not fit its own settings ({first}).",
+    )
     model.eval()
     dispatch = None
     if moe.get("layers"):

@@ -7,7 +7,7 @@ logger takes them (the CSV logger as columns of its metrics.csv).
 
 Router saturation, once, at the end of fit (it reads against the final routing): per MoE layer
 and earlier analysis step ``s`` (and the final one, 1 by definition), the
-:data:`SATURATION_SCORES` of the step's ``saturation.csv`` rows as
+:data:`~moe_emergence.analysis.tables.SATURATION_SCORES` of the step's ``saturation.csv`` rows as
 ``routing/layer{L}/{score}`` at step ``s`` (``logger.log_metrics(..., step=s)``: TensorBoard and
 the CSV logger place them at ``s``; W&B at ``trainer/global_step`` = ``s``, its x axis). A run
 resumed in place sends them again at its end against its own last analysis; its metrics.csv
@@ -33,14 +33,9 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from moe_emergence.analysis.plots import DPI
+from moe_emergence.analysis.tables import SATURATION_SCORES
 
 LOGGED_SCORES = ("nmi", "null_p95", "token_id_nmi", "usage_entropy", "router_entropy")
-SATURATION_SCORES = (
-    "saturation_top1",
-    "saturation_top1_chance",
-    "saturation_topk",
-    "saturation_topk_chance",
-)
 KEY_PREFIX = "routing"
 
 

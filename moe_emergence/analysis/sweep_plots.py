@@ -85,9 +85,12 @@ def _mean_band(ax: Axes, runs: Sequence[RunResult], get: Getter, color: str, lab
     return True
 
 
-def _score_getter(layer: int, metric: str) -> Getter:
+def _layer_getter(layer: int, metric: str, table: str = "scores") -> Getter:
+    """A checkpoint's ``<table>[layer].<metric>`` (``table``: ``scores`` or
+    ``specialisation``); None where it has no such layer."""
+
     def get(c: CheckpointResult) -> float | None:
-        s = c.scores.get(layer)
+        s = getattr(c, table).get(layer)
         return None if s is None else float(getattr(s, metric))
 
     return get
@@ -97,14 +100,6 @@ def _loss_getter(domain: str) -> Getter:
     def get(c: CheckpointResult) -> float | None:
         held = c.losses.get(domain)
         return None if held is None else held.loss
-
-    return get
-
-
-def _saturation_getter(layer: int, metric: str) -> Getter:
-    def get(c: CheckpointResult) -> float | None:
-        m = c.specialisation.get(layer)
-        return None if m is None else float(getattr(m, metric))
 
     return get
 
@@ -158,8 +153,8 @@ def plot_sweep_emergence(results: Sequence[RunResult], path: str | os.PathLike) 
     """One panel per MoE layer: per MoE group, the mean NMI over its runs against optimizer
     step (the steps all its runs have), a 95% t band where n >= 2, dashed its runs' mean
     permutation-null 95th percentile (chance), dotted its runs' mean step-0 NMI."""
-    nmi = functools.partial(_score_getter, metric="nmi")
-    null_p95 = functools.partial(_score_getter, metric="null_p95")
+    nmi = functools.partial(_layer_getter, metric="nmi")
+    null_p95 = functools.partial(_layer_getter, metric="null_p95")
     fig, axes = _layer_panels(results, nmi, null_p95, step0=True)
     axes[0].set_ylabel("NMI = I(domain; expert) / H(domain)")
     _legend(
@@ -219,8 +214,10 @@ def sweep_saturation_figure(results: Sequence[RunResult]) -> Figure:
     there by definition) against optimizer step (the steps all its runs have), a 95% t band
     where n >= 2, dashed the runs' mean chance level (two independent routers with these
     first-choice usages)."""
-    top1 = functools.partial(_saturation_getter, metric="saturation_top1")
-    chance = functools.partial(_saturation_getter, metric="saturation_top1_chance")
+    top1 = functools.partial(_layer_getter, metric="saturation_top1", table="specialisation")
+    chance = functools.partial(
+        _layer_getter, metric="saturation_top1_chance", table="specialisation"
+    )
     fig, axes = _layer_panels(results, top1, chance)
     axes[0].set_ylabel("first-choice agreement with the final checkpoint")
     axes[0].set_ylim(0, 1.02)

@@ -76,16 +76,13 @@ SPECIALISATION_TABLES = {
     "repetition": REPETITION,
     "relative_load": RELATIVE_LOAD,
 }
-SATURATION = (
-    "step",
-    "layer",
-    "probe",
-    "final_step",
+SATURATION_SCORES = (
     "saturation_top1",
     "saturation_top1_chance",
     "saturation_topk",
     "saturation_topk_chance",
 )
+SATURATION = ("step", "layer", "probe", "final_step", *SATURATION_SCORES)
 COACTIVATION = ("layer", "expert", "partner", "share", "uniform")
 EXPERT_TOKENS = (
     "layer",

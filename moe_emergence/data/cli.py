@@ -18,7 +18,7 @@ import numpy as np
 from moe_emergence.data.dataset import PackedMixedDomainDataset, collate_packed
 from moe_emergence.data.prepare import prepare_domains
 from moe_emergence.data.report import build_report, report_table, write_report
-from moe_emergence.data.settings import DataSettings, kind, naming_options
+from moe_emergence.data.settings import DataSettings, cli_flag, kind, naming_options
 from moe_emergence.errors import UserError, report_user_errors
 
 log = logging.getLogger("moe_emergence.data")
@@ -55,7 +55,7 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     choices and help taken from the field; a bool is a switch."""
     defaults = DataSettings()
     for field in dataclasses.fields(DataSettings):
-        flag, kind_name = f"--{field.name.replace('_', '-')}", kind(field)[0]
+        flag, kind_name = cli_flag(field.name), kind(field)[0]
         default, help_text = getattr(defaults, field.name), field.metadata["help"]
         if kind_name == "bool":
             action = "store_true" if not default else argparse.BooleanOptionalAction

@@ -59,8 +59,13 @@ class DataGroup(Settings):
         (data.balance_tokens=true)``. The one place that spells data flags and keys."""
         key = super().option(name, value)
         if name in DataSettings.names():
-            return f"--{name.replace('_', '-')} ({key})"
+            return f"{cli_flag(name)} ({key})"
         return key
+
+
+def cli_flag(name: str) -> str:
+    """The data CLI's flag of the :class:`DataSettings` field ``name``: ``--size-mb``."""
+    return "--" + name.replace("_", "-")
 
 
 def config_key(name: str) -> str:
@@ -182,7 +187,7 @@ class DataSettings(DataGroup):
                 f"{name}: its file {path} also sets {', '.join(unknown)}, which only train.py "
                 f"applies: there, pick the set with data/domains={Path(self.domain_set).stem}."
             )
-        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in differ.items())
+        flags = " ".join(f"{cli_flag(k)} {v}" for k, v in differ.items())
         keys = " ".join(f"{config_key(k)}={v}" for k, v in differ.items())
         now = ", ".join(f"{k}={getattr(self, k)}" for k in differ)
         raise UserError(

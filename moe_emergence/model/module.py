@@ -34,7 +34,7 @@ from moe_emergence.model.settings import ModelSettings, MoESettings
 log = logging.getLogger(__name__)
 RECENT_STEPS = 50
 LB_WINDOWS_KEY = "moe_lb_windows"  # checkpoint key: MoE block index -> global LB window state
-DISPATCH_KEY = "moe_dispatch"  # checkpoint key: the dispatch path the MoE layers trained with
+DISPATCH_KEY = "moe_dispatch"  # checkpoint and summary key: the MoE layers' dispatch path
 RECENT_LOSSES_KEY = "recent_domain_losses"  # checkpoint key: each rank's RecentDomainLosses
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 

@@ -26,6 +26,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
 from moe_emergence.errors import UserError, report_user_errors
+from moe_emergence.model.module import DISPATCH_KEY
 from moe_emergence.runs.checkpoint import CHECKPOINTS_DIR
 from moe_emergence.runs.record import HYDRA_CONFIG, RECORD_FILES, split_override
 from moe_emergence.versions import library_versions
@@ -192,7 +193,7 @@ class RunSummary(L.Callback):
         summary = {
             "global_step": int(trainer.global_step),
             "domain_losses": losses,
-            "moe_dispatch": getattr(pl_module, "dispatch", None),
+            DISPATCH_KEY: getattr(pl_module, "dispatch", None),
             "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
             "library_versions": library_versions(),
         }
