@@ -461,7 +461,7 @@ def test_two_runs_started_at_once_get_two_run_dirs(tiny_mirror, tiny_tokenizer_d
 
 
 def test_unique_dir_claims_a_new_folder_per_caller(tmp_path, monkeypatch):
-    from moe_emergence import run_dir
+    from moe_emergence.runs import unique_dir as run_dir
 
     monkeypatch.setattr(run_dir, "_claimed", {})
     base = str(tmp_path / "runs" / "12-00-00")
