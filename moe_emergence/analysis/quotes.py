@@ -4,7 +4,9 @@ A Markdown file marks what it quotes with HTML comments (invisible once rendered
 
 - a cell of ``summary.json``: ``<!-- cell GROUP | METRIC | LAYER | FIELD | FORMAT -->0.123<!--
   /cell -->``. GROUP is the condition as ``summary.md`` names it (``top-1``, ``top-1 - frozen
-  router``; or the group's key); LAYER is a number or ``-`` (no layer); FIELD one of
+  router``; or the group's key); an initial model (summary.md's step-0 table) is ``step 0:``
+  and its name (``step 0: top-2``), so a condition whose initial model is its own (named like
+  it) is never read for it; LAYER is a number or ``-`` (no layer); FIELD one of
   :data:`FIELDS`: a row's ``mean``, ``ci_low``, ``ci_high``, ``p``, ``p_holm``, ``n``,
   ``detectable``, ``ci`` (``[low, high]``) or ``values`` (``(v1, v2, ...)``, seed order); FORMAT
   a Python format spec (``.3f``) applied to each number;
@@ -29,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from moe_emergence.analysis.summary_groups import STEP0_PREFIX
 from moe_emergence.errors import UserError
 
 DEFAULT_SUMMARY = Path("docs/study")
@@ -57,7 +60,12 @@ class Summary:
         self.folder = folder
         document = json.loads(path.read_text(encoding="utf-8"))
         names: Mapping[str, str] = document.get("names", {})
-        self.keys = {name: key for key, name in names.items()}
+        # An initial model shared by no other condition is named like its condition in
+        # summary.md: its key starts with STEP0_PREFIX, and here its name does too.
+        self.keys = {
+            (STEP0_PREFIX + name if key.startswith(STEP0_PREFIX) else name): key
+            for key, name in names.items()
+        }
         self.rows = {(r["group"], r["metric"], r["layer"]): r for r in document["rows"]}
 
     def row(self, group: str, metric: str, layer: int | None) -> dict[str, Any]:

@@ -80,3 +80,23 @@ def test_the_cli_checks_and_rewrites(summary, tmp_path, capsys):
     assert "the doc says '5.00', summary '5.04'" in capsys.readouterr().out
     assert quotes.main([str(doc), "--summary", str(tmp_path)]) == 0
     assert quotes.main([str(doc), "--summary", str(tmp_path), "--check"]) == 0
+
+
+def test_a_condition_and_its_own_initial_model_named_alike_are_quoted_apart(tmp_path):
+    # summary.md names an initial model no other condition shares like its condition ("top-2"
+    # in both the routing table and the step-0 table): a bare name must read the condition,
+    # never the initial model's step-0 NMI, whichever comes last in summary.json's names.
+    row = {"metric": "nmi", "layer": 2, "ci_low": None, "ci_high": None, "p": None,
+           "p_holm": None, "n": 3, "detectable": None, "values": []}  # fmt: skip
+    rows = [
+        {**row, "group": "condition=top2", "mean": 0.5475},
+        {**row, "group": "step 0: condition=top2", "mean": 0.0047},
+    ]
+    names = {"condition=top2": "top-2", "step 0: condition=top2": "top-2"}
+    (tmp_path / "summary.json").write_text(json.dumps({"rows": rows, "names": names}))
+    summary = quotes.Summary(tmp_path)
+    final = quotes.render("<!-- cell top-2 | nmi | 2 | mean | .4f -->?<!-- /cell -->", summary)
+    start = quotes.render(
+        "<!-- cell step 0: top-2 | nmi | 2 | mean | .4f -->?<!-- /cell -->", summary
+    )
+    assert ">0.5475<" in final and ">0.0047<" in start
