@@ -52,6 +52,7 @@ def trained(request, tmp_path_factory) -> tuple[Path, tuple[str, ...]]:
         "data.eval_fraction=0.2",
         "trainer.max_steps=4",
         "callbacks.routing_analysis.every_n_steps=2",
+        "callbacks.routing_analysis.null_permutations=49",  # names are checked, not p-values
         "callbacks.model_checkpoint.every_n_train_steps=2",
         *overrides,
     )
