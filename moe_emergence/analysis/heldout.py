@@ -122,11 +122,21 @@ def fold_permutations(
     """[K, U] labels, each the observed ``labels`` [U] permuted among the documents of each
     fold (the folds' domain make-up kept: each half keeps its documents per domain)."""
     rng = np.random.default_rng(seed)
-    keys = folds.astype(np.float64)[None, :] + 0.5 * rng.random((n_permutations, folds.size))
-    order = np.argsort(keys, axis=1)  # each row: fold 0's documents shuffled, then fold 1's
     by_fold = np.argsort(folds, kind="stable")
-    out = np.empty((n_permutations, folds.size), dtype=np.int64)
-    np.put_along_axis(out, order, np.broadcast_to(labels[by_fold], out.shape), axis=1)
+    return shuffled_within(folds.astype(np.float64), labels[by_fold], n_permutations, rng)
+
+
+def shuffled_within(
+    groups: np.ndarray, sorted_values: np.ndarray, rows: int, rng: np.random.Generator
+) -> np.ndarray:
+    """[rows, M] int64: each row the values ``sorted_values`` [M] (ordered by group, stably)
+    put back with each group's values shuffled among its positions; ``groups`` float64 [M]
+    holds whole numbers (a uniform in [0, 0.5) added to each keeps every group apart). Draws
+    ``rows`` x M uniforms from ``rng``, in row order."""
+    keys = groups[None, :] + 0.5 * rng.random((rows, groups.size))
+    order = np.argsort(keys, axis=1)  # each row: group 0's positions shuffled, then group 1's...
+    out = np.empty((rows, groups.size), dtype=np.int64)
+    np.put_along_axis(out, order, np.broadcast_to(sorted_values, out.shape), axis=1)
     return out
 
 
@@ -197,19 +207,18 @@ def within_document_shuffle_batches(
     sizes = np.bincount(token_docs)
     sizes = sizes[sizes > 0]
     equal = bool(sizes.size and (sizes == sizes[0]).all())  # size-matched: shuffle in place
+    docs = token_docs.astype(np.float64)
     step = rows_per_batch(token_docs.size)
     for start in range(0, n_permutations, step):
         k = min(step, n_permutations - start)
+        if not equal:
+            yield shuffled_within(docs, experts[by_doc], k, rng)
+            continue
         out = np.empty((k, token_docs.size), dtype=np.int64)
-        if equal:
-            grouped = np.broadcast_to(
-                experts[by_doc].reshape(sizes.size, -1), (k, sizes.size, sizes[0])
-            )
-            out[:, by_doc] = rng.permuted(grouped, axis=2).reshape(k, -1)
-        else:
-            keys = token_docs.astype(np.float64)[None, :] + 0.5 * rng.random((k, token_docs.size))
-            order = np.argsort(keys, axis=1)  # each row: the tokens by document, shuffled within
-            np.put_along_axis(out, order, np.broadcast_to(experts[by_doc], out.shape), axis=1)
+        grouped = np.broadcast_to(
+            experts[by_doc].reshape(sizes.size, -1), (k, sizes.size, sizes[0])
+        )
+        out[:, by_doc] = rng.permuted(grouped, axis=2).reshape(k, -1)
         yield out
 
 
@@ -278,12 +287,7 @@ class TokenDomainGroups:
         sorted_labels = self.label[np.argsort(stratum, kind="stable")]
         step = rows_per_batch(stratum.size)
         for start in range(0, n_permutations, step):
-            k = min(step, n_permutations - start)
-            keys = stratum[None, :] + 0.5 * rng.random((k, stratum.size))
-            order = np.argsort(keys, axis=1)
-            out = np.empty((k, stratum.size), dtype=np.int64)
-            np.put_along_axis(out, order, np.broadcast_to(sorted_labels, out.shape), axis=1)
-            yield out
+            yield shuffled_within(stratum, sorted_labels, min(step, n_permutations - start), rng)
 
     def gain_batch(self, labels: Rows, n_domains: int) -> np.ndarray:
         """[K] held-out gain (nats per token) of q(e | id, d) over q(e | id) under group

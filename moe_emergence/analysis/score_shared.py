@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moe_emergence.analysis.heldout import shuffled_within
 from moe_emergence.analysis.score_probe import ProbeArrays
 from moe_emergence.analysis.score_tables import _compact
 
@@ -125,9 +126,6 @@ def _within_id_permutations(groups: _SharedGroups, n_permutations: int, seed: in
     rng = np.random.default_rng(seed)
     by_id = np.argsort(groups.t, kind="stable")
     sorted_labels = groups.label[by_id]
-    t = groups.t.astype(np.float64)  # + U[0, 0.5): shuffles within each id, never across
-    for _ in range(n_permutations):
-        order = np.argsort(t + 0.5 * rng.random(t.size))
-        labels = np.empty_like(groups.label)
-        labels[order] = sorted_labels
-        yield labels
+    t = groups.t.astype(np.float64)
+    for _ in range(n_permutations):  # one row at a time: cond_mi reads each alone
+        yield shuffled_within(t, sorted_labels, 1, rng)[0]
